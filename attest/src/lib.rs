@@ -1,0 +1,4 @@
+//! hostbind-attest: the I/O-free core shared by the proxy, the agent and the issuer.
+//!
+//! Wire protocol, signed objects (host certificates, licenses, tokens) as COSE_Sign1,
+//! TPM evidence parsing and verification, and the one-call token verifier apps use.

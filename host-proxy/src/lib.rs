@@ -1,0 +1,1 @@
+//! hostbind-proxy library: TPM access, enrollment, ledger and server.

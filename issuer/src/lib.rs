@@ -1,0 +1,1 @@
+//! hostbind-issuer library: the vendor-side operations behind the CLI.
