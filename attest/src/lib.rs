@@ -2,3 +2,13 @@
 //!
 //! Wire protocol, signed objects (host certificates, licenses, tokens) as COSE_Sign1,
 //! TPM evidence parsing and verification, and the one-call token verifier apps use.
+
+pub mod credential;
+pub mod enroll;
+pub mod files;
+pub mod keys;
+pub mod signed;
+pub mod token;
+pub mod tpm;
+pub mod verify;
+pub mod wire;

@@ -1,1 +1,3 @@
-//! hostbind-issuer library: the vendor-side operations behind the CLI.
+//! hostbind-issuer library: turns hostbind files into readable descriptions for the CLI.
+
+pub mod describe;

@@ -1,1 +1,377 @@
-fn main() {}
+//! hostbind-issuer: the vendor's offline tool (keys, enrollment, licenses, verification).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use hostbind_attest::enroll::{self, EnrollAnswer, EnrollRequest};
+use hostbind_attest::files::{self, FileKind, VendorKeyFile, VendorPublicKeyFile};
+use hostbind_attest::keys::{VendorKey, VendorPublicKey};
+use hostbind_attest::signed::{
+    fmt_time, from_cbor, open, sign, to_cbor, ClonePolicy, CountMode, HostCertificate, License,
+    ObjectKind, Validity,
+};
+use hostbind_fsutil::{read, write_new};
+use hostbind_issuer::describe;
+use serde_bytes::ByteBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// hostbind vendor tool: create vendor keys, enroll hosts, issue licenses, verify tokens. Works offline.
+#[derive(Parser)]
+#[command(name = "hostbind-issuer", version, about)]
+struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a vendor signing key (Ed25519) and its public key file.
+    Keygen {
+        /// Private key file to write (mode 0600).
+        #[arg(long, default_value = "vendor.key")]
+        out: PathBuf,
+        /// Public key file to write (default: <out> with extension .pub).
+        #[arg(long)]
+        public_out: Option<PathBuf>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Host enrollment: challenge a request, then finish with the answer.
+    #[command(subcommand)]
+    Enroll(EnrollCmd),
+    /// Licenses.
+    #[command(subcommand)]
+    License(LicenseCmd),
+    /// Verify a token offline and print its claims; says exactly which link fails.
+    Verify {
+        /// Token file (raw COSE bytes) or '-' for stdin; hex or base64 text is accepted too.
+        token: PathBuf,
+        #[command(flatten)]
+        vendor: VendorPubArg,
+        /// Expected nonce (hex).
+        #[arg(long)]
+        nonce: Option<String>,
+        /// Verify as of this Unix time instead of now.
+        #[arg(long)]
+        at: Option<u64>,
+    },
+    /// Print any hostbind file (keys, enrollment files, host certificates, licenses, tokens).
+    Inspect {
+        /// The file.
+        file: PathBuf,
+        /// Vendor public key to verify signed files with (hex, or a .pub/.key file).
+        #[arg(long)]
+        vendor_pub: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct VendorPubArg {
+    /// Vendor public key: 64 hex characters, or a vendor .pub or .key file.
+    #[arg(long, default_value = "vendor.pub")]
+    vendor_pub: String,
+}
+
+#[derive(Args)]
+struct KeyArg {
+    /// Vendor private key file.
+    #[arg(long, default_value = "vendor.key")]
+    key: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum EnrollCmd {
+    /// Check an enrollment request (EK certificate chain, AK) and write a MakeCredential challenge.
+    Challenge {
+        /// Request file from `hostbind-proxy enroll request`.
+        request: PathBuf,
+        /// TPM manufacturer CA certificate(s) to trust (PEM or DER; repeat for several).
+        #[arg(long = "tpm-ca", required = true)]
+        tpm_ca: Vec<PathBuf>,
+        #[command(flatten)]
+        key: KeyArg,
+        /// How long the challenge may be answered (e.g. 1h, 7d).
+        #[arg(long, default_value = "7d")]
+        valid_for: humantime::Duration,
+        /// Challenge file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Verify the host's answer and sign its host certificate.
+    Finish {
+        /// Answer file from `hostbind-proxy enroll answer`.
+        answer: PathBuf,
+        /// TPM manufacturer CA certificate(s) to trust (the same as for `challenge`).
+        #[arg(long = "tpm-ca", required = true)]
+        tpm_ca: Vec<PathBuf>,
+        #[command(flatten)]
+        key: KeyArg,
+        /// Certificate validity (e.g. 3650d).
+        #[arg(long, default_value = "3650d")]
+        valid_for: humantime::Duration,
+        /// Host certificate file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LicenseCmd {
+    /// Sign a license file.
+    Issue(IssueArgs),
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    #[command(flatten)]
+    key: KeyArg,
+    /// License id (default: random).
+    #[arg(long)]
+    id: Option<String>,
+    /// Customer name.
+    #[arg(long)]
+    customer: String,
+    /// Host the license is valid on: a host id (64 hex) or a host certificate file. Repeat for a pool.
+    #[arg(long = "host", required = true)]
+    hosts: Vec<String>,
+    /// Product name.
+    #[arg(long)]
+    product: String,
+    /// Feature to unlock (repeatable).
+    #[arg(long = "feature")]
+    features: Vec<String>,
+    /// Seats per host.
+    #[arg(long)]
+    seats: u32,
+    /// How seats are counted: vm, access or none.
+    #[arg(long, default_value = "vm")]
+    count_mode: CountMode,
+    /// Clone handling: observe or enforce.
+    #[arg(long, default_value = "observe")]
+    clone_policy: ClonePolicy,
+    /// Grace period after a migration (e.g. 5m).
+    #[arg(long, default_value = "5m")]
+    grace: humantime::Duration,
+    /// Start of validity, Unix seconds (default: now).
+    #[arg(long)]
+    not_before: Option<u64>,
+    /// Validity length from the start (e.g. 365d).
+    #[arg(long, default_value = "365d")]
+    valid_for: humantime::Duration,
+    /// License file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Overwrite.
+    #[arg(long)]
+    force: bool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+fn load_vendor_key(path: &Path) -> Result<VendorKey> {
+    let bytes = read(path)?;
+    let f: VendorKeyFile = from_cbor("vendor key", &bytes)
+        .with_context(|| format!("{} is not a vendor key file (make one with `hostbind-issuer keygen`)", path.display()))?;
+    if f.kind != files::KIND_VENDOR_KEY {
+        bail!("{} is a '{}', not a vendor private key", path.display(), f.kind);
+    }
+    Ok(f.key()?)
+}
+
+/// Loads a vendor public key from hex, a .pub file or a .key file.
+fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
+    if arg.len() == 64 && arg.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(VendorPublicKey::from_hex(arg)?);
+    }
+    let path = Path::new(arg);
+    let bytes = read(path).context("the vendor public key is neither 64 hex characters nor a readable file")?;
+    match files::detect(&bytes) {
+        Ok(FileKind::VendorPublicKey) => {
+            let f: VendorPublicKeyFile = from_cbor("vendor public key", &bytes)?;
+            Ok(VendorPublicKey::from_bytes(&f.key)?)
+        }
+        Ok(FileKind::VendorKey) => Ok(load_vendor_key(path)?.public()),
+        _ => {
+            let text = String::from_utf8_lossy(&bytes);
+            VendorPublicKey::from_hex(text.trim())
+                .map_err(|_| anyhow!("{arg} holds no vendor public key (expected a .pub file from keygen or 64 hex characters)"))
+        }
+    }
+}
+
+fn load_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let bytes = read(p)?;
+        out.extend(enroll::parse_ca_certs(&bytes).with_context(|| format!("in {}", p.display()))?);
+    }
+    Ok(out)
+}
+
+/// Reads token bytes from a file or stdin; accepts raw, hex or base64 (URL-safe or standard).
+fn read_token(path: &Path) -> Result<Vec<u8>> {
+    let raw = if path == Path::new("-") {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).context("reading the token from stdin")?;
+        b
+    } else {
+        read(path)?
+    };
+    let text = String::from_utf8_lossy(&raw);
+    let t = text.trim();
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_hexdigit()) && t.len() % 2 == 0 {
+        return Ok(hex::decode(t)?);
+    }
+    Ok(raw)
+}
+
+fn print(json: bool, v: &serde_json::Value) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", describe::to_text(v));
+    }
+    Ok(())
+}
+
+fn host_ids(args: &[String], vendor: &VendorKey) -> Result<Vec<ByteBuf>> {
+    args.iter()
+        .map(|h| {
+            if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Ok(ByteBuf::from(hex::decode(h)?));
+            }
+            let bytes = read(Path::new(h)).context("--host is neither a 64-hex host id nor a readable host certificate file")?;
+            let c: HostCertificate = open(ObjectKind::HostCertificate, &bytes, &vendor.public())
+                .with_context(|| format!("{h} is not a host certificate signed by this vendor key"))?;
+            Ok(c.host_id)
+        })
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Keygen { out, public_out, force } => {
+            let key = VendorKey::generate()?;
+            let pub_path = public_out.unwrap_or_else(|| out.with_extension("pub"));
+            write_new(&out, &to_cbor("vendor key", &VendorKeyFile::new(&key))?, 0o600, force)?;
+            write_new(&pub_path, &to_cbor("vendor public key", &VendorPublicKeyFile::new(&key.public()))?, 0o644, force)?;
+            print(json, &serde_json::json!({
+                "private_key_file": out.display().to_string(),
+                "public_key_file": pub_path.display().to_string(),
+                "public_key": key.public().to_string(),
+                "note": "keep the private key offline; embed the public key in your application",
+            }))
+        }
+        Cmd::Enroll(EnrollCmd::Challenge { request, tpm_ca, key, valid_for, out, force }) => {
+            let vendor = load_vendor_key(&key.key)?;
+            let req: EnrollRequest = from_cbor("enrollment request", &read(&request)?)
+                .with_context(|| format!("{} is not an enrollment request", request.display()))?;
+            let cas = load_cas(&tpm_ca)?;
+            let chal = enroll::create_challenge(&req, &cas, &vendor, now(), valid_for.as_secs())
+                .context("enrollment request rejected")?;
+            write_new(&out, &to_cbor("enrollment challenge", &chal)?, 0o644, force)?;
+            print(json, &serde_json::json!({
+                "host_id": hex::encode(&chal.host_id),
+                "ek_certificate": "chains to a trusted TPM manufacturer CA",
+                "challenge_file": out.display().to_string(),
+                "answer_by": describe::time(chal.expires_at),
+                "next": format!("on the host: hostbind-proxy enroll answer {}", out.display()),
+            }))
+        }
+        Cmd::Enroll(EnrollCmd::Finish { answer, tpm_ca, key, valid_for, out, force }) => {
+            let vendor = load_vendor_key(&key.key)?;
+            let ans: EnrollAnswer = from_cbor("enrollment answer", &read(&answer)?)
+                .with_context(|| format!("{} is not an enrollment answer", answer.display()))?;
+            let cas = load_cas(&tpm_ca)?;
+            let (cert, bytes) = enroll::finish(&ans, &cas, &vendor, now(), valid_for.as_secs())
+                .context("enrollment answer rejected")?;
+            write_new(&out, &bytes, 0o644, force)?;
+            let mut d = describe::host_cert(&cert);
+            d["certificate_file"] = serde_json::json!(out.display().to_string());
+            d["next"] = serde_json::json!(format!("on the host: hostbind-proxy enroll install {}", out.display()));
+            print(json, &d)
+        }
+        Cmd::License(LicenseCmd::Issue(a)) => {
+            let vendor = load_vendor_key(&a.key.key)?;
+            if a.seats == 0 && a.count_mode != CountMode::None {
+                bail!("--seats must be at least 1 (or use --count-mode none)");
+            }
+            let issued_at = now();
+            let nb = a.not_before.unwrap_or(issued_at);
+            let id = match a.id {
+                Some(id) => id,
+                None => {
+                    let mut r = [0u8; 8];
+                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r)
+                        .map_err(|_| anyhow!("the system random number generator failed"))?;
+                    format!("lic-{}", hex::encode(r))
+                }
+            };
+            let lic = License {
+                id,
+                customer: a.customer,
+                product: a.product,
+                features: a.features,
+                hosts: host_ids(&a.hosts, &vendor)?,
+                seats: a.seats,
+                count_mode: a.count_mode,
+                clone_policy: a.clone_policy,
+                grace_secs: a.grace.as_secs(),
+                issued_at,
+                validity: Validity { not_before: nb, not_after: nb.saturating_add(a.valid_for.as_secs()) },
+            };
+            write_new(&a.out, &sign(ObjectKind::License, &lic, &vendor)?, 0o644, a.force)?;
+            let mut d = describe::license(&lic);
+            d["license_file"] = serde_json::json!(a.out.display().to_string());
+            print(json, &d)
+        }
+        Cmd::Verify { token, vendor, nonce, at } => {
+            let vendor = load_vendor_pub(&vendor.vendor_pub)?;
+            let bytes = read_token(&token)?;
+            let nonce = nonce.map(|n| hex::decode(n.trim())).transpose().context("--nonce must be hex")?;
+            let when = at.unwrap_or_else(now);
+            match hostbind_attest::verify::verify_token(&bytes, &vendor, when, nonce.as_deref()) {
+                Ok(v) => print(json, &describe::verified_token(&v)),
+                Err(e) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+                            "verified": false, "error": e.to_string(), "at": describe::time(when),
+                        }))?);
+                    }
+                    Err(anyhow!("token NOT valid (as of {}): {e}", fmt_time(when)))
+                }
+            }
+        }
+        Cmd::Inspect { file, vendor_pub } => {
+            let vendor = vendor_pub.as_deref().map(load_vendor_pub).transpose()?;
+            let bytes = read(&file)?;
+            let (_, v) = describe::any(&bytes, vendor.as_ref())
+                .with_context(|| format!("cannot describe {}", file.display()))?;
+            print(json, &v)
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

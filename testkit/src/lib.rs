@@ -1,1 +1,684 @@
-//! Test harness pieces for hostbind.
+//! Test harness pieces for hostbind: a real software TPM (swtpm) per test.
+//!
+//! - [`LocalCa`]: a private "TPM maker" CA in its own temp dir, made by swtpm's own `swtpm_localca`
+//!   tool. It never touches the system-wide `/var/lib/swtpm-localca`.
+//! - [`Swtpm`]: a manufactured swtpm (EK certificates issued by a [`LocalCa`]) serving TCP on
+//!   127.0.0.1, owned as a child process and killed by PID on drop (also during a panic).
+//!
+//! Setting `TSS2_LOG` for TPM clients is the client's business; this crate only runs the swtpm
+//! tools.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long to wait for swtpm to listen after spawning it.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How many port pairs to try before giving up.
+const PORT_ATTEMPTS: usize = 8;
+/// How many bytes of a log to quote in an error.
+const LOG_TAIL_BYTES: usize = 3000;
+
+/// Errors of the swtpm harness; each message says what failed and what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    /// A file-system or process operation failed.
+    #[error("testkit: {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A required program is not installed.
+    #[error(
+        "testkit: program '{program}' not found in PATH — install the swtpm and swtpm-tools \
+         packages (Debian: apt-get install swtpm swtpm-tools)"
+    )]
+    ToolMissing {
+        /// The program name.
+        program: String,
+    },
+    /// A swtpm tool ran but failed.
+    #[error("testkit: {tool} failed ({status}); see its log {log}; last output:\n{tail}")]
+    ToolFailed {
+        /// Which tool.
+        tool: String,
+        /// Its exit status.
+        status: String,
+        /// Path of its log.
+        log: PathBuf,
+        /// The end of the log.
+        tail: String,
+    },
+    /// swtpm did not come up listening on its ports.
+    #[error(
+        "testkit: swtpm did not start: {reason} (after {attempts} attempt(s)); log {log}; \
+         last output:\n{tail}"
+    )]
+    Startup {
+        /// Why the last attempt failed.
+        reason: String,
+        /// How many port pairs were tried.
+        attempts: usize,
+        /// Path of swtpm's log.
+        log: PathBuf,
+        /// The end of the log.
+        tail: String,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> TestkitError {
+    let what = what.into();
+    move |source| TestkitError::Io { what, source }
+}
+
+/// Runs `cmd` with stdout/stderr appended to `log`; maps "not found" to [`TestkitError::ToolMissing`].
+fn run_logged(mut cmd: Command, tool: &str, log: &Path) -> Result<(), TestkitError> {
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(format!("open log {}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(io_err(format!("duplicate log handle {}", log.display())))?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .map_err(|e| spawn_err(tool, e))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(TestkitError::ToolFailed {
+            tool: tool.to_owned(),
+            status: status.to_string(),
+            log: log.to_owned(),
+            tail: log_tail(log),
+        })
+    }
+}
+
+fn spawn_err(program: &str, e: io::Error) -> TestkitError {
+    if e.kind() == io::ErrorKind::NotFound {
+        TestkitError::ToolMissing {
+            program: program.to_owned(),
+        }
+    } else {
+        TestkitError::Io {
+            what: format!("start {program}"),
+            source: e,
+        }
+    }
+}
+
+/// The last [`LOG_TAIL_BYTES`] of a log file, or a note that it could not be read.
+fn log_tail(log: &Path) -> String {
+    match fs::read(log) {
+        Ok(bytes) => {
+            let start = bytes.len().saturating_sub(LOG_TAIL_BYTES);
+            String::from_utf8_lossy(&bytes[start..]).into_owned()
+        }
+        Err(e) => format!("(cannot read {}: {e})", log.display()),
+    }
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<(), TestkitError> {
+    fs::write(path, contents).map_err(io_err(format!("write {}", path.display())))
+}
+
+/// A private TPM-maker CA (root + intermediate "issuer" CA) made by `swtpm_localca` in a temp dir.
+///
+/// The CA is created eagerly by [`LocalCa::new`], so its certificates exist before any TPM does
+/// (useful for "untrusted CA" tests). Share one between TPMs with `Arc` to get TPMs of the same
+/// maker. The temp dir is removed on drop.
+#[derive(Debug)]
+pub struct LocalCa {
+    dir: TempDir,
+}
+
+impl LocalCa {
+    /// File name of swtpm_localca's config inside the CA dir.
+    const CONF: &'static str = "swtpm-localca.conf";
+    /// File name of the swtpm_localca options file (platform cert fields) inside the CA dir.
+    const OPTIONS: &'static str = "swtpm-localca.options";
+
+    /// Creates a fresh CA (root key + cert, issuer key + cert) with `swtpm_localca`.
+    pub fn new() -> Result<LocalCa, TestkitError> {
+        let dir = tempfile::Builder::new()
+            .prefix("hostbind-localca-")
+            .tempdir()
+            .map_err(io_err("create CA temp dir"))?;
+        let ca = LocalCa { dir };
+        let d = ca.dir();
+        write_file(
+            &d.join(Self::CONF),
+            &format!(
+                "statedir = {d}\nsigningkey = {d}/signkey.pem\nissuercert = {d}/issuercert.pem\n\
+                 certserial = {d}/certserial\n",
+                d = d.display()
+            ),
+        )?;
+        write_file(
+            &d.join(Self::OPTIONS),
+            "--platform-manufacturer hostbind-testkit\n--platform-version 2.1\n--platform-model swtpm\n",
+        )?;
+        // swtpm_localca creates the root and issuer CA on its first run when the signing key is
+        // missing. Run it once for a dummy EK so the CA exists before any TPM is made.
+        let scratch = d.join("bootstrap");
+        fs::create_dir(&scratch).map_err(io_err(format!("create {}", scratch.display())))?;
+        let dummy_modulus = format!("c1{}", "5a".repeat(255));
+        let mut cmd = Command::new("swtpm_localca");
+        cmd.arg("--type")
+            .arg("ek")
+            .arg("--ek")
+            .arg(dummy_modulus)
+            .arg("--dir")
+            .arg(&scratch)
+            .arg("--tpm2")
+            .arg("--configfile")
+            .arg(d.join(Self::CONF))
+            .arg("--optsfile")
+            .arg(d.join(Self::OPTIONS))
+            .args(["--tpm-manufacturer", "id:00001014", "--tpm-model", "swtpm"])
+            .args(["--tpm-version", "id:20191023", "--tpm-spec-family", "2.0"])
+            .args(["--tpm-spec-level", "0", "--tpm-spec-revision", "164"]);
+        run_logged(cmd, "swtpm_localca", &d.join("localca.log"))?;
+        for p in ca.cert_paths() {
+            if !p.is_file() {
+                return Err(TestkitError::ToolFailed {
+                    tool: "swtpm_localca".into(),
+                    status: format!("exit 0 but {} is missing", p.display()),
+                    log: d.join("localca.log"),
+                    tail: log_tail(&d.join("localca.log")),
+                });
+            }
+        }
+        Ok(ca)
+    }
+
+    /// The CA's directory (keys, certs, serial counter, swtpm_localca config).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// PEM of the self-signed root CA certificate.
+    pub fn root_cert_path(&self) -> PathBuf {
+        self.dir().join("swtpm-localca-rootca-cert.pem")
+    }
+
+    /// PEM of the intermediate CA certificate that signs the EK and platform certificates.
+    pub fn issuer_cert_path(&self) -> PathBuf {
+        self.dir().join("issuercert.pem")
+    }
+
+    /// All CA PEMs needed to verify an EK certificate chain: root first, then the issuer.
+    pub fn cert_paths(&self) -> Vec<PathBuf> {
+        vec![self.root_cert_path(), self.issuer_cert_path()]
+    }
+
+    /// The path of the swtpm_localca config, for `create_certs_tool_config`.
+    fn conf_path(&self) -> PathBuf {
+        self.dir().join(Self::CONF)
+    }
+
+    /// The path of the swtpm_localca options file, for `create_certs_tool_options`.
+    fn options_path(&self) -> PathBuf {
+        self.dir().join(Self::OPTIONS)
+    }
+}
+
+/// A running swtpm (TPM 2.0) on 127.0.0.1, manufactured with EK certificates from a [`LocalCa`].
+///
+/// Drop kills the process by PID (SIGKILL + wait) and removes its temp dir.
+#[derive(Debug)]
+pub struct Swtpm {
+    child: Option<Child>,
+    port: u16,
+    ca: Arc<LocalCa>,
+    state: PathBuf,
+    log: PathBuf,
+    // Last field: removed after the child is killed in Drop.
+    _dir: TempDir,
+}
+
+impl Swtpm {
+    /// Manufactures and starts a TPM whose EK certificates come from a fresh CA of its own.
+    pub fn start() -> Result<Swtpm, TestkitError> {
+        Swtpm::start_with_ca(Arc::new(LocalCa::new()?))
+    }
+
+    /// Manufactures and starts a TPM whose EK certificates come from `ca` (same maker as others).
+    pub fn start_with_ca(ca: Arc<LocalCa>) -> Result<Swtpm, TestkitError> {
+        let dir = tempfile::Builder::new()
+            .prefix("hostbind-swtpm-")
+            .tempdir()
+            .map_err(io_err("create swtpm temp dir"))?;
+        // Absolute paths throughout: swtpm breaks on relative state paths.
+        let root = dir
+            .path()
+            .canonicalize()
+            .map_err(io_err(format!("canonicalize {}", dir.path().display())))?;
+        let state = root.join("state");
+        fs::create_dir(&state).map_err(io_err(format!("create {}", state.display())))?;
+        let setup_conf = root.join("swtpm_setup.conf");
+        write_file(
+            &setup_conf,
+            &format!(
+                "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {}\n\
+                 create_certs_tool_options = {}\nactive_pcr_banks = sha256\n",
+                ca.conf_path().display(),
+                ca.options_path().display()
+            ),
+        )?;
+        let mut cmd = Command::new("swtpm_setup");
+        cmd.arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(&state)
+            .arg("--create-ek-cert")
+            .arg("--create-platform-cert")
+            .arg("--config")
+            .arg(&setup_conf);
+        run_logged(cmd, "swtpm_setup", &root.join("setup.log"))?;
+
+        let mut tpm = Swtpm {
+            child: None,
+            port: 0,
+            ca,
+            state,
+            log: root.join("swtpm.log"),
+            _dir: dir,
+        };
+        tpm.spawn()?;
+        Ok(tpm)
+    }
+
+    /// TCTI string for tss-esapi / tpm2-tools: `swtpm:host=127.0.0.1,port=P`.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// The TPM command port (the control channel is `port() + 1`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// PID of the running swtpm process (0 if it is not running, e.g. after a failed restart).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The CA that issued this TPM's EK and platform certificates.
+    pub fn ca(&self) -> &LocalCa {
+        &self.ca
+    }
+
+    /// The CA as a shared handle, to start another TPM of the same maker.
+    pub fn ca_arc(&self) -> Arc<LocalCa> {
+        Arc::clone(&self.ca)
+    }
+
+    /// The TPM state directory (`tpm2-00.permall` lives here).
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
+    /// swtpm's stdout/stderr log.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Simulates a host reboot: orderly TPM2_Shutdown(CLEAR) if no client holds the connection,
+    /// stop the process, start swtpm again on the same state (Startup(CLEAR)). EK and AKs stay
+    /// valid; PCRs and loaded objects are reset. Clients must reconnect (drop old contexts first).
+    pub fn restart(&mut self) -> Result<(), TestkitError> {
+        // Best effort: an orderly shutdown avoids counting an unorderly one against DA lockout.
+        // If a client still holds the single connection this times out and we just kill.
+        let _ = self.send_shutdown_clear();
+        self.stop()?;
+        self.spawn()
+    }
+
+    /// Sends TPM2_Shutdown(TPM_SU_CLEAR) on the command port, raw over swtpm's TCP protocol.
+    fn send_shutdown_clear(&self) -> io::Result<()> {
+        // TPM2_Shutdown: tag NO_SESSIONS, size 12, TPM_CC_Shutdown, TPM_SU_CLEAR.
+        const SHUTDOWN: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0x00, 0x00, 0x01, 0x45, 0x00, 0x00];
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.set_write_timeout(Some(Duration::from_secs(2)))?;
+        // swtpm's `--server type=tcp` data port carries raw TPM commands and responses.
+        s.write_all(&SHUTDOWN)?;
+        let mut hdr = [0u8; 10];
+        s.read_exact(&mut hdr)?;
+        let rc = u32::from_be_bytes([hdr[6], hdr[7], hdr[8], hdr[9]]);
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("TPM2_Shutdown returned {rc:#x}")))
+        }
+    }
+
+    /// Kills the process by PID and reaps it.
+    fn stop(&mut self) -> Result<(), TestkitError> {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id();
+            // kill() fails only if the process was already reaped; wait() reaps it either way.
+            let _ = child.kill();
+            child
+                .wait()
+                .map_err(io_err(format!("wait for swtpm pid {pid}")))?;
+        }
+        Ok(())
+    }
+
+    /// Starts swtpm on a free port pair, retrying on races for the ports.
+    fn spawn(&mut self) -> Result<(), TestkitError> {
+        let mut reason = String::from("no attempt made");
+        for attempt in 1..=PORT_ATTEMPTS {
+            let port = free_port_pair()?;
+            match self.try_spawn(port) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    self.port = port;
+                    return Ok(());
+                }
+                Err(SpawnFailure::Fatal(e)) => return Err(e),
+                Err(SpawnFailure::Retry(why)) => {
+                    reason = format!("attempt {attempt} on ports {port}/{}: {why}", port + 1);
+                }
+            }
+        }
+        Err(TestkitError::Startup {
+            reason,
+            attempts: PORT_ATTEMPTS,
+            log: self.log.clone(),
+            tail: log_tail(&self.log),
+        })
+    }
+
+    fn try_spawn(&self, port: u16) -> Result<Child, SpawnFailure> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| SpawnFailure::Fatal(io_err(format!("open {}", self.log.display()))(e)))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| SpawnFailure::Fatal(io_err("duplicate swtpm log handle")(e)))?;
+        let _ = writeln!(&log, "--- testkit: starting swtpm on 127.0.0.1:{port}");
+        let mut child = Command::new("swtpm")
+            .arg("socket")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(format!("dir={}", self.state.display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+            .arg("--flags")
+            .arg("not-need-init,startup-clear")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| SpawnFailure::Fatal(spawn_err("swtpm", e)))?;
+        let pid = child.id();
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Err(SpawnFailure::Retry(exited(status))),
+                Ok(None) => {}
+                Err(e) => {
+                    kill_and_reap(&mut child);
+                    return Err(SpawnFailure::Fatal(
+                        io_err(format!("poll swtpm pid {pid}"))(e),
+                    ));
+                }
+            }
+            // Only our own process's listening sockets count: another test may own the port.
+            if owns_listener(pid, port) && owns_listener(pid, port + 1) {
+                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+                    return Ok(child);
+                }
+            }
+            if Instant::now() >= deadline {
+                kill_and_reap(&mut child);
+                return Err(SpawnFailure::Fatal(TestkitError::Startup {
+                    reason: format!(
+                        "swtpm pid {pid} did not listen on 127.0.0.1:{port} and :{} within {:?}",
+                        port + 1,
+                        STARTUP_TIMEOUT
+                    ),
+                    attempts: 1,
+                    log: self.log.clone(),
+                    tail: log_tail(&self.log),
+                }));
+            }
+            sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+        // `dir` (TempDir) is removed when the fields drop, after the process is gone.
+    }
+}
+
+enum SpawnFailure {
+    /// Probably a port race: try another port pair.
+    Retry(String),
+    /// Nothing a new port would fix.
+    Fatal(TestkitError),
+}
+
+fn exited(status: ExitStatus) -> String {
+    format!("swtpm exited early ({status}), maybe a port was taken")
+}
+
+fn kill_and_reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Finds a port P such that P and P+1 are both free on 127.0.0.1 right now.
+fn free_port_pair() -> Result<u16, TestkitError> {
+    for _ in 0..64 {
+        let first = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(io_err("bind 127.0.0.1:0 to find a free port"))?;
+        let port = first
+            .local_addr()
+            .map_err(io_err("read the bound port"))?
+            .port();
+        if port == u16::MAX {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port + 1)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(TestkitError::Io {
+        what: "find two adjacent free TCP ports on 127.0.0.1".into(),
+        source: io::Error::new(io::ErrorKind::AddrInUse, "64 candidates taken"),
+    })
+}
+
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (or 0.0.0.0:`port`).
+fn owns_listener(pid: u32, port: u16) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let suffix = format!(":{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local = *cols.get(1)?;
+            let st = *cols.get(3)?;
+            let inode = *cols.get(9)?;
+            (st == "0A" && local.ends_with(&suffix)).then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path())
+            .map(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+            .unwrap_or(false)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn nvread_ok(tpm: &Swtpm, index: &str) -> bool {
+        Command::new("tpm2_nvread")
+            .arg("-T")
+            .arg(tpm.tcti())
+            .arg(index)
+            .env("TSS2_LOG", "all+none")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .map(|o| o.status.success() && !o.stdout.is_empty())
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn local_ca_has_root_and_issuer() {
+        let ca = LocalCa::new().unwrap();
+        let paths = ca.cert_paths();
+        assert_eq!(paths.len(), 2);
+        for p in &paths {
+            let pem = fs::read_to_string(p).unwrap();
+            assert!(pem.contains("BEGIN CERTIFICATE"), "{}", p.display());
+        }
+        assert_ne!(
+            fs::read(ca.root_cert_path()).unwrap(),
+            fs::read(ca.issuer_cert_path()).unwrap()
+        );
+        let dir = ca.dir().to_owned();
+        drop(ca);
+        assert!(!dir.exists(), "CA temp dir must be removed on drop");
+    }
+
+    #[test]
+    fn two_in_parallel_get_different_ports_and_drop_kills() {
+        let handles: Vec<_> = (0..2).map(|_| thread::spawn(Swtpm::start)).collect();
+        let tpms: Vec<Swtpm> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        assert_ne!(tpms[0].port(), tpms[1].port());
+        assert_ne!(tpms[0].port() + 1, tpms[1].port());
+        assert_ne!(tpms[0].port(), tpms[1].port() + 1);
+        assert_ne!(tpms[0].pid(), tpms[1].pid());
+        // Each has its own CA.
+        assert_ne!(
+            fs::read(tpms[0].ca().root_cert_path()).unwrap(),
+            fs::read(tpms[1].ca().root_cert_path()).unwrap()
+        );
+        for t in &tpms {
+            assert!(
+                nvread_ok(t, "0x01c00002"),
+                "RSA EK cert readable on {}",
+                t.tcti()
+            );
+        }
+        let pids: Vec<u32> = tpms.iter().map(Swtpm::pid).collect();
+        let dirs: Vec<PathBuf> = tpms.iter().map(|t| t.state_dir().to_owned()).collect();
+        for p in &pids {
+            assert!(Path::new(&format!("/proc/{p}")).exists());
+        }
+        drop(tpms);
+        for p in &pids {
+            assert!(
+                !Path::new(&format!("/proc/{p}")).exists(),
+                "swtpm pid {p} still exists after drop"
+            );
+        }
+        for d in &dirs {
+            assert!(!d.exists(), "{} not removed", d.display());
+        }
+    }
+
+    #[test]
+    fn shared_ca_issues_both_ek_certs() {
+        let ca = Arc::new(LocalCa::new().unwrap());
+        let a = Swtpm::start_with_ca(Arc::clone(&ca)).unwrap();
+        let b = Swtpm::start_with_ca(a.ca_arc()).unwrap();
+        assert_eq!(a.ca().dir(), b.ca().dir());
+        assert!(nvread_ok(&a, "0x01c00002"));
+        assert!(nvread_ok(&b, "0x01c00002"));
+        drop(a);
+        drop(b);
+        assert!(
+            ca.root_cert_path().is_file(),
+            "CA outlives its TPMs while shared"
+        );
+    }
+
+    #[test]
+    fn drop_during_panic_kills_process() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let res = thread::spawn(move || {
+            let tpm = Swtpm::start().unwrap();
+            tx.send(tpm.pid()).unwrap();
+            panic!("test panic with a live swtpm");
+        })
+        .join();
+        assert!(res.is_err());
+        let pid = rx.recv().unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} survived a panic"
+        );
+    }
+
+    #[test]
+    fn restart_keeps_state() {
+        let mut tpm = Swtpm::start().unwrap();
+        let old_pid = tpm.pid();
+        let permall = tpm.state_dir().join("tpm2-00.permall");
+        assert!(permall.is_file());
+        assert!(nvread_ok(&tpm, "0x01c00002"));
+        // No client connected: the orderly shutdown goes through (restart() does it too).
+        tpm.send_shutdown_clear().unwrap();
+        tpm.restart().unwrap();
+        assert_ne!(tpm.pid(), old_pid);
+        assert!(!Path::new(&format!("/proc/{old_pid}")).exists());
+        assert!(permall.is_file());
+        assert!(
+            nvread_ok(&tpm, "0x01c00002"),
+            "EK cert must survive a restart"
+        );
+        assert!(
+            nvread_ok(&tpm, "0x01c00016"),
+            "ECC EK cert must survive a restart"
+        );
+        // Not manufactured with a P-256 EK cert: a failing read proves the check can fail.
+        assert!(!nvread_ok(&tpm, "0x01c0000a"));
+    }
+}

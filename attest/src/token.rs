@@ -1,0 +1,278 @@
+//! License tokens: CWT/EAT-style claims in a COSE_Sign1 (ES256) signed by a per-epoch token key,
+//! carrying the TPM evidence that certifies that key.
+
+use crate::keys::{KeyError, TokenKey};
+use crate::signed::{to_cbor, SignedError, CT_TOKEN};
+use ciborium::Value;
+use coset::cwt::{ClaimName, ClaimsSet, Timestamp};
+use coset::{iana, CborSerializable, CoseSign1Builder, HeaderBuilder, Label, TaggedCborSerializable};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use sha2::{Digest, Sha256};
+
+/// Unprotected header label carrying the vendor-signed host certificate (COSE_Sign1 bytes).
+pub const HDR_HOST_CERT: i64 = -65537;
+/// Unprotected header label carrying the CBOR-encoded [`KeyEvidence`].
+pub const HDR_KEY_EVIDENCE: i64 = -65538;
+
+/// Private claim: product name (text).
+pub const CLAIM_PRODUCT: i64 = -65537;
+/// Private claim: features (array of text).
+pub const CLAIM_FEATURES: i64 = -65538;
+/// Private claim: lease scope, "vm" or "process".
+pub const CLAIM_SCOPE: i64 = -65539;
+/// Private claim: license id.
+pub const CLAIM_LICENSE: i64 = -65540;
+/// Private claim: head of the agent's ephemeral-ID chain (bytes).
+pub const CLAIM_CHAIN_HEAD: i64 = -65541;
+/// Private claim: SHA-256 of the TPMS_ATTEST that certifies the token key.
+pub const CLAIM_QUOTE_REF: i64 = -65542;
+/// Private claim: VM name as configured on the host.
+pub const CLAIM_VM_NAME: i64 = -65543;
+
+/// Domain separation label for the token-key binding in a quote's extraData.
+pub const KEY_BINDING_LABEL: &[u8] = b"hostbind-token-key-v1";
+
+/// TPM evidence that a token key belongs to a host: a quote by the host's AK whose extraData is
+/// [`key_binding`] of the key and its validity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEvidence {
+    /// Uncompressed SEC1 P-256 token public key.
+    pub public_key: ByteBuf,
+    /// First second the key may sign.
+    pub not_before: u64,
+    /// Last second a token signed by this key may be valid.
+    pub not_after: u64,
+    /// Raw TPMS_ATTEST bytes of the quote.
+    pub attest: ByteBuf,
+    /// Raw TPMT_SIGNATURE bytes of the quote.
+    pub signature: ByteBuf,
+}
+
+/// The qualifying data a quote must carry to certify a token key: SHA-256(label || key || nb || na).
+pub fn key_binding(public_key: &[u8], not_before: u64, not_after: u64) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(KEY_BINDING_LABEL);
+    h.update(public_key);
+    h.update(not_before.to_be_bytes());
+    h.update(not_after.to_be_bytes());
+    h.finalize().into()
+}
+
+/// The claims of a token, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenClaims {
+    /// Physical host id (32 bytes); `iss` is its hex form, `ueid` is 0x01 || host_id.
+    pub host_id: Vec<u8>,
+    /// VM UUID as the host knows it (`sub`).
+    pub vm_uuid: String,
+    /// VM name as the host knows it.
+    pub vm_name: String,
+    /// Product.
+    pub product: String,
+    /// Features granted.
+    pub features: Vec<String>,
+    /// "vm" or "process".
+    pub scope: String,
+    /// License id the seat was drawn from.
+    pub license_id: String,
+    /// Lease id (`cti`).
+    pub lease_id: String,
+    /// `iat`, Unix seconds.
+    pub issued_at: u64,
+    /// `exp`, Unix seconds.
+    pub expires_at: u64,
+    /// `eat_nonce`, when the app asked for one.
+    pub nonce: Option<Vec<u8>>,
+    /// Head of the agent's ephemeral-ID chain.
+    pub chain_head: Option<Vec<u8>>,
+    /// SHA-256 of the quote (TPMS_ATTEST) certifying the token key.
+    pub quote_ref: Vec<u8>,
+}
+
+/// Errors issuing a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Encoding failed.
+    #[error(transparent)]
+    Encode(#[from] SignedError),
+    /// Signing failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// Claims don't fit the key's window.
+    #[error("token would expire at {expires_at}, after its signing key's end of validity {key_not_after}; rotate the token key first")]
+    OutlivesKey { expires_at: u64, key_not_after: u64 },
+}
+
+impl TokenClaims {
+    /// Encodes the claims as a CWT claims set.
+    pub fn to_claims_set(&self) -> ClaimsSet {
+        let mut rest = vec![
+            (ClaimName::PrivateUse(CLAIM_PRODUCT), Value::Text(self.product.clone())),
+            (
+                ClaimName::PrivateUse(CLAIM_FEATURES),
+                Value::Array(self.features.iter().cloned().map(Value::Text).collect()),
+            ),
+            (ClaimName::PrivateUse(CLAIM_SCOPE), Value::Text(self.scope.clone())),
+            (ClaimName::PrivateUse(CLAIM_LICENSE), Value::Text(self.license_id.clone())),
+            (ClaimName::PrivateUse(CLAIM_QUOTE_REF), Value::Bytes(self.quote_ref.clone())),
+            (ClaimName::PrivateUse(CLAIM_VM_NAME), Value::Text(self.vm_name.clone())),
+        ];
+        let mut ueid = vec![0x01];
+        ueid.extend_from_slice(&self.host_id);
+        rest.push((
+            ClaimName::Assigned(iana::CwtClaimName::UEID),
+            Value::Bytes(ueid),
+        ));
+        if let Some(n) = &self.nonce {
+            rest.push((
+                ClaimName::Assigned(iana::CwtClaimName::Nonce),
+                Value::Bytes(n.clone()),
+            ));
+        }
+        if let Some(c) = &self.chain_head {
+            rest.push((ClaimName::PrivateUse(CLAIM_CHAIN_HEAD), Value::Bytes(c.clone())));
+        }
+        ClaimsSet {
+            issuer: Some(hex::encode(&self.host_id)),
+            subject: Some(self.vm_uuid.clone()),
+            audience: None,
+            expiration_time: Some(Timestamp::WholeSeconds(self.expires_at as i64)),
+            not_before: None,
+            issued_at: Some(Timestamp::WholeSeconds(self.issued_at as i64)),
+            cwt_id: Some(self.lease_id.as_bytes().to_vec()),
+            rest,
+        }
+    }
+
+    /// Decodes claims from a CWT claims set, naming the first missing or ill-typed claim.
+    pub fn from_claims_set(c: &ClaimsSet) -> Result<TokenClaims, String> {
+        fn secs(t: &Option<Timestamp>, name: &str) -> Result<u64, String> {
+            match t {
+                Some(Timestamp::WholeSeconds(s)) if *s >= 0 => Ok(*s as u64),
+                _ => Err(format!("claim {name} is missing or not a whole number of seconds")),
+            }
+        }
+        let find = |n: ClaimName| c.rest.iter().find(|(k, _)| *k == n).map(|(_, v)| v);
+        let text = |id: i64, name: &str| match find(ClaimName::PrivateUse(id)) {
+            Some(Value::Text(t)) => Ok(t.clone()),
+            _ => Err(format!("claim {name} ({id}) is missing or not text")),
+        };
+        let bytes_opt = |n: ClaimName, name: &str| match find(n) {
+            None => Ok(None),
+            Some(Value::Bytes(b)) => Ok(Some(b.clone())),
+            Some(_) => Err(format!("claim {name} is not a byte string")),
+        };
+        let iss = c.issuer.as_deref().ok_or("claim iss is missing")?;
+        let host_id = hex::decode(iss).map_err(|_| "claim iss is not a hex host id".to_string())?;
+        let features = match find(ClaimName::PrivateUse(CLAIM_FEATURES)) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::Text(t) => Ok(t.clone()),
+                    _ => Err("claim features holds a non-text entry".to_string()),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err("claim features is missing or not an array".into()),
+        };
+        let ueid = bytes_opt(ClaimName::Assigned(iana::CwtClaimName::UEID), "ueid")?
+            .ok_or("claim ueid is missing")?;
+        if ueid.first() != Some(&0x01) || ueid[1..] != host_id[..] {
+            return Err("claim ueid does not match iss".into());
+        }
+        Ok(TokenClaims {
+            host_id,
+            vm_uuid: c.subject.clone().ok_or("claim sub is missing")?,
+            vm_name: text(CLAIM_VM_NAME, "vm_name")?,
+            product: text(CLAIM_PRODUCT, "product")?,
+            features,
+            scope: text(CLAIM_SCOPE, "scope")?,
+            license_id: text(CLAIM_LICENSE, "license")?,
+            lease_id: String::from_utf8(c.cwt_id.clone().ok_or("claim cti is missing")?)
+                .map_err(|_| "claim cti is not UTF-8".to_string())?,
+            issued_at: secs(&c.issued_at, "iat")?,
+            expires_at: secs(&c.expiration_time, "exp")?,
+            nonce: bytes_opt(ClaimName::Assigned(iana::CwtClaimName::Nonce), "eat_nonce")?,
+            chain_head: bytes_opt(ClaimName::PrivateUse(CLAIM_CHAIN_HEAD), "chain_head")?,
+            quote_ref: bytes_opt(ClaimName::PrivateUse(CLAIM_QUOTE_REF), "quote_ref")?
+                .ok_or("claim quote_ref is missing")?,
+        })
+    }
+}
+
+/// A token key with its evidence and the host certificate: everything needed to issue tokens.
+pub struct TokenSigner {
+    key: TokenKey,
+    evidence: KeyEvidence,
+    evidence_cbor: Vec<u8>,
+    host_cert: Vec<u8>,
+    quote_ref: Vec<u8>,
+}
+
+impl TokenSigner {
+    /// Bundles a token key, the quote that certifies it, and the host certificate.
+    pub fn new(key: TokenKey, evidence: KeyEvidence, host_cert: Vec<u8>) -> Result<TokenSigner, TokenError> {
+        let evidence_cbor = to_cbor("key evidence", &evidence)?;
+        let quote_ref = Sha256::digest(&evidence.attest).to_vec();
+        Ok(TokenSigner {
+            key,
+            evidence,
+            evidence_cbor,
+            host_cert,
+            quote_ref,
+        })
+    }
+
+    /// The evidence for this signer's key.
+    pub fn evidence(&self) -> &KeyEvidence {
+        &self.evidence
+    }
+
+    /// SHA-256 of the certifying quote (put in each token's quote_ref claim).
+    pub fn quote_ref(&self) -> &[u8] {
+        &self.quote_ref
+    }
+
+    /// Signs a token for `claims` (whose quote_ref must be [`Self::quote_ref`]).
+    pub fn issue(&self, claims: &TokenClaims) -> Result<Vec<u8>, TokenError> {
+        if claims.expires_at > self.evidence.not_after {
+            return Err(TokenError::OutlivesKey {
+                expires_at: claims.expires_at,
+                key_not_after: self.evidence.not_after,
+            });
+        }
+        let payload = claims
+            .to_claims_set()
+            .to_vec()
+            .map_err(|e| SignedError::Encode {
+                what: "token claims",
+                reason: e.to_string(),
+            })?;
+        let protected = HeaderBuilder::new()
+            .algorithm(iana::Algorithm::ES256)
+            .content_type(CT_TOKEN.to_string())
+            .build();
+        let unprotected = HeaderBuilder::new()
+            .value(HDR_HOST_CERT, Value::Bytes(self.host_cert.clone()))
+            .value(HDR_KEY_EVIDENCE, Value::Bytes(self.evidence_cbor.clone()))
+            .build();
+        let sign1 = CoseSign1Builder::new()
+            .protected(protected)
+            .unprotected(unprotected)
+            .payload(payload)
+            .try_create_signature(&[], |tbs| self.key.sign(tbs))?
+            .build();
+        Ok(sign1.to_tagged_vec().map_err(|e| SignedError::Encode {
+            what: "token",
+            reason: e.to_string(),
+        })?)
+    }
+}
+
+/// Finds a byte-string value in a header's private labels.
+pub(crate) fn header_bytes(h: &coset::Header, label: i64) -> Option<&[u8]> {
+    h.rest.iter().find_map(|(l, v)| match (l, v) {
+        (Label::Int(i), Value::Bytes(b)) if *i == label => Some(b.as_slice()),
+        _ => None,
+    })
+}

@@ -1,0 +1,351 @@
+//! The proxy's TOML configuration: parsed strictly (unknown keys and bad values are errors with
+//! file, line and reason) and checked for consistency before the daemon starts.
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default config file location.
+pub const DEFAULT_CONFIG: &str = "/etc/hostbind/proxy.toml";
+/// Default vsock port the agents connect to.
+pub const DEFAULT_VSOCK_PORT: u32 = 9999;
+
+/// A configuration error, naming the file and (where known) the line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// Syntax or value error at a place in the file.
+    #[error("{path}:{line}:{column}: {reason}")]
+    At {
+        path: String,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    /// Inconsistent settings.
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+/// A duration written like "30s", "5m", "1h".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| de::Error::custom(format!("invalid duration '{s}' ({e}); write e.g. \"30s\", \"5m\" or \"1h\"")))
+    }
+}
+
+/// A VM UUID, checked when parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VmUuid(pub String);
+
+impl<'de> Deserialize<'de> for VmUuid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        uuid::Uuid::parse_str(&s)
+            .map(|u| VmUuid(u.hyphenated().to_string()))
+            .map_err(|e| de::Error::custom(format!("invalid VM uuid '{s}': {e}")))
+    }
+}
+
+impl fmt::Display for VmUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Normal operation.
+    Info,
+    /// Debugging.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// As a tracing filter directive.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/hostbind")
+}
+fn default_tpm() -> String {
+    "device:/dev/tpmrm0".into()
+}
+fn default_licenses_dir() -> PathBuf {
+    PathBuf::from("/etc/hostbind/licenses")
+}
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/hostbind/admin.sock")
+}
+fn default_log() -> LogLevel {
+    LogLevel::Info
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the ledger, AK blobs and host certificate live.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// TCTI of the TPM: "device:/dev/tpmrm0" or "swtpm:host=127.0.0.1,port=N".
+    #[serde(default = "default_tpm")]
+    pub tpm: String,
+    /// License files (*.license) found here are added at start.
+    #[serde(default = "default_licenses_dir")]
+    pub licenses_dir: PathBuf,
+    /// Unix socket for admin commands (status, license add, ...).
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// error, warn, info, debug or trace.
+    #[serde(default = "default_log")]
+    pub log_level: LogLevel,
+    /// Lease and token timing.
+    #[serde(default)]
+    pub leases: LeaseConfig,
+    /// Transports guests connect on.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// The VMs of this host and how each one's connections are recognised.
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmConfig>,
+}
+
+/// Lease and token timing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// A lease lapses this long after its last renewal (agents renew at half of it).
+    pub ttl: Dur,
+    /// A token key is used for this long, then replaced (one TPM quote per epoch).
+    pub key_epoch: Dur,
+    /// How often expired leases are swept.
+    pub sweep_interval: Dur,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl: Dur(Duration::from_secs(60)),
+            key_epoch: Dur(Duration::from_secs(600)),
+            sweep_interval: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Transports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Listen on real AF_VSOCK (production KVM hosts only). Off by default.
+    pub af_vsock: bool,
+    /// vsock port agents connect to (also the suffix of hybrid vsock sockets: `<uds>_<port>`).
+    pub vsock_port: u32,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            af_vsock: false,
+            vsock_port: DEFAULT_VSOCK_PORT,
+        }
+    }
+}
+
+/// One VM of this host. Its identity comes from the transport a connection arrives on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// VM name (as in libvirt or the QEMU command line).
+    pub name: String,
+    /// VM UUID.
+    pub uuid: VmUuid,
+    /// Guest CID, for AF_VSOCK connections.
+    pub cid: Option<u32>,
+    /// vhost-device-vsock `--uds-path` of this VM: the proxy listens on `<uds>_<vsock_port>`.
+    pub vhost_uds: Option<PathBuf>,
+    /// A plain Unix socket for this VM (development and the demo).
+    pub unix_socket: Option<PathBuf>,
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|i| before.len() - i).unwrap_or(before.len() + 1);
+    (line, col)
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks config text; `name` is used in errors.
+    pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::At {
+                path: name.to_string(),
+                line,
+                column,
+                reason: e.message().to_string(),
+            }
+        })?;
+        cfg.check().map_err(|reason| ConfigError::Invalid {
+            path: name.to_string(),
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if !(self.tpm.starts_with("device:") || self.tpm.starts_with("swtpm:") || self.tpm.starts_with("mssim:") || self.tpm.starts_with("tabrmd")) {
+            return Err(format!("tpm = '{}' is not a TCTI this proxy supports; use \"device:/dev/tpmrm0\" or \"swtpm:host=127.0.0.1,port=2321\"", self.tpm));
+        }
+        let l = &self.leases;
+        if l.ttl.0 < Duration::from_secs(2) {
+            return Err("leases.ttl must be at least 2s".into());
+        }
+        if l.key_epoch.0 < l.ttl.0 {
+            return Err("leases.key_epoch must be at least leases.ttl (a token lives as long as its lease, and must not outlive its key)".into());
+        }
+        if l.sweep_interval.0.is_zero() {
+            return Err("leases.sweep_interval must be more than 0s".into());
+        }
+        if self.listen.vsock_port == 0 || self.listen.vsock_port == u32::MAX {
+            return Err("listen.vsock_port must be a real port number".into());
+        }
+        let (mut names, mut uuids, mut cids, mut paths) = (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
+        for vm in &self.vms {
+            if vm.name.is_empty() || vm.name.len() > 128 {
+                return Err("every [[vm]] needs a name of 1 to 128 characters".into());
+            }
+            if !names.insert(&vm.name) {
+                return Err(format!("two [[vm]] entries are named '{}'", vm.name));
+            }
+            if !uuids.insert(&vm.uuid) {
+                return Err(format!("two [[vm]] entries have uuid {}", vm.uuid));
+            }
+            if let Some(c) = vm.cid {
+                if c < 3 {
+                    return Err(format!("vm '{}': cid {c} is reserved (guest CIDs start at 3)", vm.name));
+                }
+                if !cids.insert(c) {
+                    return Err(format!("vm '{}': cid {c} is used by another [[vm]]", vm.name));
+                }
+            }
+            if vm.cid.is_none() && vm.vhost_uds.is_none() && vm.unix_socket.is_none() {
+                return Err(format!("vm '{}' has no way to reach it: set cid, vhost_uds or unix_socket", vm.name));
+            }
+            for p in [&vm.vhost_uds, &vm.unix_socket].into_iter().flatten() {
+                if !p.is_absolute() {
+                    return Err(format!("vm '{}': socket path {} must be absolute", vm.name, p.display()));
+                }
+                if !paths.insert(p) {
+                    return Err(format!("vm '{}': socket path {} is used twice", vm.name, p.display()));
+                }
+            }
+        }
+        if self.listen.af_vsock && !self.vms.iter().any(|v| v.cid.is_some()) {
+            return Err("listen.af_vsock is on but no [[vm]] has a cid: every vsock connection would be refused".into());
+        }
+        Ok(())
+    }
+
+    /// The VM with this guest CID.
+    pub fn vm_by_cid(&self, cid: u32) -> Option<&VmConfig> {
+        self.vms.iter().find(|v| v.cid == Some(cid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+state_dir = "/tmp/x"
+tpm = "swtpm:host=127.0.0.1,port=2321"
+[leases]
+ttl = "30s"
+[[vm]]
+name = "a"
+uuid = "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01"
+unix_socket = "/tmp/a.sock"
+[[vm]]
+name = "b"
+uuid = "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a02"
+cid = 4
+vhost_uds = "/tmp/b.vsock"
+"#;
+
+    #[test]
+    fn parses_good_config_with_defaults() {
+        let c = Config::parse(GOOD, "p.toml").unwrap();
+        assert_eq!(c.leases.ttl.0, Duration::from_secs(30));
+        assert_eq!(c.leases.key_epoch.0, Duration::from_secs(600));
+        assert_eq!(c.listen.vsock_port, 9999);
+        assert!(!c.listen.af_vsock);
+        assert_eq!(c.vm_by_cid(4).unwrap().name, "b");
+        assert!(c.vm_by_cid(5).is_none());
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let text = GOOD.replace("ttl = \"30s\"", "ttl = \"30s\"\nttl_typo = 3");
+        let e = Config::parse(&text, "p.toml").unwrap_err().to_string();
+        assert!(e.starts_with("p.toml:6:"), "{e}");
+        assert!(e.contains("ttl_typo"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_reason() {
+        let e = Config::parse(&GOOD.replace("\"30s\"", "\"soon\""), "p.toml").unwrap_err().to_string();
+        assert!(e.contains("p.toml:5:") && e.contains("invalid duration 'soon'"), "{e}");
+        let e = Config::parse(&GOOD.replace("0c5e1f1d2a01", "zz"), "p.toml").unwrap_err().to_string();
+        assert!(e.contains("invalid VM uuid"), "{e}");
+        let e = Config::parse(&GOOD.replace("cid = 4", "cid = 2"), "p.toml").unwrap_err().to_string();
+        assert!(e.contains("cid 2 is reserved"), "{e}");
+        let e = Config::parse(&GOOD.replace("/tmp/b.vsock", "/tmp/a.sock"), "p.toml").unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
+        let e = Config::parse(&GOOD.replace("name = \"b\"", "name = \"a\""), "p.toml").unwrap_err().to_string();
+        assert!(e.contains("two [[vm]] entries are named 'a'"), "{e}");
+        let e = Config::parse(&GOOD.replace("tpm = \"swtpm", "tpm = \"tcp"), "p.toml").unwrap_err().to_string();
+        assert!(e.contains("not a TCTI"), "{e}");
+    }
+}

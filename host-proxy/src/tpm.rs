@@ -1,0 +1,1003 @@
+//! TPM access for the proxy: the only module that touches tss-esapi.
+//!
+//! One [`Tpm`] owns one TSS context (one connection: swtpm serves a single client at a time and
+//! has no resource manager) and keeps the EK and AK loaded once they are needed, so at most two
+//! transient object slots are in use (swtpm has three). Everything crosses this boundary as raw
+//! TPM bytes (marshalled TPMT_PUBLIC, TPMS_ATTEST, TPMT_SIGNATURE, TPM2B contents), which the
+//! I/O-free `hostbind-attest` crate parses and verifies.
+//!
+//! Logging: [`Tpm::open`] sets `TSS2_LOG=all+none` (silences libtss2's stderr logging) when the
+//! variable is not set yet. Set it yourself (e.g. `TSS2_LOG=esys+debug`) to debug the TSS, and
+//! call [`Tpm::open`] before starting other threads that read the environment.
+
+use std::convert::TryFrom;
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
+use tss_esapi::attributes::SessionAttributesBuilder;
+use tss_esapi::constants::{tss as tss_constants, CapabilityType, SessionType};
+use tss_esapi::handles::{AuthHandle, KeyHandle, ObjectHandle, SessionHandle, TpmHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::structures::{
+    CapabilityData, Data, Digest, DigestList, EccScheme, EncryptedSecret, IdObject, Name,
+    PcrSelectionListBuilder, PcrSlot, Private, Public, SignatureScheme, SymmetricDefinition,
+};
+use tss_esapi::tcti_ldr::TctiNameConf;
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::Context;
+
+/// File name of the AK's public area (marshalled TPMT_PUBLIC) in the state dir.
+pub const AK_PUB_FILE: &str = "ak.pub";
+/// File name of the AK's wrapped private area (TPM2B_PRIVATE contents) in the state dir.
+pub const AK_PRIV_FILE: &str = "ak.priv";
+
+/// Largest qualifying data a quote can carry (TPM2B_DATA holds at most a SHA-512 digest).
+pub const MAX_QUALIFYING_DATA: usize = 64;
+
+// TCG EK Credential Profile 2.x: NV indices of the EK certificates (low and high range).
+const NV_EK_CERT_RSA2048: u32 = 0x01c0_0002;
+const NV_EK_CERT_ECC_P256: u32 = 0x01c0_000a;
+const NV_EK_CERT_ECC_P384: u32 = 0x01c0_0016;
+
+// TCG EK Credential Profile 2.5, B.6: PolicyA (PolicySecret(TPM_RH_ENDORSEMENT)) and PolicyC
+// digests in SHA-384; the high-range EK templates' authPolicy is PolicyOR(A, C).
+const POLICY_A_SHA384: [u8; 48] = [
+    0x8b, 0xbf, 0x22, 0x66, 0x53, 0x7c, 0x17, 0x1c, 0xb5, 0x6e, 0x40, 0x3c, 0x4d, 0xc1, 0xd4, 0xb6,
+    0x4f, 0x43, 0x26, 0x11, 0xdc, 0x38, 0x6e, 0x6f, 0x53, 0x20, 0x50, 0xc3, 0x27, 0x8c, 0x93, 0x0e,
+    0x14, 0x3e, 0x8b, 0xb1, 0x13, 0x38, 0x24, 0xcc, 0xb4, 0x31, 0x05, 0x38, 0x71, 0xc6, 0xdb, 0x53,
+];
+const POLICY_C_SHA384: [u8; 48] = [
+    0xd6, 0x03, 0x2c, 0xe6, 0x1f, 0x2f, 0xb3, 0xc2, 0x40, 0xeb, 0x3c, 0xf6, 0xa3, 0x32, 0x37, 0xef,
+    0x2b, 0x6a, 0x16, 0xf4, 0x29, 0x3c, 0x22, 0xb4, 0x55, 0xe2, 0x61, 0xcf, 0xfd, 0x21, 0x7a, 0xd5,
+    0xb4, 0x94, 0x7c, 0x2d, 0x73, 0xe6, 0x30, 0x05, 0xee, 0xd2, 0xdc, 0x2b, 0x35, 0x93, 0xd1, 0x65,
+];
+
+/// Errors of TPM access; each message says what happened and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum TpmError {
+    /// The TCTI string is not one tss-esapi understands.
+    #[error(
+        "unsupported TCTI '{tcti}' — use 'device:/dev/tpmrm0' on a host, \
+         'swtpm:host=127.0.0.1,port=P' for swtpm, or 'tabrmd:' / 'mssim:...'"
+    )]
+    BadTcti {
+        /// The string given.
+        tcti: String,
+    },
+    /// The TSS context could not be created (device missing, no permission, swtpm not running).
+    #[error("cannot open TPM via TCTI '{tcti}': {source} — {hint}")]
+    Open {
+        /// The TCTI string.
+        tcti: String,
+        /// What to check.
+        hint: String,
+        /// The TSS error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// A TPM command failed.
+    #[error("TPM {op} failed: {source} — {hint}")]
+    Command {
+        /// Which operation.
+        op: &'static str,
+        /// What to check.
+        hint: &'static str,
+        /// The TSS error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// No EK certificate from the TPM maker is in NV.
+    #[error(
+        "this TPM has no EK certificate in NV (looked for RSA-2048 at 0x01c00002, ECC P-256 at \
+         0x01c0000a, ECC P-384 at 0x01c00016) — hostbind needs the maker's EK certificate to \
+         enroll; check the firmware's TPM settings or provision one (for swtpm: swtpm_setup \
+         --create-ek-cert)"
+    )]
+    NoEkCertificate,
+    /// The EK certificate in NV does not parse or holds an unexpected key type.
+    #[error(
+        "EK certificate in NV {index:#010x} is not usable: {reason} — the TPM's EK certificate \
+         is damaged or non-standard; report it with the TPM model"
+    )]
+    BadEkCertificate {
+        /// NV index read.
+        index: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The EK certificate's key is not the EK the default template produces.
+    #[error(
+        "EK certificate in NV {index:#010x} certifies a different key than the {kind:?} EK \
+         created from the TCG default template — the certificate belongs to another EK (non-default \
+         template or replaced certificate); hostbind cannot use this TPM's EK as is"
+    )]
+    EkMismatch {
+        /// NV index read.
+        index: u32,
+        /// The EK type.
+        kind: EkKind,
+    },
+    /// Reading or writing a state file failed.
+    #[error("{what} {}: {source} — check that the state dir exists and is writable by this user", path.display())]
+    StateIo {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a state file failed.
+    #[error(
+        "{source} — check that the state dir is writable by this user and the disk is not full"
+    )]
+    StateWrite {
+        /// The file error (names the path).
+        #[source]
+        source: hostbind_fsutil::FileError,
+    },
+    /// Only one of `ak.pub` / `ak.priv` exists.
+    #[error(
+        "AK state in {} is incomplete: {present} exists but {missing} does not — remove ak.* to \
+         create a new AK and re-enroll", dir.display()
+    )]
+    AkIncomplete {
+        /// The state dir.
+        dir: PathBuf,
+        /// The file that exists.
+        present: &'static str,
+        /// The file that is missing.
+        missing: &'static str,
+    },
+    /// An AK file does not parse or holds an unexpected key.
+    #[error(
+        "AK blob {} is not a hostbind AK: {reason} — remove ak.* to create a new AK and re-enroll",
+        path.display()
+    )]
+    AkCorrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The AK blobs exist but the TPM refuses to load them under its EK.
+    #[error(
+        "AK blob in {} does not load under this TPM's EK ({source}) — the state dir belongs to \
+         another TPM; remove ak.* to create a new AK and re-enroll", path.display()
+    )]
+    AkForeign {
+        /// The private blob.
+        path: PathBuf,
+        /// The TSS error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// A caller-supplied value is too large or malformed.
+    #[error("invalid {what}: {reason}")]
+    BadInput {
+        /// Which input.
+        what: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// ActivateCredential refused the challenge.
+    #[error(
+        "ActivateCredential failed: {source} — the challenge was not made for this TPM's EK and \
+         AK name (stale or foreign enroll request?); create a new enroll request and ask the \
+         issuer for a new challenge"
+    )]
+    Activate {
+        /// The TSS error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// The TPM returned something the wrapper did not expect.
+    #[error("unexpected TPM output from {op}: {reason} — report this with the TPM model")]
+    Unexpected {
+        /// Which operation.
+        op: &'static str,
+        /// What was unexpected.
+        reason: String,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, TpmError>;
+
+const HINT_GENERIC: &str = "check the TPM connection and try again";
+const HINT_EH: &str =
+    "hostbind needs an empty endorsement hierarchy password (tpm2_changeauth -c e) and a TPM that \
+     is not in DA lockout";
+
+fn cmd(op: &'static str, hint: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
+    move |source| TpmError::Command { op, hint, source }
+}
+
+/// Which EK the host uses (the first of these with a maker certificate in NV).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EkKind {
+    /// RSA 2048 (TCG low-range template; certificate at NV 0x01c00002).
+    Rsa2048,
+    /// ECC NIST P-256 (TCG low-range template; certificate at NV 0x01c0000a).
+    EccP256,
+    /// ECC NIST P-384 (TCG high-range template; certificate at NV 0x01c00016).
+    EccP384,
+}
+
+impl EkKind {
+    /// Preference order when picking the EK.
+    const ALL: [EkKind; 3] = [EkKind::Rsa2048, EkKind::EccP256, EkKind::EccP384];
+
+    fn nv_index(self) -> u32 {
+        match self {
+            EkKind::Rsa2048 => NV_EK_CERT_RSA2048,
+            EkKind::EccP256 => NV_EK_CERT_ECC_P256,
+            EkKind::EccP384 => NV_EK_CERT_ECC_P384,
+        }
+    }
+
+    fn selection(self) -> AsymmetricAlgorithmSelection {
+        match self {
+            EkKind::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            EkKind::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            EkKind::EccP384 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP384),
+        }
+    }
+}
+
+/// The host's endorsement identity: the maker's EK certificate and the matching EK public area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endorsement {
+    /// Which EK.
+    pub kind: EkKind,
+    /// The EK certificate, DER (trailing NV padding removed).
+    pub cert_der: Vec<u8>,
+    /// The EK public area: marshalled TPMT_PUBLIC.
+    pub public: Vec<u8>,
+}
+
+/// The attestation key (ECC P-256, restricted signing, ECDSA-SHA256, under the EK).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AkInfo {
+    /// The AK public area: marshalled TPMT_PUBLIC.
+    pub public: Vec<u8>,
+    /// The AK's TPM name: nameAlg (u16 BE) || digest of the public area.
+    pub name: Vec<u8>,
+}
+
+/// A TPM quote as raw bytes, exactly as the TPM signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuoteEvidence {
+    /// Marshalled TPMS_ATTEST (magic 0xff544347, type TPM_ST_ATTEST_QUOTE 0x8018).
+    pub attest: Vec<u8>,
+    /// Marshalled TPMT_SIGNATURE over SHA-256(attest) by the AK.
+    pub signature: Vec<u8>,
+}
+
+/// The TPM's clock state (TPMS_CLOCK_INFO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockInfo {
+    /// Milliseconds the TPM has been powered since it was manufactured/cleared.
+    pub clock: u64,
+    /// TPM resets (reboots) since the last TPM2_Clear.
+    pub reset_count: u32,
+    /// TPM restarts/resumes since the last reset.
+    pub restart_count: u32,
+    /// Whether `clock` is known not to have gone backwards since it was last reported.
+    pub safe: bool,
+}
+
+struct LoadedEk {
+    handle: KeyHandle,
+    kind: EkKind,
+    public: Public,
+    endorsement: Endorsement,
+}
+
+struct LoadedAk {
+    handle: KeyHandle,
+    info: AkInfo,
+}
+
+/// One connection to a TPM with the EK and AK kept loaded; owned by one task (it is `Send`).
+pub struct Tpm {
+    ctx: Context,
+    ek: Option<LoadedEk>,
+    ak: Option<LoadedAk>,
+}
+
+// `Tpm` must stay Send so one tokio task can own it.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Tpm>();
+};
+
+impl std::fmt::Debug for Tpm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tpm")
+            .field("ek", &self.ek.as_ref().map(|e| e.kind))
+            .field("ak_loaded", &self.ak.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tpm {
+    /// Opens the TPM behind `tcti` ("device:/dev/tpmrm0", "swtpm:host=127.0.0.1,port=P", ...).
+    ///
+    /// Sets `TSS2_LOG=all+none` if `TSS2_LOG` is unset (before the TCTI is created). Flushes
+    /// transient objects left over by a crashed earlier client (matters without a resource
+    /// manager, e.g. swtpm).
+    pub fn open(tcti: &str) -> Result<Tpm> {
+        if std::env::var_os("TSS2_LOG").is_none() {
+            std::env::set_var("TSS2_LOG", "all+none");
+        }
+        let conf = TctiNameConf::from_str(tcti).map_err(|_| TpmError::BadTcti {
+            tcti: tcti.to_owned(),
+        })?;
+        let hint = match &conf {
+            TctiNameConf::Device(_) => {
+                "does the device exist, and is this user in the tss group (ls -l /dev/tpmrm0)?"
+            }
+            TctiNameConf::Swtpm(_) | TctiNameConf::Mssim(_) => {
+                "is the simulator running and listening there (it serves one client at a time)?"
+            }
+            TctiNameConf::Tabrmd(_) => "is tpm2-abrmd running and reachable on D-Bus?",
+        };
+        let ctx = Context::new(conf).map_err(|source| TpmError::Open {
+            tcti: tcti.to_owned(),
+            hint: hint.to_owned(),
+            source,
+        })?;
+        let mut tpm = Tpm {
+            ctx,
+            ek: None,
+            ak: None,
+        };
+        tpm.flush_stale_transients()?;
+        Ok(tpm)
+    }
+
+    /// Flushes transient objects still loaded in the TPM (left by a client that died).
+    fn flush_stale_transients(&mut self) -> Result<()> {
+        let (data, _) = self
+            .ctx
+            .execute_without_session(|c| {
+                c.get_capability(
+                    CapabilityType::Handles,
+                    tss_constants::TPM2_TRANSIENT_FIRST,
+                    16,
+                )
+            })
+            .map_err(cmd("GetCapability(transient handles)", HINT_GENERIC))?;
+        let CapabilityData::Handles(list) = data else {
+            return Err(TpmError::Unexpected {
+                op: "GetCapability(transient handles)",
+                reason: "the answer is not a handle list".into(),
+            });
+        };
+        for handle in list.into_inner() {
+            if let TpmHandle::Transient(_) = handle {
+                let obj = self
+                    .ctx
+                    .execute_without_session(|c| c.tr_from_tpm_public(handle))
+                    .map_err(cmd("ReadPublic(stale transient object)", HINT_GENERIC))?;
+                self.ctx
+                    .flush_context(obj)
+                    .map_err(cmd("FlushContext(stale transient object)", HINT_GENERIC))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// NV indices defined in the TPM (first 256).
+    fn nv_indices(&mut self) -> Result<Vec<u32>> {
+        let (data, _) = self
+            .ctx
+            .execute_without_session(|c| {
+                c.get_capability(
+                    CapabilityType::Handles,
+                    tss_constants::TPM2_NV_INDEX_FIRST,
+                    256,
+                )
+            })
+            .map_err(cmd("GetCapability(NV indices)", HINT_GENERIC))?;
+        let CapabilityData::Handles(list) = data else {
+            return Err(TpmError::Unexpected {
+                op: "GetCapability(NV indices)",
+                reason: "the answer is not a handle list".into(),
+            });
+        };
+        Ok(list.into_inner().into_iter().map(u32::from).collect())
+    }
+
+    /// The EK certificate (RSA-2048 preferred, else ECC P-256, else P-384) and the EK created from
+    /// the matching TCG default template; checks that the certificate certifies that EK.
+    ///
+    /// The EK stays loaded in this `Tpm` (later calls return the cached answer).
+    pub fn endorsement(&mut self) -> Result<Endorsement> {
+        Ok(self.load_ek()?.endorsement.clone())
+    }
+
+    fn load_ek(&mut self) -> Result<&LoadedEk> {
+        if self.ek.is_none() {
+            let loaded = self.create_ek()?;
+            self.ek = Some(loaded);
+        }
+        self.ek.as_ref().ok_or(TpmError::Unexpected {
+            op: "endorsement",
+            reason: "EK missing right after loading it".into(),
+        })
+    }
+
+    fn create_ek(&mut self) -> Result<LoadedEk> {
+        let defined = self.nv_indices()?;
+        let kind = EkKind::ALL
+            .into_iter()
+            .find(|k| defined.contains(&k.nv_index()))
+            .ok_or(TpmError::NoEkCertificate)?;
+        let index = kind.nv_index();
+        let nv = ek::retrieve_ek_pubcert(&mut self.ctx, kind.selection())
+            .map_err(cmd("NV_Read(EK certificate)", HINT_GENERIC))?;
+        let (cert_der, cert_key) =
+            parse_ek_cert(&nv).map_err(|reason| TpmError::BadEkCertificate { index, reason })?;
+        let handle = ek::create_ek_object_2(&mut self.ctx, kind.selection(), None)
+            .map_err(cmd("CreatePrimary(EK)", HINT_EH))?;
+        let public = match self.ctx.read_public(handle) {
+            Ok((public, _, _)) => public,
+            Err(e) => {
+                let _ = self.ctx.flush_context(handle.into());
+                return Err(cmd("ReadPublic(EK)", HINT_GENERIC)(e));
+            }
+        };
+        let matches = match ek_public_key(&public) {
+            Some(tpm_key) => tpm_key.same_key(&cert_key),
+            None => false,
+        };
+        let marshalled = public.marshall();
+        match (matches, marshalled) {
+            (true, Ok(bytes)) => Ok(LoadedEk {
+                handle,
+                kind,
+                public,
+                endorsement: Endorsement {
+                    kind,
+                    cert_der,
+                    public: bytes,
+                },
+            }),
+            (false, _) => {
+                let _ = self.ctx.flush_context(handle.into());
+                Err(TpmError::EkMismatch { index, kind })
+            }
+            (true, Err(e)) => {
+                let _ = self.ctx.flush_context(handle.into());
+                Err(TpmError::Unexpected {
+                    op: "marshal EK public",
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Loads the AK from `state_dir/ak.{pub,priv}`, or creates one under the EK and persists it
+    /// there (atomic writes, mode 0600). The AK stays loaded in this `Tpm`.
+    pub fn load_or_create_ak(&mut self, state_dir: &Path) -> Result<AkInfo> {
+        if let Some(ak) = &self.ak {
+            return Ok(ak.info.clone());
+        }
+        let ek_handle = self.load_ek()?.handle;
+        let pub_path = state_dir.join(AK_PUB_FILE);
+        let priv_path = state_dir.join(AK_PRIV_FILE);
+        let (public, private) = match (pub_path.exists(), priv_path.exists()) {
+            (true, true) => read_ak_files(&pub_path, &priv_path)?,
+            (false, false) => {
+                let created = ak::create_ak_2(
+                    &mut self.ctx,
+                    ek_handle,
+                    HashingAlgorithm::Sha256,
+                    AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+                    SignatureSchemeAlgorithm::EcDsa,
+                    None,
+                    None,
+                )
+                .map_err(cmd("Create(AK)", HINT_EH))?;
+                let pub_bytes =
+                    created
+                        .out_public
+                        .marshall()
+                        .map_err(|e| TpmError::Unexpected {
+                            op: "marshal AK public",
+                            reason: e.to_string(),
+                        })?;
+                create_state_dir(state_dir)?;
+                // Public first: a crash between the two leaves only ak.pub, reported clearly.
+                write_ak_file(&pub_path, &pub_bytes)?;
+                write_ak_file(&priv_path, created.out_private.value())?;
+                (created.out_public, created.out_private)
+            }
+            (true, false) => {
+                return Err(TpmError::AkIncomplete {
+                    dir: state_dir.to_owned(),
+                    present: AK_PUB_FILE,
+                    missing: AK_PRIV_FILE,
+                })
+            }
+            (false, true) => {
+                return Err(TpmError::AkIncomplete {
+                    dir: state_dir.to_owned(),
+                    present: AK_PRIV_FILE,
+                    missing: AK_PUB_FILE,
+                })
+            }
+        };
+        check_ak_public(&public).map_err(|reason| TpmError::AkCorrupt {
+            path: pub_path.clone(),
+            reason,
+        })?;
+        let handle = ak::load_ak(&mut self.ctx, ek_handle, None, private, public.clone()).map_err(
+            |source| TpmError::AkForeign {
+                path: priv_path.clone(),
+                source,
+            },
+        )?;
+        let name = match self.ctx.read_public(handle) {
+            Ok((_, name, _)) => name.value().to_vec(),
+            Err(e) => {
+                let _ = self.ctx.flush_context(handle.into());
+                return Err(cmd("ReadPublic(AK)", HINT_GENERIC)(e));
+            }
+        };
+        let public_bytes = match public.marshall() {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = self.ctx.flush_context(handle.into());
+                return Err(TpmError::Unexpected {
+                    op: "marshal AK public",
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let info = AkInfo {
+            public: public_bytes,
+            name,
+        };
+        self.ak = Some(LoadedAk {
+            handle,
+            info: info.clone(),
+        });
+        Ok(info)
+    }
+
+    fn loaded_ak(&self, op: &'static str) -> Result<KeyHandle> {
+        self.ak
+            .as_ref()
+            .map(|a| a.handle)
+            .ok_or(TpmError::BadInput {
+                what: "call order",
+                reason: format!("{op} needs the AK: call load_or_create_ak first"),
+            })
+    }
+
+    /// Runs TPM2_ActivateCredential with the EK and AK: returns the secret of a MakeCredential
+    /// challenge. `id_object` and `encrypted_secret` are the contents of the TPM2B_ID_OBJECT and
+    /// TPM2B_ENCRYPTED_SECRET buffers (without their size prefixes).
+    pub fn activate_credential(
+        &mut self,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Vec<u8>> {
+        let ak = self.loaded_ak("activate_credential")?;
+        let id = IdObject::try_from(id_object.to_vec()).map_err(|e| TpmError::BadInput {
+            what: "credential blob (TPM2B_ID_OBJECT contents)",
+            reason: format!("{} bytes: {e}", id_object.len()),
+        })?;
+        let secret = EncryptedSecret::try_from(encrypted_secret.to_vec()).map_err(|e| {
+            TpmError::BadInput {
+                what: "encrypted secret (TPM2B_ENCRYPTED_SECRET contents)",
+                reason: format!("{} bytes: {e}", encrypted_secret.len()),
+            }
+        })?;
+        let (ek, policy) = self.ek_policy_session()?;
+        let result = self
+            .ctx
+            .execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
+                c.activate_credential(ak, ek, id, secret)
+            });
+        // Flush the policy session whatever happened (on success it would stay loaded).
+        let _ = self.ctx.flush_context(SessionHandle::from(policy).into());
+        let digest = result.map_err(|source| TpmError::Activate { source })?;
+        Ok(digest.value().to_vec())
+    }
+
+    /// Starts a policy session satisfying the EK's authPolicy (PolicySecret(endorsement), plus
+    /// PolicyOR for the high-range templates). The caller flushes it.
+    fn ek_policy_session(&mut self) -> Result<(KeyHandle, AuthSession)> {
+        let ek = self.load_ek()?;
+        let (ek_handle, kind) = (ek.handle, ek.kind);
+        let hash = ek.public.name_hashing_algorithm();
+        let session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::Null,
+                hash,
+            )
+            .map_err(cmd("StartAuthSession(policy)", HINT_GENERIC))?
+            .ok_or(TpmError::Unexpected {
+                op: "StartAuthSession(policy)",
+                reason: "no session handle returned".into(),
+            })?;
+        let satisfied = self.satisfy_ek_policy(session, kind);
+        match satisfied {
+            Ok(()) => Ok((ek_handle, session)),
+            Err(e) => {
+                let _ = self.ctx.flush_context(SessionHandle::from(session).into());
+                Err(e)
+            }
+        }
+    }
+
+    fn satisfy_ek_policy(&mut self, session: AuthSession, kind: EkKind) -> Result<()> {
+        let policy = PolicySession::try_from(session).map_err(|e| TpmError::Unexpected {
+            op: "StartAuthSession(policy)",
+            reason: format!("not a policy session: {e}"),
+        })?;
+        let (attrs, mask) = SessionAttributesBuilder::new().build();
+        self.ctx
+            .tr_sess_set_attributes(session, attrs, mask)
+            .map_err(cmd("set policy session attributes", HINT_GENERIC))?;
+        self.ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.policy_secret(
+                    policy,
+                    AuthHandle::Endorsement,
+                    Default::default(),
+                    Default::default(),
+                    Default::default(),
+                    None,
+                )
+            })
+            .map_err(cmd("PolicySecret(endorsement)", HINT_EH))?;
+        if kind == EkKind::EccP384 {
+            let mut digests = DigestList::new();
+            for d in [&POLICY_A_SHA384[..], &POLICY_C_SHA384[..]] {
+                let digest = Digest::try_from(d).map_err(|e| TpmError::Unexpected {
+                    op: "PolicyOR",
+                    reason: e.to_string(),
+                })?;
+                digests.add(digest).map_err(|e| TpmError::Unexpected {
+                    op: "PolicyOR",
+                    reason: e.to_string(),
+                })?;
+            }
+            self.ctx
+                .execute_without_session(|c| c.policy_or(policy, digests))
+                .map_err(cmd("PolicyOR(EK policy B)", HINT_GENERIC))?;
+        }
+        Ok(())
+    }
+
+    /// Test helper: the TPM's own TPM2_MakeCredential for `secret` and an object `name`, wrapped
+    /// to the loaded EK. Returns (TPM2B_ID_OBJECT contents, TPM2B_ENCRYPTED_SECRET contents).
+    #[doc(hidden)]
+    pub fn make_credential_with_tpm(
+        &mut self,
+        secret: &[u8],
+        name: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let ek = self.load_ek()?.handle;
+        let credential = Digest::try_from(secret.to_vec()).map_err(|e| TpmError::BadInput {
+            what: "credential secret",
+            reason: format!("{} bytes: {e}", secret.len()),
+        })?;
+        let name = Name::try_from(name.to_vec()).map_err(|e| TpmError::BadInput {
+            what: "object name",
+            reason: format!("{} bytes: {e}", name.len()),
+        })?;
+        let (id, secret) = self
+            .ctx
+            .execute_without_session(|c| c.make_credential(ek, credential, name))
+            .map_err(cmd("MakeCredential", HINT_GENERIC))?;
+        Ok((id.value().to_vec(), secret.value().to_vec()))
+    }
+
+    /// Quotes PCRs sha256:0-7 with the AK over `qualifying_data` (at most 64 bytes, placed in
+    /// TPMS_ATTEST.extraData). Returns the raw signed bytes.
+    pub fn quote(&mut self, qualifying_data: &[u8]) -> Result<QuoteEvidence> {
+        let ak = self.loaded_ak("quote")?;
+        if qualifying_data.len() > MAX_QUALIFYING_DATA {
+            return Err(TpmError::BadInput {
+                what: "quote qualifying data",
+                reason: format!(
+                    "{} bytes, the TPM takes at most {MAX_QUALIFYING_DATA}: pass a hash",
+                    qualifying_data.len()
+                ),
+            });
+        }
+        let data = Data::try_from(qualifying_data.to_vec()).map_err(|e| TpmError::BadInput {
+            what: "quote qualifying data",
+            reason: e.to_string(),
+        })?;
+        let selection = PcrSelectionListBuilder::new()
+            .with_selection(
+                HashingAlgorithm::Sha256,
+                &[
+                    PcrSlot::Slot0,
+                    PcrSlot::Slot1,
+                    PcrSlot::Slot2,
+                    PcrSlot::Slot3,
+                    PcrSlot::Slot4,
+                    PcrSlot::Slot5,
+                    PcrSlot::Slot6,
+                    PcrSlot::Slot7,
+                ],
+            )
+            .build()
+            .map_err(|e| TpmError::Unexpected {
+                op: "build PCR selection",
+                reason: e.to_string(),
+            })?;
+        let (attest, signature) = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.quote(ak, data, SignatureScheme::Null, selection)
+            })
+            .map_err(cmd(
+                "Quote",
+                "is the sha256 PCR bank active, and is the TPM not in DA lockout?",
+            ))?;
+        let marshal = |r: tss_esapi::Result<Vec<u8>>| {
+            r.map_err(|e| TpmError::Unexpected {
+                op: "marshal quote",
+                reason: e.to_string(),
+            })
+        };
+        Ok(QuoteEvidence {
+            attest: marshal(attest.marshall())?,
+            signature: marshal(signature.marshall())?,
+        })
+    }
+
+    /// Reads the TPM clock (via TPM2_GetTime without a signing key: no signature is made).
+    pub fn clock_info(&mut self) -> Result<ClockInfo> {
+        let (attest, _) = self
+            .ctx
+            .execute_with_sessions(
+                (
+                    Some(AuthSession::Password),
+                    Some(AuthSession::Password),
+                    None,
+                ),
+                |c| c.get_time(KeyHandle::Null, Data::default(), SignatureScheme::Null),
+            )
+            .map_err(cmd("GetTime", HINT_EH))?;
+        let ci = attest.clock_info();
+        Ok(ClockInfo {
+            clock: ci.clock(),
+            reset_count: ci.reset_count(),
+            restart_count: ci.restart_count(),
+            safe: ci.safe(),
+        })
+    }
+}
+
+/// A public key as comparable bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum KeyMaterial {
+    /// Big-endian modulus without leading zeros, and the public exponent.
+    Rsa { modulus: Vec<u8>, exponent: u64 },
+    /// Uncompressed point 04 || X || Y.
+    Ec { point: Vec<u8> },
+}
+
+impl KeyMaterial {
+    fn same_key(&self, other: &KeyMaterial) -> bool {
+        self == other
+    }
+}
+
+fn strip_zeros(b: &[u8]) -> Vec<u8> {
+    let start = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    b[start..].to_vec()
+}
+
+/// Parses the EK certificate read from NV (which may carry padding after the DER).
+fn parse_ek_cert(nv: &[u8]) -> std::result::Result<(Vec<u8>, KeyMaterial), String> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(nv)
+        .map_err(|e| format!("not a DER X.509 certificate ({e})"))?;
+    let der_len = nv.len() - rest.len();
+    let key = match cert.public_key().parsed() {
+        Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => KeyMaterial::Rsa {
+            modulus: strip_zeros(rsa.modulus),
+            exponent: rsa
+                .try_exponent()
+                .map_err(|e| format!("bad RSA exponent ({e})"))?,
+        },
+        Ok(x509_parser::public_key::PublicKey::EC(point)) => KeyMaterial::Ec {
+            point: point.data().to_vec(),
+        },
+        Ok(_) => return Err("the certified key is neither RSA nor EC".into()),
+        Err(e) => return Err(format!("cannot parse the certified public key ({e})")),
+    };
+    Ok((nv[..der_len].to_vec(), key))
+}
+
+/// The key inside an EK public area, in the certificate's encoding.
+fn ek_public_key(public: &Public) -> Option<KeyMaterial> {
+    match public {
+        Public::Rsa {
+            parameters, unique, ..
+        } => {
+            let e = parameters.exponent().value();
+            Some(KeyMaterial::Rsa {
+                modulus: strip_zeros(unique.value()),
+                exponent: if e == 0 { 65537 } else { u64::from(e) },
+            })
+        }
+        Public::Ecc {
+            parameters, unique, ..
+        } => {
+            let size = match parameters.ecc_curve() {
+                EccCurve::NistP256 => 32,
+                EccCurve::NistP384 => 48,
+                _ => return None,
+            };
+            let (x, y) = (unique.x().value(), unique.y().value());
+            if x.len() > size || y.len() > size {
+                return None;
+            }
+            let mut point = vec![4u8];
+            for coord in [x, y] {
+                point.extend(std::iter::repeat(0u8).take(size - coord.len()));
+                point.extend_from_slice(coord);
+            }
+            Some(KeyMaterial::Ec { point })
+        }
+        _ => None,
+    }
+}
+
+/// Checks that a public area read from disk is the kind of AK hostbind creates.
+fn check_ak_public(public: &Public) -> std::result::Result<(), String> {
+    let Public::Ecc {
+        object_attributes,
+        name_hashing_algorithm,
+        parameters,
+        ..
+    } = public
+    else {
+        return Err("not an ECC key".into());
+    };
+    if parameters.ecc_curve() != EccCurve::NistP256 {
+        return Err(format!(
+            "curve {:?}, expected NIST P-256",
+            parameters.ecc_curve()
+        ));
+    }
+    match parameters.ecc_scheme() {
+        EccScheme::EcDsa(h) if h.hashing_algorithm() == HashingAlgorithm::Sha256 => {}
+        other => return Err(format!("scheme {other:?}, expected ECDSA-SHA256")),
+    }
+    if *name_hashing_algorithm != HashingAlgorithm::Sha256 {
+        return Err(format!(
+            "name algorithm {name_hashing_algorithm:?}, expected SHA-256"
+        ));
+    }
+    let a = object_attributes;
+    if !(a.restricted() && a.sign_encrypt() && !a.decrypt() && a.fixed_tpm() && a.fixed_parent()) {
+        return Err(
+            "attributes are not restricted+sign+fixedTPM+fixedParent without decrypt".into(),
+        );
+    }
+    Ok(())
+}
+
+fn read_ak_files(pub_path: &Path, priv_path: &Path) -> Result<(Public, Private)> {
+    let read = |p: &Path| {
+        fs::read(p).map_err(|source| TpmError::StateIo {
+            what: "cannot read AK blob",
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let pub_bytes = read(pub_path)?;
+    let priv_bytes = read(priv_path)?;
+    let public = Public::unmarshall(&pub_bytes).map_err(|e| TpmError::AkCorrupt {
+        path: pub_path.to_owned(),
+        reason: format!("not a marshalled TPMT_PUBLIC ({e})"),
+    })?;
+    let private = Private::try_from(priv_bytes).map_err(|e| TpmError::AkCorrupt {
+        path: priv_path.to_owned(),
+        reason: format!("not a TPM2B_PRIVATE payload ({e})"),
+    })?;
+    Ok((public, private))
+}
+
+/// Writes an AK blob atomically (temp file + fsync + rename), mode 0600.
+fn write_ak_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    hostbind_fsutil::write_atomic(path, bytes, 0o600)
+        .map_err(|source| TpmError::StateWrite { source })
+}
+
+fn create_state_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| TpmError::StateIo {
+            what: "cannot create state dir",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_tcti_is_reported() {
+        let err = Tpm::open("carrier-pigeon:host=1").unwrap_err();
+        assert!(matches!(err, TpmError::BadTcti { .. }), "{err}");
+        assert!(err.to_string().contains("device:/dev/tpmrm0"));
+    }
+
+    #[test]
+    fn missing_device_names_the_tss_group() {
+        let err = Tpm::open("device:/dev/hostbind-no-such-tpm").unwrap_err();
+        assert!(matches!(err, TpmError::Open { .. }), "{err}");
+        assert!(err.to_string().contains("tss group"), "{err}");
+    }
+
+    #[test]
+    fn ek_point_is_padded_to_curve_size() {
+        use tss_esapi::structures::{EccParameter, EccPoint};
+        let template = ek::create_ek_public_from_default_template_2(
+            AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            None,
+        )
+        .unwrap();
+        let Public::Ecc {
+            object_attributes,
+            name_hashing_algorithm,
+            auth_policy,
+            parameters,
+            ..
+        } = template
+        else {
+            panic!("not ECC");
+        };
+        let public = Public::Ecc {
+            object_attributes,
+            name_hashing_algorithm,
+            auth_policy,
+            parameters,
+            unique: EccPoint::new(
+                EccParameter::try_from(vec![7u8; 31]).unwrap(),
+                EccParameter::try_from(vec![9u8; 32]).unwrap(),
+            ),
+        };
+        let Some(KeyMaterial::Ec { point }) = ek_public_key(&public) else {
+            panic!("no point");
+        };
+        assert_eq!(point.len(), 65);
+        assert_eq!(point[0], 4);
+        assert_eq!(point[1], 0);
+        assert_eq!(&point[2..33], &[7u8; 31][..]);
+        assert_eq!(&point[33..], &[9u8; 32][..]);
+    }
+}
