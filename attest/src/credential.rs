@@ -444,12 +444,6 @@ fn ecdh_ephemeral(
     Ok(match curve_id {
         curve::NIST_P256 => ecdh!(p256),
         curve::NIST_P384 => ecdh!(p384),
-        other => {
-            return Err(TpmError::UnsupportedAlgorithm {
-                what: "EK curve",
-                alg: other,
-            }
-            .into())
-        }
+        other => return Err(TpmError::UnsupportedCurve { curve: other }.into()),
     })
 }

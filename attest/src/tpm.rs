@@ -180,6 +180,12 @@ pub enum TpmError {
         /// The TPM_ALG_ID or TPM_ECC_CURVE value.
         alg: u16,
     },
+    /// An ECC curve this module does not handle.
+    #[error("unsupported ECC curve 0x{curve:04x}: supported are NIST P-256 (0x0003) and NIST P-384 (0x0004)")]
+    UnsupportedCurve {
+        /// The TPM_ECC_CURVE value.
+        curve: u16,
+    },
     /// Bytes follow the end of the structure.
     #[error("{count} unexpected byte(s) after the end of the TPM structure: pass exactly one structure (TPMT_ vs TPM2B_ format mix-up?)")]
     TrailingBytes {
@@ -719,6 +725,12 @@ pub fn parse_public(tpmt_public: &[u8]) -> Result<PublicArea, TpmError> {
     }
     let mut r = Reader::new(tpmt_public);
     let obj_alg = r.u16("TPMT_PUBLIC.type")?;
+    if obj_alg != alg::RSA && obj_alg != alg::ECC {
+        return Err(TpmError::UnsupportedAlgorithm {
+            what: "object type (only RSA and ECC keys)",
+            alg: obj_alg,
+        });
+    }
     let name_alg = r.u16("TPMT_PUBLIC.nameAlg")?;
     if digest_size(name_alg).is_none() {
         return Err(TpmError::UnsupportedAlgorithm {
@@ -809,10 +821,7 @@ pub(crate) fn curve_field_size(curve_id: u16) -> Result<usize, TpmError> {
     match curve_id {
         curve::NIST_P256 => Ok(32),
         curve::NIST_P384 => Ok(48),
-        other => Err(TpmError::UnsupportedAlgorithm {
-            what: "ECC curve",
-            alg: other,
-        }),
+        other => Err(TpmError::UnsupportedCurve { curve: other }),
     }
 }
 
@@ -903,9 +912,9 @@ pub fn verify_quote(ak: &PublicArea, attest: &[u8], signature: &[u8]) -> Result<
                 .unwrap_or(modulus.len());
             let n = modulus.get(first_nonzero..).unwrap_or_default();
             if n.len() < 256 {
-                return Err(TpmError::UnsupportedAlgorithm {
-                    what: "RSA key size below 2048 bits",
-                    alg: alg::RSA,
+                return Err(TpmError::Invalid {
+                    what: "RSA attestation key",
+                    reason: "its modulus is shorter than 2048 bits; only 2048-8192-bit RSA keys are accepted",
                 });
             }
             let e_bytes = exponent.to_be_bytes();

@@ -828,21 +828,15 @@ mod codec {
         }
     }
 
+    /// Only `Message<B>` (not `&Message<B>`) is encodable, so `Framed`'s `flush`/`close` need no
+    /// type annotations.
     impl<B: Serialize> Encoder<Message<B>> for FrameCodec<B> {
         type Error = WireError;
 
         fn encode(&mut self, msg: Message<B>, dst: &mut BytesMut) -> Result<(), WireError> {
-            <Self as Encoder<&Message<B>>>::encode(self, &msg, dst)
-        }
-    }
-
-    impl<B: Serialize> Encoder<&Message<B>> for FrameCodec<B> {
-        type Error = WireError;
-
-        fn encode(&mut self, msg: &Message<B>, dst: &mut BytesMut) -> Result<(), WireError> {
             let start = dst.len();
             dst.put_u32(0);
-            if let Err(e) = ciborium::into_writer(msg, (&mut *dst).writer()) {
+            if let Err(e) = ciborium::into_writer(&msg, (&mut *dst).writer()) {
                 dst.truncate(start);
                 return Err(WireError::Encode(e.to_string()));
             }

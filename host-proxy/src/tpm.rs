@@ -17,10 +17,10 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
-use tss_esapi::attributes::SessionAttributesBuilder;
+use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection, KeyCustomization};
+use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
 use tss_esapi::constants::{tss as tss_constants, CapabilityType, SessionType};
-use tss_esapi::handles::{AuthHandle, KeyHandle, ObjectHandle, SessionHandle, TpmHandle};
+use tss_esapi::handles::{AuthHandle, KeyHandle, SessionHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
@@ -221,6 +221,42 @@ fn cmd(op: &'static str, hint: &'static str) -> impl FnOnce(tss_esapi::Error) ->
     move |source| TpmError::Command { op, hint, source }
 }
 
+/// AK template tweak: `noDA`. The AK has an empty password, so dictionary-attack protection
+/// guards nothing, while it would lock quotes out after a few unorderly shutdowns (power loss,
+/// killed swtpm: swtpm allows 3 before a 1000 s lockout).
+struct NoDaAk;
+
+impl KeyCustomization for NoDaAk {
+    fn attributes(&self, builder: ObjectAttributesBuilder) -> ObjectAttributesBuilder {
+        builder.with_no_da(true)
+    }
+}
+
+/// Whether the TPM refused a command because of the data it was given (a blob made for another
+/// key or TPM, or a damaged one), rather than because of authorization or resources.
+fn rejects_blob(e: &tss_esapi::Error) -> bool {
+    use tss_esapi::constants::response_code::Tss2ResponseCodeKind as K;
+    let tss_esapi::Error::Tss2Error(rc) = e else {
+        return false;
+    };
+    matches!(
+        rc.kind(),
+        Some(
+            K::Integrity
+                | K::Binding
+                | K::Size
+                | K::Value
+                | K::Key
+                | K::KeySize
+                | K::Insufficient
+                | K::Sensitive
+                | K::Type
+                | K::Attributes
+                | K::EccPoint
+        )
+    )
+}
+
 /// Which EK the host uses (the first of these with a maker certificate in NV).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EkKind {
@@ -264,7 +300,7 @@ pub struct Endorsement {
     pub public: Vec<u8>,
 }
 
-/// The attestation key (ECC P-256, restricted signing, ECDSA-SHA256, under the EK).
+/// The attestation key (ECC P-256, restricted signing, ECDSA-SHA256, noDA, under the EK).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AkInfo {
     /// The AK public area: marshalled TPMT_PUBLIC.
@@ -506,7 +542,7 @@ impl Tpm {
                     AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
                     SignatureSchemeAlgorithm::EcDsa,
                     None,
-                    None,
+                    NoDaAk,
                 )
                 .map_err(cmd("Create(AK)", HINT_EH))?;
                 let pub_bytes =
@@ -613,7 +649,13 @@ impl Tpm {
             });
         // Flush the policy session whatever happened (on success it would stay loaded).
         let _ = self.ctx.flush_context(SessionHandle::from(policy).into());
-        let digest = result.map_err(|source| TpmError::Activate { source })?;
+        let digest = result.map_err(|source| {
+            if rejects_blob(&source) {
+                TpmError::Activate { source }
+            } else {
+                cmd("ActivateCredential", HINT_EH)(source)
+            }
+        })?;
         Ok(digest.value().to_vec())
     }
 
@@ -769,8 +811,15 @@ impl Tpm {
         })
     }
 
-    /// Reads the TPM clock (via TPM2_GetTime without a signing key: no signature is made).
+    /// Reads the TPM clock with TPM2_GetTime signed by the AK (needs [`Tpm::load_or_create_ak`]
+    /// first).
+    ///
+    /// The AK signature is what makes the counts real: the TPM obfuscates resetCount and
+    /// restartCount in attestations not signed by an endorsement- or platform-hierarchy key
+    /// (GetTime without a key included), while `clock` is never obfuscated. The signature itself
+    /// is discarded.
     pub fn clock_info(&mut self) -> Result<ClockInfo> {
+        let ak = self.loaded_ak("clock_info")?;
         let (attest, _) = self
             .ctx
             .execute_with_sessions(
@@ -779,7 +828,7 @@ impl Tpm {
                     Some(AuthSession::Password),
                     None,
                 ),
-                |c| c.get_time(KeyHandle::Null, Data::default(), SignatureScheme::Null),
+                |c| c.get_time(ak, Data::default(), SignatureScheme::Null),
             )
             .map_err(cmd("GetTime", HINT_EH))?;
         let ci = attest.clock_info();
@@ -859,7 +908,7 @@ fn ek_public_key(public: &Public) -> Option<KeyMaterial> {
             }
             let mut point = vec![4u8];
             for coord in [x, y] {
-                point.extend(std::iter::repeat(0u8).take(size - coord.len()));
+                point.resize(point.len() + size - coord.len(), 0);
                 point.extend_from_slice(coord);
             }
             Some(KeyMaterial::Ec { point })

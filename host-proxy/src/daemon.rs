@@ -1,0 +1,109 @@
+//! `hostbind-proxy run`: wires the TPM thread, ledger, service, listeners and periodic tasks
+//! together and runs until SIGTERM/SIGINT.
+
+use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::server::{accept_unix, bind_unix, hybrid_path};
+use crate::service::{Service, Vm};
+use crate::tpm_service::TpmService;
+use crate::{admin, enroll};
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// File name of the ledger in the state dir.
+pub const LEDGER_FILE: &str = "ledger.redb";
+
+fn ensure_parent(p: &Path) -> Result<()> {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create directory {}", d.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the daemon until a termination signal.
+pub async fn run(cfg: Config) -> Result<()> {
+    let identity = enroll::load_identity(&cfg.state_dir)?;
+    let ledger = Ledger::open(&cfg.state_dir.join(LEDGER_FILE))?;
+    let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone())?;
+    let svc = Service::start(cfg.clone(), identity, ledger, tpm).await?;
+    let mut sockets: Vec<PathBuf> = Vec::new();
+    let mut tasks = Vec::new();
+
+    ensure_parent(&cfg.admin_socket)?;
+    let l = admin::bind(&cfg.admin_socket)?;
+    sockets.push(cfg.admin_socket.clone());
+    tasks.push(tokio::spawn(admin::serve(svc.clone(), l)));
+
+    for vmc in &cfg.vms {
+        let vm = Arc::new(Vm {
+            name: vmc.name.clone(),
+            uuid: vmc.uuid.0.clone(),
+        });
+        if let Some(p) = &vmc.unix_socket {
+            ensure_parent(p)?;
+            let l = bind_unix(p, 0o660)?;
+            tracing::info!(vm = %vm.name, "listening on {}", p.display());
+            sockets.push(p.clone());
+            tasks.push(tokio::spawn(accept_unix(svc.clone(), l, vm.clone(), "unix")));
+        }
+        if let Some(uds) = &vmc.vhost_uds {
+            let p = hybrid_path(uds, cfg.listen.vsock_port);
+            ensure_parent(&p)?;
+            let l = bind_unix(&p, 0o660)?;
+            tracing::info!(vm = %vm.name, "listening on hybrid vsock {}", p.display());
+            sockets.push(p);
+            tasks.push(tokio::spawn(accept_unix(svc.clone(), l, vm.clone(), "hybrid vsock")));
+        }
+    }
+    if cfg.listen.af_vsock {
+        let (svc2, port) = (svc.clone(), cfg.listen.vsock_port);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::vsock::serve(svc2, port).await {
+                tracing::error!("AF_VSOCK listener on port {port} failed: {e}");
+            }
+        }));
+    }
+
+    let svc2 = svc.clone();
+    let epoch = cfg.leases.key_epoch.0;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(epoch).await;
+            while let Err(e) = svc2.rotate_key().await {
+                tracing::error!("token key rotation failed, retrying in 5s: {e}");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }));
+    let svc2 = svc.clone();
+    let sweep = cfg.leases.sweep_interval.0;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(sweep).await;
+            let s = svc2.clone();
+            match tokio::task::spawn_blocking(move || s.sweep()).await {
+                Ok(Err(e)) => tracing::error!("lease sweep failed: {e}"),
+                Err(e) => tracing::error!("lease sweep task failed: {e}"),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }));
+
+    tracing::info!(host_id = %svc.identity().cert.host_id_hex(), vms = cfg.vms.len(), "hostbind-proxy ready");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    for t in tasks {
+        t.abort();
+    }
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    Ok(())
+}

@@ -1,0 +1,494 @@
+//! The proxy's core, independent of transports: licenses, seats (through the ledger), token
+//! keys certified by the TPM once per epoch, token issue, renew, release, expiry and events.
+
+use crate::config::Config;
+use crate::enroll::HostIdentity;
+use crate::ledger::{AcquireRequest, Lease, LeaseScope, Ledger, LedgerError, LicenseRecord};
+use crate::tpm_service::{TpmService, TpmServiceError};
+use hostbind_attest::keys::{KeyError, TokenKey};
+use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, Window};
+use hostbind_attest::token::{key_binding, KeyEvidence, TokenClaims, TokenError, TokenSigner};
+use hostbind_attest::tpm as tpmparse;
+use hostbind_attest::wire::{
+    Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope, TokenRequest, TokenResponse,
+};
+use serde_bytes::ByteBuf;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// Current Unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+/// A VM as identified by the transport its connection arrived on (never by what the guest says).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    /// Name from the host's configuration.
+    pub name: String,
+    /// UUID from the host's configuration.
+    pub uuid: String,
+}
+
+/// Errors starting the service or handling admin requests.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// TPM trouble.
+    #[error(transparent)]
+    Tpm(#[from] TpmServiceError),
+    /// Ledger trouble.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// A license file is bad or not for this host.
+    #[error("license rejected: {0}")]
+    License(String),
+    /// Token key creation failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// Token issue failed.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The TPM's AK is not the enrolled one.
+    #[error("the TPM's attestation key does not match the installed host certificate ({0}); the state dir or host certificate belongs to another TPM: enroll this host again")]
+    AkMismatch(String),
+}
+
+impl From<SignedError> for ServiceError {
+    fn from(e: SignedError) -> Self {
+        ServiceError::License(e.to_string())
+    }
+}
+
+struct ActiveLicense {
+    license: License,
+}
+
+struct Conn {
+    vm_uuid: String,
+    tx: mpsc::Sender<Message<Body>>,
+}
+
+/// Counters shown by `status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Tokens issued.
+    pub tokens_issued: AtomicU64,
+    /// Requests refused.
+    pub refused: AtomicU64,
+    /// Leases that lapsed.
+    pub expired: AtomicU64,
+}
+
+/// The proxy's state and logic, shared by all connections.
+pub struct Service {
+    cfg: Config,
+    identity: HostIdentity,
+    ledger: Ledger,
+    tpm: TpmService,
+    signer: RwLock<Arc<TokenSigner>>,
+    licenses: RwLock<HashMap<String, ActiveLicense>>,
+    conns: Mutex<HashMap<u64, Conn>>,
+    next_conn: AtomicU64,
+    started_at: u64,
+    /// Counters.
+    pub counters: Counters,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        code,
+        message: message.into(),
+    }
+}
+
+impl Service {
+    /// Starts the service: checks the TPM's AK against the host certificate with a first quote,
+    /// loads licenses from the ledger and the licenses dir.
+    pub async fn start(
+        cfg: Config,
+        identity: HostIdentity,
+        ledger: Ledger,
+        tpm: TpmService,
+    ) -> Result<Arc<Service>, ServiceError> {
+        let signer = Self::make_signer(&cfg, &identity, &tpm).await?;
+        let svc = Arc::new(Service {
+            cfg,
+            identity,
+            ledger,
+            tpm,
+            signer: RwLock::new(Arc::new(signer)),
+            licenses: RwLock::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            started_at: unix_now(),
+            counters: Counters::default(),
+        });
+        for rec in svc.ledger.licenses()? {
+            match svc.check_license(&rec.bytes) {
+                Ok(l) => svc.activate(l),
+                Err(e) => tracing::warn!(license = %rec.id, "stored license not usable: {e}"),
+            }
+        }
+        svc.load_licenses_dir();
+        Ok(svc)
+    }
+
+    fn load_licenses_dir(&self) {
+        let dir = &self.cfg.licenses_dir;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            tracing::debug!("no licenses dir {}", dir.display());
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("license") {
+                continue;
+            }
+            match std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| self.add_license(&b).map_err(|e| e.to_string())) {
+                Ok(l) => tracing::info!(license = %l.id, product = %l.product, "loaded license from {}", p.display()),
+                Err(e) => tracing::warn!("skipping {}: {e}", p.display()),
+            }
+        }
+    }
+
+    async fn make_signer(cfg: &Config, identity: &HostIdentity, tpm: &TpmService) -> Result<TokenSigner, ServiceError> {
+        let key = TokenKey::generate()?;
+        let nb = unix_now();
+        let na = nb + 2 * cfg.leases.key_epoch.0.as_secs();
+        let public_key = key.public_sec1();
+        let q = tpm.quote(key_binding(&public_key, nb, na).to_vec()).await?;
+        // Check our own evidence: catches a state dir or certificate from another TPM early.
+        let ak = tpmparse::parse_public(&identity.cert.ak_public).map_err(|e| ServiceError::AkMismatch(e.to_string()))?;
+        tpmparse::verify_quote(&ak, &q.attest, &q.signature).map_err(|e| ServiceError::AkMismatch(e.to_string()))?;
+        let ev = KeyEvidence {
+            public_key: ByteBuf::from(public_key),
+            not_before: nb,
+            not_after: na,
+            attest: ByteBuf::from(q.attest),
+            signature: ByteBuf::from(q.signature),
+        };
+        Ok(TokenSigner::new(key, ev, identity.cert_bytes.clone())?)
+    }
+
+    /// Replaces the token key with a fresh one certified by a new quote.
+    pub async fn rotate_key(&self) -> Result<(), ServiceError> {
+        let s = Self::make_signer(&self.cfg, &self.identity, &self.tpm).await?;
+        tracing::info!(not_after = %fmt_time(s.evidence().not_after), "token key rotated");
+        if let Ok(mut g) = self.signer.write() {
+            *g = Arc::new(s);
+        }
+        Ok(())
+    }
+
+    fn current_signer(&self) -> Option<Arc<TokenSigner>> {
+        self.signer.read().ok().map(|g| g.clone())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The host identity.
+    pub fn identity(&self) -> &HostIdentity {
+        &self.identity
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Unix time the service started.
+    pub fn started_at(&self) -> u64 {
+        self.started_at
+    }
+
+    /// TPM handle (for status).
+    pub fn tpm(&self) -> &TpmService {
+        &self.tpm
+    }
+
+    /// The token key's validity end.
+    pub fn key_not_after(&self) -> u64 {
+        self.current_signer().map(|s| s.evidence().not_after).unwrap_or(0)
+    }
+
+    fn check_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
+        let l: License = open(ObjectKind::License, bytes, &self.identity.vendor)?;
+        if !l.covers_host(&self.identity.cert.host_id) {
+            return Err(ServiceError::License(format!(
+                "license {} for '{}' is for host(s) {} but this host is {}; ask the vendor for a license naming this host",
+                l.id,
+                l.product,
+                l.hosts.iter().map(hex::encode).collect::<Vec<_>>().join(", "),
+                self.identity.cert.host_id_hex()
+            )));
+        }
+        if l.validity.check(unix_now()) == Window::Expired {
+            return Err(ServiceError::License(format!(
+                "license {} for '{}' expired at {}",
+                l.id,
+                l.product,
+                fmt_time(l.validity.not_after)
+            )));
+        }
+        Ok(l)
+    }
+
+    fn activate(&self, l: License) {
+        if let Ok(mut m) = self.licenses.write() {
+            m.insert(l.product.clone(), ActiveLicense { license: l });
+        }
+    }
+
+    /// Verifies and adds a license (replacing the previous license of its product).
+    pub fn add_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
+        let l = self.check_license(bytes)?;
+        let replaced = self.ledger.put_license(&l.id, &l.product, bytes, unix_now())?;
+        if let Some(old) = replaced.filter(|o| *o != l.id) {
+            tracing::info!(old = %old, new = %l.id, product = %l.product, "license replaced");
+        }
+        self.activate(l.clone());
+        Ok(l)
+    }
+
+    /// Removes a license; its leases end and their VMs are told.
+    pub fn remove_license(&self, id: &str) -> Result<Vec<Lease>, ServiceError> {
+        let released = self.ledger.remove_license(id, unix_now())?;
+        if let Ok(mut m) = self.licenses.write() {
+            m.retain(|_, a| a.license.id != id);
+        }
+        for l in &released {
+            self.push(&l.vm_uuid, EventKind::LicenseRemoved, Some(l), format!("license {id} was removed from this host; lease {} ended", l.id));
+        }
+        Ok(released)
+    }
+
+    /// Stored licenses.
+    pub fn licenses(&self) -> Result<Vec<(LicenseRecord, Option<License>)>, ServiceError> {
+        Ok(self
+            .ledger
+            .licenses()?
+            .into_iter()
+            .map(|r| {
+                let l = open(ObjectKind::License, &r.bytes, &self.identity.vendor).ok();
+                (r, l)
+            })
+            .collect())
+    }
+
+    fn license_for(&self, product: &str) -> Result<License, ErrorBody> {
+        let l = self
+            .licenses
+            .read()
+            .ok()
+            .and_then(|m| m.get(product).map(|a| a.license.clone()))
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::NoLicense,
+                    format!(
+                        "no license for product '{product}' on this host (host id {}); the host admin must add one with `hostbind-proxy license add`",
+                        self.identity.cert.host_id_hex()
+                    ),
+                )
+            })?;
+        let now = unix_now();
+        match l.validity.check(now) {
+            Window::Valid => Ok(l),
+            Window::NotYetValid => Err(err(
+                ErrorCode::LicenseNotValid,
+                format!("license {} for '{product}' is not valid before {}", l.id, fmt_time(l.validity.not_before)),
+            )),
+            Window::Expired => Err(err(
+                ErrorCode::LicenseNotValid,
+                format!("license {} for '{product}' expired at {}", l.id, fmt_time(l.validity.not_after)),
+            )),
+        }
+    }
+
+    fn issue(&self, vm: &Vm, lease: &Lease, nonce: Option<&ByteBuf>, chain_head: Option<Vec<u8>>) -> Result<TokenResponse, ErrorBody> {
+        let signer = self
+            .current_signer()
+            .ok_or_else(|| err(ErrorCode::Internal, "token key unavailable; see the proxy log"))?;
+        let now = unix_now();
+        let exp = lease.expires_at.min(signer.evidence().not_after);
+        let claims = TokenClaims {
+            host_id: self.identity.cert.host_id.to_vec(),
+            vm_uuid: vm.uuid.clone(),
+            vm_name: vm.name.clone(),
+            product: lease.product.clone(),
+            features: lease.features.clone(),
+            scope: match lease.scope {
+                LeaseScope::Vm => "vm".into(),
+                LeaseScope::Process => "process".into(),
+            },
+            license_id: lease.license_id.clone(),
+            lease_id: lease.id.clone(),
+            issued_at: now,
+            expires_at: exp,
+            nonce: nonce.map(|n| n.to_vec()),
+            chain_head,
+            quote_ref: signer.quote_ref().to_vec(),
+        };
+        let token = signer.issue(&claims).map_err(|e| {
+            tracing::error!("token signing failed: {e}");
+            err(ErrorCode::Internal, format!("token signing failed: {e}"))
+        })?;
+        self.counters.tokens_issued.fetch_add(1, Ordering::Relaxed);
+        Ok(TokenResponse {
+            lease_id: lease.id.clone(),
+            token: ByteBuf::from(token),
+            token_expires_at: exp,
+            lease_expires_at: lease.expires_at,
+        })
+    }
+
+    fn refused(&self, e: ErrorBody) -> ErrorBody {
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        e
+    }
+
+    fn ledger_err(e: LedgerError) -> ErrorBody {
+        match e {
+            LedgerError::SeatsExhausted { .. } => err(ErrorCode::SeatsExhausted, e.to_string()),
+            LedgerError::UnknownLease { .. } => err(ErrorCode::UnknownLease, e.to_string()),
+            other => {
+                tracing::error!("ledger: {other}");
+                err(ErrorCode::Internal, format!("the host's seat ledger failed: {other}"))
+            }
+        }
+    }
+
+    /// Handles a token request from `vm`: license, seat, lease, token.
+    pub fn token(&self, vm: &Vm, req: &TokenRequest) -> Result<TokenResponse, ErrorBody> {
+        let lic = self.license_for(&req.product).map_err(|e| self.refused(e))?;
+        if let Some(f) = req.features.iter().find(|f| !lic.features.contains(f)) {
+            return Err(self.refused(err(
+                ErrorCode::LicenseNotValid,
+                format!("feature '{f}' of '{}' is not in license {} (licensed: {})", req.product, lic.id, lic.features.join(", ")),
+            )));
+        }
+        let (scope, pid) = match req.scope {
+            Scope::Vm => (LeaseScope::Vm, None),
+            Scope::Process => match req.pid {
+                Some(p) => (LeaseScope::Process, Some(p)),
+                None => return Err(err(ErrorCode::Malformed, "a process-scoped token request needs the pid")),
+            },
+        };
+        let now = unix_now();
+        let lease = self
+            .ledger
+            .acquire(&AcquireRequest {
+                vm_uuid: &vm.uuid,
+                vm_name: &vm.name,
+                product: &req.product,
+                license_id: &lic.id,
+                features: &req.features,
+                scope,
+                pid,
+                ttl_secs: self.cfg.leases.ttl.0.as_secs(),
+                now,
+                seats: lic.seats,
+                mode: lic.count_mode,
+            })
+            .map_err(|e| self.refused(Self::ledger_err(e)))?;
+        tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
+        self.issue(vm, &lease, req.nonce.as_ref(), req.chain.last().map(|c| c.to_vec()))
+    }
+
+    fn own_lease(&self, vm: &Vm, id: &str) -> Result<Lease, ErrorBody> {
+        match self.ledger.lease(id) {
+            Ok(Some(l)) if l.vm_uuid == vm.uuid => Ok(l),
+            Ok(_) => Err(err(
+                ErrorCode::UnknownLease,
+                format!("lease {id} is not held by this VM on this host (expired, released or never granted); request a new token"),
+            )),
+            Err(e) => Err(Self::ledger_err(e)),
+        }
+    }
+
+    /// Renews a lease of `vm` and issues a fresh token for it.
+    pub fn renew(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
+        let lease = self.own_lease(vm, &r.lease_id)?;
+        if let Err(e) = self.license_for(&lease.product) {
+            let _ = self.ledger.release(&lease.id, "license no longer usable", unix_now());
+            return Err(self.refused(e));
+        }
+        let lease = self
+            .ledger
+            .renew(&r.lease_id, self.cfg.leases.ttl.0.as_secs(), unix_now())
+            .map_err(Self::ledger_err)?;
+        self.issue(vm, &lease, r.nonce.as_ref(), r.chain.last().map(|c| c.to_vec()))
+    }
+
+    /// Releases a lease of `vm`.
+    pub fn release(&self, vm: &Vm, lease_id: &str) -> Result<(), ErrorBody> {
+        self.own_lease(vm, lease_id)?;
+        self.ledger
+            .release(lease_id, "released by the guest", unix_now())
+            .map_err(Self::ledger_err)?;
+        tracing::info!(vm = %vm.name, lease = %lease_id, "lease released by guest");
+        Ok(())
+    }
+
+    /// Admin: releases any lease and tells its VM.
+    pub fn admin_release(&self, lease_id: &str) -> Result<Lease, ServiceError> {
+        let l = self.ledger.release(lease_id, "released by the host admin", unix_now())?;
+        self.push(&l.vm_uuid, EventKind::LeaseRevoked, Some(&l), format!("lease {} for '{}' was revoked by the host admin", l.id, l.product));
+        Ok(l)
+    }
+
+    /// Ends lapsed leases and tells their VMs.
+    pub fn sweep(&self) -> Result<usize, ServiceError> {
+        let expired = self.ledger.expire(unix_now())?;
+        for l in &expired {
+            self.counters.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(vm = %l.vm_name, lease = %l.id, product = %l.product, "lease expired");
+            self.push(&l.vm_uuid, EventKind::LeaseExpired, Some(l), format!("lease {} for '{}' expired (not renewed in time)", l.id, l.product));
+        }
+        Ok(expired.len())
+    }
+
+    /// Registers a connection of `vm` for pushed events; returns its id.
+    pub fn register(&self, vm: &Vm, tx: mpsc::Sender<Message<Body>>) -> u64 {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.conns.lock() {
+            c.insert(id, Conn { vm_uuid: vm.uuid.clone(), tx });
+        }
+        id
+    }
+
+    /// Forgets a connection.
+    pub fn unregister(&self, id: u64) {
+        if let Ok(mut c) = self.conns.lock() {
+            c.remove(&id);
+        }
+    }
+
+    /// Number of connected agents.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    fn push(&self, vm_uuid: &str, kind: EventKind, lease: Option<&Lease>, message: String) {
+        let Ok(c) = self.conns.lock() else { return };
+        for conn in c.values().filter(|c| c.vm_uuid == vm_uuid) {
+            let ev = Event {
+                kind: kind.clone(),
+                lease_id: lease.map(|l| l.id.clone()),
+                product: lease.map(|l| l.product.clone()),
+                message: message.clone(),
+            };
+            if conn.tx.try_send(Message::new(0, Body::Event(ev))).is_err() {
+                tracing::warn!(vm = %vm_uuid, "event dropped: the agent's connection is congested or closing");
+            }
+        }
+    }
+}

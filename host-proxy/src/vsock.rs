@@ -1,0 +1,81 @@
+//! The AF_VSOCK listener for production KVM hosts (vhost-vsock): the peer's CID identifies the VM.
+//! Enabled only by `listen.af_vsock = true`; tests never enable it (build machines are VMs whose
+//! vsock belongs to the infrastructure), and it is exercised inside QEMU guests' hosts only.
+
+use crate::config::Config;
+use crate::server::serve_connection;
+use crate::service::{Service, Vm};
+use futures::SinkExt;
+use hostbind_attest::wire::{Body, ErrorBody, ErrorCode, FrameCodec, Message};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::codec::FramedWrite;
+use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+
+/// The VM a connection from guest `cid` belongs to, or the refusal to send.
+pub fn vm_for_cid(cfg: &Config, cid: u32) -> Result<Vm, ErrorBody> {
+    cfg.vm_by_cid(cid)
+        .map(|v| Vm {
+            name: v.name.clone(),
+            uuid: v.uuid.0.clone(),
+        })
+        .ok_or_else(|| ErrorBody {
+            code: ErrorCode::UnknownVm,
+            message: format!(
+                "vsock CID {cid} belongs to no VM known to this host proxy; the host admin must add it to the proxy configuration"
+            ),
+        })
+}
+
+/// Binds AF_VSOCK on `port` for any CID and serves agents until the task is dropped.
+pub async fn serve(svc: Arc<Service>, port: u32) -> std::io::Result<()> {
+    let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))?;
+    tracing::info!(port, "listening on AF_VSOCK");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("vsock accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match vm_for_cid(svc.config(), peer.cid()) {
+            Ok(vm) => {
+                tokio::spawn(serve_connection(svc.clone(), stream, Arc::new(vm)));
+            }
+            Err(e) => {
+                tracing::warn!(cid = peer.cid(), "refused vsock connection: {}", e.message);
+                tokio::spawn(async move {
+                    let mut w = FramedWrite::new(stream, FrameCodec::<Body>::new());
+                    let _ = w.send(Message::new(0, Body::Error(e))).await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cid_maps_to_configured_vm_or_is_refused() {
+        let cfg = Config::parse(
+            r#"
+[listen]
+af_vsock = true
+[[vm]]
+name = "db"
+uuid = "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01"
+cid = 7
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(vm_for_cid(&cfg, 7).unwrap().name, "db");
+        let e = vm_for_cid(&cfg, 8).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownVm);
+        assert!(e.message.contains("CID 8"));
+    }
+}
