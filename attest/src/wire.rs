@@ -131,7 +131,8 @@ impl WireError {
 
     /// Sets the request id of a `Malformed` or `UnsupportedVersion` error that has none.
     fn with_id(mut self, new_id: u64) -> Self {
-        if let WireError::Malformed { id, .. } | WireError::UnsupportedVersion { id, .. } = &mut self
+        if let WireError::Malformed { id, .. } | WireError::UnsupportedVersion { id, .. } =
+            &mut self
         {
             id.get_or_insert(new_id);
         }
@@ -288,14 +289,31 @@ fn cbor_reason(e: ciborium::de::Error<std::io::Error>) -> String {
 }
 
 /// Decodes one frame body (without its length prefix) into a message.
+///
+/// Fast path: deserialize straight into `Message<B>`. Whenever that fails, or the version is not
+/// ours, or bytes trail, the slow path re-reads the body as a generic CBOR value to find the
+/// version and id and to say exactly what is wrong.
 fn decode_body<B: DeserializeOwned + Validate>(body: &[u8]) -> Result<Message<B>, WireError> {
+    let mut rest = body;
+    if let Ok(msg) =
+        ciborium::de::from_reader_with_recursion_limit::<Message<B>, _>(&mut rest, MAX_NESTING)
+    {
+        if msg.v == PROTOCOL_VERSION && rest.is_empty() {
+            msg.body.validate().map_err(|e| e.with_id(msg.id))?;
+            return Ok(msg);
+        }
+    }
+    decode_body_slow(body)
+}
+
+/// Decodes one frame body via a generic CBOR value, for precise errors that carry the id.
+fn decode_body_slow<B: DeserializeOwned + Validate>(body: &[u8]) -> Result<Message<B>, WireError> {
     if body.is_empty() {
         return Err(WireError::malformed("zero-length frame"));
     }
     let mut rest = body;
-    let value: Value =
-        ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_NESTING)
-            .map_err(|e| WireError::malformed(cbor_reason(e)))?;
+    let value: Value = ciborium::de::from_reader_with_recursion_limit(&mut rest, MAX_NESTING)
+        .map_err(|e| WireError::malformed(cbor_reason(e)))?;
     let Value::Map(entries) = value else {
         return Err(WireError::malformed("the message is not a CBOR map"));
     };

@@ -207,6 +207,16 @@ fn make_credential_checks_its_inputs() {
     }
     let e = make_credential(&bad, &name, b"s").unwrap_err();
     assert!(e.to_string().contains("not on its curve"), "{e}");
+    let mut p521 = parse_public(&fixture("ek_ecc256.tpmt")).unwrap();
+    if let hostbind_attest::tpm::PublicKey::Ecc { curve, .. } = &mut p521.key {
+        *curve = 0x0005;
+    }
+    assert_eq!(
+        make_credential(&p521, &name, b"s"),
+        Err(CredentialError::Tpm(TpmError::UnsupportedCurve {
+            curve: 5
+        }))
+    );
 }
 
 #[test]

@@ -18,12 +18,33 @@ fn public(name: &str) -> PublicArea {
     parse_public(&fixture(name)).unwrap()
 }
 
-/// The four AK kinds the fixtures hold: (file stem, signature scheme, hash).
+/// The four AK kinds made with tpm2_createak: (file stem, signature scheme, hash).
 const AKS: [(&str, u16, u16); 4] = [
     ("ecc256", alg::ECDSA, alg::SHA256),
     ("ecc384", alg::ECDSA, alg::SHA384),
     ("rsa", alg::RSASSA, alg::SHA256),
     ("rsapss", alg::RSAPSS, alg::SHA256),
+];
+
+/// Every real quote: (AK file, quote stem, scheme, hash). The last two are restricted ECDSA
+/// keys made with tpm2_create whose hash does not match the curve (ring's DER verifiers).
+const QUOTES: [(&str, &str, u16, u16); 6] = [
+    ("ak_ecc256.tpmt", "ecc256", alg::ECDSA, alg::SHA256),
+    ("ak_ecc384.tpmt", "ecc384", alg::ECDSA, alg::SHA384),
+    ("ak_rsa.tpmt", "rsa", alg::RSASSA, alg::SHA256),
+    ("ak_rsapss.tpmt", "rsapss", alg::RSAPSS, alg::SHA256),
+    (
+        "ak_p256_ecdsa_sha384.tpmt",
+        "p256sha384",
+        alg::ECDSA,
+        alg::SHA384,
+    ),
+    (
+        "ak_p384_ecdsa_sha256.tpmt",
+        "p384sha256",
+        alg::ECDSA,
+        alg::SHA256,
+    ),
 ];
 
 fn nonce(stem: &str) -> Vec<u8> {
@@ -131,8 +152,8 @@ fn tpm2b_and_tpmt_forms() {
 
 #[test]
 fn quotes_verify_and_return_the_nonce() {
-    for (stem, scheme, hash) in AKS {
-        let ak = public(&format!("ak_{stem}.tpmt"));
+    for (ak_file, stem, scheme, hash) in QUOTES {
+        let ak = public(ak_file);
         let attest = fixture(&format!("quote_{stem}.attest"));
         let sig = fixture(&format!("quote_{stem}.sig"));
         let parsed = parse_signature(&sig).unwrap();
@@ -144,7 +165,6 @@ fn quotes_verify_and_return_the_nonce() {
         let quote = verify_quote(&ak, &attest, &sig).unwrap_or_else(|e| panic!("{stem}: {e}"));
         assert_eq!(quote.extra_data, nonce(stem), "{stem}");
         assert_eq!(quote, parse_quote(&attest).unwrap());
-        // tpm2-tools quotes with the AK's EK-parent qualified name.
         assert_eq!(quote.qualified_signer.len(), 34);
         assert_eq!(quote.pcr_selection.len(), 1);
         assert_eq!(quote.pcr_selection[0].hash_alg, alg::SHA256);
@@ -189,8 +209,8 @@ fn ecdsa_signature_layout() {
 
 #[test]
 fn every_flipped_attest_byte_fails_verification() {
-    for (stem, _, _) in AKS {
-        let ak = public(&format!("ak_{stem}.tpmt"));
+    for (ak_file, stem, _, _) in QUOTES {
+        let ak = public(ak_file);
         let attest = fixture(&format!("quote_{stem}.attest"));
         let sig = fixture(&format!("quote_{stem}.sig"));
         for i in 0..attest.len() {
@@ -209,8 +229,8 @@ fn every_flipped_attest_byte_fails_verification() {
 
 #[test]
 fn every_flipped_signature_byte_fails_verification() {
-    for (stem, _, _) in AKS {
-        let ak = public(&format!("ak_{stem}.tpmt"));
+    for (ak_file, stem, _, _) in QUOTES {
+        let ak = public(ak_file);
         let attest = fixture(&format!("quote_{stem}.attest"));
         let sig = fixture(&format!("quote_{stem}.sig"));
         for i in 0..sig.len() {
@@ -344,8 +364,9 @@ fn truncated_public_areas_and_signatures_fail_cleanly() {
 
 #[test]
 fn ak_attributes() {
-    for (stem, _, _) in AKS {
-        let ak = public(&format!("ak_{stem}.tpmt"));
+    for (ak_file, _, _, _) in QUOTES {
+        let ak = public(ak_file);
+        let stem = ak_file;
         tpm::check_ak_attributes(&ak).unwrap_or_else(|e| panic!("{stem}: {e}"));
         assert!(ak.has_attributes(attr::RESTRICTED | attr::SIGN));
     }
@@ -387,6 +408,18 @@ fn error_messages_are_readable() {
         }
     );
     assert!(e.to_string().contains("KEYEDHASH (0x0008)"), "{e}");
+    let mut ak = public("ak_ecc256.tpmt");
+    if let PublicKey::Ecc { curve, .. } = &mut ak.key {
+        *curve = 0x0005; // NIST P-521
+    }
+    let e = verify_quote(
+        &ak,
+        &fixture("quote_ecc256.attest"),
+        &fixture("quote_ecc256.sig"),
+    )
+    .unwrap_err();
+    assert_eq!(e, TpmError::UnsupportedCurve { curve: 5 });
+    assert!(e.to_string().contains("NIST P-256 (0x0003)"), "{e}");
     let e = parse_quote(&[0xff, 0x54, 0x43]).unwrap_err();
     assert!(e.to_string().contains("truncated"), "{e}");
 }

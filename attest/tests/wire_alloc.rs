@@ -67,7 +67,10 @@ fn wrap(inner: &[u8], tail: &[u8]) -> Vec<u8> {
 }
 
 fn assert_malformed(name: &str, frame: &[u8], max_peak: usize) {
-    assert!(frame.len() <= MAX_FRAME_BODY + 4, "{name}: test frame too big");
+    assert!(
+        frame.len() <= MAX_FRAME_BODY + 4,
+        "{name}: test frame too big"
+    );
     let (peak, r) = peak_during(frame);
     match r {
         Err(WireError::Malformed { .. }) => {}
@@ -96,14 +99,26 @@ fn hostile_frames_stay_small() {
     ] {
         let mut h = vec![major | 26];
         h.extend_from_slice(&huge32);
-        assert_malformed(&format!("{name} claiming 4 GiB"), &wrap(&h, &[0; 100]), LIMIT);
+        assert_malformed(
+            &format!("{name} claiming 4 GiB"),
+            &wrap(&h, &[0; 100]),
+            LIMIT,
+        );
         let mut h = vec![major | 27];
         h.extend_from_slice(&huge64);
-        assert_malformed(&format!("{name} claiming 2^64"), &wrap(&h, &[0; 100]), LIMIT);
+        assert_malformed(
+            &format!("{name} claiming 2^64"),
+            &wrap(&h, &[0; 100]),
+            LIMIT,
+        );
         // The same at the top level of the frame body.
         let mut h = vec![major | 27];
         h.extend_from_slice(&huge64);
-        assert_malformed(&format!("top-level {name} claiming 2^64"), &frame_of(&h), LIMIT);
+        assert_malformed(
+            &format!("top-level {name} claiming 2^64"),
+            &frame_of(&h),
+            LIMIT,
+        );
     }
 
     // A whole frame of nested arrays: must hit the nesting limit, not the stack.

@@ -9,6 +9,13 @@ use serde_bytes::ByteBuf;
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::{Decoder, Encoder, Framed, FramedRead};
 
+/// Fails the test instead of hanging when the pipe deadlocks.
+async fn within_10s(f: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(std::time::Duration::from_secs(10), f)
+        .await
+        .expect("test timed out after 10 s");
+}
+
 fn request(id: u64) -> Message {
     Message::new(
         id,
@@ -37,8 +44,12 @@ fn response(id: u64) -> Message {
 
 #[tokio::test]
 async fn request_response_over_duplex() {
+    within_10s(request_response_over_duplex_body()).await;
+}
+
+async fn request_response_over_duplex_body() {
     let (a, b) = tokio::io::duplex(1024); // small pipe: frames cross it in pieces
-    let mut agent = Framed::new(a, FrameCodec::<Body>::new());
+    let agent = Framed::new(a, FrameCodec::<Body>::new());
     let mut proxy = Framed::new(b, FrameCodec::<Body>::default());
 
     let server = tokio::spawn(async move {
@@ -52,15 +63,21 @@ async fn request_response_over_duplex() {
         seen
     });
 
-    // Pipelined: send several requests before reading any answer.
+    // Pipelined: send all requests before reading any answer, reading concurrently so the
+    // small pipe cannot deadlock.
+    let (mut tx, mut rx) = agent.split();
+    let writer = tokio::spawn(async move {
+        for id in 1..=20 {
+            tx.feed(request(id)).await.unwrap();
+        }
+        tx.flush().await.unwrap();
+        tx
+    });
     for id in 1..=20 {
-        agent.feed(request(id)).await.unwrap();
-    }
-    agent.flush().await.unwrap();
-    for id in 1..=20 {
-        let reply = agent.next().await.unwrap().unwrap();
+        let reply = rx.next().await.unwrap().unwrap();
         assert_eq!(reply, response(id));
     }
+    let mut agent = writer.await.unwrap().reunite(rx).unwrap();
     agent.send(request(21)).await.unwrap();
     assert_eq!(agent.next().await.unwrap().unwrap(), response(21));
 
@@ -70,6 +87,10 @@ async fn request_response_over_duplex() {
 
 #[tokio::test]
 async fn oversized_frame_is_rejected_without_reading_it() {
+    within_10s(oversized_frame_is_rejected_without_reading_it_body()).await;
+}
+
+async fn oversized_frame_is_rejected_without_reading_it_body() {
     let (mut a, b) = tokio::io::duplex(64);
     let mut proxy = FramedRead::new(b, FrameCodec::<Body>::new());
     // Only the prefix is sent; the 1 MiB body never comes.
@@ -85,11 +106,18 @@ async fn oversized_frame_is_rejected_without_reading_it() {
 
 #[tokio::test]
 async fn wrong_version_and_malformed_come_with_ids() {
+    within_10s(wrong_version_and_malformed_come_with_ids_body()).await;
+}
+
+async fn wrong_version_and_malformed_come_with_ids_body() {
     let (mut a, b) = tokio::io::duplex(4096);
     let mut proxy = FramedRead::new(b, FrameCodec::<Body>::new());
     let mut msg = encode_frame(&request(9)).unwrap();
     // Patch v: the map starts `a3 61 76 01` ({"v": 1, ...}); make it 2.
-    let at = msg.windows(3).position(|w| w == [0x61, b'v', 0x01]).unwrap();
+    let at = msg
+        .windows(3)
+        .position(|w| w == [0x61, b'v', 0x01])
+        .unwrap();
     msg[at + 2] = 0x02;
     a.write_all(&msg).await.unwrap();
     match proxy.next().await {
@@ -99,10 +127,29 @@ async fn wrong_version_and_malformed_come_with_ids() {
         }
         other => panic!("expected UnsupportedVersion, got {other:?}"),
     }
+
+    let (mut a, b) = tokio::io::duplex(4096);
+    let mut proxy = FramedRead::new(b, FrameCodec::<Body>::new());
+    let mut bad = request(10);
+    if let Body::TokenRequest(r) = &mut bad.body {
+        r.product = "p".repeat(MAX_STRING_LEN + 1);
+    }
+    a.write_all(&encode_frame(&bad).unwrap()).await.unwrap();
+    match proxy.next().await {
+        Some(Err(e @ WireError::Malformed { .. })) => {
+            assert_eq!(e.request_id(), Some(10));
+            assert_eq!(ErrorBody::from(&e).code, ErrorCode::Malformed);
+        }
+        other => panic!("expected Malformed, got {other:?}"),
+    }
 }
 
 #[tokio::test]
 async fn eof_in_the_middle_of_a_frame_is_an_error() {
+    within_10s(eof_in_the_middle_of_a_frame_is_an_error_body()).await;
+}
+
+async fn eof_in_the_middle_of_a_frame_is_an_error_body() {
     let (mut a, b) = tokio::io::duplex(4096);
     let mut proxy = FramedRead::new(b, FrameCodec::<Body>::new());
     let frame = encode_frame(&request(3)).unwrap();

@@ -212,6 +212,14 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
+/// Whether the frame body (after the 4-byte prefix) starts with a CBOR map.
+fn is_map(frame: &[u8]) -> bool {
+    matches!(
+        ciborium::from_reader::<Value, _>(frame.get(4..).unwrap_or(&[])),
+        Ok(Value::Map(_))
+    )
+}
+
 /// Rewrites `v` in the frame's CBOR body.
 fn with_version(frame: &[u8], v: Value) -> Vec<u8> {
     let mut val: Value = ciborium::from_reader(&frame[4..]).unwrap();
@@ -248,12 +256,12 @@ fn apply(frame: &[u8], muts: &[Mutation]) -> Vec<u8> {
                 }
             }
             Mutation::Version(v) => {
-                if ciborium::from_reader::<Value, _>(f.get(4..).unwrap_or(&[])).is_ok() {
+                if is_map(&f) {
                     f = with_version(&f, Value::Integer(v.into()));
                 }
             }
             Mutation::NegativeVersion(v) => {
-                if ciborium::from_reader::<Value, _>(f.get(4..).unwrap_or(&[])).is_ok() {
+                if is_map(&f) {
                     f = with_version(&f, Value::Integer(v.into()));
                 }
             }

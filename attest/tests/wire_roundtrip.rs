@@ -209,7 +209,9 @@ fn wire_shape_is_snake_case_with_byte_strings() {
         Value::Array(vec![Value::Bytes(vec![0xee; 16])])
     );
     // The 16-byte id is a CBOR byte string: major type 2, length 16 (0x50).
-    assert!(frame.windows(17).any(|w| w[0] == 0x50 && w[1..] == [0xee; 16]));
+    assert!(frame
+        .windows(17)
+        .any(|w| w[0] == 0x50 && w[1..] == [0xee; 16]));
 
     let ev = Message::new(
         0,
@@ -303,7 +305,10 @@ fn encode_refuses_too_large_message() {
 #[test]
 fn zero_length_frame_is_malformed() {
     let err = decode(&[0, 0, 0, 0]).unwrap_err();
-    assert!(matches!(err, WireError::Malformed { id: None, .. }), "{err}");
+    assert!(
+        matches!(err, WireError::Malformed { id: None, .. }),
+        "{err}"
+    );
     assert_eq!(err.code(), ErrorCode::Malformed);
 }
 
@@ -408,7 +413,10 @@ fn malformed_messages() {
         (text("v"), Value::Integer(1.into())),
         (text("body"), Value::Null),
     ]));
-    assert_eq!(malformed(&frame_of(&b)), ("the message has no `id`".into(), None));
+    assert_eq!(
+        malformed(&frame_of(&b)),
+        ("the message has no `id`".into(), None)
+    );
     let b = cbor(&Value::Map(vec![
         (text("id"), Value::Integer(3.into())),
         (text("body"), Value::Null),
@@ -456,7 +464,10 @@ fn malformed_messages() {
         (text("v"), Value::Integer(1.into())),
         (text("id"), Value::Integer(3.into())),
         (text("trace"), text("abc")),
-        (text("body"), Value::Map(vec![(text("ack"), Value::Map(vec![]))])),
+        (
+            text("body"),
+            Value::Map(vec![(text("ack"), Value::Map(vec![]))]),
+        ),
     ]));
     assert_eq!(decode(&frame_of(&b)).unwrap().unwrap().0.id, 3);
 }
@@ -548,10 +559,14 @@ fn content_limits_are_enforced() {
         })
     };
     assert_eq!(limit_err(hello(32, 256, 256, Some(32))), None);
-    assert!(limit_err(hello(33, 3, 1, None)).unwrap().contains("33 facts"));
+    assert!(limit_err(hello(33, 3, 1, None))
+        .unwrap()
+        .contains("33 facts"));
     assert!(limit_err(hello(1, 257, 1, None)).is_some());
     assert!(limit_err(hello(1, 3, 257, None)).is_some());
-    assert!(limit_err(hello(0, 3, 1, Some(31))).unwrap().contains("known_host"));
+    assert!(limit_err(hello(0, 3, 1, Some(31)))
+        .unwrap()
+        .contains("known_host"));
 
     let ack = |id_len: usize, name: usize| {
         Body::HelloAck(HelloAck {

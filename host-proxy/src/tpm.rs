@@ -97,8 +97,8 @@ pub enum TpmError {
     #[error(
         "this TPM has no EK certificate in NV (looked for RSA-2048 at 0x01c00002, ECC P-256 at \
          0x01c0000a, ECC P-384 at 0x01c00016) — hostbind needs the maker's EK certificate to \
-         enroll; check the firmware's TPM settings or provision one (for swtpm: swtpm_setup \
-         --create-ek-cert)"
+         enroll; some firmware TPMs (Intel PTT, AMD fTPM) publish it online instead of in NV, \
+         which hostbind does not fetch yet; for swtpm run swtpm_setup --create-ek-cert"
     )]
     NoEkCertificate,
     /// The EK certificate in NV does not parse or holds an unexpected key type.
@@ -214,8 +214,8 @@ pub type Result<T> = std::result::Result<T, TpmError>;
 
 const HINT_GENERIC: &str = "check the TPM connection and try again";
 const HINT_EH: &str =
-    "hostbind needs an empty endorsement hierarchy password (tpm2_changeauth -c e) and a TPM that \
-     is not in DA lockout";
+    "hostbind needs the endorsement hierarchy enabled with an empty password (check \
+     tpm2_getcap properties-variable; reset it with tpm2_changeauth -c e)";
 
 fn cmd(op: &'static str, hint: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
     move |source| TpmError::Command { op, hint, source }
@@ -433,16 +433,12 @@ impl Tpm {
         Ok(())
     }
 
-    /// NV indices defined in the TPM (first 256).
-    fn nv_indices(&mut self) -> Result<Vec<u32>> {
+    /// NV indices defined in the TCG EK range (from 0x01c00002 on; the first 64 suffice).
+    fn ek_nv_indices(&mut self) -> Result<Vec<u32>> {
         let (data, _) = self
             .ctx
             .execute_without_session(|c| {
-                c.get_capability(
-                    CapabilityType::Handles,
-                    tss_constants::TPM2_NV_INDEX_FIRST,
-                    256,
-                )
+                c.get_capability(CapabilityType::Handles, NV_EK_CERT_RSA2048, 64)
             })
             .map_err(cmd("GetCapability(NV indices)", HINT_GENERIC))?;
         let CapabilityData::Handles(list) = data else {
@@ -474,7 +470,7 @@ impl Tpm {
     }
 
     fn create_ek(&mut self) -> Result<LoadedEk> {
-        let defined = self.nv_indices()?;
+        let defined = self.ek_nv_indices()?;
         let kind = EkKind::ALL
             .into_iter()
             .find(|k| defined.contains(&k.nv_index()))
@@ -493,10 +489,7 @@ impl Tpm {
                 return Err(cmd("ReadPublic(EK)", HINT_GENERIC)(e));
             }
         };
-        let matches = match ek_public_key(&public) {
-            Some(tpm_key) => tpm_key.same_key(&cert_key),
-            None => false,
-        };
+        let matches = ek_public_key(&public).is_some_and(|tpm_key| tpm_key == cert_key);
         let marshalled = public.marshall();
         match (matches, marshalled) {
             (true, Ok(bytes)) => Ok(LoadedEk {
@@ -797,7 +790,7 @@ impl Tpm {
             })
             .map_err(cmd(
                 "Quote",
-                "is the sha256 PCR bank active, and is the TPM not in DA lockout?",
+                "is the sha256 PCR bank active (tpm2_getcap pcrs)?",
             ))?;
         let marshal = |r: tss_esapi::Result<Vec<u8>>| {
             r.map_err(|e| TpmError::Unexpected {
@@ -848,12 +841,6 @@ enum KeyMaterial {
     Rsa { modulus: Vec<u8>, exponent: u64 },
     /// Uncompressed point 04 || X || Y.
     Ec { point: Vec<u8> },
-}
-
-impl KeyMaterial {
-    fn same_key(&self, other: &KeyMaterial) -> bool {
-        self == other
-    }
 }
 
 fn strip_zeros(b: &[u8]) -> Vec<u8> {

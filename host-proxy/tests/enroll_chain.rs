@@ -11,56 +11,11 @@ use hostbind_attest::verify::{verify_token, VerifyError};
 use hostbind_proxy::enroll as host;
 use hostbind_proxy::tpm::Tpm;
 use hostbind_testkit::{LocalCa, Swtpm};
+
+mod common;
+use common::*;
 use serde_bytes::ByteBuf;
 use std::sync::Arc;
-
-/// The tests' "now": the real time at first use (EK certificates are made at TPM start).
-fn t0() -> u64 {
-    static T0: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *T0.get_or_init(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 5)
-}
-
-fn cas(ca: &LocalCa) -> Vec<Vec<u8>> {
-    ca.cert_paths()
-        .iter()
-        .flat_map(|p| enroll::parse_ca_certs(&std::fs::read(p).unwrap()).unwrap())
-        .collect()
-}
-
-struct Host {
-    _swtpm: Swtpm,
-    tpm: Tpm,
-    state: tempfile::TempDir,
-}
-
-fn host(swtpm: Swtpm) -> Host {
-    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
-    Host { _swtpm: swtpm, tpm, state: tempfile::tempdir().unwrap() }
-}
-
-/// Runs the whole exchange and returns the host certificate bytes.
-fn enroll_host(h: &mut Host, trust: &[Vec<u8>], vendor: &VendorKey) -> Vec<u8> {
-    let req = host::request(&mut h.tpm, h.state.path(), t0()).unwrap();
-    let chal = enroll::create_challenge(&req, trust, vendor, t0(), 3600).unwrap();
-    let ans = host::answer(&mut h.tpm, h.state.path(), &chal).unwrap();
-    let (cert, bytes) = enroll::finish(&ans, trust, vendor, t0() + 10, 86_400 * 365).unwrap();
-    assert_eq!(cert.host_id.as_slice(), enroll::host_id(&req.ek_public));
-    bytes
-}
-
-fn signer(h: &mut Host, cert: Vec<u8>, nb: u64, na: u64) -> TokenSigner {
-    let key = TokenKey::generate().unwrap();
-    let pk = key.public_sec1();
-    let q = h.tpm.quote(&key_binding(&pk, nb, na)).unwrap();
-    let ev = KeyEvidence {
-        public_key: ByteBuf::from(pk),
-        not_before: nb,
-        not_after: na,
-        attest: ByteBuf::from(q.attest),
-        signature: ByteBuf::from(q.signature),
-    };
-    TokenSigner::new(key, ev, cert).unwrap()
-}
 
 fn claims(s: &TokenSigner, host_id: &[u8], nonce: Option<&[u8]>) -> TokenClaims {
     TokenClaims {

@@ -160,19 +160,23 @@ fn pem_der(path: &std::path::Path) -> Vec<u8> {
 
 /// Runs a tpm2-tools command against the swtpm (no Tpm may be open at the same time).
 fn tpm2_tool(tpm: &Swtpm, args: &[&str]) {
-    let out = Command::new(args[0])
+    let out = tpm2_tool_output(tpm, args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tpm2_tool_output(tpm: &Swtpm, args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
         .args(&args[1..])
         .arg("-T")
         .arg(tpm.tcti())
         .env("TSS2_LOG", "all+none")
         .stdin(Stdio::null())
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .unwrap()
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -482,6 +486,54 @@ fn stale_transient_objects_are_flushed_on_open() {
     let ak = tpm.load_or_create_ak(state.path()).unwrap();
     let q = tpm.quote(b"slots").unwrap();
     assert!(verify_quote(&ak.public, &q.attest, &q.signature));
+}
+
+#[test]
+fn works_while_the_tpm_is_in_dictionary_attack_lockout() {
+    let swtpm = Swtpm::start().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("p.ctx");
+    let ctx = ctx.to_str().unwrap();
+    // A DA-protected key with a password, then wrong passwords until lockout (swtpm: 3 tries).
+    // tpm2-tools leave objects loaded (no resource manager): flush after each call.
+    tpm2_tool(
+        &swtpm,
+        &[
+            "tpm2_createprimary",
+            "-C",
+            "o",
+            "-G",
+            "ecc",
+            "-p",
+            "right",
+            "-c",
+            ctx,
+        ],
+    );
+    tpm2_tool(&swtpm, &["tpm2_flushcontext", "-t"]);
+    let create = |password: &str| {
+        let out = tpm2_tool_output(&swtpm, &["tpm2_create", "-C", ctx, "-P", password]);
+        tpm2_tool(&swtpm, &["tpm2_flushcontext", "-t"]);
+        out
+    };
+    for _ in 0..3 {
+        assert!(!create("wrong").status.success());
+    }
+    let out = create("right");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lockout"),
+        "TPM should be in lockout: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let mut tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let ak = tpm.load_or_create_ak(state.path()).unwrap();
+    let q = tpm.quote(b"locked out").unwrap();
+    assert!(verify_quote(&ak.public, &q.attest, &q.signature));
+    tpm.clock_info().unwrap();
+    let (id, enc) = tpm.make_credential_with_tpm(b"secret", &ak.name).unwrap();
+    assert_eq!(tpm.activate_credential(&id, &enc).unwrap(), b"secret");
 }
 
 #[test]

@@ -144,7 +144,9 @@ fn write_file(path: &Path, contents: &str) -> Result<(), TestkitError> {
 /// maker. The temp dir is removed on drop.
 #[derive(Debug)]
 pub struct LocalCa {
-    dir: TempDir,
+    /// Canonical path of `_dir`.
+    path: PathBuf,
+    _dir: TempDir,
 }
 
 impl LocalCa {
@@ -159,7 +161,12 @@ impl LocalCa {
             .prefix("hostbind-localca-")
             .tempdir()
             .map_err(io_err("create CA temp dir"))?;
-        let ca = LocalCa { dir };
+        // Absolute paths: the config is read by swtpm_setup/swtpm_localca from other cwds.
+        let path = dir
+            .path()
+            .canonicalize()
+            .map_err(io_err(format!("canonicalize {}", dir.path().display())))?;
+        let ca = LocalCa { path, _dir: dir };
         let d = ca.dir();
         write_file(
             &d.join(Self::CONF),
@@ -209,7 +216,7 @@ impl LocalCa {
 
     /// The CA's directory (keys, certs, serial counter, swtpm_localca config).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.path
     }
 
     /// PEM of the self-signed root CA certificate.
@@ -345,6 +352,14 @@ impl Swtpm {
         // Best effort: an orderly shutdown avoids counting an unorderly one against DA lockout.
         // If a client still holds the single connection this times out and we just kill.
         let _ = self.send_shutdown_clear();
+        self.stop()?;
+        self.spawn()
+    }
+
+    /// Simulates a power loss: kills swtpm without TPM2_Shutdown and starts it again on the same
+    /// state. After a DA-protected key was used, the TPM counts this as a failed authorization
+    /// (swtpm locks DA-protected keys out for 1000 s after 3).
+    pub fn restart_unorderly(&mut self) -> Result<(), TestkitError> {
         self.stop()?;
         self.spawn()
     }
@@ -564,6 +579,61 @@ mod tests {
             .output()
             .map(|o| o.status.success() && !o.stdout.is_empty())
             .unwrap_or(false)
+    }
+
+    fn tool(tpm: &Swtpm, args: &[&str]) -> std::process::Output {
+        Command::new(args[0])
+            .args(&args[1..])
+            .arg("-T")
+            .arg(tpm.tcti())
+            .env("TSS2_LOG", "all+none")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Uses a DA-protected key (parent auth of a default-template primary), then flushes.
+    fn use_da_protected_key(tpm: &Swtpm, dir: &Path) {
+        let ctx = dir.join("p.ctx");
+        let ctx = ctx.to_str().unwrap();
+        for args in [
+            &["tpm2_createprimary", "-C", "o", "-G", "ecc", "-c", ctx][..],
+            &["tpm2_create", "-C", ctx, "-G", "ecc"][..],
+            &["tpm2_flushcontext", "-t"][..],
+        ] {
+            let out = tool(tpm, args);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    fn lockout_counter(tpm: &Swtpm) -> u32 {
+        let out = tool(tpm, &["tpm2_getcap", "properties-variable"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("TPM2_PT_LOCKOUT_COUNTER:"))
+            .unwrap_or_else(|| panic!("no lockout counter in {text}"));
+        let hex = line.rsplit("0x").next().unwrap().trim();
+        u32::from_str_radix(hex, 16).unwrap()
+    }
+
+    #[test]
+    fn restart_is_orderly_and_does_not_count_towards_lockout() {
+        let mut tpm = Swtpm::start().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        use_da_protected_key(&tpm, tmp.path());
+        tpm.restart().unwrap();
+        use_da_protected_key(&tpm, tmp.path());
+        tpm.restart().unwrap();
+        assert_eq!(lockout_counter(&tpm), 0);
+        // Control: a kill without TPM2_Shutdown after DA use counts as a failed try.
+        use_da_protected_key(&tpm, tmp.path());
+        tpm.restart_unorderly().unwrap();
+        assert_eq!(lockout_counter(&tpm), 1);
     }
 
     #[test]
