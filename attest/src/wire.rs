@@ -372,7 +372,9 @@ fn decode_body_slow<B: DeserializeOwned + Validate>(body: &[u8]) -> Result<Messa
     };
     let body: B = payload
         .deserialized()
-        .map_err(|e| fail(format!("the body does not match the protocol: {e}")))?;
+        .map_err(|ciborium::value::Error::Custom(e)| {
+            fail(format!("the body does not match the protocol: {e}"))
+        })?;
     body.validate().map_err(|e| e.with_id(id_num))?;
     Ok(Message {
         v: PROTOCOL_VERSION,

@@ -121,6 +121,31 @@ fn hostile_frames_stay_small() {
         );
     }
 
+    // A claimed 2^64-entry `features` list where the typed decoder expects one (serde may
+    // preallocate from the claim; it must stay capped).
+    let mut req = vec![0xa1, 0x6d];
+    req.extend_from_slice(b"token_request");
+    req.extend_from_slice(&[0xa6, 0x67]);
+    req.extend_from_slice(b"product");
+    req.extend_from_slice(&[0x61, b'p', 0x68]);
+    req.extend_from_slice(b"features");
+    req.push(0x9b);
+    req.extend_from_slice(&huge64);
+    req.extend_from_slice(&[0x61, b'f'].repeat(50));
+    let mut b = Vec::new();
+    ciborium::into_writer(
+        &Value::Map(vec![
+            (Value::Text("v".into()), Value::Integer(1.into())),
+            (Value::Text("id".into()), Value::Integer(5.into())),
+        ]),
+        &mut b,
+    )
+    .unwrap();
+    b[0] = 0xa3;
+    b.extend_from_slice(&[0x64, b'b', b'o', b'd', b'y']);
+    b.extend_from_slice(&req);
+    assert_malformed("features claiming 2^64", &frame_of(&b), LIMIT);
+
     // A whole frame of nested arrays: must hit the nesting limit, not the stack.
     let deep = vec![0x81u8; MAX_FRAME_BODY];
     assert_malformed("nested arrays", &frame_of(&deep), LIMIT);

@@ -8,7 +8,9 @@ use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::signed::{fmt_time, from_cbor, to_cbor};
 use hostbind_fsutil::{read, write_new};
 use hostbind_proxy::config::{Config, DEFAULT_CONFIG};
+use hostbind_proxy::admin::{AdminClient, AdminRequest, AdminResponse};
 use hostbind_proxy::enroll;
+use hostbind_proxy::ledger::Lease;
 use hostbind_proxy::tpm::Tpm;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -122,9 +124,135 @@ fn open_tpm(cfg: &Config) -> Result<Tpm> {
     Ok(Tpm::open(&cfg.tpm)?)
 }
 
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn lease_line(l: &Lease, now: u64) -> String {
+    format!(
+        "{}  vm={} ({})  product={}  scope={:?}{}  expires in {}s",
+        l.id,
+        l.vm_name,
+        l.vm_uuid,
+        l.product,
+        l.scope,
+        l.pid.map(|p| format!(" pid={p}")).unwrap_or_default(),
+        l.expires_at.saturating_sub(now)
+    )
+}
+
+async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
+    let mut c = AdminClient::connect(&cfg.admin_socket).await?;
+    let now = now();
+    match cmd {
+        Cmd::Status => {
+            let AdminResponse::Status(s) = c.call(AdminRequest::Status).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            if json {
+                return print_json(&s);
+            }
+            println!("hostbind-proxy {} running since {}", s.version, fmt_time(s.started_at));
+            println!("host id:        {}", s.host_id);
+            println!("TPM:            {}", s.tpm);
+            println!("token key until {}", fmt_time(s.token_key_not_after));
+            println!("agents:         {} connected; VMs configured: {}", s.connected_agents, s.vms.join(", "));
+            println!("leases:         {} live; tokens issued {}, refused {}, expired leases {}", s.leases, s.tokens_issued, s.refused, s.expired);
+            if s.seats.is_empty() {
+                println!("licenses:       none (add one with `hostbind-proxy license add FILE`)");
+            }
+            for u in &s.seats {
+                println!(
+                    "product {:<16} license {}  mode {:<6}  seats {}/{}{}",
+                    u.product,
+                    u.license_id,
+                    u.count_mode,
+                    u.in_use,
+                    u.seats,
+                    if u.holders.is_empty() { String::new() } else { format!("  held by {}", u.holders.join(", ")) }
+                );
+            }
+        }
+        Cmd::License(LicenseCmd::Add { file }) => {
+            let bytes = read(&file)?;
+            let AdminResponse::LicenseAdded(l) = c.call(AdminRequest::LicenseAdd { bytes: bytes.into() }).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            if json {
+                return print_json(&l);
+            }
+            println!(
+                "added license {} for '{}' ({} seats, count mode {}, valid until {})",
+                l.id, l.product, l.seats, l.count_mode, fmt_time(l.validity.not_after)
+            );
+        }
+        Cmd::License(LicenseCmd::List) => {
+            let AdminResponse::Licenses(v) = c.call(AdminRequest::LicenseList).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            if json {
+                return print_json(&v);
+            }
+            if v.is_empty() {
+                println!("no licenses");
+            }
+            for i in v {
+                match i.license {
+                    Some(l) => println!(
+                        "{}  product={}  customer={}  seats={}  mode={}  clone-policy={}  valid {} .. {}",
+                        l.id, l.product, l.customer, l.seats, l.count_mode, l.clone_policy,
+                        fmt_time(l.validity.not_before), fmt_time(l.validity.not_after)
+                    ),
+                    None => println!("{}  (no longer verifies with the installed vendor key)", i.id),
+                }
+            }
+        }
+        Cmd::License(LicenseCmd::Remove { id }) => {
+            let AdminResponse::LicenseRemoved(v) = c.call(AdminRequest::LicenseRemove { id: id.clone() }).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            if json {
+                return print_json(&v);
+            }
+            println!("removed license {id}; {} lease(s) ended", v.len());
+        }
+        Cmd::Leases => {
+            let v = c.all_leases().await?;
+            if json {
+                return print_json(&v);
+            }
+            if v.is_empty() {
+                println!("no live leases");
+            }
+            for l in &v {
+                println!("{}", lease_line(l, now));
+            }
+        }
+        Cmd::Release { lease } => {
+            let AdminResponse::Released(l) = c.call(AdminRequest::Release { lease_id: lease }).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            if json {
+                return print_json(&l);
+            }
+            println!("released {}", lease_line(&l, now));
+        }
+        Cmd::Run | Cmd::Enroll(_) => {}
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
 fn run(cli: Cli) -> Result<()> {
     let cfg = Config::load(&cli.config)?;
     match cli.cmd {
+        Cmd::Run => {
+            init_logging(cfg.log_level.as_str());
+            runtime()?.block_on(hostbind_proxy::daemon::run(cfg))?;
+        }
+        c @ (Cmd::Status | Cmd::License(_) | Cmd::Leases | Cmd::Release { .. }) => {
+            runtime()?.block_on(admin(&cfg, cli.json, c))?;
+        }
         Cmd::Enroll(EnrollCmd::Request { out, force }) => {
             let mut tpm = open_tpm(&cfg)?;
             let req = enroll::request(&mut tpm, &cfg.state_dir, now())?;
@@ -161,7 +289,6 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.state_dir.display()
             );
         }
-        _ => anyhow::bail!("not yet"),
     }
     Ok(())
 }

@@ -234,8 +234,17 @@ fn read_token(path: &Path) -> Result<Vec<u8>> {
     };
     let text = String::from_utf8_lossy(&raw);
     let t = text.trim();
-    if !t.is_empty() && t.chars().all(|c| c.is_ascii_hexdigit()) && t.len() % 2 == 0 {
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_hexdigit()) && t.len().is_multiple_of(2) {
         return Ok(hex::decode(t)?);
+    }
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "-_+/=".contains(c)) {
+        use base64::Engine;
+        let t = t.trim_end_matches('=');
+        for engine in [&base64::engine::general_purpose::URL_SAFE_NO_PAD, &base64::engine::general_purpose::STANDARD_NO_PAD] {
+            if let Ok(b) = engine.decode(t) {
+                return Ok(b);
+            }
+        }
     }
     Ok(raw)
 }

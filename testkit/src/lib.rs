@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod host;
+pub mod process;
+
 /// How long to wait for swtpm to listen after spawning it.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How many port pairs to try before giving up.

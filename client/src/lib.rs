@@ -1,0 +1,388 @@
+//! hostbind-client: the small library apps link to talk to the hostbind guest agent.
+//!
+//! The agent serves HTTP/1.1 + JSON on a Unix socket (default [`api::DEFAULT_SOCKET`]). With a
+//! [`Client`] an app gets a license token ([`Client::token`]), releases it ([`Client::release`]),
+//! reads the agent's state ([`Client::status`]) and follows events such as a migration to
+//! another host ([`Client::events`]). [`verify`] checks a token offline with only the vendor's
+//! public key.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use hostbind_client::{api::TokenRequest, Client, VendorPublicKey};
+//! let client = Client::new("/run/hostbind/agent.sock");
+//! let reply = client.token(&TokenRequest::new("cad-suite").with_features(["render"])).await?;
+//! let vendor = VendorPublicKey::from_hex("…64 hex digits embedded in the app…")?;
+//! let verified = hostbind_client::verify(&reply.token, &vendor, None)?;
+//! println!("licensed on host {}", hex::encode(&verified.claims.host_id));
+//! # Ok(()) }
+//! ```
+
+pub mod api;
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio::task::JoinHandle;
+
+pub use api::{AgentEvent, ErrorCode, EventKind, Status, TokenReply, TokenRequest};
+pub use hostbind_attest::keys::VendorPublicKey;
+pub use hostbind_attest::verify::{VerifiedToken, VerifyError};
+
+/// How long [`Client`] waits for an answer by default (the agent itself gives up on the host
+/// proxy after 15 s).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest event line accepted from the agent, in bytes.
+const MAX_EVENT_LINE: usize = 1024 * 1024;
+/// Largest answer body accepted from the agent, in bytes.
+const MAX_REPLY_BODY: usize = 16 * 1024 * 1024;
+
+/// Errors talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent's socket could not be reached.
+    #[error(
+        "cannot connect to the hostbind agent at {socket}: {source}; check that hostbind-agent is \
+         running in this VM and that this user may open the socket (it is mode 0660: join its group)"
+    )]
+    Connect {
+        /// The socket path.
+        socket: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The agent answered with an error (a refusal by the host, or a bad request).
+    #[error("{message} ({code}, HTTP {status})")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Explanation for people, usually the host proxy's own words.
+        message: String,
+    },
+    /// HTTP-level trouble on the socket.
+    #[error("HTTP error talking to the hostbind agent: {0}; is the socket really the agent's?")]
+    Http(String),
+    /// The agent's answer did not parse.
+    #[error("unexpected answer from the hostbind agent: {0}; are agent and library versions compatible?")]
+    BadReply(String),
+    /// The agent did not answer in time.
+    #[error("the hostbind agent did not answer within {0:?}; check `hostbind-agent status` and the agent's log")]
+    Timeout(Duration),
+}
+
+impl ClientError {
+    /// The API error code, when the agent answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// A handle on the agent's local API; cheap to clone, one connection per call.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Client::new(api::DEFAULT_SOCKET)
+    }
+}
+
+impl Client {
+    /// A client for the agent listening on `socket_path`.
+    pub fn new(socket_path: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket_path.into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Sets how long to wait for an answer (not used for the event stream).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The socket this client talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Asks for a token (`POST /v1/token`).
+    pub async fn token(&self, req: &TokenRequest) -> Result<TokenReply, ClientError> {
+        self.call_json(Method::POST, "/v1/token", Some(req)).await
+    }
+
+    /// Releases a lease (`POST /v1/release`).
+    pub async fn release(&self, lease_id: &str) -> Result<api::ReleaseReply, ClientError> {
+        let req = api::ReleaseRequest {
+            lease_id: lease_id.to_string(),
+        };
+        self.call_json(Method::POST, "/v1/release", Some(&req))
+            .await
+    }
+
+    /// Reads the agent's state (`GET /v1/status`).
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.call_json::<(), _>(Method::GET, "/v1/status", None)
+            .await
+    }
+
+    /// Subscribes to the agent's events (`GET /v1/events`). The subscription is active when this
+    /// returns: events that happen afterwards are delivered in order.
+    pub async fn events(&self) -> Result<EventStream, ClientError> {
+        let (resp, conn) = tokio::time::timeout(
+            self.timeout,
+            self.send(Method::GET, "/v1/events", Bytes::new()),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(self.timeout))??;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let body = collect(resp.into_body()).await?;
+            return Err(api_error(status, &body));
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+            conn,
+            done: false,
+        })
+    }
+
+    /// Sends one request and parses the JSON answer, mapping error answers to
+    /// [`ClientError::Api`].
+    async fn call_json<Q: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Q>,
+    ) -> Result<R, ClientError> {
+        let body = match body {
+            Some(b) => Bytes::from(
+                serde_json::to_vec(b).map_err(|e| ClientError::BadReply(e.to_string()))?,
+            ),
+            None => Bytes::new(),
+        };
+        let work = async {
+            let (resp, conn) = self.send(method, path, body).await?;
+            let status = resp.status();
+            let bytes = collect(resp.into_body()).await;
+            conn.abort();
+            let bytes = bytes?;
+            if !status.is_success() {
+                return Err(api_error(status, &bytes));
+            }
+            serde_json::from_slice(&bytes).map_err(|e| {
+                ClientError::BadReply(format!(
+                    "{path} answered with JSON that does not parse: {e}"
+                ))
+            })
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| ClientError::Timeout(self.timeout))?
+    }
+
+    /// Opens a connection, sends one request and returns the answer head with its body, plus
+    /// the task driving the connection.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(hyper::Response<Incoming>, JoinHandle<()>), ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.display().to_string(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "hostbind-agent")
+            .header(header::ACCEPT, "application/json");
+        if !body.is_empty() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, conn)),
+            Err(e) => {
+                conn.abort();
+                Err(ClientError::Http(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Reads a whole answer body (bounded).
+async fn collect(body: Incoming) -> Result<Bytes, ClientError> {
+    let limited = http_body_util::Limited::new(body, MAX_REPLY_BODY);
+    limited
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| ClientError::Http(format!("reading the answer failed: {e}")))
+}
+
+/// Turns an error answer into [`ClientError::Api`] (or `BadReply` when it is not ours).
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<api::ErrorReply>(body) {
+        Ok(r) => ClientError::Api {
+            status: status.as_u16(),
+            code: r.error.code,
+            message: r.error.message,
+        },
+        Err(_) => ClientError::BadReply(format!(
+            "HTTP {status} with a body that is not an agent error: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )),
+    }
+}
+
+/// The agent's event stream: one [`AgentEvent`] per newline-delimited JSON line.
+///
+/// Ends (`None`) when the agent closes the stream; dropping it unsubscribes.
+pub struct EventStream {
+    body: Incoming,
+    buf: BytesMut,
+    conn: JoinHandle<()>,
+    done: bool,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStream")
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+impl EventStream {
+    /// Takes the next complete line out of the buffer, parsed.
+    fn next_line(&mut self) -> Option<Result<AgentEvent, ClientError>> {
+        loop {
+            let pos = self.buf.iter().position(|b| *b == b'\n')?;
+            let line = self.buf.split_to(pos + 1);
+            let line = &line[..pos];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            return Some(serde_json::from_slice(line).map_err(|e| {
+                ClientError::BadReply(format!(
+                    "event line does not parse ({e}): {}",
+                    String::from_utf8_lossy(&line[..line.len().min(200)])
+                ))
+            }));
+        }
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<AgentEvent, ClientError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(item) = this.next_line() {
+                return Poll::Ready(Some(item));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if this.buf.len() > MAX_EVENT_LINE {
+                this.done = true;
+                return Poll::Ready(Some(Err(ClientError::BadReply(format!(
+                    "event line longer than {MAX_EVENT_LINE} bytes"
+                )))));
+            }
+            match hyper::body::Body::poll_frame(Pin::new(&mut this.body), cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => this.done = true,
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(ClientError::Http(format!(
+                        "the event stream broke: {e}"
+                    )))));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Verifies a token offline against the vendor's public key at the current time, checking the
+/// nonce when one is given. Only the vendor key is needed: the token carries the host
+/// certificate and the TPM evidence for its signing key.
+pub fn verify(
+    token: &[u8],
+    vendor: &VendorPublicKey,
+    nonce: Option<&[u8]>,
+) -> Result<VerifiedToken, VerifyError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    hostbind_attest::verify::verify_token(token, vendor, now, nonce)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_rejects_what_is_not_a_token() {
+        let vendor = VendorPublicKey::from_bytes(&[1; 32]).unwrap();
+        assert!(matches!(
+            verify(b"not a token", &vendor, None),
+            Err(VerifyError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn unreachable_agent_says_what_to_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::new(dir.path().join("missing.sock"));
+        let e = client.status().await.unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }));
+        let msg = e.to_string();
+        assert!(msg.contains("missing.sock") && msg.contains("hostbind-agent is"), "{msg}");
+        assert_eq!(e.code(), None);
+    }
+}

@@ -1,0 +1,549 @@
+//! The agent as a whole: configuration, shared state, start and shutdown.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hostbind_attest::wire::{self, VmIdentity};
+use hostbind_client::api::{self, AgentEvent, EventKind, LeaseInfo, Status};
+use tokio::net::UnixListener;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::conn::{self, Outgoing};
+use crate::leases::{Lease, LeaseKey, Orphan};
+use crate::transport::HostAddr;
+
+/// The agent's version, sent in Hello and shown by `status`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/hostbind-agent";
+/// Name of the state file holding the last host id (hex), in the state directory.
+pub const LAST_HOST_FILE: &str = "last-host";
+/// A 32-byte physical host id.
+pub type HostId = [u8; wire::HOST_ID_LEN];
+
+/// Timing knobs; the defaults are the production values, tests shorten some.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// First reconnect delay (doubles after each failure).
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+    /// How long connecting plus Hello may take.
+    pub hello_timeout: Duration,
+    /// How long the proxy may take to answer a request before the connection is considered dead.
+    pub request_timeout: Duration,
+    /// How often leases are checked for renewal.
+    pub renew_tick: Duration,
+    /// A cached token is handed out only if it stays valid at least this long.
+    pub cache_min_validity: Duration,
+    /// How long shutdown waits for releases to be confirmed.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(15),
+            renew_tick: Duration::from_millis(500),
+            cache_min_validity: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where the host proxy is.
+    pub host: HostAddr,
+    /// Where to serve the local API.
+    pub socket: PathBuf,
+    /// Mode of the API socket (0660: owner and group may connect).
+    pub socket_mode: u32,
+    /// Where to keep the last host id.
+    pub state_dir: PathBuf,
+    /// Guest facts sent in Hello (hostname, os, ...).
+    pub facts: BTreeMap<String, String>,
+    /// Timing knobs.
+    pub timing: Timing,
+}
+
+impl AgentConfig {
+    /// A configuration with default timing and facts read from this machine.
+    pub fn new(host: HostAddr, socket: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            host,
+            socket: socket.into(),
+            socket_mode: 0o660,
+            state_dir: state_dir.into(),
+            facts: guest_facts(),
+            timing: Timing::default(),
+        }
+    }
+}
+
+/// Errors starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state directory could not be created.
+    #[error("cannot create the state directory {path}: {source}; create it or pass --state-dir")]
+    StateDir {
+        /// The directory.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The API socket could not be set up.
+    #[error(
+        "cannot listen on {path}: {source}; check the directory's permissions or pass --socket"
+    )]
+    Socket {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another agent serves the socket already.
+    #[error(
+        "another hostbind-agent is already serving {0}; stop it first or pass another --socket"
+    )]
+    AlreadyRunning(String),
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; remove it or pass another --socket")]
+    NotASocket(String),
+}
+
+/// The connection state the connection task maintains.
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    pub host_id: HostId,
+    pub vm: VmIdentity,
+    pub proxy_version: String,
+    pub lease_ttl_secs: u32,
+    pub since: u64,
+    pub generation: u64,
+}
+
+/// Everything behind the agent's mutex.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub session: Option<Session>,
+    /// The host of the last session (from the state file at start).
+    pub last_host: Option<HostId>,
+    pub last_error: Option<String>,
+    pub leases: HashMap<LeaseKey, Lease>,
+    /// Releases that could not be sent yet, per host.
+    pub orphans: Vec<Orphan>,
+    /// Processes with a watch running.
+    pub watched: HashSet<u32>,
+    pub generation: u64,
+}
+
+/// State shared by the agent's tasks.
+pub(crate) struct Shared {
+    pub cfg: AgentConfig,
+    state: Mutex<State>,
+    pub events: broadcast::Sender<AgentEvent>,
+    pub requests: mpsc::Sender<Outgoing>,
+    key_locks: Mutex<HashMap<LeaseKey, Weak<tokio::sync::Mutex<()>>>>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Locks the state; a poisoned lock is recovered (every update leaves the state usable).
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The async lock serializing lease creation for one key.
+    pub fn key_lock(&self, key: &LeaseKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.key_locks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = locks.get(key).and_then(Weak::upgrade) {
+            return l;
+        }
+        locks.retain(|_, w| w.strong_count() > 0);
+        let l = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(key.clone(), Arc::downgrade(&l));
+        l
+    }
+
+    /// Broadcasts an event to subscribed apps and logs it.
+    pub fn emit(&self, kind: EventKind) {
+        let ev = AgentEvent {
+            kind,
+            at: unix_now(),
+        };
+        match serde_json::to_string(&ev) {
+            Ok(line) => tracing::info!(event = %line, "event"),
+            Err(e) => tracing::warn!("event not loggable: {e}"),
+        }
+        let _ = self.events.send(ev);
+    }
+
+    /// Sends a request to the proxy through the connection task and waits for the answer.
+    pub async fn call(&self, body: wire::Body) -> Result<conn::Reply, conn::CallError> {
+        let (tx, rx) = oneshot::channel();
+        if self.lock().session.is_none() {
+            return Err(self.not_connected());
+        }
+        self.requests
+            .send(Outgoing { body, reply: tx })
+            .await
+            .map_err(|_| conn::CallError::Lost("the agent is shutting down".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(conn::CallError::Lost("the agent is shutting down".into())))
+    }
+
+    /// The error for "no session", with the last failure and what to check.
+    pub fn not_connected(&self) -> conn::CallError {
+        let last = self.lock().last_error.clone();
+        conn::CallError::NotConnected(not_connected_message(&self.cfg.host, last.as_deref()))
+    }
+
+    /// The agent's state for `GET /v1/status`.
+    pub fn status(&self) -> Status {
+        let st = self.lock();
+        let mut leases: Vec<LeaseInfo> = st.leases.values().map(Lease::info).collect();
+        leases.sort_by(|a, b| a.lease_id.cmp(&b.lease_id));
+        Status {
+            connected: st.session.is_some(),
+            host: st.session.as_ref().map(|s| api::HostInfo {
+                host_id: hex::encode(s.host_id),
+                vm: api::VmInfo::from(&s.vm),
+                proxy_version: s.proxy_version.clone(),
+                lease_ttl_secs: s.lease_ttl_secs,
+                connected_since: s.since,
+            }),
+            host_address: self.cfg.host.to_string(),
+            last_error: if st.session.is_some() {
+                None
+            } else {
+                st.last_error.clone()
+            },
+            leases,
+            agent_version: AGENT_VERSION.to_string(),
+        }
+    }
+
+    /// Path of the state file.
+    pub fn last_host_path(&self) -> PathBuf {
+        self.cfg.state_dir.join(LAST_HOST_FILE)
+    }
+}
+
+/// The message apps get when the agent has no session.
+fn not_connected_message(host: &HostAddr, last: Option<&str>) -> String {
+    let why = last
+        .map(|l| format!(" (last error: {l})"))
+        .unwrap_or_default();
+    format!(
+        "the host proxy at {host} is unreachable{why}; the agent keeps retrying; {}",
+        host.hint()
+    )
+}
+
+/// Current unix time in seconds.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A running agent: connection task, lease renewal and the local API.
+pub struct Agent {
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("socket", &self.shared.cfg.socket)
+            .field("host", &self.shared.cfg.host)
+            .finish()
+    }
+}
+
+impl Agent {
+    /// Starts the agent: reads the state, binds the API socket and starts connecting.
+    pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.state_dir)
+            .map_err(|source| AgentError::StateDir {
+                path: cfg.state_dir.display().to_string(),
+                source,
+            })?;
+        let last_host = load_last_host(&cfg.state_dir.join(LAST_HOST_FILE));
+        let listener = bind_api_socket(&cfg.socket, cfg.socket_mode)?;
+
+        let (events, _) = broadcast::channel(256);
+        let (req_tx, req_rx) = mpsc::channel(1024);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            cfg,
+            state: Mutex::new(State {
+                last_host,
+                ..State::default()
+            }),
+            events,
+            requests: req_tx,
+            key_locks: Mutex::new(HashMap::new()),
+            shutdown: shutdown_rx,
+        });
+        tracing::info!(
+            host = %shared.cfg.host,
+            socket = %shared.cfg.socket.display(),
+            last_host = ?last_host.map(hex::encode),
+            "hostbind-agent {AGENT_VERSION} starting"
+        );
+        let tasks = vec![
+            tokio::spawn(conn::run(shared.clone(), req_rx)),
+            tokio::spawn(crate::leases::renew_loop(shared.clone())),
+            tokio::spawn(crate::server::serve(shared.clone(), listener)),
+        ];
+        Ok(Agent {
+            shared,
+            shutdown: shutdown_tx,
+            tasks,
+        })
+    }
+
+    /// The API socket path.
+    pub fn socket(&self) -> &Path {
+        &self.shared.cfg.socket
+    }
+
+    /// The agent's state, as `GET /v1/status` shows it.
+    pub fn status(&self) -> Status {
+        self.shared.status()
+    }
+
+    /// Subscribes to the agent's events.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Stops the agent: releases all leases (waiting at most the shutdown grace), closes the
+    /// connection and removes the API socket.
+    pub async fn shutdown(self) {
+        let grace = self.shared.cfg.timing.shutdown_grace;
+        let _ = tokio::time::timeout(grace, crate::leases::release_all(self.shared.clone())).await;
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        let _ = std::fs::remove_file(&self.shared.cfg.socket);
+    }
+
+    /// Stops the agent at once without releasing leases (as if killed; for tests).
+    pub async fn abort(self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = std::fs::remove_file(&self.shared.cfg.socket);
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then shuts it down.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let agent = Agent::start(cfg).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+    tracing::info!("stopping: releasing leases");
+    agent.shutdown().await;
+    Ok(())
+}
+
+/// Reads the last host id from the state file; a missing or unreadable file means none.
+fn load_last_host(path: &Path) -> Option<HostId> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(
+                "cannot read {}: {e}; starting without a known host",
+                path.display()
+            );
+            return None;
+        }
+    };
+    match hex::decode(text.trim())
+        .ok()
+        .and_then(|b| HostId::try_from(b).ok())
+    {
+        Some(id) => Some(id),
+        None => {
+            tracing::warn!(
+                "{} does not hold a 64-hex-digit host id; ignoring it",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Writes the last host id to the state file (atomically); failures are logged, not fatal.
+pub(crate) fn store_last_host(path: &Path, id: &HostId) {
+    let text = format!("{}\n", hex::encode(id));
+    if let Err(e) = hostbind_fsutil::write_atomic(path, text.as_bytes(), 0o644) {
+        tracing::warn!("{e}; the agent will not know its previous host after a restart");
+    }
+}
+
+/// Binds the API socket with `mode`, atomically: bound under a temporary name, given its mode,
+/// then renamed into place, so it is never reachable with looser permissions.
+fn bind_api_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
+    let sock_err = |source| AgentError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .map_err(sock_err)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(AgentError::AlreadyRunning(path.display().to_string()));
+            }
+            std::fs::remove_file(path).map_err(sock_err)?;
+        }
+        Ok(_) => return Err(AgentError::NotASocket(path.display().to_string())),
+        Err(_) => {}
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "agent.sock".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(sock_err)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(sock_err(e));
+    }
+    Ok(listener)
+}
+
+/// Facts about this guest for Hello: hostname, os, kernel, arch.
+pub fn guest_facts() -> BTreeMap<String, String> {
+    let mut facts = BTreeMap::new();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    if let Some(h) = read("/proc/sys/kernel/hostname").filter(|h| !h.is_empty()) {
+        facts.insert("hostname".into(), h);
+    }
+    let os = read("/etc/os-release")
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::OS.to_string());
+    facts.insert("os".into(), os);
+    if let Some(k) = read("/proc/sys/kernel/osrelease") {
+        facts.insert("kernel".into(), k);
+    }
+    facts.insert("arch".into(), std::env::consts::ARCH.into());
+    for v in facts.values_mut() {
+        truncate_utf8(v, wire::MAX_STRING_LEN);
+    }
+    facts
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_have_hostname_and_os_within_wire_limits() {
+        let f = guest_facts();
+        assert!(f.contains_key("os"));
+        assert!(f.contains_key("arch"));
+        assert!(f.values().all(|v| v.len() <= wire::MAX_STRING_LEN));
+        let mut s = "é".repeat(200);
+        truncate_utf8(&mut s, 255);
+        assert_eq!(s.len(), 254);
+    }
+
+    #[test]
+    fn last_host_round_trips_and_garbage_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(LAST_HOST_FILE);
+        assert_eq!(load_last_host(&p), None);
+        store_last_host(&p, &[7; 32]);
+        assert_eq!(load_last_host(&p), Some([7; 32]));
+        std::fs::write(&p, "not hex").unwrap();
+        assert_eq!(load_last_host(&p), None);
+        std::fs::write(&p, "abcd").unwrap();
+        assert_eq!(load_last_host(&p), None);
+    }
+
+    #[tokio::test]
+    async fn api_socket_gets_its_mode_and_refuses_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run/agent.sock");
+        let l = bind_api_socket(&p, 0o660).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        assert!(matches!(
+            bind_api_socket(&p, 0o660),
+            Err(AgentError::AlreadyRunning(_))
+        ));
+        drop(l);
+        // A stale socket (nobody listening) is replaced.
+        let _l2 = bind_api_socket(&p, 0o600).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let f = dir.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        assert!(matches!(
+            bind_api_socket(&f, 0o660),
+            Err(AgentError::NotASocket(_))
+        ));
+    }
+}

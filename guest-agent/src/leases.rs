@@ -1,0 +1,685 @@
+//! Leases and their tokens: the cache, acquisition, renewal at half the TTL, release, process
+//! exit, and re-attestation after a move to another host.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hostbind_attest::wire::{self, Body, ErrorCode, Release, Renew, Scope, TokenResponse};
+use hostbind_client::api::{self, EventKind, LeaseInfo, LossReason, TokenReply};
+use serde_bytes::ByteBuf;
+
+use crate::agent::{unix_now, HostId, Shared};
+use crate::conn::{CallError, Reply};
+use crate::procwatch::ProcessWatch;
+
+/// Most releases kept for sending after a reconnect.
+const MAX_ORPHANS: usize = 4096;
+
+/// What identifies a lease for the cache: one lease per key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct LeaseKey {
+    pub product: String,
+    /// Sorted and without duplicates.
+    pub features: Vec<String>,
+    pub scope: Scope,
+    /// The owning process, for process-scoped leases.
+    pub pid: Option<u32>,
+}
+
+impl LeaseKey {
+    /// A key with normalized features.
+    pub fn new(product: &str, features: &[String], scope: Scope, pid: Option<u32>) -> LeaseKey {
+        let mut features = features.to_vec();
+        features.sort();
+        features.dedup();
+        LeaseKey {
+            product: product.to_string(),
+            features,
+            scope,
+            pid: if scope == Scope::Process { pid } else { None },
+        }
+    }
+}
+
+/// The newest token of a lease that was issued without a nonce (the one handed out from cache).
+#[derive(Debug, Clone)]
+pub(crate) struct CachedToken {
+    pub token: Vec<u8>,
+    pub expires_at: u64,
+}
+
+/// A lease the agent holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Lease {
+    pub key: LeaseKey,
+    pub lease_id: String,
+    pub host_id: HostId,
+    pub vm: wire::VmIdentity,
+    pub token_expires_at: u64,
+    pub lease_expires_at: u64,
+    pub acquired_at: u64,
+    pub cached: Option<CachedToken>,
+    /// When the renewal is due (half the TTL after the last grant, by the local clock).
+    pub renew_at: Instant,
+    pub renewing: bool,
+}
+
+impl Lease {
+    /// The lease for `GET /v1/status`.
+    pub fn info(&self) -> LeaseInfo {
+        LeaseInfo {
+            lease_id: self.lease_id.clone(),
+            product: self.key.product.clone(),
+            features: self.key.features.clone(),
+            scope: self.key.scope,
+            pid: self.key.pid,
+            host_id: hex::encode(self.host_id),
+            expires_at: self.token_expires_at,
+            lease_expires_at: self.lease_expires_at,
+            acquired_at: self.acquired_at,
+        }
+    }
+
+    /// The app's answer for a token of this lease.
+    fn reply(&self, token: Vec<u8>, expires_at: u64, cached: bool) -> TokenReply {
+        TokenReply {
+            token,
+            lease_id: self.lease_id.clone(),
+            host_id: hex::encode(self.host_id),
+            vm: api::VmInfo::from(&self.vm),
+            product: self.key.product.clone(),
+            scope: self.key.scope,
+            expires_at,
+            lease_expires_at: self.lease_expires_at,
+            cached,
+        }
+    }
+}
+
+/// A release to send to `host_id` when the agent is connected to it again.
+#[derive(Debug, Clone)]
+pub(crate) struct Orphan {
+    pub host_id: HostId,
+    pub lease_id: String,
+}
+
+/// The renew instant for a grant received now, given the session's TTL.
+fn renew_deadline(ttl_secs: u32) -> Instant {
+    Instant::now() + Duration::from_millis(u64::from(ttl_secs) * 500)
+}
+
+/// The TTL of the current session (60 s if unknown).
+fn session_ttl(shared: &Shared) -> u32 {
+    shared
+        .lock()
+        .session
+        .as_ref()
+        .map(|s| s.lease_ttl_secs)
+        .unwrap_or(60)
+}
+
+/// The cached nonce-less token for `key`, if it is bound to the current host and valid long
+/// enough. No proxy round trip.
+pub(crate) fn cached_token(shared: &Shared, key: &LeaseKey) -> Option<TokenReply> {
+    let min = shared.cfg.timing.cache_min_validity.as_secs();
+    let st = shared.lock();
+    let lease = st.leases.get(key)?;
+    if st.last_host != Some(lease.host_id) {
+        return None;
+    }
+    let c = lease.cached.as_ref()?;
+    if c.expires_at < unix_now().saturating_add(min) {
+        return None;
+    }
+    Some(lease.reply(c.token.clone(), c.expires_at, true))
+}
+
+/// The id of the lease for `key` if it is held on the host of the current session.
+fn current_lease_id(shared: &Shared, key: &LeaseKey) -> Option<String> {
+    let st = shared.lock();
+    let host = st.session.as_ref()?.host_id;
+    st.leases
+        .get(key)
+        .filter(|l| l.host_id == host)
+        .map(|l| l.lease_id.clone())
+}
+
+/// Extracts the token response from a reply.
+fn token_response(reply: Reply) -> Result<(TokenResponse, Reply), CallError> {
+    match reply.body {
+        Body::TokenResponse(t) => {
+            let r = Reply {
+                body: Body::Ack(wire::Ack {}),
+                ..reply
+            };
+            Ok((t, r))
+        }
+        other => Err(CallError::Unexpected(format!(
+            "expected a token_response, got '{}'",
+            other.kind()
+        ))),
+    }
+}
+
+/// Gets a token for `key`: from cache (no nonce), by renewing the key's lease, or by creating
+/// a lease.
+pub(crate) async fn obtain(
+    shared: &Arc<Shared>,
+    key: &LeaseKey,
+    nonce: Option<Vec<u8>>,
+) -> Result<TokenReply, CallError> {
+    for _ in 0..3 {
+        if nonce.is_none() {
+            if let Some(r) = cached_token(shared, key) {
+                return Ok(r);
+            }
+        }
+        if let Some(id) = current_lease_id(shared, key) {
+            match renew(shared, key, &id, nonce.clone()).await {
+                Err(CallError::Refused(e)) if e.code == ErrorCode::UnknownLease => {}
+                other => return other,
+            }
+        }
+        let lock = shared.key_lock(key);
+        let _guard = lock.lock().await;
+        if current_lease_id(shared, key).is_some() {
+            // Created by another request while this one waited; use it.
+            continue;
+        }
+        return create(shared, key, nonce.clone()).await.map(|(r, _)| r);
+    }
+    Err(CallError::Unexpected(
+        "the lease kept changing while the token was requested; retry".into(),
+    ))
+}
+
+/// Asks the proxy for a new lease for `key` and records it (the caller holds the key lock).
+/// Returns the reply and the id of the lease it replaced, if any.
+async fn create(
+    shared: &Arc<Shared>,
+    key: &LeaseKey,
+    nonce: Option<Vec<u8>>,
+) -> Result<(TokenReply, Option<String>), CallError> {
+    let body = Body::TokenRequest(wire::TokenRequest {
+        product: key.product.clone(),
+        features: key.features.clone(),
+        nonce: nonce.clone().map(ByteBuf::from),
+        scope: key.scope,
+        pid: key.pid,
+        // Clone detection comes in a later issue.
+        chain: Vec::new(),
+    });
+    let (t, from) = token_response(shared.call(body).await?)?;
+    let ttl = session_ttl(shared);
+    let lease = Lease {
+        key: key.clone(),
+        lease_id: t.lease_id.clone(),
+        host_id: from.host_id,
+        vm: from.vm,
+        token_expires_at: t.token_expires_at,
+        lease_expires_at: t.lease_expires_at,
+        acquired_at: unix_now(),
+        cached: nonce.is_none().then(|| CachedToken {
+            token: t.token.to_vec(),
+            expires_at: t.token_expires_at,
+        }),
+        renew_at: renew_deadline(ttl),
+        renewing: false,
+    };
+    let reply = lease.reply(t.token.into_vec(), t.token_expires_at, false);
+    let replaced = shared
+        .lock()
+        .leases
+        .insert(key.clone(), lease)
+        .map(|old| old.lease_id);
+    tracing::info!(
+        lease = %reply.lease_id,
+        product = %key.product,
+        scope = ?key.scope,
+        pid = ?key.pid,
+        "lease acquired"
+    );
+    Ok((reply, replaced))
+}
+
+/// Renews lease `id` of `key` (fresh token, optionally bound to `nonce`) and records the new
+/// token. A license refusal ends the lease (event `license_refused`).
+async fn renew(
+    shared: &Arc<Shared>,
+    key: &LeaseKey,
+    id: &str,
+    nonce: Option<Vec<u8>>,
+) -> Result<TokenReply, CallError> {
+    let body = Body::Renew(Renew {
+        lease_id: id.to_string(),
+        nonce: nonce.clone().map(ByteBuf::from),
+        chain: Vec::new(),
+    });
+    let result = shared.call(body).await.and_then(token_response);
+    match result {
+        Ok((t, from)) => {
+            let ttl = session_ttl(shared);
+            let mut st = shared.lock();
+            match st.leases.get_mut(key).filter(|l| l.lease_id == id) {
+                Some(lease) => {
+                    lease.token_expires_at = t.token_expires_at;
+                    lease.lease_expires_at = t.lease_expires_at;
+                    lease.renew_at = renew_deadline(ttl);
+                    if nonce.is_none() {
+                        lease.cached = Some(CachedToken {
+                            token: t.token.to_vec(),
+                            expires_at: t.token_expires_at,
+                        });
+                    }
+                    Ok(lease.reply(t.token.into_vec(), t.token_expires_at, false))
+                }
+                // Released or replaced meanwhile: still answer with what the proxy gave.
+                None => Ok(TokenReply {
+                    token: t.token.into_vec(),
+                    lease_id: t.lease_id,
+                    host_id: hex::encode(from.host_id),
+                    vm: api::VmInfo::from(&from.vm),
+                    product: key.product.clone(),
+                    scope: key.scope,
+                    expires_at: t.token_expires_at,
+                    lease_expires_at: t.lease_expires_at,
+                    cached: false,
+                }),
+            }
+        }
+        Err(CallError::Refused(e)) if e.code == ErrorCode::UnknownLease => {
+            Err(CallError::Refused(e))
+        }
+        Err(CallError::Refused(e)) if api::ErrorCode::from(e.code).is_license_refusal() => {
+            if remove_if(shared, key, id).is_some() {
+                shared.emit(EventKind::LicenseRefused {
+                    product: key.product.clone(),
+                    lease_id: Some(id.to_string()),
+                    code: e.code.into(),
+                    message: e.message.clone(),
+                });
+            }
+            Err(CallError::Refused(e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the lease of `key` if it is still lease `id`.
+fn remove_if(shared: &Shared, key: &LeaseKey, id: &str) -> Option<Lease> {
+    let mut st = shared.lock();
+    if st.leases.get(key).is_some_and(|l| l.lease_id == id) {
+        st.leases.remove(key)
+    } else {
+        None
+    }
+}
+
+/// Removes the lease with id `id`, whatever its key.
+pub(crate) fn remove_by_id(shared: &Shared, id: &str) -> Option<Lease> {
+    let mut st = shared.lock();
+    let key = st
+        .leases
+        .iter()
+        .find(|(_, l)| l.lease_id == id)
+        .map(|(k, _)| k.clone())?;
+    st.leases.remove(&key)
+}
+
+/// Why a lease is being re-acquired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// The VM moved to another host.
+    Rebound,
+    /// The host answered a renewal with "unknown lease".
+    UnknownToHost,
+}
+
+/// Replaces lease `old_id` of `key` by a new one (after the host forgot it or the VM moved).
+/// Returns the new lease id; refusals end the lease with an event.
+async fn reacquire(
+    shared: &Arc<Shared>,
+    key: &LeaseKey,
+    old_id: &str,
+    why: Why,
+) -> Result<Option<String>, CallError> {
+    let lock = shared.key_lock(key);
+    let _guard = lock.lock().await;
+    {
+        let st = shared.lock();
+        let current_host = st.session.as_ref().map(|s| s.host_id);
+        match st.leases.get(key) {
+            None => return Ok(None),
+            Some(l) if l.lease_id != old_id => {
+                // Already replaced (e.g. by an app's request); report the replacement.
+                return Ok((Some(l.host_id) == current_host).then(|| l.lease_id.clone()));
+            }
+            Some(_) => {}
+        }
+    }
+    match create(shared, key, None).await {
+        Ok((reply, _)) => {
+            if why == Why::UnknownToHost {
+                shared.emit(EventKind::LeaseLost {
+                    lease_id: old_id.to_string(),
+                    product: key.product.clone(),
+                    reason: LossReason::UnknownToHost,
+                    new_lease_id: Some(reply.lease_id.clone()),
+                    message: format!(
+                        "the host no longer knew lease {old_id}; the agent acquired lease {} in \
+                         its place",
+                        reply.lease_id
+                    ),
+                });
+            }
+            Ok(Some(reply.lease_id))
+        }
+        Err(CallError::Refused(e)) => {
+            remove_if(shared, key, old_id);
+            let code = api::ErrorCode::from(e.code);
+            if code.is_license_refusal() {
+                shared.emit(EventKind::LicenseRefused {
+                    product: key.product.clone(),
+                    lease_id: Some(old_id.to_string()),
+                    code,
+                    message: e.message.clone(),
+                });
+            } else {
+                shared.emit(EventKind::LeaseLost {
+                    lease_id: old_id.to_string(),
+                    product: key.product.clone(),
+                    reason: match why {
+                        Why::Rebound => LossReason::NotReacquired,
+                        Why::UnknownToHost => LossReason::UnknownToHost,
+                    },
+                    new_lease_id: None,
+                    message: e.message.clone(),
+                });
+            }
+            Err(CallError::Refused(e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// After every Hello: sends pending releases, re-acquires leases held on another host (the VM
+/// moved: `rebound` event), and renews those held on this host (an unknown lease is
+/// re-acquired).
+pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Option<HostId>) {
+    let (host, vm, stale, current, orphans) = {
+        let mut st = shared.lock();
+        let Some(s) = st.session.clone() else { return };
+        if s.generation != generation {
+            return;
+        }
+        let mut stale = vec![];
+        let mut current = vec![];
+        for (k, l) in &st.leases {
+            if l.host_id == s.host_id {
+                current.push((k.clone(), l.lease_id.clone()));
+            } else {
+                stale.push((k.clone(), l.lease_id.clone(), l.host_id));
+            }
+        }
+        let (mine, others): (Vec<Orphan>, Vec<Orphan>) = std::mem::take(&mut st.orphans)
+            .into_iter()
+            .partition(|o| o.host_id == s.host_id);
+        st.orphans = others;
+        (s.host_id, s.vm, stale, current, mine)
+    };
+    let still_current = |shared: &Shared| {
+        shared
+            .lock()
+            .session
+            .as_ref()
+            .is_some_and(|s| s.generation == generation)
+    };
+
+    for o in orphans {
+        if let Err(e) = release_on_host(&shared, &o.host_id, &o.lease_id).await {
+            tracing::warn!(lease = %o.lease_id, "pending release failed: {}", e.to_api().message);
+        }
+    }
+
+    let mut mapping = vec![];
+    for (key, old_id, _) in &stale {
+        if !still_current(&shared) {
+            return;
+        }
+        match reacquire(&shared, key, old_id, Why::Rebound).await {
+            Ok(Some(new_id)) => mapping.push(api::ReboundLease {
+                old_lease_id: old_id.clone(),
+                new_lease_id: new_id,
+                product: key.product.clone(),
+            }),
+            Ok(None) => {}
+            Err(CallError::Refused(_)) => {}
+            Err(e) => {
+                // Connection trouble: the lease stays bound to the old host and the next
+                // session retries.
+                tracing::warn!(lease = %old_id, "re-acquiring failed: {}", e.to_api().message);
+                break;
+            }
+        }
+    }
+    let moved_from = old_host
+        .filter(|o| *o != host)
+        .or_else(|| stale.first().map(|(_, _, h)| *h));
+    if let Some(old) = moved_from {
+        shared.emit(EventKind::Rebound {
+            old_host: hex::encode(old),
+            new_host: hex::encode(host),
+            vm: api::VmInfo::from(&vm),
+            leases: mapping,
+        });
+    }
+
+    for (key, id) in current {
+        if !still_current(&shared) {
+            return;
+        }
+        renew_due(&shared, &key, &id).await;
+    }
+}
+
+/// Renews one lease for the renewal timer or after a reconnect.
+async fn renew_due(shared: &Arc<Shared>, key: &LeaseKey, id: &str) {
+    match renew(shared, key, id, None).await {
+        Ok(_) => tracing::debug!(lease = %id, "lease renewed"),
+        Err(CallError::Refused(e)) if e.code == ErrorCode::UnknownLease => {
+            tracing::info!(lease = %id, "the host no longer knows the lease; re-acquiring");
+            if let Err(e) = reacquire(shared, key, id, Why::UnknownToHost).await {
+                tracing::warn!(lease = %id, "re-acquiring failed: {}", e.to_api().message);
+            }
+        }
+        Err(e) => tracing::warn!(lease = %id, "renewing failed: {}", e.to_api().message),
+    }
+    let mut st = shared.lock();
+    if let Some(l) = st.leases.get_mut(key).filter(|l| l.lease_id == id) {
+        l.renewing = false;
+    }
+}
+
+/// Renews leases at about half their TTL, while connected.
+pub(crate) async fn renew_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.cfg.timing.renew_tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let due: Vec<(LeaseKey, String)> = {
+            let mut st = shared.lock();
+            let Some(host) = st.session.as_ref().map(|s| s.host_id) else {
+                continue;
+            };
+            let now = Instant::now();
+            st.leases
+                .iter_mut()
+                .filter(|(_, l)| l.host_id == host && !l.renewing && l.renew_at <= now)
+                .map(|(k, l)| {
+                    l.renewing = true;
+                    (k.clone(), l.lease_id.clone())
+                })
+                .collect()
+        };
+        for (key, id) in due {
+            let shared = shared.clone();
+            tokio::spawn(async move { renew_due(&shared, &key, &id).await });
+        }
+    }
+}
+
+/// Sends Release for `lease_id` to the current host if it is `host`; otherwise (or when the
+/// connection fails) keeps it for the next session with that host. Returns whether the host
+/// confirmed.
+async fn release_on_host(
+    shared: &Arc<Shared>,
+    host: &HostId,
+    lease_id: &str,
+) -> Result<bool, CallError> {
+    let on_this_host = shared
+        .lock()
+        .session
+        .as_ref()
+        .is_some_and(|s| s.host_id == *host);
+    if on_this_host {
+        let body = Body::Release(Release {
+            lease_id: lease_id.to_string(),
+        });
+        match shared.call(body).await {
+            Ok(Reply {
+                body: Body::Ack(_), ..
+            }) => return Ok(true),
+            Ok(r) => {
+                return Err(CallError::Unexpected(format!(
+                    "expected an ack, got '{}'",
+                    r.body.kind()
+                )))
+            }
+            Err(CallError::Refused(e)) => return Err(CallError::Refused(e)),
+            Err(e) => tracing::info!(
+                lease = %lease_id,
+                "release not sent now ({}); will send it after reconnecting",
+                e.to_api().message
+            ),
+        }
+    }
+    let mut st = shared.lock();
+    if st.orphans.len() >= MAX_ORPHANS {
+        st.orphans.remove(0);
+    }
+    st.orphans.push(Orphan {
+        host_id: *host,
+        lease_id: lease_id.to_string(),
+    });
+    Ok(false)
+}
+
+/// Releases `lease_id` for an app: drops it locally and tells the host. A lease the agent does
+/// not hold is still released on the current host if the host knows it.
+pub(crate) async fn release(
+    shared: &Arc<Shared>,
+    lease_id: &str,
+) -> Result<api::ReleaseReply, CallError> {
+    let reply = |confirmed| api::ReleaseReply {
+        lease_id: lease_id.to_string(),
+        confirmed,
+    };
+    match remove_by_id(shared, lease_id) {
+        Some(lease) => {
+            tracing::info!(lease = %lease_id, product = %lease.key.product, "releasing lease");
+            match release_on_host(shared, &lease.host_id, lease_id).await {
+                Ok(confirmed) => Ok(reply(confirmed)),
+                // Gone on the host already: released all the same.
+                Err(CallError::Refused(e)) if e.code == ErrorCode::UnknownLease => Ok(reply(true)),
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            let Some(host) = shared.lock().session.as_ref().map(|s| s.host_id) else {
+                return Err(shared.not_connected());
+            };
+            release_on_host(shared, &host, lease_id).await.map(reply)
+        }
+    }
+}
+
+/// Releases every lease (agent shutdown).
+pub(crate) async fn release_all(shared: Arc<Shared>) {
+    let leases: Vec<Lease> = shared.lock().leases.drain().map(|(_, l)| l).collect();
+    let jobs = leases.into_iter().map(|l| {
+        let shared = shared.clone();
+        async move {
+            let _ = release_on_host(&shared, &l.host_id, &l.lease_id).await;
+        }
+    });
+    futures::future::join_all(jobs).await;
+}
+
+/// Watches `pid` (already opened as `watch`) unless a watch runs; when the process exits, its
+/// process-scoped leases are released.
+pub(crate) fn watch_process(shared: &Arc<Shared>, pid: u32, watch: ProcessWatch) {
+    if !shared.lock().watched.insert(pid) {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut shutdown = shared.shutdown.clone();
+        tokio::select! {
+            _ = watch.exited() => {}
+            _ = shutdown.changed() => return,
+        }
+        process_exited(&shared, pid).await;
+    });
+}
+
+/// Releases the leases of a process that exited.
+async fn process_exited(shared: &Arc<Shared>, pid: u32) {
+    let leases: Vec<Lease> = {
+        let mut st = shared.lock();
+        st.watched.remove(&pid);
+        let keys: Vec<LeaseKey> = st
+            .leases
+            .keys()
+            .filter(|k| k.scope == Scope::Process && k.pid == Some(pid))
+            .cloned()
+            .collect();
+        keys.iter().filter_map(|k| st.leases.remove(k)).collect()
+    };
+    for l in leases {
+        tracing::info!(pid, lease = %l.lease_id, product = %l.key.product, "process exited; releasing its lease");
+        match release_on_host(shared, &l.host_id, &l.lease_id).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(lease = %l.lease_id, "release failed: {}", e.to_api().message),
+        }
+    }
+}
+
+/// Whether a watch for `pid` is running.
+pub(crate) fn is_watched(shared: &Shared, pid: u32) -> bool {
+    shared.lock().watched.contains(&pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_normalize_features_and_ignore_pid_for_vm_scope() {
+        let a = LeaseKey::new(
+            "p",
+            &["b".into(), "a".into(), "b".into()],
+            Scope::Vm,
+            Some(5),
+        );
+        let b = LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None);
+        assert_eq!(a, b);
+        assert_eq!(a.pid, None);
+        let c = LeaseKey::new("p", &[], Scope::Process, Some(5));
+        let d = LeaseKey::new("p", &[], Scope::Process, Some(6));
+        assert_ne!(c, d);
+    }
+}

@@ -1,0 +1,381 @@
+//! `hostbind-agent`: the guest agent daemon (`run`) and the commands scripts and admins use to
+//! talk to it (`token`, `status`, `release`, `watch`), all through the hostbind-client library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use hostbind_agent::agent::DEFAULT_STATE_DIR;
+use hostbind_agent::transport::DEFAULT_HOST;
+use hostbind_agent::{AgentConfig, HostAddr};
+use hostbind_client::api::{self, EventKind, Scope, DEFAULT_SOCKET};
+use hostbind_client::{Client, ClientError, ErrorCode, TokenRequest};
+
+const EXIT_CODES: &str = "\
+Exit codes: 0 success; 1 error; 2 bad command line; 3 the agent or the host proxy is unreachable;
+4 the host refused (no license, license not valid, seats exhausted, clone refused).";
+
+/// The hostbind guest agent: license tokens for apps in this VM, bound to the physical host.
+#[derive(Debug, Parser)]
+#[command(name = "hostbind-agent", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// The agent's API socket (served by `run`, used by the other commands).
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Lease scope on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScopeArg {
+    /// The seat is held for the whole VM until released.
+    Vm,
+    /// The seat is released when the requesting process exits.
+    Process,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent: connect to the host proxy and serve the local API.
+    Run {
+        /// The host proxy: vsock:CID:PORT (production) or unix:PATH (demo, tests).
+        #[arg(long, default_value = DEFAULT_HOST, value_name = "ADDR")]
+        host: HostAddr,
+        /// Where the agent keeps the id of the last host it was attached to.
+        #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
+    /// Get a license token; prints it as base64url (or writes raw bytes with --out).
+    Token {
+        /// The product to license.
+        #[arg(long)]
+        product: String,
+        /// A feature the token must grant (repeat for several).
+        #[arg(long = "feature", value_name = "F")]
+        features: Vec<String>,
+        /// A nonce (hex, up to 64 bytes) to bind into a fresh token.
+        #[arg(long, value_name = "HEX")]
+        nonce: Option<String>,
+        /// Lease scope. Defaults to `vm`: this command exits right after printing the token, and
+        /// a `process` lease is released as soon as the process that asked for it exits, so a
+        /// process-scoped token from this command would lose its seat at once. Apps that link
+        /// the client library ask with their own pid (the API's default scope is `process`).
+        #[arg(long, value_enum, default_value = "vm")]
+        scope: ScopeArg,
+        /// Print the full answer (token, lease, host, expiry) as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Write the raw token bytes (COSE_Sign1) to FILE instead of printing them.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Show the connection to the host proxy and the leases held.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a lease.
+    Release {
+        /// The lease id (from `token --json` or `status`).
+        lease: String,
+    },
+    /// Print the agent's events as they happen (migration to another host, leases lost, ...).
+    Watch {
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure of a client command: message and exit code.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::Connect { .. } | ClientError::Timeout(_) => 3,
+            ClientError::Api { code, .. } if code.is_license_refusal() => 4,
+            ClientError::Api {
+                code: ErrorCode::NotConnected | ErrorCode::Timeout,
+                ..
+            } => 3,
+            _ => 1,
+        };
+        Failure {
+            message: e.to_string(),
+            code,
+        }
+    }
+}
+
+impl Failure {
+    fn new(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let client = Client::new(&cli.socket);
+    let result = match cli.cmd {
+        Cmd::Run { host, state_dir } => run(host, cli.socket, state_dir).await,
+        Cmd::Token {
+            product,
+            features,
+            nonce,
+            scope,
+            json,
+            out,
+        } => token(&client, product, features, nonce, scope, json, out).await,
+        Cmd::Status { json } => status(&client, json).await,
+        Cmd::Release { lease } => release(&client, &lease).await,
+        Cmd::Watch { json } => watch(&client, json).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("hostbind-agent: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// `run`: the daemon.
+async fn run(host: HostAddr, socket: PathBuf, state_dir: PathBuf) -> Result<(), Failure> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    hostbind_agent::run(AgentConfig::new(host, socket, state_dir))
+        .await
+        .map_err(|e| Failure::new(e.to_string()))
+}
+
+/// `token`.
+async fn token(
+    client: &Client,
+    product: String,
+    features: Vec<String>,
+    nonce: Option<String>,
+    scope: ScopeArg,
+    json: bool,
+    out: Option<PathBuf>,
+) -> Result<(), Failure> {
+    let nonce = match nonce {
+        Some(n) => Some(hex::decode(n.trim()).map_err(|e| {
+            Failure::new(format!(
+                "--nonce must be hex digits ({e}), e.g. --nonce 00112233"
+            ))
+        })?),
+        None => None,
+    };
+    let req = TokenRequest {
+        product,
+        features,
+        nonce,
+        scope: match scope {
+            ScopeArg::Vm => Scope::Vm,
+            ScopeArg::Process => Scope::Process,
+        },
+    };
+    let reply = client.token(&req).await?;
+    if let Some(path) = &out {
+        hostbind_fsutil::write_atomic(path, &reply.token, 0o600)
+            .map_err(|e| Failure::new(e.to_string()))?;
+    }
+    if json {
+        print_json(&reply)?;
+    } else if out.is_none() {
+        println!("{}", api::b64url::encode(&reply.token));
+    }
+    Ok(())
+}
+
+/// `status`.
+async fn status(client: &Client, json: bool) -> Result<(), Failure> {
+    let st = client.status().await?;
+    if json {
+        return print_json(&st);
+    }
+    let state = if st.connected {
+        "connected"
+    } else {
+        "NOT connected"
+    };
+    println!(
+        "hostbind-agent {}: host proxy {} {state}",
+        st.agent_version, st.host_address
+    );
+    if let Some(err) = &st.last_error {
+        println!("last error: {err}");
+    }
+    if let Some(h) = &st.host {
+        println!(
+            "host  {}  (proxy {}, lease TTL {} s, since {})",
+            h.host_id,
+            h.proxy_version,
+            h.lease_ttl_secs,
+            time(h.connected_since)
+        );
+        println!("vm    {} ({})", h.vm.name, h.vm.uuid);
+    }
+    println!("leases: {}", st.leases.len());
+    for l in &st.leases {
+        let features = if l.features.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", l.features.join(","))
+        };
+        let owner = match (l.scope, l.pid) {
+            (Scope::Process, Some(pid)) => format!("process {pid}"),
+            _ => "vm".to_string(),
+        };
+        println!(
+            "  {}  {}{features}  {owner}  token until {}  lease until {}  host {}",
+            l.lease_id,
+            l.product,
+            time(l.expires_at),
+            time(l.lease_expires_at),
+            short(&l.host_id)
+        );
+    }
+    Ok(())
+}
+
+/// `release`.
+async fn release(client: &Client, lease: &str) -> Result<(), Failure> {
+    let r = client.release(lease).await?;
+    if r.confirmed {
+        println!("released {}", r.lease_id);
+    } else {
+        println!(
+            "released {} locally; the host proxy is unreachable now, the agent will release it \
+             there when it reconnects (or its TTL lapses)",
+            r.lease_id
+        );
+    }
+    Ok(())
+}
+
+/// `watch`.
+async fn watch(client: &Client, json: bool) -> Result<(), Failure> {
+    let mut events = client.events().await?;
+    let mut stdout = std::io::stdout();
+    while let Some(ev) = events.next().await {
+        let ev = ev?;
+        let line = if json {
+            serde_json::to_string(&ev).map_err(|e| Failure::new(e.to_string()))?
+        } else {
+            format!("{}  {}", time(ev.at), describe(&ev.kind))
+        };
+        // Flush per event so pipes see events as they happen.
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return Ok(());
+        }
+    }
+    Err(Failure {
+        message: "the agent closed the event stream (it is stopping?)".into(),
+        code: 3,
+    })
+}
+
+/// One line describing an event for people.
+fn describe(kind: &EventKind) -> String {
+    match kind {
+        EventKind::Connected { host_id, vm } => {
+            format!(
+                "connected    to host {} as VM {} ({})",
+                short(host_id),
+                vm.name,
+                vm.uuid
+            )
+        }
+        EventKind::Disconnected { message } => format!("disconnected {message}"),
+        EventKind::Rebound {
+            old_host,
+            new_host,
+            leases,
+            ..
+        } => format!(
+            "rebound      moved from host {} to host {}; {} lease(s) re-acquired{}",
+            short(old_host),
+            short(new_host),
+            leases.len(),
+            leases
+                .iter()
+                .map(|l| format!(" {}->{}", l.old_lease_id, l.new_lease_id))
+                .collect::<String>()
+        ),
+        EventKind::LeaseLost {
+            lease_id,
+            product,
+            reason,
+            new_lease_id,
+            message,
+        } => format!(
+            "lease lost   {lease_id} ({product}, {}){}: {message}",
+            serde_json::to_value(reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            new_lease_id
+                .as_ref()
+                .map(|n| format!(", replaced by {n}"))
+                .unwrap_or_default()
+        ),
+        EventKind::LeaseExpired {
+            lease_id,
+            product,
+            message,
+        } => format!("lease expired {lease_id} ({product}): {message}"),
+        EventKind::LicenseRefused {
+            product,
+            code,
+            message,
+            ..
+        } => format!("refused      {product} ({code}): {message}"),
+        EventKind::CloneDetected { message } => format!("CLONE        {message}"),
+        EventKind::Lagged { missed } => {
+            format!("lagged       {missed} event(s) missed; run `hostbind-agent status`")
+        }
+        EventKind::Unknown => "unknown event (newer agent?)".into(),
+    }
+}
+
+/// The first 16 hex digits of a host id.
+fn short(hex_id: &str) -> &str {
+    hex_id.get(..16).unwrap_or(hex_id)
+}
+
+/// A unix time as RFC 3339 (UTC); times past year 9999 (bad data) are shown as numbers.
+fn time(unix: u64) -> String {
+    const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
+    match UNIX_EPOCH.checked_add(Duration::from_secs(unix)) {
+        Some(t) if unix <= LAST_SECOND_OF_9999 => humantime::format_rfc3339_seconds(t).to_string(),
+        _ => format!("@{unix}"),
+    }
+}
+
+/// Prints a value as pretty JSON.
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| Failure::new(e.to_string()))?;
+    println!("{s}");
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! A simulated physical host for end-to-end tests and the demo: its own swtpm, a vendor, an
+//! enrolled `hostbind-proxy` with its config and state dir, license issue, and guest agents —
+//! all real binaries run as child processes (stopped by PID on drop), talking over Unix sockets.
+
+use crate::process::{bin, Proc};
+use crate::{Swtpm, TestkitError};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// A VM of the simulated host: name, UUID and the plain Unix socket its agent connects to.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// VM name.
+    pub name: String,
+    /// VM UUID.
+    pub uuid: String,
+    /// The socket the proxy serves this VM on.
+    pub socket: PathBuf,
+}
+
+/// Runs a workspace binary to completion and returns its output (stdout+stderr kept apart).
+pub fn run(name: &str, args: &[&str]) -> Result<Output, TestkitError> {
+    let exe = bin(name)?;
+    Command::new(&exe).args(args).env("TSS2_LOG", "all+none").output().map_err(|source| TestkitError::Io {
+        what: format!("run {name}"),
+        source,
+    })
+}
+
+/// Like [`run`] but fails with the command's output unless it succeeded; returns stdout.
+pub fn run_ok(name: &str, args: &[&str]) -> Result<String, TestkitError> {
+    let out = run(name, args)?;
+    if !out.status.success() {
+        return Err(TestkitError::ToolFailed {
+            tool: format!("{name} {}", args.join(" ")),
+            status: out.status.to_string(),
+            log: PathBuf::new(),
+            tail: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A vendor: key pair made by `hostbind-issuer keygen` in a temp dir.
+#[derive(Debug)]
+pub struct Vendor {
+    dir: TempDir,
+}
+
+impl Vendor {
+    /// Creates the vendor key.
+    pub fn new() -> Result<Vendor, TestkitError> {
+        let dir = tempfile::Builder::new().prefix("hostbind-vendor-").tempdir().map_err(|source| TestkitError::Io {
+            what: "create vendor dir".into(),
+            source,
+        })?;
+        let v = Vendor { dir };
+        run_ok("hostbind-issuer", &["keygen", "--out", &v.key().to_string_lossy()])?;
+        Ok(v)
+    }
+    /// Private key file.
+    pub fn key(&self) -> PathBuf {
+        self.dir.path().join("vendor.key")
+    }
+    /// Public key file.
+    pub fn public(&self) -> PathBuf {
+        self.dir.path().join("vendor.pub")
+    }
+    /// Scratch dir for files the vendor writes.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// An enrolled host: swtpm + proxy config/state; the proxy runs while `proxy` is `Some`.
+#[derive(Debug)]
+pub struct Host {
+    /// The host's TPM.
+    pub tpm: Swtpm,
+    dir: TempDir,
+    /// The VMs configured on this host.
+    pub vms: Vec<VmSpec>,
+    /// The running proxy, if started.
+    pub proxy: Option<Proc>,
+    /// The host id (hex) from enrollment.
+    pub host_id: String,
+}
+
+fn p(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+impl Host {
+    /// Starts a TPM, writes a proxy config for `vm_names` (plain Unix sockets) with `extra` TOML
+    /// appended to the top level (e.g. lease timing), and enrolls the host with `vendor` through
+    /// the CLIs, exactly as an admin and a vendor would.
+    pub fn enrolled(vendor: &Vendor, vm_names: &[&str], leases_toml: &str) -> Result<Host, TestkitError> {
+        Self::enrolled_with_tpm(vendor, Swtpm::start()?, vm_names, leases_toml)
+    }
+
+    /// Like [`Host::enrolled`] with a given TPM.
+    pub fn enrolled_with_tpm(vendor: &Vendor, tpm: Swtpm, vm_names: &[&str], leases_toml: &str) -> Result<Host, TestkitError> {
+        let dir = tempfile::Builder::new().prefix("hostbind-host-").tempdir().map_err(|source| TestkitError::Io {
+            what: "create host dir".into(),
+            source,
+        })?;
+        let d = dir.path().canonicalize().map_err(|source| TestkitError::Io {
+            what: "canonicalize host dir".into(),
+            source,
+        })?;
+        let vms: Vec<VmSpec> = vm_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| VmSpec {
+                name: n.to_string(),
+                uuid: format!("6f1c1c8e-0a1d-4d4e-9a53-{:012x}", 0x0c5e_1f1d_2a00u64 + i as u64 + 1),
+                socket: d.join(format!("vm-{n}.sock")),
+            })
+            .collect();
+        let mut toml = format!(
+            "state_dir = \"{}\"\ntpm = \"{}\"\nlicenses_dir = \"{}\"\nadmin_socket = \"{}\"\nlog_level = \"debug\"\n{leases_toml}\n",
+            p(&d.join("state")),
+            tpm.tcti(),
+            p(&d.join("licenses")),
+            p(&d.join("admin.sock")),
+        );
+        for vm in &vms {
+            toml.push_str(&format!("\n[[vm]]\nname = \"{}\"\nuuid = \"{}\"\nunix_socket = \"{}\"\n", vm.name, vm.uuid, p(&vm.socket)));
+        }
+        std::fs::write(d.join("proxy.toml"), toml).map_err(|source| TestkitError::Io {
+            what: "write proxy.toml".into(),
+            source,
+        })?;
+        let mut h = Host {
+            tpm,
+            dir,
+            vms,
+            proxy: None,
+            host_id: String::new(),
+        };
+        h.enroll(vendor)?;
+        Ok(h)
+    }
+
+    /// The host's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The proxy config file.
+    pub fn config(&self) -> PathBuf {
+        self.dir().join("proxy.toml")
+    }
+
+    /// Runs a `hostbind-proxy` subcommand with this host's config.
+    pub fn proxy_cmd(&self, args: &[&str]) -> Result<Output, TestkitError> {
+        let cfg = p(&self.config());
+        let mut a = vec!["--config", cfg.as_str()];
+        a.extend_from_slice(args);
+        run("hostbind-proxy", &a)
+    }
+
+    /// Like [`Host::proxy_cmd`] but requires success; returns stdout.
+    pub fn proxy_ok(&self, args: &[&str]) -> Result<String, TestkitError> {
+        let cfg = p(&self.config());
+        let mut a = vec!["--config", cfg.as_str()];
+        a.extend_from_slice(args);
+        run_ok("hostbind-proxy", &a)
+    }
+
+    fn enroll(&mut self, vendor: &Vendor) -> Result<(), TestkitError> {
+        let d = self.dir().to_path_buf();
+        let (req, chal, ans, cert) = (d.join("req.cbor"), d.join("chal.cbor"), d.join("ans.cbor"), d.join("host.cert"));
+        self.proxy_ok(&["enroll", "request", "--out", &p(&req)])?;
+        let cas = self.tpm.ca().cert_paths();
+        let mut args = vec!["enroll".to_string(), "challenge".into(), p(&req), "--key".into(), p(&vendor.key()), "--out".into(), p(&chal)];
+        for c in &cas {
+            args.push("--tpm-ca".into());
+            args.push(p(c));
+        }
+        run_ok("hostbind-issuer", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        self.proxy_ok(&["enroll", "answer", &p(&chal), "--out", &p(&ans)])?;
+        let mut args = vec!["--json".to_string(), "enroll".into(), "finish".into(), p(&ans), "--key".into(), p(&vendor.key()), "--out".into(), p(&cert)];
+        for c in &cas {
+            args.push("--tpm-ca".into());
+            args.push(p(c));
+        }
+        let out = run_ok("hostbind-issuer", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        self.host_id = out
+            .split("\"host_id\": \"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or_default()
+            .to_string();
+        self.proxy_ok(&["enroll", "install", &p(&cert), "--vendor-pub", &p(&vendor.public())])?;
+        Ok(())
+    }
+
+    /// Issues a license for this host with `hostbind-issuer license issue` and returns its path.
+    pub fn issue_license(&self, vendor: &Vendor, product: &str, seats: u32, count_mode: &str, extra: &[&str]) -> Result<PathBuf, TestkitError> {
+        let out = vendor.dir().join(format!("{product}-{}-{count_mode}-{seats}.license", &self.host_id[..8]));
+        let seats = seats.to_string();
+        let mut args = vec![
+            "license", "issue", "--key", "", "--customer", "ACME", "--host", &self.host_id, "--product", product, "--seats", &seats,
+            "--count-mode", count_mode, "--out", "", "--force",
+        ];
+        let key = p(&vendor.key());
+        let outs = p(&out);
+        args[3] = &key;
+        args[14] = &outs;
+        args.extend_from_slice(extra);
+        run_ok("hostbind-issuer", &args)?;
+        Ok(out)
+    }
+
+    /// Starts `hostbind-proxy run` and waits until it serves its sockets.
+    pub fn start_proxy(&mut self) -> Result<(), TestkitError> {
+        let mut cmd = Command::new(bin("hostbind-proxy")?);
+        cmd.arg("--config").arg(self.config()).arg("run").env("TSS2_LOG", "all+none");
+        let log = self.dir().join(format!("proxy-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)));
+        let mut proc_ = Proc::spawn("hostbind-proxy", cmd, &log)?;
+        proc_.wait_for_path(&self.dir().join("admin.sock"), Duration::from_secs(20))?;
+        for vm in &self.vms {
+            proc_.wait_for_path(&vm.socket, Duration::from_secs(5))?;
+        }
+        self.proxy = Some(proc_);
+        Ok(())
+    }
+
+    /// Stops the proxy (SIGTERM) if it runs.
+    pub fn stop_proxy(&mut self) {
+        if let Some(mut p) = self.proxy.take() {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// Kills the proxy with SIGKILL (a crash).
+    pub fn kill_proxy(&mut self) {
+        if let Some(mut p) = self.proxy.take() {
+            p.kill9();
+        }
+        // A crashed proxy leaves its socket files; the next start replaces them.
+    }
+
+    /// The VM spec by name.
+    pub fn vm(&self, name: &str) -> Option<&VmSpec> {
+        self.vms.iter().find(|v| v.name == name)
+    }
+}
+
+/// A guest agent process standing for one VM, with its local API socket.
+#[derive(Debug)]
+pub struct Agent {
+    /// The agent process.
+    pub proc_: Proc,
+    /// Its local API socket.
+    pub socket: PathBuf,
+    _dir: TempDir,
+}
+
+impl Agent {
+    /// Starts `hostbind-agent run` connected to `host_socket` (the proxy's socket for its VM).
+    pub fn start(host_socket: &Path) -> Result<Agent, TestkitError> {
+        let dir = tempfile::Builder::new().prefix("hostbind-agent-").tempdir().map_err(|source| TestkitError::Io {
+            what: "create agent dir".into(),
+            source,
+        })?;
+        let socket = dir.path().join("agent.sock");
+        let mut cmd = Command::new(bin("hostbind-agent")?);
+        cmd.arg("run")
+            .arg("--host")
+            .arg(format!("unix:{}", host_socket.display()))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("RUST_LOG", "debug");
+        let mut proc_ = Proc::spawn("hostbind-agent", cmd, &dir.path().join("agent.log"))?;
+        proc_.wait_for_path(&socket, Duration::from_secs(10))?;
+        Ok(Agent { proc_, socket, _dir: dir })
+    }
+
+    /// Runs a `hostbind-agent` client subcommand against this agent.
+    pub fn cmd(&self, args: &[&str]) -> Result<Output, TestkitError> {
+        let s = p(&self.socket);
+        let mut a: Vec<&str> = vec![args[0], "--socket", &s];
+        a.extend_from_slice(&args[1..]);
+        run("hostbind-agent", &a)
+    }
+}
