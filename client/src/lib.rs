@@ -382,7 +382,10 @@ mod tests {
         let e = client.status().await.unwrap_err();
         assert!(matches!(e, ClientError::Connect { .. }));
         let msg = e.to_string();
-        assert!(msg.contains("missing.sock") && msg.contains("hostbind-agent is"), "{msg}");
+        assert!(
+            msg.contains("missing.sock") && msg.contains("hostbind-agent is"),
+            "{msg}"
+        );
         assert_eq!(e.code(), None);
     }
 }

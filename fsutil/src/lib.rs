@@ -1,4 +1,4 @@
-//! hostbind-fsutil: careful file writing (atomic replace with fsync and explicit permissions) and reading with the path in every error.
+//! hostbind-fsutil: careful file writing (atomic replace with fsync and explicit permissions), reading with the path in every error, and error reports for the binaries.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -94,4 +94,20 @@ mod tests {
         assert_eq!(read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp file left");
     }
+}
+
+/// Renders an error and its causes for a person, one `: `-separated line, skipping causes whose
+/// text the message before already contains (many errors quote their cause).
+pub fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }

@@ -159,6 +159,7 @@ async fn run(host: HostAddr, socket: PathBuf, state_dir: PathBuf) -> Result<(), 
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     hostbind_agent::run(AgentConfig::new(host, socket, state_dir))
         .await

@@ -296,7 +296,7 @@ fn run(cli: Cli) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", hostbind_fsutil::error_report(e.as_ref()));
         std::process::exit(1);
     }
 }

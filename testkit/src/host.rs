@@ -201,15 +201,11 @@ impl Host {
     /// Issues a license for this host with `hostbind-issuer license issue` and returns its path.
     pub fn issue_license(&self, vendor: &Vendor, product: &str, seats: u32, count_mode: &str, extra: &[&str]) -> Result<PathBuf, TestkitError> {
         let out = vendor.dir().join(format!("{product}-{}-{count_mode}-{seats}.license", &self.host_id[..8]));
-        let seats = seats.to_string();
+        let (seats, key, outs) = (seats.to_string(), p(&vendor.key()), p(&out));
         let mut args = vec![
-            "license", "issue", "--key", "", "--customer", "ACME", "--host", &self.host_id, "--product", product, "--seats", &seats,
-            "--count-mode", count_mode, "--out", "", "--force",
+            "license", "issue", "--key", &key, "--customer", "ACME", "--host", &self.host_id, "--product", product, "--seats", &seats,
+            "--count-mode", count_mode, "--out", &outs, "--force",
         ];
-        let key = p(&vendor.key());
-        let outs = p(&out);
-        args[3] = &key;
-        args[14] = &outs;
         args.extend_from_slice(extra);
         run_ok("hostbind-issuer", &args)?;
         Ok(out)
@@ -221,9 +217,9 @@ impl Host {
         cmd.arg("--config").arg(self.config()).arg("run").env("TSS2_LOG", "all+none");
         let log = self.dir().join(format!("proxy-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)));
         let mut proc_ = Proc::spawn("hostbind-proxy", cmd, &log)?;
-        proc_.wait_for_path(&self.dir().join("admin.sock"), Duration::from_secs(20))?;
+        proc_.wait_for_socket(&self.dir().join("admin.sock"), Duration::from_secs(20))?;
         for vm in &self.vms {
-            proc_.wait_for_path(&vm.socket, Duration::from_secs(5))?;
+            proc_.wait_for_socket(&vm.socket, Duration::from_secs(5))?;
         }
         self.proxy = Some(proc_);
         Ok(())
@@ -278,7 +274,7 @@ impl Agent {
             .arg(dir.path().join("state"))
             .env("RUST_LOG", "debug");
         let mut proc_ = Proc::spawn("hostbind-agent", cmd, &dir.path().join("agent.log"))?;
-        proc_.wait_for_path(&socket, Duration::from_secs(10))?;
+        proc_.wait_for_socket(&socket, Duration::from_secs(10))?;
         Ok(Agent { proc_, socket, _dir: dir })
     }
 

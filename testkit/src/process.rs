@@ -101,11 +101,11 @@ impl Proc {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// Waits until `path` exists (a socket the process creates) or fails with its log.
-    pub fn wait_for_path(&mut self, path: &Path, timeout: Duration) -> Result<(), TestkitError> {
+    /// Waits until the process accepts connections on the Unix socket `path`, or fails with its log.
+    pub fn wait_for_socket(&mut self, path: &Path, timeout: Duration) -> Result<(), TestkitError> {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
-            if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Ok(());
             }
             if !self.running() {
