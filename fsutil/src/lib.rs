@@ -78,6 +78,22 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<()
     write_atomic(path, bytes, mode)
 }
 
+/// Renders an error and its causes for a person, one `: `-separated line, skipping causes whose
+/// text the message before already contains (many errors quote their cause).
+pub fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,20 +110,4 @@ mod tests {
         assert_eq!(read(&p).unwrap(), b"two");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp file left");
     }
-}
-
-/// Renders an error and its causes for a person, one `: `-separated line, skipping causes whose
-/// text the message before already contains (many errors quote their cause).
-pub fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
 }

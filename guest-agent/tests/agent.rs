@@ -895,3 +895,37 @@ async fn dropped_event_subscriptions_do_not_hurt_the_agent() {
     client.status().await.unwrap();
     agent.shutdown().await;
 }
+
+/// Between the new host's HelloAck and the re-acquisition, the old host's cached token must not
+/// be handed out (B holds the re-acquisition so the window stays open).
+#[tokio::test]
+async fn old_host_tokens_are_dropped_as_soon_as_the_new_host_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("proxy.sock");
+    let host_a = ScriptedProxy::start(&sock, 0xd1, 60);
+    let (agent, client) = start_agent(dir.path(), &sock).await;
+    wait_connected(&client, None).await;
+    let a = client.token(&vm_req("cad")).await.unwrap();
+    assert!(client.token(&vm_req("cad")).await.unwrap().cached);
+    let mut events = client.events().await.unwrap();
+    host_a.stop();
+    drop(host_a);
+    let host_b = ScriptedProxy::start(&sock, 0xd2, 60);
+    host_b.hold_token_requests(1000);
+    next_matching(
+        &mut events,
+        Duration::from_secs(5),
+        |k| matches!(k, EventKind::Connected { host_id, .. } if *host_id == host_b.host_hex()),
+    )
+    .await;
+    let quick = client.clone().with_timeout(Duration::from_millis(700));
+    match quick.token(&vm_req("cad")).await {
+        Ok(t) => panic!(
+            "served a token while re-acquiring: host {} (old host {}), cached {}",
+            t.host_id, a.host_id, t.cached
+        ),
+        Err(ClientError::Timeout(_)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    agent.abort().await;
+}

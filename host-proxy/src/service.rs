@@ -481,7 +481,7 @@ impl Service {
         let Ok(c) = self.conns.lock() else { return };
         for conn in c.values().filter(|c| c.vm_uuid == vm_uuid) {
             let ev = Event {
-                kind: kind.clone(),
+                kind,
                 lease_id: lease.map(|l| l.id.clone()),
                 product: lease.map(|l| l.product.clone()),
                 message: message.clone(),

@@ -6,10 +6,9 @@
 use hostbind_attest::enroll::{self, EnrollAnswer, EnrollError};
 use hostbind_attest::keys::{TokenKey, VendorKey};
 use hostbind_attest::signed::{open, sign, ClonePolicy, CountMode, License, ObjectKind, SignedError, Validity};
-use hostbind_attest::token::{key_binding, KeyEvidence, TokenClaims, TokenSigner};
+use hostbind_attest::token::{KeyEvidence, TokenClaims, TokenSigner};
 use hostbind_attest::verify::{verify_token, VerifyError};
 use hostbind_proxy::enroll as host;
-use hostbind_proxy::tpm::Tpm;
 use hostbind_testkit::{LocalCa, Swtpm};
 
 mod common;
