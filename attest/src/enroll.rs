@@ -11,8 +11,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use std::collections::BTreeMap;
+use subtle::ConstantTimeEq;
 use x509_parser::prelude::*;
 
 /// `kind` of an enrollment request file.
@@ -31,10 +31,16 @@ const MAX_CHAIN: usize = 8;
 pub enum EnrollError {
     /// File of the wrong kind or version.
     #[error("expected a {expected} (version {ENROLL_VERSION}) but got '{found}'")]
-    WrongFile { expected: &'static str, found: String },
+    WrongFile {
+        expected: &'static str,
+        found: String,
+    },
     /// EK or AK public area unusable.
     #[error("{what}: {source}")]
-    Tpm { what: &'static str, source: TpmError },
+    Tpm {
+        what: &'static str,
+        source: TpmError,
+    },
     /// EK certificate unparsable.
     #[error("EK certificate is not valid DER X.509: {0}")]
     EkCertificate(String),
@@ -61,7 +67,9 @@ pub enum EnrollError {
     #[error("cannot build the credential challenge: {0}")]
     Credential(#[from] CredentialError),
     /// The challenge expired.
-    #[error("the enrollment challenge expired at {0}; run `hostbind-issuer enroll challenge` again")]
+    #[error(
+        "the enrollment challenge expired at {0}; run `hostbind-issuer enroll challenge` again"
+    )]
     ChallengeExpired(String),
     /// The answer's secret is wrong: activated by another TPM, or not for this request.
     #[error("the challenge was not answered by the TPM holding this EK and AK (wrong secret): the answer comes from a different TPM or was altered")]
@@ -198,8 +206,8 @@ pub fn verify_ek_certificate(
     if trust.is_empty() {
         return Err(EnrollError::NoTrustAnchors);
     }
-    let (_, cert) =
-        X509Certificate::from_der(ek_cert).map_err(|e| EnrollError::EkCertificate(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(ek_cert)
+        .map_err(|e| EnrollError::EkCertificate(e.to_string()))?;
     // The certificate must be for this EK.
     let spki = cert
         .public_key()
@@ -211,7 +219,10 @@ pub fn verify_ek_certificate(
         }
         (x509_parser::public_key::PublicKey::EC(p), PublicKey::Ecc { x, y, .. }) => {
             let d = p.data();
-            d.len() == 1 + x.len() + y.len() && d[0] == 4 && d[1..1 + x.len()] == x[..] && d[1 + x.len()..] == y[..]
+            d.len() == 1 + x.len() + y.len()
+                && d[0] == 4
+                && d[1..1 + x.len()] == x[..]
+                && d[1 + x.len()..] == y[..]
         }
         _ => false,
     };
@@ -260,7 +271,13 @@ pub fn verify_ek_certificate(
 
 impl EnrollRequest {
     /// Builds a request.
-    pub fn new(ek_cert: Vec<u8>, ek_public: Vec<u8>, ak_public: Vec<u8>, facts: BTreeMap<String, String>, now: u64) -> Self {
+    pub fn new(
+        ek_cert: Vec<u8>,
+        ek_public: Vec<u8>,
+        ak_public: Vec<u8>,
+        facts: BTreeMap<String, String>,
+        now: u64,
+    ) -> Self {
         EnrollRequest {
             kind: KIND_REQUEST.into(),
             version: ENROLL_VERSION,
@@ -316,7 +333,9 @@ pub fn create_challenge(
     let (ek, ak) = req.check(trust, now)?;
     let digest = req.digest()?;
     let mut nonce = [0u8; 32];
-    SystemRandom::new().fill(&mut nonce).map_err(|_| EnrollError::Rng)?;
+    SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| EnrollError::Rng)?;
     let expires_at = now.saturating_add(ttl_secs);
     let secret = challenge_secret(vendor, &digest, &nonce, expires_at);
     let ak_name = ak.name().map_err(|source| EnrollError::Tpm {
@@ -369,12 +388,15 @@ pub fn finish(
     if !bool::from(expected.as_slice().ct_eq(ans.secret.as_slice())) {
         return Err(EnrollError::WrongSecret);
     }
-    let quote = tpm::verify_quote(&ak, &ans.quote_attest, &ans.quote_signature).map_err(EnrollError::Quote)?;
+    let quote = tpm::verify_quote(&ak, &ans.quote_attest, &ans.quote_signature)
+        .map_err(EnrollError::Quote)?;
     if quote.extra_data != answer_binding(&ans.nonce) {
         return Err(EnrollError::QuoteNonce);
     }
     let mut serial = [0u8; 16];
-    SystemRandom::new().fill(&mut serial).map_err(|_| EnrollError::Rng)?;
+    SystemRandom::new()
+        .fill(&mut serial)
+        .map_err(|_| EnrollError::Rng)?;
     let cert = HostCertificate {
         host_id: ByteBuf::from(host_id(&ans.request.ek_public).to_vec()),
         ak_public: ans.request.ak_public.clone(),

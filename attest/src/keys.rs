@@ -12,7 +12,9 @@ pub enum KeyError {
     #[error("could not generate a key: the system random number generator failed")]
     Generate,
     /// The bytes are not an Ed25519 PKCS#8 private key.
-    #[error("not a valid Ed25519 PKCS#8 vendor key; use a file written by `hostbind-issuer keygen`")]
+    #[error(
+        "not a valid Ed25519 PKCS#8 vendor key; use a file written by `hostbind-issuer keygen`"
+    )]
     BadVendorKey,
     /// The bytes are not a 32-byte Ed25519 public key.
     #[error("vendor public key must be 32 bytes (64 hex characters), got {0} bytes")]
@@ -94,7 +96,9 @@ pub struct VendorPublicKey(pub [u8; 32]);
 impl VendorPublicKey {
     /// From the 32 raw key bytes.
     pub fn from_bytes(b: &[u8]) -> Result<VendorPublicKey, KeyError> {
-        let arr: [u8; 32] = b.try_into().map_err(|_| KeyError::BadVendorPublicKey(b.len()))?;
+        let arr: [u8; 32] = b
+            .try_into()
+            .map_err(|_| KeyError::BadVendorPublicKey(b.len()))?;
         Ok(VendorPublicKey(arr))
     }
 

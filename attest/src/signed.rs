@@ -1,7 +1,9 @@
 //! Vendor-signed objects (host certificates, licenses) as COSE_Sign1 with an EdDSA signature.
 
 use crate::keys::{VendorKey, VendorPublicKey};
-use coset::{iana, CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable};
+use coset::{
+    iana, CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -23,7 +25,10 @@ pub enum SignedError {
     Malformed { what: &'static str, reason: String },
     /// A different kind of hostbind object.
     #[error("expected a {expected} but this is a {found}")]
-    WrongKind { expected: &'static str, found: String },
+    WrongKind {
+        expected: &'static str,
+        found: String,
+    },
     /// Signed by another vendor key (kid differs).
     #[error("{what} was signed by a different vendor key (key id {found}, expected {expected}); check you use the right vendor public key")]
     OtherKey {
@@ -87,7 +92,11 @@ pub fn from_cbor<T: DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T,
 }
 
 /// Signs `payload` as a COSE_Sign1 of `kind` with the vendor key.
-pub fn sign<T: Serialize>(kind: ObjectKind, payload: &T, key: &VendorKey) -> Result<Vec<u8>, SignedError> {
+pub fn sign<T: Serialize>(
+    kind: ObjectKind,
+    payload: &T,
+    key: &VendorKey,
+) -> Result<Vec<u8>, SignedError> {
     let protected = HeaderBuilder::new()
         .algorithm(iana::Algorithm::EdDSA)
         .content_type(kind.content_type().to_string())
@@ -302,7 +311,9 @@ impl std::str::FromStr for ClonePolicy {
         match s {
             "observe" => Ok(ClonePolicy::Observe),
             "enforce" => Ok(ClonePolicy::Enforce),
-            o => Err(format!("unknown clone policy '{o}': use observe or enforce")),
+            o => Err(format!(
+                "unknown clone policy '{o}': use observe or enforce"
+            )),
         }
     }
 }
@@ -383,7 +394,10 @@ mod tests {
         for i in 0..b.len() {
             let mut t = b.clone();
             t[i] ^= 0x01;
-            assert!(open::<License>(ObjectKind::License, &t, &k.public()).is_err(), "byte {i}");
+            assert!(
+                open::<License>(ObjectKind::License, &t, &k.public()).is_err(),
+                "byte {i}"
+            );
         }
     }
 

@@ -5,7 +5,9 @@ use crate::keys::{KeyError, TokenKey};
 use crate::signed::{to_cbor, SignedError, CT_TOKEN};
 use ciborium::Value;
 use coset::cwt::{ClaimName, ClaimsSet, Timestamp};
-use coset::{iana, CborSerializable, CoseSign1Builder, HeaderBuilder, Label, TaggedCborSerializable};
+use coset::{
+    iana, CborSerializable, CoseSign1Builder, HeaderBuilder, Label, TaggedCborSerializable,
+};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
@@ -108,15 +110,30 @@ impl TokenClaims {
     /// Encodes the claims as a CWT claims set.
     pub fn to_claims_set(&self) -> ClaimsSet {
         let mut rest = vec![
-            (ClaimName::PrivateUse(CLAIM_PRODUCT), Value::Text(self.product.clone())),
+            (
+                ClaimName::PrivateUse(CLAIM_PRODUCT),
+                Value::Text(self.product.clone()),
+            ),
             (
                 ClaimName::PrivateUse(CLAIM_FEATURES),
                 Value::Array(self.features.iter().cloned().map(Value::Text).collect()),
             ),
-            (ClaimName::PrivateUse(CLAIM_SCOPE), Value::Text(self.scope.clone())),
-            (ClaimName::PrivateUse(CLAIM_LICENSE), Value::Text(self.license_id.clone())),
-            (ClaimName::PrivateUse(CLAIM_QUOTE_REF), Value::Bytes(self.quote_ref.clone())),
-            (ClaimName::PrivateUse(CLAIM_VM_NAME), Value::Text(self.vm_name.clone())),
+            (
+                ClaimName::PrivateUse(CLAIM_SCOPE),
+                Value::Text(self.scope.clone()),
+            ),
+            (
+                ClaimName::PrivateUse(CLAIM_LICENSE),
+                Value::Text(self.license_id.clone()),
+            ),
+            (
+                ClaimName::PrivateUse(CLAIM_QUOTE_REF),
+                Value::Bytes(self.quote_ref.clone()),
+            ),
+            (
+                ClaimName::PrivateUse(CLAIM_VM_NAME),
+                Value::Text(self.vm_name.clone()),
+            ),
         ];
         let mut ueid = vec![0x01];
         ueid.extend_from_slice(&self.host_id);
@@ -131,7 +148,10 @@ impl TokenClaims {
             ));
         }
         if let Some(c) = &self.chain_head {
-            rest.push((ClaimName::PrivateUse(CLAIM_CHAIN_HEAD), Value::Bytes(c.clone())));
+            rest.push((
+                ClaimName::PrivateUse(CLAIM_CHAIN_HEAD),
+                Value::Bytes(c.clone()),
+            ));
         }
         ClaimsSet {
             issuer: Some(hex::encode(&self.host_id)),
@@ -150,7 +170,9 @@ impl TokenClaims {
         fn secs(t: &Option<Timestamp>, name: &str) -> Result<u64, String> {
             match t {
                 Some(Timestamp::WholeSeconds(s)) if *s >= 0 => Ok(*s as u64),
-                _ => Err(format!("claim {name} is missing or not a whole number of seconds")),
+                _ => Err(format!(
+                    "claim {name} is missing or not a whole number of seconds"
+                )),
             }
         }
         let find = |n: ClaimName| c.rest.iter().find(|(k, _)| *k == n).map(|(_, v)| v);
@@ -211,7 +233,11 @@ pub struct TokenSigner {
 
 impl TokenSigner {
     /// Bundles a token key, the quote that certifies it, and the host certificate.
-    pub fn new(key: TokenKey, evidence: KeyEvidence, host_cert: Vec<u8>) -> Result<TokenSigner, TokenError> {
+    pub fn new(
+        key: TokenKey,
+        evidence: KeyEvidence,
+        host_cert: Vec<u8>,
+    ) -> Result<TokenSigner, TokenError> {
         let evidence_cbor = to_cbor("key evidence", &evidence)?;
         let quote_ref = Sha256::digest(&evidence.attest).to_vec();
         Ok(TokenSigner {

@@ -5,7 +5,9 @@ use crate::signed::{
     content_type, fmt_time, from_cbor, open, parse_sign1, HostCertificate, ObjectKind, SignedError,
     Window, CT_TOKEN,
 };
-use crate::token::{header_bytes, key_binding, KeyEvidence, TokenClaims, HDR_HOST_CERT, HDR_KEY_EVIDENCE};
+use crate::token::{
+    header_bytes, key_binding, KeyEvidence, TokenClaims, HDR_HOST_CERT, HDR_KEY_EVIDENCE,
+};
 use crate::tpm::{self, TpmError};
 use coset::{iana, CborSerializable};
 use sha2::{Digest, Sha256};

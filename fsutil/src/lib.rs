@@ -104,10 +104,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("k");
         write_new(&p, b"one", 0o600, false).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(matches!(write_new(&p, b"two", 0o600, false), Err(FileError::Exists(_))));
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            write_new(&p, b"two", 0o600, false),
+            Err(FileError::Exists(_))
+        ));
         write_new(&p, b"two", 0o600, true).unwrap();
         assert_eq!(read(&p).unwrap(), b"two");
-        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 }

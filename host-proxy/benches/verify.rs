@@ -50,13 +50,15 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("token_sign", |b| b.iter(|| s.issue(&claims).unwrap()));
     let ev = s.evidence().clone();
-    let ak = tpm::parse_public(&hostbind_attest::signed::open::<hostbind_attest::signed::HostCertificate>(
-        hostbind_attest::signed::ObjectKind::HostCertificate,
-        &cert,
-        &vp,
+    let ak = tpm::parse_public(
+        &hostbind_attest::signed::open::<hostbind_attest::signed::HostCertificate>(
+            hostbind_attest::signed::ObjectKind::HostCertificate,
+            &cert,
+            &vp,
+        )
+        .unwrap()
+        .ak_public,
     )
-    .unwrap()
-    .ak_public)
     .unwrap();
     c.bench_function("quote_verify", |b| {
         b.iter(|| tpm::verify_quote(&ak, &ev.attest, &ev.signature).unwrap())

@@ -175,18 +175,28 @@ fn status(svc: &Service) -> Result<Status, String> {
 fn handle(svc: &Service, req: AdminRequest) -> AdminResponse {
     let r: Result<AdminResponse, String> = match req {
         AdminRequest::Status => status(svc).map(|s| AdminResponse::Status(Box::new(s))),
-        AdminRequest::LicenseAdd { bytes } => svc.add_license(&bytes).map(AdminResponse::LicenseAdded).map_err(|e| e.to_string()),
+        AdminRequest::LicenseAdd { bytes } => svc
+            .add_license(&bytes)
+            .map(AdminResponse::LicenseAdded)
+            .map_err(|e| e.to_string()),
         AdminRequest::LicenseList => svc
             .licenses()
             .map(|v| {
                 AdminResponse::Licenses(
                     v.into_iter()
-                        .map(|(r, l)| LicenseInfo { id: r.id, added_at: r.added_at, license: l })
+                        .map(|(r, l)| LicenseInfo {
+                            id: r.id,
+                            added_at: r.added_at,
+                            license: l,
+                        })
                         .collect(),
                 )
             })
             .map_err(|e| e.to_string()),
-        AdminRequest::LicenseRemove { id } => svc.remove_license(&id).map(AdminResponse::LicenseRemoved).map_err(|e| e.to_string()),
+        AdminRequest::LicenseRemove { id } => svc
+            .remove_license(&id)
+            .map(AdminResponse::LicenseRemoved)
+            .map_err(|e| e.to_string()),
         AdminRequest::Leases { offset } => svc
             .ledger()
             .leases()
@@ -199,7 +209,10 @@ fn handle(svc: &Service, req: AdminRequest) -> AdminResponse {
                 }
             })
             .map_err(|e| e.to_string()),
-        AdminRequest::Release { lease_id } => svc.admin_release(&lease_id).map(AdminResponse::Released).map_err(|e| e.to_string()),
+        AdminRequest::Release { lease_id } => svc
+            .admin_release(&lease_id)
+            .map(AdminResponse::Released)
+            .map_err(|e| e.to_string()),
     };
     r.unwrap_or_else(AdminResponse::Error)
 }
@@ -212,7 +225,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, crate::server::ListenError> {
 /// Serves admin connections until the task is dropped.
 pub async fn serve(svc: Arc<Service>, listener: UnixListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let svc = svc.clone();
         tokio::spawn(async move {
             let mut f = Framed::new(stream, FrameCodec::<AdminRequest>::new());
@@ -260,10 +275,12 @@ pub struct AdminClient {
 impl AdminClient {
     /// Connects.
     pub async fn connect(path: &Path) -> Result<AdminClient, AdminError> {
-        let stream = UnixStream::connect(path).await.map_err(|source| AdminError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| AdminError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
         Ok(AdminClient { stream, next_id: 1 })
     }
 
@@ -289,7 +306,12 @@ impl AdminClient {
     pub async fn all_leases(&mut self) -> Result<Vec<Lease>, AdminError> {
         let mut out = Vec::new();
         loop {
-            match self.call(AdminRequest::Leases { offset: out.len() as u32 }).await? {
+            match self
+                .call(AdminRequest::Leases {
+                    offset: out.len() as u32,
+                })
+                .await?
+            {
                 AdminResponse::Leases { leases, more } => {
                     let n = leases.len();
                     out.extend(leases);

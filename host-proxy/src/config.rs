@@ -42,9 +42,11 @@ pub struct Dur(pub Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Dur)
-            .map_err(|e| de::Error::custom(format!("invalid duration '{s}' ({e}); write e.g. \"30s\", \"5m\" or \"1h\"")))
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration '{s}' ({e}); write e.g. \"30s\", \"5m\" or \"1h\""
+            ))
+        })
     }
 }
 
@@ -202,7 +204,10 @@ pub struct VmConfig {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map(|i| before.len() - i).unwrap_or(before.len() + 1);
+    let col = before
+        .rfind('\n')
+        .map(|i| before.len() - i)
+        .unwrap_or(before.len() + 1);
     (line, col)
 }
 
@@ -235,7 +240,11 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
-        if !(self.tpm.starts_with("device:") || self.tpm.starts_with("swtpm:") || self.tpm.starts_with("mssim:") || self.tpm.starts_with("tabrmd")) {
+        if !(self.tpm.starts_with("device:")
+            || self.tpm.starts_with("swtpm:")
+            || self.tpm.starts_with("mssim:")
+            || self.tpm.starts_with("tabrmd"))
+        {
             return Err(format!("tpm = '{}' is not a TCTI this proxy supports; use \"device:/dev/tpmrm0\" or \"swtpm:host=127.0.0.1,port=2321\"", self.tpm));
         }
         let l = &self.leases;
@@ -251,7 +260,12 @@ impl Config {
         if self.listen.vsock_port == 0 || self.listen.vsock_port == u32::MAX {
             return Err("listen.vsock_port must be a real port number".into());
         }
-        let (mut names, mut uuids, mut cids, mut paths) = (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
+        let (mut names, mut uuids, mut cids, mut paths) = (
+            HashSet::new(),
+            HashSet::new(),
+            HashSet::new(),
+            HashSet::new(),
+        );
         for vm in &self.vms {
             if vm.name.is_empty() || vm.name.len() > 128 {
                 return Err("every [[vm]] needs a name of 1 to 128 characters".into());
@@ -264,21 +278,38 @@ impl Config {
             }
             if let Some(c) = vm.cid {
                 if c < 3 {
-                    return Err(format!("vm '{}': cid {c} is reserved (guest CIDs start at 3)", vm.name));
+                    return Err(format!(
+                        "vm '{}': cid {c} is reserved (guest CIDs start at 3)",
+                        vm.name
+                    ));
                 }
                 if !cids.insert(c) {
-                    return Err(format!("vm '{}': cid {c} is used by another [[vm]]", vm.name));
+                    return Err(format!(
+                        "vm '{}': cid {c} is used by another [[vm]]",
+                        vm.name
+                    ));
                 }
             }
             if vm.cid.is_none() && vm.vhost_uds.is_none() && vm.unix_socket.is_none() {
-                return Err(format!("vm '{}' has no way to reach it: set cid, vhost_uds or unix_socket", vm.name));
+                return Err(format!(
+                    "vm '{}' has no way to reach it: set cid, vhost_uds or unix_socket",
+                    vm.name
+                ));
             }
             for p in [&vm.vhost_uds, &vm.unix_socket].into_iter().flatten() {
                 if !p.is_absolute() {
-                    return Err(format!("vm '{}': socket path {} must be absolute", vm.name, p.display()));
+                    return Err(format!(
+                        "vm '{}': socket path {} must be absolute",
+                        vm.name,
+                        p.display()
+                    ));
                 }
                 if !paths.insert(p) {
-                    return Err(format!("vm '{}': socket path {} is used twice", vm.name, p.display()));
+                    return Err(format!(
+                        "vm '{}': socket path {} is used twice",
+                        vm.name,
+                        p.display()
+                    ));
                 }
             }
         }
@@ -335,17 +366,32 @@ vhost_uds = "/tmp/b.vsock"
 
     #[test]
     fn bad_values_are_rejected_with_reason() {
-        let e = Config::parse(&GOOD.replace("\"30s\"", "\"soon\""), "p.toml").unwrap_err().to_string();
-        assert!(e.contains("p.toml:5:") && e.contains("invalid duration 'soon'"), "{e}");
-        let e = Config::parse(&GOOD.replace("0c5e1f1d2a01", "zz"), "p.toml").unwrap_err().to_string();
+        let e = Config::parse(&GOOD.replace("\"30s\"", "\"soon\""), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("p.toml:5:") && e.contains("invalid duration 'soon'"),
+            "{e}"
+        );
+        let e = Config::parse(&GOOD.replace("0c5e1f1d2a01", "zz"), "p.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("invalid VM uuid"), "{e}");
-        let e = Config::parse(&GOOD.replace("cid = 4", "cid = 2"), "p.toml").unwrap_err().to_string();
+        let e = Config::parse(&GOOD.replace("cid = 4", "cid = 2"), "p.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cid 2 is reserved"), "{e}");
-        let e = Config::parse(&GOOD.replace("/tmp/b.vsock", "/tmp/a.sock"), "p.toml").unwrap_err().to_string();
+        let e = Config::parse(&GOOD.replace("/tmp/b.vsock", "/tmp/a.sock"), "p.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("used twice"), "{e}");
-        let e = Config::parse(&GOOD.replace("name = \"b\"", "name = \"a\""), "p.toml").unwrap_err().to_string();
+        let e = Config::parse(&GOOD.replace("name = \"b\"", "name = \"a\""), "p.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("two [[vm]] entries are named 'a'"), "{e}");
-        let e = Config::parse(&GOOD.replace("tpm = \"swtpm", "tpm = \"tcp"), "p.toml").unwrap_err().to_string();
+        let e = Config::parse(&GOOD.replace("tpm = \"swtpm", "tpm = \"tcp"), "p.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a TCTI"), "{e}");
     }
 }

@@ -18,7 +18,8 @@ pub const LEDGER_FILE: &str = "ledger.redb";
 
 fn ensure_parent(p: &Path) -> Result<()> {
     if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create directory {}", d.display()))?;
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("cannot create directory {}", d.display()))?;
     }
     Ok(())
 }
@@ -47,7 +48,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             let l = bind_unix(p, 0o660)?;
             tracing::info!(vm = %vm.name, "listening on {}", p.display());
             sockets.push(p.clone());
-            tasks.push(tokio::spawn(accept_unix(svc.clone(), l, vm.clone(), "unix")));
+            tasks.push(tokio::spawn(accept_unix(
+                svc.clone(),
+                l,
+                vm.clone(),
+                "unix",
+            )));
         }
         if let Some(uds) = &vmc.vhost_uds {
             let p = hybrid_path(uds, cfg.listen.vsock_port);
@@ -55,7 +61,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             let l = bind_unix(&p, 0o660)?;
             tracing::info!(vm = %vm.name, "listening on hybrid vsock {}", p.display());
             sockets.push(p);
-            tasks.push(tokio::spawn(accept_unix(svc.clone(), l, vm.clone(), "hybrid vsock")));
+            tasks.push(tokio::spawn(accept_unix(
+                svc.clone(),
+                l,
+                vm.clone(),
+                "hybrid vsock",
+            )));
         }
     }
     if cfg.listen.af_vsock {

@@ -2,9 +2,13 @@
 //! install the host certificate; and load the installed identity for the daemon.
 
 use crate::tpm::{Tpm, TpmError};
-use hostbind_attest::enroll::{self, answer_binding, EnrollAnswer, EnrollChallenge, EnrollRequest, ENROLL_VERSION, KIND_ANSWER};
+use hostbind_attest::enroll::{
+    self, answer_binding, EnrollAnswer, EnrollChallenge, EnrollRequest, ENROLL_VERSION, KIND_ANSWER,
+};
 use hostbind_attest::keys::VendorPublicKey;
-use hostbind_attest::signed::{from_cbor, open, to_cbor, HostCertificate, ObjectKind, SignedError, Window};
+use hostbind_attest::signed::{
+    from_cbor, open, to_cbor, HostCertificate, ObjectKind, SignedError, Window,
+};
 use hostbind_fsutil::{read, write_atomic, FileError};
 use serde_bytes::ByteBuf;
 use std::collections::BTreeMap;
@@ -88,7 +92,11 @@ fn hostname() -> String {
 }
 
 /// Creates (or reuses) the AK, builds the enrollment request and keeps a copy in the state dir.
-pub fn request(tpm: &mut Tpm, state_dir: &Path, now: u64) -> Result<EnrollRequest, HostEnrollError> {
+pub fn request(
+    tpm: &mut Tpm,
+    state_dir: &Path,
+    now: u64,
+) -> Result<EnrollRequest, HostEnrollError> {
     ensure_dir(state_dir)?;
     let ek = tpm.endorsement()?;
     let ak = tpm.load_or_create_ak(state_dir)?;
@@ -96,12 +104,20 @@ pub fn request(tpm: &mut Tpm, state_dir: &Path, now: u64) -> Result<EnrollReques
     facts.insert("hostname".to_string(), hostname());
     facts.insert("ek_kind".to_string(), format!("{:?}", ek.kind));
     let req = EnrollRequest::new(ek.cert_der, ek.public, ak.public, facts, now);
-    write_atomic(&state_dir.join(REQUEST_FILE), &to_cbor("enrollment request", &req)?, 0o600)?;
+    write_atomic(
+        &state_dir.join(REQUEST_FILE),
+        &to_cbor("enrollment request", &req)?,
+        0o600,
+    )?;
     Ok(req)
 }
 
 /// Activates the challenge's credential with the TPM and quotes the nonce with the AK.
-pub fn answer(tpm: &mut Tpm, state_dir: &Path, chal: &EnrollChallenge) -> Result<EnrollAnswer, HostEnrollError> {
+pub fn answer(
+    tpm: &mut Tpm,
+    state_dir: &Path,
+    chal: &EnrollChallenge,
+) -> Result<EnrollAnswer, HostEnrollError> {
     chal.check_kind()?;
     let req_path = state_dir.join(REQUEST_FILE);
     if !req_path.exists() {
@@ -116,7 +132,9 @@ pub fn answer(tpm: &mut Tpm, state_dir: &Path, chal: &EnrollChallenge) -> Result
         });
     }
     if chal.request_digest.as_slice() != req.digest()? {
-        return Err(HostEnrollError::StaleChallenge(req_path.display().to_string()));
+        return Err(HostEnrollError::StaleChallenge(
+            req_path.display().to_string(),
+        ));
     }
     tpm.endorsement()?;
     tpm.load_or_create_ak(state_dir)?;
@@ -177,9 +195,14 @@ pub fn load_identity(state_dir: &Path) -> Result<HostIdentity, HostEnrollError> 
             return Err(HostEnrollError::NotEnrolled(p(f).display().to_string()));
         }
     }
-    let vendor = VendorPublicKey::from_bytes(&read(&p(VENDOR_PUB_FILE))?)
-        .map_err(|e| HostEnrollError::NotEnrolled(format!("valid {} ({e})", p(VENDOR_PUB_FILE).display())))?;
+    let vendor = VendorPublicKey::from_bytes(&read(&p(VENDOR_PUB_FILE))?).map_err(|e| {
+        HostEnrollError::NotEnrolled(format!("valid {} ({e})", p(VENDOR_PUB_FILE).display()))
+    })?;
     let cert_bytes = read(&p(HOST_CERT_FILE))?;
     let cert = open(ObjectKind::HostCertificate, &cert_bytes, &vendor)?;
-    Ok(HostIdentity { cert_bytes, cert, vendor })
+    Ok(HostIdentity {
+        cert_bytes,
+        cert,
+        vendor,
+    })
 }

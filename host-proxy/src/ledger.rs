@@ -199,7 +199,11 @@ fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, LedgerError> {
     Ok(out)
 }
 
-fn dec<T: serde::de::DeserializeOwned>(table: &'static str, key: &str, b: &[u8]) -> Result<T, LedgerError> {
+fn dec<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    b: &[u8],
+) -> Result<T, LedgerError> {
     ciborium::from_reader(b).map_err(|e| LedgerError::Corrupt {
         table,
         key: key.to_string(),
@@ -225,7 +229,12 @@ impl Hist {
             detail: detail.into(),
         }
     }
-    fn other(event: HistoryEvent, vm_uuid: Option<&str>, product: &str, detail: impl Into<String>) -> Hist {
+    fn other(
+        event: HistoryEvent,
+        vm_uuid: Option<&str>,
+        product: &str,
+        detail: impl Into<String>,
+    ) -> Hist {
         Hist {
             event,
             lease_id: None,
@@ -238,21 +247,38 @@ impl Hist {
 
 fn new_lease_id() -> Result<String, LedgerError> {
     let mut b = [0u8; 16];
-    SystemRandom::new().fill(&mut b).map_err(|_| LedgerError::Rng)?;
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| LedgerError::Rng)?;
     Ok(hex::encode(b))
 }
 
 /// Seat use of `product` among `leases` at `now`: (seats in use, holder descriptions).
-fn seat_use<'a>(leases: impl Iterator<Item = &'a Lease>, product: &str, mode: CountMode, now: u64) -> (u32, Vec<String>, BTreeSet<String>) {
-    let live: Vec<&Lease> = leases.filter(|l| l.product == product && l.expires_at > now).collect();
+fn seat_use<'a>(
+    leases: impl Iterator<Item = &'a Lease>,
+    product: &str,
+    mode: CountMode,
+    now: u64,
+) -> (u32, Vec<String>, BTreeSet<String>) {
+    let live: Vec<&Lease> = leases
+        .filter(|l| l.product == product && l.expires_at > now)
+        .collect();
     let mut per_vm: BTreeMap<(&str, &str), u32> = BTreeMap::new();
     for l in &live {
-        *per_vm.entry((l.vm_name.as_str(), l.vm_uuid.as_str())).or_default() += 1;
+        *per_vm
+            .entry((l.vm_name.as_str(), l.vm_uuid.as_str()))
+            .or_default() += 1;
     }
     let vms: BTreeSet<String> = per_vm.keys().map(|(_, u)| u.to_string()).collect();
     let holders = per_vm
         .iter()
-        .map(|((n, _), c)| if *c > 1 && mode == CountMode::Access { format!("{n} ({c})") } else { n.to_string() })
+        .map(|((n, _), c)| {
+            if *c > 1 && mode == CountMode::Access {
+                format!("{n} ({c})")
+            } else {
+                n.to_string()
+            }
+        })
         .collect();
     let in_use = match mode {
         CountMode::Vm => per_vm.len() as u32,
@@ -298,7 +324,12 @@ impl Ledger {
         tx.commit().map_err(storage)?;
         let rtx = db.begin_read().map_err(storage)?;
         let mut leases = HashMap::new();
-        for r in rtx.open_table(LEASES).map_err(storage)?.iter().map_err(storage)? {
+        for r in rtx
+            .open_table(LEASES)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
             let (k, v) = r.map_err(storage)?;
             let l: Lease = dec("leases", k.value(), v.value())?;
             leases.insert(l.id.clone(), l);
@@ -353,7 +384,13 @@ impl Ledger {
     }
 
     /// Adds a license; the previous license of the same product is replaced. Returns the id it replaced.
-    pub fn put_license(&self, id: &str, product: &str, signed_bytes: &[u8], now: u64) -> Result<Option<String>, LedgerError> {
+    pub fn put_license(
+        &self,
+        id: &str,
+        product: &str,
+        signed_bytes: &[u8],
+        now: u64,
+    ) -> Result<Option<String>, LedgerError> {
         let mut mem = self.lock();
         let rec = LicenseRecord {
             id: id.to_string(),
@@ -365,7 +402,10 @@ impl Ledger {
         self.write(&mut mem, now, |tx, hist| {
             let mut t = tx.open_table(LICENSES).map_err(storage)?;
             let mut replaced = None;
-            for old in existing.iter().filter(|o| o.product == product && o.id != id) {
+            for old in existing
+                .iter()
+                .filter(|o| o.product == product && o.id != id)
+            {
                 t.remove(old.id.as_str()).map_err(storage)?;
                 replaced = Some(old.id.clone());
             }
@@ -374,7 +414,12 @@ impl Ledger {
                 Some(o) => format!("license {id} added, replacing {o}"),
                 None => format!("license {id} added"),
             };
-            hist.push(Hist::other(HistoryEvent::LicenseAdded, None, product, detail));
+            hist.push(Hist::other(
+                HistoryEvent::LicenseAdded,
+                None,
+                product,
+                detail,
+            ));
             Ok(replaced)
         })
     }
@@ -382,7 +427,12 @@ impl Ledger {
     /// Removes a license and releases every lease drawn from it.
     pub fn remove_license(&self, id: &str, now: u64) -> Result<Vec<Lease>, LedgerError> {
         let mut mem = self.lock();
-        let ended: Vec<Lease> = mem.leases.values().filter(|l| l.license_id == id).cloned().collect();
+        let ended: Vec<Lease> = mem
+            .leases
+            .values()
+            .filter(|l| l.license_id == id)
+            .cloned()
+            .collect();
         self.write(&mut mem, now, |tx, hist| {
             let mut t = tx.open_table(LICENSES).map_err(storage)?;
             let rec = t.remove(id).map_err(storage)?.map(|v| v.value().to_vec());
@@ -393,9 +443,18 @@ impl Ledger {
             let mut lt = tx.open_table(LEASES).map_err(storage)?;
             for l in &ended {
                 lt.remove(l.id.as_str()).map_err(storage)?;
-                hist.push(Hist::lease(HistoryEvent::LeaseReleased, l, format!("license {id} removed")));
+                hist.push(Hist::lease(
+                    HistoryEvent::LeaseReleased,
+                    l,
+                    format!("license {id} removed"),
+                ));
             }
-            hist.push(Hist::other(HistoryEvent::LicenseRemoved, None, &rec.product, format!("license {id} removed")));
+            hist.push(Hist::other(
+                HistoryEvent::LicenseRemoved,
+                None,
+                &rec.product,
+                format!("license {id} removed"),
+            ));
             Ok(())
         })?;
         for l in &ended {
@@ -434,7 +493,12 @@ impl Ledger {
             };
             let detail = format!("refused {} ({}): {err}", req.vm_name, req.vm_uuid);
             self.write(&mut mem, req.now, |_, hist| {
-                hist.push(Hist::other(HistoryEvent::Refused, Some(req.vm_uuid), req.product, detail));
+                hist.push(Hist::other(
+                    HistoryEvent::Refused,
+                    Some(req.vm_uuid),
+                    req.product,
+                    detail,
+                ));
                 Ok(())
             })?;
             return Err(err);
@@ -453,8 +517,16 @@ impl Ledger {
             expires_at: req.now.saturating_add(req.ttl_secs),
         };
         self.write(&mut mem, req.now, |tx, hist| {
-            tx.open_table(LEASES).map_err(storage)?.insert(lease.id.as_str(), enc(&lease)?.as_slice()).map_err(storage)?;
-            let detail = format!("{} took a lease ({:?} scope{})", lease.vm_name, lease.scope, lease.pid.map(|p| format!(", pid {p}")).unwrap_or_default());
+            tx.open_table(LEASES)
+                .map_err(storage)?
+                .insert(lease.id.as_str(), enc(&lease)?.as_slice())
+                .map_err(storage)?;
+            let detail = format!(
+                "{} took a lease ({:?} scope{})",
+                lease.vm_name,
+                lease.scope,
+                lease.pid.map(|p| format!(", pid {p}")).unwrap_or_default()
+            );
             hist.push(Hist::lease(HistoryEvent::LeaseStarted, &lease, detail));
             Ok(())
         })?;
@@ -466,22 +538,36 @@ impl Ledger {
     pub fn renew(&self, lease_id: &str, ttl_secs: u64, now: u64) -> Result<Lease, LedgerError> {
         let mut mem = self.lock();
         let Some(old) = mem.leases.get(lease_id).cloned() else {
-            return Err(LedgerError::UnknownLease { id: lease_id.to_string() });
+            return Err(LedgerError::UnknownLease {
+                id: lease_id.to_string(),
+            });
         };
         if old.expires_at <= now {
             self.write(&mut mem, now, |tx, hist| {
-                tx.open_table(LEASES).map_err(storage)?.remove(lease_id).map_err(storage)?;
-                hist.push(Hist::lease(HistoryEvent::LeaseExpired, &old, "expired before its renewal arrived"));
+                tx.open_table(LEASES)
+                    .map_err(storage)?
+                    .remove(lease_id)
+                    .map_err(storage)?;
+                hist.push(Hist::lease(
+                    HistoryEvent::LeaseExpired,
+                    &old,
+                    "expired before its renewal arrived",
+                ));
                 Ok(())
             })?;
             mem.leases.remove(lease_id);
-            return Err(LedgerError::UnknownLease { id: lease_id.to_string() });
+            return Err(LedgerError::UnknownLease {
+                id: lease_id.to_string(),
+            });
         }
         let mut l = old;
         l.renewed_at = now;
         l.expires_at = now.saturating_add(ttl_secs);
         self.write(&mut mem, now, |tx, hist| {
-            tx.open_table(LEASES).map_err(storage)?.insert(lease_id, enc(&l)?.as_slice()).map_err(storage)?;
+            tx.open_table(LEASES)
+                .map_err(storage)?
+                .insert(lease_id, enc(&l)?.as_slice())
+                .map_err(storage)?;
             hist.push(Hist::lease(HistoryEvent::LeaseRenewed, &l, ""));
             Ok(())
         })?;
@@ -492,15 +578,28 @@ impl Ledger {
     /// Releases one lease.
     pub fn release(&self, lease_id: &str, reason: &str, now: u64) -> Result<Lease, LedgerError> {
         let mut v = self.release_where(|l| l.id == lease_id, reason, now)?;
-        v.pop().ok_or_else(|| LedgerError::UnknownLease { id: lease_id.to_string() })
+        v.pop().ok_or_else(|| LedgerError::UnknownLease {
+            id: lease_id.to_string(),
+        })
     }
 
     /// Releases every lease matching `pred` (e.g. all of a VM) in one transaction.
-    pub fn release_where(&self, pred: impl Fn(&Lease) -> bool, reason: &str, now: u64) -> Result<Vec<Lease>, LedgerError> {
+    pub fn release_where(
+        &self,
+        pred: impl Fn(&Lease) -> bool,
+        reason: &str,
+        now: u64,
+    ) -> Result<Vec<Lease>, LedgerError> {
         self.remove_where(pred, HistoryEvent::LeaseReleased, reason, now)
     }
 
-    fn remove_where(&self, pred: impl Fn(&Lease) -> bool, event: HistoryEvent, reason: &str, now: u64) -> Result<Vec<Lease>, LedgerError> {
+    fn remove_where(
+        &self,
+        pred: impl Fn(&Lease) -> bool,
+        event: HistoryEvent,
+        reason: &str,
+        now: u64,
+    ) -> Result<Vec<Lease>, LedgerError> {
         let mut mem = self.lock();
         let gone: Vec<Lease> = mem.leases.values().filter(|l| pred(l)).cloned().collect();
         if gone.is_empty() {
@@ -522,7 +621,12 @@ impl Ledger {
 
     /// Ends every lease whose expiry is at or before `now`.
     pub fn expire(&self, now: u64) -> Result<Vec<Lease>, LedgerError> {
-        self.remove_where(|l| l.expires_at <= now, HistoryEvent::LeaseExpired, "not renewed in time", now)
+        self.remove_where(
+            |l| l.expires_at <= now,
+            HistoryEvent::LeaseExpired,
+            "not renewed in time",
+            now,
+        )
     }
 
     /// One lease.
@@ -538,7 +642,12 @@ impl Ledger {
     }
 
     /// Seats of `product` in use at `now` and who holds them.
-    pub fn seats_in_use(&self, product: &str, mode: CountMode, now: u64) -> Result<(u32, Vec<String>), LedgerError> {
+    pub fn seats_in_use(
+        &self,
+        product: &str,
+        mode: CountMode,
+        now: u64,
+    ) -> Result<(u32, Vec<String>), LedgerError> {
         let mem = self.lock();
         let (n, holders, _) = seat_use(mem.leases.values(), product, mode, now);
         Ok((n, holders))
@@ -559,6 +668,9 @@ impl Ledger {
     /// Number of history entries.
     pub fn history_len(&self) -> Result<u64, LedgerError> {
         let rtx = self.db.begin_read().map_err(storage)?;
-        rtx.open_table(HISTORY).map_err(storage)?.len().map_err(storage)
+        rtx.open_table(HISTORY)
+            .map_err(storage)?
+            .len()
+            .map_err(storage)
     }
 }

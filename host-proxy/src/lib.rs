@@ -1,11 +1,11 @@
 //! hostbind-proxy library: TPM access, enrollment, ledger and server.
-pub mod tpm;
+pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod enroll;
 pub mod ledger;
-pub mod tpm_service;
-pub mod service;
 pub mod server;
-pub mod admin;
+pub mod service;
+pub mod tpm;
+pub mod tpm_service;
 pub mod vsock;
-pub mod daemon;

@@ -7,8 +7,8 @@ use hostbind_attest::files::{self, FileKind, VendorPublicKeyFile};
 use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::signed::{fmt_time, from_cbor, to_cbor};
 use hostbind_fsutil::{read, write_new};
-use hostbind_proxy::config::{Config, DEFAULT_CONFIG};
 use hostbind_proxy::admin::{AdminClient, AdminRequest, AdminResponse};
+use hostbind_proxy::config::{Config, DEFAULT_CONFIG};
 use hostbind_proxy::enroll;
 use hostbind_proxy::ledger::Lease;
 use hostbind_proxy::tpm::Tpm;
@@ -115,8 +115,10 @@ fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
             let f: VendorPublicKeyFile = from_cbor("vendor public key", &bytes)?;
             Ok(VendorPublicKey::from_bytes(&f.key)?)
         }
-        _ => Ok(VendorPublicKey::from_hex(String::from_utf8_lossy(&bytes).trim())
-            .with_context(|| format!("{arg} is not a vendor public key file"))?),
+        _ => Ok(
+            VendorPublicKey::from_hex(String::from_utf8_lossy(&bytes).trim())
+                .with_context(|| format!("{arg} is not a vendor public key file"))?,
+        ),
     }
 }
 
@@ -127,7 +129,10 @@ fn open_tpm(cfg: &Config) -> Result<Tpm> {
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -153,16 +158,29 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
     let now = now();
     match cmd {
         Cmd::Status => {
-            let AdminResponse::Status(s) = c.call(AdminRequest::Status).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            let AdminResponse::Status(s) = c.call(AdminRequest::Status).await? else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
             if json {
                 return print_json(&s);
             }
-            println!("hostbind-proxy {} running since {}", s.version, fmt_time(s.started_at));
+            println!(
+                "hostbind-proxy {} running since {}",
+                s.version,
+                fmt_time(s.started_at)
+            );
             println!("host id:        {}", s.host_id);
             println!("TPM:            {}", s.tpm);
             println!("token key until {}", fmt_time(s.token_key_not_after));
-            println!("agents:         {} connected; VMs configured: {}", s.connected_agents, s.vms.join(", "));
-            println!("leases:         {} live; tokens issued {}, refused {}, expired leases {}", s.leases, s.tokens_issued, s.refused, s.expired);
+            println!(
+                "agents:         {} connected; VMs configured: {}",
+                s.connected_agents,
+                s.vms.join(", ")
+            );
+            println!(
+                "leases:         {} live; tokens issued {}, refused {}, expired leases {}",
+                s.leases, s.tokens_issued, s.refused, s.expired
+            );
             if s.seats.is_empty() {
                 println!("licenses:       none (add one with `hostbind-proxy license add FILE`)");
             }
@@ -174,23 +192,40 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                     u.count_mode,
                     u.in_use,
                     u.seats,
-                    if u.holders.is_empty() { String::new() } else { format!("  held by {}", u.holders.join(", ")) }
+                    if u.holders.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  held by {}", u.holders.join(", "))
+                    }
                 );
             }
         }
         Cmd::License(LicenseCmd::Add { file }) => {
             let bytes = read(&file)?;
-            let AdminResponse::LicenseAdded(l) = c.call(AdminRequest::LicenseAdd { bytes: bytes.into() }).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            let AdminResponse::LicenseAdded(l) = c
+                .call(AdminRequest::LicenseAdd {
+                    bytes: bytes.into(),
+                })
+                .await?
+            else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
             if json {
                 return print_json(&l);
             }
             println!(
                 "added license {} for '{}' ({} seats, count mode {}, valid until {})",
-                l.id, l.product, l.seats, l.count_mode, fmt_time(l.validity.not_after)
+                l.id,
+                l.product,
+                l.seats,
+                l.count_mode,
+                fmt_time(l.validity.not_after)
             );
         }
         Cmd::License(LicenseCmd::List) => {
-            let AdminResponse::Licenses(v) = c.call(AdminRequest::LicenseList).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            let AdminResponse::Licenses(v) = c.call(AdminRequest::LicenseList).await? else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
             if json {
                 return print_json(&v);
             }
@@ -209,7 +244,12 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
         }
         Cmd::License(LicenseCmd::Remove { id }) => {
-            let AdminResponse::LicenseRemoved(v) = c.call(AdminRequest::LicenseRemove { id: id.clone() }).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            let AdminResponse::LicenseRemoved(v) = c
+                .call(AdminRequest::LicenseRemove { id: id.clone() })
+                .await?
+            else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
             if json {
                 return print_json(&v);
             }
@@ -228,7 +268,11 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
         }
         Cmd::Release { lease } => {
-            let AdminResponse::Released(l) = c.call(AdminRequest::Release { lease_id: lease }).await? else { anyhow::bail!("unexpected answer from the proxy") };
+            let AdminResponse::Released(l) =
+                c.call(AdminRequest::Release { lease_id: lease }).await?
+            else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
             if json {
                 return print_json(&l);
             }
@@ -240,7 +284,9 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -264,9 +310,15 @@ fn run(cli: Cli) -> Result<()> {
                 out.display()
             );
         }
-        Cmd::Enroll(EnrollCmd::Answer { challenge, out, force }) => {
+        Cmd::Enroll(EnrollCmd::Answer {
+            challenge,
+            out,
+            force,
+        }) => {
             let chal: EnrollChallenge = from_cbor("enrollment challenge", &read(&challenge)?)
-                .with_context(|| format!("{} is not an enrollment challenge", challenge.display()))?;
+                .with_context(|| {
+                    format!("{} is not an enrollment challenge", challenge.display())
+                })?;
             let mut tpm = open_tpm(&cfg)?;
             let ans = enroll::answer(&mut tpm, &cfg.state_dir, &chal)?;
             write_new(&out, &to_cbor("enrollment answer", &ans)?, 0o644, force)?;

@@ -3,7 +3,9 @@
 
 use crate::service::{Service, Vm};
 use futures::{SinkExt, StreamExt};
-use hostbind_attest::wire::{Body, ErrorBody, ErrorCode, FrameCodec, HelloAck, Message, VmIdentity, WireError};
+use hostbind_attest::wire::{
+    Body, ErrorBody, ErrorCode, FrameCodec, HelloAck, Message, VmIdentity, WireError,
+};
 use serde_bytes::ByteBuf;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -53,7 +55,12 @@ pub fn hybrid_path(uds: &Path, port: u32) -> PathBuf {
 }
 
 /// Accepts connections for one VM on a Unix listener until the task is dropped.
-pub async fn accept_unix(svc: Arc<Service>, listener: UnixListener, vm: Arc<Vm>, what: &'static str) {
+pub async fn accept_unix(
+    svc: Arc<Service>,
+    listener: UnixListener,
+    vm: Arc<Vm>,
+    what: &'static str,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -97,7 +104,13 @@ where
             Ok(m) => m,
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 tracing::warn!(vm = %vm.name, "truncated frame from agent: {e}");
-                let _ = tx.send(error_frame(0, ErrorCode::Malformed, format!("truncated frame: {e}"))).await;
+                let _ = tx
+                    .send(error_frame(
+                        0,
+                        ErrorCode::Malformed,
+                        format!("truncated frame: {e}"),
+                    ))
+                    .await;
                 break;
             }
             Err(WireError::Io(e)) => {
@@ -106,7 +119,13 @@ where
             }
             Err(e) => {
                 tracing::warn!(vm = %vm.name, "bad frame from agent, closing: {e}");
-                let _ = tx.send(error_frame(e.request_id().unwrap_or(0), e.code(), e.to_string())).await;
+                let _ = tx
+                    .send(error_frame(
+                        e.request_id().unwrap_or(0),
+                        e.code(),
+                        e.to_string(),
+                    ))
+                    .await;
                 break;
             }
         };
@@ -137,8 +156,13 @@ where
                 let res = tokio::task::spawn_blocking(move || match body {
                     Body::TokenRequest(r) => svc2.token(&vm2, &r).map(Body::TokenResponse),
                     Body::Renew(r) => svc2.renew(&vm2, &r).map(Body::TokenResponse),
-                    Body::Release(r) => svc2.release(&vm2, &r.lease_id).map(|_| Body::Ack(Default::default())),
-                    _ => Err(ErrorBody { code: ErrorCode::Internal, message: "unreachable".into() }),
+                    Body::Release(r) => svc2
+                        .release(&vm2, &r.lease_id)
+                        .map(|_| Body::Ack(Default::default())),
+                    _ => Err(ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: "unreachable".into(),
+                    }),
                 })
                 .await;
                 match res {

@@ -10,7 +10,8 @@ use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, 
 use hostbind_attest::token::{key_binding, KeyEvidence, TokenClaims, TokenError, TokenSigner};
 use hostbind_attest::tpm as tpmparse;
 use hostbind_attest::wire::{
-    Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope, TokenRequest, TokenResponse,
+    Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope, TokenRequest,
+    TokenResponse,
 };
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
@@ -150,22 +151,33 @@ impl Service {
             if p.extension().and_then(|x| x.to_str()) != Some("license") {
                 continue;
             }
-            match std::fs::read(&p).map_err(|e| e.to_string()).and_then(|b| self.add_license(&b).map_err(|e| e.to_string())) {
-                Ok(l) => tracing::info!(license = %l.id, product = %l.product, "loaded license from {}", p.display()),
+            match std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| self.add_license(&b).map_err(|e| e.to_string()))
+            {
+                Ok(l) => {
+                    tracing::info!(license = %l.id, product = %l.product, "loaded license from {}", p.display())
+                }
                 Err(e) => tracing::warn!("skipping {}: {e}", p.display()),
             }
         }
     }
 
-    async fn make_signer(cfg: &Config, identity: &HostIdentity, tpm: &TpmService) -> Result<TokenSigner, ServiceError> {
+    async fn make_signer(
+        cfg: &Config,
+        identity: &HostIdentity,
+        tpm: &TpmService,
+    ) -> Result<TokenSigner, ServiceError> {
         let key = TokenKey::generate()?;
         let nb = unix_now();
         let na = nb + 2 * cfg.leases.key_epoch.0.as_secs();
         let public_key = key.public_sec1();
         let q = tpm.quote(key_binding(&public_key, nb, na).to_vec()).await?;
         // Check our own evidence: catches a state dir or certificate from another TPM early.
-        let ak = tpmparse::parse_public(&identity.cert.ak_public).map_err(|e| ServiceError::AkMismatch(e.to_string()))?;
-        tpmparse::verify_quote(&ak, &q.attest, &q.signature).map_err(|e| ServiceError::AkMismatch(e.to_string()))?;
+        let ak = tpmparse::parse_public(&identity.cert.ak_public)
+            .map_err(|e| ServiceError::AkMismatch(e.to_string()))?;
+        tpmparse::verify_quote(&ak, &q.attest, &q.signature)
+            .map_err(|e| ServiceError::AkMismatch(e.to_string()))?;
         let ev = KeyEvidence {
             public_key: ByteBuf::from(public_key),
             not_before: nb,
@@ -217,7 +229,9 @@ impl Service {
 
     /// The token key's validity end.
     pub fn key_not_after(&self) -> u64 {
-        self.current_signer().map(|s| s.evidence().not_after).unwrap_or(0)
+        self.current_signer()
+            .map(|s| s.evidence().not_after)
+            .unwrap_or(0)
     }
 
     fn check_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
@@ -251,7 +265,9 @@ impl Service {
     /// Verifies and adds a license (replacing the previous license of its product).
     pub fn add_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
         let l = self.check_license(bytes)?;
-        let replaced = self.ledger.put_license(&l.id, &l.product, bytes, unix_now())?;
+        let replaced = self
+            .ledger
+            .put_license(&l.id, &l.product, bytes, unix_now())?;
         if let Some(old) = replaced.filter(|o| *o != l.id) {
             tracing::info!(old = %old, new = %l.id, product = %l.product, "license replaced");
         }
@@ -266,7 +282,15 @@ impl Service {
             m.retain(|_, a| a.license.id != id);
         }
         for l in &released {
-            self.push(&l.vm_uuid, EventKind::LicenseRemoved, Some(l), format!("license {id} was removed from this host; lease {} ended", l.id));
+            self.push(
+                &l.vm_uuid,
+                EventKind::LicenseRemoved,
+                Some(l),
+                format!(
+                    "license {id} was removed from this host; lease {} ended",
+                    l.id
+                ),
+            );
         }
         Ok(released)
     }
@@ -304,19 +328,36 @@ impl Service {
             Window::Valid => Ok(l),
             Window::NotYetValid => Err(err(
                 ErrorCode::LicenseNotValid,
-                format!("license {} for '{product}' is not valid before {}", l.id, fmt_time(l.validity.not_before)),
+                format!(
+                    "license {} for '{product}' is not valid before {}",
+                    l.id,
+                    fmt_time(l.validity.not_before)
+                ),
             )),
             Window::Expired => Err(err(
                 ErrorCode::LicenseNotValid,
-                format!("license {} for '{product}' expired at {}", l.id, fmt_time(l.validity.not_after)),
+                format!(
+                    "license {} for '{product}' expired at {}",
+                    l.id,
+                    fmt_time(l.validity.not_after)
+                ),
             )),
         }
     }
 
-    fn issue(&self, vm: &Vm, lease: &Lease, nonce: Option<&ByteBuf>, chain_head: Option<Vec<u8>>) -> Result<TokenResponse, ErrorBody> {
-        let signer = self
-            .current_signer()
-            .ok_or_else(|| err(ErrorCode::Internal, "token key unavailable; see the proxy log"))?;
+    fn issue(
+        &self,
+        vm: &Vm,
+        lease: &Lease,
+        nonce: Option<&ByteBuf>,
+        chain_head: Option<Vec<u8>>,
+    ) -> Result<TokenResponse, ErrorBody> {
+        let signer = self.current_signer().ok_or_else(|| {
+            err(
+                ErrorCode::Internal,
+                "token key unavailable; see the proxy log",
+            )
+        })?;
         let now = unix_now();
         let exp = lease.expires_at.min(signer.evidence().not_after);
         let claims = TokenClaims {
@@ -361,25 +402,40 @@ impl Service {
             LedgerError::UnknownLease { .. } => err(ErrorCode::UnknownLease, e.to_string()),
             other => {
                 tracing::error!("ledger: {other}");
-                err(ErrorCode::Internal, format!("the host's seat ledger failed: {other}"))
+                err(
+                    ErrorCode::Internal,
+                    format!("the host's seat ledger failed: {other}"),
+                )
             }
         }
     }
 
     /// Handles a token request from `vm`: license, seat, lease, token.
     pub fn token(&self, vm: &Vm, req: &TokenRequest) -> Result<TokenResponse, ErrorBody> {
-        let lic = self.license_for(&req.product).map_err(|e| self.refused(e))?;
+        let lic = self
+            .license_for(&req.product)
+            .map_err(|e| self.refused(e))?;
         if let Some(f) = req.features.iter().find(|f| !lic.features.contains(f)) {
             return Err(self.refused(err(
                 ErrorCode::LicenseNotValid,
-                format!("feature '{f}' of '{}' is not in license {} (licensed: {})", req.product, lic.id, lic.features.join(", ")),
+                format!(
+                    "feature '{f}' of '{}' is not in license {} (licensed: {})",
+                    req.product,
+                    lic.id,
+                    lic.features.join(", ")
+                ),
             )));
         }
         let (scope, pid) = match req.scope {
             Scope::Vm => (LeaseScope::Vm, None),
             Scope::Process => match req.pid {
                 Some(p) => (LeaseScope::Process, Some(p)),
-                None => return Err(err(ErrorCode::Malformed, "a process-scoped token request needs the pid")),
+                None => {
+                    return Err(err(
+                        ErrorCode::Malformed,
+                        "a process-scoped token request needs the pid",
+                    ))
+                }
             },
         };
         let now = unix_now();
@@ -400,7 +456,12 @@ impl Service {
             })
             .map_err(|e| self.refused(Self::ledger_err(e)))?;
         tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
-        self.issue(vm, &lease, req.nonce.as_ref(), req.chain.last().map(|c| c.to_vec()))
+        self.issue(
+            vm,
+            &lease,
+            req.nonce.as_ref(),
+            req.chain.last().map(|c| c.to_vec()),
+        )
     }
 
     fn own_lease(&self, vm: &Vm, id: &str) -> Result<Lease, ErrorBody> {
@@ -418,14 +479,21 @@ impl Service {
     pub fn renew(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
         let lease = self.own_lease(vm, &r.lease_id)?;
         if let Err(e) = self.license_for(&lease.product) {
-            let _ = self.ledger.release(&lease.id, "license no longer usable", unix_now());
+            let _ = self
+                .ledger
+                .release(&lease.id, "license no longer usable", unix_now());
             return Err(self.refused(e));
         }
         let lease = self
             .ledger
             .renew(&r.lease_id, self.cfg.leases.ttl.0.as_secs(), unix_now())
             .map_err(Self::ledger_err)?;
-        self.issue(vm, &lease, r.nonce.as_ref(), r.chain.last().map(|c| c.to_vec()))
+        self.issue(
+            vm,
+            &lease,
+            r.nonce.as_ref(),
+            r.chain.last().map(|c| c.to_vec()),
+        )
     }
 
     /// Releases a lease of `vm`.
@@ -440,8 +508,18 @@ impl Service {
 
     /// Admin: releases any lease and tells its VM.
     pub fn admin_release(&self, lease_id: &str) -> Result<Lease, ServiceError> {
-        let l = self.ledger.release(lease_id, "released by the host admin", unix_now())?;
-        self.push(&l.vm_uuid, EventKind::LeaseRevoked, Some(&l), format!("lease {} for '{}' was revoked by the host admin", l.id, l.product));
+        let l = self
+            .ledger
+            .release(lease_id, "released by the host admin", unix_now())?;
+        self.push(
+            &l.vm_uuid,
+            EventKind::LeaseRevoked,
+            Some(&l),
+            format!(
+                "lease {} for '{}' was revoked by the host admin",
+                l.id, l.product
+            ),
+        );
         Ok(l)
     }
 
@@ -451,7 +529,15 @@ impl Service {
         for l in &expired {
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
             tracing::info!(vm = %l.vm_name, lease = %l.id, product = %l.product, "lease expired");
-            self.push(&l.vm_uuid, EventKind::LeaseExpired, Some(l), format!("lease {} for '{}' expired (not renewed in time)", l.id, l.product));
+            self.push(
+                &l.vm_uuid,
+                EventKind::LeaseExpired,
+                Some(l),
+                format!(
+                    "lease {} for '{}' expired (not renewed in time)",
+                    l.id, l.product
+                ),
+            );
         }
         Ok(expired.len())
     }
@@ -460,7 +546,13 @@ impl Service {
     pub fn register(&self, vm: &Vm, tx: mpsc::Sender<Message<Body>>) -> u64 {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut c) = self.conns.lock() {
-            c.insert(id, Conn { vm_uuid: vm.uuid.clone(), tx });
+            c.insert(
+                id,
+                Conn {
+                    vm_uuid: vm.uuid.clone(),
+                    tx,
+                },
+            );
         }
         id
     }

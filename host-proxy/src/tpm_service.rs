@@ -68,7 +68,10 @@ impl TpmService {
     /// Reads the TPM clock.
     pub async fn clock_info(&self) -> Result<ClockInfo, TpmServiceError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job::Clock(reply)).await.map_err(|_| TpmServiceError::Stopped)?;
+        self.tx
+            .send(Job::Clock(reply))
+            .await
+            .map_err(|_| TpmServiceError::Stopped)?;
         Ok(rx.await.map_err(|_| TpmServiceError::Stopped)??)
     }
 }

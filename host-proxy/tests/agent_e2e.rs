@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 fn add_license(h: &Host, v: &Vendor, product: &str, seats: u32, mode: &str) {
     let lic = h.issue_license(v, product, seats, mode, &[]).unwrap();
-    h.proxy_ok(&["license", "add", lic.to_str().unwrap()]).unwrap();
+    h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
 }
 
 fn token_json(a: &Agent, product: &str) -> Result<serde_json::Value, String> {
@@ -33,7 +34,10 @@ fn three_vms_two_seats_release_and_offline_verification() {
     let mut h = Host::enrolled(&v, &["vm-a", "vm-b", "vm-c"], "").unwrap();
     h.start_proxy().unwrap();
     add_license(&h, &v, "cad", 2, "vm");
-    let agents: Vec<Agent> = ["vm-a", "vm-b", "vm-c"].iter().map(|n| Agent::start(&h.vm(n).unwrap().socket).unwrap()).collect();
+    let agents: Vec<Agent> = ["vm-a", "vm-b", "vm-c"]
+        .iter()
+        .map(|n| Agent::start(&h.vm(n).unwrap().socket).unwrap())
+        .collect();
     let ta = token_json(&agents[0], "cad").unwrap();
     let tb = token_json(&agents[1], "cad").unwrap();
     assert_eq!(ta["vm"]["name"], "vm-a");
@@ -42,17 +46,39 @@ fn three_vms_two_seats_release_and_offline_verification() {
     let tok = ta["token"].as_str().unwrap();
     let f = h.dir().join("a.token");
     std::fs::write(&f, tok).unwrap();
-    let out = run("hostbind-issuer", &["verify", f.to_str().unwrap(), "--vendor-pub", v.public().to_str().unwrap()]).unwrap();
+    let out = run(
+        "hostbind-issuer",
+        &[
+            "verify",
+            f.to_str().unwrap(),
+            "--vendor-pub",
+            v.public().to_str().unwrap(),
+        ],
+    )
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("vm-a") && text.contains("cad"), "{text}");
     // the third VM is refused, clearly
     let err = token_json(&agents[2], "cad").unwrap_err();
-    assert!(err.contains("no free seat for product 'cad'") && err.contains("vm-a") && err.contains("vm-b"), "{err}");
+    assert!(
+        err.contains("no free seat for product 'cad'")
+            && err.contains("vm-a")
+            && err.contains("vm-b"),
+        "{err}"
+    );
     // one releases; the third now gets its seat
     let lease = tb["lease_id"].as_str().unwrap();
     let out = agents[1].cmd(&["release", lease]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tc = token_json(&agents[2], "cad").unwrap();
     assert_eq!(tc["vm"]["name"], "vm-c");
     // a second request is served from the agent's cache
@@ -87,19 +113,37 @@ time.sleep(60)
 "#,
         sock = a.socket.to_str().unwrap()
     );
-    let mut app = std::process::Command::new("python3").arg("-c").arg(script).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut app = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(app.stdout.as_mut().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(app.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert!(line.contains("200"), "app's token request failed: {line}");
-    assert!(proxy_leases(&h).contains("scope=Process"), "{}", proxy_leases(&h));
+    assert!(
+        proxy_leases(&h).contains("scope=Process"),
+        "{}",
+        proxy_leases(&h)
+    );
     // the seat is taken: another process is refused
-    let out = a.cmd(&["token", "--product", "cad", "--scope", "process"]).unwrap();
+    let out = a
+        .cmd(&["token", "--product", "cad", "--scope", "process"])
+        .unwrap();
     assert!(!out.status.success());
     app.kill().unwrap();
     app.wait().unwrap();
     let t0 = Instant::now();
     while proxy_leases(&h).contains("scope=Process") {
-        assert!(t0.elapsed() < Duration::from_millis(1000), "lease not released within 1 s of the app's exit");
+        assert!(
+            t0.elapsed() < Duration::from_millis(1000),
+            "lease not released within 1 s of the app's exit"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -123,11 +167,20 @@ fn agent_survives_proxy_restart() {
         if st["connected"] == true {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(15), "agent did not reconnect: {st}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "agent did not reconnect: {st}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = a.cmd(&["token", "--product", "cad", "--nonce", "00ff", "--json"]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = a
+        .cmd(&["token", "--product", "cad", "--nonce", "00ff", "--json"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let t2: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(t2["host_id"], t1["host_id"]);
     assert!(proxy_leases(&h).contains(t1["lease_id"].as_str().unwrap()));
@@ -150,7 +203,10 @@ async fn agent_moved_to_another_host_re_attests() {
     let a = Agent::start(&link).unwrap();
     let client = Client::new(&a.socket);
     let mut events = client.events().await.unwrap();
-    let t1 = client.token(&TokenRequest::new("cad").with_scope(Scope::Vm)).await.unwrap();
+    let t1 = client
+        .token(&TokenRequest::new("cad").with_scope(Scope::Vm))
+        .await
+        .unwrap();
     assert_eq!(t1.host_id, ha.host_id);
     // "migrate": the transport drops (host A's proxy goes away) and the address leads to host B
     std::fs::remove_file(&link).unwrap();
@@ -158,8 +214,18 @@ async fn agent_moved_to_another_host_re_attests() {
     ha.stop_proxy();
     let deadline = Instant::now() + Duration::from_secs(20);
     let rebound = loop {
-        let ev = tokio::time::timeout(deadline - Instant::now(), events.next()).await.expect("no rebound event").unwrap().unwrap();
-        if let EventKind::Rebound { old_host, new_host, leases, .. } = ev.kind {
+        let ev = tokio::time::timeout(deadline - Instant::now(), events.next())
+            .await
+            .expect("no rebound event")
+            .unwrap()
+            .unwrap();
+        if let EventKind::Rebound {
+            old_host,
+            new_host,
+            leases,
+            ..
+        } = ev.kind
+        {
             break (old_host, new_host, leases);
         }
     };
@@ -167,10 +233,14 @@ async fn agent_moved_to_another_host_re_attests() {
     assert_eq!(rebound.1, hb.host_id);
     assert_eq!(rebound.2.len(), 1);
     // new tokens name host B and verify
-    let t2 = client.token(&TokenRequest::new("cad").with_scope(Scope::Vm)).await.unwrap();
+    let t2 = client
+        .token(&TokenRequest::new("cad").with_scope(Scope::Vm))
+        .await
+        .unwrap();
     assert_eq!(t2.host_id, hb.host_id);
     let vp = {
-        let f: hostbind_attest::files::VendorPublicKeyFile = hostbind_attest::signed::from_cbor("pub", &std::fs::read(v.public()).unwrap()).unwrap();
+        let f: hostbind_attest::files::VendorPublicKeyFile =
+            hostbind_attest::signed::from_cbor("pub", &std::fs::read(v.public()).unwrap()).unwrap();
         hostbind_attest::keys::VendorPublicKey::from_bytes(&f.key).unwrap()
     };
     let vt = hostbind_client::verify(&t2.token, &vp, None).unwrap();
@@ -180,7 +250,10 @@ async fn agent_moved_to_another_host_re_attests() {
     ha.start_proxy().unwrap();
     let t0 = Instant::now();
     while proxy_leases(&ha).contains(&t1.lease_id) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "old lease on host A did not expire");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "old lease on host A did not expire"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -4,11 +4,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use futures::{SinkExt, StreamExt};
-use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::files::VendorPublicKeyFile;
+use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::signed::from_cbor;
 use hostbind_attest::verify::verify_token;
-use hostbind_attest::wire::{Body, ErrorCode, EventKind, FrameCodec, Hello, Message, Release, Renew, Scope, TokenRequest, TokenResponse};
+use hostbind_attest::wire::{
+    Body, ErrorCode, EventKind, FrameCodec, Hello, Message, Release, Renew, Scope, TokenRequest,
+    TokenResponse,
+};
 use hostbind_testkit::host::{Host, Vendor};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,8 +28,19 @@ struct Guest {
 impl Guest {
     async fn connect(sock: &Path) -> Guest {
         let s = UnixStream::connect(sock).await.unwrap();
-        let mut g = Guest { f: Framed::new(s, FrameCodec::new()), next: 1 };
-        match g.call(Body::Hello(Hello { agent_version: "test".into(), chain: vec![], facts: BTreeMap::new(), known_host: None })).await {
+        let mut g = Guest {
+            f: Framed::new(s, FrameCodec::new()),
+            next: 1,
+        };
+        match g
+            .call(Body::Hello(Hello {
+                agent_version: "test".into(),
+                chain: vec![],
+                facts: BTreeMap::new(),
+                known_host: None,
+            }))
+            .await
+        {
             Body::HelloAck(_) => {}
             other => panic!("expected hello_ack, got {other:?}"),
         }
@@ -37,13 +51,23 @@ impl Guest {
         self.next += 1;
         self.f.send(Message::new(id, body)).await.unwrap();
         loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.f.next()).await.unwrap().unwrap().unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(10), self.f.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             if m.id == id {
                 return m.body;
             }
         }
     }
-    async fn token(&mut self, product: &str, scope: Scope, pid: Option<u32>, nonce: Option<&[u8]>) -> Result<TokenResponse, (ErrorCode, String)> {
+    async fn token(
+        &mut self,
+        product: &str,
+        scope: Scope,
+        pid: Option<u32>,
+        nonce: Option<&[u8]>,
+    ) -> Result<TokenResponse, (ErrorCode, String)> {
         match self
             .call(Body::TokenRequest(TokenRequest {
                 product: product.into(),
@@ -63,7 +87,10 @@ impl Guest {
     async fn next_event(&mut self, within: Duration) -> Option<hostbind_attest::wire::Event> {
         let end = tokio::time::Instant::now() + within;
         loop {
-            let m = tokio::time::timeout_at(end, self.f.next()).await.ok()??.ok()?;
+            let m = tokio::time::timeout_at(end, self.f.next())
+                .await
+                .ok()??
+                .ok()?;
             if let Body::Event(e) = m.body {
                 return Some(e);
             }
@@ -77,12 +104,17 @@ fn vendor_pub(v: &Vendor) -> VendorPublicKey {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn add_license(h: &Host, v: &Vendor, product: &str, seats: u32, mode: &str) {
     let lic = h.issue_license(v, product, seats, mode, &[]).unwrap();
-    let out = h.proxy_ok(&["license", "add", lic.to_str().unwrap()]).unwrap();
+    let out = h
+        .proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
     assert!(out.contains(&format!("for '{product}'")), "{out}");
 }
 
@@ -100,13 +132,24 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
     let mut c = Guest::connect(&h.vm("vm-c").unwrap().socket).await;
 
     // vm mode: many processes of one VM hold one seat; the third VM is refused, naming holders.
-    let t1 = a.token("cad", Scope::Process, Some(100), Some(b"nonce-1")).await.unwrap();
-    a.token("cad", Scope::Process, Some(101), None).await.unwrap();
+    let t1 = a
+        .token("cad", Scope::Process, Some(100), Some(b"nonce-1"))
+        .await
+        .unwrap();
+    a.token("cad", Scope::Process, Some(101), None)
+        .await
+        .unwrap();
     a.token("cad", Scope::Vm, None, None).await.unwrap();
     let tb = b.token("cad", Scope::Vm, None, None).await.unwrap();
     let (code, msg) = c.token("cad", Scope::Vm, None, None).await.unwrap_err();
     assert_eq!(code, ErrorCode::SeatsExhausted);
-    assert!(msg.contains("'cad'") && msg.contains("2 of 2") && msg.contains("vm-a") && msg.contains("vm-b"), "{msg}");
+    assert!(
+        msg.contains("'cad'")
+            && msg.contains("2 of 2")
+            && msg.contains("vm-a")
+            && msg.contains("vm-b"),
+        "{msg}"
+    );
     // the token verifies offline with only the vendor key; VM identity is the host's, not the guest's
     let vt = verify_token(&t1.token, &vp, now(), Some(b"nonce-1")).unwrap();
     assert_eq!(vt.claims.vm_name, "vm-a");
@@ -114,10 +157,21 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
     assert_eq!(hex::encode(&vt.claims.host_id), h.host_id);
     assert_eq!(vt.claims.scope, "process");
     // releasing b's seat lets c in
-    assert!(matches!(b.call(Body::Release(Release { lease_id: tb.lease_id.clone() })).await, Body::Ack(_)));
+    assert!(matches!(
+        b.call(Body::Release(Release {
+            lease_id: tb.lease_id.clone()
+        }))
+        .await,
+        Body::Ack(_)
+    ));
     c.token("cad", Scope::Vm, None, None).await.unwrap();
     // releasing someone else's lease is refused
-    match c.call(Body::Release(Release { lease_id: t1.lease_id.clone() })).await {
+    match c
+        .call(Body::Release(Release {
+            lease_id: t1.lease_id.clone(),
+        }))
+        .await
+    {
         Body::Error(e) => assert_eq!(e.code, ErrorCode::UnknownLease),
         o => panic!("{o:?}"),
     }
@@ -125,18 +179,29 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
     // access mode: every lease is a seat, even from one VM
     a.token("sim", Scope::Process, Some(1), None).await.unwrap();
     a.token("sim", Scope::Process, Some(2), None).await.unwrap();
-    let (code, msg) = b.token("sim", Scope::Process, Some(3), None).await.unwrap_err();
+    let (code, msg) = b
+        .token("sim", Scope::Process, Some(3), None)
+        .await
+        .unwrap_err();
     assert_eq!(code, ErrorCode::SeatsExhausted, "{msg}");
     assert!(msg.contains("vm-a (2)"), "{msg}");
 
     // none: never counted
     for i in 0..5 {
-        c.token("viewer", Scope::Process, Some(i), None).await.unwrap();
+        c.token("viewer", Scope::Process, Some(i), None)
+            .await
+            .unwrap();
     }
     // no license at all
-    let (code, msg) = a.token("unknown-product", Scope::Vm, None, None).await.unwrap_err();
+    let (code, msg) = a
+        .token("unknown-product", Scope::Vm, None, None)
+        .await
+        .unwrap_err();
     assert_eq!(code, ErrorCode::NoLicense);
-    assert!(msg.contains("no license for product 'unknown-product'"), "{msg}");
+    assert!(
+        msg.contains("no license for product 'unknown-product'"),
+        "{msg}"
+    );
 
     // admin view agrees
     let st = h.proxy_ok(&["status"]).unwrap();
@@ -155,14 +220,34 @@ async fn bad_frames_get_an_error_and_close_while_others_are_served() {
     let mut good = Guest::connect(&h.vm("vm-b").unwrap().socket).await;
 
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
-        ("garbage", [&[0, 0, 0, 8][..], b"\xff\xfe garbage"].concat()[..12].to_vec(), ErrorCode::Malformed),
-        ("oversized", vec![0, 2, 0, 0, 1, 2, 3], ErrorCode::FrameTooLarge),
+        (
+            "garbage",
+            [&[0, 0, 0, 8][..], b"\xff\xfe garbage"].concat()[..12].to_vec(),
+            ErrorCode::Malformed,
+        ),
+        (
+            "oversized",
+            vec![0, 2, 0, 0, 1, 2, 3],
+            ErrorCode::FrameTooLarge,
+        ),
         ("zero length", vec![0, 0, 0, 0], ErrorCode::Malformed),
-        ("wrong version", {
-            let m: Message<Body> = Message { v: 7, id: 42, body: Body::Ack(Default::default()) };
-            hostbind_attest::wire::encode_frame(&m).unwrap()
-        }, ErrorCode::UnsupportedVersion),
-        ("truncated", vec![0, 0, 0, 50, 0xa3, 0x61], ErrorCode::Malformed),
+        (
+            "wrong version",
+            {
+                let m: Message<Body> = Message {
+                    v: 7,
+                    id: 42,
+                    body: Body::Ack(Default::default()),
+                };
+                hostbind_attest::wire::encode_frame(&m).unwrap()
+            },
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "truncated",
+            vec![0, 0, 0, 50, 0xa3, 0x61],
+            ErrorCode::Malformed,
+        ),
     ];
     for (what, bytes, code) in cases {
         let mut s = UnixStream::connect(&sock).await.unwrap();
@@ -171,9 +256,15 @@ async fn bad_frames_get_an_error_and_close_while_others_are_served() {
             s.shutdown().await.unwrap();
         }
         let mut f = Framed::new(s, FrameCodec::<Body>::new());
-        let m = tokio::time::timeout(Duration::from_secs(5), f.next()).await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(5), f.next())
+            .await
+            .unwrap();
         match m {
-            Some(Ok(Message { body: Body::Error(e), id, .. })) => {
+            Some(Ok(Message {
+                body: Body::Error(e),
+                id,
+                ..
+            })) => {
                 assert_eq!(e.code, code, "{what}: {}", e.message);
                 if what == "wrong version" {
                     assert_eq!(id, 42);
@@ -181,17 +272,32 @@ async fn bad_frames_get_an_error_and_close_while_others_are_served() {
             }
             other => panic!("{what}: expected an error frame, got {other:?}"),
         }
-        let end = tokio::time::timeout(Duration::from_secs(5), f.next()).await.unwrap();
-        assert!(end.is_none() || matches!(end, Some(Err(_))), "{what}: connection not closed: {end:?}");
+        let end = tokio::time::timeout(Duration::from_secs(5), f.next())
+            .await
+            .unwrap();
+        assert!(
+            end.is_none() || matches!(end, Some(Err(_))),
+            "{what}: connection not closed: {end:?}"
+        );
         // the other VM keeps being served
         good.token("cad", Scope::Vm, None, None).await.unwrap();
     }
     // requests before Hello are refused
     let s = UnixStream::connect(&sock).await.unwrap();
     let mut f = Framed::new(s, FrameCodec::<Body>::new());
-    f.send(Message::new(1, Body::Release(Release { lease_id: "x".into() }))).await.unwrap();
+    f.send(Message::new(
+        1,
+        Body::Release(Release {
+            lease_id: "x".into(),
+        }),
+    ))
+    .await
+    .unwrap();
     match f.next().await {
-        Some(Ok(Message { body: Body::Error(e), .. })) => assert_eq!(e.code, ErrorCode::UnexpectedMessage),
+        Some(Ok(Message {
+            body: Body::Error(e),
+            ..
+        })) => assert_eq!(e.code, ErrorCode::UnexpectedMessage),
         o => panic!("{o:?}"),
     }
     assert!(h.proxy.as_mut().unwrap().running());
@@ -200,7 +306,12 @@ async fn bad_frames_get_an_error_and_close_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ttl_expiry_renew_and_admin_release_push_events() {
     let v = Vendor::new().unwrap();
-    let mut h = Host::enrolled(&v, &["vm-a"], "[leases]\nttl = \"3s\"\nkey_epoch = \"1m\"\nsweep_interval = \"200ms\"\n").unwrap();
+    let mut h = Host::enrolled(
+        &v,
+        &["vm-a"],
+        "[leases]\nttl = \"3s\"\nkey_epoch = \"1m\"\nsweep_interval = \"200ms\"\n",
+    )
+    .unwrap();
     h.start_proxy().unwrap();
     add_license(&h, &v, "cad", 1, "vm");
     let mut a = Guest::connect(&h.vm("vm-a").unwrap().socket).await;
@@ -208,17 +319,34 @@ async fn ttl_expiry_renew_and_admin_release_push_events() {
     assert!(t.lease_expires_at <= now() + 3);
     // renewing keeps it alive past its first TTL
     tokio::time::sleep(Duration::from_secs(2)).await;
-    match a.call(Body::Renew(Renew { lease_id: t.lease_id.clone(), nonce: None, chain: vec![] })).await {
+    match a
+        .call(Body::Renew(Renew {
+            lease_id: t.lease_id.clone(),
+            nonce: None,
+            chain: vec![],
+        }))
+        .await
+    {
         Body::TokenResponse(r) => assert!(r.lease_expires_at > t.lease_expires_at),
         o => panic!("{o:?}"),
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(h.proxy_ok(&["leases"]).unwrap().contains(&t.lease_id));
     // without renewal it lapses, the VM is told, and the seat is free again
-    let e = a.next_event(Duration::from_secs(6)).await.expect("no lease_expired event");
+    let e = a
+        .next_event(Duration::from_secs(6))
+        .await
+        .expect("no lease_expired event");
     assert_eq!(e.kind, EventKind::LeaseExpired);
     assert_eq!(e.lease_id.as_deref(), Some(t.lease_id.as_str()));
-    match a.call(Body::Renew(Renew { lease_id: t.lease_id.clone(), nonce: None, chain: vec![] })).await {
+    match a
+        .call(Body::Renew(Renew {
+            lease_id: t.lease_id.clone(),
+            nonce: None,
+            chain: vec![],
+        }))
+        .await
+    {
         Body::Error(e) => assert_eq!(e.code, ErrorCode::UnknownLease),
         o => panic!("{o:?}"),
     }
@@ -226,11 +354,24 @@ async fn ttl_expiry_renew_and_admin_release_push_events() {
     // the admin revokes it: event pushed
     let out = h.proxy_ok(&["release", &t2.lease_id]).unwrap();
     assert!(out.contains(&t2.lease_id), "{out}");
-    let e = a.next_event(Duration::from_secs(3)).await.expect("no lease_revoked event");
+    let e = a
+        .next_event(Duration::from_secs(3))
+        .await
+        .expect("no lease_revoked event");
     assert_eq!(e.kind, EventKind::LeaseRevoked);
     // an expired license is refused with a clear message
-    let lic = h.issue_license(&v, "old", 1, "vm", &["--not-before", "1000000000", "--valid-for", "1d"]).unwrap();
-    let out = h.proxy_cmd(&["license", "add", lic.to_str().unwrap()]).unwrap();
+    let lic = h
+        .issue_license(
+            &v,
+            "old",
+            1,
+            "vm",
+            &["--not-before", "1000000000", "--valid-for", "1d"],
+        )
+        .unwrap();
+    let out = h
+        .proxy_cmd(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expired at 2001-09-10"), "{err}");
@@ -257,19 +398,42 @@ async fn leases_survive_restart_and_kill9_under_load() {
         let sock = vm.socket.clone();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
-            let Ok(s) = UnixStream::connect(&sock).await else { return got };
+            let Ok(s) = UnixStream::connect(&sock).await else {
+                return got;
+            };
             let mut f = Framed::new(s, FrameCodec::<Body>::new());
-            if f.send(Message::new(1, Body::Hello(Hello { agent_version: "t".into(), chain: vec![], facts: BTreeMap::new(), known_host: None }))).await.is_err() {
+            if f.send(Message::new(
+                1,
+                Body::Hello(Hello {
+                    agent_version: "t".into(),
+                    chain: vec![],
+                    facts: BTreeMap::new(),
+                    known_host: None,
+                }),
+            ))
+            .await
+            .is_err()
+            {
                 return got;
             }
             for id in 2..100_000u64 {
-                let req = Body::TokenRequest(TokenRequest { product: "cad".into(), features: vec![], nonce: None, scope: Scope::Process, pid: Some(id as u32), chain: vec![] });
+                let req = Body::TokenRequest(TokenRequest {
+                    product: "cad".into(),
+                    features: vec![],
+                    nonce: None,
+                    scope: Scope::Process,
+                    pid: Some(id as u32),
+                    chain: vec![],
+                });
                 if f.send(Message::new(id, req)).await.is_err() {
                     break;
                 }
                 loop {
                     match f.next().await {
-                        Some(Ok(Message { body: Body::TokenResponse(t), .. })) => {
+                        Some(Ok(Message {
+                            body: Body::TokenResponse(t),
+                            ..
+                        })) => {
                             got.push(t.lease_id);
                             break;
                         }
@@ -291,9 +455,13 @@ async fn leases_survive_restart_and_kill9_under_load() {
     h.start_proxy().unwrap();
     let out = h.proxy_ok(&["--json", "leases"]).unwrap();
     let stored: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    let ids: std::collections::HashSet<&str> = stored.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    let ids: std::collections::HashSet<&str> =
+        stored.iter().map(|l| l["id"].as_str().unwrap()).collect();
     for id in &answered {
-        assert!(ids.contains(id.as_str()), "lease {id} was answered before the crash but is lost");
+        assert!(
+            ids.contains(id.as_str()),
+            "lease {id} was answered before the crash but is lost"
+        );
     }
     assert!(ids.contains(first.lease_id.as_str()));
 }

@@ -5,7 +5,9 @@
 
 use hostbind_attest::enroll::{self, EnrollAnswer, EnrollError};
 use hostbind_attest::keys::{TokenKey, VendorKey};
-use hostbind_attest::signed::{open, sign, ClonePolicy, CountMode, License, ObjectKind, SignedError, Validity};
+use hostbind_attest::signed::{
+    open, sign, ClonePolicy, CountMode, License, ObjectKind, SignedError, Validity,
+};
 use hostbind_attest::token::{KeyEvidence, TokenClaims, TokenSigner};
 use hostbind_attest::verify::{verify_token, VerifyError};
 use hostbind_proxy::enroll as host;
@@ -40,12 +42,21 @@ fn enrollment_and_token_chain_on_real_tpm() {
     let mut h = host(Swtpm::start().unwrap());
     let trust = cas(h._swtpm.ca());
     let cert_bytes = enroll_host(&mut h, &trust, &vendor);
-    let installed = host::install(&mut h.tpm, h.state.path(), &cert_bytes, &vendor.public(), t0() + 20).unwrap();
+    let installed = host::install(
+        &mut h.tpm,
+        h.state.path(),
+        &cert_bytes,
+        &vendor.public(),
+        t0() + 20,
+    )
+    .unwrap();
     let id = host::load_identity(h.state.path()).unwrap();
     assert_eq!(id.cert, installed);
 
     let s = signer(&mut h, cert_bytes.clone(), t0(), t0() + 1200);
-    let token = s.issue(&claims(&s, &installed.host_id, Some(b"n0nce"))).unwrap();
+    let token = s
+        .issue(&claims(&s, &installed.host_id, Some(b"n0nce")))
+        .unwrap();
     let v = verify_token(&token, &vendor.public(), t0() + 120, Some(b"n0nce")).unwrap();
     assert_eq!(v.claims.product, "cad");
     assert_eq!(v.claims.host_id, installed.host_id.to_vec());
@@ -54,10 +65,19 @@ fn enrollment_and_token_chain_on_real_tpm() {
     verify_token(&token, &vendor.public(), t0() + 120, None).unwrap();
 
     // wrong nonce / missing nonce / expired / other vendor
-    assert!(matches!(verify_token(&token, &vendor.public(), t0() + 120, Some(b"other")), Err(VerifyError::NonceMismatch { .. })));
+    assert!(matches!(
+        verify_token(&token, &vendor.public(), t0() + 120, Some(b"other")),
+        Err(VerifyError::NonceMismatch { .. })
+    ));
     let t2 = s.issue(&claims(&s, &installed.host_id, None)).unwrap();
-    assert!(matches!(verify_token(&t2, &vendor.public(), t0() + 120, Some(b"n0nce")), Err(VerifyError::NonceMissing)));
-    assert!(matches!(verify_token(&token, &vendor.public(), t0() + 161, None), Err(VerifyError::Expired { .. })));
+    assert!(matches!(
+        verify_token(&t2, &vendor.public(), t0() + 120, Some(b"n0nce")),
+        Err(VerifyError::NonceMissing)
+    ));
+    assert!(matches!(
+        verify_token(&token, &vendor.public(), t0() + 161, None),
+        Err(VerifyError::Expired { .. })
+    ));
     let other = VendorKey::generate().unwrap();
     assert!(matches!(
         verify_token(&token, &other.public(), t0() + 120, None),
@@ -68,7 +88,10 @@ fn enrollment_and_token_chain_on_real_tpm() {
     for i in 0..token.len() {
         let mut t = token.clone();
         t[i] ^= 0x40;
-        assert!(verify_token(&t, &vendor.public(), t0() + 120, Some(b"n0nce")).is_err(), "flipped byte {i} accepted");
+        assert!(
+            verify_token(&t, &vendor.public(), t0() + 120, Some(b"n0nce")).is_err(),
+            "flipped byte {i} accepted"
+        );
     }
 
     // a quote whose qualifying data is not this key's binding (wrong nonce in the quote)
@@ -83,11 +106,17 @@ fn enrollment_and_token_chain_on_real_tpm() {
     };
     let bad = TokenSigner::new(key, ev, cert_bytes.clone()).unwrap();
     let t = bad.issue(&claims(&bad, &installed.host_id, None)).unwrap();
-    assert!(matches!(verify_token(&t, &vendor.public(), t0() + 120, None), Err(VerifyError::QuoteNotForKey)));
+    assert!(matches!(
+        verify_token(&t, &vendor.public(), t0() + 120, None),
+        Err(VerifyError::QuoteNotForKey)
+    ));
 
     // token claiming another host than its evidence
     let t = s.issue(&claims(&s, &[9u8; 32], None)).unwrap();
-    assert!(matches!(verify_token(&t, &vendor.public(), t0() + 120, None), Err(VerifyError::WrongHost { .. })));
+    assert!(matches!(
+        verify_token(&t, &vendor.public(), t0() + 120, None),
+        Err(VerifyError::WrongHost { .. })
+    ));
 
     // a token outliving its key is refused at issue time
     let mut c = claims(&s, &installed.host_id, None);
@@ -108,7 +137,11 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
     let req = host::request(&mut stranger.tpm, stranger.state.path(), t0()).unwrap();
     let e = enroll::create_challenge(&req, &trust, &vendor, t0(), 3600).unwrap_err();
     assert!(matches!(e, EnrollError::UntrustedEk { .. }), "{e}");
-    assert!(e.to_string().contains("does not chain to any trusted TPM manufacturer CA"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("does not chain to any trusted TPM manufacturer CA"),
+        "{e}"
+    );
 
     // A's challenge, answered by TPM B
     let req_a = host::request(&mut a.tpm, a.state.path(), t0()).unwrap();
@@ -117,7 +150,10 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
     let e = host::answer(&mut b.tpm, b.state.path(), &chal_a).unwrap_err();
     assert!(matches!(e, host::HostEnrollError::OtherHost { .. }), "{e}");
     // ... even bypassing that check, B's TPM cannot activate A's credential
-    assert!(b.tpm.activate_credential(&chal_a.id_object, &chal_a.encrypted_secret).is_err());
+    assert!(b
+        .tpm
+        .activate_credential(&chal_a.id_object, &chal_a.encrypted_secret)
+        .is_err());
     // ... and an answer for A's request carrying B's quote and a guessed secret is refused
     let good = host::answer(&mut a.tpm, a.state.path(), &chal_a).unwrap();
     let qb = b.tpm.quote(&enroll::answer_binding(&chal_a.nonce)).unwrap();
@@ -127,19 +163,38 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
         quote_signature: ByteBuf::from(qb.signature.clone()),
         ..good.clone()
     };
-    assert!(matches!(enroll::finish(&forged, &trust, &vendor, t0(), 100), Err(EnrollError::WrongSecret)));
+    assert!(matches!(
+        enroll::finish(&forged, &trust, &vendor, t0(), 100),
+        Err(EnrollError::WrongSecret)
+    ));
     let forged = EnrollAnswer {
         quote_attest: ByteBuf::from(qb.attest),
         quote_signature: ByteBuf::from(qb.signature),
         ..good.clone()
     };
-    assert!(matches!(enroll::finish(&forged, &trust, &vendor, t0(), 100), Err(EnrollError::Quote(_))));
+    assert!(matches!(
+        enroll::finish(&forged, &trust, &vendor, t0(), 100),
+        Err(EnrollError::Quote(_))
+    ));
     // quote over the wrong nonce
-    let q = a.tpm.quote(&enroll::answer_binding(b"not the challenge nonce")).unwrap();
-    let stale = EnrollAnswer { quote_attest: ByteBuf::from(q.attest), quote_signature: ByteBuf::from(q.signature), ..good.clone() };
-    assert!(matches!(enroll::finish(&stale, &trust, &vendor, t0(), 100), Err(EnrollError::QuoteNonce)));
+    let q = a
+        .tpm
+        .quote(&enroll::answer_binding(b"not the challenge nonce"))
+        .unwrap();
+    let stale = EnrollAnswer {
+        quote_attest: ByteBuf::from(q.attest),
+        quote_signature: ByteBuf::from(q.signature),
+        ..good.clone()
+    };
+    assert!(matches!(
+        enroll::finish(&stale, &trust, &vendor, t0(), 100),
+        Err(EnrollError::QuoteNonce)
+    ));
     // expired challenge
-    assert!(matches!(enroll::finish(&good, &trust, &vendor, t0() + 3601, 100), Err(EnrollError::ChallengeExpired(_))));
+    assert!(matches!(
+        enroll::finish(&good, &trust, &vendor, t0() + 3601, 100),
+        Err(EnrollError::ChallengeExpired(_))
+    ));
     // the genuine answer works
     let (_, cert) = enroll::finish(&good, &trust, &vendor, t0(), 100).unwrap();
 
@@ -147,11 +202,24 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
     for i in (0..cert.len()).step_by(7) {
         let mut c = cert.clone();
         c[i] ^= 0x01;
-        assert!(host::install(&mut a.tpm, a.state.path(), &c, &vendor.public(), t0() + 1).is_err(), "byte {i}");
+        assert!(
+            host::install(&mut a.tpm, a.state.path(), &c, &vendor.public(), t0() + 1).is_err(),
+            "byte {i}"
+        );
     }
     // A's certificate does not install on B
-    let e = host::install(&mut b.tpm, b.state.path(), &cert, &vendor.public(), t0() + 1).unwrap_err();
-    assert!(matches!(e, host::HostEnrollError::CertMismatch { .. }), "{e}");
+    let e = host::install(
+        &mut b.tpm,
+        b.state.path(),
+        &cert,
+        &vendor.public(),
+        t0() + 1,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, host::HostEnrollError::CertMismatch { .. }),
+        "{e}"
+    );
 
     // license with a flipped byte
     let lic = License {
@@ -165,12 +233,18 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
         clone_policy: ClonePolicy::Observe,
         grace_secs: 0,
         issued_at: t0(),
-        validity: Validity { not_before: t0(), not_after: t0() + 10 },
+        validity: Validity {
+            not_before: t0(),
+            not_after: t0() + 10,
+        },
     };
     let lb = sign(ObjectKind::License, &lic, &vendor).unwrap();
     for i in 0..lb.len() {
         let mut l = lb.clone();
         l[i] ^= 0x01;
-        assert!(open::<License>(ObjectKind::License, &l, &vendor.public()).is_err(), "byte {i}");
+        assert!(
+            open::<License>(ObjectKind::License, &l, &vendor.public()).is_err(),
+            "byte {i}"
+        );
     }
 }

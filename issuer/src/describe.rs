@@ -131,20 +131,30 @@ fn cbor<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<
 }
 
 /// Reads a COSE_Sign1 payload without verifying it.
-fn unverified_payload<T: serde::de::DeserializeOwned>(what: &'static str, b: &[u8]) -> Result<T, DescribeError> {
+fn unverified_payload<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    b: &[u8],
+) -> Result<T, DescribeError> {
     let s = parse_sign1(what, b)?;
-    let p = s.payload.ok_or_else(|| DescribeError::Malformed(format!("{what} has no payload")))?;
+    let p = s
+        .payload
+        .ok_or_else(|| DescribeError::Malformed(format!("{what} has no payload")))?;
     cbor(what, &p)
 }
 
 /// Describes any hostbind file. Signed objects are verified when `vendor` is given; otherwise
 /// the description says they were not.
-pub fn any(bytes: &[u8], vendor: Option<&VendorPublicKey>) -> Result<(FileKind, Value), DescribeError> {
+pub fn any(
+    bytes: &[u8],
+    vendor: Option<&VendorPublicKey>,
+) -> Result<(FileKind, Value), DescribeError> {
     let kind = files::detect(bytes).map_err(DescribeError::Unknown)?;
     let mut v = match kind {
         FileKind::VendorKey => {
             let f: VendorKeyFile = cbor("vendor key", bytes)?;
-            let k = f.key().map_err(|e| DescribeError::Malformed(e.to_string()))?;
+            let k = f
+                .key()
+                .map_err(|e| DescribeError::Malformed(e.to_string()))?;
             json!({ "alg": f.alg, "public_key": k.public().to_string(), "private_key": "(not shown)" })
         }
         FileKind::VendorPublicKey => {
@@ -246,7 +256,11 @@ pub fn to_text(v: &Value) -> String {
             Value::Number(n) => Some(n.to_string()),
             Value::String(s) => Some(s.clone()),
             Value::Object(m) if m.len() == 2 && m.contains_key("unix") && m.contains_key("utc") => {
-                Some(format!("{} ({})", m["utc"].as_str().unwrap_or(""), m["unix"]))
+                Some(format!(
+                    "{} ({})",
+                    m["utc"].as_str().unwrap_or(""),
+                    m["unix"]
+                ))
             }
             Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => Some(
                 a.iter()

@@ -185,10 +185,18 @@ fn now() -> u64 {
 
 fn load_vendor_key(path: &Path) -> Result<VendorKey> {
     let bytes = read(path)?;
-    let f: VendorKeyFile = from_cbor("vendor key", &bytes)
-        .with_context(|| format!("{} is not a vendor key file (make one with `hostbind-issuer keygen`)", path.display()))?;
+    let f: VendorKeyFile = from_cbor("vendor key", &bytes).with_context(|| {
+        format!(
+            "{} is not a vendor key file (make one with `hostbind-issuer keygen`)",
+            path.display()
+        )
+    })?;
     if f.kind != files::KIND_VENDOR_KEY {
-        bail!("{} is a '{}', not a vendor private key", path.display(), f.kind);
+        bail!(
+            "{} is a '{}', not a vendor private key",
+            path.display(),
+            f.kind
+        );
     }
     Ok(f.key()?)
 }
@@ -199,7 +207,8 @@ fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
         return Ok(VendorPublicKey::from_hex(arg)?);
     }
     let path = Path::new(arg);
-    let bytes = read(path).context("the vendor public key is neither 64 hex characters nor a readable file")?;
+    let bytes = read(path)
+        .context("the vendor public key is neither 64 hex characters nor a readable file")?;
     match files::detect(&bytes) {
         Ok(FileKind::VendorPublicKey) => {
             let f: VendorPublicKeyFile = from_cbor("vendor public key", &bytes)?;
@@ -227,7 +236,8 @@ fn load_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
 fn read_token(path: &Path) -> Result<Vec<u8>> {
     let raw = if path == Path::new("-") {
         let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).context("reading the token from stdin")?;
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+            .context("reading the token from stdin")?;
         b
     } else {
         read(path)?
@@ -237,10 +247,16 @@ fn read_token(path: &Path) -> Result<Vec<u8>> {
     if !t.is_empty() && t.chars().all(|c| c.is_ascii_hexdigit()) && t.len().is_multiple_of(2) {
         return Ok(hex::decode(t)?);
     }
-    if !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "-_+/=".contains(c)) {
+    if !t.is_empty()
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_+/=".contains(c))
+    {
         use base64::Engine;
         let t = t.trim_end_matches('=');
-        for engine in [&base64::engine::general_purpose::URL_SAFE_NO_PAD, &base64::engine::general_purpose::STANDARD_NO_PAD] {
+        for engine in [
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+        ] {
             if let Ok(b) = engine.decode(t) {
                 return Ok(b);
             }
@@ -264,9 +280,13 @@ fn host_ids(args: &[String], vendor: &VendorKey) -> Result<Vec<ByteBuf>> {
             if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Ok(ByteBuf::from(hex::decode(h)?));
             }
-            let bytes = read(Path::new(h)).context("--host is neither a 64-hex host id nor a readable host certificate file")?;
+            let bytes = read(Path::new(h)).context(
+                "--host is neither a 64-hex host id nor a readable host certificate file",
+            )?;
             let c: HostCertificate = open(ObjectKind::HostCertificate, &bytes, &vendor.public())
-                .with_context(|| format!("{h} is not a host certificate signed by this vendor key"))?;
+                .with_context(|| {
+                    format!("{h} is not a host certificate signed by this vendor key")
+                })?;
             Ok(c.host_id)
         })
         .collect()
@@ -275,19 +295,46 @@ fn host_ids(args: &[String], vendor: &VendorKey) -> Result<Vec<ByteBuf>> {
 fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.cmd {
-        Cmd::Keygen { out, public_out, force } => {
+        Cmd::Keygen {
+            out,
+            public_out,
+            force,
+        } => {
             let key = VendorKey::generate()?;
             let pub_path = public_out.unwrap_or_else(|| out.with_extension("pub"));
-            write_new(&out, &to_cbor("vendor key", &VendorKeyFile::new(&key))?, 0o600, force)?;
-            write_new(&pub_path, &to_cbor("vendor public key", &VendorPublicKeyFile::new(&key.public()))?, 0o644, force)?;
-            print(json, &serde_json::json!({
-                "private_key_file": out.display().to_string(),
-                "public_key_file": pub_path.display().to_string(),
-                "public_key": key.public().to_string(),
-                "note": "keep the private key offline; embed the public key in your application",
-            }))
+            write_new(
+                &out,
+                &to_cbor("vendor key", &VendorKeyFile::new(&key))?,
+                0o600,
+                force,
+            )?;
+            write_new(
+                &pub_path,
+                &to_cbor(
+                    "vendor public key",
+                    &VendorPublicKeyFile::new(&key.public()),
+                )?,
+                0o644,
+                force,
+            )?;
+            print(
+                json,
+                &serde_json::json!({
+                    "private_key_file": out.display().to_string(),
+                    "public_key_file": pub_path.display().to_string(),
+                    "public_key": key.public().to_string(),
+                    "note": "keep the private key offline; embed the public key in your application",
+                }),
+            )
         }
-        Cmd::Enroll(EnrollCmd::Challenge { request, tpm_ca, key, valid_for, out, force }) => {
+        Cmd::Enroll(EnrollCmd::Challenge {
+            request,
+            tpm_ca,
+            key,
+            valid_for,
+            out,
+            force,
+        }) => {
             let vendor = load_vendor_key(&key.key)?;
             let req: EnrollRequest = from_cbor("enrollment request", &read(&request)?)
                 .with_context(|| format!("{} is not an enrollment request", request.display()))?;
@@ -295,15 +342,25 @@ fn run(cli: Cli) -> Result<()> {
             let chal = enroll::create_challenge(&req, &cas, &vendor, now(), valid_for.as_secs())
                 .context("enrollment request rejected")?;
             write_new(&out, &to_cbor("enrollment challenge", &chal)?, 0o644, force)?;
-            print(json, &serde_json::json!({
-                "host_id": hex::encode(&chal.host_id),
-                "ek_certificate": "chains to a trusted TPM manufacturer CA",
-                "challenge_file": out.display().to_string(),
-                "answer_by": describe::time(chal.expires_at),
-                "next": format!("on the host: hostbind-proxy enroll answer {}", out.display()),
-            }))
+            print(
+                json,
+                &serde_json::json!({
+                    "host_id": hex::encode(&chal.host_id),
+                    "ek_certificate": "chains to a trusted TPM manufacturer CA",
+                    "challenge_file": out.display().to_string(),
+                    "answer_by": describe::time(chal.expires_at),
+                    "next": format!("on the host: hostbind-proxy enroll answer {}", out.display()),
+                }),
+            )
         }
-        Cmd::Enroll(EnrollCmd::Finish { answer, tpm_ca, key, valid_for, out, force }) => {
+        Cmd::Enroll(EnrollCmd::Finish {
+            answer,
+            tpm_ca,
+            key,
+            valid_for,
+            out,
+            force,
+        }) => {
             let vendor = load_vendor_key(&key.key)?;
             let ans: EnrollAnswer = from_cbor("enrollment answer", &read(&answer)?)
                 .with_context(|| format!("{} is not an enrollment answer", answer.display()))?;
@@ -313,7 +370,10 @@ fn run(cli: Cli) -> Result<()> {
             write_new(&out, &bytes, 0o644, force)?;
             let mut d = describe::host_cert(&cert);
             d["certificate_file"] = serde_json::json!(out.display().to_string());
-            d["next"] = serde_json::json!(format!("on the host: hostbind-proxy enroll install {}", out.display()));
+            d["next"] = serde_json::json!(format!(
+                "on the host: hostbind-proxy enroll install {}",
+                out.display()
+            ));
             print(json, &d)
         }
         Cmd::License(LicenseCmd::Issue(a)) => {
@@ -343,25 +403,44 @@ fn run(cli: Cli) -> Result<()> {
                 clone_policy: a.clone_policy,
                 grace_secs: a.grace.as_secs(),
                 issued_at,
-                validity: Validity { not_before: nb, not_after: nb.saturating_add(a.valid_for.as_secs()) },
+                validity: Validity {
+                    not_before: nb,
+                    not_after: nb.saturating_add(a.valid_for.as_secs()),
+                },
             };
-            write_new(&a.out, &sign(ObjectKind::License, &lic, &vendor)?, 0o644, a.force)?;
+            write_new(
+                &a.out,
+                &sign(ObjectKind::License, &lic, &vendor)?,
+                0o644,
+                a.force,
+            )?;
             let mut d = describe::license(&lic);
             d["license_file"] = serde_json::json!(a.out.display().to_string());
             print(json, &d)
         }
-        Cmd::Verify { token, vendor, nonce, at } => {
+        Cmd::Verify {
+            token,
+            vendor,
+            nonce,
+            at,
+        } => {
             let vendor = load_vendor_pub(&vendor.vendor_pub)?;
             let bytes = read_token(&token)?;
-            let nonce = nonce.map(|n| hex::decode(n.trim())).transpose().context("--nonce must be hex")?;
+            let nonce = nonce
+                .map(|n| hex::decode(n.trim()))
+                .transpose()
+                .context("--nonce must be hex")?;
             let when = at.unwrap_or_else(now);
             match hostbind_attest::verify::verify_token(&bytes, &vendor, when, nonce.as_deref()) {
                 Ok(v) => print(json, &describe::verified_token(&v)),
                 Err(e) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-                            "verified": false, "error": e.to_string(), "at": describe::time(when),
-                        }))?);
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&serde_json::json!({
+                                "verified": false, "error": e.to_string(), "at": describe::time(when),
+                            }))?
+                        );
                     }
                     Err(anyhow!("token NOT valid (as of {}): {e}", fmt_time(when)))
                 }

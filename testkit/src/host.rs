@@ -20,13 +20,35 @@ pub struct VmSpec {
     pub socket: PathBuf,
 }
 
+static NARRATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// When on, every command this module runs is printed first, shell-style (used by the demo).
+pub fn narrate(on: bool) {
+    NARRATE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn show(name: &str, args: &[&str], background: bool) {
+    if NARRATE.load(std::sync::atomic::Ordering::Relaxed) {
+        println!(
+            "    $ {name} {}{}",
+            args.join(" "),
+            if background { " &" } else { "" }
+        );
+    }
+}
+
 /// Runs a workspace binary to completion and returns its output (stdout+stderr kept apart).
 pub fn run(name: &str, args: &[&str]) -> Result<Output, TestkitError> {
+    show(name, args, false);
     let exe = bin(name)?;
-    Command::new(&exe).args(args).env("TSS2_LOG", "all+none").output().map_err(|source| TestkitError::Io {
-        what: format!("run {name}"),
-        source,
-    })
+    Command::new(&exe)
+        .args(args)
+        .env("TSS2_LOG", "all+none")
+        .output()
+        .map_err(|source| TestkitError::Io {
+            what: format!("run {name}"),
+            source,
+        })
 }
 
 /// Like [`run`] but fails with the command's output unless it succeeded; returns stdout.
@@ -37,7 +59,11 @@ pub fn run_ok(name: &str, args: &[&str]) -> Result<String, TestkitError> {
             tool: format!("{name} {}", args.join(" ")),
             status: out.status.to_string(),
             log: PathBuf::new(),
-            tail: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            tail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -52,12 +78,18 @@ pub struct Vendor {
 impl Vendor {
     /// Creates the vendor key.
     pub fn new() -> Result<Vendor, TestkitError> {
-        let dir = tempfile::Builder::new().prefix("hostbind-vendor-").tempdir().map_err(|source| TestkitError::Io {
-            what: "create vendor dir".into(),
-            source,
-        })?;
+        let dir = tempfile::Builder::new()
+            .prefix("hostbind-vendor-")
+            .tempdir()
+            .map_err(|source| TestkitError::Io {
+                what: "create vendor dir".into(),
+                source,
+            })?;
         let v = Vendor { dir };
-        run_ok("hostbind-issuer", &["keygen", "--out", &v.key().to_string_lossy()])?;
+        run_ok(
+            "hostbind-issuer",
+            &["keygen", "--out", &v.key().to_string_lossy()],
+        )?;
         Ok(v)
     }
     /// Private key file.
@@ -96,26 +128,44 @@ impl Host {
     /// Starts a TPM, writes a proxy config for `vm_names` (plain Unix sockets) with `extra` TOML
     /// appended to the top level (e.g. lease timing), and enrolls the host with `vendor` through
     /// the CLIs, exactly as an admin and a vendor would.
-    pub fn enrolled(vendor: &Vendor, vm_names: &[&str], leases_toml: &str) -> Result<Host, TestkitError> {
+    pub fn enrolled(
+        vendor: &Vendor,
+        vm_names: &[&str],
+        leases_toml: &str,
+    ) -> Result<Host, TestkitError> {
         Self::enrolled_with_tpm(vendor, Swtpm::start()?, vm_names, leases_toml)
     }
 
     /// Like [`Host::enrolled`] with a given TPM.
-    pub fn enrolled_with_tpm(vendor: &Vendor, tpm: Swtpm, vm_names: &[&str], leases_toml: &str) -> Result<Host, TestkitError> {
-        let dir = tempfile::Builder::new().prefix("hostbind-host-").tempdir().map_err(|source| TestkitError::Io {
-            what: "create host dir".into(),
-            source,
-        })?;
-        let d = dir.path().canonicalize().map_err(|source| TestkitError::Io {
-            what: "canonicalize host dir".into(),
-            source,
-        })?;
+    pub fn enrolled_with_tpm(
+        vendor: &Vendor,
+        tpm: Swtpm,
+        vm_names: &[&str],
+        leases_toml: &str,
+    ) -> Result<Host, TestkitError> {
+        let dir = tempfile::Builder::new()
+            .prefix("hostbind-host-")
+            .tempdir()
+            .map_err(|source| TestkitError::Io {
+                what: "create host dir".into(),
+                source,
+            })?;
+        let d = dir
+            .path()
+            .canonicalize()
+            .map_err(|source| TestkitError::Io {
+                what: "canonicalize host dir".into(),
+                source,
+            })?;
         let vms: Vec<VmSpec> = vm_names
             .iter()
             .enumerate()
             .map(|(i, n)| VmSpec {
                 name: n.to_string(),
-                uuid: format!("6f1c1c8e-0a1d-4d4e-9a53-{:012x}", 0x0c5e_1f1d_2a00u64 + i as u64 + 1),
+                uuid: format!(
+                    "6f1c1c8e-0a1d-4d4e-9a53-{:012x}",
+                    0x0c5e_1f1d_2a00u64 + i as u64 + 1
+                ),
                 socket: d.join(format!("vm-{n}.sock")),
             })
             .collect();
@@ -127,7 +177,12 @@ impl Host {
             p(&d.join("admin.sock")),
         );
         for vm in &vms {
-            toml.push_str(&format!("\n[[vm]]\nname = \"{}\"\nuuid = \"{}\"\nunix_socket = \"{}\"\n", vm.name, vm.uuid, p(&vm.socket)));
+            toml.push_str(&format!(
+                "\n[[vm]]\nname = \"{}\"\nuuid = \"{}\"\nunix_socket = \"{}\"\n",
+                vm.name,
+                vm.uuid,
+                p(&vm.socket)
+            ));
         }
         std::fs::write(d.join("proxy.toml"), toml).map_err(|source| TestkitError::Io {
             what: "write proxy.toml".into(),
@@ -172,39 +227,98 @@ impl Host {
 
     fn enroll(&mut self, vendor: &Vendor) -> Result<(), TestkitError> {
         let d = self.dir().to_path_buf();
-        let (req, chal, ans, cert) = (d.join("req.cbor"), d.join("chal.cbor"), d.join("ans.cbor"), d.join("host.cert"));
+        let (req, chal, ans, cert) = (
+            d.join("req.cbor"),
+            d.join("chal.cbor"),
+            d.join("ans.cbor"),
+            d.join("host.cert"),
+        );
         self.proxy_ok(&["enroll", "request", "--out", &p(&req)])?;
         let cas = self.tpm.ca().cert_paths();
-        let mut args = vec!["enroll".to_string(), "challenge".into(), p(&req), "--key".into(), p(&vendor.key()), "--out".into(), p(&chal)];
+        let mut args = vec![
+            "enroll".to_string(),
+            "challenge".into(),
+            p(&req),
+            "--key".into(),
+            p(&vendor.key()),
+            "--out".into(),
+            p(&chal),
+        ];
         for c in &cas {
             args.push("--tpm-ca".into());
             args.push(p(c));
         }
-        run_ok("hostbind-issuer", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        run_ok(
+            "hostbind-issuer",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
         self.proxy_ok(&["enroll", "answer", &p(&chal), "--out", &p(&ans)])?;
-        let mut args = vec!["--json".to_string(), "enroll".into(), "finish".into(), p(&ans), "--key".into(), p(&vendor.key()), "--out".into(), p(&cert)];
+        let mut args = vec![
+            "--json".to_string(),
+            "enroll".into(),
+            "finish".into(),
+            p(&ans),
+            "--key".into(),
+            p(&vendor.key()),
+            "--out".into(),
+            p(&cert),
+        ];
         for c in &cas {
             args.push("--tpm-ca".into());
             args.push(p(c));
         }
-        let out = run_ok("hostbind-issuer", &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let out = run_ok(
+            "hostbind-issuer",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )?;
         self.host_id = out
             .split("\"host_id\": \"")
             .nth(1)
             .and_then(|s| s.split('"').next())
             .unwrap_or_default()
             .to_string();
-        self.proxy_ok(&["enroll", "install", &p(&cert), "--vendor-pub", &p(&vendor.public())])?;
+        self.proxy_ok(&[
+            "enroll",
+            "install",
+            &p(&cert),
+            "--vendor-pub",
+            &p(&vendor.public()),
+        ])?;
         Ok(())
     }
 
     /// Issues a license for this host with `hostbind-issuer license issue` and returns its path.
-    pub fn issue_license(&self, vendor: &Vendor, product: &str, seats: u32, count_mode: &str, extra: &[&str]) -> Result<PathBuf, TestkitError> {
-        let out = vendor.dir().join(format!("{product}-{}-{count_mode}-{seats}.license", &self.host_id[..8]));
+    pub fn issue_license(
+        &self,
+        vendor: &Vendor,
+        product: &str,
+        seats: u32,
+        count_mode: &str,
+        extra: &[&str],
+    ) -> Result<PathBuf, TestkitError> {
+        let out = vendor.dir().join(format!(
+            "{product}-{}-{count_mode}-{seats}.license",
+            &self.host_id[..8]
+        ));
         let (seats, key, outs) = (seats.to_string(), p(&vendor.key()), p(&out));
         let mut args = vec![
-            "license", "issue", "--key", &key, "--customer", "ACME", "--host", &self.host_id, "--product", product, "--seats", &seats,
-            "--count-mode", count_mode, "--out", &outs, "--force",
+            "license",
+            "issue",
+            "--key",
+            &key,
+            "--customer",
+            "ACME",
+            "--host",
+            &self.host_id,
+            "--product",
+            product,
+            "--seats",
+            &seats,
+            "--count-mode",
+            count_mode,
+            "--out",
+            &outs,
+            "--force",
         ];
         args.extend_from_slice(extra);
         run_ok("hostbind-issuer", &args)?;
@@ -213,9 +327,20 @@ impl Host {
 
     /// Starts `hostbind-proxy run` and waits until it serves its sockets.
     pub fn start_proxy(&mut self) -> Result<(), TestkitError> {
+        let cfg = p(&self.config());
+        show("hostbind-proxy", &["--config", &cfg, "run"], true);
         let mut cmd = Command::new(bin("hostbind-proxy")?);
-        cmd.arg("--config").arg(self.config()).arg("run").env("TSS2_LOG", "all+none");
-        let log = self.dir().join(format!("proxy-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)));
+        cmd.arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .env("TSS2_LOG", "all+none");
+        let log = self.dir().join(format!(
+            "proxy-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
         let mut proc_ = Proc::spawn("hostbind-proxy", cmd, &log)?;
         proc_.wait_for_socket(&self.dir().join("admin.sock"), Duration::from_secs(20))?;
         for vm in &self.vms {
@@ -259,11 +384,32 @@ pub struct Agent {
 impl Agent {
     /// Starts `hostbind-agent run` connected to `host_socket` (the proxy's socket for its VM).
     pub fn start(host_socket: &Path) -> Result<Agent, TestkitError> {
-        let dir = tempfile::Builder::new().prefix("hostbind-agent-").tempdir().map_err(|source| TestkitError::Io {
-            what: "create agent dir".into(),
-            source,
-        })?;
+        let dir = tempfile::Builder::new()
+            .prefix("hostbind-agent-")
+            .tempdir()
+            .map_err(|source| TestkitError::Io {
+                what: "create agent dir".into(),
+                source,
+            })?;
         let socket = dir.path().join("agent.sock");
+        let (host, sock, state) = (
+            format!("unix:{}", host_socket.display()),
+            p(&socket),
+            p(&dir.path().join("state")),
+        );
+        show(
+            "hostbind-agent",
+            &[
+                "run",
+                "--host",
+                &host,
+                "--socket",
+                &sock,
+                "--state-dir",
+                &state,
+            ],
+            true,
+        );
         let mut cmd = Command::new(bin("hostbind-agent")?);
         cmd.arg("run")
             .arg("--host")
@@ -275,7 +421,11 @@ impl Agent {
             .env("RUST_LOG", "debug");
         let mut proc_ = Proc::spawn("hostbind-agent", cmd, &dir.path().join("agent.log"))?;
         proc_.wait_for_socket(&socket, Duration::from_secs(10))?;
-        Ok(Agent { proc_, socket, _dir: dir })
+        Ok(Agent {
+            proc_,
+            socket,
+            _dir: dir,
+        })
     }
 
     /// Runs a `hostbind-agent` client subcommand against this agent.

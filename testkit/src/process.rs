@@ -41,7 +41,9 @@ pub fn bin(name: &str) -> Result<PathBuf, TestkitError> {
         })?;
         if !st.success() || !path.is_file() {
             return Err(TestkitError::Startup {
-                reason: format!("binary {name} is not built and `cargo build --bin {name}` failed ({st})"),
+                reason: format!(
+                    "binary {name} is not built and `cargo build --bin {name}` failed ({st})"
+                ),
                 attempts: 1,
                 log: path.clone(),
                 tail: String::new(),
@@ -115,7 +117,11 @@ impl Proc {
         }
         let running = self.running();
         Err(TestkitError::Startup {
-            reason: format!("{} did not create {} (running: {running})", self.name, path.display()),
+            reason: format!(
+                "{} did not create {} (running: {running})",
+                self.name,
+                path.display()
+            ),
             attempts: 1,
             log: self.log.clone(),
             tail: self.log(),

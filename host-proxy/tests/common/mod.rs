@@ -12,7 +12,13 @@ use serde_bytes::ByteBuf;
 /// The tests' "now": the real time at first use (EK certificates are made at TPM start).
 pub fn t0() -> u64 {
     static T0: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *T0.get_or_init(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 5)
+    *T0.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 5
+    })
 }
 
 pub fn cas(ca: &LocalCa) -> Vec<Vec<u8>> {
@@ -30,7 +36,11 @@ pub struct Host {
 
 pub fn host(swtpm: Swtpm) -> Host {
     let tpm = Tpm::open(&swtpm.tcti()).unwrap();
-    Host { _swtpm: swtpm, tpm, state: tempfile::tempdir().unwrap() }
+    Host {
+        _swtpm: swtpm,
+        tpm,
+        state: tempfile::tempdir().unwrap(),
+    }
 }
 
 /// Runs the whole exchange and returns the host certificate bytes.
@@ -56,4 +66,3 @@ pub fn signer(h: &mut Host, cert: Vec<u8>, nb: u64, na: u64) -> TokenSigner {
     };
     TokenSigner::new(key, ev, cert).unwrap()
 }
-
