@@ -61,11 +61,26 @@ pub async fn accept_unix(
     vm: Arc<Vm>,
     what: &'static str,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_VM));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 tracing::debug!(vm = %vm.name, transport = what, "agent connected");
-                tokio::spawn(serve_connection(svc.clone(), stream, vm.clone()));
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let (svc, vm) = (svc.clone(), vm.clone());
+                        tokio::spawn(async move {
+                            serve_connection(svc, stream, vm).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(vm = %vm.name, "refusing connection: {MAX_CONNECTIONS_PER_VM} connections already open");
+                        tokio::spawn(refuse(stream, ErrorCode::Busy, format!(
+                            "this VM already has {MAX_CONNECTIONS_PER_VM} connections to the host proxy; close some and retry"
+                        )));
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(vm = %vm.name, "accept failed on {what} socket: {e}");
@@ -73,6 +88,16 @@ pub async fn accept_unix(
             }
         }
     }
+}
+
+/// Connections one VM may hold open at once (one agent needs one).
+pub const MAX_CONNECTIONS_PER_VM: usize = 64;
+
+/// Sends one Error frame and closes the connection.
+pub async fn refuse<S: AsyncWrite + Unpin>(stream: S, code: ErrorCode, message: String) {
+    let mut w = FramedWrite::new(stream, FrameCodec::<Body>::new());
+    let _ = w.send(error_frame(0, code, message)).await;
+    let _ = w.close().await;
 }
 
 fn error_frame(id: u64, code: ErrorCode, message: String) -> Message<Body> {

@@ -3,13 +3,11 @@
 //! vsock belongs to the infrastructure), and it is exercised inside QEMU guests' hosts only.
 
 use crate::config::Config;
-use crate::server::serve_connection;
+use crate::server::{refuse, serve_connection};
 use crate::service::{Service, Vm};
-use futures::SinkExt;
-use hostbind_attest::wire::{Body, ErrorBody, ErrorCode, FrameCodec, Message};
+use hostbind_attest::wire::{ErrorBody, ErrorCode};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::codec::FramedWrite;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
 /// The VM a connection from guest `cid` belongs to, or the refusal to send.
@@ -46,10 +44,7 @@ pub async fn serve(svc: Arc<Service>, port: u32) -> std::io::Result<()> {
             }
             Err(e) => {
                 tracing::warn!(cid = peer.cid(), "refused vsock connection: {}", e.message);
-                tokio::spawn(async move {
-                    let mut w = FramedWrite::new(stream, FrameCodec::<Body>::new());
-                    let _ = w.send(Message::new(0, Body::Error(e))).await;
-                });
+                tokio::spawn(refuse(stream, e.code, e.message));
             }
         }
     }
