@@ -2,7 +2,7 @@
 
 use crate::enroll::{KIND_ANSWER, KIND_CHALLENGE, KIND_REQUEST};
 use crate::keys::{KeyError, VendorKey, VendorPublicKey};
-use crate::signed::{content_type, parse_sign1, CT_HOST_CERT, CT_LICENSE, CT_TOKEN};
+use crate::signed::{content_type, from_cbor, parse_sign1, CT_HOST_CERT, CT_LICENSE, CT_TOKEN};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -121,5 +121,48 @@ pub fn detect(bytes: &[u8]) -> Result<FileKind, String> {
         KIND_CHALLENGE => Ok(FileKind::EnrollChallenge),
         KIND_ANSWER => Ok(FileKind::EnrollAnswer),
         o => Err(format!("a CBOR file of unknown kind '{o}'")),
+    }
+}
+
+/// Reads a vendor public key from any form a user may hand over: a vendor public key file, a vendor
+/// private key file (its public half), or text holding 64 hex characters.
+pub fn parse_vendor_public(bytes: &[u8]) -> Result<VendorPublicKey, String> {
+    const HINT: &str = "expected a .pub file from `hostbind-issuer keygen` or 64 hex characters";
+    match detect(bytes) {
+        Ok(FileKind::VendorPublicKey) => {
+            let f: VendorPublicKeyFile =
+                from_cbor("vendor public key", bytes).map_err(|e| e.to_string())?;
+            VendorPublicKey::from_bytes(&f.key).map_err(|e| e.to_string())
+        }
+        Ok(FileKind::VendorKey) => {
+            let f: VendorKeyFile = from_cbor("vendor key", bytes).map_err(|e| e.to_string())?;
+            Ok(f.key().map_err(|e| e.to_string())?.public())
+        }
+        Ok(other) => Err(format!(
+            "this is a {}, not a vendor key; {HINT}",
+            other.name()
+        )),
+        Err(_) => VendorPublicKey::from_hex(String::from_utf8_lossy(bytes).trim())
+            .map_err(|e| format!("no vendor public key found ({e}); {HINT}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signed::to_cbor;
+
+    #[test]
+    fn vendor_public_from_every_form() {
+        let k = VendorKey::generate().unwrap();
+        let p = k.public();
+        let pub_file = to_cbor("p", &VendorPublicKeyFile::new(&p)).unwrap();
+        let key_file = to_cbor("k", &VendorKeyFile::new(&k)).unwrap();
+        assert_eq!(parse_vendor_public(&pub_file).unwrap(), p);
+        assert_eq!(parse_vendor_public(&key_file).unwrap(), p);
+        assert_eq!(parse_vendor_public(format!("{p}\n").as_bytes()).unwrap(), p);
+        assert!(parse_vendor_public(b"not a key")
+            .unwrap_err()
+            .contains("64 hex"));
     }
 }

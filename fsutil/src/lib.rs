@@ -94,6 +94,22 @@ pub fn error_report(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Current Unix time in seconds (0 if the clock is before 1970).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads a vendor public key given on the command line as 64 hex characters or a file name.
+pub fn vendor_public_arg(arg: &str) -> Result<Vec<u8>, FileError> {
+    if arg.len() == 64 && arg.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(arg.as_bytes().to_vec());
+    }
+    read(Path::new(arg))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

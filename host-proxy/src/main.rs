@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use hostbind_attest::enroll::EnrollChallenge;
-use hostbind_attest::files::{self, FileKind, VendorPublicKeyFile};
+use hostbind_attest::files;
 use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::signed::{fmt_time, from_cbor, to_cbor};
 use hostbind_fsutil::{read, write_new};
@@ -12,8 +12,7 @@ use hostbind_proxy::config::{Config, DEFAULT_CONFIG};
 use hostbind_proxy::enroll;
 use hostbind_proxy::ledger::Lease;
 use hostbind_proxy::tpm::Tpm;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
 
 /// hostbind host proxy: proves this host's identity with its TPM and serves license tokens to guests.
 #[derive(Parser)]
@@ -98,28 +97,9 @@ enum EnrollCmd {
     },
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
-}
-
 fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
-    if arg.len() == 64 && arg.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Ok(VendorPublicKey::from_hex(arg)?);
-    }
-    let bytes = read(Path::new(arg))?;
-    match files::detect(&bytes) {
-        Ok(FileKind::VendorPublicKey) => {
-            let f: VendorPublicKeyFile = from_cbor("vendor public key", &bytes)?;
-            Ok(VendorPublicKey::from_bytes(&f.key)?)
-        }
-        _ => Ok(
-            VendorPublicKey::from_hex(String::from_utf8_lossy(&bytes).trim())
-                .with_context(|| format!("{arg} is not a vendor public key file"))?,
-        ),
-    }
+    let bytes = hostbind_fsutil::vendor_public_arg(arg)?;
+    files::parse_vendor_public(&bytes).map_err(|e| anyhow::anyhow!("{arg}: {e}"))
 }
 
 fn open_tpm(cfg: &Config) -> Result<Tpm> {
@@ -155,7 +135,7 @@ fn lease_line(l: &Lease, now: u64) -> String {
 
 async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
     let mut c = AdminClient::connect(&cfg.admin_socket).await?;
-    let now = now();
+    let now = hostbind_fsutil::unix_now();
     match cmd {
         Cmd::Status => {
             let AdminResponse::Status(s) = c.call(AdminRequest::Status).await? else {
@@ -301,7 +281,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Enroll(EnrollCmd::Request { out, force }) => {
             let mut tpm = open_tpm(&cfg)?;
-            let req = enroll::request(&mut tpm, &cfg.state_dir, now())?;
+            let req = enroll::request(&mut tpm, &cfg.state_dir, hostbind_fsutil::unix_now())?;
             write_new(&out, &to_cbor("enrollment request", &req)?, 0o644, force)?;
             println!(
                 "wrote enrollment request {} for host {}\nnext: send it to the vendor (hostbind-issuer enroll challenge {} --tpm-ca ...)",
@@ -333,7 +313,13 @@ fn run(cli: Cli) -> Result<()> {
             let vendor = load_vendor_pub(&vendor_pub)?;
             let bytes = read(&cert)?;
             let mut tpm = open_tpm(&cfg)?;
-            let c = enroll::install(&mut tpm, &cfg.state_dir, &bytes, &vendor, now())?;
+            let c = enroll::install(
+                &mut tpm,
+                &cfg.state_dir,
+                &bytes,
+                &vendor,
+                hostbind_fsutil::unix_now(),
+            )?;
             println!(
                 "installed host certificate for host {} (valid until {}) in {}",
                 c.host_id_hex(),

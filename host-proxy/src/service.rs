@@ -13,20 +13,12 @@ use hostbind_attest::wire::{
     Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope, TokenRequest,
     TokenResponse,
 };
+pub use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-
-/// Current Unix time in seconds.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
-}
 
 /// A VM as identified by the transport its connection arrived on (never by what the guest says).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hostbind_attest::enroll::{self, EnrollAnswer, EnrollRequest};
-use hostbind_attest::files::{self, FileKind, VendorKeyFile, VendorPublicKeyFile};
+use hostbind_attest::files::{self, VendorKeyFile, VendorPublicKeyFile};
 use hostbind_attest::keys::{VendorKey, VendorPublicKey};
 use hostbind_attest::signed::{
     fmt_time, from_cbor, open, sign, to_cbor, ClonePolicy, CountMode, HostCertificate, License,
@@ -13,7 +13,6 @@ use hostbind_fsutil::{read, write_new};
 use hostbind_issuer::describe;
 use serde_bytes::ByteBuf;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// hostbind vendor tool: create vendor keys, enroll hosts, issue licenses, verify tokens. Works offline.
 #[derive(Parser)]
@@ -176,13 +175,6 @@ struct IssueArgs {
     force: bool,
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
-}
-
 fn load_vendor_key(path: &Path) -> Result<VendorKey> {
     let bytes = read(path)?;
     let f: VendorKeyFile = from_cbor("vendor key", &bytes).with_context(|| {
@@ -203,24 +195,8 @@ fn load_vendor_key(path: &Path) -> Result<VendorKey> {
 
 /// Loads a vendor public key from hex, a .pub file or a .key file.
 fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
-    if arg.len() == 64 && arg.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Ok(VendorPublicKey::from_hex(arg)?);
-    }
-    let path = Path::new(arg);
-    let bytes = read(path)
-        .context("the vendor public key is neither 64 hex characters nor a readable file")?;
-    match files::detect(&bytes) {
-        Ok(FileKind::VendorPublicKey) => {
-            let f: VendorPublicKeyFile = from_cbor("vendor public key", &bytes)?;
-            Ok(VendorPublicKey::from_bytes(&f.key)?)
-        }
-        Ok(FileKind::VendorKey) => Ok(load_vendor_key(path)?.public()),
-        _ => {
-            let text = String::from_utf8_lossy(&bytes);
-            VendorPublicKey::from_hex(text.trim())
-                .map_err(|_| anyhow!("{arg} holds no vendor public key (expected a .pub file from keygen or 64 hex characters)"))
-        }
-    }
+    let bytes = hostbind_fsutil::vendor_public_arg(arg)?;
+    files::parse_vendor_public(&bytes).map_err(|e| anyhow!("{arg}: {e}"))
 }
 
 fn load_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
@@ -339,8 +315,14 @@ fn run(cli: Cli) -> Result<()> {
             let req: EnrollRequest = from_cbor("enrollment request", &read(&request)?)
                 .with_context(|| format!("{} is not an enrollment request", request.display()))?;
             let cas = load_cas(&tpm_ca)?;
-            let chal = enroll::create_challenge(&req, &cas, &vendor, now(), valid_for.as_secs())
-                .context("enrollment request rejected")?;
+            let chal = enroll::create_challenge(
+                &req,
+                &cas,
+                &vendor,
+                hostbind_fsutil::unix_now(),
+                valid_for.as_secs(),
+            )
+            .context("enrollment request rejected")?;
             write_new(&out, &to_cbor("enrollment challenge", &chal)?, 0o644, force)?;
             print(
                 json,
@@ -365,8 +347,14 @@ fn run(cli: Cli) -> Result<()> {
             let ans: EnrollAnswer = from_cbor("enrollment answer", &read(&answer)?)
                 .with_context(|| format!("{} is not an enrollment answer", answer.display()))?;
             let cas = load_cas(&tpm_ca)?;
-            let (cert, bytes) = enroll::finish(&ans, &cas, &vendor, now(), valid_for.as_secs())
-                .context("enrollment answer rejected")?;
+            let (cert, bytes) = enroll::finish(
+                &ans,
+                &cas,
+                &vendor,
+                hostbind_fsutil::unix_now(),
+                valid_for.as_secs(),
+            )
+            .context("enrollment answer rejected")?;
             write_new(&out, &bytes, 0o644, force)?;
             let mut d = describe::host_cert(&cert);
             d["certificate_file"] = serde_json::json!(out.display().to_string());
@@ -381,7 +369,7 @@ fn run(cli: Cli) -> Result<()> {
             if a.seats == 0 && a.count_mode != CountMode::None {
                 bail!("--seats must be at least 1 (or use --count-mode none)");
             }
-            let issued_at = now();
+            let issued_at = hostbind_fsutil::unix_now();
             let nb = a.not_before.unwrap_or(issued_at);
             let id = match a.id {
                 Some(id) => id,
@@ -430,7 +418,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|n| hex::decode(n.trim()))
                 .transpose()
                 .context("--nonce must be hex")?;
-            let when = at.unwrap_or_else(now);
+            let when = at.unwrap_or_else(hostbind_fsutil::unix_now);
             match hostbind_attest::verify::verify_token(&bytes, &vendor, when, nonce.as_deref()) {
                 Ok(v) => print(json, &describe::verified_token(&v)),
                 Err(e) => {
