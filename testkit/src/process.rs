@@ -30,19 +30,23 @@ pub fn bin(name: &str) -> Result<PathBuf, TestkitError> {
     let _g = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if !path.is_file() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // From the workspace root with --workspace: a test's cwd is its own package, where
+        // cargo only sees that package's binaries.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bin", name]);
+        cmd.current_dir(&root)
+            .args(["build", "--workspace", "--bin", name]);
         if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
             cmd.arg("--release");
         }
         let st = cmd.status().map_err(|source| TestkitError::Io {
-            what: format!("run cargo build --bin {name}"),
+            what: format!("run cargo build --workspace --bin {name}"),
             source,
         })?;
         if !st.success() || !path.is_file() {
             return Err(TestkitError::Startup {
                 reason: format!(
-                    "binary {name} is not built and `cargo build --bin {name}` failed ({st})"
+                    "binary {name} is not built and `cargo build --workspace --bin {name}` failed ({st})"
                 ),
                 attempts: 1,
                 log: path.clone(),
