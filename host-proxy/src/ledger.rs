@@ -398,18 +398,21 @@ impl Ledger {
             bytes: signed_bytes.to_vec(),
             added_at: now,
         };
-        let existing = self.licenses()?;
         self.write(&mut mem, now, |tx, hist| {
             let mut t = tx.open_table(LICENSES).map_err(storage)?;
-            let mut replaced = None;
-            for old in existing
-                .iter()
-                .filter(|o| o.product == product && o.id != id)
-            {
-                t.remove(old.id.as_str()).map_err(storage)?;
-                replaced = Some(old.id.clone());
+            let mut stale = Vec::new();
+            for r in t.iter().map_err(storage)? {
+                let (k, v) = r.map_err(storage)?;
+                let old: LicenseRecord = dec("licenses", k.value(), v.value())?;
+                if old.product == product && old.id != id {
+                    stale.push(old.id);
+                }
+            }
+            for old in &stale {
+                t.remove(old.as_str()).map_err(storage)?;
             }
             t.insert(id, enc(&rec)?.as_slice()).map_err(storage)?;
+            let replaced = stale.pop();
             let detail = match &replaced {
                 Some(o) => format!("license {id} added, replacing {o}"),
                 None => format!("license {id} added"),
@@ -424,22 +427,22 @@ impl Ledger {
         })
     }
 
-    /// Removes a license and releases every lease drawn from it.
+    /// Removes a license and releases every lease of its product (leases drawn from the
+    /// licenses it replaced included: one license per product).
     pub fn remove_license(&self, id: &str, now: u64) -> Result<Vec<Lease>, LedgerError> {
         let mut mem = self.lock();
-        let ended: Vec<Lease> = mem
-            .leases
-            .values()
-            .filter(|l| l.license_id == id)
-            .cloned()
-            .collect();
-        self.write(&mut mem, now, |tx, hist| {
+        let all: Vec<Lease> = mem.leases.values().cloned().collect();
+        let ended = self.write(&mut mem, now, |tx, hist| {
             let mut t = tx.open_table(LICENSES).map_err(storage)?;
             let rec = t.remove(id).map_err(storage)?.map(|v| v.value().to_vec());
             let Some(rec) = rec else {
                 return Err(LedgerError::UnknownLicense { id: id.to_string() });
             };
             let rec: LicenseRecord = dec("licenses", id, &rec)?;
+            let ended: Vec<Lease> = all
+                .into_iter()
+                .filter(|l| l.license_id == id || l.product == rec.product)
+                .collect();
             let mut lt = tx.open_table(LEASES).map_err(storage)?;
             for l in &ended {
                 lt.remove(l.id.as_str()).map_err(storage)?;
@@ -455,7 +458,7 @@ impl Ledger {
                 &rec.product,
                 format!("license {id} removed"),
             ));
-            Ok(())
+            Ok(ended)
         })?;
         for l in &ended {
             mem.leases.remove(&l.id);
