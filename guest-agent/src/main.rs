@@ -127,6 +127,8 @@ impl Failure {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `BIN generate-docs --out DIR`: man pages and completions from the clap definition.
+    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     let client = Client::new(&cli.socket);
     let result = match cli.cmd {
@@ -154,13 +156,8 @@ async fn main() -> ExitCode {
 
 /// `run`: the daemon.
 async fn run(host: HostAddr, socket: PathBuf, state_dir: PathBuf) -> Result<(), Failure> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Text on a terminal, JSON lines for journald, files and pipes (HOSTBIND_LOG_FORMAT overrides).
+    hostbind_cli::logging::init("info");
     hostbind_agent::run(AgentConfig::new(host, socket, state_dir))
         .await
         .map_err(|e| Failure::new(e.to_string()))

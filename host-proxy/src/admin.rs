@@ -95,6 +95,22 @@ pub struct Status {
     pub refused: u64,
     /// Leases expired since start.
     pub expired: u64,
+    /// TPM quotes made since start.
+    #[serde(default)]
+    pub tpm_quotes: u64,
+    /// Their mean duration, in milliseconds.
+    #[serde(default)]
+    pub tpm_quote_mean_ms: f64,
+    /// TPM quotes that failed since start.
+    #[serde(default)]
+    pub tpm_quote_errors: u64,
+    /// The Prometheus metrics endpoint, when `[metrics] listen` is set.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    // --- libvirt hook ---
+    /// libvirt connection and domains, when `[libvirt] enabled = true`.
+    #[serde(default)]
+    pub libvirt: Option<crate::libvirt::LibvirtStatus>,
 }
 
 /// A stored license as listed.
@@ -139,6 +155,7 @@ impl Validate for AdminResponse {}
 fn status(svc: &Service) -> Result<Status, String> {
     let now = unix_now();
     let leases = svc.ledger().leases().map_err(|e| e.to_string())?;
+    let quotes = svc.tpm().quote_stats().latency.snapshot();
     let mut seats = Vec::new();
     for (rec, lic) in svc.licenses().map_err(|e| e.to_string())? {
         let Some(l) = lic else { continue };
@@ -169,6 +186,11 @@ fn status(svc: &Service) -> Result<Status, String> {
         tokens_issued: svc.counters.tokens_issued.load(Ordering::Relaxed),
         refused: svc.counters.refused.load(Ordering::Relaxed),
         expired: svc.counters.expired.load(Ordering::Relaxed),
+        tpm_quotes: quotes.count,
+        tpm_quote_mean_ms: quotes.mean_secs() * 1000.0,
+        tpm_quote_errors: svc.tpm().quote_stats().errors.load(Ordering::Relaxed),
+        metrics: svc.counters.metrics.endpoint.get().cloned(),
+        libvirt: svc.libvirt().map(|l| l.status()),
     })
 }
 

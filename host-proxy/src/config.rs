@@ -142,7 +142,58 @@ pub struct Config {
     /// The VMs of this host and how each one's connections are recognised.
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmConfig>,
+    /// Prometheus metrics endpoint (off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
+    // --- libvirt hook (see libvirt.rs) ---
+    /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
 }
+
+// --- libvirt hook (see libvirt.rs) ---
+/// What a libvirt domain without a hostbind assignment in its metadata may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnassignedPolicy {
+    /// Every product this host has a license for (seats permitting).
+    Allow,
+    /// Nothing, until `hostbind-proxy vm assign` names products for it.
+    Deny,
+}
+
+impl UnassignedPolicy {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnassignedPolicy::Allow => "allow",
+            UnassignedPolicy::Deny => "deny",
+        }
+    }
+}
+
+/// `[libvirt]`: take VM identity, assignments and lifecycle from libvirt (KVM nodes).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibvirtConfig {
+    /// On: vsock CIDs are looked up in libvirt's running domains (`[[vm]] cid` is not allowed).
+    pub enabled: bool,
+    /// libvirt connection URI (`qemu:///system` on KVM nodes).
+    pub uri: String,
+    /// Policy for domains without a hostbind assignment: "allow" (default) or "deny".
+    pub unassigned: UnassignedPolicy,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        LibvirtConfig {
+            enabled: false,
+            uri: "qemu:///system".into(),
+            unassigned: UnassignedPolicy::Allow,
+        }
+    }
+}
+// --- end libvirt hook ---
 
 /// Lease and token timing.
 #[derive(Debug, Clone, Deserialize)]
@@ -313,7 +364,20 @@ impl Config {
                 }
             }
         }
-        if self.listen.af_vsock && !self.vms.iter().any(|v| v.cid.is_some()) {
+        // --- libvirt hook: with libvirt on, CIDs come from the domains' XML ---
+        if self.libvirt.enabled {
+            if self.libvirt.uri.trim().is_empty() {
+                return Err("libvirt.uri is empty; use \"qemu:///system\"".into());
+            }
+            if let Some(vm) = self.vms.iter().find(|v| v.cid.is_some()) {
+                return Err(format!("vm '{}' sets cid, but with [libvirt] enabled = true CIDs are read from libvirt's domain XML; remove cid from this [[vm]]", vm.name));
+            }
+        }
+        // --- end libvirt hook ---
+        if self.listen.af_vsock
+            && !self.libvirt.enabled
+            && !self.vms.iter().any(|v| v.cid.is_some())
+        {
             return Err("listen.af_vsock is on but no [[vm]] has a cid: every vsock connection would be refused".into());
         }
         Ok(())
@@ -393,5 +457,26 @@ vhost_uds = "/tmp/b.vsock"
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a TCTI"), "{e}");
+    }
+
+    // --- libvirt hook tests ---
+    #[test]
+    fn libvirt_table_defaults_and_checks() {
+        let c = Config::parse(GOOD, "p.toml").unwrap();
+        assert!(!c.libvirt.enabled);
+        assert_eq!(c.libvirt.uri, "qemu:///system");
+        assert_eq!(c.libvirt.unassigned, UnassignedPolicy::Allow);
+        let on = "[libvirt]\nenabled = true\nunassigned = \"deny\"\n[listen]\naf_vsock = true\n";
+        let c = Config::parse(on, "p.toml").unwrap();
+        assert!(c.libvirt.enabled && c.listen.af_vsock);
+        assert_eq!(c.libvirt.unassigned, UnassignedPolicy::Deny);
+        let e = Config::parse(&format!("{GOOD}\n[libvirt]\nenabled = true\n"), "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vm 'b' sets cid"), "{e}");
+        let e = Config::parse("[libvirt]\nunassigned = \"maybe\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("p.toml:2:") && e.contains("maybe"), "{e}");
     }
 }

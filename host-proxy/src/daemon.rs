@@ -30,6 +30,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     let ledger = Ledger::open(&cfg.state_dir.join(LEDGER_FILE))?;
     let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone())?;
     let svc = Service::start(cfg.clone(), identity, ledger, tpm).await?;
+    // --- libvirt hook: VM identity, assignments and lifecycle from libvirt (libvirt.rs) ---
+    let libvirt = cfg.libvirt.enabled.then(|| {
+        tracing::info!(uri = %cfg.libvirt.uri, unassigned = ?cfg.libvirt.unassigned, "taking VM identity from libvirt");
+        crate::libvirt::start(&svc)
+    });
+    // --- end libvirt hook ---
     let mut sockets: Vec<PathBuf> = Vec::new();
     let mut tasks = Vec::new();
 
@@ -37,6 +43,15 @@ pub async fn run(cfg: Config) -> Result<()> {
     let l = admin::bind(&cfg.admin_socket)?;
     sockets.push(cfg.admin_socket.clone());
     tasks.push(tokio::spawn(admin::serve(svc.clone(), l)));
+
+    if let Some(listen) = &cfg.metrics.listen {
+        if let crate::metrics::MetricsListen::Unix(p) = listen {
+            ensure_parent(p)?;
+        }
+        let m = crate::metrics::MetricsListener::bind(listen).await?;
+        sockets.extend(m.socket_path());
+        tasks.push(tokio::spawn(m.serve(svc.clone())));
+    }
 
     for vmc in &cfg.vms {
         let vm = Arc::new(Vm {
@@ -113,6 +128,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     for t in tasks {
         t.abort();
     }
+    drop(libvirt);
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }

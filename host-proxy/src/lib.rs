@@ -4,6 +4,8 @@ pub mod config;
 pub mod daemon;
 pub mod enroll;
 pub mod ledger;
+pub mod libvirt;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod tpm;

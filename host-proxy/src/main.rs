@@ -47,7 +47,102 @@ enum Cmd {
         /// Lease id.
         lease: String,
     },
+    /// Assign products to libvirt domains (stored in the domain's metadata; talks to libvirt
+    /// at `[libvirt] uri` directly, the daemon need not run).
+    #[command(subcommand)]
+    Vm(VmCmd),
 }
+
+// --- libvirt hook: `vm` commands (libvirt/vmcmd.rs) ---
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Allow a domain to use a product, optionally reserving seats for it on this host.
+    Assign {
+        /// Domain name or UUID.
+        domain: String,
+        /// Product name (as in the license).
+        #[arg(long)]
+        product: String,
+        /// Seats of the product kept free for this domain while it runs.
+        #[arg(long, default_value_t = 0)]
+        reserve: u32,
+    },
+    /// Take a product away from a domain (its leases of that product end), or with --all
+    /// remove the domain's assignment (the host's default policy applies again).
+    Unassign {
+        /// Domain name or UUID.
+        domain: String,
+        /// Product to remove.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        product: Option<String>,
+        /// Remove the whole assignment.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List domains with their state, vsock CID and assignment.
+    List,
+}
+
+fn vm_line(v: &hostbind_proxy::libvirt::vmcmd::VmInfo, policy: &str) -> String {
+    format!(
+        "{:<20} {}  {:<10} cid={:<6} {}",
+        v.name,
+        v.uuid,
+        v.state,
+        v.cid.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+        match (&v.assignment, &v.assignment_error) {
+            (_, Some(e)) => format!("assignment INVALID: {e}"),
+            (Some(a), None) => format!("products: {a}"),
+            (None, None) => format!("no assignment (host default: {policy})"),
+        }
+    )
+}
+
+fn vm_cmd(cfg: &Config, json: bool, cmd: VmCmd) -> Result<()> {
+    use hostbind_proxy::libvirt::{open, open_read_only, vmcmd};
+    // listing needs only read access; assign/unassign write domain metadata
+    let conn = match cmd {
+        VmCmd::List => open_read_only(&cfg.libvirt.uri)?,
+        _ => open(&cfg.libvirt.uri)?,
+    };
+    let policy = cfg.libvirt.unassigned.as_str();
+    let one = match cmd {
+        VmCmd::List => {
+            let v = vmcmd::list(&conn)?;
+            if json {
+                return print_json(&v);
+            }
+            if v.is_empty() {
+                println!("no domains at {}", cfg.libvirt.uri);
+            }
+            for d in &v {
+                println!("{}", vm_line(d, policy));
+            }
+            None
+        }
+        VmCmd::Assign {
+            domain,
+            product,
+            reserve,
+        } => Some(vmcmd::assign(&conn, &domain, &product, reserve)?),
+        VmCmd::Unassign {
+            domain,
+            product,
+            all: _,
+        } => Some(vmcmd::unassign(&conn, &domain, product.as_deref())?),
+    };
+    if let Some(v) = one {
+        if json {
+            return print_json(&v);
+        }
+        println!("{}", vm_line(&v, policy));
+    }
+    if !cfg.libvirt.enabled {
+        eprintln!("note: [libvirt] enabled is false in the proxy config: the daemon does not use libvirt or enforce assignments until it is set");
+    }
+    Ok(())
+}
+// --- end libvirt hook ---
 
 #[derive(Subcommand)]
 enum LicenseCmd {
@@ -106,13 +201,9 @@ fn open_tpm(cfg: &Config) -> Result<Tpm> {
     Ok(Tpm::open(&cfg.tpm)?)
 }
 
+/// Text on a terminal, JSON lines for journald, files and pipes (`HOSTBIND_LOG_FORMAT` overrides).
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    hostbind_cli::logging::init(level);
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -161,6 +252,43 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                 "leases:         {} live; tokens issued {}, refused {}, expired leases {}",
                 s.leases, s.tokens_issued, s.refused, s.expired
             );
+            println!(
+                "TPM quotes:     {} (mean {:.1} ms, {} failed); metrics: {}",
+                s.tpm_quotes,
+                s.tpm_quote_mean_ms,
+                s.tpm_quote_errors,
+                s.metrics
+                    .as_deref()
+                    .unwrap_or("off ([metrics] listen in the config)")
+            );
+            // --- libvirt hook ---
+            if let Some(l) = &s.libvirt {
+                if l.connected {
+                    println!(
+                        "libvirt:        connected to {} since {}; {} running domains ({} with a vsock CID), unassigned VMs: {}{}",
+                        l.uri,
+                        fmt_time(l.since),
+                        l.running_domains,
+                        l.with_cid,
+                        l.unassigned.as_str(),
+                        if l.reconnects > 0 { format!("; reconnected {} times", l.reconnects) } else { String::new() }
+                    );
+                } else {
+                    println!(
+                        "libvirt:        UNREACHABLE at {} since {}: {}; {} failed attempts, next in {}s; using the last known {} running domains",
+                        l.uri,
+                        fmt_time(l.since),
+                        l.last_error.as_deref().unwrap_or("not connected yet"),
+                        l.failed_attempts,
+                        l.next_retry_secs.unwrap_or(0),
+                        l.running_domains
+                    );
+                }
+                for c in &l.cid_conflicts {
+                    println!("libvirt:        CID CONFLICT {c}: connections from it are refused");
+                }
+            }
+            // --- end libvirt hook ---
             if s.seats.is_empty() {
                 println!("licenses:       none (add one with `hostbind-proxy license add FILE`)");
             }
@@ -258,7 +386,7 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
             println!("released {}", lease_line(&l, now));
         }
-        Cmd::Run | Cmd::Enroll(_) => {}
+        Cmd::Run | Cmd::Enroll(_) | Cmd::Vm(_) => {}
     }
     Ok(())
 }
@@ -279,6 +407,7 @@ fn run(cli: Cli) -> Result<()> {
         c @ (Cmd::Status | Cmd::License(_) | Cmd::Leases | Cmd::Release { .. }) => {
             runtime()?.block_on(admin(&cfg, cli.json, c))?;
         }
+        Cmd::Vm(c) => vm_cmd(&cfg, cli.json, c)?,
         Cmd::Enroll(EnrollCmd::Request { out, force }) => {
             let mut tpm = open_tpm(&cfg)?;
             let req = enroll::request(&mut tpm, &cfg.state_dir, hostbind_fsutil::unix_now())?;
@@ -332,6 +461,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    // `BIN generate-docs --out DIR`: man pages and completions from the clap definition.
+    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {}", hostbind_fsutil::error_report(e.as_ref()));

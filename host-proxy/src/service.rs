@@ -76,6 +76,8 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Leases that lapsed.
     pub expired: AtomicU64,
+    /// Counts by product and error code, and the endpoint, for `[metrics]`.
+    pub metrics: crate::metrics::MetricsState,
 }
 
 /// The proxy's state and logic, shared by all connections.
@@ -91,6 +93,8 @@ pub struct Service {
     started_at: u64,
     /// Counters.
     pub counters: Counters,
+    // --- libvirt hook: set when [libvirt] is enabled (see libvirt.rs) ---
+    libvirt: std::sync::OnceLock<Arc<crate::libvirt::LibvirtVms>>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -121,6 +125,7 @@ impl Service {
             next_conn: AtomicU64::new(1),
             started_at: unix_now(),
             counters: Counters::default(),
+            libvirt: std::sync::OnceLock::new(),
         });
         for rec in svc.ledger.licenses()? {
             match svc.check_license(&rec.bytes) {
@@ -208,6 +213,36 @@ impl Service {
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }
+
+    // --- libvirt hook (see libvirt.rs) ---
+    /// Makes the service take VM identity, assignments and reservations from libvirt.
+    pub fn set_libvirt(&self, vms: Arc<crate::libvirt::LibvirtVms>) {
+        let _ = self.libvirt.set(vms);
+    }
+
+    /// The libvirt state, when libvirt is in use.
+    pub fn libvirt(&self) -> Option<&Arc<crate::libvirt::LibvirtVms>> {
+        self.libvirt.get()
+    }
+
+    /// Releases every lease matching `pred` (with `reason` in the history) and tells the VMs.
+    pub fn revoke_where(
+        &self,
+        pred: impl Fn(&Lease) -> bool,
+        reason: &str,
+    ) -> Result<Vec<Lease>, ServiceError> {
+        let released = self.ledger.release_where(pred, reason, unix_now())?;
+        for l in &released {
+            self.push(
+                &l.vm_uuid,
+                EventKind::LeaseRevoked,
+                Some(l),
+                format!("lease {} for '{}' ended: {reason}", l.id, l.product),
+            );
+        }
+        Ok(released)
+    }
+    // --- end libvirt hook ---
 
     /// Unix time the service started.
     pub fn started_at(&self) -> u64 {
@@ -380,6 +415,7 @@ impl Service {
             err(ErrorCode::Internal, format!("token signing failed: {e}"))
         })?;
         self.counters.tokens_issued.fetch_add(1, Ordering::Relaxed);
+        self.counters.metrics.issued_by_product.inc(&lease.product);
         Ok(TokenResponse {
             lease_id: lease.id.clone(),
             token: ByteBuf::from(token),
@@ -390,6 +426,9 @@ impl Service {
 
     fn refused(&self, e: ErrorBody) -> ErrorBody {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        let code = serde_json::to_value(e.code).ok();
+        let code = code.as_ref().and_then(|v| v.as_str()).unwrap_or("other");
+        self.counters.metrics.refused_by_code.inc(code);
         e
     }
 
@@ -435,6 +474,18 @@ impl Service {
                 }
             },
         };
+        // --- libvirt hook: assignment in the domain metadata, seat reservations (libvirt.rs) ---
+        let admission = match self.libvirt.get() {
+            Some(lv) => Some(
+                lv.admit(vm, &req.product, lic.seats, lic.count_mode, || {
+                    self.ledger.leases().unwrap_or_default()
+                })
+                .map_err(|e| self.refused(e))?,
+            ),
+            None => None,
+        };
+        let seats = admission.as_ref().map_or(lic.seats, |a| a.seats);
+        // --- end libvirt hook ---
         let now = unix_now();
         let lease = self
             .ledger
@@ -448,10 +499,17 @@ impl Service {
                 pid,
                 ttl_secs: self.cfg.leases.ttl.0.as_secs(),
                 now,
-                seats: lic.seats,
+                seats,
                 mode: lic.count_mode,
             })
-            .map_err(|e| self.refused(Self::ledger_err(e)))?;
+            .map_err(|e| {
+                let mut b = Self::ledger_err(e);
+                if let Some(a) = &admission {
+                    a.explain(&mut b, lic.seats);
+                }
+                self.refused(b)
+            })?;
+        drop(admission);
         tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
         self.issue(
             vm,

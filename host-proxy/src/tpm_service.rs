@@ -1,8 +1,12 @@
 //! Serialises all TPM work of the daemon on one thread that owns the [`Tpm`] (a TPM serves one
 //! command at a time, and swtpm one client connection), with an async handle for tasks.
 
+use crate::metrics::QuoteStats;
 use crate::tpm::{ClockInfo, QuoteEvidence, Tpm, TpmError};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 /// Errors from the TPM thread.
@@ -28,6 +32,7 @@ enum Job {
 #[derive(Clone)]
 pub struct TpmService {
     tx: mpsc::Sender<Job>,
+    stats: Arc<QuoteStats>,
 }
 
 impl TpmService {
@@ -37,13 +42,23 @@ impl TpmService {
         tpm.endorsement()?;
         let ak = tpm.load_or_create_ak(&state_dir)?;
         let (tx, mut rx) = mpsc::channel::<Job>(256);
+        let stats = Arc::new(QuoteStats::default());
+        let stats2 = stats.clone();
         std::thread::Builder::new()
             .name("hostbind-tpm".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
                     match job {
                         Job::Quote(qd, reply) => {
-                            let _ = reply.send(tpm.quote(&qd));
+                            let started = Instant::now();
+                            let q = tpm.quote(&qd);
+                            match &q {
+                                Ok(_) => stats2.latency.observe(started.elapsed()),
+                                Err(_) => {
+                                    stats2.errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            let _ = reply.send(q);
                         }
                         Job::Clock(reply) => {
                             let _ = reply.send(tpm.clock_info());
@@ -52,7 +67,12 @@ impl TpmService {
                 }
             })
             .map_err(TpmServiceError::Spawn)?;
-        Ok((TpmService { tx }, ak.public))
+        Ok((TpmService { tx, stats }, ak.public))
+    }
+
+    /// Timing of the quotes made so far (for status and metrics).
+    pub fn quote_stats(&self) -> &QuoteStats {
+        &self.stats
     }
 
     /// Quotes PCRs with the AK over `qualifying_data`.

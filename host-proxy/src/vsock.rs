@@ -25,6 +25,31 @@ pub fn vm_for_cid(cfg: &Config, cid: u32) -> Result<Vm, ErrorBody> {
         })
 }
 
+// --- libvirt hook: with [libvirt] enabled, CIDs are looked up in libvirt (libvirt.rs) ---
+/// The VM of a connection from guest `cid`: from libvirt's running domains when libvirt is in
+/// use, else from the static `[[vm]]` map.
+pub fn resolve_cid(svc: &Service, cid: u32) -> Result<Vm, ErrorBody> {
+    match svc.libvirt() {
+        Some(lv) => lv.vm_for_cid(cid),
+        None => vm_for_cid(svc.config(), cid),
+    }
+}
+
+/// Serves one accepted connection from guest `cid`, or refuses it when the CID is unknown.
+pub async fn serve_peer<S>(svc: Arc<Service>, stream: S, cid: u32)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    match resolve_cid(&svc, cid) {
+        Ok(vm) => serve_connection(svc, stream, Arc::new(vm)).await,
+        Err(e) => {
+            tracing::warn!(cid, "refused vsock connection: {}", e.message);
+            refuse(stream, e.code, e.message).await;
+        }
+    }
+}
+// --- end libvirt hook ---
+
 /// Binds AF_VSOCK on `port` for any CID and serves agents until the task is dropped.
 pub async fn serve(svc: Arc<Service>, port: u32) -> std::io::Result<()> {
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, port))?;
@@ -38,15 +63,7 @@ pub async fn serve(svc: Arc<Service>, port: u32) -> std::io::Result<()> {
                 continue;
             }
         };
-        match vm_for_cid(svc.config(), peer.cid()) {
-            Ok(vm) => {
-                tokio::spawn(serve_connection(svc.clone(), stream, Arc::new(vm)));
-            }
-            Err(e) => {
-                tracing::warn!(cid = peer.cid(), "refused vsock connection: {}", e.message);
-                tokio::spawn(refuse(stream, e.code, e.message));
-            }
-        }
+        tokio::spawn(serve_peer(svc.clone(), stream, peer.cid()));
     }
 }
 

@@ -445,6 +445,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    // `BIN generate-docs --out DIR`: man pages and completions from the clap definition.
+    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {}", hostbind_fsutil::error_report(e.as_ref()));

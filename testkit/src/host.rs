@@ -9,16 +9,21 @@ use std::process::{Command, Output};
 use std::time::Duration;
 use tempfile::TempDir;
 
-/// A VM of the simulated host: name, UUID and the plain Unix socket its agent connects to.
+/// A VM of the simulated host: name, UUID and the Unix socket the proxy serves it on.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     /// VM name.
     pub name: String,
     /// VM UUID.
     pub uuid: String,
-    /// The socket the proxy serves this VM on.
+    /// The socket the proxy serves this VM on (for a hybrid vsock VM: `<vhost_uds>_9999`).
     pub socket: PathBuf,
+    /// For a VM reached through vhost-device-vsock: its `--uds-path` (the config's `vhost_uds`).
+    pub vhost_uds: Option<PathBuf>,
 }
+
+/// The vsock port the proxy listens on by default (suffix of hybrid vsock sockets).
+const VSOCK_PORT: u32 = 9999;
 
 static NARRATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -143,6 +148,28 @@ impl Host {
         vm_names: &[&str],
         leases_toml: &str,
     ) -> Result<Host, TestkitError> {
+        Self::build(vendor, tpm, vm_names, leases_toml, false)
+    }
+
+    /// Like [`Host::enrolled`], but each VM is reached through vhost-device-vsock (hybrid
+    /// vsock): the config sets `vhost_uds = "<host dir>/vm-<name>.vsock"` for it, the proxy
+    /// listens on `<vhost_uds>_9999`, and [`VmSpec::vhost_uds`] is the `--uds-path` to give
+    /// that VM's vhost-device-vsock.
+    pub fn enrolled_vhost(
+        vendor: &Vendor,
+        vm_names: &[&str],
+        leases_toml: &str,
+    ) -> Result<Host, TestkitError> {
+        Self::build(vendor, Swtpm::start()?, vm_names, leases_toml, true)
+    }
+
+    fn build(
+        vendor: &Vendor,
+        tpm: Swtpm,
+        vm_names: &[&str],
+        leases_toml: &str,
+        vhost: bool,
+    ) -> Result<Host, TestkitError> {
         let dir = tempfile::Builder::new()
             .prefix("hostbind-host-")
             .tempdir()
@@ -160,13 +187,21 @@ impl Host {
         let vms: Vec<VmSpec> = vm_names
             .iter()
             .enumerate()
-            .map(|(i, n)| VmSpec {
-                name: n.to_string(),
-                uuid: format!(
-                    "6f1c1c8e-0a1d-4d4e-9a53-{:012x}",
-                    0x0c5e_1f1d_2a00u64 + i as u64 + 1
-                ),
-                socket: d.join(format!("vm-{n}.sock")),
+            .map(|(i, n)| {
+                let uds = d.join(format!("vm-{n}.vsock"));
+                VmSpec {
+                    name: n.to_string(),
+                    uuid: format!(
+                        "6f1c1c8e-0a1d-4d4e-9a53-{:012x}",
+                        0x0c5e_1f1d_2a00u64 + i as u64 + 1
+                    ),
+                    socket: if vhost {
+                        PathBuf::from(format!("{}_{VSOCK_PORT}", uds.display()))
+                    } else {
+                        d.join(format!("vm-{n}.sock"))
+                    },
+                    vhost_uds: vhost.then_some(uds),
+                }
             })
             .collect();
         let mut toml = format!(
@@ -177,11 +212,13 @@ impl Host {
             p(&d.join("admin.sock")),
         );
         for vm in &vms {
+            let transport = match &vm.vhost_uds {
+                Some(uds) => format!("vhost_uds = \"{}\"", p(uds)),
+                None => format!("unix_socket = \"{}\"", p(&vm.socket)),
+            };
             toml.push_str(&format!(
-                "\n[[vm]]\nname = \"{}\"\nuuid = \"{}\"\nunix_socket = \"{}\"\n",
-                vm.name,
-                vm.uuid,
-                p(&vm.socket)
+                "\n[[vm]]\nname = \"{}\"\nuuid = \"{}\"\n{transport}\n",
+                vm.name, vm.uuid,
             ));
         }
         std::fs::write(d.join("proxy.toml"), toml).map_err(|source| TestkitError::Io {

@@ -1,0 +1,258 @@
+//! Shared by the libvirt_* tests: an enrolled host (real swtpm, enrollment through the CLIs),
+//! the real proxy `Service` in this process with `[libvirt]` enabled on a libvirt test-driver
+//! URI, and guests that connect through the same code path as AF_VSOCK connections
+//! (`vsock::serve_peer` with the peer's CID) over in-memory pipes.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use futures::{SinkExt, StreamExt};
+use hostbind_attest::wire::{
+    Body, ErrorCode, Event, FrameCodec, Hello, HelloAck, Message, Scope, TokenRequest,
+    TokenResponse,
+};
+use hostbind_proxy::config::Config;
+use hostbind_proxy::daemon::LEDGER_FILE;
+use hostbind_proxy::enroll::load_identity;
+use hostbind_proxy::ledger::{HistoryEntry, Lease, Ledger};
+use hostbind_proxy::libvirt::{self, EventSource, WatcherHandle};
+use hostbind_proxy::service::Service;
+use hostbind_proxy::tpm_service::TpmService;
+use hostbind_testkit::host::{Host, Vendor};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::DuplexStream;
+use tokio_util::codec::Framed;
+
+/// The node XML with several domains (see the comment in the file).
+pub fn node_xml() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/libvirt-node.xml")
+}
+
+/// The fixture's URI for the test driver (each open gets a fresh copy of the node).
+pub fn node_uri() -> String {
+    format!("test://{}", node_xml().display())
+}
+
+/// UUID of fixture domain number `n` (web 1, db 2, build 3, dup-a 4, dup-b 5, cadder 6,
+/// cad2 7, off 8, novsock 9, broken 10).
+pub fn uuid(n: u32) -> String {
+    format!("6b1e0c3a-7d52-4c1e-9f00-{n:012x}")
+}
+
+pub struct Rig {
+    pub vendor: Vendor,
+    pub host: Host,
+    pub svc: Arc<Service>,
+    pub watcher: Option<WatcherHandle>,
+}
+
+/// Appends `[libvirt]` to the host's proxy config and returns it.
+pub fn libvirt_config(host: &Host, uri: &str, unassigned: &str) -> Config {
+    let mut text = std::fs::read_to_string(host.config()).unwrap();
+    text.push_str(&format!(
+        "\n[libvirt]\nenabled = true\nuri = \"{uri}\"\nunassigned = \"{unassigned}\"\n"
+    ));
+    std::fs::write(host.config(), &text).unwrap();
+    Config::load(&host.config()).unwrap()
+}
+
+/// An enrolled host whose in-process service takes VMs from libvirt at `uri`, with domain
+/// events from `source`; waits until the watcher has connected (unless `wait` is false).
+/// The watcher's connection is read-write: the tests change test-driver domains through it
+/// (every open of a test:///FILE URI gets its own copy of the node).
+pub async fn rig(uri: &str, unassigned: &str, source: impl EventSource, wait: bool) -> Rig {
+    rig_with(uri, unassigned, source, libvirt::Access::ReadWrite, wait).await
+}
+
+/// Like [`rig`] with the watcher's connection `access` (the daemon's is read-only).
+pub async fn rig_with(
+    uri: &str,
+    unassigned: &str,
+    source: impl EventSource,
+    access: libvirt::Access,
+    wait: bool,
+) -> Rig {
+    let vendor = Vendor::new().unwrap();
+    let host = Host::enrolled(&vendor, &[], "").unwrap();
+    let cfg = libvirt_config(&host, uri, unassigned);
+    let identity = load_identity(&cfg.state_dir).unwrap();
+    let ledger = Ledger::open(&cfg.state_dir.join(LEDGER_FILE)).unwrap();
+    let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone()).unwrap();
+    let svc = Service::start(cfg, identity, ledger, tpm).await.unwrap();
+    let watcher = libvirt::start_with(&svc, source, access);
+    let r = Rig {
+        vendor,
+        host,
+        svc,
+        watcher: Some(watcher),
+    };
+    if wait {
+        r.wait_for("libvirt connected", || r.lv().status().connected)
+            .await;
+    }
+    r
+}
+
+impl Rig {
+    pub fn lv(&self) -> &Arc<libvirt::LibvirtVms> {
+        self.svc.libvirt().unwrap()
+    }
+
+    /// The watcher's own connection (the test driver gives every open its own node copy).
+    pub fn conn(&self) -> virt::connect::Connect {
+        self.lv().connection().expect("connected to libvirt")
+    }
+
+    /// Issues a license with `hostbind-issuer` and adds it to the service.
+    pub fn license(&self, product: &str, seats: u32, mode: &str) {
+        let p = self
+            .host
+            .issue_license(&self.vendor, product, seats, mode, &[])
+            .unwrap();
+        self.svc.add_license(&std::fs::read(p).unwrap()).unwrap();
+    }
+
+    pub fn leases_of(&self, vm_uuid: &str) -> Vec<Lease> {
+        self.svc
+            .ledger()
+            .leases()
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.vm_uuid == vm_uuid)
+            .collect()
+    }
+
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        self.svc.ledger().history(0, 100_000).unwrap()
+    }
+
+    /// Polls `cond` for up to 10 s.
+    pub async fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A guest connecting from vsock `cid`, through the AF_VSOCK code path.
+    pub fn connect(&self, cid: u32) -> Guest {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(hostbind_proxy::vsock::serve_peer(self.svc.clone(), b, cid));
+        Guest {
+            f: Framed::new(a, FrameCodec::new()),
+            next: 1,
+        }
+    }
+
+    /// A guest from `cid` that has said hello; panics if refused.
+    pub async fn guest(&self, cid: u32) -> (Guest, HelloAck) {
+        let mut g = self.connect(cid);
+        match g.hello().await {
+            Ok(ack) => (g, ack),
+            Err((c, m)) => panic!("CID {cid} refused: {c:?} {m}"),
+        }
+    }
+}
+
+pub struct Guest {
+    f: Framed<DuplexStream, FrameCodec<Body>>,
+    next: u64,
+}
+
+impl Guest {
+    pub async fn call(&mut self, body: Body) -> Body {
+        let id = self.next;
+        self.next += 1;
+        if self.f.send(Message::new(id, body)).await.is_err() {
+            return self.read_error().await;
+        }
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.f.next())
+                .await
+                .expect("answer within 10 s");
+            match m {
+                Some(Ok(m)) if m.id == id || matches!(m.body, Body::Error(_)) && m.id == 0 => {
+                    return m.body
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    }
+
+    async fn read_error(&mut self) -> Body {
+        match self.f.next().await {
+            Some(Ok(m)) => m.body,
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+
+    pub async fn hello(&mut self) -> Result<HelloAck, (ErrorCode, String)> {
+        match self
+            .call(Body::Hello(Hello {
+                agent_version: "libvirt-test".into(),
+                chain: vec![],
+                facts: BTreeMap::new(),
+                known_host: None,
+            }))
+            .await
+        {
+            Body::HelloAck(a) => Ok(a),
+            Body::Error(e) => Err((e.code, e.message)),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    pub async fn token(&mut self, product: &str) -> Result<TokenResponse, (ErrorCode, String)> {
+        match self
+            .call(Body::TokenRequest(TokenRequest {
+                product: product.into(),
+                features: vec![],
+                nonce: None,
+                scope: Scope::Vm,
+                pid: None,
+                chain: vec![],
+            }))
+            .await
+        {
+            Body::TokenResponse(t) => Ok(t),
+            Body::Error(e) => Err((e.code, e.message)),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    /// The next pushed event within `within`.
+    pub async fn event(&mut self, within: Duration) -> Option<Event> {
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            let m = tokio::time::timeout_at(end, self.f.next())
+                .await
+                .ok()??
+                .ok()?;
+            if let Body::Event(e) = m.body {
+                return Some(e);
+            }
+        }
+    }
+}
+
+/// Domain XML for the test driver.
+pub fn domain_xml(name: &str, uuid: &str, cid: u32, products: &[&str]) -> String {
+    let meta = if products.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "<metadata><hostbind:assignment xmlns:hostbind='{}'>{}</hostbind:assignment></metadata>",
+            libvirt::ASSIGNMENT_NS,
+            products
+                .iter()
+                .map(|p| format!("<hostbind:product name='{p}'/>"))
+                .collect::<String>()
+        )
+    };
+    format!(
+        "<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory>65536</memory><os><type>hvm</type></os>{meta}<devices><vsock model='virtio'><cid auto='no' address='{cid}'/></vsock></devices></domain>"
+    )
+}

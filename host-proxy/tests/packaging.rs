@@ -1,0 +1,54 @@
+//! The default configuration the Debian package installs as /etc/hostbind/proxy.toml
+//! (packaging/proxy.toml) is accepted as shipped, and its commented examples are valid when
+//! uncommented.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use hostbind_proxy::config::Config;
+use hostbind_proxy::metrics::MetricsListen;
+use std::path::Path;
+
+const SHIPPED: &str = include_str!("../../packaging/proxy.toml");
+
+#[test]
+fn shipped_config_loads_with_the_paths_the_unit_provides() {
+    let c = Config::parse(SHIPPED, "proxy.toml").unwrap();
+    // systemd's StateDirectory=hostbind, RuntimeDirectory=hostbind, DeviceAllow=/dev/tpmrm0.
+    assert_eq!(c.state_dir, Path::new("/var/lib/hostbind"));
+    assert!(c.admin_socket.starts_with("/run/hostbind"));
+    assert_eq!(c.tpm, "device:/dev/tpmrm0");
+    assert_eq!(c.licenses_dir, Path::new("/etc/hostbind/licenses"));
+    assert!(c.metrics.listen.is_none(), "metrics must be off by default");
+    assert!(!c.listen.af_vsock);
+    assert!(c.vms.is_empty());
+}
+
+#[test]
+fn commented_examples_are_valid_when_uncommented() {
+    let mut text = String::new();
+    for line in SHIPPED.lines() {
+        let uncommented = line.strip_prefix("# ").unwrap_or(line);
+        // The metrics table with its first listen example, and the [[vm]] example.
+        let take = uncommented.starts_with("[metrics]")
+            || uncommented.starts_with("listen = \"127.0.0.1")
+            || uncommented.starts_with("[[vm]]")
+            || ["name =", "uuid =", "cid =", "vhost_uds =", "unix_socket ="]
+                .iter()
+                .any(|k| uncommented.starts_with(k));
+        text.push_str(if take { uncommented } else { line });
+        text.push('\n');
+    }
+    let text = text.replace("af_vsock = false", "af_vsock = true");
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(
+        c.metrics.listen,
+        Some(MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap()))
+    );
+    assert_eq!(c.vms.len(), 1);
+    assert_eq!(c.vm_by_cid(3).unwrap().name, "db-1");
+    // The second listen example (a Unix socket) parses too.
+    assert_eq!(
+        MetricsListen::parse("/run/hostbind/metrics.sock").unwrap(),
+        MetricsListen::Unix("/run/hostbind/metrics.sock".into())
+    );
+    assert!(SHIPPED.contains("# listen = \"/run/hostbind/metrics.sock\""));
+}

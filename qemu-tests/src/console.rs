@@ -1,0 +1,50 @@
+//! What the guest prints: the test app's `HBAPP {json}` lines and the init script's `HBINIT`
+//! lines on the serial console.
+
+use serde_json::Value;
+
+/// Prefix of the test app's lines.
+pub const APP_PREFIX: &str = "HBAPP ";
+
+/// The test app's lines in console text, parsed, in order. A line garbled by interleaved kernel
+/// output is skipped.
+pub fn app_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| {
+            let at = l.find(APP_PREFIX)?;
+            serde_json::from_str::<Value>(l[at + APP_PREFIX.len()..].trim_end()).ok()
+        })
+        .collect()
+}
+
+/// The `msg` field of an app line (`token`, `event`, `refused`, `alive`, ...).
+pub fn msg(v: &Value) -> &str {
+    v["msg"].as_str().unwrap_or("")
+}
+
+/// The `event` name of an app `event` line (`connected`, `rebound`, `license_refused`, ...).
+pub fn event_name(v: &Value) -> &str {
+    if msg(v) == "event" {
+        v["event"]["event"].as_str().unwrap_or("")
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_app_lines_and_skips_garbage() {
+        let text = "[    1.0] kernel says hi\r\nHBAPP {\"msg\":\"start\",\"pid\":7}\r\n\
+                    HBINIT x\r\nHBAPP {\"msg\":\"event\",\"event\":{\"event\":\"rebound\"}}\r\n\
+                    HBAPP {\"msg\":\"tok[  2.0] garbled\r\n";
+        let l = app_lines(text);
+        assert_eq!(l.len(), 2);
+        assert_eq!(msg(&l[0]), "start");
+        assert_eq!(l[0]["pid"], 7);
+        assert_eq!(event_name(&l[1]), "rebound");
+        assert_eq!(event_name(&l[0]), "");
+    }
+}

@@ -1,0 +1,425 @@
+//! hostbind in real QEMU guests (TCG) over real virtio-vsock: the guest's agent connects with
+//! AF_VSOCK to CID 2 port 9999 *inside the guest*; vhost-device-vsock turns that into a Unix
+//! socket connection to the host proxy's hybrid vsock socket. Each simulated host has its own
+//! swtpm, enrolled proxy, licenses and vhost-device-vsock.
+//!
+//! Measurements are printed as `QEMU-BENCH {json}` lines (run with `--nocapture` to see them;
+//! docs/benchmarks.md has the numbers).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant, SystemTime};
+
+use hostbind_client::api::b64url;
+use hostbind_qemu_tests::console::{event_name, msg};
+use hostbind_qemu_tests::image::guest_image;
+use hostbind_qemu_tests::vendor_public_hex;
+use hostbind_qemu_tests::vm::{Qemu, VmOptions};
+use hostbind_testkit::host::{run, Host, Vendor};
+use serde_json::{json, Value};
+
+/// Short lease TTL so a vanished VM's seat frees quickly.
+const LEASES: &str = "[leases]\nttl = \"3s\"\nkey_epoch = \"10m\"\nsweep_interval = \"200ms\"\n";
+/// For three TCG guests on two cores: a renewal (every TTL/2) may be late, so a bit longer.
+const LEASES_5S: &str = "[leases]\nttl = \"5s\"\nkey_epoch = \"10m\"\nsweep_interval = \"200ms\"\n";
+/// Boot to first token under TCG on a busy 2-core machine stays far below this.
+const BOOT: Duration = Duration::from_secs(240);
+
+fn bench(name: &str, v: Value) {
+    println!("QEMU-BENCH {}", json!({"bench": name, "data": v}));
+}
+
+fn add_license(h: &Host, v: &Vendor, product: &str, seats: u32) {
+    let lic = h.issue_license(v, product, seats, "vm", &[]).unwrap();
+    h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+}
+
+fn opts(h: &Host, vm: &str, cid: u32, vendor_hex: &str) -> VmOptions {
+    let spec = h.vm(vm).unwrap();
+    let mut o = VmOptions::new(vm, spec.vhost_uds.as_ref().unwrap(), "cad", vendor_hex);
+    o.cid = cid;
+    o
+}
+
+fn vendor_key(v: &Vendor) -> hostbind_client::VendorPublicKey {
+    hostbind_attest::files::parse_vendor_public(&std::fs::read(v.public()).unwrap()).unwrap()
+}
+
+/// Checks a token line from the guest: verified in the guest, and verified again on the host
+/// (library and `hostbind-issuer verify`) with the same claims. Returns the host-side claims.
+fn check_token_on_host(
+    line: &Value,
+    v: &Vendor,
+    dir: &std::path::Path,
+) -> hostbind_attest::token::TokenClaims {
+    assert_eq!(line["verify"], "ok", "the guest could not verify: {line}");
+    let bytes = b64url::decode(line["token"].as_str().unwrap()).unwrap();
+    // Tokens live as long as their lease (3–5 s here): verify as of their issue time, so a slow
+    // machine does not turn this into a test of the clock.
+    let iat = line["iat"].as_u64().unwrap();
+    let verified = hostbind_attest::verify::verify_token(&bytes, &vendor_key(v), iat, None)
+        .unwrap_or_else(|e| panic!("host-side verification failed: {e}"));
+    let c = verified.claims;
+    assert_eq!(hex::encode(&c.host_id), line["host_id"].as_str().unwrap());
+    assert_eq!(c.vm_uuid, line["vm_uuid"].as_str().unwrap());
+    assert_eq!(c.vm_name, line["vm_name"].as_str().unwrap());
+    assert_eq!(c.lease_id, line["lease_id"].as_str().unwrap());
+    let f = dir.join(format!("{}.token", c.lease_id));
+    std::fs::write(&f, line["token"].as_str().unwrap()).unwrap();
+    let out = run(
+        "hostbind-issuer",
+        &[
+            "verify",
+            f.to_str().unwrap(),
+            "--vendor-pub",
+            v.public().to_str().unwrap(),
+            "--at",
+            &iat.to_string(),
+        ],
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&c.vm_name),
+        "hostbind-issuer verify: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c
+}
+
+fn leases(h: &Host) -> String {
+    h.proxy_ok(&["leases"]).unwrap()
+}
+
+/// The time of the first proxy log line (JSON) with this message.
+fn proxy_log_time(h: &Host, message: &str) -> Option<SystemTime> {
+    let log = h.proxy.as_ref()?.log();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == message)
+        .and_then(|l| humantime::parse_rfc3339(l["timestamp"].as_str()?).ok())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < timeout, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn boot_gets_token_over_vsock_verified_in_guest_and_on_host() {
+    let img = guest_image().unwrap();
+    bench(
+        "image",
+        json!({"kernel": img.kernel_package, "key": img.key, "get_ms": img.took.as_millis()}),
+    );
+    let v = Vendor::new().unwrap();
+    let vendor_hex = vendor_public_hex(&v).unwrap();
+    let mut h = Host::enrolled_vhost(&v, &["vm-a"], LEASES).unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 1);
+    let spec = h.vm("vm-a").unwrap().clone();
+
+    // The guest claims to be someone else: another SMBIOS UUID and another VM's name.
+    let claimed_uuid = "0badc0de-0000-4000-8000-000000000001";
+    let mut o = opts(&h, "vm-a", 3, &vendor_hex);
+    o.smbios_uuid = Some(claimed_uuid.into());
+    o.hostname = Some("vm-impostor".into());
+    let mut q = Qemu::boot(&img, "vm-a@A", o).unwrap();
+
+    let (tok, boot_to_token) = q
+        .wait_app("a verified token", BOOT, |l| msg(l) == "token")
+        .unwrap();
+    let guest = q
+        .app_lines()
+        .into_iter()
+        .find(|l| msg(l) == "guest")
+        .unwrap();
+    let claims = check_token_on_host(&tok, &v, h.dir());
+    // Fresh, so it also verifies now.
+    let bytes = b64url::decode(tok["token"].as_str().unwrap()).unwrap();
+    hostbind_client::verify(&bytes, &vendor_key(&v), None).unwrap();
+
+    // The identity is the host's, not the guest's claim.
+    assert_eq!(guest["dmi_uuid"], claimed_uuid, "{guest}");
+    assert_eq!(guest["hostname"], "vm-impostor", "{guest}");
+    assert_eq!(claims.vm_uuid, spec.uuid);
+    assert_eq!(claims.vm_name, "vm-a");
+    assert_eq!(hex::encode(&claims.host_id), h.host_id);
+    assert_eq!(claims.product, "cad");
+    assert!(leases(&h).contains(&claims.lease_id), "{}", leases(&h));
+    // The agent reached the host over AF_VSOCK inside the guest (its default vsock:2:9999).
+    assert!(
+        q.agent_log()
+            .contains("session with the host proxy started"),
+        "{}",
+        q.agent_log()
+    );
+    bench(
+        "boot_to_first_verified_token",
+        json!({
+            "host_wall_ms": boot_to_token.as_millis(),
+            "token_request_ms": tok["request_ms"],
+            "verify_in_guest_us": tok["verify_us"],
+        }),
+    );
+}
+
+#[test]
+fn seat_limit_across_three_vms_and_release_on_shutdown() {
+    let img = guest_image().unwrap();
+    let v = Vendor::new().unwrap();
+    let vendor_hex = vendor_public_hex(&v).unwrap();
+    let names = ["vm-a", "vm-b", "vm-c"];
+    let mut h = Host::enrolled_vhost(&v, &names, LEASES_5S).unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 2);
+    let mut vms: Vec<Qemu> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            Qemu::boot(
+                &img,
+                &format!("{n}@A"),
+                opts(&h, n, 3 + i as u32, &vendor_hex),
+            )
+            .unwrap()
+        })
+        .collect();
+    // Each VM ends up either with a token or refused.
+    for q in &mut vms {
+        q.wait_app("a token or a refusal", BOOT, |l| {
+            msg(l) == "token" || msg(l) == "refused"
+        })
+        .unwrap();
+    }
+    // Let a late token land before judging (both seat holders asked at about the same time).
+    std::thread::sleep(Duration::from_secs(1));
+    let has_token = |q: &Qemu| q.app_lines().iter().any(|l| msg(l) == "token");
+    let holders: Vec<usize> = (0..3).filter(|i| has_token(&vms[*i])).collect();
+    assert_eq!(holders.len(), 2, "exactly two seats: {holders:?}");
+    let refused = (0..3).find(|i| !holders.contains(i)).unwrap();
+    let refusal = vms[refused]
+        .app_lines()
+        .into_iter()
+        .find(|l| msg(l) == "refused")
+        .unwrap();
+    let text = refusal["message"].as_str().unwrap();
+    assert_eq!(refusal["code"], "seats_exhausted", "{refusal}");
+    assert!(
+        text.contains("no free seat for product 'cad'")
+            && text.contains(names[holders[0]])
+            && text.contains(names[holders[1]]),
+        "{text}"
+    );
+    for i in &holders {
+        let tok = vms[*i]
+            .app_lines()
+            .into_iter()
+            .find(|l| msg(l) == "token")
+            .unwrap();
+        let c = check_token_on_host(&tok, &v, h.dir());
+        assert_eq!(c.vm_name, names[*i]);
+    }
+
+    // Pull the plug on one seat holder: its lease lapses (TTL 5 s) and the third VM, which
+    // keeps asking, gets the seat.
+    let gone = holders[0];
+    let gone_lease = vms[gone]
+        .app_lines()
+        .into_iter()
+        .find(|l| msg(l) == "token")
+        .unwrap()["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t_quit = Instant::now();
+    vms[gone].quit();
+    let (tok, _) = vms[refused]
+        .wait_app("the freed seat", Duration::from_secs(60), |l| {
+            msg(l) == "token"
+        })
+        .unwrap();
+    let released_after = t_quit.elapsed();
+    let c = check_token_on_host(&tok, &v, h.dir());
+    assert_eq!(c.vm_name, names[refused]);
+    // The sweeper (every 200 ms) drops the lapsed lease from the ledger.
+    wait_until(
+        "the shut-down VM's lease leaves the ledger",
+        Duration::from_secs(10),
+        || !leases(&h).contains(&gone_lease),
+    );
+    bench(
+        "seat_freed_by_vm_shutdown",
+        json!({"quit_to_third_vm_token_ms": released_after.as_millis(), "lease_ttl_s": 5}),
+    );
+}
+
+/// Boots vm-a on host A, waits for its first token, and live-migrates it to `b` (which has its
+/// own TPM, proxy and vhost-device-vsock): unplug vsock on A, migrate over a Unix socket, plug
+/// vsock on B. Returns (A's QEMU, B's QEMU, first token line, last heartbeat on A, timings).
+fn boot_and_migrate(
+    a: &Host,
+    b: &Host,
+    vendor_hex: &str,
+) -> (Qemu, Qemu, Value, Value, Value, SystemTime) {
+    let img = guest_image().unwrap();
+    let mut qa = Qemu::boot(&img, "vm-a@A", opts(a, "vm-a", 3, vendor_hex)).unwrap();
+    let (tok1, _) = qa
+        .wait_app("the first token", BOOT, |l| msg(l) == "token")
+        .unwrap();
+    assert_eq!(tok1["host_id"], a.host_id.as_str());
+    // A heartbeat after the token, to compare with what B's console shows later.
+    let (alive_a, _) = qa
+        .wait_app(
+            "a heartbeat after the token",
+            Duration::from_secs(30),
+            |l| msg(l) == "alive" && l["tokens"] == 1,
+        )
+        .unwrap();
+    let mut qb = Qemu::incoming(&img, "vm-a@B", opts(b, "vm-a", 3, vendor_hex)).unwrap();
+    let unplug = qa.unplug_vsock().unwrap();
+    let mig = qa.migrate_to(&qb).unwrap();
+    qb.plug_vsock().unwrap();
+    let t_plug = SystemTime::now();
+    let timings = json!({
+        "unplug_ms": unplug.as_millis(),
+        "migration_downtime_ms": mig.downtime_ms,
+        "migration_total_ms": mig.total_ms,
+        "migration_wall_ms": mig.wall.as_millis(),
+    });
+    (qa, qb, tok1, alive_a, timings, t_plug)
+}
+
+#[test]
+fn live_migration_rebinds_to_host_b_and_frees_host_a() {
+    let v = Vendor::new().unwrap();
+    let vendor_hex = vendor_public_hex(&v).unwrap();
+    let mut ha = Host::enrolled_vhost(&v, &["vm-a"], LEASES).unwrap();
+    let mut hb = Host::enrolled_vhost(&v, &["vm-a"], LEASES).unwrap();
+    assert_ne!(ha.host_id, hb.host_id);
+    ha.start_proxy().unwrap();
+    hb.start_proxy().unwrap();
+    add_license(&ha, &v, "cad", 1);
+    add_license(&hb, &v, "cad", 1);
+
+    let (mut qa, mut qb, tok1, alive_a, timings, t_plug) = boot_and_migrate(&ha, &hb, &vendor_hex);
+    let (tok2, _) = qb
+        .wait_app("a token from host B", Duration::from_secs(60), |l| {
+            msg(l) == "token" && l["host_id"] == hb.host_id.as_str()
+        })
+        .unwrap();
+    let t_token = SystemTime::now();
+    let c2 = check_token_on_host(&tok2, &v, hb.dir());
+    assert_eq!(
+        hex::encode(&c2.host_id),
+        hb.host_id,
+        "new token names host B"
+    );
+    assert_eq!(c2.vm_name, "vm-a");
+    assert_ne!(tok2["lease_id"], tok1["lease_id"]);
+    // The app got a rebound event A -> B.
+    let lines = qb.app_lines();
+    let rebound = lines
+        .iter()
+        .find(|l| event_name(l) == "rebound")
+        .unwrap_or_else(|| panic!("no rebound event on B: {lines:?}"));
+    assert_eq!(rebound["event"]["old_host"], ha.host_id.as_str());
+    assert_eq!(rebound["event"]["new_host"], hb.host_id.as_str());
+    // The very same process survived: same run id, counter went on.
+    let (alive_b, _) = qb
+        .wait_app("a heartbeat on B", Duration::from_secs(30), |l| {
+            msg(l) == "alive"
+        })
+        .unwrap();
+    assert_eq!(alive_b["run_id"], alive_a["run_id"]);
+    assert!(alive_b["counter"].as_u64().unwrap() > alive_a["counter"].as_u64().unwrap());
+    // Guest-side agent + proxy time: session with B started -> verified token.
+    let connected_b = lines
+        .iter()
+        .filter(|l| event_name(l) == "connected" && l["event"]["host_id"] == hb.host_id.as_str())
+        .map(|l| l["t_ms"].as_u64().unwrap())
+        .next();
+    // Host A: the source QEMU is stopped after migrating; its seat lapses by TTL.
+    qa.quit();
+    let old = tok1["lease_id"].as_str().unwrap().to_string();
+    let freed = wait_until(
+        "host A frees the old lease",
+        Duration::from_secs(20),
+        || !leases(&ha).contains(&old),
+    );
+    assert!(leases(&hb).contains(&c2.lease_id));
+    // When the guest's connection reached host B's proxy (its log, host clock).
+    let t_conn = proxy_log_time(&hb, "agent hello");
+    let ms = |a: SystemTime, b: SystemTime| b.duration_since(a).map(|d| d.as_millis()).ok();
+    let mut t = timings;
+    t["device_add_to_verified_token_ms"] = json!(ms(t_plug, t_token));
+    t["device_add_to_proxy_connection_ms"] = json!(t_conn.and_then(|c| ms(t_plug, c)));
+    t["proxy_connection_to_verified_token_ms"] = json!(t_conn.and_then(|c| ms(c, t_token)));
+    let t_granted = proxy_log_time(&hb, "lease granted");
+    t["proxy_hello_to_lease_granted_ms"] = json!(t_conn.zip(t_granted).and_then(|(c, g)| ms(c, g)));
+    t["guest_connected_to_verified_token_ms"] =
+        json!(connected_b.map(|c| tok2["t_ms"].as_u64().unwrap().saturating_sub(c)));
+    t["token_request_ms"] = tok2["request_ms"].clone();
+    t["token_was_cached"] = tok2["cached"].clone();
+    t["token_was_cached"] = tok2["cached"].clone();
+    t["host_a_lease_freed_after_quit_ms"] = json!(freed.as_millis());
+    bench("live_migration", t);
+    drop(qb);
+    hb.stop_proxy();
+    ha.stop_proxy();
+}
+
+#[test]
+fn migration_to_a_host_without_license_tells_the_app() {
+    let v = Vendor::new().unwrap();
+    let vendor_hex = vendor_public_hex(&v).unwrap();
+    let mut ha = Host::enrolled_vhost(&v, &["vm-a"], LEASES).unwrap();
+    let mut hc = Host::enrolled_vhost(&v, &["vm-a"], LEASES).unwrap();
+    ha.start_proxy().unwrap();
+    hc.start_proxy().unwrap();
+    add_license(&ha, &v, "cad", 1);
+    // Host C is licensed for another product only.
+    add_license(&hc, &v, "other", 1);
+
+    let (mut qa, mut qc, _tok1, alive_a, _timings, _) = boot_and_migrate(&ha, &hc, &vendor_hex);
+    let (refused, _) = qc
+        .wait_app(
+            "a license_refused event on host C",
+            Duration::from_secs(60),
+            |l| event_name(l) == "license_refused",
+        )
+        .unwrap();
+    assert_eq!(refused["event"]["product"], "cad", "{refused}");
+    assert_eq!(refused["event"]["code"], "no_license", "{refused}");
+    let text = refused["event"]["message"].as_str().unwrap();
+    assert!(text.contains("cad"), "{text}");
+    let (rebound, _) = qc
+        .wait_app("a rebound event", Duration::from_secs(30), |l| {
+            event_name(l) == "rebound"
+        })
+        .unwrap();
+    assert_eq!(rebound["event"]["new_host"], hc.host_id.as_str());
+    assert_eq!(rebound["event"]["leases"], json!([]), "{rebound}");
+    // The app asks again and is told why, clearly.
+    let (again, _) = qc
+        .wait_app(
+            "a refused token request on C",
+            Duration::from_secs(30),
+            |l| msg(l) == "refused",
+        )
+        .unwrap();
+    assert_eq!(again["code"], "no_license", "{again}");
+    // It is still the same process.
+    let (alive_c, _) = qc
+        .wait_app("a heartbeat on C", Duration::from_secs(30), |l| {
+            msg(l) == "alive"
+        })
+        .unwrap();
+    assert_eq!(alive_c["run_id"], alive_a["run_id"]);
+    assert!(!qc.app_lines().iter().any(|l| msg(l) == "token"));
+    qa.quit();
+}
