@@ -32,6 +32,7 @@ fn token_response() -> Message {
             token: ByteBuf::from(vec![0x5a; 2048]),
             token_expires_at: 1_800_000_000,
             lease_expires_at: 1_800_000_300,
+            grace_secs: 0,
         }),
     )
 }

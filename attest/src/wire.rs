@@ -638,6 +638,10 @@ pub struct TokenResponse {
     pub token_expires_at: u64,
     /// When the lease ends unless renewed, unix seconds.
     pub lease_expires_at: u64,
+    /// The license's grace, seconds: how long the VM may keep using the product after moving
+    /// to a host that refuses it (0: none). Absent from older proxies, read as 0.
+    #[serde(default)]
+    pub grace_secs: u64,
 }
 
 impl Validate for TokenResponse {

@@ -38,6 +38,7 @@ fn response(id: u64) -> Message {
             token: ByteBuf::from(vec![0x5a; 2048]),
             token_expires_at: 1_800_000_000,
             lease_expires_at: 1_800_000_300,
+            grace_secs: 0,
         }),
     )
 }
@@ -192,6 +193,7 @@ fn codec_buffers_at_most_one_frame_and_encoder_checks_size() {
             token: ByteBuf::from(vec![0; MAX_FRAME_BODY]),
             token_expires_at: 0,
             lease_expires_at: 0,
+            grace_secs: 0,
         }),
     );
     assert!(matches!(

@@ -94,6 +94,7 @@ fn arb_token_response() -> impl Strategy<Value = TokenResponse> {
             token,
             token_expires_at,
             lease_expires_at,
+            grace_secs: 0,
         },
     )
 }

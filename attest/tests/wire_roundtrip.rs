@@ -80,6 +80,7 @@ pub fn samples() -> Vec<Body> {
             token: ByteBuf::from(vec![0x5a; 2048]),
             token_expires_at: 1_800_000_000,
             lease_expires_at: 1_800_000_300,
+            grace_secs: 0,
         }),
         Body::Release(Release {
             lease_id: "lease-1".into(),
@@ -293,6 +294,7 @@ fn encode_refuses_too_large_message() {
             token: ByteBuf::from(vec![0; MAX_FRAME_BODY]),
             token_expires_at: 0,
             lease_expires_at: 0,
+            grace_secs: 0,
         }),
     );
     let mut out = vec![1, 2, 3];
@@ -596,6 +598,7 @@ fn content_limits_are_enforced() {
         token: ByteBuf::new(),
         token_expires_at: 0,
         lease_expires_at: 0,
+        grace_secs: 0,
     }))
     .is_some());
     assert!(limit_err(Body::Event(Event {

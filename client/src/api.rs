@@ -184,6 +184,11 @@ pub struct LeaseInfo {
     pub lease_expires_at: u64,
     /// When the agent acquired the lease, unix seconds.
     pub acquired_at: u64,
+    /// Set while the lease is in its license's grace: the VM moved to a host that refused the
+    /// product, and the app may keep working until this time (unix seconds) while the agent
+    /// keeps trying to re-acquire the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_until: Option<u64>,
 }
 
 /// The body of every non-2xx answer: `{"error": {"code": ..., "message": ...}}`.
@@ -403,6 +408,11 @@ pub enum EventKind {
         code: ErrorCode,
         /// The host proxy's message.
         message: String,
+        /// When the refusal came after a move to another host and the license grants a grace:
+        /// the app may keep working until this time (unix seconds) while the agent retries;
+        /// `lease_lost` with reason `grace_expired` follows if no host grants the lease by then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grace_until: Option<u64>,
     },
     /// The host saw this VM's chain fork: it was cloned or restored from a snapshot.
     CloneDetected {
@@ -442,6 +452,8 @@ pub enum LossReason {
     UnknownToHost,
     /// The agent could not re-acquire it on a new host.
     NotReacquired,
+    /// The license's grace after a move to a host that refused it ran out.
+    GraceExpired,
     /// A reason this version of the library does not know.
     #[serde(other)]
     Unknown,

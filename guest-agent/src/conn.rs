@@ -120,9 +120,18 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
                 let Some(reason) = reason else { return };
                 on_disconnected(&shared, &reason);
             }
-            Err(reason) => {
+            Err(Failed {
+                reason,
+                no_transport,
+            }) => {
                 tracing::debug!("connection attempt failed: {reason}");
                 shared.lock().last_error = Some(reason);
+                if no_transport {
+                    // No vsock device at all (e.g. unplugged for a migration): the attempt never
+                    // reached a host, so retry soon instead of backing off, to catch the device
+                    // coming back.
+                    backoff.reset();
+                }
             }
         }
         // Wait before the next attempt; still answer requests meanwhile.
@@ -149,15 +158,40 @@ fn reject(o: Outgoing, shared: &Shared) {
 
 type Conn = Framed<BoxedStream, FrameCodec<Body>>;
 
+/// Why a connection attempt failed.
+struct Failed {
+    /// For people.
+    reason: String,
+    /// The guest has no transport to the host right now (vsock `ENODEV`: no vsock device).
+    no_transport: bool,
+}
+
+impl From<String> for Failed {
+    fn from(reason: String) -> Failed {
+        Failed {
+            reason,
+            no_transport: false,
+        }
+    }
+}
+
 /// Opens the transport and runs Hello; returns the framed connection and the proxy's answer.
-async fn connect_and_hello(shared: &Shared) -> Result<(Conn, HelloAck), String> {
+async fn connect_and_hello(shared: &Shared) -> Result<(Conn, HelloAck), Failed> {
     let host = &shared.cfg.host;
     let timeout = shared.cfg.timing.hello_timeout;
+    let stream = match tokio::time::timeout(timeout, host.connect()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(Failed {
+                reason: format!("cannot connect to {host}: {e}"),
+                no_transport: e.raw_os_error() == Some(libc::ENODEV),
+            })
+        }
+        Err(_) => {
+            return Err(format!("connecting to {host} took longer than {timeout:?}").into());
+        }
+    };
     let work = async {
-        let stream = host
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {host}: {e}"))?;
         let mut framed = Framed::new(stream, FrameCodec::<Body>::new());
         let known_host = shared.lock().last_host.map(|h| ByteBuf::from(h.to_vec()));
         let hello = Hello {
@@ -202,10 +236,11 @@ async fn connect_and_hello(shared: &Shared) -> Result<(Conn, HelloAck), String> 
         }
     };
     match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r,
+        Ok(r) => r.map_err(Failed::from),
         Err(_) => Err(format!(
             "the host proxy at {host} did not complete Hello within {timeout:?}"
-        )),
+        )
+        .into()),
     }
 }
 
@@ -290,7 +325,8 @@ async fn serve(
     let timeout = shared.cfg.timing.request_timeout;
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut next_id = HELLO_ID + 1;
-    let mut tick = tokio::time::interval(Duration::from_millis(250).min(timeout));
+    // Also how often a reset connection is looked for (see `transport::socket_failed`).
+    let mut tick = tokio::time::interval(Duration::from_millis(100).min(timeout));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shared.shutdown.clone();
     let reason = loop {
@@ -353,6 +389,11 @@ async fn serve(
                 }
             }
             _ = tick.tick() => {
+                if crate::transport::socket_failed(framed.get_ref().as_raw_fd()) {
+                    break "the connection to the host proxy was reset (vsock transport reset, \
+                           e.g. after a live migration)"
+                        .to_string();
+                }
                 pending.retain(|_, p| !p.reply.is_closed());
                 if pending.values().any(|p| p.sent.elapsed() > timeout) {
                     let reason = format!("the host proxy did not answer within {timeout:?}");

@@ -59,9 +59,14 @@ pub(crate) struct Lease {
     pub lease_expires_at: u64,
     pub acquired_at: u64,
     pub cached: Option<CachedToken>,
-    /// When the renewal is due (half the TTL after the last grant, by the local clock).
+    /// When the renewal is due (half the TTL after the last grant, by the local clock); for a
+    /// lease in grace, when the next re-acquisition attempt is due.
     pub renew_at: Instant,
     pub renewing: bool,
+    /// The license's grace after a move to a host that refuses the product, seconds.
+    pub grace_secs: u64,
+    /// Set when a host refused the lease after a move: the end of its grace, unix seconds.
+    pub grace_until: Option<u64>,
 }
 
 impl Lease {
@@ -77,6 +82,7 @@ impl Lease {
             expires_at: self.token_expires_at,
             lease_expires_at: self.lease_expires_at,
             acquired_at: self.acquired_at,
+            grace_until: self.grace_until,
         }
     }
 
@@ -106,6 +112,11 @@ pub(crate) struct Orphan {
 /// The renew instant for a grant received now, given the session's TTL.
 fn renew_deadline(ttl_secs: u32) -> Instant {
     Instant::now() + Duration::from_millis(u64::from(ttl_secs) * 500)
+}
+
+/// How often a lease in grace is re-tried on the current host: half the TTL, at most 10 s.
+fn grace_retry(ttl_secs: u32) -> Instant {
+    Instant::now() + Duration::from_millis((u64::from(ttl_secs) * 500).min(10_000))
 }
 
 /// The TTL of the current session (60 s if unknown).
@@ -186,7 +197,21 @@ pub(crate) async fn obtain(
             // Created by another request while this one waited; use it.
             continue;
         }
-        return create(shared, key, nonce.clone()).await.map(|(r, _)| r);
+        return match create(shared, key, nonce.clone()).await {
+            Ok((r, _)) => Ok(r),
+            Err(CallError::Refused(mut e)) => {
+                let grace = shared.lock().leases.get(key).and_then(|l| l.grace_until);
+                if let Some(t) = grace {
+                    e.message = format!(
+                        "{}; this VM's lease from its previous host is in grace until unix time \
+                         {t}, the agent keeps retrying",
+                        e.message
+                    );
+                }
+                Err(CallError::Refused(e))
+            }
+            Err(e) => Err(e),
+        };
     }
     Err(CallError::Unexpected(
         "the lease kept changing while the token was requested; retry".into(),
@@ -225,6 +250,8 @@ async fn create(
         }),
         renew_at: renew_deadline(ttl),
         renewing: false,
+        grace_secs: t.grace_secs,
+        grace_until: None,
     };
     let reply = lease.reply(t.token.into_vec(), t.token_expires_at, false);
     let replaced = shared
@@ -265,6 +292,7 @@ async fn renew(
                     lease.token_expires_at = t.token_expires_at;
                     lease.lease_expires_at = t.lease_expires_at;
                     lease.renew_at = renew_deadline(ttl);
+                    lease.grace_secs = t.grace_secs;
                     if nonce.is_none() {
                         lease.cached = Some(CachedToken {
                             token: t.token.to_vec(),
@@ -297,6 +325,7 @@ async fn renew(
                     lease_id: Some(id.to_string()),
                     code: e.code.into(),
                     message: e.message.clone(),
+                    grace_until: None,
                 });
             }
             Err(CallError::Refused(e))
@@ -312,6 +341,27 @@ fn remove_if(shared: &Shared, key: &LeaseKey, id: &str) -> Option<Lease> {
         st.leases.remove(key)
     } else {
         None
+    }
+}
+
+/// Keeps lease `id` of `key` in its license's grace after a host refused it following a move.
+/// `None`: no grace (none granted, or it ran out; the caller ends the lease). `Some(Some(t))`:
+/// the grace starts now and ends at `t`. `Some(None)`: the lease was already in grace.
+fn enter_grace(shared: &Shared, key: &LeaseKey, id: &str) -> Option<Option<u64>> {
+    let ttl = session_ttl(shared);
+    let now = unix_now();
+    let mut st = shared.lock();
+    let lease = st.leases.get_mut(key).filter(|l| l.lease_id == id)?;
+    lease.renew_at = grace_retry(ttl);
+    match lease.grace_until {
+        Some(t) if t > now => Some(None),
+        Some(_) => None,
+        None if lease.grace_secs == 0 => None,
+        None => {
+            let until = now.saturating_add(lease.grace_secs);
+            lease.grace_until = Some(until);
+            Some(Some(until))
+        }
     }
 }
 
@@ -375,14 +425,35 @@ async fn reacquire(
             Ok(Some(reply.lease_id))
         }
         Err(CallError::Refused(e)) => {
-            remove_if(shared, key, old_id);
             let code = api::ErrorCode::from(e.code);
+            if why == Why::Rebound && code.is_license_refusal() {
+                if let Some(first) = enter_grace(shared, key, old_id) {
+                    if let Some(until) = first {
+                        tracing::warn!(
+                            lease = %old_id,
+                            product = %key.product,
+                            "this host refused the lease ({}); in grace until {until}",
+                            e.message
+                        );
+                        shared.emit(EventKind::LicenseRefused {
+                            product: key.product.clone(),
+                            lease_id: Some(old_id.to_string()),
+                            code,
+                            message: e.message.clone(),
+                            grace_until: Some(until),
+                        });
+                    }
+                    return Err(CallError::Refused(e));
+                }
+            }
+            remove_if(shared, key, old_id);
             if code.is_license_refusal() {
                 shared.emit(EventKind::LicenseRefused {
                     product: key.product.clone(),
                     lease_id: Some(old_id.to_string()),
                     code,
                     message: e.message.clone(),
+                    grace_until: None,
                 });
             } else {
                 shared.emit(EventKind::LeaseLost {
@@ -510,6 +581,28 @@ pub(crate) async fn renew_loop(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
+        expire_graces(&shared);
+        let retry: Vec<(LeaseKey, String, HostId)> = {
+            let mut st = shared.lock();
+            let Some(host) = st.session.as_ref().map(|s| s.host_id) else {
+                continue;
+            };
+            let now = Instant::now();
+            st.leases
+                .iter_mut()
+                .filter(|(_, l)| {
+                    l.grace_until.is_some() && l.host_id != host && !l.renewing && l.renew_at <= now
+                })
+                .map(|(k, l)| {
+                    l.renewing = true;
+                    (k.clone(), l.lease_id.clone(), l.host_id)
+                })
+                .collect()
+        };
+        for (key, id, old_host) in retry {
+            let shared = shared.clone();
+            tokio::spawn(async move { retry_in_grace(&shared, &key, &id, old_host).await });
+        }
         let due: Vec<(LeaseKey, String)> = {
             let mut st = shared.lock();
             let Some(host) = st.session.as_ref().map(|s| s.host_id) else {
@@ -529,6 +622,68 @@ pub(crate) async fn renew_loop(shared: Arc<Shared>) {
             let shared = shared.clone();
             tokio::spawn(async move { renew_due(&shared, &key, &id).await });
         }
+    }
+}
+
+/// Ends the leases whose grace ran out (event `lease_lost`, reason `grace_expired`).
+fn expire_graces(shared: &Shared) {
+    let now = unix_now();
+    let ended: Vec<Lease> = {
+        let mut st = shared.lock();
+        let keys: Vec<LeaseKey> = st
+            .leases
+            .iter()
+            .filter(|(_, l)| l.grace_until.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.iter().filter_map(|k| st.leases.remove(k)).collect()
+    };
+    for l in ended {
+        tracing::warn!(lease = %l.lease_id, product = %l.key.product, "the lease's grace ran out");
+        shared.emit(EventKind::LeaseLost {
+            lease_id: l.lease_id.clone(),
+            product: l.key.product.clone(),
+            reason: LossReason::GraceExpired,
+            new_lease_id: None,
+            message: format!(
+                "the grace for '{}' after moving to a host without a usable license ran out; \
+                 the app must stop using the product until the VM runs on a licensed host \
+                 (or this host gets a license)",
+                l.key.product
+            ),
+        });
+    }
+}
+
+/// One re-acquisition attempt for a lease in grace; on success the app gets `rebound`.
+async fn retry_in_grace(shared: &Arc<Shared>, key: &LeaseKey, id: &str, old_host: HostId) {
+    let session = shared
+        .lock()
+        .session
+        .as_ref()
+        .map(|s| (s.host_id, s.vm.clone()));
+    match reacquire(shared, key, id, Why::Rebound).await {
+        Ok(Some(new_id)) => {
+            tracing::info!(lease = %new_id, product = %key.product, "re-acquired during grace");
+            if let Some((host, vm)) = session {
+                shared.emit(EventKind::Rebound {
+                    old_host: hex::encode(old_host),
+                    new_host: hex::encode(host),
+                    vm: api::VmInfo::from(&vm),
+                    leases: vec![api::ReboundLease {
+                        old_lease_id: id.to_string(),
+                        new_lease_id: new_id,
+                        product: key.product.clone(),
+                    }],
+                });
+            }
+        }
+        Ok(None) | Err(CallError::Refused(_)) => {}
+        Err(e) => tracing::debug!(lease = %id, "retry in grace failed: {}", e.to_api().message),
+    }
+    let mut st = shared.lock();
+    if let Some(l) = st.leases.get_mut(key).filter(|l| l.lease_id == id) {
+        l.renewing = false;
     }
 }
 

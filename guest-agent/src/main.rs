@@ -242,8 +242,12 @@ async fn status(client: &Client, json: bool) -> Result<(), Failure> {
             (Scope::Process, Some(pid)) => format!("process {pid}"),
             _ => "vm".to_string(),
         };
+        let grace = l
+            .grace_until
+            .map(|t| format!("  IN GRACE until {} (this host refused it)", time(t)))
+            .unwrap_or_default();
         println!(
-            "  {}  {}{features}  {owner}  token until {}  lease until {}  host {}",
+            "  {}  {}{features}  {owner}  token until {}  lease until {}  host {}{grace}",
             l.lease_id,
             l.product,
             time(l.expires_at),
@@ -347,8 +351,15 @@ fn describe(kind: &EventKind) -> String {
             product,
             code,
             message,
+            grace_until,
             ..
-        } => format!("refused      {product} ({code}): {message}"),
+        } => match grace_until {
+            Some(t) => format!(
+                "refused      {product} ({code}): {message}; in grace until {}",
+                time(*t)
+            ),
+            None => format!("refused      {product} ({code}): {message}"),
+        },
         EventKind::CloneDetected { message } => format!("CLONE        {message}"),
         EventKind::Lagged { missed } => {
             format!("lagged       {missed} event(s) missed; run `hostbind-agent status`")

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -16,9 +17,28 @@ pub const DEFAULT_PORT: u32 = 9999;
 /// The default host address, `vsock:2:9999`.
 pub const DEFAULT_HOST: &str = "vsock:2:9999";
 
-/// A byte stream to the host proxy, whatever the transport.
-pub trait HostStream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> HostStream for T {}
+/// A byte stream to the host proxy, whatever the transport (a socket, so it has a descriptor).
+pub trait HostStream: AsyncRead + AsyncWrite + AsRawFd + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + AsRawFd + Send + Unpin> HostStream for T {}
+
+/// Whether the socket `fd` has a pending error (for example a vsock connection reset by a
+/// transport reset or device removal after a live migration).
+///
+/// The kernel reports such a reset as `POLLERR` alone, which tokio does not hand to a task that
+/// waits to read, so the connection task asks with a zero-timeout `poll(2)` on its tick instead
+/// of learning it on its next write (which could be half a lease TTL later). The error stays
+/// pending: the next read or write still returns it.
+pub fn socket_failed(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, nfds 1, timeout 0 (never blocks); `fd` is borrowed from a live
+    // stream by the caller.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0
+}
 
 /// A boxed [`HostStream`].
 pub type BoxedStream = Pin<Box<dyn HostStream>>;
@@ -138,6 +158,45 @@ impl HostAddr {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reset_connection_is_seen_as_failed_without_reading() {
+        use std::net::{TcpListener, TcpStream};
+        use std::os::fd::AsRawFd;
+        // TCP on loopback: an abortive close (linger 0) resets the peer, like a vsock reset.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (theirs, _) = l.accept().unwrap();
+        assert!(!super::socket_failed(ours.as_raw_fd()), "live connection");
+        // An orderly close is not an error: the reader sees EOF itself.
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !super::socket_failed(ours.as_raw_fd()),
+            "half-closed is not failed"
+        );
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and a linger struct of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                theirs.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        drop(theirs);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !super::socket_failed(ours.as_raw_fd()) {
+            assert!(std::time::Instant::now() < deadline, "reset never reported");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     use super::*;
 
     #[test]

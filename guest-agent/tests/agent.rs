@@ -559,6 +559,7 @@ async fn rebound_refusal_is_reported_as_license_refused() {
         lease_id,
         code,
         message,
+        ..
     } = ev.kind
     else {
         unreachable!()

@@ -383,6 +383,7 @@ impl Service {
         lease: &Lease,
         nonce: Option<&ByteBuf>,
         chain_head: Option<Vec<u8>>,
+        grace_secs: u64,
     ) -> Result<TokenResponse, ErrorBody> {
         let signer = self.current_signer().ok_or_else(|| {
             err(
@@ -421,6 +422,7 @@ impl Service {
             token: ByteBuf::from(token),
             token_expires_at: exp,
             lease_expires_at: lease.expires_at,
+            grace_secs,
         })
     }
 
@@ -516,6 +518,7 @@ impl Service {
             &lease,
             req.nonce.as_ref(),
             req.chain.last().map(|c| c.to_vec()),
+            lic.grace_secs,
         )
     }
 
@@ -533,12 +536,15 @@ impl Service {
     /// Renews a lease of `vm` and issues a fresh token for it.
     pub fn renew(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
         let lease = self.own_lease(vm, &r.lease_id)?;
-        if let Err(e) = self.license_for(&lease.product) {
-            let _ = self
-                .ledger
-                .release(&lease.id, "license no longer usable", unix_now());
-            return Err(self.refused(e));
-        }
+        let lic = match self.license_for(&lease.product) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self
+                    .ledger
+                    .release(&lease.id, "license no longer usable", unix_now());
+                return Err(self.refused(e));
+            }
+        };
         let lease = self
             .ledger
             .renew(&r.lease_id, self.cfg.leases.ttl.0.as_secs(), unix_now())
@@ -548,6 +554,7 @@ impl Service {
             &lease,
             r.nonce.as_ref(),
             r.chain.last().map(|c| c.to_vec()),
+            lic.grace_secs,
         )
     }
 

@@ -257,3 +257,119 @@ async fn agent_moved_to_another_host_re_attests() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Waits for the first event `pick` accepts.
+async fn wait_event<T>(
+    events: &mut hostbind_client::EventStream,
+    what: &str,
+    secs: u64,
+    mut pick: impl FnMut(EventKind) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let ev = tokio::time::timeout(deadline - Instant::now(), events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} event within {secs} s"))
+            .unwrap()
+            .unwrap();
+        if let Some(t) = pick(ev.kind) {
+            return t;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_to_unlicensed_host_gives_grace_then_rebinds_or_ends() {
+    let v = Vendor::new().unwrap();
+    let ttl = "[leases]\nttl = \"3s\"\nkey_epoch = \"1m\"\nsweep_interval = \"200ms\"\n";
+    let mut ha = Host::enrolled(&v, &["vm-a"], ttl).unwrap();
+    let mut hb = Host::enrolled(&v, &["vm-a"], ttl).unwrap();
+    ha.start_proxy().unwrap();
+    hb.start_proxy().unwrap();
+    // Host A licenses both products; "cad" has a long grace, "cam" a short one. Host B none.
+    for (product, grace) in [("cad", "60s"), ("cam", "2s")] {
+        let lic = ha
+            .issue_license(&v, product, 1, "vm", &["--grace", grace])
+            .unwrap();
+        ha.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+            .unwrap();
+    }
+    let link = ha.dir().join("host-link.sock");
+    std::os::unix::fs::symlink(&ha.vm("vm-a").unwrap().socket, &link).unwrap();
+    let a = Agent::start(&link).unwrap();
+    let client = Client::new(&a.socket);
+    let mut events = client.events().await.unwrap();
+    let vm = TokenRequest::new("cad").with_scope(Scope::Vm);
+    let cad = client.token(&vm).await.unwrap();
+    let cam = client
+        .token(&TokenRequest::new("cam").with_scope(Scope::Vm))
+        .await
+        .unwrap();
+
+    // The VM lands on host B, which has no license for either product.
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&hb.vm("vm-a").unwrap().socket, &link).unwrap();
+    ha.stop_proxy();
+    let moved_at = hostbind_fsutil::unix_now();
+    let mut graces = std::collections::HashMap::new();
+    while graces.len() < 2 {
+        let (product, lease, code, until) =
+            wait_event(&mut events, "license_refused", 20, |k| match k {
+                EventKind::LicenseRefused {
+                    product,
+                    lease_id,
+                    code,
+                    grace_until,
+                    ..
+                } => Some((product, lease_id, code, grace_until)),
+                _ => None,
+            })
+            .await;
+        assert_eq!(code.to_string(), "no_license");
+        let until = until.expect("a license with a grace gives grace_until");
+        graces.insert(product, (lease, until));
+    }
+    let (lease, until) = &graces["cad"];
+    assert_eq!(lease.as_deref(), Some(cad.lease_id.as_str()));
+    assert!(until.abs_diff(moved_at + 60) <= 5, "{until} vs {moved_at}");
+    assert!(graces["cam"].1.abs_diff(moved_at + 2) <= 5);
+    // While in grace the lease shows in status, and a token request says why it fails.
+    let st = client.status().await.unwrap();
+    let held = st
+        .leases
+        .iter()
+        .find(|l| l.lease_id == cad.lease_id)
+        .unwrap();
+    assert_eq!(held.grace_until, Some(*until));
+    let e = client.token(&vm).await.unwrap_err().to_string();
+    assert!(e.contains("in grace until"), "{e}");
+
+    // "cam"'s short grace runs out: the lease ends with a clear reason.
+    let (lost, reason) = wait_event(&mut events, "lease_lost", 15, |k| match k {
+        EventKind::LeaseLost {
+            lease_id, reason, ..
+        } => Some((lease_id, reason)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(lost, cam.lease_id);
+    assert_eq!(reason, hostbind_client::api::LossReason::GraceExpired);
+
+    // Host B's admin adds a license for "cad" within its grace: the agent re-acquires it.
+    add_license(&hb, &v, "cad", 1, "vm");
+    let leases = wait_event(&mut events, "rebound", 20, |k| match k {
+        EventKind::Rebound {
+            new_host, leases, ..
+        } if new_host == hb.host_id => Some(leases),
+        _ => None,
+    })
+    .await;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].old_lease_id, cad.lease_id);
+    let t = client.token(&vm).await.unwrap();
+    assert_eq!(t.host_id, hb.host_id);
+    assert_eq!(t.lease_id, leases[0].new_lease_id);
+    let st = client.status().await.unwrap();
+    assert!(st.leases.iter().all(|l| l.grace_until.is_none()), "{st:?}");
+    assert!(st.leases.iter().all(|l| l.lease_id != cam.lease_id));
+}

@@ -365,7 +365,6 @@ fn live_migration_rebinds_to_host_b_and_frees_host_a() {
         json!(connected_b.map(|c| tok2["t_ms"].as_u64().unwrap().saturating_sub(c)));
     t["token_request_ms"] = tok2["request_ms"].clone();
     t["token_was_cached"] = tok2["cached"].clone();
-    t["token_was_cached"] = tok2["cached"].clone();
     t["host_a_lease_freed_after_quit_ms"] = json!(freed.as_millis());
     bench("live_migration", t);
     drop(qb);
@@ -397,6 +396,10 @@ fn migration_to_a_host_without_license_tells_the_app() {
     assert_eq!(refused["event"]["code"], "no_license", "{refused}");
     let text = refused["event"]["message"].as_str().unwrap();
     assert!(text.contains("cad"), "{text}");
+    // The license's grace (the issuer's default, 5 minutes) keeps the lease while the agent
+    // retries; the app is told until when.
+    let grace_until = refused["event"]["grace_until"].as_u64();
+    assert!(grace_until.is_some(), "no grace_until: {refused}");
     let (rebound, _) = qc
         .wait_app("a rebound event", Duration::from_secs(30), |l| {
             event_name(l) == "rebound"

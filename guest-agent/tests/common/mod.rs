@@ -446,6 +446,7 @@ fn token(inner: &Inner, st: &mut State, lease_id: &str, nonce: Option<&[u8]>) ->
         token: ByteBuf::from(text.into_bytes()),
         token_expires_at: t + inner.token_ttl,
         lease_expires_at: t + u64::from(inner.ttl),
+        grace_secs: 0,
     }
 }
 
