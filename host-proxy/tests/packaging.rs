@@ -52,3 +52,20 @@ fn commented_examples_are_valid_when_uncommented() {
     );
     assert!(SHIPPED.contains("# listen = \"/run/hostbind/metrics.sock\""));
 }
+
+#[test]
+fn commented_libvirt_example_is_valid_when_uncommented() {
+    let mut text = String::new();
+    for line in SHIPPED.lines() {
+        let uncommented = line.strip_prefix("# ").unwrap_or(line);
+        let take = ["[libvirt]", "enabled =", "uri =", "unassigned ="]
+            .iter()
+            .any(|k| uncommented.starts_with(k));
+        text.push_str(if take { uncommented } else { line });
+        text.push('\n');
+    }
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(c.libvirt.enabled, "{text}");
+    assert_eq!(c.libvirt.uri, "qemu:///system");
+    assert_eq!(c.libvirt.unassigned.as_str(), "allow");
+}
