@@ -293,6 +293,8 @@ async fn renew(
                     lease.lease_expires_at = t.lease_expires_at;
                     lease.renew_at = renew_deadline(ttl);
                     lease.grace_secs = t.grace_secs;
+                    // Back on a host that grants it (e.g. the VM migrated back).
+                    lease.grace_until = None;
                     if nonce.is_none() {
                         lease.cached = Some(CachedToken {
                             token: t.token.to_vec(),
@@ -582,7 +584,9 @@ pub(crate) async fn renew_loop(shared: Arc<Shared>) {
             _ = shutdown.changed() => return,
         }
         expire_graces(&shared);
-        let retry: Vec<(LeaseKey, String, HostId)> = {
+        // Due now: renewals of leases held on this host, and re-acquisition attempts of leases
+        // in grace (held on the host the VM left).
+        let due: Vec<(LeaseKey, String, Option<HostId>)> = {
             let mut st = shared.lock();
             let Some(host) = st.session.as_ref().map(|s| s.host_id) else {
                 continue;
@@ -591,36 +595,25 @@ pub(crate) async fn renew_loop(shared: Arc<Shared>) {
             st.leases
                 .iter_mut()
                 .filter(|(_, l)| {
-                    l.grace_until.is_some() && l.host_id != host && !l.renewing && l.renew_at <= now
+                    (l.host_id == host || l.grace_until.is_some())
+                        && !l.renewing
+                        && l.renew_at <= now
                 })
                 .map(|(k, l)| {
                     l.renewing = true;
-                    (k.clone(), l.lease_id.clone(), l.host_id)
+                    let old_host = (l.host_id != host).then_some(l.host_id);
+                    (k.clone(), l.lease_id.clone(), old_host)
                 })
                 .collect()
         };
-        for (key, id, old_host) in retry {
+        for (key, id, old_host) in due {
             let shared = shared.clone();
-            tokio::spawn(async move { retry_in_grace(&shared, &key, &id, old_host).await });
-        }
-        let due: Vec<(LeaseKey, String)> = {
-            let mut st = shared.lock();
-            let Some(host) = st.session.as_ref().map(|s| s.host_id) else {
-                continue;
-            };
-            let now = Instant::now();
-            st.leases
-                .iter_mut()
-                .filter(|(_, l)| l.host_id == host && !l.renewing && l.renew_at <= now)
-                .map(|(k, l)| {
-                    l.renewing = true;
-                    (k.clone(), l.lease_id.clone())
-                })
-                .collect()
-        };
-        for (key, id) in due {
-            let shared = shared.clone();
-            tokio::spawn(async move { renew_due(&shared, &key, &id).await });
+            tokio::spawn(async move {
+                match old_host {
+                    None => renew_due(&shared, &key, &id).await,
+                    Some(old) => retry_in_grace(&shared, &key, &id, old).await,
+                }
+            });
         }
     }
 }

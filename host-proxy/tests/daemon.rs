@@ -10,7 +10,6 @@ use hostbind_attest::signed::from_cbor;
 use hostbind_attest::verify::verify_token;
 use hostbind_attest::wire::{
     Body, ErrorCode, EventKind, FrameCodec, Hello, Message, Release, Renew, Scope, TokenRequest,
-    TokenResponse,
 };
 use hostbind_testkit::host::{Host, Vendor};
 use std::collections::BTreeMap;
@@ -20,82 +19,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
-struct Guest {
-    f: Framed<UnixStream, FrameCodec<Body>>,
-    next: u64,
-}
+mod wire_guest;
+use wire_guest::WireGuest;
 
-impl Guest {
-    async fn connect(sock: &Path) -> Guest {
-        let s = UnixStream::connect(sock).await.unwrap();
-        let mut g = Guest {
-            f: Framed::new(s, FrameCodec::new()),
-            next: 1,
-        };
-        match g
-            .call(Body::Hello(Hello {
-                agent_version: "test".into(),
-                chain: vec![],
-                facts: BTreeMap::new(),
-                known_host: None,
-            }))
-            .await
-        {
-            Body::HelloAck(_) => {}
-            other => panic!("expected hello_ack, got {other:?}"),
-        }
-        g
-    }
-    async fn call(&mut self, body: Body) -> Body {
-        let id = self.next;
-        self.next += 1;
-        self.f.send(Message::new(id, body)).await.unwrap();
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.f.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
-            if m.id == id {
-                return m.body;
-            }
-        }
-    }
-    async fn token(
-        &mut self,
-        product: &str,
-        scope: Scope,
-        pid: Option<u32>,
-        nonce: Option<&[u8]>,
-    ) -> Result<TokenResponse, (ErrorCode, String)> {
-        match self
-            .call(Body::TokenRequest(TokenRequest {
-                product: product.into(),
-                features: vec![],
-                nonce: nonce.map(|n| n.to_vec().into()),
-                scope,
-                pid,
-                chain: vec![],
-            }))
-            .await
-        {
-            Body::TokenResponse(t) => Ok(t),
-            Body::Error(e) => Err((e.code, e.message)),
-            o => panic!("unexpected {o:?}"),
-        }
-    }
-    async fn next_event(&mut self, within: Duration) -> Option<hostbind_attest::wire::Event> {
-        let end = tokio::time::Instant::now() + within;
-        loop {
-            let m = tokio::time::timeout_at(end, self.f.next())
-                .await
-                .ok()??
-                .ok()?;
-            if let Body::Event(e) = m.body {
-                return Some(e);
-            }
-        }
-    }
+type Guest = WireGuest<UnixStream>;
+
+/// A guest on `sock` that has said hello.
+async fn connect(sock: &Path) -> Guest {
+    let mut g = WireGuest::new(UnixStream::connect(sock).await.unwrap());
+    g.hello().await.unwrap();
+    g
 }
 
 fn vendor_pub(v: &Vendor) -> VendorPublicKey {
@@ -127,21 +60,24 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
     add_license(&h, &v, "sim", 2, "access");
     add_license(&h, &v, "viewer", 0, "none");
     let vp = vendor_pub(&v);
-    let mut a = Guest::connect(&h.vm("vm-a").unwrap().socket).await;
-    let mut b = Guest::connect(&h.vm("vm-b").unwrap().socket).await;
-    let mut c = Guest::connect(&h.vm("vm-c").unwrap().socket).await;
+    let mut a = connect(&h.vm("vm-a").unwrap().socket).await;
+    let mut b = connect(&h.vm("vm-b").unwrap().socket).await;
+    let mut c = connect(&h.vm("vm-c").unwrap().socket).await;
 
     // vm mode: many processes of one VM hold one seat; the third VM is refused, naming holders.
     let t1 = a
-        .token("cad", Scope::Process, Some(100), Some(b"nonce-1"))
+        .token_with("cad", Scope::Process, Some(100), Some(b"nonce-1"))
         .await
         .unwrap();
-    a.token("cad", Scope::Process, Some(101), None)
+    a.token_with("cad", Scope::Process, Some(101), None)
         .await
         .unwrap();
-    a.token("cad", Scope::Vm, None, None).await.unwrap();
-    let tb = b.token("cad", Scope::Vm, None, None).await.unwrap();
-    let (code, msg) = c.token("cad", Scope::Vm, None, None).await.unwrap_err();
+    a.token_with("cad", Scope::Vm, None, None).await.unwrap();
+    let tb = b.token_with("cad", Scope::Vm, None, None).await.unwrap();
+    let (code, msg) = c
+        .token_with("cad", Scope::Vm, None, None)
+        .await
+        .unwrap_err();
     assert_eq!(code, ErrorCode::SeatsExhausted);
     assert!(
         msg.contains("'cad'")
@@ -164,7 +100,7 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
         .await,
         Body::Ack(_)
     ));
-    c.token("cad", Scope::Vm, None, None).await.unwrap();
+    c.token_with("cad", Scope::Vm, None, None).await.unwrap();
     // releasing someone else's lease is refused
     match c
         .call(Body::Release(Release {
@@ -177,10 +113,14 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
     }
 
     // access mode: every lease is a seat, even from one VM
-    a.token("sim", Scope::Process, Some(1), None).await.unwrap();
-    a.token("sim", Scope::Process, Some(2), None).await.unwrap();
+    a.token_with("sim", Scope::Process, Some(1), None)
+        .await
+        .unwrap();
+    a.token_with("sim", Scope::Process, Some(2), None)
+        .await
+        .unwrap();
     let (code, msg) = b
-        .token("sim", Scope::Process, Some(3), None)
+        .token_with("sim", Scope::Process, Some(3), None)
         .await
         .unwrap_err();
     assert_eq!(code, ErrorCode::SeatsExhausted, "{msg}");
@@ -188,13 +128,13 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
 
     // none: never counted
     for i in 0..5 {
-        c.token("viewer", Scope::Process, Some(i), None)
+        c.token_with("viewer", Scope::Process, Some(i), None)
             .await
             .unwrap();
     }
     // no license at all
     let (code, msg) = a
-        .token("unknown-product", Scope::Vm, None, None)
+        .token_with("unknown-product", Scope::Vm, None, None)
         .await
         .unwrap_err();
     assert_eq!(code, ErrorCode::NoLicense);
@@ -217,7 +157,7 @@ async fn bad_frames_get_an_error_and_close_while_others_are_served() {
     h.start_proxy().unwrap();
     add_license(&h, &v, "cad", 5, "vm");
     let sock = h.vm("vm-a").unwrap().socket.clone();
-    let mut good = Guest::connect(&h.vm("vm-b").unwrap().socket).await;
+    let mut good = connect(&h.vm("vm-b").unwrap().socket).await;
 
     let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
         (
@@ -280,7 +220,7 @@ async fn bad_frames_get_an_error_and_close_while_others_are_served() {
             "{what}: connection not closed: {end:?}"
         );
         // the other VM keeps being served
-        good.token("cad", Scope::Vm, None, None).await.unwrap();
+        good.token_with("cad", Scope::Vm, None, None).await.unwrap();
     }
     // requests before Hello are refused
     let s = UnixStream::connect(&sock).await.unwrap();
@@ -314,8 +254,8 @@ async fn ttl_expiry_renew_and_admin_release_push_events() {
     .unwrap();
     h.start_proxy().unwrap();
     add_license(&h, &v, "cad", 1, "vm");
-    let mut a = Guest::connect(&h.vm("vm-a").unwrap().socket).await;
-    let t = a.token("cad", Scope::Vm, None, None).await.unwrap();
+    let mut a = connect(&h.vm("vm-a").unwrap().socket).await;
+    let t = a.token_with("cad", Scope::Vm, None, None).await.unwrap();
     assert!(t.lease_expires_at <= now() + 3);
     // renewing keeps it alive past its first TTL
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -334,7 +274,7 @@ async fn ttl_expiry_renew_and_admin_release_push_events() {
     assert!(h.proxy_ok(&["leases"]).unwrap().contains(&t.lease_id));
     // without renewal it lapses, the VM is told, and the seat is free again
     let e = a
-        .next_event(Duration::from_secs(6))
+        .event(Duration::from_secs(6))
         .await
         .expect("no lease_expired event");
     assert_eq!(e.kind, EventKind::LeaseExpired);
@@ -350,12 +290,12 @@ async fn ttl_expiry_renew_and_admin_release_push_events() {
         Body::Error(e) => assert_eq!(e.code, ErrorCode::UnknownLease),
         o => panic!("{o:?}"),
     }
-    let t2 = a.token("cad", Scope::Vm, None, None).await.unwrap();
+    let t2 = a.token_with("cad", Scope::Vm, None, None).await.unwrap();
     // the admin revokes it: event pushed
     let out = h.proxy_ok(&["release", &t2.lease_id]).unwrap();
     assert!(out.contains(&t2.lease_id), "{out}");
     let e = a
-        .next_event(Duration::from_secs(3))
+        .event(Duration::from_secs(3))
         .await
         .expect("no lease_revoked event");
     assert_eq!(e.kind, EventKind::LeaseRevoked);
@@ -385,8 +325,8 @@ async fn leases_survive_restart_and_kill9_under_load() {
     let mut h = Host::enrolled(&v, &refs, "").unwrap();
     h.start_proxy().unwrap();
     add_license(&h, &v, "cad", 0, "none");
-    let mut g = Guest::connect(&h.vm("vm-0").unwrap().socket).await;
-    let first = g.token("cad", Scope::Vm, None, None).await.unwrap();
+    let mut g = connect(&h.vm("vm-0").unwrap().socket).await;
+    let first = g.token_with("cad", Scope::Vm, None, None).await.unwrap();
     // orderly restart keeps the lease
     h.stop_proxy();
     h.start_proxy().unwrap();

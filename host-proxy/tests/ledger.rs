@@ -3,31 +3,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hostbind_attest::signed::CountMode;
-use hostbind_proxy::ledger::{AcquireRequest, HistoryEvent, LeaseScope, Ledger, LedgerError};
+use hostbind_proxy::ledger::{AcquireRequest, HistoryEvent, Ledger, LedgerError};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
-fn req<'a>(
-    vm: &'a str,
-    product: &'a str,
-    mode: CountMode,
-    seats: u32,
-    now: u64,
-) -> AcquireRequest<'a> {
-    AcquireRequest {
-        vm_uuid: vm,
-        vm_name: vm,
-        product,
-        license_id: "L1",
-        features: &[],
-        scope: LeaseScope::Process,
-        pid: Some(1),
-        ttl_secs: 60,
-        now,
-        seats,
-        mode,
-    }
-}
+mod ledger_common;
+use ledger_common::req;
 
 fn open() -> (tempfile::TempDir, Ledger) {
     let d = tempfile::tempdir().unwrap();

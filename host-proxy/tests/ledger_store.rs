@@ -17,6 +17,9 @@ const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+mod ledger_common;
+
+/// A VM-scoped request (see `ledger_common::req`).
 fn req<'a>(
     vm: &'a str,
     product: &'a str,
@@ -25,17 +28,9 @@ fn req<'a>(
     now: u64,
 ) -> AcquireRequest<'a> {
     AcquireRequest {
-        vm_uuid: vm,
-        vm_name: vm,
-        product,
-        license_id: "L1",
-        features: &[],
         scope: LeaseScope::Vm,
         pid: None,
-        ttl_secs: 60,
-        now,
-        seats,
-        mode,
+        ..ledger_common::req(vm, product, mode, seats, now)
     }
 }
 

@@ -4,11 +4,11 @@
 //! (`vsock::serve_peer` with the peer's CID) over in-memory pipes.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use futures::{SinkExt, StreamExt};
-use hostbind_attest::wire::{
-    Body, ErrorCode, Event, FrameCodec, Hello, HelloAck, Message, Scope, TokenRequest,
-    TokenResponse,
-};
+#[path = "../wire_guest/mod.rs"]
+mod wire_guest;
+pub use wire_guest::WireGuest;
+
+use hostbind_attest::wire::HelloAck;
 use hostbind_proxy::config::Config;
 use hostbind_proxy::daemon::LEDGER_FILE;
 use hostbind_proxy::enroll::load_identity;
@@ -17,12 +17,10 @@ use hostbind_proxy::libvirt::{self, EventSource, WatcherHandle};
 use hostbind_proxy::service::Service;
 use hostbind_proxy::tpm_service::TpmService;
 use hostbind_testkit::host::{Host, Vendor};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::DuplexStream;
-use tokio_util::codec::Framed;
 
 /// The node XML with several domains (see the comment in the file).
 pub fn node_xml() -> PathBuf {
@@ -140,10 +138,7 @@ impl Rig {
     pub fn connect(&self, cid: u32) -> Guest {
         let (a, b) = tokio::io::duplex(1 << 16);
         tokio::spawn(hostbind_proxy::vsock::serve_peer(self.svc.clone(), b, cid));
-        Guest {
-            f: Framed::new(a, FrameCodec::new()),
-            next: 1,
-        }
+        WireGuest::new(a)
     }
 
     /// A guest from `cid` that has said hello; panics if refused.
@@ -156,87 +151,8 @@ impl Rig {
     }
 }
 
-pub struct Guest {
-    f: Framed<DuplexStream, FrameCodec<Body>>,
-    next: u64,
-}
-
-impl Guest {
-    pub async fn call(&mut self, body: Body) -> Body {
-        let id = self.next;
-        self.next += 1;
-        if self.f.send(Message::new(id, body)).await.is_err() {
-            return self.read_error().await;
-        }
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), self.f.next())
-                .await
-                .expect("answer within 10 s");
-            match m {
-                Some(Ok(m)) if m.id == id || matches!(m.body, Body::Error(_)) && m.id == 0 => {
-                    return m.body
-                }
-                Some(Ok(_)) => continue,
-                other => panic!("connection ended: {other:?}"),
-            }
-        }
-    }
-
-    async fn read_error(&mut self) -> Body {
-        match self.f.next().await {
-            Some(Ok(m)) => m.body,
-            other => panic!("connection ended: {other:?}"),
-        }
-    }
-
-    pub async fn hello(&mut self) -> Result<HelloAck, (ErrorCode, String)> {
-        match self
-            .call(Body::Hello(Hello {
-                agent_version: "libvirt-test".into(),
-                chain: vec![],
-                facts: BTreeMap::new(),
-                known_host: None,
-            }))
-            .await
-        {
-            Body::HelloAck(a) => Ok(a),
-            Body::Error(e) => Err((e.code, e.message)),
-            o => panic!("unexpected {o:?}"),
-        }
-    }
-
-    pub async fn token(&mut self, product: &str) -> Result<TokenResponse, (ErrorCode, String)> {
-        match self
-            .call(Body::TokenRequest(TokenRequest {
-                product: product.into(),
-                features: vec![],
-                nonce: None,
-                scope: Scope::Vm,
-                pid: None,
-                chain: vec![],
-            }))
-            .await
-        {
-            Body::TokenResponse(t) => Ok(t),
-            Body::Error(e) => Err((e.code, e.message)),
-            o => panic!("unexpected {o:?}"),
-        }
-    }
-
-    /// The next pushed event within `within`.
-    pub async fn event(&mut self, within: Duration) -> Option<Event> {
-        let end = tokio::time::Instant::now() + within;
-        loop {
-            let m = tokio::time::timeout_at(end, self.f.next())
-                .await
-                .ok()??
-                .ok()?;
-            if let Body::Event(e) = m.body {
-                return Some(e);
-            }
-        }
-    }
-}
+/// A guest connection from a CID, straight into the proxy's vsock peer handler.
+pub type Guest = WireGuest<DuplexStream>;
 
 /// Domain XML for the test driver.
 pub fn domain_xml(name: &str, uuid: &str, cid: u32, products: &[&str]) -> String {
