@@ -10,5 +10,6 @@ pub mod keys;
 pub mod signed;
 pub mod token;
 pub mod tpm;
+pub mod usage;
 pub mod verify;
 pub mod wire;

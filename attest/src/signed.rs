@@ -343,6 +343,10 @@ pub struct License {
     pub issued_at: u64,
     /// Validity window.
     pub validity: Validity,
+    /// The vendor's metering public key (X25519, 32 bytes) the host encrypts its usage log to;
+    /// absent: usage metering is off for this product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metering_key: Option<ByteBuf>,
 }
 
 impl License {
@@ -372,6 +376,7 @@ mod tests {
                 not_before: 0,
                 not_after: 100,
             },
+            metering_key: None,
         }
     }
 

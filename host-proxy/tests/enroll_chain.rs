@@ -237,6 +237,7 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
             not_before: t0(),
             not_after: t0() + 10,
         },
+        metering_key: None,
     };
     let lb = sign(ObjectKind::License, &lic, &vendor).unwrap();
     for i in 0..lb.len() {
