@@ -38,6 +38,23 @@ pub async fn run(cfg: Config) -> Result<()> {
     // --- end libvirt hook ---
     let mut sockets: Vec<PathBuf> = Vec::new();
     let mut tasks = Vec::new();
+    // --- usage hook: the usage log (usage.rs) ---
+    let usage = if cfg.usage.enabled {
+        let u = crate::usage::UsageLog::open(
+            &cfg.usage,
+            &cfg.state_dir,
+            svc.identity().cert.host_id_hex(),
+            svc.tpm().clone(),
+        )
+        .await?;
+        svc.set_usage(u.clone());
+        tasks.push(tokio::spawn(u.clone().run(cfg.usage.flush_interval.0)));
+        Some(u)
+    } else {
+        tracing::info!("usage log off ([usage] enabled = false)");
+        None
+    };
+    // --- end usage hook ---
 
     ensure_parent(&cfg.admin_socket)?;
     let l = admin::bind(&cfg.admin_socket)?;
@@ -127,6 +144,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     for t in tasks {
         t.abort();
+    }
+    if let Some(u) = usage {
+        if let Err(e) = u.flush().await {
+            tracing::error!("usage log: could not seal the last records: {e}");
+        }
     }
     drop(libvirt);
     for s in sockets {

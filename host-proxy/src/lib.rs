@@ -10,4 +10,5 @@ pub mod server;
 pub mod service;
 pub mod tpm;
 pub mod tpm_service;
+pub mod usage;
 pub mod vsock;

@@ -51,7 +51,25 @@ enum Cmd {
     /// at `[libvirt] uri` directly, the daemon need not run).
     #[command(subcommand)]
     Vm(VmCmd),
+    /// The usage log (metering) for the vendor.
+    #[command(subcommand)]
+    Usage(UsageCmd),
 }
+
+// --- usage hook: `usage` commands (usage.rs) ---
+#[derive(Subcommand)]
+enum UsageCmd {
+    /// Write the usage log for the vendor (encrypted to the vendor; works while the daemon runs).
+    Export {
+        /// File to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite.
+        #[arg(long)]
+        force: bool,
+    },
+}
+// --- end usage hook ---
 
 // --- libvirt hook: `vm` commands (libvirt/vmcmd.rs) ---
 #[derive(Subcommand)]
@@ -386,7 +404,7 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
             println!("released {}", lease_line(&l, now));
         }
-        Cmd::Run | Cmd::Enroll(_) | Cmd::Vm(_) => {}
+        Cmd::Run | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => {}
     }
     Ok(())
 }
@@ -408,6 +426,17 @@ fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(admin(&cfg, cli.json, c))?;
         }
         Cmd::Vm(c) => vm_cmd(&cfg, cli.json, c)?,
+        Cmd::Usage(UsageCmd::Export { out, force }) => {
+            let log = cfg.usage.log_path(&cfg.state_dir);
+            let s = hostbind_proxy::usage::export(&log, &out, force)?;
+            if cli.json {
+                return print_json(&s);
+            }
+            println!(
+                "wrote {} ({} blocks, {} bytes, readable only with the vendor's key)\nnext: send it to the vendor (hostbind-issuer usage report {})",
+                s.out, s.blocks, s.bytes, s.out
+            );
+        }
         Cmd::Enroll(EnrollCmd::Request { out, force }) => {
             let mut tpm = open_tpm(&cfg)?;
             let req = enroll::request(&mut tpm, &cfg.state_dir, hostbind_fsutil::unix_now())?;

@@ -95,6 +95,8 @@ pub struct Service {
     pub counters: Counters,
     // --- libvirt hook: set when [libvirt] is enabled (see libvirt.rs) ---
     libvirt: std::sync::OnceLock<Arc<crate::libvirt::LibvirtVms>>,
+    // --- usage hook: the usage log, when [usage] is enabled (usage.rs) ---
+    usage: std::sync::OnceLock<Arc<crate::usage::UsageLog>>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -126,6 +128,7 @@ impl Service {
             started_at: unix_now(),
             counters: Counters::default(),
             libvirt: std::sync::OnceLock::new(),
+            usage: std::sync::OnceLock::new(),
         });
         for rec in svc.ledger.licenses()? {
             match svc.check_license(&rec.bytes) {
@@ -233,6 +236,7 @@ impl Service {
     ) -> Result<Vec<Lease>, ServiceError> {
         let released = self.ledger.release_where(pred, reason, unix_now())?;
         for l in &released {
+            self.meter_end(l, reason, unix_now());
             self.push(
                 &l.vm_uuid,
                 EventKind::LeaseRevoked,
@@ -287,6 +291,7 @@ impl Service {
         if let Ok(mut m) = self.licenses.write() {
             m.insert(l.product.clone(), ActiveLicense { license: l });
         }
+        self.update_metering_key();
     }
 
     /// Verifies and adds a license (replacing the previous license of its product).
@@ -310,9 +315,13 @@ impl Service {
     /// Removes a license; its leases end and their VMs are told.
     pub fn remove_license(&self, id: &str) -> Result<Vec<Lease>, ServiceError> {
         let released = self.ledger.remove_license(id, unix_now())?;
+        for l in &released {
+            self.meter_end(l, "license removed", unix_now());
+        }
         if let Ok(mut m) = self.licenses.write() {
             m.retain(|_, a| a.license.id != id);
         }
+        self.update_metering_key();
         for l in &released {
             self.push(
                 &l.vm_uuid,
@@ -450,6 +459,16 @@ impl Service {
 
     /// Handles a token request from `vm`: license, seat, lease, token.
     pub fn token(&self, vm: &Vm, req: &TokenRequest) -> Result<TokenResponse, ErrorBody> {
+        let r = self.token_unmetered(vm, req);
+        let scope = match req.scope {
+            Scope::Vm => "vm",
+            Scope::Process => "process",
+        };
+        self.meter_token(vm, &req.product, &r, Some(scope));
+        r
+    }
+
+    fn token_unmetered(&self, vm: &Vm, req: &TokenRequest) -> Result<TokenResponse, ErrorBody> {
         let lic = self
             .license_for(&req.product)
             .map_err(|e| self.refused(e))?;
@@ -535,6 +554,30 @@ impl Service {
 
     /// Renews a lease of `vm` and issues a fresh token for it.
     pub fn renew(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
+        let before = self
+            .ledger
+            .lease(&r.lease_id)
+            .ok()
+            .flatten()
+            .filter(|l| l.vm_uuid == vm.uuid);
+        let res = self.renew_unmetered(vm, r);
+        if let (Err(_), Some(l)) = (&res, &before) {
+            if !matches!(self.ledger.lease(&l.id), Ok(Some(_))) {
+                let now = unix_now();
+                let reason = if l.expires_at <= now {
+                    "expired"
+                } else {
+                    "license no longer usable"
+                };
+                self.meter_end(l, reason, l.expires_at.min(now));
+            }
+        }
+        let product = before.map(|l| l.product).unwrap_or_default();
+        self.meter_token(vm, &product, &res, None);
+        res
+    }
+
+    fn renew_unmetered(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
         let lease = self.own_lease(vm, &r.lease_id)?;
         let lic = match self.license_for(&lease.product) {
             Ok(l) => l,
@@ -561,9 +604,11 @@ impl Service {
     /// Releases a lease of `vm`.
     pub fn release(&self, vm: &Vm, lease_id: &str) -> Result<(), ErrorBody> {
         self.own_lease(vm, lease_id)?;
-        self.ledger
+        let l = self
+            .ledger
             .release(lease_id, "released by the guest", unix_now())
             .map_err(Self::ledger_err)?;
+        self.meter_end(&l, "released by the guest", unix_now());
         tracing::info!(vm = %vm.name, lease = %lease_id, "lease released by guest");
         Ok(())
     }
@@ -573,6 +618,7 @@ impl Service {
         let l = self
             .ledger
             .release(lease_id, "released by the host admin", unix_now())?;
+        self.meter_end(&l, "released by the host admin", unix_now());
         self.push(
             &l.vm_uuid,
             EventKind::LeaseRevoked,
@@ -589,6 +635,7 @@ impl Service {
     pub fn sweep(&self) -> Result<usize, ServiceError> {
         let expired = self.ledger.expire(unix_now())?;
         for l in &expired {
+            self.meter_end(l, "expired", l.expires_at.min(unix_now()));
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
             tracing::info!(vm = %l.vm_name, lease = %l.id, product = %l.product, "lease expired");
             self.push(
@@ -646,3 +693,78 @@ impl Service {
         }
     }
 }
+
+// --- usage hook: metering into the usage log (usage.rs) ---
+impl Service {
+    /// Starts metering into `log` (its key comes from the licenses' metering key).
+    pub fn set_usage(&self, log: Arc<crate::usage::UsageLog>) {
+        let _ = self.usage.set(log);
+        self.update_metering_key();
+    }
+
+    /// The usage log, when metering runs.
+    pub fn usage(&self) -> Option<&Arc<crate::usage::UsageLog>> {
+        self.usage.get()
+    }
+
+    /// Appends a record to the usage log, e.g. a clone report
+    /// (`svc.record_usage(UsageRecord::CloneReport { .. })`); a no-op while metering is off.
+    pub fn record_usage(&self, r: hostbind_attest::usage::UsageRecord) {
+        if let Some(u) = self.usage.get() {
+            u.record(r);
+        }
+    }
+
+    fn update_metering_key(&self) {
+        let Some(u) = self.usage.get() else { return };
+        let keys = self
+            .licenses
+            .read()
+            .map(|m| crate::usage::metering_keys(m.values().map(|a| &a.license)))
+            .unwrap_or_default();
+        u.set_key(keys);
+    }
+
+    /// The license of `product` when its usage is metered (it carries the log's key).
+    fn metered_license(&self, product: &str) -> Option<License> {
+        let key = self.usage.get()?.key()?;
+        let m = self.licenses.read().ok()?;
+        let l = &m.get(product)?.license;
+        (l.metering_key.as_ref().map(|k| k.as_slice()) == Some(&key.to_bytes()[..])).then(|| l.clone())
+    }
+
+    fn meter_end(&self, l: &Lease, reason: &str, at: u64) {
+        let Some(u) = self.usage.get() else { return };
+        if let Some(lic) = self.metered_license(&l.product) {
+            u.record(hostbind_attest::usage::UsageRecord::LeaseEnd {
+                at,
+                lease: crate::usage::lease_ref(l, &lic.customer),
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    fn meter_token(
+        &self,
+        vm: &Vm,
+        product: &str,
+        res: &Result<TokenResponse, ErrorBody>,
+        new_lease: Option<&str>,
+    ) {
+        let Some(u) = self.usage.get() else { return };
+        let lic = self.metered_license(product);
+        let has_license = self
+            .licenses
+            .read()
+            .map(|m| m.contains_key(product))
+            .unwrap_or(false);
+        if lic.is_none() && has_license {
+            return; // that product's license is not metered
+        }
+        let now = unix_now();
+        for r in crate::usage::token_records(vm, product, lic.as_ref(), res, new_lease, now) {
+            u.record(r);
+        }
+    }
+}
+// --- end usage hook ---

@@ -348,6 +348,7 @@ pub struct Tpm {
     ctx: Context,
     ek: Option<LoadedEk>,
     ak: Option<LoadedAk>,
+    nv_counter: Option<(u32, tss_esapi::handles::NvIndexHandle)>,
 }
 
 // `Tpm` must stay Send so one tokio task can own it.
@@ -396,6 +397,7 @@ impl Tpm {
             ctx,
             ek: None,
             ak: None,
+            nv_counter: None,
         };
         tpm.flush_stale_transients()?;
         Ok(tpm)
@@ -833,6 +835,116 @@ impl Tpm {
         })
     }
 }
+
+// --- usage hook: the usage log's NV counter (usage.rs) ---
+const HINT_OWNER: &str = "hostbind defines and increments its usage-log NV counter with owner \
+     authorization and needs the owner hierarchy enabled with an empty password (check \
+     tpm2_getcap properties-variable), or set [usage] enabled = false";
+
+impl Tpm {
+    /// Opens the monotonic NV counter at `index` (an owner-range index, TPM_NT_COUNTER, owner
+    /// read/write, noDA), defining and initialising it when it does not exist yet, and returns
+    /// its value. A counter can only go up; undefining it needs owner authorization and gives
+    /// it, when defined again, a value at least as high as any counter the TPM ever held.
+    pub fn nv_counter_open(&mut self, index: u32) -> Result<u64> {
+        use tss_esapi::attributes::NvIndexAttributesBuilder;
+        use tss_esapi::constants::NvIndexType;
+        use tss_esapi::handles::{NvIndexHandle, NvIndexTpmHandle};
+        use tss_esapi::interface_types::resource_handles::Provision;
+        use tss_esapi::structures::NvPublicBuilder;
+        let tpm_handle = NvIndexTpmHandle::new(index).map_err(|e| TpmError::Unexpected {
+            op: "NV counter",
+            reason: format!("0x{index:08x} is not an NV index handle: {e}"),
+        })?;
+        let existing = self
+            .ctx
+            .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)));
+        let handle: NvIndexHandle = match existing {
+            Ok(h) => h.into(),
+            Err(_) => {
+                let attrs = NvIndexAttributesBuilder::new()
+                    .with_owner_write(true)
+                    .with_owner_read(true)
+                    .with_no_da(true)
+                    .with_nv_index_type(NvIndexType::Counter)
+                    .build()
+                    .map_err(cmd("NV counter attributes", HINT_GENERIC))?;
+                let public = NvPublicBuilder::new()
+                    .with_nv_index(tpm_handle)
+                    .with_index_name_algorithm(HashingAlgorithm::Sha256)
+                    .with_index_attributes(attrs)
+                    .with_data_area_size(8)
+                    .build()
+                    .map_err(cmd("NV counter public area", HINT_GENERIC))?;
+                self.ctx
+                    .execute_with_session(Some(AuthSession::Password), |c| {
+                        c.nv_define_space(Provision::Owner, None, public)
+                    })
+                    .map_err(cmd("NV_DefineSpace(usage counter)", HINT_OWNER))?
+            }
+        };
+        let (public, _) = self
+            .ctx
+            .execute_without_session(|c| c.nv_read_public(handle))
+            .map_err(cmd("NV_ReadPublic(usage counter)", HINT_GENERIC))?;
+        let a = public.attributes();
+        if a.index_type().ok() != Some(NvIndexType::Counter) || !a.owner_write() {
+            return Err(TpmError::Unexpected {
+                op: "NV counter",
+                reason: format!(
+                    "NV index 0x{index:08x} exists but is not an owner-writable counter; \
+                     choose another [usage] nv_index"
+                ),
+            });
+        }
+        self.nv_counter = Some((index, handle));
+        if !a.written() {
+            // a new counter reads only after its first increment
+            self.nv_counter_increment(index)?;
+        }
+        self.nv_counter_read(index)
+    }
+
+    fn nv_counter_handle(&self, index: u32) -> Result<tss_esapi::handles::NvIndexHandle> {
+        match self.nv_counter {
+            Some((i, h)) if i == index => Ok(h),
+            _ => Err(TpmError::Unexpected {
+                op: "NV counter",
+                reason: format!("NV counter 0x{index:08x} is not open"),
+            }),
+        }
+    }
+
+    /// Reads the NV counter opened with [`Tpm::nv_counter_open`].
+    pub fn nv_counter_read(&mut self, index: u32) -> Result<u64> {
+        use tss_esapi::interface_types::resource_handles::NvAuth;
+        let h = self.nv_counter_handle(index)?;
+        let data = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_read(NvAuth::Owner, h, 8, 0)
+            })
+            .map_err(cmd("NV_Read(usage counter)", HINT_OWNER))?;
+        let b: [u8; 8] = data.value().try_into().map_err(|_| TpmError::Unexpected {
+            op: "NV_Read(usage counter)",
+            reason: format!("{} bytes instead of 8", data.value().len()),
+        })?;
+        Ok(u64::from_be_bytes(b))
+    }
+
+    /// Increments the NV counter opened with [`Tpm::nv_counter_open`] and returns the new value.
+    pub fn nv_counter_increment(&mut self, index: u32) -> Result<u64> {
+        use tss_esapi::interface_types::resource_handles::NvAuth;
+        let h = self.nv_counter_handle(index)?;
+        self.ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_increment(NvAuth::Owner, h)
+            })
+            .map_err(cmd("NV_Increment(usage counter)", HINT_OWNER))?;
+        self.nv_counter_read(index)
+    }
+}
+// --- end usage hook ---
 
 /// A public key as comparable bytes.
 #[derive(Debug, PartialEq, Eq)]

@@ -26,6 +26,18 @@ pub enum TpmServiceError {
 enum Job {
     Quote(Vec<u8>, oneshot::Sender<Result<QuoteEvidence, TpmError>>),
     Clock(oneshot::Sender<Result<ClockInfo, TpmError>>),
+    NvCounter(NvCounterOp, u32, oneshot::Sender<Result<u64, TpmError>>),
+}
+
+/// What to do with the usage log's NV counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NvCounterOp {
+    /// Define it if missing, initialise it, and read it.
+    Open,
+    /// Read it.
+    Read,
+    /// Increment it and read the new value.
+    Increment,
 }
 
 /// Async handle to the TPM thread.
@@ -63,6 +75,13 @@ impl TpmService {
                         Job::Clock(reply) => {
                             let _ = reply.send(tpm.clock_info());
                         }
+                        Job::NvCounter(op, index, reply) => {
+                            let _ = reply.send(match op {
+                                NvCounterOp::Open => tpm.nv_counter_open(index),
+                                NvCounterOp::Read => tpm.nv_counter_read(index),
+                                NvCounterOp::Increment => tpm.nv_counter_increment(index),
+                            });
+                        }
                     }
                 }
             })
@@ -90,6 +109,16 @@ impl TpmService {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::Clock(reply))
+            .await
+            .map_err(|_| TpmServiceError::Stopped)?;
+        Ok(rx.await.map_err(|_| TpmServiceError::Stopped)??)
+    }
+
+    /// Opens, reads or increments the usage log's NV counter at `index`; returns its value.
+    pub async fn nv_counter(&self, op: NvCounterOp, index: u32) -> Result<u64, TpmServiceError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::NvCounter(op, index, reply))
             .await
             .map_err(|_| TpmServiceError::Stopped)?;
         Ok(rx.await.map_err(|_| TpmServiceError::Stopped)??)

@@ -1,0 +1,609 @@
+//! The proxy's usage log (metering): buffers [`UsageRecord`]s in memory and appends them as
+//! fixed-size, HPKE-sealed, hash-chained blocks (format in `hostbind_attest::usage`) to
+//! `<dir>/usage.log`, each stamped with the TPM clock and a TPM NV counter value.
+//!
+//! Crash safety: a block is one `write` of 4 KiB at the end of the file followed by `fsync`;
+//! only then is the NV counter incremented (so in an honest log every block's counter is the
+//! previous one's + 1). On open, a torn last block (partial, or whole but with a bad checksum)
+//! is cut off, and a counter one behind the last block (killed between fsync and increment) is
+//! caught up. Records still buffered when the proxy is killed (at most one flush interval's)
+//! are lost; everything sealed stays verifiable.
+//!
+//! The log is encrypted to the metering key carried in the licenses (`metering_key`). One
+//! vendor key gives one metering key, so a host keeps one log; a license without a metering
+//! key, or with one that differs from the log's key, is not metered.
+
+use crate::config::Dur;
+use crate::ledger::Lease;
+use crate::tpm_service::{NvCounterOp, TpmService, TpmServiceError};
+use hostbind_attest::usage::{
+    block_hash, block_intact, seal_block, BlockBody, BlockHeader, LeaseRef, MeteringKey,
+    TpmClock, UsageError, UsageRecord, VmRef, BLOCK_SIZE, MAX_BODY,
+};
+use hostbind_fsutil::unix_now;
+use serde::Deserialize;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// File name of the log in the usage dir.
+pub const LOG_FILE: &str = "usage.log";
+/// Default NV index of the usage counter (owner range; "Hb" in the low bytes).
+pub const DEFAULT_NV_INDEX: u32 = 0x0100_4862;
+/// Records kept in memory at most while blocks cannot be sealed (TPM or disk trouble).
+pub const MAX_PENDING: usize = 100_000;
+
+fn default_true() -> bool {
+    true
+}
+fn default_flush() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn default_nv_index() -> u32 {
+    DEFAULT_NV_INDEX
+}
+
+/// `[usage]`: the usage log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    /// Keep a usage log (default true; metering also needs licenses with a metering key).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How often buffered records are sealed into a block (a full block is sealed at once).
+    #[serde(default = "default_flush")]
+    pub flush_interval: Dur,
+    /// Directory of the log (default: `<state_dir>/usage`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// TPM NV index of the usage counter.
+    #[serde(default = "default_nv_index")]
+    pub nv_index: u32,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            enabled: true,
+            flush_interval: default_flush(),
+            dir: None,
+            nv_index: DEFAULT_NV_INDEX,
+        }
+    }
+}
+
+impl UsageConfig {
+    /// The log file for a proxy whose state dir is `state_dir`.
+    pub fn log_path(&self, state_dir: &Path) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("usage"))
+            .join(LOG_FILE)
+    }
+}
+
+/// Errors of the usage log.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageLogError {
+    /// File trouble.
+    #[error("usage log {path}: {what}: {source}; check the directory's permissions and free space")]
+    Io {
+        /// The file.
+        path: String,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TPM failed.
+    #[error("usage log: {0}")]
+    Tpm(#[from] TpmServiceError),
+    /// Sealing failed.
+    #[error(transparent)]
+    Seal(#[from] UsageError),
+    /// The log has no blocks to export.
+    #[error("usage log {0} does not exist or holds no sealed block yet (nothing metered so far, or metering is off: see `[usage]` and the licenses' metering key)")]
+    Empty(String),
+}
+
+fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> UsageLogError + 'a {
+    move |source| UsageLogError::Io {
+        path: path.display().to_string(),
+        what,
+        source,
+    }
+}
+
+/// The lease part of a record.
+pub fn lease_ref(l: &Lease, customer: &str) -> LeaseRef {
+    LeaseRef {
+        lease_id: l.id.clone(),
+        product: l.product.clone(),
+        license_id: l.license_id.clone(),
+        customer: customer.to_string(),
+        vm: VmRef {
+            uuid: l.vm_uuid.clone(),
+            name: l.vm_name.clone(),
+        },
+    }
+}
+
+struct Writer {
+    file: File,
+    next_seq: u64,
+    prev: [u8; 32],
+    /// The counter value in the last block.
+    last_block_nv: Option<u64>,
+    /// The TPM counter's value, when known (None: an increment may be in flight or lost,
+    /// e.g. the flush was cancelled; read it again before the next block).
+    counter: Option<u64>,
+}
+
+impl Writer {
+    /// Lines the TPM counter up with the last block: when the block was made durable but the
+    /// increment that follows it did not happen, does it now.
+    async fn sync_counter(
+        &mut self,
+        tpm: &TpmService,
+        index: u32,
+        op: NvCounterOp,
+        path: &Path,
+    ) -> Result<u64, UsageLogError> {
+        let mut c = tpm.nv_counter(op, index).await?;
+        if let Some(last) = self.last_block_nv {
+            if last == c.saturating_add(1) {
+                c = tpm.nv_counter(NvCounterOp::Increment, index).await?;
+                tracing::info!("usage log: caught the TPM counter up with the last block");
+            }
+            if last != c {
+                tracing::warn!(
+                    last_block_counter = last,
+                    tpm_counter = c,
+                    "usage log {}: the TPM NV counter does not match the log's last block: an older copy of the log or state dir was restored, or the TPM changed; the vendor's usage report will show it",
+                    path.display()
+                );
+            }
+        }
+        self.counter = Some(c);
+        Ok(c)
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    records: Vec<UsageRecord>,
+    dropped: u64,
+}
+
+/// The running usage log.
+pub struct UsageLog {
+    path: PathBuf,
+    host_id: String,
+    nv_index: u32,
+    tpm: TpmService,
+    key: RwLock<Option<MeteringKey>>,
+    pending: Mutex<Pending>,
+    writer: tokio::sync::Mutex<Writer>,
+    full: tokio::sync::Notify,
+}
+
+/// Cuts a torn tail (partial block, or a last block with a bad checksum) off the log file and
+/// returns the header and hash of the last block.
+fn repair(path: &Path, file: &mut File) -> Result<Option<(BlockHeader, [u8; 32])>, UsageLogError> {
+    let len = file.metadata().map_err(io(path, "stat"))?.len();
+    let mut whole = len / BLOCK_SIZE as u64;
+    if len % BLOCK_SIZE as u64 != 0 {
+        tracing::warn!(
+            "usage log {}: cutting off a partial block of {} bytes (the proxy stopped while writing it)",
+            path.display(),
+            len % BLOCK_SIZE as u64
+        );
+    }
+    let mut last = None;
+    if whole > 0 {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        file.seek(SeekFrom::Start((whole - 1) * BLOCK_SIZE as u64))
+            .map_err(io(path, "seek"))?;
+        file.read_exact(&mut b).map_err(io(path, "read"))?;
+        if block_intact(&b) {
+            last = BlockHeader::decode(&b).ok().map(|h| (h, block_hash(&b)));
+        } else {
+            tracing::warn!(
+                "usage log {}: cutting off block {} whose checksum does not match (torn write)",
+                path.display(),
+                whole - 1
+            );
+            whole -= 1;
+            if whole > 0 {
+                file.seek(SeekFrom::Start((whole - 1) * BLOCK_SIZE as u64))
+                    .map_err(io(path, "seek"))?;
+                file.read_exact(&mut b).map_err(io(path, "read"))?;
+                last = BlockHeader::decode(&b).ok().map(|h| (h, block_hash(&b)));
+            }
+        }
+    }
+    if whole * BLOCK_SIZE as u64 != len {
+        file.set_len(whole * BLOCK_SIZE as u64)
+            .map_err(io(path, "truncate"))?;
+        file.sync_all().map_err(io(path, "fsync"))?;
+    }
+    Ok(last)
+}
+
+impl UsageLog {
+    /// Opens (or creates) the log, repairs a torn tail and lines the TPM counter up with it.
+    pub async fn open(
+        cfg: &UsageConfig,
+        state_dir: &Path,
+        host_id: String,
+        tpm: TpmService,
+    ) -> Result<Arc<UsageLog>, UsageLogError> {
+        let path = cfg.log_path(state_dir);
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(io(d, "create directory"))?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io(&path, "open"))?;
+        let last = repair(&path, &mut file)?;
+        let mut w = Writer {
+            file,
+            next_seq: last.map_or(0, |(h, _)| h.seq + 1),
+            prev: last.map_or([0u8; 32], |(_, hash)| hash),
+            last_block_nv: last.map(|(h, _)| h.nv),
+            counter: None,
+        };
+        let counter = w
+            .sync_counter(&tpm, cfg.nv_index, NvCounterOp::Open, &path)
+            .await?;
+        let next_seq = w.next_seq;
+        tracing::info!(path = %path.display(), next_block = next_seq, nv = counter, "usage log open");
+        Ok(Arc::new(UsageLog {
+            path,
+            host_id,
+            nv_index: cfg.nv_index,
+            tpm,
+            key: RwLock::new(None),
+            pending: Mutex::new(Pending::default()),
+            writer: tokio::sync::Mutex::new(w),
+            full: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sets the metering key new blocks are encrypted to (from the licenses).
+    pub fn set_key(&self, key: Option<MeteringKey>) {
+        if let Ok(mut k) = self.key.write() {
+            if *k != key {
+                match &key {
+                    Some(m) => tracing::info!(key_id = %hex::encode(m.key_id()), "usage metering on"),
+                    None => tracing::info!("usage metering off: no license carries a metering key"),
+                }
+                *k = key;
+            }
+        }
+    }
+
+    /// The metering key in use.
+    pub fn key(&self) -> Option<MeteringKey> {
+        self.key.read().ok().and_then(|k| k.clone())
+    }
+
+    /// Buffers one record (dropped when metering is off). Cheap; never blocks on I/O.
+    pub fn record(&self, r: UsageRecord) {
+        if self.key().is_none() {
+            return;
+        }
+        let Ok(mut p) = self.pending.lock() else {
+            return;
+        };
+        if p.records.len() >= MAX_PENDING {
+            p.dropped += 1;
+            return;
+        }
+        p.records.push(r);
+        if p.records.len() % 16 == 0 {
+            self.full.notify_one();
+        }
+    }
+
+    /// Records waiting to be sealed.
+    pub fn pending(&self) -> usize {
+        self.pending.lock().map(|p| p.records.len()).unwrap_or(0)
+    }
+
+    /// Seals all buffered records into blocks and appends them. Returns the blocks written.
+    pub async fn flush(&self) -> Result<usize, UsageLogError> {
+        let mut w = self.writer.lock().await;
+        let mut written = 0;
+        loop {
+            let Some(key) = self.key() else {
+                return Ok(written);
+            };
+            let (records, dropped) = match self.pending.lock() {
+                Ok(mut p) => (std::mem::take(&mut p.records), std::mem::take(&mut p.dropped)),
+                Err(_) => return Ok(written),
+            };
+            let mut records = records;
+            if dropped > 0 {
+                records.insert(
+                    0,
+                    UsageRecord::RecordsDropped {
+                        at: unix_now(),
+                        count: dropped,
+                    },
+                );
+            }
+            if records.is_empty() {
+                return Ok(written);
+            }
+            // fill one block; the rest goes back to the front of the buffer
+            let mut body = BlockBody {
+                host_id: self.host_id.clone(),
+                records: Vec::new(),
+            };
+            let mut queue: VecDeque<UsageRecord> = records.into();
+            while let Some(r) = queue.pop_front() {
+                body.records.push(r);
+                if body.encoded_len()? > MAX_BODY {
+                    if let Some(r) = body.records.pop() {
+                        if body.records.is_empty() {
+                            tracing::error!("usage record too large for a block, dropped: {r:?}");
+                        } else {
+                            queue.push_front(r);
+                        }
+                    }
+                    break;
+                }
+            }
+            if !queue.is_empty() {
+                if let Ok(mut p) = self.pending.lock() {
+                    let later = std::mem::take(&mut p.records);
+                    p.records = queue.into();
+                    p.records.extend(later);
+                }
+            }
+            if body.records.is_empty() {
+                continue;
+            }
+            match self.seal_one(&mut w, &key, &body).await {
+                Ok(()) => written += 1,
+                Err(e) => {
+                    // keep the records for the next attempt
+                    if let Ok(mut p) = self.pending.lock() {
+                        let later = std::mem::take(&mut p.records);
+                        p.records = body.records;
+                        p.records.extend(later);
+                        if p.records.len() > MAX_PENDING {
+                            let over = p.records.len() - MAX_PENDING;
+                            p.records.drain(..over);
+                            p.dropped += over as u64;
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn seal_one(
+        &self,
+        w: &mut Writer,
+        key: &MeteringKey,
+        body: &BlockBody,
+    ) -> Result<(), UsageLogError> {
+        let counter = match w.counter {
+            Some(c) => c,
+            None => {
+                w.sync_counter(&self.tpm, self.nv_index, NvCounterOp::Read, &self.path)
+                    .await?
+            }
+        };
+        let clock = self.tpm.clock_info().await?;
+        let header = BlockHeader {
+            seq: w.next_seq,
+            prev: w.prev,
+            nv: counter + 1,
+            tpm: TpmClock {
+                clock: clock.clock,
+                reset_count: clock.reset_count,
+                restart_count: clock.restart_count,
+            },
+            wall: unix_now(),
+            key_id: key.key_id(),
+        };
+        let block = seal_block(&header, body, key, &mut rand_core::OsRng)?;
+        w.file
+            .write_all(&block)
+            .map_err(io(&self.path, "append"))?;
+        w.file.sync_data().map_err(io(&self.path, "fsync"))?;
+        w.next_seq += 1;
+        w.prev = block_hash(&block);
+        w.last_block_nv = Some(header.nv);
+        w.counter = None;
+        let now = self
+            .tpm
+            .nv_counter(NvCounterOp::Increment, self.nv_index)
+            .await?;
+        if now != header.nv {
+            tracing::warn!(
+                block_counter = header.nv,
+                tpm_counter = now,
+                "usage log: the TPM NV counter moved outside this proxy (another proxy or tool uses NV index 0x{:08x})",
+                self.nv_index
+            );
+        }
+        w.counter = Some(now);
+        tracing::debug!(seq = header.seq, nv = header.nv, records = body.records.len(), "usage block sealed");
+        Ok(())
+    }
+
+    /// Runs the flush loop: every `interval`, and as soon as many records are waiting.
+    pub async fn run(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.full.notified() => {}
+            }
+            if let Err(e) = self.flush().await {
+                tracing::error!("usage log: sealing a block failed, retrying later: {e}");
+            }
+        }
+    }
+}
+
+/// What `usage export` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportSummary {
+    /// The file written.
+    pub out: String,
+    /// Blocks in it.
+    pub blocks: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// Copies the whole, intact blocks of the log at `log` to `out` (temporary file, fsync,
+/// rename), also while the daemon appends to it.
+pub fn export(log: &Path, out: &Path, force: bool) -> Result<ExportSummary, UsageLogError> {
+    let data = match std::fs::read(log) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(UsageLogError::Empty(log.display().to_string()))
+        }
+        Err(e) => return Err(io(log, "read")(e)),
+    };
+    let mut whole = data.len() / BLOCK_SIZE;
+    // the block being written right now may be incomplete: leave it for the next export
+    if whole > 0 && !block_intact(&data[(whole - 1) * BLOCK_SIZE..whole * BLOCK_SIZE]) {
+        whole -= 1;
+    }
+    if whole == 0 {
+        return Err(UsageLogError::Empty(log.display().to_string()));
+    }
+    if out.exists() && !force {
+        return Err(UsageLogError::Io {
+            path: out.display().to_string(),
+            what: "refusing to overwrite (use --force)",
+            source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+        });
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "usage".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let bytes = &data[..whole * BLOCK_SIZE];
+    let res = (|| -> Result<(), UsageLogError> {
+        let mut f = File::create(&tmp).map_err(io(&tmp, "create"))?;
+        f.write_all(bytes).map_err(io(&tmp, "write"))?;
+        f.sync_all().map_err(io(&tmp, "fsync"))?;
+        std::fs::rename(&tmp, out).map_err(io(out, "rename"))?;
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res?;
+    Ok(ExportSummary {
+        out: out.display().to_string(),
+        blocks: whole as u64,
+        bytes: bytes.len() as u64,
+    })
+}
+
+/// The metering key of the licenses (the first valid one; they all come from one vendor key).
+pub fn metering_keys<'a>(
+    licenses: impl Iterator<Item = &'a hostbind_attest::signed::License>,
+) -> Option<MeteringKey> {
+    let mut key: Option<MeteringKey> = None;
+    for l in licenses {
+        let Some(raw) = &l.metering_key else { continue };
+        match MeteringKey::from_bytes(raw) {
+            Ok(k) => match &key {
+                None => key = Some(k),
+                Some(have) if *have != k => tracing::warn!(
+                    license = %l.id,
+                    "license carries a different metering key than the other licenses; its product is not metered (ask the vendor to reissue it)"
+                ),
+                Some(_) => {}
+            },
+            Err(e) => tracing::warn!(license = %l.id, "license's metering key is unusable: {e}"),
+        }
+    }
+    key
+}
+
+/// The records of a token request or renewal: lease start or renewal and token issue when it
+/// succeeded, a refusal when it did not.
+pub fn token_records(
+    vm: &crate::service::Vm,
+    product: &str,
+    license: Option<&hostbind_attest::signed::License>,
+    res: &Result<hostbind_attest::wire::TokenResponse, hostbind_attest::wire::ErrorBody>,
+    new_lease: Option<&str>,
+    now: u64,
+) -> Vec<UsageRecord> {
+    let vm = VmRef {
+        uuid: vm.uuid.clone(),
+        name: vm.name.clone(),
+    };
+    let (license_id, customer) = license
+        .map(|l| (l.id.clone(), l.customer.clone()))
+        .unwrap_or_default();
+    match res {
+        Ok(t) => {
+            let lease = LeaseRef {
+                lease_id: t.lease_id.clone(),
+                product: product.to_string(),
+                license_id,
+                customer,
+                vm,
+            };
+            let first = match new_lease {
+                Some(scope) => UsageRecord::LeaseStart {
+                    at: now,
+                    lease: lease.clone(),
+                    scope: scope.to_string(),
+                },
+                None => UsageRecord::LeaseRenew {
+                    at: now,
+                    lease: lease.clone(),
+                },
+            };
+            vec![first, UsageRecord::TokenIssued { at: now, lease }]
+        }
+        Err(e) => {
+            let code = serde_json::to_value(e.code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| "other".into());
+            vec![UsageRecord::Refusal {
+                at: now,
+                product: product.to_string(),
+                license_id,
+                customer,
+                vm,
+                code,
+                message: e.message.chars().take(512).collect(),
+            }]
+        }
+    }
+}
