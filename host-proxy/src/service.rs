@@ -730,7 +730,8 @@ impl Service {
         let key = self.usage.get()?.key()?;
         let m = self.licenses.read().ok()?;
         let l = &m.get(product)?.license;
-        (l.metering_key.as_ref().map(|k| k.as_slice()) == Some(&key.to_bytes()[..])).then(|| l.clone())
+        (l.metering_key.as_ref().map(|k| k.as_slice()) == Some(&key.to_bytes()[..]))
+            .then(|| l.clone())
     }
 
     fn meter_end(&self, l: &Lease, reason: &str, at: u64) {

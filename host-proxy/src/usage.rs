@@ -17,8 +17,8 @@ use crate::config::Dur;
 use crate::ledger::Lease;
 use crate::tpm_service::{NvCounterOp, TpmService, TpmServiceError};
 use hostbind_attest::usage::{
-    block_hash, block_intact, seal_block, BlockBody, BlockHeader, LeaseRef, MeteringKey,
-    TpmClock, UsageError, UsageRecord, VmRef, BLOCK_SIZE, MAX_BODY,
+    block_hash, block_intact, seal_block, BlockBody, BlockHeader, LeaseRef, MeteringKey, TpmClock,
+    UsageError, UsageRecord, VmRef, BLOCK_SIZE, MAX_BODY,
 };
 use hostbind_fsutil::unix_now;
 use serde::Deserialize;
@@ -89,7 +89,9 @@ impl UsageConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum UsageLogError {
     /// File trouble.
-    #[error("usage log {path}: {what}: {source}; check the directory's permissions and free space")]
+    #[error(
+        "usage log {path}: {what}: {source}; check the directory's permissions and free space"
+    )]
     Io {
         /// The file.
         path: String,
@@ -286,7 +288,9 @@ impl UsageLog {
         if let Ok(mut k) = self.key.write() {
             if *k != key {
                 match &key {
-                    Some(m) => tracing::info!(key_id = %hex::encode(m.key_id()), "usage metering on"),
+                    Some(m) => {
+                        tracing::info!(key_id = %hex::encode(m.key_id()), "usage metering on")
+                    }
                     None => tracing::info!("usage metering off: no license carries a metering key"),
                 }
                 *k = key;
@@ -331,7 +335,10 @@ impl UsageLog {
                 return Ok(written);
             };
             let (records, dropped) = match self.pending.lock() {
-                Ok(mut p) => (std::mem::take(&mut p.records), std::mem::take(&mut p.dropped)),
+                Ok(mut p) => (
+                    std::mem::take(&mut p.records),
+                    std::mem::take(&mut p.dropped),
+                ),
                 Err(_) => return Ok(written),
             };
             let mut records = records;
@@ -423,9 +430,7 @@ impl UsageLog {
             key_id: key.key_id(),
         };
         let block = seal_block(&header, body, key, &mut rand_core::OsRng)?;
-        w.file
-            .write_all(&block)
-            .map_err(io(&self.path, "append"))?;
+        w.file.write_all(&block).map_err(io(&self.path, "append"))?;
         w.file.sync_data().map_err(io(&self.path, "fsync"))?;
         w.next_seq += 1;
         w.prev = block_hash(&block);
@@ -444,7 +449,12 @@ impl UsageLog {
             );
         }
         w.counter = Some(now);
-        tracing::debug!(seq = header.seq, nv = header.nv, records = body.records.len(), "usage block sealed");
+        tracing::debug!(
+            seq = header.seq,
+            nv = header.nv,
+            records = body.records.len(),
+            "usage block sealed"
+        );
         Ok(())
     }
 

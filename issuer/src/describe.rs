@@ -59,6 +59,7 @@ pub fn license(l: &License) -> Value {
         "issued_at": time(l.issued_at),
         "not_before": time(l.validity.not_before),
         "not_after": time(l.validity.not_after),
+        "metering_key": l.metering_key.as_ref().map(hex::encode),
     })
 }
 

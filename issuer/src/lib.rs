@@ -1,3 +1,5 @@
-//! hostbind-issuer library: turns hostbind files into readable descriptions for the CLI.
+//! hostbind-issuer library: turns hostbind files into readable descriptions and usage reports
+//! for the CLI.
 
 pub mod describe;
+pub mod report;

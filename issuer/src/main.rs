@@ -9,6 +9,7 @@ use hostbind_attest::signed::{
     fmt_time, from_cbor, open, sign, to_cbor, ClonePolicy, CountMode, HostCertificate, License,
     ObjectKind, Validity,
 };
+use hostbind_attest::usage::{read_log, MeteringSecret};
 use hostbind_fsutil::{read, write_new};
 use hostbind_issuer::describe;
 use serde_bytes::ByteBuf;
@@ -58,6 +59,9 @@ enum Cmd {
         #[arg(long)]
         at: Option<u64>,
     },
+    /// Usage logs exported by hosts (`hostbind-proxy usage export`).
+    #[command(subcommand)]
+    Usage(UsageCmd),
     /// Print any hostbind file (keys, enrollment files, host certificates, licenses, tokens).
     Inspect {
         /// The file.
@@ -125,6 +129,26 @@ enum EnrollCmd {
 }
 
 #[derive(Subcommand)]
+enum UsageCmd {
+    /// Decrypt and verify a usage log; report lease-seconds, leases, tokens and refusals per
+    /// day, customer, product, host and VM, and every anomaly. Exit code 3 when there are
+    /// anomalies.
+    Report {
+        /// Usage log file from `hostbind-proxy usage export`.
+        file: PathBuf,
+        #[command(flatten)]
+        key: KeyArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: hostbind_issuer::report::Format,
+        /// How far the host's wall clock may drift from its TPM clock between two blocks
+        /// before a clock jump is reported (e.g. 2m).
+        #[arg(long, default_value = "2m")]
+        clock_tolerance: humantime::Duration,
+    },
+}
+
+#[derive(Subcommand)]
 enum LicenseCmd {
     /// Sign a license file.
     Issue(IssueArgs),
@@ -155,6 +179,9 @@ struct IssueArgs {
     /// How seats are counted: vm, access or none.
     #[arg(long, default_value = "vm")]
     count_mode: CountMode,
+    /// Leave usage metering off for this license (no metering key in it).
+    #[arg(long)]
+    no_metering: bool,
     /// Clone handling: observe or enforce.
     #[arg(long, default_value = "observe")]
     clone_policy: ClonePolicy,
@@ -395,6 +422,14 @@ fn run(cli: Cli) -> Result<()> {
                     not_before: nb,
                     not_after: nb.saturating_add(a.valid_for.as_secs()),
                 },
+                metering_key: (!a.no_metering).then(|| {
+                    ByteBuf::from(
+                        MeteringSecret::from_vendor(&vendor)
+                            .public()
+                            .to_bytes()
+                            .to_vec(),
+                    )
+                }),
             };
             write_new(
                 &a.out,
@@ -433,6 +468,35 @@ fn run(cli: Cli) -> Result<()> {
                     Err(anyhow!("token NOT valid (as of {}): {e}", fmt_time(when)))
                 }
             }
+        }
+        Cmd::Usage(UsageCmd::Report {
+            file,
+            key,
+            format,
+            clock_tolerance,
+        }) => {
+            let vendor = load_vendor_key(&key.key)?;
+            let bytes = read(&file)?;
+            let secret = MeteringSecret::from_vendor(&vendor);
+            let r = read_log(&bytes, &secret, clock_tolerance.as_secs());
+            let format = if json {
+                hostbind_issuer::report::Format::Json
+            } else {
+                format
+            };
+            print!("{}", hostbind_issuer::report::render(&r, format)?);
+            if !r.anomalies.is_empty() {
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                eprintln!(
+                    "{} anomal{} found in {} (exit code 3)",
+                    r.anomalies.len(),
+                    if r.anomalies.len() == 1 { "y" } else { "ies" },
+                    file.display()
+                );
+                std::process::exit(3);
+            }
+            Ok(())
         }
         Cmd::Inspect { file, vendor_pub } => {
             let vendor = vendor_pub.as_deref().map(load_vendor_pub).transpose()?;

@@ -1,0 +1,333 @@
+//! Usage metering end to end with the real daemon on swtpm and the real issuer: a scripted
+//! workload reports exact totals; a restored state dir is reported as a rollback; kill -9
+//! during appends always leaves a log that verifies.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use hostbind_attest::wire::{Body, ErrorCode, Release, Renew, Scope};
+use hostbind_testkit::host::{run, Host, Vendor};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::UnixStream;
+
+mod wire_guest;
+use wire_guest::WireGuest;
+
+type Guest = WireGuest<UnixStream>;
+
+async fn connect(sock: &Path) -> Guest {
+    let mut g = WireGuest::new(UnixStream::connect(sock).await.unwrap());
+    g.hello().await.unwrap();
+    g
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn add_license(h: &Host, v: &Vendor, product: &str, seats: u32, mode: &str, extra: &[&str]) {
+    let lic = h.issue_license(v, product, seats, mode, extra).unwrap();
+    h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+}
+
+fn export(h: &Host, name: &str) -> PathBuf {
+    let out = h.dir().join(name);
+    h.proxy_ok(&["usage", "export", "--out", out.to_str().unwrap(), "--force"])
+        .unwrap();
+    out
+}
+
+/// Runs `hostbind-issuer usage report` and returns (exit code, parsed JSON).
+fn report(v: &Vendor, file: &Path) -> (i32, serde_json::Value) {
+    let out = run(
+        "hostbind-issuer",
+        &[
+            "usage",
+            "report",
+            file.to_str().unwrap(),
+            "--key",
+            v.key().to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+    )
+    .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "report is not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, json)
+}
+
+fn anomaly_kinds(r: &serde_json::Value) -> Vec<String> {
+    r["anomalies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn rows<'a>(r: &'a serde_json::Value, vm: &str, product: &str) -> Vec<&'a serde_json::Value> {
+    r["usage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u["vm_name"] == vm && u["product"] == product)
+        .collect()
+}
+
+fn sum(rows: &[&serde_json::Value], field: &str) -> u64 {
+    rows.iter().map(|u| u[field].as_u64().unwrap()).sum()
+}
+
+const FAST: &str = "[usage]\nflush_interval = \"300ms\"\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scripted_workload_reports_exact_totals() {
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a", "vm-b"], FAST).unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 1, "vm", &[]);
+    add_license(&h, &v, "free", 0, "none", &["--no-metering"]);
+    let mut a = connect(&h.vm("vm-a").unwrap().socket).await;
+    let mut b = connect(&h.vm("vm-b").unwrap().socket).await;
+
+    let s0 = now();
+    let ta = a.token("cad").await.unwrap();
+    let s1 = now();
+    // renewals: each one is a token
+    for _ in 0..3 {
+        match a
+            .call(Body::Renew(Renew {
+                lease_id: ta.lease_id.clone(),
+                nonce: None,
+                chain: vec![],
+            }))
+            .await
+        {
+            Body::TokenResponse(_) => {}
+            o => panic!("{o:?}"),
+        }
+    }
+    // the one seat is taken: two refusals for vm-b
+    for _ in 0..2 {
+        let (code, _) = b.token("cad").await.unwrap_err();
+        assert_eq!(code, ErrorCode::SeatsExhausted);
+    }
+    // not metered: that license has no metering key
+    for _ in 0..4 {
+        a.token("free").await.unwrap();
+    }
+    // an export while the daemon runs
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (code, live) = report(&v, &export(&h, "live.usage"));
+    assert_eq!(code, 0, "{live:#}");
+    assert!(live["blocks"].as_u64().unwrap() >= 1, "{live:#}");
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let e0 = now();
+    assert!(matches!(
+        a.call(Body::Release(Release {
+            lease_id: ta.lease_id.clone()
+        }))
+        .await,
+        Body::Ack(_)
+    ));
+    let e1 = now();
+    let tb = b.token("cad").await.unwrap(); // the freed seat; still open at shutdown
+    h.stop_proxy(); // SIGTERM seals what is buffered
+
+    let (code, r) = report(&v, &export(&h, "final.usage"));
+    assert_eq!(code, 0, "{r:#}");
+    assert!(anomaly_kinds(&r).is_empty(), "{r:#}");
+    assert_eq!(r["hosts"][0], h.host_id);
+    let ra = rows(&r, "vm-a", "cad");
+    assert_eq!(sum(&ra, "leases"), 1, "{r:#}");
+    assert_eq!(sum(&ra, "tokens"), 4, "{r:#}");
+    assert_eq!(sum(&ra, "refusals"), 0, "{r:#}");
+    let secs = sum(&ra, "lease_seconds");
+    assert!(
+        (e0 - s1..=e1 - s0).contains(&secs),
+        "lease-seconds {secs} outside [{}, {}]",
+        e0 - s1,
+        e1 - s0
+    );
+    assert!(ra.iter().all(|u| u["customer"] == "ACME"));
+    let rb = rows(&r, "vm-b", "cad");
+    assert_eq!(sum(&rb, "refusals"), 2, "{r:#}");
+    assert_eq!((sum(&rb, "leases"), sum(&rb, "tokens")), (1, 1), "{r:#}");
+    assert_eq!(r["open_leases"], 1);
+    assert!(rows(&r, "vm-a", "free").is_empty(), "{r:#}");
+    assert_eq!(r["records"], 2 + 6 + 2 + 1 + 2, "{r:#}");
+    let _ = tb;
+
+    // the export holds nothing readable without the vendor key
+    let bytes = std::fs::read(h.dir().join("final.usage")).unwrap();
+    for needle in [
+        "ACME",
+        "cad",
+        "vm-a",
+        &h.vm("vm-a").unwrap().uuid,
+        &h.host_id,
+    ] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle} is readable in the export"
+        );
+    }
+    // and another vendor's key reads nothing
+    let other = Vendor::new().unwrap();
+    let (code, o) = report(&other, &h.dir().join("final.usage"));
+    assert_eq!(code, 3);
+    assert!(anomaly_kinds(&o).iter().all(|k| k == "wrong_key"), "{o:#}");
+    assert_eq!(o["records"], 0);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+async fn some_tokens(h: &Host, n: usize) {
+    let mut g = connect(&h.vm("vm-a").unwrap().socket).await;
+    for _ in 0..n {
+        g.token("cad").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restored_state_dir_is_reported_as_rollback() {
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], FAST).unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 0, "none", &[]);
+    some_tokens(&h, 3).await;
+    h.stop_proxy();
+    let state = h.dir().join("state");
+    let backup = h.dir().join("state-backup");
+    copy_dir(&state, &backup);
+
+    h.start_proxy().unwrap();
+    some_tokens(&h, 3).await;
+    h.stop_proxy();
+    let (code, r) = report(&v, &export(&h, "before-restore.usage"));
+    assert_eq!(code, 0, "{r:#}");
+
+    // the admin restores the backup and carries on
+    std::fs::remove_dir_all(&state).unwrap();
+    copy_dir(&backup, &state);
+    h.start_proxy().unwrap();
+    some_tokens(&h, 2).await;
+    h.stop_proxy();
+    let (code, r) = report(&v, &export(&h, "after-restore.usage"));
+    assert_eq!(code, 3, "{r:#}");
+    assert_eq!(anomaly_kinds(&r), vec!["log_rolled_back"], "{r:#}");
+    let detail = r["anomalies"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("restored"), "{detail}");
+}
+
+fn rand_below(n: u64) -> u64 {
+    let mut b = [0u8; 8];
+    SystemRandom::new().fill(&mut b).unwrap();
+    u64::from_le_bytes(b) % n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_during_appends_leaves_a_log_that_verifies() {
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "[usage]\nflush_interval = \"50ms\"\n").unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 0, "none", &[]);
+    let sock = h.vm("vm-a").unwrap().socket.clone();
+    let mut last_blocks = 0;
+    for round in 0..6 {
+        if round > 0 {
+            h.start_proxy().unwrap();
+        }
+        // a guest asks for tokens as fast as it can (at most 5000, at most 10 s)
+        let s = sock.clone();
+        let load = tokio::spawn(async move {
+            let Ok(stream) = UnixStream::connect(&s).await else {
+                return 0;
+            };
+            let mut g = WireGuest::new(stream);
+            if g.hello().await.is_err() {
+                return 0;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut n = 0;
+            while n < 5000 && tokio::time::Instant::now() < deadline {
+                if !send_token(&mut g.f, "cad").await {
+                    break;
+                }
+                n += 1;
+            }
+            n
+        });
+        tokio::time::sleep(Duration::from_millis(300 + rand_below(900))).await;
+        h.kill_proxy();
+        let n = load.await.unwrap();
+        assert!(n > 0, "round {round}: no token was served");
+        // the log verifies as it is, without the proxy repairing it first
+        let (code, r) = report(&v, &export(&h, "crash.usage"));
+        assert_eq!(code, 0, "round {round}: {r:#}");
+        let blocks = r["blocks"].as_u64().unwrap();
+        assert!(
+            blocks >= last_blocks,
+            "round {round}: blocks went from {last_blocks} to {blocks}"
+        );
+        last_blocks = blocks;
+    }
+    // and after the proxy repaired the tail and caught its counter up, still clean
+    h.start_proxy().unwrap();
+    some_tokens(&h, 2).await;
+    h.stop_proxy();
+    let (code, r) = report(&v, &export(&h, "end.usage"));
+    assert_eq!(code, 0, "{r:#}");
+    assert!(r["blocks"].as_u64().unwrap() > last_blocks, "{r:#}");
+    assert!(r["records"].as_u64().unwrap() > 0);
+}
+
+/// Sends a token request and waits for any answer (the proxy may die at any moment).
+async fn send_token(
+    f: &mut tokio_util::codec::Framed<UnixStream, hostbind_attest::wire::FrameCodec<Body>>,
+    product: &str,
+) -> bool {
+    use futures::{SinkExt, StreamExt};
+    let req = Body::TokenRequest(hostbind_attest::wire::TokenRequest {
+        product: product.into(),
+        features: vec![],
+        nonce: None,
+        scope: Scope::Vm,
+        pid: None,
+        chain: vec![],
+    });
+    if f.send(hostbind_attest::wire::Message::new(7, req))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), f.next()).await,
+        Ok(Some(Ok(_)))
+    )
+}
