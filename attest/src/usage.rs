@@ -198,6 +198,11 @@ pub enum UsageRecord {
 }
 
 impl UsageRecord {
+    /// CBOR size of this record (what it takes of a block's body).
+    pub fn encoded_len(&self) -> usize {
+        to_cbor(self).map(|v| v.len()).unwrap_or(MAX_BODY)
+    }
+
     /// The record's time.
     pub fn at(&self) -> u64 {
         match self {
@@ -600,14 +605,15 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
     let mut anomalies = Vec::new();
     let mut notes = Vec::new();
     let whole = bytes.len() / BLOCK_SIZE;
-    if bytes.len() % BLOCK_SIZE != 0 {
+    let tail = bytes.len() % BLOCK_SIZE;
+    if tail > 0 {
         anomalies.push(Anomaly {
             kind: AnomalyKind::PartialBlock,
             seq: None,
             index: Some(whole),
             detail: format!(
                 "the file ends in a partial block of {} bytes (ignored); an export never does: the file was cut or appended to",
-                bytes.len() % BLOCK_SIZE
+                tail
             ),
         });
     }

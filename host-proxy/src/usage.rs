@@ -177,6 +177,8 @@ impl Writer {
 #[derive(Default)]
 struct Pending {
     records: Vec<UsageRecord>,
+    /// CBOR bytes of `records` (roughly what they take of block bodies).
+    bytes: usize,
     dropped: u64,
 }
 
@@ -197,11 +199,12 @@ pub struct UsageLog {
 fn repair(path: &Path, file: &mut File) -> Result<Option<(BlockHeader, [u8; 32])>, UsageLogError> {
     let len = file.metadata().map_err(io(path, "stat"))?.len();
     let mut whole = len / BLOCK_SIZE as u64;
-    if len % BLOCK_SIZE as u64 != 0 {
+    let tail = len % BLOCK_SIZE as u64;
+    if tail > 0 {
         tracing::warn!(
             "usage log {}: cutting off a partial block of {} bytes (the proxy stopped while writing it)",
             path.display(),
-            len % BLOCK_SIZE as u64
+            tail
         );
     }
     let mut last = None;
@@ -315,8 +318,9 @@ impl UsageLog {
             p.dropped += 1;
             return;
         }
+        p.bytes += r.encoded_len();
         p.records.push(r);
-        if p.records.len() % 16 == 0 {
+        if p.bytes >= MAX_BODY {
             self.full.notify_one();
         }
     }
@@ -328,6 +332,11 @@ impl UsageLog {
 
     /// Seals all buffered records into blocks and appends them. Returns the blocks written.
     pub async fn flush(&self) -> Result<usize, UsageLogError> {
+        self.flush_blocks(false).await
+    }
+
+    /// Seals buffered records; with `full_only`, only into full blocks (the rest waits).
+    async fn flush_blocks(&self, full_only: bool) -> Result<usize, UsageLogError> {
         let mut w = self.writer.lock().await;
         let mut written = 0;
         loop {
@@ -335,10 +344,13 @@ impl UsageLog {
                 return Ok(written);
             };
             let (records, dropped) = match self.pending.lock() {
-                Ok(mut p) => (
-                    std::mem::take(&mut p.records),
-                    std::mem::take(&mut p.dropped),
-                ),
+                Ok(mut p) => {
+                    p.bytes = 0;
+                    (
+                        std::mem::take(&mut p.records),
+                        std::mem::take(&mut p.dropped),
+                    )
+                }
                 Err(_) => return Ok(written),
             };
             let mut records = records;
@@ -360,6 +372,7 @@ impl UsageLog {
                 records: Vec::new(),
             };
             let mut queue: VecDeque<UsageRecord> = records.into();
+            let mut full = false;
             while let Some(r) = queue.pop_front() {
                 body.records.push(r);
                 if body.encoded_len()? > MAX_BODY {
@@ -370,17 +383,25 @@ impl UsageLog {
                             queue.push_front(r);
                         }
                     }
+                    full = true;
                     break;
                 }
             }
+            if full_only && !full {
+                queue.extend(body.records.drain(..));
+            }
             if !queue.is_empty() {
                 if let Ok(mut p) = self.pending.lock() {
+                    p.bytes += queue.iter().map(UsageRecord::encoded_len).sum::<usize>();
                     let later = std::mem::take(&mut p.records);
                     p.records = queue.into();
                     p.records.extend(later);
                 }
             }
             if body.records.is_empty() {
+                if full_only && !full {
+                    return Ok(written);
+                }
                 continue;
             }
             match self.seal_one(&mut w, &key, &body).await {
@@ -388,6 +409,7 @@ impl UsageLog {
                 Err(e) => {
                     // keep the records for the next attempt
                     if let Ok(mut p) = self.pending.lock() {
+                        p.bytes += body.encoded_len().unwrap_or(MAX_BODY);
                         let later = std::mem::take(&mut p.records);
                         p.records = body.records;
                         p.records.extend(later);
@@ -461,11 +483,11 @@ impl UsageLog {
     /// Runs the flush loop: every `interval`, and as soon as many records are waiting.
     pub async fn run(self: Arc<Self>, interval: Duration) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = self.full.notified() => {}
-            }
-            if let Err(e) = self.flush().await {
+            let full_only = tokio::select! {
+                _ = tokio::time::sleep(interval) => false,
+                _ = self.full.notified() => true,
+            };
+            if let Err(e) = self.flush_blocks(full_only).await {
                 tracing::error!("usage log: sealing a block failed, retrying later: {e}");
             }
         }
