@@ -365,7 +365,7 @@ async fn torn_tail_and_lagging_counter_are_repaired_on_start() {
     let log = h.dir().join("state/usage/usage.log");
     let bytes = std::fs::read(&log).unwrap();
     let n = bytes.len() / BLOCK_SIZE;
-    assert!(n >= 1 && bytes.len() % BLOCK_SIZE == 0);
+    assert!(n >= 1 && bytes.len() == n * BLOCK_SIZE);
     let last = &bytes[(n - 1) * BLOCK_SIZE..];
     let lh = BlockHeader::decode(last).unwrap();
 
