@@ -69,3 +69,16 @@ fn commented_libvirt_example_is_valid_when_uncommented() {
     assert_eq!(c.libvirt.uri, "qemu:///system");
     assert_eq!(c.libvirt.unassigned.as_str(), "allow");
 }
+
+#[test]
+fn shipped_usage_section_has_the_defaults() {
+    let c = Config::parse(SHIPPED, "proxy.toml").unwrap_or_else(|e| panic!("{e}"));
+    let d = hostbind_proxy::usage::UsageConfig::default();
+    assert!(c.usage.enabled);
+    assert_eq!(c.usage.flush_interval, d.flush_interval);
+    assert_eq!(c.usage.nv_index, hostbind_proxy::usage::DEFAULT_NV_INDEX);
+    assert_eq!(
+        c.usage.log_path(&c.state_dir),
+        std::path::Path::new("/var/lib/hostbind/usage/usage.log")
+    );
+}
