@@ -540,9 +540,7 @@ mod tests {
         /// The suffix of the next message (appending when due).
         fn send(&mut self, now: u64, ids: &mut u64) -> Vec<EphemeralId> {
             let due = self.chain.is_empty()
-                || self
-                    .last_append
-                    .map_or(true, |t| now.saturating_sub(t) >= 10)
+                || !matches!(self.last_append, Some(t) if now.saturating_sub(t) < 10)
                 || self.since >= 5;
             if due {
                 self.chain.push(fresh(ids));
