@@ -145,6 +145,9 @@ pub struct Config {
     /// Prometheus metrics endpoint (off unless `listen` is set).
     #[serde(default)]
     pub metrics: crate::metrics::MetricsConfig,
+    /// Clone detection (chains of ephemeral ids): live window and retention.
+    #[serde(default)]
+    pub clones: crate::clones::CloneConfig,
     // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]

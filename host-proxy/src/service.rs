@@ -464,6 +464,8 @@ impl Service {
                 ),
             )));
         }
+        self.check_chain(vm, &req.chain, Some((&req.product, lic.clone_policy)))
+            .map_err(|e| self.refused(e))?;
         let (scope, pid) = match req.scope {
             Scope::Vm => (LeaseScope::Vm, None),
             Scope::Process => match req.pid {
@@ -545,6 +547,14 @@ impl Service {
                 return Err(self.refused(e));
             }
         };
+        if let Err(e) = self.check_chain(vm, &r.chain, Some((&lease.product, lic.clone_policy))) {
+            if e.code == ErrorCode::CloneRefused {
+                let _ = self
+                    .ledger
+                    .release(&lease.id, "refused: cloned instance", unix_now());
+            }
+            return Err(self.refused(e));
+        }
         let lease = self
             .ledger
             .renew(&r.lease_id, self.cfg.leases.ttl.0.as_secs(), unix_now())
@@ -587,6 +597,7 @@ impl Service {
 
     /// Ends lapsed leases and tells their VMs.
     pub fn sweep(&self) -> Result<usize, ServiceError> {
+        self.prune_chains(unix_now());
         let expired = self.ledger.expire(unix_now())?;
         for l in &expired {
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
@@ -631,7 +642,13 @@ impl Service {
         self.conns.lock().map(|c| c.len()).unwrap_or(0)
     }
 
-    fn push(&self, vm_uuid: &str, kind: EventKind, lease: Option<&Lease>, message: String) {
+    pub(crate) fn push(
+        &self,
+        vm_uuid: &str,
+        kind: EventKind,
+        lease: Option<&Lease>,
+        message: String,
+    ) {
         let Ok(c) = self.conns.lock() else { return };
         for conn in c.values().filter(|c| c.vm_uuid == vm_uuid) {
             let ev = Event {
