@@ -85,9 +85,18 @@ fn observe_serves_both_copies_and_lists_the_clone() {
     );
     let status = h.proxy_ok(&["status"]).unwrap();
     assert!(status.contains("1 forks detected (1 clones"), "{status}");
-    // Both agents were told.
-    let ev_a = a.cmd(&["status", "--json"]).unwrap();
-    assert!(ev_a.status.success());
+    // Both agents were told (CloneDetected event from the proxy).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for agent in [&a, &b] {
+        while !agent.proc_.log().contains("CloneDetected") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no clone event reached the agent: {}",
+                agent.proc_.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 #[test]
