@@ -443,6 +443,27 @@ impl Qemu {
         Ok(t0.elapsed())
     }
 
+    /// Waits until the guest runs (`query-status`), e.g. after an incoming migration from a
+    /// saved state has been loaded; a device must not be plugged before.
+    pub fn wait_running(&mut self, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        let label = self.label.clone();
+        loop {
+            let st = self.qmp()?.execute(&qmp::query_status {})?;
+            if st.running {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() >= timeout {
+                return Err(QemuTestError::Timeout {
+                    what: format!("{label} running after loading its state"),
+                    secs: timeout.as_secs(),
+                    context: format!(" (status {:?})\n{}", st.status, self.dump()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Plugs a vsock device backed by this QEMU's own vhost-device-vsock (`device_add`).
     pub fn plug_vsock(&mut self) -> Result<()> {
         let q = self.qmp()?;

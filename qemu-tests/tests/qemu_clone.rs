@@ -78,6 +78,7 @@ fn saved_state_started_twice_is_a_clone_and_enforce_refuses_the_later_copy() {
     let t_first = Instant::now();
     let mut first =
         Qemu::from_saved(&img, "vm-a@copy1", opts(&h, "vm-a", 3, &vendor_hex), &state).unwrap();
+    let load_ms = first.wait_running(Duration::from_secs(120)).unwrap();
     first.plug_vsock().unwrap();
     wait_until("copy 1's agent reconnects", Duration::from_secs(60), || {
         first
@@ -93,6 +94,7 @@ fn saved_state_started_twice_is_a_clone_and_enforce_refuses_the_later_copy() {
     let t_second = Instant::now();
     let mut second =
         Qemu::from_saved(&img, "vm-b@copy2", opts(&h, "vm-b", 4, &vendor_hex), &state).unwrap();
+    second.wait_running(Duration::from_secs(120)).unwrap();
     second.plug_vsock().unwrap();
     let is_clone_refusal = |l: &Value| {
         (event_name(l) == "license_refused" && l["event"]["code"] == "clone_refused")
@@ -151,6 +153,7 @@ fn saved_state_started_twice_is_a_clone_and_enforce_refuses_the_later_copy() {
         "QEMU-BENCH {}",
         json!({"bench": "clone_detection", "data": {
             "save_state_ms": saved.wall.as_millis(),
+            "load_state_ms": load_ms.as_millis(),
             "copy2_start_to_refusal_ms": detected_after.as_millis(),
             "copy1_start_ms_before_copy2": (t_second - t_first).as_millis(),
         }})
