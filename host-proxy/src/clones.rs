@@ -487,3 +487,60 @@ pub fn print_forks(forks: &[ForkReport], total: usize) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostbind_attest::chain::ForkKind;
+
+    fn id(n: u8) -> EphemeralId {
+        [n; 16]
+    }
+
+    #[test]
+    fn graph_in_the_ledger_detects_lists_counts_and_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("ledger.redb")).unwrap();
+        let cfg = CloneConfig::default();
+        assert!(list(&ledger).unwrap().is_empty());
+        let o = observe(&ledger, &cfg, &[id(1), id(2)], "a", Some("cad"), 100).unwrap();
+        assert!(o.reports.is_empty() && o.cloned_by.is_none());
+        observe(&ledger, &cfg, &[id(1), id(2), id(3)], "a", Some("cad"), 110).unwrap();
+        let o = observe(&ledger, &cfg, &[id(1), id(2), id(4)], "b", Some("cad"), 111).unwrap();
+        assert_eq!(o.reports.len(), 1);
+        assert_eq!(o.reports[0].change, ForkChange::Detected);
+        let o = observe(&ledger, &cfg, &[id(3), id(5)], "a", Some("cad"), 112).unwrap();
+        assert_eq!(o.reports[0].change, ForkChange::BecameClone);
+        let o = observe(&ledger, &cfg, &[id(4), id(6)], "b", Some("cad"), 113).unwrap();
+        assert_eq!(o.cloned_by.map(|f| f.kept_vm), Some("a".to_string()));
+        let forks = list(&ledger).unwrap();
+        assert_eq!(forks.len(), 1);
+        assert_eq!(forks[0].kind, ForkKind::Clone);
+        assert_eq!(forks[0].products, vec!["cad".to_string()]);
+        let c = counts(&ledger, &cfg, 113).unwrap();
+        assert_eq!((c.live_instances, c.forks, c.clones), (2, 1, 1));
+        // An inconsistent chain is refused and changes nothing.
+        let r = observe(&ledger, &cfg, &[id(1), id(6)], "b", None, 114);
+        assert!(matches!(r, Err(CloneError::Inconsistent(_))));
+        assert_eq!(list(&ledger).unwrap(), forks);
+        // Everything is older than the retention a week later.
+        let week = cfg.retention.0.as_secs();
+        assert!(prune(&ledger, &cfg, 113 + week + 1).unwrap() > 0);
+        assert!(list(&ledger).unwrap().is_empty());
+        assert_eq!(
+            counts(&ledger, &cfg, 113 + week + 1).unwrap(),
+            CloneCounts::default()
+        );
+        // The same ids again: a new root, no fork.
+        let o = observe(
+            &ledger,
+            &cfg,
+            &[id(4), id(6), id(7)],
+            "b",
+            None,
+            113 + week + 2,
+        )
+        .unwrap();
+        assert!(o.reports.is_empty() && o.cloned_by.is_none());
+    }
+}
