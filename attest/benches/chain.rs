@@ -38,7 +38,9 @@ fn bench(c: &mut Criterion) {
             || base.clone(),
             |mut s| {
                 let suffix: Vec<EphemeralId> = (9_997..10_001).map(id).collect();
-                observe(&mut s, black_box(&suffix), "vm", Some("cad"), 20_000, 300).unwrap()
+                let o = observe(&mut s, black_box(&suffix), "vm", Some("cad"), 20_000, 300);
+                // Returned, so the store is dropped outside the timing.
+                (s, o.unwrap())
             },
             criterion::BatchSize::LargeInput,
         )
@@ -48,7 +50,8 @@ fn bench(c: &mut Criterion) {
             || base.clone(),
             |mut s| {
                 let suffix = vec![id(9_997), id(9_998), id(u64::MAX)];
-                observe(&mut s, black_box(&suffix), "vm-b", Some("cad"), 20_000, 300).unwrap()
+                let o = observe(&mut s, black_box(&suffix), "vm-b", Some("cad"), 20_000, 300);
+                (s, o.unwrap())
             },
             criterion::BatchSize::LargeInput,
         )
