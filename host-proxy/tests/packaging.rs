@@ -69,3 +69,22 @@ fn commented_libvirt_example_is_valid_when_uncommented() {
     assert_eq!(c.libvirt.uri, "qemu:///system");
     assert_eq!(c.libvirt.unassigned.as_str(), "allow");
 }
+
+#[test]
+fn commented_clones_example_is_valid_and_the_defaults_when_uncommented() {
+    let mut text = String::new();
+    for line in SHIPPED.lines() {
+        let uncommented = line.strip_prefix("# ").unwrap_or(line);
+        let take = ["[clones]", "live_window =", "retention ="]
+            .iter()
+            .any(|k| uncommented.starts_with(k));
+        text.push_str(if take { uncommented } else { line });
+        text.push('\n');
+    }
+    assert!(text.contains("\n[clones]\n"), "{text}");
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let d = hostbind_proxy::clones::CloneConfig::default();
+    assert_eq!(c.clones.live_window, d.live_window);
+    assert_eq!(c.clones.retention, d.retention);
+    assert_eq!(c.clones.live_window.0.as_secs(), 300);
+}
