@@ -74,7 +74,7 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// Mode of the API socket (0660: owner and group may connect).
     pub socket_mode: u32,
-    /// Where to keep the last host id.
+    /// Where to keep the last host id and the clone-detection chain.
     pub state_dir: PathBuf,
     /// Guest facts sent in Hello (hostname, os, ...).
     pub facts: BTreeMap<String, String>,

@@ -45,7 +45,8 @@ enum Cmd {
         /// The host proxy: vsock:CID:PORT (production) or unix:PATH (demo, tests).
         #[arg(long, default_value = DEFAULT_HOST, value_name = "ADDR")]
         host: HostAddr,
-        /// Where the agent keeps the id of the last host it was attached to.
+        /// Where the agent keeps the id of the last host it was attached to and its
+        /// clone-detection chain (`chain`; copied along when the VM is cloned or snapshotted).
         #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
         state_dir: PathBuf,
         /// Clone detection: append a new id to the chain (when sending) once this long has
