@@ -3,6 +3,7 @@
 //! Wire protocol, signed objects (host certificates, licenses, tokens) as COSE_Sign1,
 //! TPM evidence parsing and verification, and the one-call token verifier apps use.
 
+pub mod chain;
 pub mod credential;
 pub mod enroll;
 pub mod files;

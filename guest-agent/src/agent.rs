@@ -42,6 +42,11 @@ pub struct Timing {
     pub cache_min_validity: Duration,
     /// How long shutdown waits for releases to be confirmed.
     pub shutdown_grace: Duration,
+    /// Clone detection: a new chain id is appended (when sending) once this long has passed
+    /// since the last one...
+    pub chain_interval: Duration,
+    /// ... or once this many messages were sent since the last one.
+    pub chain_messages: u32,
 }
 
 impl Default for Timing {
@@ -54,6 +59,8 @@ impl Default for Timing {
             renew_tick: Duration::from_millis(500),
             cache_min_validity: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(2),
+            chain_interval: Duration::from_secs(10),
+            chain_messages: 5,
         }
     }
 }
@@ -67,7 +74,7 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// Mode of the API socket (0660: owner and group may connect).
     pub socket_mode: u32,
-    /// Where to keep the last host id.
+    /// Where to keep the last host id and the clone-detection chain.
     pub state_dir: PathBuf,
     /// Guest facts sent in Hello (hostname, os, ...).
     pub facts: BTreeMap<String, String>,
@@ -154,6 +161,8 @@ pub(crate) struct Shared {
     pub requests: mpsc::Sender<Outgoing>,
     key_locks: Mutex<HashMap<LeaseKey, Weak<tokio::sync::Mutex<()>>>>,
     pub shutdown: watch::Receiver<bool>,
+    /// The clone-detection chain.
+    pub chain: crate::chain::Chain,
 }
 
 impl Shared {
@@ -290,7 +299,13 @@ impl Agent {
         let (events, _) = broadcast::channel(256);
         let (req_tx, req_rx) = mpsc::channel(1024);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let chain = crate::chain::Chain::load(
+            &cfg.state_dir,
+            cfg.timing.chain_interval,
+            cfg.timing.chain_messages,
+        );
         let shared = Arc::new(Shared {
+            chain,
             cfg,
             state: Mutex::new(State {
                 last_host,

@@ -196,8 +196,7 @@ async fn connect_and_hello(shared: &Shared) -> Result<(Conn, HelloAck), Failed> 
         let known_host = shared.lock().last_host.map(|h| ByteBuf::from(h.to_vec()));
         let hello = Hello {
             agent_version: AGENT_VERSION.to_string(),
-            // Clone detection (ephemeral-id chain) comes in a later issue; the field is kept.
-            chain: Vec::new(),
+            chain: shared.chain.next_suffix(),
             facts: shared.cfg.facts.clone(),
             known_host,
         };
@@ -364,7 +363,9 @@ async fn serve(
                     let id = next_id;
                     next_id += 1;
                     tracing::debug!(id, kind = o.body.kind(), "request to the host proxy");
-                    match framed.feed(Message::new(id, o.body)).await {
+                    let mut body = o.body;
+                    shared.chain.stamp(&mut body);
+                    match framed.feed(Message::new(id, body)).await {
                         Ok(()) => {
                             pending.insert(id, Pending { reply: o.reply, sent: Instant::now() });
                         }

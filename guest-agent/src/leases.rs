@@ -231,7 +231,7 @@ async fn create(
         nonce: nonce.clone().map(ByteBuf::from),
         scope: key.scope,
         pid: key.pid,
-        // Clone detection comes in a later issue.
+        // Filled in when sent (chain.rs).
         chain: Vec::new(),
     });
     let (t, from) = token_response(shared.call(body).await?)?;
@@ -280,6 +280,7 @@ async fn renew(
     let body = Body::Renew(Renew {
         lease_id: id.to_string(),
         nonce: nonce.clone().map(ByteBuf::from),
+        // Filled in when sent (chain.rs).
         chain: Vec::new(),
     });
     let result = shared.call(body).await.and_then(token_response);

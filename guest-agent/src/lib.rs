@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod chain;
 mod conn;
 mod leases;
 pub mod procwatch;

@@ -45,9 +45,17 @@ enum Cmd {
         /// The host proxy: vsock:CID:PORT (production) or unix:PATH (demo, tests).
         #[arg(long, default_value = DEFAULT_HOST, value_name = "ADDR")]
         host: HostAddr,
-        /// Where the agent keeps the id of the last host it was attached to.
+        /// Where the agent keeps the id of the last host it was attached to and its
+        /// clone-detection chain (`chain`; copied along when the VM is cloned or snapshotted).
         #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
         state_dir: PathBuf,
+        /// Clone detection: append a new id to the chain (when sending) once this long has
+        /// passed since the last one ("10s", "1m").
+        #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        chain_interval: Duration,
+        /// ... or once this many messages were sent since the last one.
+        #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        chain_messages: u32,
     },
     /// Get a license token; prints it as base64url (or writes raw bytes with --out).
     Token {
@@ -132,7 +140,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = Client::new(&cli.socket);
     let result = match cli.cmd {
-        Cmd::Run { host, state_dir } => run(host, cli.socket, state_dir).await,
+        Cmd::Run {
+            host,
+            state_dir,
+            chain_interval,
+            chain_messages,
+        } => run(host, cli.socket, state_dir, chain_interval, chain_messages).await,
         Cmd::Token {
             product,
             features,
@@ -155,10 +168,19 @@ async fn main() -> ExitCode {
 }
 
 /// `run`: the daemon.
-async fn run(host: HostAddr, socket: PathBuf, state_dir: PathBuf) -> Result<(), Failure> {
+async fn run(
+    host: HostAddr,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    chain_interval: Duration,
+    chain_messages: u32,
+) -> Result<(), Failure> {
     // Text on a terminal, JSON lines for journald, files and pipes (HOSTBIND_LOG_FORMAT overrides).
     hostbind_cli::logging::init("info");
-    hostbind_agent::run(AgentConfig::new(host, socket, state_dir))
+    let mut cfg = AgentConfig::new(host, socket, state_dir);
+    cfg.timing.chain_interval = chain_interval;
+    cfg.timing.chain_messages = chain_messages;
+    hostbind_agent::run(cfg)
         .await
         .map_err(|e| Failure::new(e.to_string()))
 }

@@ -45,7 +45,8 @@ async fn hello_ack_status_and_known_host_after_restart() {
     assert_eq!(hello.id, 1);
     let Body::Hello(h) = hello.body else { panic!() };
     assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
-    assert!(h.chain.is_empty());
+    // Clone detection: the first message starts the chain with one fresh id.
+    assert_eq!(h.chain.len(), 1);
     assert!(
         h.facts.contains_key("hostname") && h.facts.contains_key("os"),
         "{:?}",
@@ -73,6 +74,11 @@ async fn hello_ack_status_and_known_host_after_restart() {
         hellos[1].known_host.as_ref().map(|h| h.as_slice()),
         Some(&proxy.host_id()[..])
     );
+    // The restarted agent resumes its chain from the state dir (and appends a fresh id on
+    // its first message), so the proxy sees one instance, not a fork.
+    assert_eq!(hellos[1].chain.len(), 2);
+    assert_eq!(hellos[1].chain[0], hellos[0].chain[0]);
+    assert_ne!(hellos[1].chain[1], hellos[0].chain[0]);
     agent.shutdown().await;
 }
 

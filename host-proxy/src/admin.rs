@@ -47,7 +47,13 @@ pub enum AdminRequest {
         /// Lease id.
         lease_id: String,
     },
+    /// Detected forks of agents' id chains (clones and snapshot restores), newest
+    /// [`CLONE_PAGE`].
+    Clones,
 }
+
+/// Most forks one `clones` answer lists (the newest; keeps the frame below the limit).
+pub const CLONE_PAGE: usize = 100;
 
 /// Seat use of one product.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +117,9 @@ pub struct Status {
     /// libvirt connection and domains, when `[libvirt] enabled = true`.
     #[serde(default)]
     pub libvirt: Option<crate::libvirt::LibvirtStatus>,
+    /// Clone detection: live instances, forks and clones in the chain graph.
+    #[serde(default)]
+    pub clones: Option<crate::clones::CloneCounts>,
 }
 
 /// A stored license as listed.
@@ -145,6 +154,13 @@ pub enum AdminResponse {
     },
     /// A lease was released.
     Released(Lease),
+    /// Detected forks, oldest first, and how many there are in all.
+    Clones {
+        /// The newest [`CLONE_PAGE`] forks.
+        forks: Vec<hostbind_attest::chain::ForkReport>,
+        /// All forks held.
+        total: usize,
+    },
     /// The request failed.
     Error(String),
 }
@@ -191,6 +207,7 @@ fn status(svc: &Service) -> Result<Status, String> {
         tpm_quote_errors: svc.tpm().quote_stats().errors.load(Ordering::Relaxed),
         metrics: svc.counters.metrics.endpoint.get().cloned(),
         libvirt: svc.libvirt().map(|l| l.status()),
+        clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),
     })
 }
 
@@ -234,6 +251,13 @@ fn handle(svc: &Service, req: AdminRequest) -> AdminResponse {
         AdminRequest::Release { lease_id } => svc
             .admin_release(&lease_id)
             .map(AdminResponse::Released)
+            .map_err(|e| e.to_string()),
+        AdminRequest::Clones => crate::clones::list(svc.ledger())
+            .map(|mut forks| {
+                let total = forks.len();
+                forks.drain(..total.saturating_sub(CLONE_PAGE));
+                AdminResponse::Clones { forks, total }
+            })
             .map_err(|e| e.to_string()),
     };
     r.unwrap_or_else(AdminResponse::Error)

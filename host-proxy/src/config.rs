@@ -148,6 +148,9 @@ pub struct Config {
     /// Usage log (metering) settings.
     #[serde(default)]
     pub usage: crate::usage::UsageConfig,
+    /// Clone detection (chains of ephemeral ids): live window and retention.
+    #[serde(default)]
+    pub clones: crate::clones::CloneConfig,
     // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]

@@ -347,6 +347,11 @@ impl Ledger {
         })
     }
 
+    /// The database, for modules that keep their own tables in the ledger file (clones.rs).
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     fn lock(&self) -> MutexGuard<'_, Mem> {
         self.mem.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -1,5 +1,6 @@
 //! hostbind-proxy library: TPM access, enrollment, ledger and server.
 pub mod admin;
+pub mod clones;
 pub mod config;
 pub mod daemon;
 pub mod enroll;

@@ -47,6 +47,8 @@ enum Cmd {
         /// Lease id.
         lease: String,
     },
+    /// List detected clones and snapshot restores (forks of agents' id chains).
+    Clones,
     /// Assign products to libvirt domains (stored in the domain's metadata; talks to libvirt
     /// at `[libvirt] uri` directly, the daemon need not run).
     #[command(subcommand)]
@@ -279,6 +281,12 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                     .as_deref()
                     .unwrap_or("off ([metrics] listen in the config)")
             );
+            if let Some(k) = &s.clones {
+                println!(
+                    "clones:         {} instances live; {} forks detected ({} clones, {} restores); see `hostbind-proxy clones`",
+                    k.live_instances, k.forks, k.clones, k.forks - k.clones
+                );
+            }
             // --- libvirt hook ---
             if let Some(l) = &s.libvirt {
                 if l.connected {
@@ -404,6 +412,15 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
             println!("released {}", lease_line(&l, now));
         }
+        Cmd::Clones => {
+            let AdminResponse::Clones { forks, total } = c.call(AdminRequest::Clones).await? else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
+            if json {
+                return print_json(&forks);
+            }
+            hostbind_proxy::clones::print_forks(&forks, total);
+        }
         Cmd::Run | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => {}
     }
     Ok(())
@@ -422,7 +439,7 @@ fn run(cli: Cli) -> Result<()> {
             init_logging(cfg.log_level.as_str());
             runtime()?.block_on(hostbind_proxy::daemon::run(cfg))?;
         }
-        c @ (Cmd::Status | Cmd::License(_) | Cmd::Leases | Cmd::Release { .. }) => {
+        c @ (Cmd::Status | Cmd::License(_) | Cmd::Leases | Cmd::Release { .. } | Cmd::Clones) => {
             runtime()?.block_on(admin(&cfg, cli.json, c))?;
         }
         Cmd::Vm(c) => vm_cmd(&cfg, cli.json, c)?,

@@ -188,6 +188,10 @@ pub struct MetricsState {
     pub issued_by_product: LabelCounts,
     /// Refused requests, by error code.
     pub refused_by_code: LabelCounts,
+    /// Clone reports (fork detected, fork became a clone), by change.
+    pub clone_reports: LabelCounts,
+    /// Unix seconds of the last chain prune.
+    pub last_chain_prune: std::sync::atomic::AtomicU64,
     /// The endpoint's URL once it listens ("http://127.0.0.1:9464/metrics", "unix:/path").
     pub endpoint: OnceLock<String>,
 }
@@ -280,6 +284,20 @@ pub fn render(svc: &Service) -> Result<String, String> {
         "counter",
         "Token requests and renewals refused since start, by error code (no_license, license_not_valid, seats_exhausted, ...).",
         &refused,
+    );
+    let clones: Vec<(String, f64)> = c
+        .metrics
+        .clone_reports
+        .snapshot()
+        .into_iter()
+        .map(|(change, n)| (labels(&[("change", &change)]), n as f64))
+        .collect();
+    family(
+        &mut out,
+        "hostbind_clone_reports_total",
+        "counter",
+        "Clone-detection reports since start: forks of an agent's id chain detected, and forks classified as clones.",
+        &clones,
     );
     family(
         &mut out,

@@ -161,6 +161,11 @@ where
                 if conn_id.is_none() {
                     conn_id = Some(svc.register(&vm, tx.clone()));
                 }
+                // Clone detection: Hello carries the chain too (no product, so never refused
+                // here; an inconsistent chain is answered at the next request).
+                let (svc2, vm2) = (svc.clone(), vm.clone());
+                let _ = tokio::task::spawn_blocking(move || svc2.check_chain(&vm2, &h.chain, None))
+                    .await;
                 Body::HelloAck(HelloAck {
                     proxy_version: env!("CARGO_PKG_VERSION").into(),
                     host_id: svc.identity().cert.host_id.clone(),

@@ -483,6 +483,8 @@ impl Service {
                 ),
             )));
         }
+        self.check_chain(vm, &req.chain, Some((&req.product, lic.clone_policy)))
+            .map_err(|e| self.refused(e))?;
         let (scope, pid) = match req.scope {
             Scope::Vm => (LeaseScope::Vm, None),
             Scope::Process => match req.pid {
@@ -588,6 +590,14 @@ impl Service {
                 return Err(self.refused(e));
             }
         };
+        if let Err(e) = self.check_chain(vm, &r.chain, Some((&lease.product, lic.clone_policy))) {
+            if e.code == ErrorCode::CloneRefused {
+                let _ = self
+                    .ledger
+                    .release(&lease.id, "refused: cloned instance", unix_now());
+            }
+            return Err(self.refused(e));
+        }
         let lease = self
             .ledger
             .renew(&r.lease_id, self.cfg.leases.ttl.0.as_secs(), unix_now())
@@ -633,6 +643,7 @@ impl Service {
 
     /// Ends lapsed leases and tells their VMs.
     pub fn sweep(&self) -> Result<usize, ServiceError> {
+        self.prune_chains(unix_now());
         let expired = self.ledger.expire(unix_now())?;
         for l in &expired {
             self.meter_end(l, "expired", l.expires_at.min(unix_now()));
@@ -678,7 +689,13 @@ impl Service {
         self.conns.lock().map(|c| c.len()).unwrap_or(0)
     }
 
-    fn push(&self, vm_uuid: &str, kind: EventKind, lease: Option<&Lease>, message: String) {
+    pub(crate) fn push(
+        &self,
+        vm_uuid: &str,
+        kind: EventKind,
+        lease: Option<&Lease>,
+        message: String,
+    ) {
         let Ok(c) = self.conns.lock() else { return };
         for conn in c.values().filter(|c| c.vm_uuid == vm_uuid) {
             let ev = Event {
@@ -743,6 +760,51 @@ impl Service {
                 reason: reason.to_string(),
             });
         }
+    }
+
+    /// Records a clone report seen on a request of `vm` (for `product`, when it was a token
+    /// request or renewal) in the usage log.
+    pub(crate) fn meter_clone(
+        &self,
+        vm: &Vm,
+        product: Option<&str>,
+        r: &crate::clones::CloneReport,
+        refused: bool,
+        at: u64,
+    ) {
+        let Some(u) = self.usage.get() else { return };
+        let lic = product.and_then(|p| self.metered_license(p));
+        let f = &r.fork;
+        let other = if f.kept_vm == vm.uuid {
+            &f.fork_last_vm
+        } else {
+            &f.kept_vm
+        };
+        u.record(hostbind_attest::usage::UsageRecord::CloneReport {
+            at,
+            product: product.unwrap_or_default().to_string(),
+            customer: lic.map(|l| l.customer).unwrap_or_default(),
+            vm: hostbind_attest::usage::VmRef {
+                uuid: vm.uuid.clone(),
+                name: vm.name.clone(),
+            },
+            other_vm: (other != &vm.uuid).then(|| hostbind_attest::usage::VmRef {
+                uuid: other.clone(),
+                name: String::new(),
+            }),
+            refused,
+            detail: format!(
+                "{} ({}), fork point {}, kept VM {}, later copy VM {}",
+                f.kind.as_str(),
+                match r.change {
+                    hostbind_attest::chain::ForkChange::Detected => "fork appeared",
+                    hostbind_attest::chain::ForkChange::BecameClone => "both copies running",
+                },
+                f.fork_point,
+                f.kept_vm,
+                f.fork_last_vm
+            ),
+        });
     }
 
     fn meter_token(

@@ -9,6 +9,18 @@ use std::path::Path;
 
 const SHIPPED: &str = include_str!("../../packaging/proxy.toml");
 
+/// The shipped config with the commented lines that start with one of `keys` uncommented.
+fn uncomment(keys: &[&str]) -> String {
+    let mut text = String::new();
+    for line in SHIPPED.lines() {
+        let uncommented = line.strip_prefix("# ").unwrap_or(line);
+        let take = keys.iter().any(|k| uncommented.starts_with(k));
+        text.push_str(if take { uncommented } else { line });
+        text.push('\n');
+    }
+    text
+}
+
 #[test]
 fn shipped_config_loads_with_the_paths_the_unit_provides() {
     let c = Config::parse(SHIPPED, "proxy.toml").unwrap();
@@ -55,15 +67,7 @@ fn commented_examples_are_valid_when_uncommented() {
 
 #[test]
 fn commented_libvirt_example_is_valid_when_uncommented() {
-    let mut text = String::new();
-    for line in SHIPPED.lines() {
-        let uncommented = line.strip_prefix("# ").unwrap_or(line);
-        let take = ["[libvirt]", "enabled =", "uri =", "unassigned ="]
-            .iter()
-            .any(|k| uncommented.starts_with(k));
-        text.push_str(if take { uncommented } else { line });
-        text.push('\n');
-    }
+    let text = uncomment(&["[libvirt]", "enabled =", "uri =", "unassigned ="]);
     let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert!(c.libvirt.enabled, "{text}");
     assert_eq!(c.libvirt.uri, "qemu:///system");
@@ -81,4 +85,15 @@ fn shipped_usage_section_has_the_defaults() {
         c.usage.log_path(&c.state_dir),
         std::path::Path::new("/var/lib/hostbind/usage/usage.log")
     );
+}
+
+#[test]
+fn commented_clones_example_is_valid_and_the_defaults_when_uncommented() {
+    let text = uncomment(&["[clones]", "live_window =", "retention ="]);
+    assert!(text.contains("\n[clones]\n"), "{text}");
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let d = hostbind_proxy::clones::CloneConfig::default();
+    assert_eq!(c.clones.live_window, d.live_window);
+    assert_eq!(c.clones.retention, d.retention);
+    assert_eq!(c.clones.live_window.0.as_secs(), 300);
 }

@@ -171,16 +171,40 @@ impl std::fmt::Debug for Qemu {
 impl Qemu {
     /// Boots a guest from `image`; `label` names this QEMU in messages (e.g. `vm-a@A`).
     pub fn boot(image: &GuestImage, label: &str, opts: VmOptions) -> Result<Qemu> {
-        Self::start(image, label, opts, false)
+        Self::start(image, label, opts, None)
     }
 
     /// Starts a QEMU waiting for an incoming migration (no vsock device yet: it is plugged with
     /// [`Qemu::plug_vsock`] after the migration, backed by this host's vhost-device-vsock).
     pub fn incoming(image: &GuestImage, label: &str, opts: VmOptions) -> Result<Qemu> {
-        Self::start(image, label, opts, true)
+        Self::start(image, label, opts, Some(None))
     }
 
-    fn start(image: &GuestImage, label: &str, opts: VmOptions, incoming: bool) -> Result<Qemu> {
+    /// Starts a QEMU from a saved state file (written by [`Qemu::save_state`]), with
+    /// `-incoming "exec:cat FILE"`; like [`Qemu::incoming`], vsock is plugged afterwards.
+    pub fn from_saved(
+        image: &GuestImage,
+        label: &str,
+        opts: VmOptions,
+        state: &Path,
+    ) -> Result<Qemu> {
+        Self::start(
+            image,
+            label,
+            opts,
+            Some(Some(format!("exec:cat {}", state.display()))),
+        )
+    }
+
+    /// `incoming`: `None` boots; `Some(None)` waits on the migration socket; `Some(Some(uri))`
+    /// loads from `uri`.
+    fn start(
+        image: &GuestImage,
+        label: &str,
+        opts: VmOptions,
+        incoming_uri: Option<Option<String>>,
+    ) -> Result<Qemu> {
+        let incoming = incoming_uri.is_some();
         let vhost_bin = require_program(VHOST_DEVICE_VSOCK)?;
         let qemu_bin = require_program(QEMU)?;
         let dir = tempfile::Builder::new()
@@ -263,9 +287,15 @@ impl Qemu {
         if let Some(u) = &me.opts.smbios_uuid {
             cmd.arg("-uuid").arg(u);
         }
-        if incoming {
-            cmd.arg("-incoming")
-                .arg(format!("unix:{}", me.migration_socket().display()));
+        match incoming_uri {
+            Some(Some(uri)) => {
+                cmd.arg("-incoming").arg(uri);
+            }
+            Some(None) => {
+                cmd.arg("-incoming")
+                    .arg(format!("unix:{}", me.migration_socket().display()));
+            }
+            None => {}
         }
         die_with_parent(&mut cmd);
         me.spawned_at = Instant::now();
@@ -413,6 +443,27 @@ impl Qemu {
         Ok(t0.elapsed())
     }
 
+    /// Waits until the guest runs (`query-status`), e.g. after an incoming migration from a
+    /// saved state has been loaded; a device must not be plugged before.
+    pub fn wait_running(&mut self, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        let label = self.label.clone();
+        loop {
+            let st = self.qmp()?.execute(&qmp::query_status {})?;
+            if st.running {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() >= timeout {
+                return Err(QemuTestError::Timeout {
+                    what: format!("{label} running after loading its state"),
+                    secs: timeout.as_secs(),
+                    context: format!(" (status {:?})\n{}", st.status, self.dump()),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Plugs a vsock device backed by this QEMU's own vhost-device-vsock (`device_add`).
     pub fn plug_vsock(&mut self) -> Result<()> {
         let q = self.qmp()?;
@@ -434,6 +485,17 @@ impl Qemu {
     /// cannot migrate vhost-user-vsock).
     pub fn migrate_to(&mut self, dest: &Qemu) -> Result<Migration> {
         let uri = format!("unix:{}", dest.migration_socket().display());
+        self.migrate_uri(uri)
+    }
+
+    /// Saves the running guest's full state (memory and devices) to `file` with QMP
+    /// `migrate` to `exec:cat > FILE`; the guest is left paused (QEMU's `postmigrate`). The
+    /// vsock device must be unplugged first. [`Qemu::from_saved`] starts copies from the file.
+    pub fn save_state(&mut self, file: &Path) -> Result<Migration> {
+        self.migrate_uri(format!("exec:cat > {}", file.display()))
+    }
+
+    fn migrate_uri(&mut self, uri: String) -> Result<Migration> {
         let t0 = Instant::now();
         let label = self.label.clone();
         let q = self.qmp()?;

@@ -415,12 +415,24 @@ pub struct Agent {
     pub proc_: Proc,
     /// Its local API socket.
     pub socket: PathBuf,
+    /// Its state dir (last host, clone-detection chain).
+    pub state_dir: PathBuf,
     _dir: TempDir,
 }
 
 impl Agent {
     /// Starts `hostbind-agent run` connected to `host_socket` (the proxy's socket for its VM).
     pub fn start(host_socket: &Path) -> Result<Agent, TestkitError> {
+        Self::start_with(host_socket, None, &[])
+    }
+
+    /// Like [`Agent::start`], with its state dir at `state_dir` (instead of a fresh one in the
+    /// agent's temporary dir) and `extra` arguments for `run` (e.g. `--chain-messages 1`).
+    pub fn start_with(
+        host_socket: &Path,
+        state_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<Agent, TestkitError> {
         let dir = tempfile::Builder::new()
             .prefix("hostbind-agent-")
             .tempdir()
@@ -429,38 +441,31 @@ impl Agent {
                 source,
             })?;
         let socket = dir.path().join("agent.sock");
+        let state_dir = state_dir.map_or_else(|| dir.path().join("state"), Path::to_path_buf);
         let (host, sock, state) = (
             format!("unix:{}", host_socket.display()),
             p(&socket),
-            p(&dir.path().join("state")),
+            p(&state_dir),
         );
-        show(
-            "hostbind-agent",
-            &[
-                "run",
-                "--host",
-                &host,
-                "--socket",
-                &sock,
-                "--state-dir",
-                &state,
-            ],
-            true,
-        );
+        let mut args = vec![
+            "run",
+            "--host",
+            &host,
+            "--socket",
+            &sock,
+            "--state-dir",
+            &state,
+        ];
+        args.extend_from_slice(extra);
+        show("hostbind-agent", &args, true);
         let mut cmd = Command::new(bin("hostbind-agent")?);
-        cmd.arg("run")
-            .arg("--host")
-            .arg(format!("unix:{}", host_socket.display()))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env("RUST_LOG", "debug");
+        cmd.args(&args).env("RUST_LOG", "debug");
         let mut proc_ = Proc::spawn("hostbind-agent", cmd, &dir.path().join("agent.log"))?;
         proc_.wait_for_socket(&socket, Duration::from_secs(10))?;
         Ok(Agent {
             proc_,
             socket,
+            state_dir,
             _dir: dir,
         })
     }

@@ -1,0 +1,197 @@
+//! Clone detection end to end with real processes: agents started from a copied agent state
+//! dir against one proxy (observe: both served, the clone listed; enforce: the later copy is
+//! refused, the earlier keeps working), and a snapshot revert (kill -9, restart from an older
+//! copy of the state dir) reported as a restore and served.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use hostbind_testkit::host::{Agent, Host, Vendor};
+use std::path::Path;
+
+/// Every message appends a chain id, so each step below is visible to the proxy.
+const CHAIN_ARGS: &[&str] = &["--chain-messages", "1"];
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A fresh token bound to a nonce (so the agent always asks the proxy).
+fn token(a: &Agent, product: &str, n: u8) -> Result<serde_json::Value, String> {
+    let nonce = format!("{n:02x}{:02x}", std::process::id() as u8);
+    let out = a
+        .cmd(&["token", "--product", product, "--nonce", &nonce, "--json"])
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn clones(h: &Host) -> Vec<serde_json::Value> {
+    let out = h.proxy_ok(&["--json", "clones"]).unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+fn setup(policy: &str) -> (Vendor, Host) {
+    let v = Vendor::new().unwrap();
+    // A short usage-log flush so the clone report reaches the vendor's usage report quickly.
+    let mut h = Host::enrolled(
+        &v,
+        &["vm-a", "vm-b"],
+        "[usage]\nflush_interval = \"200ms\"\n",
+    )
+    .unwrap();
+    h.start_proxy().unwrap();
+    let lic = h
+        .issue_license(&v, "cad", 4, "vm", &["--clone-policy", policy])
+        .unwrap();
+    h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+    (v, h)
+}
+
+/// Starts agent A on vm-a, lets it talk, copies its state dir, lets A go on (A extends the
+/// chain first, so A is the earlier instance), then starts the copy B on vm-b.
+fn original_and_copy(h: &Host) -> (Agent, Agent, tempfile::TempDir) {
+    let a = Agent::start_with(&h.vm("vm-a").unwrap().socket, None, CHAIN_ARGS).unwrap();
+    token(&a, "cad", 1).unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&a.state_dir, copy.path());
+    token(&a, "cad", 2).unwrap();
+    let b =
+        Agent::start_with(&h.vm("vm-b").unwrap().socket, Some(copy.path()), CHAIN_ARGS).unwrap();
+    (a, b, copy)
+}
+
+#[test]
+fn observe_serves_both_copies_and_lists_the_clone() {
+    let (v, h) = setup("observe");
+    assert!(h.proxy_ok(&["clones"]).unwrap().contains("no clones"));
+    let (a, b, _copy) = original_and_copy(&h);
+    token(&b, "cad", 3).unwrap();
+    token(&a, "cad", 4).unwrap();
+    token(&b, "cad", 5).unwrap();
+    let forks = clones(&h);
+    assert_eq!(forks.len(), 1, "{forks:?}");
+    let f = &forks[0];
+    assert_eq!(f["kind"], "clone", "{f}");
+    assert_eq!(f["kept_vm"], h.vm("vm-a").unwrap().uuid.as_str());
+    assert_eq!(f["fork_vm"], h.vm("vm-b").unwrap().uuid.as_str());
+    assert_eq!(f["products"][0], "cad");
+    let text = h.proxy_ok(&["clones"]).unwrap();
+    assert!(
+        text.contains("clone") && text.contains(&h.vm("vm-b").unwrap().uuid),
+        "{text}"
+    );
+    let status = h.proxy_ok(&["status"]).unwrap();
+    assert!(status.contains("1 forks detected (1 clones"), "{status}");
+    // Both agents were told (CloneDetected event from the proxy).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for agent in [&a, &b] {
+        while !agent.proc_.log().contains("CloneDetected") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no clone event reached the agent: {}",
+                agent.proc_.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    // The clone reaches the vendor through the usage log: the report names it.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let log = h.dir().join("usage-export.log");
+    h.proxy_ok(&["usage", "export", "--out", log.to_str().unwrap(), "--force"])
+        .unwrap();
+    let out = hostbind_testkit::host::run(
+        "hostbind-issuer",
+        &[
+            "usage",
+            "report",
+            log.to_str().unwrap(),
+            "--key",
+            v.key().to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+    )
+    .unwrap();
+    assert_eq!(out.status.code(), Some(3), "anomalies exit with 3");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vm_b = &h.vm("vm-b").unwrap().uuid;
+    assert!(
+        r["anomalies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "clone" && a["detail"].as_str().unwrap().contains(vm_b.as_str())),
+        "{r:#}"
+    );
+}
+
+#[test]
+fn enforce_refuses_the_later_copy_and_keeps_the_earlier() {
+    let (_v, h) = setup("enforce");
+    let (a, b, _copy) = original_and_copy(&h);
+    // Until the original shows life after the copy appeared, the copy could be a snapshot
+    // revert: it is served.
+    token(&b, "cad", 3).unwrap();
+    // The original is alive: now it is a clone.
+    token(&a, "cad", 4).unwrap();
+    let err = token(&b, "cad", 5).unwrap_err();
+    assert!(
+        err.contains("cloned instance")
+            && err.contains("clone_refused")
+            && err.contains(&h.vm("vm-a").unwrap().uuid),
+        "{err}"
+    );
+    // The earlier instance keeps working, and keeps working after more refusals of the copy.
+    token(&a, "cad", 6).unwrap();
+    assert!(token(&b, "cad", 7).is_err());
+    token(&a, "cad", 8).unwrap();
+    let forks = clones(&h);
+    assert_eq!(forks.len(), 1, "{forks:?}");
+    assert_eq!(forks[0]["kind"], "clone");
+    // The copy holds no lease any more.
+    let leases = h.proxy_ok(&["leases"]).unwrap();
+    assert!(!leases.contains("vm-b"), "{leases}");
+    assert!(leases.contains("vm-a"), "{leases}");
+    let metrics = h.proxy_ok(&["status"]).unwrap();
+    assert!(metrics.contains("(1 clones"), "{metrics}");
+}
+
+#[test]
+fn snapshot_revert_is_a_restore_and_served() {
+    let (_v, mut h) = setup("enforce");
+    let sock = h.vm("vm-a").unwrap().socket.clone();
+    let state = tempfile::tempdir().unwrap();
+    let mut a = Agent::start_with(&sock, Some(state.path()), CHAIN_ARGS).unwrap();
+    token(&a, "cad", 1).unwrap();
+    let snapshot = tempfile::tempdir().unwrap();
+    copy_dir(state.path(), snapshot.path());
+    token(&a, "cad", 2).unwrap();
+    token(&a, "cad", 3).unwrap();
+    // The VM is reverted: the agent dies with it and comes back with the older state.
+    a.proc_.kill9();
+    drop(a);
+    copy_dir(snapshot.path(), state.path());
+    let a = Agent::start_with(&sock, Some(state.path()), CHAIN_ARGS).unwrap();
+    token(&a, "cad", 4).unwrap();
+    token(&a, "cad", 5).unwrap();
+    let forks = clones(&h);
+    assert_eq!(forks.len(), 1, "{forks:?}");
+    assert_eq!(forks[0]["kind"], "restore");
+    // A plain restart from the current state is no fork at all.
+    let mut a = a;
+    a.proc_.kill9();
+    drop(a);
+    let a = Agent::start_with(&sock, Some(state.path()), CHAIN_ARGS).unwrap();
+    token(&a, "cad", 6).unwrap();
+    assert_eq!(clones(&h).len(), 1);
+    h.stop_proxy();
+}
