@@ -41,6 +41,7 @@ fn bench(c: &mut Criterion) {
         nonce: Some(vec![7u8; 32]),
         chain_head: Some(vec![1u8; 16]),
         quote_ref: s.quote_ref().to_vec(),
+        fresh: None,
     };
     let token = s.issue(&claims).unwrap();
     let vp = vendor.public();

@@ -145,6 +145,9 @@ pub struct Config {
     /// Prometheus metrics endpoint (off unless `listen` is set).
     #[serde(default)]
     pub metrics: crate::metrics::MetricsConfig,
+    /// Batching of TPM-fresh nonces (see fresh.rs).
+    #[serde(default)]
+    pub fresh_nonces: crate::fresh::FreshConfig,
     // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]
@@ -291,6 +294,7 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.fresh_nonces.check()?;
         if !(self.tpm.starts_with("device:")
             || self.tpm.starts_with("swtpm:")
             || self.tpm.starts_with("mssim:")

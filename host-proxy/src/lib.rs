@@ -3,6 +3,7 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod enroll;
+pub mod fresh;
 pub mod ledger;
 pub mod libvirt;
 pub mod metrics;
