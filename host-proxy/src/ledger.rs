@@ -692,13 +692,27 @@ impl Ledger {
     /// Takes a seat (or refuses, recording the refusal) and records a new lease.
     pub fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Lease, LedgerError> {
         let mut mem = self.lock();
-        let (in_use, holders, vms) = seat_use(mem.leases.values(), req.product, req.mode, req.now);
+        // Hot path: count without allocating; the holders list is built only for a refusal.
+        let live = |l: &&Lease| l.product == req.product && l.expires_at > req.now;
         let full = match req.mode {
             CountMode::None => false,
-            CountMode::Vm => !vms.contains(req.vm_uuid) && in_use >= req.seats,
-            CountMode::Access => in_use >= req.seats,
+            CountMode::Access => mem.leases.values().filter(live).count() >= req.seats as usize,
+            CountMode::Vm => {
+                let mut vms = std::collections::HashSet::new();
+                let mut holds = false;
+                for l in mem.leases.values().filter(live) {
+                    if l.vm_uuid == req.vm_uuid {
+                        holds = true;
+                        break;
+                    }
+                    vms.insert(l.vm_uuid.as_str());
+                }
+                !holds && vms.len() >= req.seats as usize
+            }
         };
         if full {
+            let (in_use, holders, _) =
+                seat_use(mem.leases.values(), req.product, req.mode, req.now);
             let err = LedgerError::SeatsExhausted {
                 product: req.product.to_string(),
                 seats: req.seats,

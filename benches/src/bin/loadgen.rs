@@ -81,6 +81,10 @@ struct Args {
     /// Draw throughput and p99 against guests (from --sweep) into this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Also start a real hostbind-agent on the first VM and time this many cached-token calls
+    /// through hostbind-client (kept-alive connection, then a new connection per call).
+    #[arg(long, default_value_t = 0)]
+    agent_calls: usize,
     /// Exit non-zero on any error or lost lease (for CI).
     #[arg(long)]
     strict: bool,
@@ -529,6 +533,64 @@ fn plot(path: &PathBuf, rs: &[RunResult]) -> Result<()> {
     Ok(())
 }
 
+/// Cached-token latency through the agent's local API and the agent's peak RSS.
+#[derive(Debug, Clone, Serialize)]
+struct AgentResult {
+    calls: usize,
+    keepalive_p50_us: u64,
+    keepalive_p99_us: u64,
+    new_conn_p50_us: u64,
+    new_conn_p99_us: u64,
+    agent_peak_rss_kib: u64,
+}
+
+async fn agent_bench(h: &Host, calls: usize) -> Result<AgentResult> {
+    let calls = calls.min(1_000_000);
+    let agent =
+        hostbind_testkit::host::Agent::start(&h.vms[0].socket).context("start hostbind-agent")?;
+    let req = hostbind_client::TokenRequest::new("cad");
+    let client = hostbind_client::Client::new(&agent.socket);
+    // The first call fetches the token from the proxy; the rest are served from the cache.
+    client
+        .token(&req)
+        .await
+        .context("first token via the agent")?;
+    let mut keep = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        client.token(&req).await.context("cached token")?;
+        keep.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    let mut fresh = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        hostbind_client::Client::new(&agent.socket)
+            .token(&req)
+            .await
+            .context("cached token, new connection")?;
+        fresh.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    keep.sort_unstable();
+    fresh.sort_unstable();
+    let r = AgentResult {
+        calls,
+        keepalive_p50_us: percentile(&keep, 0.5),
+        keepalive_p99_us: percentile(&keep, 0.99),
+        new_conn_p50_us: percentile(&fresh, 0.5),
+        new_conn_p99_us: percentile(&fresh, 0.99),
+        agent_peak_rss_kib: vm_hwm_kib(agent.proc_.pid()),
+    };
+    println!(
+        "agent cached token over {calls} calls: kept-alive p50 {} µs p99 {} µs; new connection per call p50 {} µs p99 {} µs; agent peak RSS {:.1} MiB",
+        r.keepalive_p50_us,
+        r.keepalive_p99_us,
+        r.new_conn_p50_us,
+        r.new_conn_p99_us,
+        r.agent_peak_rss_kib as f64 / 1024.0
+    );
+    Ok(r)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     let a = Arc::new(Args::parse());
@@ -549,6 +611,11 @@ async fn main() -> Result<()> {
         let r = run(&mut h, "hostbind", g, &a).await?;
         results.push(r);
     }
+    let agent = if a.agent_calls > 0 {
+        Some(agent_bench(&h, a.agent_calls).await?)
+    } else {
+        None
+    };
     h.stop_proxy();
     if a.baseline == Some(Baseline::QuotePerRequest) {
         let mut b = start_host(&vendor, "[fresh_nonces]\nbatching = false\n")?;
@@ -575,7 +642,7 @@ async fn main() -> Result<()> {
         println!("throughput ratio hostbind / quote-per-request at {g} guests: {r:.1}x");
     }
     if let Some(p) = &a.json {
-        let doc = serde_json::json!({ "runs": results, "ratios": ratios });
+        let doc = serde_json::json!({ "runs": results, "ratios": ratios, "agent": agent });
         std::fs::write(p, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("write {}", p.display()))?;
     }
