@@ -27,6 +27,9 @@ const LICENSES: TableDefinition<&str, &[u8]> = TableDefinition::new("licenses");
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// redb's page cache (its default is 1 GiB): the hot data is mirrored in memory anyway, and the
+/// OS page cache holds the file, so a small cache keeps the proxy's RSS low with many leases.
+const LEDGER_CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// Schema version this binary writes.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -366,7 +369,10 @@ impl Ledger {
             path: path.display().to_string(),
             reason,
         };
-        let db = Database::create(path).map_err(|e| match e {
+        let db = redb::Builder::new()
+            .set_cache_size(LEDGER_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 open_err("it is in use by another process — is another hostbind-proxy running with this state dir?".into())
             }
