@@ -12,7 +12,9 @@
 //! everything queued so far in one transaction (one fsync for many requests). Batches commit in
 //! queue order, so the durable state is always a prefix of the in-memory history, and a caller
 //! returns (and a token is sent) only after its own writes are durable. If a commit fails, its
-//! callers get the error and the mirror is reloaded from disk before the next operation.
+//! callers get the error and the mirror is reloaded from disk before the next operation. Reads
+//! of the database (licenses, history) first wait for what is queued, so they never lag the
+//! mirror.
 
 use hostbind_attest::signed::CountMode;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -508,6 +510,13 @@ impl Ledger {
         }
     }
 
+    /// Waits until everything queued so far is committed, so that a database read sees every
+    /// change the in-memory mirror already shows (a failed commit is reported to its own callers).
+    fn flush(&self) {
+        let t = self.group().enqueued;
+        let _ = self.wait_durable(t);
+    }
+
     /// Ends a commit of tickets `lo..=hi`.
     fn settle(&self, g: &mut Group, lo: u64, hi: u64, failure: Option<LedgerError>) {
         g.committing = false;
@@ -685,6 +694,7 @@ impl Ledger {
 
     /// All stored licenses.
     pub fn licenses(&self) -> Result<Vec<LicenseRecord>, LedgerError> {
+        self.flush();
         let rtx = self.db.begin_read().map_err(storage)?;
         let t = rtx.open_table(LICENSES).map_err(storage)?;
         let mut out = Vec::new();
@@ -897,6 +907,7 @@ impl Ledger {
 
     /// History entries with seq >= `since_seq`, at most `limit`.
     pub fn history(&self, since_seq: u64, limit: usize) -> Result<Vec<HistoryEntry>, LedgerError> {
+        self.flush();
         let rtx = self.db.begin_read().map_err(storage)?;
         let t = rtx.open_table(HISTORY).map_err(storage)?;
         let mut out = Vec::new();
@@ -909,6 +920,7 @@ impl Ledger {
 
     /// Number of history entries.
     pub fn history_len(&self) -> Result<u64, LedgerError> {
+        self.flush();
         let rtx = self.db.begin_read().map_err(storage)?;
         rtx.open_table(HISTORY)
             .map_err(storage)?
