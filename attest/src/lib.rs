@@ -8,6 +8,7 @@ pub mod credential;
 pub mod enroll;
 pub mod files;
 pub mod keys;
+pub mod merkle;
 pub mod signed;
 pub mod token;
 pub mod tpm;

@@ -31,6 +31,21 @@ pub const CLAIM_CHAIN_HEAD: i64 = -65541;
 pub const CLAIM_QUOTE_REF: i64 = -65542;
 /// Private claim: VM name as configured on the host.
 pub const CLAIM_VM_NAME: i64 = -65543;
+/// Private claim: CBOR-encoded [`FreshEvidence`]: a TPM quote over a Merkle root whose tree
+/// holds this token's nonce (the nonce was seen by the TPM).
+pub const CLAIM_FRESH: i64 = -65544;
+
+/// Evidence that a token's nonce was covered by a TPM quote: the batch quote (its extraData is
+/// the root of a Merkle tree of nonces, see [`crate::merkle`]) and the nonce's inclusion proof.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreshEvidence {
+    /// Raw TPMS_ATTEST bytes of the batch quote.
+    pub attest: ByteBuf,
+    /// Raw TPMT_SIGNATURE bytes of the batch quote, by the host's AK.
+    pub signature: ByteBuf,
+    /// Inclusion proof of the token's nonce in the batch.
+    pub proof: crate::merkle::InclusionProof,
+}
 
 /// Domain separation label for the token-key binding in a quote's extraData.
 pub const KEY_BINDING_LABEL: &[u8] = b"hostbind-token-key-v1";
@@ -90,6 +105,9 @@ pub struct TokenClaims {
     pub chain_head: Option<Vec<u8>>,
     /// SHA-256 of the quote (TPMS_ATTEST) certifying the token key.
     pub quote_ref: Vec<u8>,
+    /// TPM evidence that the nonce is fresh, for a TPM-fresh request.
+    #[serde(default)]
+    pub fresh: Option<FreshEvidence>,
 }
 
 /// Errors issuing a token.
@@ -146,6 +164,12 @@ impl TokenClaims {
                 ClaimName::Assigned(iana::CwtClaimName::Nonce),
                 Value::Bytes(n.clone()),
             ));
+        }
+        if let Some(f) = &self.fresh {
+            // Encoding a plain struct of byte strings and integers cannot fail.
+            if let Ok(b) = to_cbor("fresh evidence", f) {
+                rest.push((ClaimName::PrivateUse(CLAIM_FRESH), Value::Bytes(b)));
+            }
         }
         if let Some(c) = &self.chain_head {
             rest.push((
@@ -218,6 +242,12 @@ impl TokenClaims {
             chain_head: bytes_opt(ClaimName::PrivateUse(CLAIM_CHAIN_HEAD), "chain_head")?,
             quote_ref: bytes_opt(ClaimName::PrivateUse(CLAIM_QUOTE_REF), "quote_ref")?
                 .ok_or("claim quote_ref is missing")?,
+            fresh: bytes_opt(ClaimName::PrivateUse(CLAIM_FRESH), "fresh")?
+                .map(|b| {
+                    crate::signed::from_cbor::<FreshEvidence>("fresh evidence", &b)
+                        .map_err(|e| format!("claim fresh ({CLAIM_FRESH}) is malformed: {e}"))
+                })
+                .transpose()?,
         })
     }
 }

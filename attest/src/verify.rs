@@ -82,6 +82,21 @@ pub enum VerifyError {
     /// The nonce differs.
     #[error("token nonce {got} differs from the expected {expected}: the token answers another request (replay?)")]
     NonceMismatch { got: String, expected: String },
+    /// TPM-fresh evidence without a nonce to prove.
+    #[error("token carries TPM freshness evidence but no nonce; the token is malformed")]
+    FreshWithoutNonce,
+    /// The nonce's inclusion proof is bad.
+    #[error("TPM freshness proof rejected: {0}; the nonce was not in the batch the TPM quoted")]
+    FreshProof(crate::merkle::MerkleError),
+    /// The batch quote's signature does not verify with the AK, or the quote is malformed.
+    #[error("TPM freshness quote rejected: {0}")]
+    FreshQuote(TpmError),
+    /// The batch quote covers another Merkle root.
+    #[error("TPM freshness quote covers another batch (qualifying data is not the proof's Merkle root): the nonce was not seen by the host's TPM")]
+    FreshRootMismatch,
+    /// The caller requires TPM freshness and the token has none.
+    #[error("token carries no TPM freshness evidence but it was required; request the token with tpm_fresh")]
+    FreshMissing,
 }
 
 /// A token that verified, with what the chain established.
@@ -95,6 +110,8 @@ pub struct VerifiedToken {
     pub key: KeyEvidence,
     /// The quote that certified the token key.
     pub quote: tpm::Quote,
+    /// The batch quote that saw the nonce, for a TPM-fresh token.
+    pub fresh_quote: Option<tpm::Quote>,
 }
 
 /// Verifies a token offline with only the vendor public key. `now` is Unix seconds;
@@ -206,10 +223,43 @@ pub fn verify_token(
             Some(_) => {}
         }
     }
+    // 6. TPM freshness: the nonce is a leaf of the Merkle tree whose root the AK quoted.
+    let fresh_quote = match &claims.fresh {
+        None => None,
+        Some(f) => {
+            let nonce = claims
+                .nonce
+                .as_deref()
+                .ok_or(VerifyError::FreshWithoutNonce)?;
+            let root = f.proof.root_for(nonce).map_err(VerifyError::FreshProof)?;
+            let q =
+                tpm::verify_quote(&ak, &f.attest, &f.signature).map_err(VerifyError::FreshQuote)?;
+            if q.extra_data != root {
+                return Err(VerifyError::FreshRootMismatch);
+            }
+            Some(q)
+        }
+    };
     Ok(VerifiedToken {
         claims,
         host,
         key,
         quote,
+        fresh_quote,
     })
+}
+
+/// Like [`verify_token`], and also requires TPM freshness evidence for `nonce`: the token's
+/// nonce was in a batch the host's TPM quoted.
+pub fn verify_token_tpm_fresh(
+    token: &[u8],
+    vendor: &VendorPublicKey,
+    now: u64,
+    nonce: &[u8],
+) -> Result<VerifiedToken, VerifyError> {
+    let v = verify_token(token, vendor, now, Some(nonce))?;
+    if v.fresh_quote.is_none() {
+        return Err(VerifyError::FreshMissing);
+    }
+    Ok(v)
 }

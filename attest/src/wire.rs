@@ -608,6 +608,9 @@ pub struct TokenRequest {
     /// The agent's current chain.
     #[serde(with = "ephemeral_ids")]
     pub chain: Vec<EphemeralId>,
+    /// Have the host's TPM quote over the nonce (batched; see docs/protocol.md).
+    #[serde(default)]
+    pub tpm_fresh: bool,
 }
 
 impl Validate for TokenRequest {

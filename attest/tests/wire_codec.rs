@@ -26,6 +26,7 @@ fn request(id: u64) -> Message {
             scope: Scope::Process,
             pid: Some(100 + id as u32),
             chain: vec![[id as u8; 16]],
+            tpm_fresh: false,
         }),
     )
 }

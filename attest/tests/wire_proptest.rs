@@ -83,6 +83,7 @@ fn arb_token_request() -> impl Strategy<Value = TokenRequest> {
                 scope,
                 pid,
                 chain,
+                tpm_fresh: false,
             },
         )
 }
@@ -346,6 +347,7 @@ proptest! {
             scope: Scope::Vm,
             pid: None,
             chain: vec![],
+            tpm_fresh: false,
         }));
         match decode_frame::<Body>(&encode_frame(&msg).unwrap()) {
             Err(WireError::Malformed { id: got, .. }) => prop_assert_eq!(got, Some(id)),

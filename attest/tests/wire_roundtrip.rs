@@ -66,6 +66,7 @@ pub fn samples() -> Vec<Body> {
             scope: Scope::Process,
             pid: Some(4242),
             chain: vec![[3; 16]],
+            tpm_fresh: false,
         }),
         Body::TokenRequest(TokenRequest {
             product: "cad".into(),
@@ -74,6 +75,7 @@ pub fn samples() -> Vec<Body> {
             scope: Scope::Vm,
             pid: None,
             chain: vec![],
+            tpm_fresh: false,
         }),
         Body::TokenResponse(TokenResponse {
             lease_id: "lease-1".into(),
@@ -183,6 +185,7 @@ fn wire_shape_is_snake_case_with_byte_strings() {
             scope: Scope::Process,
             pid: Some(1),
             chain: vec![[0xee; 16]],
+            tpm_fresh: false,
         }),
     );
     let frame = encode_frame(&msg).unwrap();
@@ -520,6 +523,7 @@ fn request(f: impl FnOnce(&mut TokenRequest)) -> Body {
         scope: Scope::Vm,
         pid: None,
         chain: vec![],
+        tpm_fresh: false,
     };
     f(&mut r);
     Body::TokenRequest(r)

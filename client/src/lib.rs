@@ -29,7 +29,9 @@ use futures::Stream;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use std::sync::{Arc, Mutex};
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 
@@ -90,11 +92,26 @@ impl ClientError {
     }
 }
 
-/// A handle on the agent's local API; cheap to clone, one connection per call.
+/// A handle on the agent's local API; cheap to clone (clones share one kept-alive connection,
+/// used by one call at a time; concurrent calls open their own).
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
     timeout: Duration,
+    idle: Arc<Mutex<Option<Pooled>>>,
+}
+
+/// An HTTP/1.1 connection to the agent and the task driving it (stopped when dropped).
+#[derive(Debug)]
+struct Pooled {
+    sender: SendRequest<Full<Bytes>>,
+    conn: JoinHandle<()>,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
 }
 
 impl Default for Client {
@@ -109,6 +126,7 @@ impl Client {
         Client {
             socket: socket_path.into(),
             timeout: DEFAULT_TIMEOUT,
+            idle: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -160,7 +178,7 @@ impl Client {
         Ok(EventStream {
             body: resp.into_body(),
             buf: BytesMut::new(),
-            conn,
+            _conn: conn,
             done: false,
         })
     }
@@ -180,11 +198,23 @@ impl Client {
             None => Bytes::new(),
         };
         let work = async {
-            let (resp, conn) = self.send(method, path, body).await?;
+            // Reuse the kept-alive connection when there is one; a stale one (the agent closed
+            // it) gets the request once more on a new connection.
+            let (mut p, reused) = match self.take_idle().await {
+                Some(p) => (p, true),
+                None => (self.connect().await?, false),
+            };
+            let resp = match request(&mut p.sender, method.clone(), path, body.clone()).await {
+                Ok(r) => r,
+                Err(_) if reused => {
+                    p = self.connect().await?;
+                    request(&mut p.sender, method, path, body).await?
+                }
+                Err(e) => return Err(e),
+            };
             let status = resp.status();
-            let bytes = collect(resp.into_body()).await;
-            conn.abort();
-            let bytes = bytes?;
+            let bytes = collect(resp.into_body()).await?;
+            self.put_idle(p);
             if !status.is_success() {
                 return Err(api_error(status, &bytes));
             }
@@ -199,14 +229,27 @@ impl Client {
             .map_err(|_| ClientError::Timeout(self.timeout))?
     }
 
-    /// Opens a connection, sends one request and returns the answer head with its body, plus
-    /// the task driving the connection.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Bytes,
-    ) -> Result<(hyper::Response<Incoming>, JoinHandle<()>), ClientError> {
+    /// The idle kept-alive connection, if it is still usable.
+    async fn take_idle(&self) -> Option<Pooled> {
+        let p = self.idle.lock().ok()?.take();
+        let mut p = p?;
+        if p.sender.is_closed() || p.sender.ready().await.is_err() {
+            return None;
+        }
+        Some(p)
+    }
+
+    /// Keeps `p` for the next call (unless another connection is already kept).
+    fn put_idle(&self, p: Pooled) {
+        if let Ok(mut g) = self.idle.lock() {
+            if g.is_none() {
+                *g = Some(p);
+            }
+        }
+    }
+
+    /// Opens a connection to the agent.
+    async fn connect(&self) -> Result<Pooled, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -214,31 +257,51 @@ impl Client {
                     socket: self.socket.display().to_string(),
                     source,
                 })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, "hostbind-agent")
-            .header(header::ACCEPT, "application/json");
-        if !body.is_empty() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-        }
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        match sender.send_request(req).await {
-            Ok(resp) => Ok((resp, conn)),
-            Err(e) => {
-                conn.abort();
-                Err(ClientError::Http(e.to_string()))
-            }
-        }
+        Ok(Pooled { sender, conn })
     }
+
+    /// Opens a connection, sends one request and returns the answer head with its body, plus
+    /// the connection (its task stops when it is dropped).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(hyper::Response<Incoming>, Pooled), ClientError> {
+        let mut p = self.connect().await?;
+        let resp = request(&mut p.sender, method, path, body).await?;
+        Ok((resp, p))
+    }
+}
+
+/// Sends one request on a connection.
+async fn request(
+    sender: &mut SendRequest<Full<Bytes>>,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<hyper::Response<Incoming>, ClientError> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "hostbind-agent")
+        .header(header::ACCEPT, "application/json");
+    if !body.is_empty() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(body))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))
 }
 
 /// Reads a whole answer body (bounded).
@@ -272,7 +335,8 @@ fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
 pub struct EventStream {
     body: Incoming,
     buf: BytesMut,
-    conn: JoinHandle<()>,
+    /// The connection; dropping it (with the stream) stops its task and unsubscribes.
+    _conn: Pooled,
     done: bool,
 }
 
@@ -281,12 +345,6 @@ impl std::fmt::Debug for EventStream {
         f.debug_struct("EventStream")
             .field("buffered", &self.buf.len())
             .finish()
-    }
-}
-
-impl Drop for EventStream {
-    fn drop(&mut self) {
-        self.conn.abort();
     }
 }
 

@@ -233,6 +233,7 @@ async fn create(
         pid: key.pid,
         // Filled in when sent (chain.rs).
         chain: Vec::new(),
+        tpm_fresh: false,
     });
     let (t, from) = token_response(shared.call(body).await?)?;
     let ttl = session_ttl(shared);

@@ -151,6 +151,9 @@ pub struct Config {
     /// Clone detection (chains of ephemeral ids): live window and retention.
     #[serde(default)]
     pub clones: crate::clones::CloneConfig,
+    /// Batching of TPM-fresh nonces (see fresh.rs).
+    #[serde(default)]
+    pub fresh_nonces: crate::fresh::FreshConfig,
     // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]
@@ -297,6 +300,7 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.fresh_nonces.check()?;
         if !(self.tpm.starts_with("device:")
             || self.tpm.starts_with("swtpm:")
             || self.tpm.starts_with("mssim:")

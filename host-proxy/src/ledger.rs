@@ -5,21 +5,33 @@
 //! moment leaves the last committed state and never a corrupt file. It is single-writer, which
 //! fits one daemon owning the file (a second process gets a clear "already open" error).
 //!
-//! Every mutation, with its history entry, is one write transaction. Leases are mirrored in
-//! memory (the daemon is the only writer) so seat counting does not scan the database.
+//! Leases are mirrored in memory (the daemon is the only writer) so seat counting does not scan
+//! the database. Lease mutations (acquire, renew, release, expiry) use group commit: each
+//! updates the mirror and queues its writes under the mirror's lock, then waits until a write
+//! transaction holding them is durable; whichever waiter finds no commit running commits
+//! everything queued so far in one transaction (one fsync for many requests). Batches commit in
+//! queue order, so the durable state is always a prefix of the in-memory history, and a caller
+//! returns (and a token is sent) only after its own writes are durable. If a commit fails, its
+//! callers get the error and the mirror is reloaded from disk before the next operation. Reads
+//! of the database (licenses, history) first wait for what is queued, so they never lag the
+//! mirror.
 
 use hostbind_attest::signed::CountMode;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 const LICENSES: TableDefinition<&str, &[u8]> = TableDefinition::new("licenses");
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// redb's page cache (its default is 1 GiB): the hot data is mirrored in memory anyway, and the
+/// OS page cache holds the file, so a small cache keeps the proxy's RSS low with many leases.
+const LEDGER_CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// Schema version this binary writes.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -187,10 +199,74 @@ struct Mem {
     next_seq: u64,
 }
 
+/// One queued write of a group commit.
+enum Op {
+    PutLease(String, Vec<u8>),
+    DelLease(String),
+    Hist(u64, Vec<u8>),
+}
+
+/// The group-commit queue. Tickets number enqueued batches of ops; `settled` is the highest
+/// ticket whose commit finished (durably, or failed as recorded in `failed`).
+#[derive(Default)]
+struct Group {
+    queue: Vec<Op>,
+    enqueued: u64,
+    settled: u64,
+    committing: bool,
+    failed: VecDeque<(u64, u64, String)>,
+}
+
+/// Failed ticket ranges remembered for waiters that wake late.
+const FAILED_KEPT: usize = 64;
+
 /// The seat ledger.
 pub struct Ledger {
     db: Database,
     mem: Mutex<Mem>,
+    group: Mutex<Group>,
+    settled: Condvar,
+    needs_reload: AtomicBool,
+}
+
+fn apply_ops(tx: &redb::WriteTransaction, ops: &[Op]) -> Result<(), LedgerError> {
+    let mut lt = tx.open_table(LEASES).map_err(storage)?;
+    let mut ht = tx.open_table(HISTORY).map_err(storage)?;
+    for op in ops {
+        match op {
+            Op::PutLease(k, v) => {
+                lt.insert(k.as_str(), v.as_slice()).map_err(storage)?;
+            }
+            Op::DelLease(k) => {
+                lt.remove(k.as_str()).map_err(storage)?;
+            }
+            Op::Hist(seq, v) => {
+                ht.insert(*seq, v.as_slice()).map_err(storage)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_leases(db: &Database) -> Result<(HashMap<String, Lease>, u64), LedgerError> {
+    let rtx = db.begin_read().map_err(storage)?;
+    let mut leases = HashMap::new();
+    for r in rtx
+        .open_table(LEASES)
+        .map_err(storage)?
+        .iter()
+        .map_err(storage)?
+    {
+        let (k, v) = r.map_err(storage)?;
+        let l: Lease = dec("leases", k.value(), v.value())?;
+        leases.insert(l.id.clone(), l);
+    }
+    let hist = rtx.open_table(HISTORY).map_err(storage)?;
+    let next_seq = match hist.last().map_err(storage)? {
+        Some((k, _)) => k.value() + 1,
+        None => 1,
+    };
+    Ok((leases, next_seq))
 }
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, LedgerError> {
@@ -295,7 +371,10 @@ impl Ledger {
             path: path.display().to_string(),
             reason,
         };
-        let db = Database::create(path).map_err(|e| match e {
+        let db = redb::Builder::new()
+            .set_cache_size(LEDGER_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 open_err("it is in use by another process — is another hostbind-proxy running with this state dir?".into())
             }
@@ -322,28 +401,13 @@ impl Ledger {
             tx.open_table(HISTORY).map_err(storage)?;
         }
         tx.commit().map_err(storage)?;
-        let rtx = db.begin_read().map_err(storage)?;
-        let mut leases = HashMap::new();
-        for r in rtx
-            .open_table(LEASES)
-            .map_err(storage)?
-            .iter()
-            .map_err(storage)?
-        {
-            let (k, v) = r.map_err(storage)?;
-            let l: Lease = dec("leases", k.value(), v.value())?;
-            leases.insert(l.id.clone(), l);
-        }
-        let hist = rtx.open_table(HISTORY).map_err(storage)?;
-        let next_seq = match hist.last().map_err(storage)? {
-            Some((k, _)) => k.value() + 1,
-            None => 1,
-        };
-        drop(hist);
-        drop(rtx);
+        let (leases, next_seq) = read_leases(&db)?;
         Ok(Ledger {
             db,
             mem: Mutex::new(Mem { leases, next_seq }),
+            group: Mutex::new(Group::default()),
+            settled: Condvar::new(),
+            needs_reload: AtomicBool::new(false),
         })
     }
 
@@ -353,25 +417,177 @@ impl Ledger {
     }
 
     fn lock(&self) -> MutexGuard<'_, Mem> {
-        self.mem.lock().unwrap_or_else(|e| e.into_inner())
+        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        if self.needs_reload.swap(false, Ordering::AcqRel) {
+            self.reload(&mut mem);
+        }
+        mem
     }
 
-    /// Runs `f` in one write transaction with history appended; commits durably.
+    fn group(&self) -> MutexGuard<'_, Group> {
+        self.group.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After a failed commit: fails whatever is still queued (it was computed from a mirror
+    /// that is no longer true) and reloads the mirror from disk.
+    fn reload(&self, mem: &mut Mem) {
+        let mut g = self.group();
+        while g.committing {
+            g = self.settled.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        if !g.queue.is_empty() {
+            g.queue.clear();
+            let (lo, hi) = (g.settled + 1, g.enqueued);
+            g.settled = hi;
+            g.failed
+                .push_back((lo, hi, "an earlier commit failed".into()));
+            if g.failed.len() > FAILED_KEPT {
+                g.failed.pop_front();
+            }
+            self.settled.notify_all();
+        }
+        drop(g);
+        match read_leases(&self.db) {
+            Ok((leases, next_seq)) => {
+                mem.leases = leases;
+                mem.next_seq = mem.next_seq.max(next_seq);
+            }
+            Err(e) => {
+                tracing::error!("seat ledger: cannot reload leases after a failed commit: {e}");
+                self.needs_reload.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Encodes history entries with the next sequence numbers.
+    fn hist_ops(mem: &mut Mem, now: u64, hist: Vec<Hist>) -> Result<Vec<Op>, LedgerError> {
+        let mut out = Vec::with_capacity(hist.len());
+        for h in hist {
+            let e = HistoryEntry {
+                seq: mem.next_seq,
+                at: now,
+                event: h.event,
+                lease_id: h.lease_id,
+                vm_uuid: h.vm_uuid,
+                product: h.product,
+                detail: h.detail,
+            };
+            out.push(Op::Hist(mem.next_seq, enc(&e)?));
+            mem.next_seq += 1;
+        }
+        Ok(out)
+    }
+
+    /// Queues `ops` (called with the mirror locked, so queue order is mirror order); returns
+    /// the ticket to wait for.
+    fn enqueue(&self, _mem: &mut Mem, ops: Vec<Op>) -> u64 {
+        let mut g = self.group();
+        g.queue.extend(ops);
+        g.enqueued += 1;
+        g.enqueued
+    }
+
+    /// Waits until the batch holding `ticket` is durable, committing the queue if no one else is.
+    fn wait_durable(&self, ticket: u64) -> Result<(), LedgerError> {
+        let mut g = self.group();
+        loop {
+            if g.settled >= ticket {
+                return match g
+                    .failed
+                    .iter()
+                    .find(|(lo, hi, _)| *lo <= ticket && ticket <= *hi)
+                {
+                    Some((_, _, e)) => Err(LedgerError::Storage(e.clone())),
+                    None => Ok(()),
+                };
+            }
+            if !g.committing {
+                let ops = std::mem::take(&mut g.queue);
+                let (lo, hi) = (g.settled + 1, g.enqueued);
+                g.committing = true;
+                drop(g);
+                let res = self.commit_ops(&ops, |_, _| Ok(()));
+                g = self.group();
+                self.settle(&mut g, lo, hi, res.err());
+                continue;
+            }
+            g = self.settled.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits until everything queued so far is committed, so that a database read sees every
+    /// change the in-memory mirror already shows (a failed commit is reported to its own callers).
+    fn flush(&self) {
+        let t = self.group().enqueued;
+        let _ = self.wait_durable(t);
+    }
+
+    /// Ends a commit of tickets `lo..=hi`.
+    fn settle(&self, g: &mut Group, lo: u64, hi: u64, failure: Option<LedgerError>) {
+        g.committing = false;
+        g.settled = g.settled.max(hi);
+        if let Some(e) = failure {
+            tracing::error!("seat ledger commit failed: {e}");
+            g.failed.push_back((lo, hi, e.to_string()));
+            if g.failed.len() > FAILED_KEPT {
+                g.failed.pop_front();
+            }
+            self.needs_reload.store(true, Ordering::Release);
+        }
+        self.settled.notify_all();
+    }
+
+    /// One durable write transaction: `ops`, then `f`. If `f` fails, `ops` are still committed
+    /// (in a transaction of their own) and `f`'s error is returned.
+    fn commit_ops<R>(
+        &self,
+        ops: &[Op],
+        f: impl FnOnce(&redb::WriteTransaction, &[Op]) -> Result<R, LedgerError>,
+    ) -> Result<R, LedgerError> {
+        let tx = self.db.begin_write().map_err(storage)?;
+        apply_ops(&tx, ops)?;
+        match f(&tx, ops) {
+            Ok(r) => {
+                tx.commit().map_err(storage)?;
+                Ok(r)
+            }
+            Err(e) => {
+                tx.abort().map_err(storage)?;
+                if !ops.is_empty() {
+                    let tx = self.db.begin_write().map_err(storage)?;
+                    apply_ops(&tx, ops)?;
+                    tx.commit().map_err(storage)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` in one write transaction with history appended; commits durably. Whatever the
+    /// group-commit queue holds is committed first, in the same transaction.
     fn write<R>(
         &self,
         mem: &mut Mem,
         now: u64,
         f: impl FnOnce(&redb::WriteTransaction, &mut Vec<Hist>) -> Result<R, LedgerError>,
     ) -> Result<R, LedgerError> {
-        let tx = self.db.begin_write().map_err(storage)?;
-        let mut hist = Vec::new();
-        let r = f(&tx, &mut hist)?;
-        let mut seq = mem.next_seq;
-        {
+        let mut g = self.group();
+        while g.committing {
+            g = self.settled.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        let ops = std::mem::take(&mut g.queue);
+        let (lo, hi) = (g.settled + 1, g.enqueued);
+        g.committing = true;
+        drop(g);
+        let first_seq = mem.next_seq;
+        let mut own_seq = first_seq;
+        let res = self.commit_ops(&ops, |tx, _| {
+            let mut hist = Vec::new();
+            let r = f(tx, &mut hist)?;
             let mut t = tx.open_table(HISTORY).map_err(storage)?;
             for h in hist {
                 let e = HistoryEntry {
-                    seq,
+                    seq: own_seq,
                     at: now,
                     event: h.event,
                     lease_id: h.lease_id,
@@ -379,12 +595,22 @@ impl Ledger {
                     product: h.product,
                     detail: h.detail,
                 };
-                t.insert(seq, enc(&e)?.as_slice()).map_err(storage)?;
-                seq += 1;
+                t.insert(own_seq, enc(&e)?.as_slice()).map_err(storage)?;
+                own_seq += 1;
             }
-        }
-        tx.commit().map_err(storage)?;
-        mem.next_seq = seq;
+            Ok(r)
+        });
+        // Only a storage failure loses the queued ops; `f`'s own refusals do not.
+        let lost = match &res {
+            Err(e) if !matches!(e, LedgerError::Storage(_)) || ops.is_empty() => None,
+            Err(e) => Some(LedgerError::Storage(e.to_string())),
+            Ok(_) => None,
+        };
+        let mut g = self.group();
+        self.settle(&mut g, lo, hi, lost);
+        drop(g);
+        let r = res?;
+        mem.next_seq = own_seq;
         Ok(r)
     }
 
@@ -473,6 +699,7 @@ impl Ledger {
 
     /// All stored licenses.
     pub fn licenses(&self) -> Result<Vec<LicenseRecord>, LedgerError> {
+        self.flush();
         let rtx = self.db.begin_read().map_err(storage)?;
         let t = rtx.open_table(LICENSES).map_err(storage)?;
         let mut out = Vec::new();
@@ -486,13 +713,27 @@ impl Ledger {
     /// Takes a seat (or refuses, recording the refusal) and records a new lease.
     pub fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Lease, LedgerError> {
         let mut mem = self.lock();
-        let (in_use, holders, vms) = seat_use(mem.leases.values(), req.product, req.mode, req.now);
+        // Hot path: count without allocating; the holders list is built only for a refusal.
+        let live = |l: &&Lease| l.product == req.product && l.expires_at > req.now;
         let full = match req.mode {
             CountMode::None => false,
-            CountMode::Vm => !vms.contains(req.vm_uuid) && in_use >= req.seats,
-            CountMode::Access => in_use >= req.seats,
+            CountMode::Access => mem.leases.values().filter(live).count() >= req.seats as usize,
+            CountMode::Vm => {
+                let mut vms = std::collections::HashSet::new();
+                let mut holds = false;
+                for l in mem.leases.values().filter(live) {
+                    if l.vm_uuid == req.vm_uuid {
+                        holds = true;
+                        break;
+                    }
+                    vms.insert(l.vm_uuid.as_str());
+                }
+                !holds && vms.len() >= req.seats as usize
+            }
         };
         if full {
+            let (in_use, holders, _) =
+                seat_use(mem.leases.values(), req.product, req.mode, req.now);
             let err = LedgerError::SeatsExhausted {
                 product: req.product.to_string(),
                 seats: req.seats,
@@ -500,15 +741,19 @@ impl Ledger {
                 holders,
             };
             let detail = format!("refused {} ({}): {err}", req.vm_name, req.vm_uuid);
-            self.write(&mut mem, req.now, |_, hist| {
-                hist.push(Hist::other(
+            let ops = Self::hist_ops(
+                &mut mem,
+                req.now,
+                vec![Hist::other(
                     HistoryEvent::Refused,
                     Some(req.vm_uuid),
                     req.product,
                     detail,
-                ));
-                Ok(())
-            })?;
+                )],
+            )?;
+            let ticket = self.enqueue(&mut mem, ops);
+            drop(mem);
+            self.wait_durable(ticket)?;
             return Err(err);
         }
         let lease = Lease {
@@ -524,21 +769,22 @@ impl Ledger {
             renewed_at: req.now,
             expires_at: req.now.saturating_add(req.ttl_secs),
         };
-        self.write(&mut mem, req.now, |tx, hist| {
-            tx.open_table(LEASES)
-                .map_err(storage)?
-                .insert(lease.id.as_str(), enc(&lease)?.as_slice())
-                .map_err(storage)?;
-            let detail = format!(
-                "{} took a lease ({:?} scope{})",
-                lease.vm_name,
-                lease.scope,
-                lease.pid.map(|p| format!(", pid {p}")).unwrap_or_default()
-            );
-            hist.push(Hist::lease(HistoryEvent::LeaseStarted, &lease, detail));
-            Ok(())
-        })?;
+        let detail = format!(
+            "{} took a lease ({:?} scope{})",
+            lease.vm_name,
+            lease.scope,
+            lease.pid.map(|p| format!(", pid {p}")).unwrap_or_default()
+        );
+        let mut ops = vec![Op::PutLease(lease.id.clone(), enc(&lease)?)];
+        ops.extend(Self::hist_ops(
+            &mut mem,
+            req.now,
+            vec![Hist::lease(HistoryEvent::LeaseStarted, &lease, detail)],
+        )?);
+        let ticket = self.enqueue(&mut mem, ops);
         mem.leases.insert(lease.id.clone(), lease.clone());
+        drop(mem);
+        self.wait_durable(ticket)?;
         Ok(lease)
     }
 
@@ -551,19 +797,20 @@ impl Ledger {
             });
         };
         if old.expires_at <= now {
-            self.write(&mut mem, now, |tx, hist| {
-                tx.open_table(LEASES)
-                    .map_err(storage)?
-                    .remove(lease_id)
-                    .map_err(storage)?;
-                hist.push(Hist::lease(
+            let mut ops = vec![Op::DelLease(lease_id.to_string())];
+            ops.extend(Self::hist_ops(
+                &mut mem,
+                now,
+                vec![Hist::lease(
                     HistoryEvent::LeaseExpired,
                     &old,
                     "expired before its renewal arrived",
-                ));
-                Ok(())
-            })?;
+                )],
+            )?);
+            let ticket = self.enqueue(&mut mem, ops);
             mem.leases.remove(lease_id);
+            drop(mem);
+            self.wait_durable(ticket)?;
             return Err(LedgerError::UnknownLease {
                 id: lease_id.to_string(),
             });
@@ -571,15 +818,16 @@ impl Ledger {
         let mut l = old;
         l.renewed_at = now;
         l.expires_at = now.saturating_add(ttl_secs);
-        self.write(&mut mem, now, |tx, hist| {
-            tx.open_table(LEASES)
-                .map_err(storage)?
-                .insert(lease_id, enc(&l)?.as_slice())
-                .map_err(storage)?;
-            hist.push(Hist::lease(HistoryEvent::LeaseRenewed, &l, ""));
-            Ok(())
-        })?;
+        let mut ops = vec![Op::PutLease(l.id.clone(), enc(&l)?)];
+        ops.extend(Self::hist_ops(
+            &mut mem,
+            now,
+            vec![Hist::lease(HistoryEvent::LeaseRenewed, &l, "")],
+        )?);
+        let ticket = self.enqueue(&mut mem, ops);
         mem.leases.insert(l.id.clone(), l.clone());
+        drop(mem);
+        self.wait_durable(ticket)?;
         Ok(l)
     }
 
@@ -613,17 +861,18 @@ impl Ledger {
         if gone.is_empty() {
             return Ok(gone);
         }
-        self.write(&mut mem, now, |tx, hist| {
-            let mut t = tx.open_table(LEASES).map_err(storage)?;
-            for l in &gone {
-                t.remove(l.id.as_str()).map_err(storage)?;
-                hist.push(Hist::lease(event.clone(), l, reason));
-            }
-            Ok(())
-        })?;
+        let mut ops: Vec<Op> = gone.iter().map(|l| Op::DelLease(l.id.clone())).collect();
+        let hist = gone
+            .iter()
+            .map(|l| Hist::lease(event.clone(), l, reason))
+            .collect();
+        ops.extend(Self::hist_ops(&mut mem, now, hist)?);
+        let ticket = self.enqueue(&mut mem, ops);
         for l in &gone {
             mem.leases.remove(&l.id);
         }
+        drop(mem);
+        self.wait_durable(ticket)?;
         Ok(gone)
     }
 
@@ -663,6 +912,7 @@ impl Ledger {
 
     /// History entries with seq >= `since_seq`, at most `limit`.
     pub fn history(&self, since_seq: u64, limit: usize) -> Result<Vec<HistoryEntry>, LedgerError> {
+        self.flush();
         let rtx = self.db.begin_read().map_err(storage)?;
         let t = rtx.open_table(HISTORY).map_err(storage)?;
         let mut out = Vec::new();
@@ -675,6 +925,7 @@ impl Ledger {
 
     /// Number of history entries.
     pub fn history_len(&self) -> Result<u64, LedgerError> {
+        self.flush();
         let rtx = self.db.begin_read().map_err(storage)?;
         rtx.open_table(HISTORY)
             .map_err(storage)?

@@ -4,6 +4,7 @@ pub mod clones;
 pub mod config;
 pub mod daemon;
 pub mod enroll;
+pub mod fresh;
 pub mod ledger;
 pub mod libvirt;
 pub mod metrics;

@@ -429,6 +429,10 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Requests run their ledger + signing work on blocking threads, where they also wait
+        // for the group commit; 64 keep batches large without hundreds of threads (each with
+        // its stack and malloc arena) under a start-up storm of guests.
+        .max_blocking_threads(64)
         .build()?)
 }
 

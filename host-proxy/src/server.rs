@@ -182,9 +182,15 @@ where
                 message: "send Hello first".into(),
             }),
             body @ (Body::TokenRequest(_) | Body::Renew(_) | Body::Release(_)) => {
+                let fresh = match &body {
+                    Body::TokenRequest(r) => svc.fresh_evidence(r).await,
+                    _ => Ok(None),
+                };
                 let (svc2, vm2) = (svc.clone(), vm.clone());
                 let res = tokio::task::spawn_blocking(move || match body {
-                    Body::TokenRequest(r) => svc2.token(&vm2, &r).map(Body::TokenResponse),
+                    Body::TokenRequest(r) => fresh
+                        .and_then(|f| svc2.token_with(&vm2, &r, f))
+                        .map(Body::TokenResponse),
                     Body::Renew(r) => svc2.renew(&vm2, &r).map(Body::TokenResponse),
                     Body::Release(r) => svc2
                         .release(&vm2, &r.lease_id)

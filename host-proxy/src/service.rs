@@ -7,7 +7,9 @@ use crate::ledger::{AcquireRequest, Lease, LeaseScope, Ledger, LedgerError, Lice
 use crate::tpm_service::{TpmService, TpmServiceError};
 use hostbind_attest::keys::{KeyError, TokenKey};
 use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, Window};
-use hostbind_attest::token::{key_binding, KeyEvidence, TokenClaims, TokenError, TokenSigner};
+use hostbind_attest::token::{
+    key_binding, FreshEvidence, KeyEvidence, TokenClaims, TokenError, TokenSigner,
+};
 use hostbind_attest::tpm as tpmparse;
 use hostbind_attest::wire::{
     Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope, TokenRequest,
@@ -86,6 +88,7 @@ pub struct Service {
     identity: HostIdentity,
     ledger: Ledger,
     tpm: TpmService,
+    fresh: crate::fresh::FreshBatcher,
     signer: RwLock<Arc<TokenSigner>>,
     licenses: RwLock<HashMap<String, ActiveLicense>>,
     conns: Mutex<HashMap<u64, Conn>>,
@@ -116,11 +119,13 @@ impl Service {
         tpm: TpmService,
     ) -> Result<Arc<Service>, ServiceError> {
         let signer = Self::make_signer(&cfg, &identity, &tpm).await?;
+        let fresh = crate::fresh::FreshBatcher::start(&cfg.fresh_nonces, tpm.clone());
         let svc = Arc::new(Service {
             cfg,
             identity,
             ledger,
             tpm,
+            fresh,
             signer: RwLock::new(Arc::new(signer)),
             licenses: RwLock::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
@@ -393,6 +398,7 @@ impl Service {
         nonce: Option<&ByteBuf>,
         chain_head: Option<Vec<u8>>,
         grace_secs: u64,
+        fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
         let signer = self.current_signer().ok_or_else(|| {
             err(
@@ -419,6 +425,7 @@ impl Service {
             nonce: nonce.map(|n| n.to_vec()),
             chain_head,
             quote_ref: signer.quote_ref().to_vec(),
+            fresh,
         };
         let token = signer.issue(&claims).map_err(|e| {
             tracing::error!("token signing failed: {e}");
@@ -457,9 +464,46 @@ impl Service {
         }
     }
 
+    /// For a TPM-fresh request: has the TPM quote over the nonce (batched, see fresh.rs).
+    pub async fn fresh_evidence(
+        &self,
+        req: &TokenRequest,
+    ) -> Result<Option<FreshEvidence>, ErrorBody> {
+        if !req.tpm_fresh {
+            return Ok(None);
+        }
+        let Some(nonce) = &req.nonce else {
+            return Err(err(
+                ErrorCode::Malformed,
+                "a TPM-fresh token request (tpm_fresh) needs a nonce",
+            ));
+        };
+        self.fresh
+            .cover(nonce.to_vec())
+            .await
+            .map(Some)
+            .map_err(|e| {
+                tracing::error!("TPM-fresh nonce: {e}");
+                err(
+                    ErrorCode::Internal,
+                    format!("the host's TPM could not cover the nonce: {e}"),
+                )
+            })
+    }
+
     /// Handles a token request from `vm`: license, seat, lease, token.
     pub fn token(&self, vm: &Vm, req: &TokenRequest) -> Result<TokenResponse, ErrorBody> {
-        let r = self.token_unmetered(vm, req);
+        self.token_with(vm, req, None)
+    }
+
+    /// Like [`Service::token`], with TPM freshness evidence from [`Service::fresh_evidence`].
+    pub fn token_with(
+        &self,
+        vm: &Vm,
+        req: &TokenRequest,
+        fresh: Option<FreshEvidence>,
+    ) -> Result<TokenResponse, ErrorBody> {
+        let r = self.token_unmetered(vm, req, fresh);
         let scope = match req.scope {
             Scope::Vm => "vm",
             Scope::Process => "process",
@@ -468,7 +512,12 @@ impl Service {
         r
     }
 
-    fn token_unmetered(&self, vm: &Vm, req: &TokenRequest) -> Result<TokenResponse, ErrorBody> {
+    fn token_unmetered(
+        &self,
+        vm: &Vm,
+        req: &TokenRequest,
+        fresh: Option<FreshEvidence>,
+    ) -> Result<TokenResponse, ErrorBody> {
         let lic = self
             .license_for(&req.product)
             .map_err(|e| self.refused(e))?;
@@ -540,6 +589,7 @@ impl Service {
             req.nonce.as_ref(),
             req.chain.last().map(|c| c.to_vec()),
             lic.grace_secs,
+            fresh,
         )
     }
 
@@ -608,6 +658,7 @@ impl Service {
             r.nonce.as_ref(),
             r.chain.last().map(|c| c.to_vec()),
             lic.grace_secs,
+            None,
         )
     }
 

@@ -364,6 +364,7 @@ async fn leases_survive_restart_and_kill9_under_load() {
                     scope: Scope::Process,
                     pid: Some(id as u32),
                     chain: vec![],
+                    tpm_fresh: false,
                 });
                 if f.send(Message::new(id, req)).await.is_err() {
                     break;

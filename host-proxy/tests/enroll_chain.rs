@@ -33,6 +33,7 @@ fn claims(s: &TokenSigner, host_id: &[u8], nonce: Option<&[u8]>) -> TokenClaims 
         nonce: nonce.map(|n| n.to_vec()),
         chain_head: None,
         quote_ref: s.quote_ref().to_vec(),
+        fresh: None,
     }
 }
 

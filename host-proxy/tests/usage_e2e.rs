@@ -333,6 +333,7 @@ async fn send_token(
         scope: Scope::Vm,
         pid: None,
         chain: vec![],
+        tpm_fresh: false,
     });
     if f.send(hostbind_attest::wire::Message::new(7, req))
         .await

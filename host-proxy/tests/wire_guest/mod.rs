@@ -98,6 +98,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WireGuest<S> {
                 scope,
                 pid,
                 chain: vec![],
+                tpm_fresh: false,
             }))
             .await
         {

@@ -2,16 +2,19 @@
 //! vendor key) on a token made by a real swtpm-backed host, plus token signing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../../host-proxy/tests/common/mod.rs"]
 mod common;
 
 use common::*;
 use criterion::{criterion_group, criterion_main, Criterion};
 use hostbind_attest::keys::VendorKey;
+use hostbind_attest::merkle::MerkleTree;
+use hostbind_attest::token::FreshEvidence;
 use hostbind_attest::token::TokenClaims;
 use hostbind_attest::tpm;
-use hostbind_attest::verify::verify_token;
+use hostbind_attest::verify::{verify_token, verify_token_tpm_fresh};
 use hostbind_testkit::Swtpm;
+use serde_bytes::ByteBuf;
 
 fn bench(c: &mut Criterion) {
     let vendor = VendorKey::generate().unwrap();
@@ -41,6 +44,7 @@ fn bench(c: &mut Criterion) {
         nonce: Some(vec![7u8; 32]),
         chain_head: Some(vec![1u8; 16]),
         quote_ref: s.quote_ref().to_vec(),
+        fresh: None,
     };
     let token = s.issue(&claims).unwrap();
     let vp = vendor.public();
@@ -63,7 +67,28 @@ fn bench(c: &mut Criterion) {
     c.bench_function("quote_verify", |b| {
         b.iter(|| tpm::verify_quote(&ak, &ev.attest, &ev.signature).unwrap())
     });
-    println!("token size: {} bytes", token.len());
+    // A TPM-fresh token from a batch of 1024 nonces: the chain plus a 10-hash proof and a
+    // second quote signature.
+    let nonces: Vec<Vec<u8>> = (0..1024u32).map(|i| i.to_be_bytes().repeat(8)).collect();
+    let tree = MerkleTree::build(&nonces).unwrap();
+    let q = h.tpm.quote(&tree.root()).unwrap();
+    let mut fc = claims.clone();
+    fc.nonce = Some(nonces[517].clone());
+    fc.fresh = Some(FreshEvidence {
+        attest: ByteBuf::from(q.attest),
+        signature: ByteBuf::from(q.signature),
+        proof: tree.proof(517).unwrap(),
+    });
+    let fresh = s.issue(&fc).unwrap();
+    verify_token_tpm_fresh(&fresh, &vp, now + 1, &nonces[517]).unwrap();
+    c.bench_function("token_verify_full_chain_tpm_fresh_1024", |b| {
+        b.iter(|| verify_token_tpm_fresh(&fresh, &vp, now + 1, &nonces[517]).unwrap())
+    });
+    println!(
+        "token size: {} bytes; TPM-fresh token: {} bytes",
+        token.len(),
+        fresh.len()
+    );
 }
 
 criterion_group!(benches, bench);

@@ -20,6 +20,7 @@ fn token_request() -> Message {
             scope: Scope::Process,
             pid: Some(31337),
             chain: vec![[0x11; 16], [0x22; 16], [0x33; 16]],
+            tpm_fresh: false,
         }),
     )
 }

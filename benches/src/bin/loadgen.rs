@@ -1,0 +1,687 @@
+//! hostbind-loadgen: N simulated guests speaking the wire protocol over the per-VM Unix sockets
+//! of a real `hostbind-proxy` on a real swtpm (started through testkit), with a mix of plain
+//! tokens, TPM-fresh nonce tokens, renewals and releases, bounded by a request count and a
+//! duration. Reports throughput, p50/p99/p999 latency, errors, lost leases (compared with the
+//! proxy's own `leases`) and the proxy's peak RSS. `--baseline quote-per-request` runs the same
+//! load against a second proxy+swtpm with `[fresh_nonces] batching = false` and prints the
+//! ratio; `--sweep` runs several guest counts and `--plot` draws throughput and p99 per count.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use futures::{SinkExt, StreamExt};
+use hostbind_attest::wire::{
+    Body, FrameCodec, Hello, Message, Release, Renew, Scope, TokenRequest,
+};
+use hostbind_testkit::host::{Host, Vendor};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UnixStream;
+use tokio_util::codec::Framed;
+
+/// VMs on the simulated host; guests are spread over them (the proxy takes 64 connections per VM).
+const VMS: usize = 32;
+/// Connections per VM the proxy accepts.
+const PER_VM_CAP: usize = 64;
+/// Hard upper bound on any run's duration, whatever the flags say.
+const MAX_DURATION: Duration = Duration::from_secs(600);
+/// Hard upper bound on requests per run.
+const MAX_REQUESTS: u64 = 10_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Baseline {
+    /// A second proxy with `[fresh_nonces] batching = false`: one TPM quote per fresh request.
+    QuotePerRequest,
+}
+
+/// Load generator for hostbind-proxy (see docs/benchmarks.md).
+#[derive(Debug, Parser)]
+#[command(name = "hostbind-loadgen", version)]
+struct Args {
+    /// Simulated guests (concurrent connections, one request in flight each).
+    #[arg(long, default_value_t = 100)]
+    guests: usize,
+    /// Run these guest counts one after another on the same proxy (e.g. 10,100,1000).
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    /// Stop after this many requests in total (per run).
+    #[arg(long, default_value_t = 100_000)]
+    requests: u64,
+    /// Stop after this many seconds (per run).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Weight of plain token requests in the mix.
+    #[arg(long, default_value_t = 1)]
+    plain: u32,
+    /// Weight of TPM-fresh nonce token requests.
+    #[arg(long, default_value_t = 0)]
+    fresh: u32,
+    /// Weight of renewals (of a lease the guest holds; a plain request when it holds none).
+    #[arg(long, default_value_t = 0)]
+    renew: u32,
+    /// Weight of releases (of a lease the guest holds; a plain request when it holds none).
+    #[arg(long, default_value_t = 0)]
+    release: u32,
+    /// A guest releases its oldest lease after a token when it holds more than this many
+    /// (keeps the live lease count near guests x this); 0 = never (leases accumulate).
+    #[arg(long, default_value_t = 2)]
+    hold: usize,
+    /// Also run the naive design against its own proxy+swtpm and print the ratio.
+    #[arg(long, value_enum)]
+    baseline: Option<Baseline>,
+    /// Extra proxy.toml lines for the measured proxy (e.g. "[fresh_nonces]\nmax_window = \"2ms\"").
+    #[arg(long, default_value = "")]
+    proxy_toml: String,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw throughput and p99 against guests (from --sweep) into this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Also start a real hostbind-agent on the first VM and time this many cached-token calls
+    /// through hostbind-client (kept-alive connection, then a new connection per call).
+    #[arg(long, default_value_t = 0)]
+    agent_calls: usize,
+    /// Exit non-zero on any error or lost lease (for CI).
+    #[arg(long)]
+    strict: bool,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Serialize)]
+struct RunResult {
+    label: String,
+    guests: usize,
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    throughput: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    by_op: BTreeMap<String, u64>,
+    live_leases_held: usize,
+    proxy_leases: usize,
+    lost_leases: usize,
+    leaked_leases: usize,
+    proxy_peak_rss_kib: u64,
+    proxy_log_errors: usize,
+    first_error: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Plain,
+    Fresh,
+    Renew,
+    Release,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Plain => "plain",
+            Op::Fresh => "fresh",
+            Op::Renew => "renew",
+            Op::Release => "release",
+        }
+    }
+}
+
+/// A tiny deterministic RNG (xorshift) for the op mix and nonces; no security role.
+struct Mix {
+    state: u64,
+    weights: [(Op, u32); 4],
+    total: u32,
+}
+
+impl Mix {
+    fn new(seed: u64, a: &Args) -> Mix {
+        let weights = [
+            (Op::Plain, a.plain),
+            (Op::Fresh, a.fresh),
+            (Op::Renew, a.renew),
+            (Op::Release, a.release),
+        ];
+        Mix {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            weights,
+            total: weights.iter().map(|w| w.1).sum(),
+        }
+    }
+    fn next(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state
+    }
+    fn op(&mut self) -> Op {
+        let mut r = (self.next() % u64::from(self.total.max(1))) as u32;
+        for (op, w) in self.weights {
+            if r < w {
+                return op;
+            }
+            r -= w;
+        }
+        Op::Plain
+    }
+}
+
+struct Shared {
+    issued: AtomicU64,
+    budget: u64,
+    deadline: Instant,
+}
+
+struct GuestOut {
+    lat_us: Vec<u32>,
+    errors: u64,
+    first_error: Option<String>,
+    held: Vec<String>,
+    by_op: BTreeMap<&'static str, u64>,
+}
+
+async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> Result<GuestOut> {
+    let s = UnixStream::connect(&sock)
+        .await
+        .with_context(|| format!("connect {}", sock.display()))?;
+    let mut f = Framed::new(s, FrameCodec::<Body>::new());
+    let mut out = GuestOut {
+        lat_us: Vec::new(),
+        errors: 0,
+        first_error: None,
+        held: Vec::new(),
+        by_op: BTreeMap::new(),
+    };
+    let mut id = 0u64;
+    let mut call = |body: Body| {
+        id += 1;
+        (id, body)
+    };
+    let hello = call(Body::Hello(Hello {
+        agent_version: "loadgen".into(),
+        chain: vec![],
+        facts: BTreeMap::new(),
+        known_host: None,
+    }));
+    match roundtrip(&mut f, hello).await? {
+        Body::HelloAck(_) => {}
+        other => bail!("hello refused: {other:?}"),
+    }
+    let mut mix = Mix::new(seed, &a);
+    loop {
+        if Instant::now() >= shared.deadline
+            || shared.issued.fetch_add(1, Ordering::Relaxed) >= shared.budget
+        {
+            break;
+        }
+        let mut op = mix.op();
+        if matches!(op, Op::Renew | Op::Release) && out.held.is_empty() {
+            op = Op::Plain;
+        }
+        let body = match op {
+            Op::Plain | Op::Fresh => {
+                let fresh = matches!(op, Op::Fresh);
+                Body::TokenRequest(TokenRequest {
+                    product: "cad".into(),
+                    features: vec![],
+                    nonce: fresh.then(|| mix.next().to_be_bytes().repeat(4).into()),
+                    scope: Scope::Vm,
+                    pid: None,
+                    chain: vec![],
+                    tpm_fresh: fresh,
+                })
+            }
+            Op::Renew => {
+                let i = (mix.next() as usize) % out.held.len();
+                Body::Renew(Renew {
+                    lease_id: out.held[i].clone(),
+                    nonce: None,
+                    chain: vec![],
+                })
+            }
+            Op::Release => Body::Release(Release {
+                lease_id: out.held.remove(0),
+            }),
+        };
+        let t = Instant::now();
+        let reply = roundtrip(&mut f, call(body)).await?;
+        out.lat_us
+            .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        *out.by_op.entry(op.name()).or_default() += 1;
+        match reply {
+            Body::TokenResponse(r) if matches!(op, Op::Plain | Op::Fresh) => {
+                out.held.push(r.lease_id);
+                if a.hold > 0 && out.held.len() > a.hold {
+                    let old = out.held.remove(0);
+                    let t = Instant::now();
+                    let r =
+                        roundtrip(&mut f, call(Body::Release(Release { lease_id: old }))).await?;
+                    out.lat_us
+                        .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    *out.by_op.entry("release").or_default() += 1;
+                    shared.issued.fetch_add(1, Ordering::Relaxed);
+                    if !matches!(r, Body::Ack(_)) {
+                        out.errors += 1;
+                        out.first_error.get_or_insert(format!("release: {r:?}"));
+                    }
+                }
+            }
+            Body::TokenResponse(_) | Body::Ack(_) => {}
+            Body::Error(e) => {
+                out.errors += 1;
+                out.first_error.get_or_insert(format!(
+                    "{}: {:?}: {}",
+                    op.name(),
+                    e.code,
+                    e.message
+                ));
+            }
+            other => {
+                out.errors += 1;
+                out.first_error
+                    .get_or_insert(format!("{}: unexpected {other:?}", op.name()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn roundtrip(
+    f: &mut Framed<UnixStream, FrameCodec<Body>>,
+    (id, body): (u64, Body),
+) -> Result<Body> {
+    f.send(Message::new(id, body)).await.context("send")?;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), f.next())
+            .await
+            .context("no answer within 30 s")?
+            .context("connection closed by the proxy")?
+            .context("bad frame from the proxy")?;
+        if m.id == id || m.id == 0 && matches!(m.body, Body::Error(_)) {
+            return Ok(m.body);
+        }
+        // Pushed events (id 0) are not answers.
+    }
+}
+
+fn percentile(sorted: &[u32], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    u64::from(sorted[i.min(sorted.len() - 1)])
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// An enrolled host with a running proxy and a license for "cad" with seats to spare.
+fn start_host(vendor: &Vendor, extra_toml: &str) -> Result<Host> {
+    let names: Vec<String> = (0..VMS).map(|i| format!("vm-{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut h = Host::enrolled(vendor, &refs, "").context("enroll a simulated host")?;
+    // Load runs measure the proxy, not its debug logging.
+    let cfg = std::fs::read_to_string(h.config())?;
+    let mut cfg = cfg.replace("log_level = \"debug\"", "log_level = \"warn\"");
+    cfg.push('\n');
+    cfg.push_str(extra_toml);
+    cfg.push('\n');
+    std::fs::write(h.config(), cfg)?;
+    h.start_proxy().context("start hostbind-proxy")?;
+    let lic = h
+        .issue_license(vendor, "cad", 10_000_000, "access", &[])
+        .context("issue license")?;
+    h.proxy_ok(&["license", "add", &lic.to_string_lossy()])
+        .context("add license")?;
+    Ok(h)
+}
+
+async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<RunResult> {
+    if guests > VMS * PER_VM_CAP {
+        bail!(
+            "{guests} guests is over {} ({VMS} VMs x {PER_VM_CAP} connections)",
+            VMS * PER_VM_CAP
+        );
+    }
+    let pid = h
+        .proxy
+        .as_ref()
+        .map(|p| p.pid())
+        .context("proxy not running")?;
+    let before: BTreeSet<String> = proxy_leases(h)?;
+    let dur = Duration::from_secs_f64(a.duration.max(0.1)).min(MAX_DURATION);
+    let shared = Arc::new(Shared {
+        issued: AtomicU64::new(0),
+        budget: a.requests.min(MAX_REQUESTS),
+        deadline: Instant::now() + dur,
+    });
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(guests);
+    for g in 0..guests {
+        let sock = h.vms[g % VMS].socket.clone();
+        tasks.push(tokio::spawn(guest(
+            sock,
+            g as u64 + 1,
+            a.clone(),
+            shared.clone(),
+        )));
+    }
+    let mut lat = Vec::new();
+    let (mut errors, mut held, mut first_error) = (0u64, BTreeSet::new(), None);
+    let mut by_op = BTreeMap::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(o)) => {
+                lat.extend(o.lat_us);
+                errors += o.errors;
+                held.extend(o.held);
+                if first_error.is_none() {
+                    first_error = o.first_error;
+                }
+                for (k, v) in o.by_op {
+                    *by_op.entry(k.to_string()).or_default() += v;
+                }
+            }
+            Ok(Err(e)) => {
+                errors += 1;
+                first_error.get_or_insert(format!("guest failed: {e:#}"));
+            }
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(format!("guest task failed: {e}"));
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    // Before the admin `leases` query below, whose JSON answer would inflate the peak.
+    let peak_rss = vm_hwm_kib(pid);
+    lat.sort_unstable();
+    let now: BTreeSet<String> = proxy_leases(h)?;
+    let mine: BTreeSet<String> = now.difference(&before).cloned().collect();
+    let lost = held.difference(&mine).count();
+    let leaked = mine.difference(&held).count();
+    let log = h.proxy.as_ref().map(|p| p.log()).unwrap_or_default();
+    let proxy_log_errors = log.lines().filter(|l| l.contains("ERROR")).count();
+    let requests = lat.len() as u64;
+    Ok(RunResult {
+        label: label.into(),
+        guests,
+        requests,
+        errors,
+        seconds,
+        throughput: requests as f64 / seconds.max(1e-9),
+        p50_us: percentile(&lat, 0.50),
+        p99_us: percentile(&lat, 0.99),
+        p999_us: percentile(&lat, 0.999),
+        by_op,
+        live_leases_held: held.len(),
+        proxy_leases: now.len(),
+        lost_leases: lost,
+        leaked_leases: leaked,
+        proxy_peak_rss_kib: peak_rss,
+        proxy_log_errors,
+        first_error,
+    })
+}
+
+fn proxy_leases(h: &Host) -> Result<BTreeSet<String>> {
+    let out = h
+        .proxy_ok(&["--json", "leases"])
+        .context("hostbind-proxy leases")?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("leases JSON")?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.get("id").and_then(|i| i.as_str()).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn print_table(rs: &[RunResult]) {
+    println!(
+        "{:<22} {:>6} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9} {:>7} {:>6} {:>10}",
+        "run",
+        "guests",
+        "requests",
+        "errors",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "leases",
+        "lost",
+        "RSS MiB"
+    );
+    for r in rs {
+        println!(
+            "{:<22} {:>6} {:>9} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>7} {:>6} {:>10.1}",
+            r.label,
+            r.guests,
+            r.requests,
+            r.errors,
+            r.throughput,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.proxy_leases,
+            r.lost_leases,
+            r.proxy_peak_rss_kib as f64 / 1024.0
+        );
+        if let Some(e) = &r.first_error {
+            println!("    first error: {e}");
+        }
+    }
+}
+
+/// Throughput (blue, left scale) and p99 latency (red, right scale) against guests on a log
+/// x axis. No text is drawn (no fonts needed); docs/benchmarks.md labels the plot.
+fn plot(path: &PathBuf, rs: &[RunResult]) -> Result<()> {
+    use plotters::prelude::*;
+    let pts: Vec<&RunResult> = rs.iter().filter(|r| r.guests > 0).collect();
+    if pts.is_empty() {
+        bail!("nothing to plot");
+    }
+    let max_t = pts.iter().map(|r| r.throughput).fold(1.0, f64::max) * 1.1;
+    let max_p = pts.iter().map(|r| r.p99_us as f64).fold(1.0, f64::max) * 1.1;
+    let min_g = pts.iter().map(|r| r.guests).min().unwrap_or(1) as f64;
+    let max_g = pts.iter().map(|r| r.guests).max().unwrap_or(10) as f64;
+    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let area = root.margin(30, 30, 30, 30);
+    let mut c = ChartBuilder::on(&area)
+        .build_cartesian_2d((min_g.log10() - 0.1)..(max_g.log10() + 0.1), 0.0..max_t)
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?
+        .set_secondary_coord((min_g.log10() - 0.1)..(max_g.log10() + 0.1), 0.0..max_p);
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_labels(10)
+        .y_label_formatter(&|_| String::new())
+        .x_label_formatter(&|_| String::new())
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let tput: Vec<(f64, f64)> = pts
+        .iter()
+        .map(|r| ((r.guests as f64).log10(), r.throughput))
+        .collect();
+    let p99: Vec<(f64, f64)> = pts
+        .iter()
+        .map(|r| ((r.guests as f64).log10(), r.p99_us as f64))
+        .collect();
+    c.draw_series(LineSeries::new(tput.clone(), BLUE.stroke_width(3)))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    c.draw_series(tput.iter().map(|p| Circle::new(*p, 6, BLUE.filled())))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    c.draw_secondary_series(LineSeries::new(p99.clone(), RED.stroke_width(3)))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    c.draw_secondary_series(p99.iter().map(|p| TriangleMarker::new(*p, 8, RED.filled())))
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    Ok(())
+}
+
+/// Cached-token latency through the agent's local API and the agent's peak RSS.
+#[derive(Debug, Clone, Serialize)]
+struct AgentResult {
+    calls: usize,
+    keepalive_p50_us: u64,
+    keepalive_p99_us: u64,
+    new_conn_p50_us: u64,
+    new_conn_p99_us: u64,
+    agent_peak_rss_kib: u64,
+}
+
+async fn agent_bench(h: &Host, calls: usize) -> Result<AgentResult> {
+    let calls = calls.min(1_000_000);
+    let agent =
+        hostbind_testkit::host::Agent::start(&h.vms[0].socket).context("start hostbind-agent")?;
+    let req = hostbind_client::TokenRequest::new("cad");
+    let client = hostbind_client::Client::new(&agent.socket);
+    // The first call fetches the token from the proxy; the rest are served from the cache.
+    client
+        .token(&req)
+        .await
+        .context("first token via the agent")?;
+    let mut keep = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        client.token(&req).await.context("cached token")?;
+        keep.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    let mut fresh = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        hostbind_client::Client::new(&agent.socket)
+            .token(&req)
+            .await
+            .context("cached token, new connection")?;
+        fresh.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+    keep.sort_unstable();
+    fresh.sort_unstable();
+    let r = AgentResult {
+        calls,
+        keepalive_p50_us: percentile(&keep, 0.5),
+        keepalive_p99_us: percentile(&keep, 0.99),
+        new_conn_p50_us: percentile(&fresh, 0.5),
+        new_conn_p99_us: percentile(&fresh, 0.99),
+        agent_peak_rss_kib: vm_hwm_kib(agent.proc_.pid()),
+    };
+    println!(
+        "agent cached token over {calls} calls: kept-alive p50 {} µs p99 {} µs; new connection per call p50 {} µs p99 {} µs; agent peak RSS {:.1} MiB",
+        r.keepalive_p50_us,
+        r.keepalive_p99_us,
+        r.new_conn_p50_us,
+        r.new_conn_p99_us,
+        r.agent_peak_rss_kib as f64 / 1024.0
+    );
+    Ok(r)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let a = Arc::new(Args::parse());
+    if a.plain + a.fresh + a.renew + a.release == 0 {
+        bail!(
+            "the mix is empty: give at least one of --plain, --fresh, --renew, --release a weight"
+        );
+    }
+    let vendor = Vendor::new().context("vendor")?;
+    let mut results = Vec::new();
+    let counts = if a.sweep.is_empty() {
+        vec![a.guests]
+    } else {
+        a.sweep.clone()
+    };
+    let mut h = start_host(&vendor, &a.proxy_toml)?;
+    for &g in &counts {
+        let r = run(&mut h, "hostbind", g, &a).await?;
+        results.push(r);
+    }
+    let agent = if a.agent_calls > 0 {
+        Some(agent_bench(&h, a.agent_calls).await?)
+    } else {
+        None
+    };
+    h.stop_proxy();
+    if a.baseline == Some(Baseline::QuotePerRequest) {
+        let mut b = start_host(&vendor, "[fresh_nonces]\nbatching = false\n")?;
+        for &g in &counts {
+            let r = run(&mut b, "baseline-quote-per-req", g, &a).await?;
+            results.push(r);
+        }
+        b.stop_proxy();
+    }
+    print_table(&results);
+    let ratios: Vec<(usize, f64)> = counts
+        .iter()
+        .filter_map(|g| {
+            let ours = results
+                .iter()
+                .find(|r| r.guests == *g && r.label == "hostbind")?;
+            let base = results
+                .iter()
+                .find(|r| r.guests == *g && r.label != "hostbind")?;
+            Some((*g, ours.throughput / base.throughput.max(1e-9)))
+        })
+        .collect();
+    for (g, r) in &ratios {
+        println!("throughput ratio hostbind / quote-per-request at {g} guests: {r:.1}x");
+    }
+    if let Some(p) = &a.json {
+        let doc = serde_json::json!({ "runs": results, "ratios": ratios, "agent": agent });
+        std::fs::write(p, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("write {}", p.display()))?;
+    }
+    if let Some(p) = &a.plot {
+        let ours: Vec<RunResult> = results
+            .iter()
+            .filter(|r| r.label == "hostbind")
+            .cloned()
+            .collect();
+        plot(p, &ours)?;
+        println!("plot written to {}", p.display());
+    }
+    if a.strict {
+        let bad: Vec<&RunResult> = results
+            .iter()
+            .filter(|r| {
+                r.errors > 0 || r.lost_leases > 0 || r.leaked_leases > 0 || r.proxy_log_errors > 0
+            })
+            .collect();
+        if !bad.is_empty() {
+            for r in bad {
+                eprintln!(
+                    "FAIL {} @ {} guests: {} errors, {} lost leases, {} leaked leases, {} ERROR lines in the proxy log; first error: {}",
+                    r.label,
+                    r.guests,
+                    r.errors,
+                    r.lost_leases,
+                    r.leaked_leases,
+                    r.proxy_log_errors,
+                    r.first_error.as_deref().unwrap_or("-")
+                );
+            }
+            bail!("the load run had errors or lost leases");
+        }
+        if results.iter().any(|r| r.requests == 0) {
+            bail!("a load run completed no request");
+        }
+    }
+    Ok(())
+}

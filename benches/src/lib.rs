@@ -1,0 +1,2 @@
+//! hostbind-benches: criterion benches (benches/) and the `hostbind-loadgen` load generator
+//! (src/bin/loadgen.rs). See docs/benchmarks.md for the commands and the numbers.

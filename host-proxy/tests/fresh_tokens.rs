@@ -1,0 +1,236 @@
+//! TPM-fresh nonces: the verifier accepts a token whose nonce is in a Merkle batch quoted by
+//! the host's AK and names each broken link; a real proxy batches concurrent fresh requests
+//! under few quotes, quotes a lone one at once, and (batching = false) quotes each request.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use hostbind_attest::keys::{VendorKey, VendorPublicKey};
+use hostbind_attest::merkle::{MerkleError, MerkleTree};
+use hostbind_attest::token::{FreshEvidence, TokenClaims, TokenSigner};
+use hostbind_attest::verify::{verify_token, verify_token_tpm_fresh, VerifyError};
+use hostbind_attest::wire::{Body, Scope, TokenRequest};
+use hostbind_proxy::enroll as host;
+use hostbind_testkit::host::{Host as TkHost, Vendor};
+use hostbind_testkit::Swtpm;
+use serde_bytes::ByteBuf;
+use std::collections::BTreeSet;
+
+mod common;
+use common::*;
+mod wire_guest;
+use wire_guest::WireGuest;
+
+fn claims(s: &TokenSigner, host_id: &[u8], nonce: &[u8], fresh: FreshEvidence) -> TokenClaims {
+    TokenClaims {
+        host_id: host_id.to_vec(),
+        vm_uuid: "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01".into(),
+        vm_name: "vm-a".into(),
+        product: "cad".into(),
+        features: vec![],
+        scope: "vm".into(),
+        license_id: "L1".into(),
+        lease_id: "lease-1".into(),
+        issued_at: t0() + 100,
+        expires_at: t0() + 160,
+        nonce: Some(nonce.to_vec()),
+        chain_head: None,
+        quote_ref: s.quote_ref().to_vec(),
+        fresh: Some(fresh),
+    }
+}
+
+#[test]
+fn fresh_proofs_verify_and_each_broken_link_is_named() {
+    let vendor = VendorKey::generate().unwrap();
+    let mut h = host(Swtpm::start().unwrap());
+    let trust = cas(h._swtpm.ca());
+    let cert = enroll_host(&mut h, &trust, &vendor);
+    let installed = host::install(
+        &mut h.tpm,
+        h.state.path(),
+        &cert,
+        &vendor.public(),
+        t0() + 20,
+    )
+    .unwrap();
+    let s = signer(&mut h, cert, t0(), t0() + 1200);
+    let nonces: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 16]).collect();
+    let tree = MerkleTree::build(&nonces).unwrap();
+    let q = h.tpm.quote(&tree.root()).unwrap();
+    let ev = |i: usize| FreshEvidence {
+        attest: ByteBuf::from(q.attest.clone()),
+        signature: ByteBuf::from(q.signature.clone()),
+        proof: tree.proof(i).unwrap(),
+    };
+    let id = &installed.host_id;
+    let now = t0() + 120;
+    let vp = vendor.public();
+    for (i, n) in nonces.iter().enumerate() {
+        let t = s.issue(&claims(&s, id, n, ev(i))).unwrap();
+        let v = verify_token_tpm_fresh(&t, &vp, now, n).unwrap();
+        assert_eq!(v.fresh_quote.unwrap().extra_data, tree.root().to_vec());
+    }
+    // another nonce than the leaf at this index
+    let t = s.issue(&claims(&s, id, &nonces[1], ev(0))).unwrap();
+    assert!(matches!(
+        verify_token(&t, &vp, now, None),
+        Err(VerifyError::FreshRootMismatch)
+    ));
+    // a path of the wrong length
+    let mut e = ev(2);
+    e.proof.path.pop();
+    let t = s.issue(&claims(&s, id, &nonces[2], e)).unwrap();
+    assert!(matches!(
+        verify_token(&t, &vp, now, None),
+        Err(VerifyError::FreshProof(MerkleError::PathLength { .. }))
+    ));
+    // a quote over something else
+    let other = h.tpm.quote(b"another batch").unwrap();
+    let mut e = ev(3);
+    e.attest = ByteBuf::from(other.attest.clone());
+    e.signature = ByteBuf::from(other.signature.clone());
+    let t = s.issue(&claims(&s, id, &nonces[3], e)).unwrap();
+    assert!(matches!(
+        verify_token(&t, &vp, now, None),
+        Err(VerifyError::FreshRootMismatch)
+    ));
+    // a quote whose signature does not match
+    let mut e = ev(3);
+    e.signature = ByteBuf::from(other.signature);
+    let t = s.issue(&claims(&s, id, &nonces[3], e)).unwrap();
+    assert!(matches!(
+        verify_token(&t, &vp, now, None),
+        Err(VerifyError::FreshQuote(_))
+    ));
+    // freshness evidence without a nonce
+    let mut c = claims(&s, id, &nonces[0], ev(0));
+    c.nonce = None;
+    let t = s.issue(&c).unwrap();
+    assert!(matches!(
+        verify_token(&t, &vp, now, None),
+        Err(VerifyError::FreshWithoutNonce)
+    ));
+    // required but absent
+    let mut c = claims(&s, id, &nonces[0], ev(0));
+    c.fresh = None;
+    let t = s.issue(&c).unwrap();
+    assert!(matches!(
+        verify_token_tpm_fresh(&t, &vp, now, &nonces[0]),
+        Err(VerifyError::FreshMissing)
+    ));
+    // every flipped byte of a fresh token is rejected
+    let t = s.issue(&claims(&s, id, &nonces[4], ev(4))).unwrap();
+    for i in 0..t.len() {
+        let mut b = t.clone();
+        b[i] ^= 0x40;
+        assert!(
+            verify_token_tpm_fresh(&b, &vp, now, &nonces[4]).is_err(),
+            "flipped byte {i} accepted: {} -> {}",
+            hex::encode(&t[i.saturating_sub(40)..(i + 8).min(t.len())]),
+            hex::encode(&b[i.saturating_sub(40)..(i + 8).min(b.len())])
+        );
+    }
+}
+
+fn fresh_req(nonce: &[u8], fresh: bool) -> Body {
+    Body::TokenRequest(TokenRequest {
+        product: "cad".into(),
+        features: vec![],
+        nonce: Some(nonce.to_vec().into()),
+        scope: Scope::Vm,
+        pid: None,
+        chain: vec![],
+        tpm_fresh: fresh,
+    })
+}
+
+/// Starts a host with 4 VMs, a 1000-seat access-counted license, and `extra` config.
+fn daemon(extra: &str) -> (Vendor, TkHost, VendorPublicKey) {
+    let v = Vendor::new().unwrap();
+    let mut h = TkHost::enrolled(&v, &["vm-a", "vm-b", "vm-c", "vm-d"], extra).unwrap();
+    h.start_proxy().unwrap();
+    let lic = h.issue_license(&v, "cad", 1000, "access", &[]).unwrap();
+    h.proxy_ok(&["license", "add", &lic.to_string_lossy()])
+        .unwrap();
+    let vp =
+        hostbind_attest::files::parse_vendor_public(&std::fs::read(v.public()).unwrap()).unwrap();
+    (v, h, vp)
+}
+
+/// `per_vm` guests on each VM each send `rounds` fresh requests; returns the distinct quotes.
+async fn storm(h: &TkHost, vp: &VendorPublicKey, per_vm: usize, rounds: usize) -> usize {
+    let mut tasks = Vec::new();
+    for (vi, vm) in h.vms.iter().enumerate() {
+        for g in 0..per_vm {
+            let sock = vm.socket.clone();
+            let vp = *vp;
+            tasks.push(tokio::spawn(async move {
+                let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+                let mut w = WireGuest::new(s);
+                w.hello().await.unwrap();
+                let mut quotes = Vec::new();
+                for r in 0..rounds {
+                    let nonce = format!("n-{vi}-{g}-{r}").into_bytes();
+                    let Body::TokenResponse(t) = w.call(fresh_req(&nonce, true)).await else {
+                        panic!("fresh token refused")
+                    };
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs();
+                    let v = verify_token_tpm_fresh(&t.token, &vp, now, &nonce).unwrap();
+                    quotes.push(v.claims.fresh.unwrap().attest.to_vec());
+                }
+                quotes
+            }));
+        }
+    }
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_batches_concurrent_fresh_requests_under_few_quotes() {
+    let (_v, mut h, vp) = daemon("");
+    // A lone request is served at once with a batch of one.
+    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
+        .await
+        .unwrap();
+    let mut w = WireGuest::new(s);
+    w.hello().await.unwrap();
+    let Body::TokenResponse(t) = w.call(fresh_req(b"lone", true)).await else {
+        panic!("refused")
+    };
+    let v = verify_token_tpm_fresh(&t.token, &vp, t.token_expires_at - 1, b"lone").unwrap();
+    assert_eq!(v.claims.fresh.unwrap().proof.leaves, 1);
+    // tpm_fresh without a nonce is malformed
+    let Body::Error(e) = w
+        .call(Body::TokenRequest(TokenRequest {
+            product: "cad".into(),
+            features: vec![],
+            nonce: None,
+            scope: Scope::Vm,
+            pid: None,
+            chain: vec![],
+            tpm_fresh: true,
+        }))
+        .await
+    else {
+        panic!("accepted a fresh request without nonce")
+    };
+    assert!(e.message.contains("needs a nonce"), "{}", e.message);
+    // 4 VMs x 16 guests x 4 rounds = 256 fresh tokens under far fewer quotes.
+    let quotes = storm(&h, &vp, 16, 4).await;
+    assert!(quotes < 256 / 2, "{quotes} quotes for 256 fresh tokens");
+    h.stop_proxy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batching_off_quotes_every_request() {
+    let (_v, mut h, vp) = daemon("[fresh_nonces]\nbatching = false\n");
+    let quotes = storm(&h, &vp, 4, 3).await;
+    assert_eq!(quotes, 4 * 4 * 3);
+    h.stop_proxy();
+}
