@@ -437,11 +437,14 @@ impl Tpm {
 
     /// NV indices defined in the TCG EK range (from 0x01c00002 on; the first 64 suffice).
     fn ek_nv_indices(&mut self) -> Result<Vec<u32>> {
+        self.nv_indices_from(NV_EK_CERT_RSA2048, 64)
+    }
+
+    /// Up to `count` NV indices defined at or after `first`.
+    fn nv_indices_from(&mut self, first: u32, count: u32) -> Result<Vec<u32>> {
         let (data, _) = self
             .ctx
-            .execute_without_session(|c| {
-                c.get_capability(CapabilityType::Handles, NV_EK_CERT_RSA2048, 64)
-            })
+            .execute_without_session(|c| c.get_capability(CapabilityType::Handles, first, count))
             .map_err(cmd("GetCapability(NV indices)", HINT_GENERIC))?;
         let CapabilityData::Handles(list) = data else {
             return Err(TpmError::Unexpected {
@@ -856,32 +859,34 @@ impl Tpm {
             op: "NV counter",
             reason: format!("0x{index:08x} is not an NV index handle: {e}"),
         })?;
-        let existing = self
-            .ctx
-            .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)));
-        let handle: NvIndexHandle = match existing {
-            Ok(h) => h.into(),
-            Err(_) => {
-                let attrs = NvIndexAttributesBuilder::new()
-                    .with_owner_write(true)
-                    .with_owner_read(true)
-                    .with_no_da(true)
-                    .with_nv_index_type(NvIndexType::Counter)
-                    .build()
-                    .map_err(cmd("NV counter attributes", HINT_GENERIC))?;
-                let public = NvPublicBuilder::new()
-                    .with_nv_index(tpm_handle)
-                    .with_index_name_algorithm(HashingAlgorithm::Sha256)
-                    .with_index_attributes(attrs)
-                    .with_data_area_size(8)
-                    .build()
-                    .map_err(cmd("NV counter public area", HINT_GENERIC))?;
-                self.ctx
-                    .execute_with_session(Some(AuthSession::Password), |c| {
-                        c.nv_define_space(Provision::Owner, None, public)
-                    })
-                    .map_err(cmd("NV_DefineSpace(usage counter)", HINT_OWNER))?
-            }
+        // Asking the TPM's handle list first keeps tss-esapi from logging an error for an
+        // index that is not defined yet.
+        let defined = self.nv_indices_from(index, 1)?.first() == Some(&index);
+        let handle: NvIndexHandle = if defined {
+            self.ctx
+                .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)))
+                .map_err(cmd("ReadPublic(usage counter)", HINT_GENERIC))?
+                .into()
+        } else {
+            let attrs = NvIndexAttributesBuilder::new()
+                .with_owner_write(true)
+                .with_owner_read(true)
+                .with_no_da(true)
+                .with_nv_index_type(NvIndexType::Counter)
+                .build()
+                .map_err(cmd("NV counter attributes", HINT_GENERIC))?;
+            let public = NvPublicBuilder::new()
+                .with_nv_index(tpm_handle)
+                .with_index_name_algorithm(HashingAlgorithm::Sha256)
+                .with_index_attributes(attrs)
+                .with_data_area_size(8)
+                .build()
+                .map_err(cmd("NV counter public area", HINT_GENERIC))?;
+            self.ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.nv_define_space(Provision::Owner, None, public)
+                })
+                .map_err(cmd("NV_DefineSpace(usage counter)", HINT_OWNER))?
         };
         let (public, _) = self
             .ctx

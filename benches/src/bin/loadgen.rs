@@ -109,6 +109,8 @@ struct RunResult {
     leaked_leases: usize,
     proxy_peak_rss_kib: u64,
     proxy_log_errors: usize,
+    /// The first ERROR line of the proxy's log, if any.
+    first_log_error: Option<String>,
     first_error: Option<String>,
 }
 
@@ -415,6 +417,10 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
     let leaked = mine.difference(&held).count();
     let log = h.proxy.as_ref().map(|p| p.log()).unwrap_or_default();
     let proxy_log_errors = log.lines().filter(|l| l.contains("ERROR")).count();
+    let first_log_error = log
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .map(str::to_string);
     let requests = lat.len() as u64;
     Ok(RunResult {
         label: label.into(),
@@ -433,6 +439,7 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
         leaked_leases: leaked,
         proxy_peak_rss_kib: peak_rss,
         proxy_log_errors,
+        first_log_error,
         first_error,
     })
 }
@@ -667,14 +674,15 @@ async fn main() -> Result<()> {
         if !bad.is_empty() {
             for r in bad {
                 eprintln!(
-                    "FAIL {} @ {} guests: {} errors, {} lost leases, {} leaked leases, {} ERROR lines in the proxy log; first error: {}",
+                    "FAIL {} @ {} guests: {} errors, {} lost leases, {} leaked leases, {} ERROR lines in the proxy log; first error: {}; first proxy ERROR line: {}",
                     r.label,
                     r.guests,
                     r.errors,
                     r.lost_leases,
                     r.leaked_leases,
                     r.proxy_log_errors,
-                    r.first_error.as_deref().unwrap_or("-")
+                    r.first_error.as_deref().unwrap_or("-"),
+                    r.first_log_error.as_deref().unwrap_or("-")
                 );
             }
             bail!("the load run had errors or lost leases");
