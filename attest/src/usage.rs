@@ -851,6 +851,27 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
         vm_name: String,
     }
     type Key = (String, String, String, String, String);
+    /// The row of `vm` for the day of `at`, with the VM's name kept current.
+    fn row<'a>(
+        acc: &'a mut BTreeMap<Key, Acc>,
+        at: u64,
+        customer: &str,
+        product: &str,
+        host: &str,
+        vm: &VmRef,
+    ) -> &'a mut Acc {
+        let e = acc
+            .entry((
+                day_of(at),
+                customer.to_string(),
+                product.to_string(),
+                host.to_string(),
+                vm.uuid.clone(),
+            ))
+            .or_default();
+        e.vm_name.clone_from(&vm.name);
+        e
+    }
     let mut acc: BTreeMap<Key, Acc> = BTreeMap::new();
     let mut hosts: Vec<String> = Vec::new();
     let mut records = 0usize;
@@ -866,17 +887,7 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
             while t < to {
                 let next_day = (t / 86_400 + 1) * 86_400;
                 let stop = to.min(next_day);
-                let e = acc
-                    .entry((
-                        day_of(t),
-                        l.customer.clone(),
-                        l.product.clone(),
-                        host.to_string(),
-                        l.vm.uuid.clone(),
-                    ))
-                    .or_default();
-                e.lease_seconds += stop - t;
-                e.vm_name.clone_from(&l.vm.name);
+                row(acc, t, &l.customer, &l.product, host, &l.vm).lease_seconds += stop - t;
                 t = stop;
             }
         };
@@ -892,17 +903,7 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
             records += 1;
             match r {
                 UsageRecord::LeaseStart { at, lease, .. } => {
-                    let e = acc
-                        .entry((
-                            day_of(*at),
-                            lease.customer.clone(),
-                            lease.product.clone(),
-                            host.to_string(),
-                            lease.vm.uuid.clone(),
-                        ))
-                        .or_default();
-                    e.leases += 1;
-                    e.vm_name.clone_from(&lease.vm.name);
+                    row(&mut acc, *at, &lease.customer, &lease.product, host, &lease.vm).leases += 1;
                     open.insert((host.to_string(), lease.lease_id.clone()), (*at, lease.clone()));
                 }
                 UsageRecord::LeaseRenew { at, lease } => {
@@ -918,17 +919,7 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
                     }
                 }
                 UsageRecord::TokenIssued { at, lease } => {
-                    let e = acc
-                        .entry((
-                            day_of(*at),
-                            lease.customer.clone(),
-                            lease.product.clone(),
-                            host.to_string(),
-                            lease.vm.uuid.clone(),
-                        ))
-                        .or_default();
-                    e.tokens += 1;
-                    e.vm_name.clone_from(&lease.vm.name);
+                    row(&mut acc, *at, &lease.customer, &lease.product, host, &lease.vm).tokens += 1;
                 }
                 UsageRecord::Refusal {
                     at,
@@ -937,17 +928,7 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
                     vm,
                     ..
                 } => {
-                    let e = acc
-                        .entry((
-                            day_of(*at),
-                            customer.clone(),
-                            product.clone(),
-                            host.to_string(),
-                            vm.uuid.clone(),
-                        ))
-                        .or_default();
-                    e.refusals += 1;
-                    e.vm_name.clone_from(&vm.name);
+                    row(&mut acc, *at, customer, product, host, vm).refusals += 1;
                 }
                 UsageRecord::CloneReport {
                     at,
@@ -968,7 +949,11 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
                         vm.uuid,
                         other_vm
                             .as_ref()
-                            .map(|o| format!(" and {} ({})", o.name, o.uuid))
+                            .map(|o| if o.name.is_empty() {
+                                format!(" and VM {}", o.uuid)
+                            } else {
+                                format!(" and {} ({})", o.name, o.uuid)
+                            })
                             .unwrap_or_default(),
                         if product.is_empty() {
                             String::new()
