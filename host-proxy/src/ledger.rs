@@ -296,6 +296,19 @@ struct Hist {
 }
 
 impl Hist {
+    /// The history entry with sequence number `seq`, written at `at`.
+    fn entry(self, seq: u64, at: u64) -> HistoryEntry {
+        HistoryEntry {
+            seq,
+            at,
+            event: self.event,
+            lease_id: self.lease_id,
+            vm_uuid: self.vm_uuid,
+            product: self.product,
+            detail: self.detail,
+        }
+    }
+
     fn lease(event: HistoryEvent, l: &Lease, detail: impl Into<String>) -> Hist {
         Hist {
             event,
@@ -463,15 +476,7 @@ impl Ledger {
     fn hist_ops(mem: &mut Mem, now: u64, hist: Vec<Hist>) -> Result<Vec<Op>, LedgerError> {
         let mut out = Vec::with_capacity(hist.len());
         for h in hist {
-            let e = HistoryEntry {
-                seq: mem.next_seq,
-                at: now,
-                event: h.event,
-                lease_id: h.lease_id,
-                vm_uuid: h.vm_uuid,
-                product: h.product,
-                detail: h.detail,
-            };
+            let e = h.entry(mem.next_seq, now);
             out.push(Op::Hist(mem.next_seq, enc(&e)?));
             mem.next_seq += 1;
         }
@@ -586,15 +591,7 @@ impl Ledger {
             let r = f(tx, &mut hist)?;
             let mut t = tx.open_table(HISTORY).map_err(storage)?;
             for h in hist {
-                let e = HistoryEntry {
-                    seq: own_seq,
-                    at: now,
-                    event: h.event,
-                    lease_id: h.lease_id,
-                    vm_uuid: h.vm_uuid,
-                    product: h.product,
-                    detail: h.detail,
-                };
+                let e = h.entry(own_seq, now);
                 t.insert(own_seq, enc(&e)?.as_slice()).map_err(storage)?;
                 own_seq += 1;
             }

@@ -192,6 +192,16 @@ async fn scripted_workload_reports_exact_totals() {
     assert_eq!(o["records"], 0);
 }
 
+/// Everything the proxies of `h` logged so far.
+fn proxy_logs(h: &Host) -> String {
+    std::fs::read_dir(h.dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("proxy-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect()
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -396,12 +406,7 @@ async fn torn_tail_and_lagging_counter_are_repaired_on_start() {
     let (code, r) = report(&v, &export(&h, "repaired.usage"));
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(r["blocks"].as_u64().unwrap(), n as u64 + 2, "{r:#}");
-    let logs: String = std::fs::read_dir(h.dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("proxy-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect();
+    let logs = proxy_logs(&h);
     assert!(logs.contains("cutting off a partial block"), "{logs}");
     assert!(logs.contains("caught the TPM counter up"), "{logs}");
 
@@ -426,11 +431,6 @@ async fn torn_tail_and_lagging_counter_are_repaired_on_start() {
     let (code, r) = report(&v, &export(&h, "repaired2.usage"));
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(r["blocks"].as_u64().unwrap(), m as u64 + 1, "{r:#}");
-    let logs: String = std::fs::read_dir(h.dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("proxy-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect();
+    let logs = proxy_logs(&h);
     assert!(logs.contains("whose checksum does not match"), "{logs}");
 }
