@@ -606,11 +606,11 @@ impl Service {
 
     /// Renews a lease of `vm` and issues a fresh token for it.
     pub fn renew(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
+        // The lease as it was, for its usage records; not looked up while metering is off.
         let before = self
-            .ledger
-            .lease(&r.lease_id)
-            .ok()
-            .flatten()
+            .usage
+            .get()
+            .and_then(|_| self.ledger.lease(&r.lease_id).ok().flatten())
             .filter(|l| l.vm_uuid == vm.uuid);
         let res = self.renew_unmetered(vm, r);
         if let (Err(_), Some(l)) = (&res, &before) {

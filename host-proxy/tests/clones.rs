@@ -5,7 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hostbind_testkit::host::{Agent, Host, Vendor};
+
+mod usage_report;
 use std::path::Path;
+use usage_report::{export, report};
 
 /// Every message appends a chain id, so each step below is visible to the proxy.
 const CHAIN_ARGS: &[&str] = &["--chain-messages", "1"];
@@ -105,24 +108,8 @@ fn observe_serves_both_copies_and_lists_the_clone() {
     }
     // The clone reaches the vendor through the usage log: the report names it.
     std::thread::sleep(std::time::Duration::from_millis(600));
-    let log = h.dir().join("usage-export.log");
-    h.proxy_ok(&["usage", "export", "--out", log.to_str().unwrap(), "--force"])
-        .unwrap();
-    let out = hostbind_testkit::host::run(
-        "hostbind-issuer",
-        &[
-            "usage",
-            "report",
-            log.to_str().unwrap(),
-            "--key",
-            v.key().to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-    )
-    .unwrap();
-    assert_eq!(out.status.code(), Some(3), "anomalies exit with 3");
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (code, r) = report(&v, &export(&h, "usage-export.log"));
+    assert_eq!(code, 3, "anomalies exit with 3");
     let vm_b = &h.vm("vm-b").unwrap().uuid;
     assert!(
         r["anomalies"]

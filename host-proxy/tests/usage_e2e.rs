@@ -4,14 +4,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hostbind_attest::wire::{Body, ErrorCode, Release, Renew, Scope};
-use hostbind_testkit::host::{run, Host, Vendor};
+use hostbind_testkit::host::{Host, Vendor};
 use ring::rand::{SecureRandom, SystemRandom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use tokio::net::UnixStream;
 
 mod wire_guest;
 use wire_guest::WireGuest;
+mod usage_report;
+use usage_report::{export, report};
 
 type Guest = WireGuest<UnixStream>;
 
@@ -32,39 +34,6 @@ fn add_license(h: &Host, v: &Vendor, product: &str, seats: u32, mode: &str, extr
     let lic = h.issue_license(v, product, seats, mode, extra).unwrap();
     h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
         .unwrap();
-}
-
-fn export(h: &Host, name: &str) -> PathBuf {
-    let out = h.dir().join(name);
-    h.proxy_ok(&["usage", "export", "--out", out.to_str().unwrap(), "--force"])
-        .unwrap();
-    out
-}
-
-/// Runs `hostbind-issuer usage report` and returns (exit code, parsed JSON).
-fn report(v: &Vendor, file: &Path) -> (i32, serde_json::Value) {
-    let out = run(
-        "hostbind-issuer",
-        &[
-            "usage",
-            "report",
-            file.to_str().unwrap(),
-            "--key",
-            v.key().to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-    )
-    .unwrap();
-    let code = out.status.code().unwrap_or(-1);
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "report is not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (code, json)
 }
 
 fn anomaly_kinds(r: &serde_json::Value) -> Vec<String> {

@@ -1,0 +1,40 @@
+//! Shared by the usage tests: export a proxy's usage log and read it with the vendor's
+//! `hostbind-issuer usage report`.
+#![allow(dead_code)]
+
+use hostbind_testkit::host::{run, Host, Vendor};
+use std::path::{Path, PathBuf};
+
+/// Exports the usage log of `h`'s proxy to `name` in its dir.
+pub fn export(h: &Host, name: &str) -> PathBuf {
+    let out = h.dir().join(name);
+    h.proxy_ok(&["usage", "export", "--out", out.to_str().unwrap(), "--force"])
+        .unwrap();
+    out
+}
+
+/// Runs `hostbind-issuer usage report` and returns (exit code, parsed JSON).
+pub fn report(v: &Vendor, file: &Path) -> (i32, serde_json::Value) {
+    let out = run(
+        "hostbind-issuer",
+        &[
+            "usage",
+            "report",
+            file.to_str().unwrap(),
+            "--key",
+            v.key().to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+    )
+    .unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "report is not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, json)
+}
