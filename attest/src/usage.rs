@@ -1506,12 +1506,48 @@ mod tests {
 
     #[test]
     fn clear_header_shows_no_usage_data() {
-        let w = workload();
+        // Values long enough (>= 12 bytes) that random ciphertext cannot
+        // contain them by chance; short ones like "L1" appear in 16 KiB of
+        // random bytes about one time in four.
+        let lease = LeaseRef {
+            lease_id: "lease-7f3a9c1e".into(),
+            product: "cad-suite-professional".into(),
+            license_id: "license-2026-0042".into(),
+            customer: "ACME Engineering GmbH".into(),
+            vm: VmRef {
+                uuid: "6f1c2d3e-4b5a-4978-8a1b-2c3d4e5f6a7b".into(),
+                name: "build-server-east".into(),
+            },
+        };
+        let mut w = Writer::new();
+        w.seal(
+            T0 + 60,
+            vec![
+                UsageRecord::LeaseStart {
+                    at: T0 + 10,
+                    lease: lease.clone(),
+                    scope: "vm".into(),
+                },
+                UsageRecord::TokenIssued {
+                    at: T0 + 10,
+                    lease: lease.clone(),
+                },
+            ],
+        );
         let b = w.bytes();
-        for needle in [&b"ACME"[..], b"cad", b"vm1", b"uuid-", b"L1"] {
+        let r = read_log(&b, &secret(), 60);
+        assert_eq!(r.records, 2, "the block must hold the records searched for");
+        for needle in [
+            &lease.lease_id,
+            &lease.product,
+            &lease.license_id,
+            &lease.customer,
+            &lease.vm.uuid,
+            &lease.vm.name,
+        ] {
             assert!(
-                !b.windows(needle.len()).any(|x| x == needle),
-                "{needle:?} readable"
+                !b.windows(needle.len()).any(|x| x == needle.as_bytes()),
+                "{needle:?} readable in the log"
             );
         }
     }

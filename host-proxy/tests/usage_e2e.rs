@@ -139,15 +139,11 @@ async fn scripted_workload_reports_exact_totals() {
     assert_eq!(r["records"], 2 + 6 + 2 + 1 + 2, "{r:#}");
     let _ = tb;
 
-    // the export holds nothing readable without the vendor key
+    // the export holds nothing readable without the vendor key (needles of
+    // 4+ bytes: a 3-byte one like the product "cad" turns up in a few KiB
+    // of random ciphertext about once in a thousand runs)
     let bytes = std::fs::read(h.dir().join("final.usage")).unwrap();
-    for needle in [
-        "ACME",
-        "cad",
-        "vm-a",
-        &h.vm("vm-a").unwrap().uuid,
-        &h.host_id,
-    ] {
+    for needle in ["ACME", "vm-a", &h.vm("vm-a").unwrap().uuid, &h.host_id] {
         assert!(
             !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
             "{needle} is readable in the export"
