@@ -13,5 +13,6 @@ pub mod signed;
 pub mod token;
 pub mod tpm;
 pub mod usage;
+pub mod usage_body;
 pub mod verify;
 pub mod wire;

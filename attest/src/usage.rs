@@ -6,11 +6,11 @@
 //! ```text
 //! offset  size  field (clear text, big-endian)
 //!      0     8  magic "HBUSAGE1"
-//!      8     2  format version (1)
+//!      8     2  format version (2)
 //!     10     2  reserved (0)
 //!     12     8  seq: block number, 0 for the first block of a log
 //!     20    32  prev: SHA-256 of the whole previous block (zeros for seq 0)
-//!     52     8  nv: value of the host's TPM NV counter for this block (previous block's + 1)
+//!     52     8  nv: the host's TPM NV counter value of this block's group (see below)
 //!     60     8  TPM clock (ms), from an AK-signed TPM2_GetTime
 //!     68     4  TPM resetCount
 //!     72     4  TPM restartCount
@@ -25,7 +25,17 @@
 //! metering key with the 96-byte header as associated data; its plaintext is a 4-byte length, the
 //! CBOR [`BlockBody`] and zero padding to a fixed size, so every block is the same size whatever
 //! it holds. The clear header shows only block numbers, counter and clock values and sealing
-//! times: no customer, product, host or VM.
+//! times: no customer, product, host or VM. The CBOR is the compact form of
+//! [`crate::usage_body`]: VMs, (product, license, customer) triples and leases once per block in
+//! tables, records by index (a block holds ~80 records of short leases, ~17 with names in every
+//! record).
+//!
+//! The proxy seals blocks in groups (up to 64, whatever has piled up since the last seal):
+//! the blocks of a group share one TPM clock reading and one counter value, and the counter
+//! steps by one per group. So in an honest log `nv` either stays the same with the same TPM
+//! clock (same group) or goes up by exactly one; a jump means sealed groups were lost (a
+//! restored log), a repeat with another clock reading or a decrease means the counter was reset
+//! or blocks were spliced in.
 //!
 //! The metering key is an X25519 key pair derived from the vendor's signing key
 //! ([`MeteringSecret::from_vendor`]); its public half travels in licenses (`metering_key`).
@@ -57,7 +67,7 @@ pub const MAX_BODY: usize = PLAINTEXT_SIZE - 4;
 /// Magic at the start of every block.
 pub const MAGIC: &[u8; 8] = b"HBUSAGE1";
 /// Block format version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const HPKE_INFO: &[u8] = b"hostbind usage log v1";
 const METERING_LABEL: &str = "hostbind usage metering key v1";
 /// Default tolerance between wall-clock and TPM-clock progress before a jump is reported.
@@ -89,7 +99,7 @@ pub enum UsageError {
 }
 
 /// A VM as the proxy identified it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct VmRef {
     /// VM UUID.
     pub uuid: String,
@@ -141,12 +151,20 @@ pub enum UsageRecord {
         /// Why.
         reason: String,
     },
-    /// A token was issued for a lease.
+    /// Tokens were issued for a lease: `count` of them (1 when absent), the first at `at`, the
+    /// last at `last` (absent for one token). The proxy counts a lease's tokens of one UTC day
+    /// into one record while they wait to be sealed.
     TokenIssued {
-        /// Unix seconds.
+        /// Unix seconds of the first token.
         at: u64,
         /// The lease.
         lease: LeaseRef,
+        /// How many tokens.
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        count: u64,
+        /// Unix seconds of the last token, when more than one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last: Option<u64>,
     },
     /// A request was refused.
     Refusal {
@@ -197,7 +215,25 @@ pub enum UsageRecord {
     },
 }
 
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
+}
+
 impl UsageRecord {
+    /// One token issued for `lease` at `at`.
+    pub fn token(at: u64, lease: LeaseRef) -> UsageRecord {
+        UsageRecord::TokenIssued {
+            at,
+            lease,
+            count: 1,
+            last: None,
+        }
+    }
+
     /// CBOR size of this record (what it takes of a block's body).
     pub fn encoded_len(&self) -> usize {
         to_cbor(self).map(|v| v.len()).unwrap_or(MAX_BODY)
@@ -217,8 +253,13 @@ impl UsageRecord {
     }
 }
 
-/// The encrypted content of one block.
+/// The encrypted content of one block (written in the compact form of
+/// [`crate::usage_body`]: tables of VMs, parties and leases, records by index).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    into = "crate::usage_body::WireBody",
+    try_from = "crate::usage_body::WireBody"
+)]
 pub struct BlockBody {
     /// Host id (SHA-256 of the EK public area), hex.
     pub host_id: String,
@@ -753,24 +794,27 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
     for w in ordered.windows(2) {
         let (a, b) = (&w[0].header, &w[1].header);
         let dseq = b.seq - a.seq;
-        if b.nv <= a.nv {
+        // Blocks sealed together (one group) share the counter value and the TPM clock
+        // reading; each group steps the counter by one.
+        let same_group = b.nv == a.nv && b.tpm == a.tpm;
+        if b.nv < a.nv || (b.nv == a.nv && !same_group) {
             anomalies.push(Anomaly {
                 kind: AnomalyKind::NvCounterRolledBack,
                 seq: Some(b.seq),
                 index: Some(w[1].index),
                 detail: format!(
-                    "the TPM NV counter went from {} (block {}) to {} (block {}): it must increase with every block; the counter was reset, or the block comes from another log",
+                    "the TPM NV counter went from {} (block {}) to {} (block {}): it must increase with every group of blocks sealed together; the counter was reset, or the block comes from another log",
                     a.nv, a.seq, b.nv, b.seq
                 ),
             });
-        } else if b.nv - a.nv > dseq {
+        } else if b.nv > a.nv && b.nv - a.nv > dseq {
             let lost = b.nv - a.nv - dseq;
             anomalies.push(Anomaly {
                 kind: AnomalyKind::LogRolledBack,
                 seq: Some(b.seq),
                 index: Some(w[1].index),
                 detail: format!(
-                    "the TPM NV counter jumped from {} (block {}) to {} (block {}): {lost} block(s) sealed after block {} are gone; an older copy of the log or state dir was restored",
+                    "the TPM NV counter jumped from {} (block {}) to {} (block {}): {lost} group(s) of blocks sealed after block {} are gone; an older copy of the log or state dir was restored",
                     a.nv, a.seq, b.nv, b.seq, a.seq
                 ),
             });
@@ -918,8 +962,11 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
                         add_seconds(&mut acc, host, &l, from, (*at).max(from));
                     }
                 }
-                UsageRecord::TokenIssued { at, lease } => {
-                    row(&mut acc, *at, &lease.customer, &lease.product, host, &lease.vm).tokens += 1;
+                UsageRecord::TokenIssued {
+                    at, lease, count, ..
+                } => {
+                    let r = row(&mut acc, *at, &lease.customer, &lease.product, host, &lease.vm);
+                    r.tokens = r.tokens.saturating_add(*count);
                 }
                 UsageRecord::Refusal {
                     at,
@@ -1098,19 +1145,13 @@ mod tests {
                     lease: a.clone(),
                     scope: "vm".into(),
                 },
-                UsageRecord::TokenIssued {
-                    at: T0 + 10,
-                    lease: a.clone(),
-                },
+                UsageRecord::token(T0 + 10, a.clone()),
                 UsageRecord::LeaseStart {
                     at: T0 + 20,
                     lease: b.clone(),
                     scope: "process".into(),
                 },
-                UsageRecord::TokenIssued {
-                    at: T0 + 20,
-                    lease: b.clone(),
-                },
+                UsageRecord::token(T0 + 20, b.clone()),
             ],
         );
         w.seal(
@@ -1120,9 +1161,12 @@ mod tests {
                     at: T0 + 70,
                     lease: a.clone(),
                 },
+                // three tokens counted into one record
                 UsageRecord::TokenIssued {
                     at: T0 + 70,
                     lease: a.clone(),
+                    count: 3,
+                    last: Some(T0 + 75),
                 },
                 UsageRecord::LeaseEnd {
                     at: T0 + 80,
@@ -1177,7 +1221,7 @@ mod tests {
         assert_eq!((r.blocks, r.blocks_opened, r.records), (4, 4, 9));
         assert_eq!(r.open_leases, 0);
         let a1 = row(&r, "2025-12-31", "vm1");
-        assert_eq!((a1.lease_seconds, a1.leases, a1.tokens), (590, 1, 2));
+        assert_eq!((a1.lease_seconds, a1.leases, a1.tokens), (590, 1, 4));
         let a2 = row(&r, "2026-01-01", "vm1");
         assert_eq!((a2.lease_seconds, a2.leases, a2.tokens), (300, 0, 0));
         let b = row(&r, "2025-12-31", "vm2");
@@ -1332,6 +1376,31 @@ mod tests {
     }
 
     #[test]
+    fn blocks_sealed_together_share_one_counter_step() {
+        let mut w = workload();
+        // a group of three blocks: one TPM clock reading, one counter value
+        w.seal(T0 + 1080, vec![]);
+        w.nv -= 1;
+        w.seal(T0 + 1080, vec![]);
+        w.nv -= 1;
+        w.seal(T0 + 1080, vec![]);
+        w.seal(T0 + 1140, vec![]);
+        let r = read_log(&w.bytes(), &secret(), 60);
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.blocks, 8);
+        // the same counter value with another clock reading is not one group
+        w.nv -= 1;
+        w.seal(T0 + 1200, vec![]);
+        let r = read_log(&w.bytes(), &secret(), 60);
+        assert_eq!(
+            kinds(&r),
+            vec![AnomalyKind::NvCounterRolledBack],
+            "{:#?}",
+            r.anomalies
+        );
+    }
+
+    #[test]
     fn restored_older_log_is_named() {
         // blocks 2.. were sealed, then the log was restored to blocks 0..1 and the proxy went on:
         // its next block has the next sequence number but the TPM counter kept counting
@@ -1350,7 +1419,7 @@ mod tests {
             r.anomalies
         );
         assert!(
-            r.anomalies[0].detail.contains("2 block(s)"),
+            r.anomalies[0].detail.contains("2 group(s) of blocks"),
             "{}",
             r.anomalies[0].detail
         );
@@ -1528,10 +1597,7 @@ mod tests {
                     lease: lease.clone(),
                     scope: "vm".into(),
                 },
-                UsageRecord::TokenIssued {
-                    at: T0 + 10,
-                    lease: lease.clone(),
-                },
+                UsageRecord::token(T0 + 10, lease.clone()),
             ],
         );
         let b = w.bytes();

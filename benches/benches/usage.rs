@@ -9,34 +9,44 @@ use hostbind_attest::usage::{
     block_hash, open_block, read_log, seal_block, BlockBody, BlockHeader, LeaseRef, MeteringSecret,
     TpmClock, UsageRecord, VmRef, BLOCK_SIZE, MAX_BODY,
 };
+use hostbind_attest::usage_body::BodyBuilder;
 use rand_core::OsRng;
 
-/// A body filled with as many token records as fit.
+/// A body filled as a busy host fills one: short leases (start, token, end) on 8 VMs, as many
+/// as fit.
 fn full_body() -> BlockBody {
-    let lease = LeaseRef {
-        lease_id: "6f1c0a3e9b2d4c58a1b2c3d4e5f60718".into(),
-        product: "acme-cad-pro".into(),
-        license_id: "lic-0123456789abcdef".into(),
-        customer: "ACME Engineering".into(),
-        vm: VmRef {
-            uuid: "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01".into(),
-            name: "cad-workstation-01".into(),
-        },
-    };
-    let mut body = BlockBody {
-        host_id: "ab".repeat(32),
-        records: Vec::new(),
-    };
-    loop {
-        body.records.push(UsageRecord::TokenIssued {
-            at: 1_800_000_000,
-            lease: lease.clone(),
-        });
-        if body.encoded_len().unwrap() > MAX_BODY {
-            body.records.pop();
-            return body;
+    let mut b = BodyBuilder::new(&"ab".repeat(32));
+    for i in 0u64.. {
+        let lease = LeaseRef {
+            lease_id: format!("6f1c0a3e-9b2d-4c58-a1b2-{i:012}"),
+            product: "acme-cad-pro".into(),
+            license_id: "lic-0123456789abcdef".into(),
+            customer: "ACME Engineering".into(),
+            vm: VmRef {
+                uuid: format!("6f1c1c8e-0a1d-4d4e-9a53-{:012}", i % 8),
+                name: format!("cad-workstation-{:02}", i % 8),
+            },
+        };
+        let at = 1_800_000_000 + i;
+        for r in [
+            UsageRecord::LeaseStart {
+                at,
+                lease: lease.clone(),
+                scope: "vm".into(),
+            },
+            UsageRecord::token(at, lease.clone()),
+            UsageRecord::LeaseEnd {
+                at: at + 1,
+                lease,
+                reason: "released by the guest".into(),
+            },
+        ] {
+            if b.push(r, MAX_BODY).is_err() {
+                return b.finish();
+            }
         }
     }
+    b.finish()
 }
 
 fn header(seq: u64, prev: [u8; 32]) -> BlockHeader {

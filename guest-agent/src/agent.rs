@@ -22,6 +22,8 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/hostbind-agent";
 /// Name of the state file holding the last host id (hex), in the state directory.
 pub const LAST_HOST_FILE: &str = "last-host";
+/// How long a request made right after the agent started waits for its first session.
+pub const FIRST_SESSION_WAIT: Duration = Duration::from_secs(5);
 /// A 32-byte physical host id.
 pub type HostId = [u8; wire::HOST_ID_LEN];
 
@@ -200,7 +202,10 @@ impl Shared {
     pub async fn call(&self, body: wire::Body) -> Result<conn::Reply, conn::CallError> {
         let (tx, rx) = oneshot::channel();
         if self.lock().session.is_none() {
-            return Err(self.not_connected());
+            self.wait_for_first_session().await;
+            if self.lock().session.is_none() {
+                return Err(self.not_connected());
+            }
         }
         self.requests
             .send(Outgoing { body, reply: tx })
@@ -208,6 +213,25 @@ impl Shared {
             .map_err(|_| conn::CallError::Lost("the agent is shutting down".into()))?;
         rx.await
             .unwrap_or_else(|_| Err(conn::CallError::Lost("the agent is shutting down".into())))
+    }
+
+    /// Right after the agent starts (no session yet and no failed attempt either), waits up
+    /// to [`FIRST_SESSION_WAIT`] for the first attempt to end, so that an app started together
+    /// with the agent is served instead of told "not connected". Returns at once otherwise.
+    async fn wait_for_first_session(&self) {
+        let deadline = tokio::time::Instant::now() + FIRST_SESSION_WAIT;
+        loop {
+            {
+                let st = self.lock();
+                if st.session.is_some() || st.last_error.is_some() {
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The error for "no session", with the last failure and what to check.

@@ -2,12 +2,18 @@
 //! fixed-size, HPKE-sealed, hash-chained blocks (format in `hostbind_attest::usage`) to
 //! `<dir>/usage.log`, each stamped with the TPM clock and a TPM NV counter value.
 //!
-//! Crash safety: a block is one `write` of 4 KiB at the end of the file followed by `fsync`;
-//! only then is the NV counter incremented (so in an honest log every block's counter is the
-//! previous one's + 1). On open, a torn last block (partial, or whole but with a bad checksum)
-//! is cut off, and a counter one behind the last block (killed between fsync and increment) is
-//! caught up. Records still buffered when the proxy is killed (at most one flush interval's)
-//! are lost; everything sealed stays verifiable.
+//! Sealing: records wait in memory (a lease's tokens of a day counted into one record) until
+//! `flush_interval` or until 16 blocks' worth are waiting; then everything waiting is sealed as
+//! one group of up to [`MAX_GROUP`] blocks under one TPM clock reading and one NV counter step,
+//! so the TPM work per record shrinks as the load grows.
+//!
+//! Crash safety: a group is one `write` at the end of the file followed by `fsync`; only then
+//! is the NV counter incremented (so in an honest log each group's counter is the previous
+//! one's + 1). On open, a torn tail (a partial block, or a block of the last group with a bad
+//! checksum and everything after it) is cut off, and a counter one behind the last block
+//! (killed between fsync and increment) is caught up. A flush cancelled at shutdown puts its
+//! unsealed records back, and the shutdown seals them. Records still buffered when the proxy
+//! is killed (at most one flush interval's) are lost; everything sealed stays verifiable.
 //!
 //! The log is encrypted to the metering key carried in the licenses (`metering_key`). One
 //! vendor key gives one metering key, so a host keeps one log; a license without a metering
@@ -20,9 +26,10 @@ use hostbind_attest::usage::{
     block_hash, block_intact, seal_block, BlockBody, BlockHeader, LeaseRef, MeteringKey, TpmClock,
     UsageError, UsageRecord, VmRef, BLOCK_SIZE, MAX_BODY,
 };
+use hostbind_attest::usage_body::BodyBuilder;
 use hostbind_fsutil::unix_now;
 use serde::Deserialize;
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -35,6 +42,11 @@ pub const LOG_FILE: &str = "usage.log";
 pub const DEFAULT_NV_INDEX: u32 = 0x0100_4862;
 /// Records kept in memory at most while blocks cannot be sealed (TPM or disk trouble).
 pub const MAX_PENDING: usize = 100_000;
+/// Buffered records are sealed before `flush_interval` when they fill about this many bytes
+/// (16 blocks); full blocks are sealed then and the rest waits.
+const EARLY_FLUSH_BYTES: usize = 16 * MAX_BODY;
+/// Blocks sealed together at most, under one TPM clock reading and one NV counter step.
+pub const MAX_GROUP: usize = 64;
 
 fn default_true() -> bool {
     true
@@ -53,7 +65,7 @@ pub struct UsageConfig {
     /// Keep a usage log (default true; metering also needs licenses with a metering key).
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// How often buffered records are sealed into a block (a full block is sealed at once).
+    /// How often buffered records are sealed into blocks (sooner when 16 blocks' worth wait).
     #[serde(default = "default_flush")]
     pub flush_interval: Dur,
     /// Directory of the log (default: `<state_dir>/usage`).
@@ -174,12 +186,109 @@ impl Writer {
     }
 }
 
+/// Records waiting to be sealed. A lease's tokens of one UTC day are counted into one
+/// `TokenIssued` record, and a renewal of a lease that already has a start or renewal waiting
+/// is not kept (the reader needs one per block to open a lease whose start block is missing),
+/// so a busy lease costs two records per flush, not two per token.
 #[derive(Default)]
 struct Pending {
     records: Vec<UsageRecord>,
-    /// CBOR bytes of `records` (roughly what they take of block bodies).
+    /// CBOR bytes of `records` as added (what they take of block bodies, less the few bytes
+    /// a counted `TokenIssued` grows by).
     bytes: usize,
     dropped: u64,
+    /// Index in `records` of the `TokenIssued` of (lease id, day).
+    tokens: HashMap<(String, u64), usize>,
+    /// Leases with a start or renewal in `records`.
+    renewed: HashSet<String>,
+}
+
+impl Pending {
+    /// Adds `r`, counting it into a waiting record when it can. False when the buffer is full.
+    fn add(&mut self, r: UsageRecord) -> bool {
+        match &r {
+            UsageRecord::TokenIssued { at, lease, .. } => {
+                let key = (lease.lease_id.clone(), at / 86_400);
+                if let Some(UsageRecord::TokenIssued { count, last, .. }) =
+                    self.tokens.get(&key).and_then(|&i| self.records.get_mut(i))
+                {
+                    *count = count.saturating_add(1);
+                    *last = Some(last.map_or(*at, |l| l.max(*at)));
+                    return true;
+                }
+                if self.records.len() < MAX_PENDING {
+                    self.tokens.insert(key, self.records.len());
+                }
+            }
+            UsageRecord::LeaseRenew { lease, .. } => {
+                if self.renewed.contains(&lease.lease_id) {
+                    return true;
+                }
+                self.renewed.insert(lease.lease_id.clone());
+            }
+            UsageRecord::LeaseStart { lease, .. } => {
+                self.renewed.insert(lease.lease_id.clone());
+            }
+            _ => {}
+        }
+        if self.records.len() >= MAX_PENDING {
+            self.dropped += 1;
+            return false;
+        }
+        self.bytes += r.encoded_len();
+        self.records.push(r);
+        true
+    }
+
+    /// Takes all records out (for sealing).
+    fn take(&mut self) -> (Vec<UsageRecord>, u64) {
+        self.bytes = 0;
+        self.tokens.clear();
+        self.renewed.clear();
+        (
+            std::mem::take(&mut self.records),
+            std::mem::take(&mut self.dropped),
+        )
+    }
+
+    /// Puts records that were taken but not sealed back in front of the ones added since.
+    fn put_back(&mut self, front: impl IntoIterator<Item = UsageRecord>) {
+        let later = std::mem::take(&mut self.records);
+        self.tokens.clear();
+        self.renewed.clear();
+        self.records = front.into_iter().collect();
+        self.bytes = self.records.iter().map(UsageRecord::encoded_len).sum();
+        if self.records.len() > MAX_PENDING {
+            let over = self.records.len() - MAX_PENDING;
+            self.records.drain(..over);
+            self.dropped += over as u64;
+        }
+        for r in later {
+            self.add(r);
+        }
+    }
+}
+
+/// Records taken out of the buffer by a flush. Whatever is still here when it is dropped
+/// (sealing failed, only full blocks were wanted, or the flush was cancelled at shutdown) goes
+/// back to the front of the buffer; blocks leave `sealing` only once they are durable.
+struct Taken<'a> {
+    pending: &'a Mutex<Pending>,
+    queue: VecDeque<UsageRecord>,
+    sealing: Vec<BlockBody>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        let mut records: Vec<UsageRecord> =
+            self.sealing.drain(..).flat_map(|b| b.records).collect();
+        records.extend(self.queue.drain(..));
+        if !records.is_empty() {
+            if let Ok(mut p) = self.pending.lock() {
+                p.put_back(records);
+            }
+        }
+    }
 }
 
 /// The running usage log.
@@ -194,8 +303,11 @@ pub struct UsageLog {
     full: tokio::sync::Notify,
 }
 
-/// Cuts a torn tail (partial block, or a last block with a bad checksum) off the log file and
-/// returns the header and hash of the last block.
+/// Cuts a torn tail off the log file and returns the header and hash of the last block left.
+/// Only the last group can be torn (each group is fsynced before the next is written), so the
+/// last [`MAX_GROUP`] blocks are checked and the file is cut at the first whose checksum fails
+/// (the disk may have kept a later block of the group but not an earlier one), as well as at a
+/// partial block.
 fn repair(path: &Path, file: &mut File) -> Result<Option<(BlockHeader, [u8; 32])>, UsageLogError> {
     let len = file.metadata().map_err(io(path, "stat"))?.len();
     let mut whole = len / BLOCK_SIZE as u64;
@@ -207,28 +319,31 @@ fn repair(path: &Path, file: &mut File) -> Result<Option<(BlockHeader, [u8; 32])
             tail
         );
     }
+    let window = whole.min(MAX_GROUP as u64);
+    let mut b = vec![0u8; BLOCK_SIZE];
+    file.seek(SeekFrom::Start((whole - window) * BLOCK_SIZE as u64))
+        .map_err(io(path, "seek"))?;
     let mut last = None;
-    if whole > 0 {
-        let mut b = vec![0u8; BLOCK_SIZE];
+    for i in whole - window..whole {
+        file.read_exact(&mut b).map_err(io(path, "read"))?;
+        if !block_intact(&b) {
+            tracing::warn!(
+                "usage log {}: cutting off blocks {}..{} from the first whose checksum does not match (torn write)",
+                path.display(),
+                i,
+                whole - 1
+            );
+            whole = i;
+            break;
+        }
+        last = BlockHeader::decode(&b).ok().map(|h| (h, block_hash(&b)));
+    }
+    if whole > 0 && last.is_none() {
+        // the cut is at the window's first block: the last block left is the one before it
         file.seek(SeekFrom::Start((whole - 1) * BLOCK_SIZE as u64))
             .map_err(io(path, "seek"))?;
         file.read_exact(&mut b).map_err(io(path, "read"))?;
-        if block_intact(&b) {
-            last = BlockHeader::decode(&b).ok().map(|h| (h, block_hash(&b)));
-        } else {
-            tracing::warn!(
-                "usage log {}: cutting off block {} whose checksum does not match (torn write)",
-                path.display(),
-                whole - 1
-            );
-            whole -= 1;
-            if whole > 0 {
-                file.seek(SeekFrom::Start((whole - 1) * BLOCK_SIZE as u64))
-                    .map_err(io(path, "seek"))?;
-                file.read_exact(&mut b).map_err(io(path, "read"))?;
-                last = BlockHeader::decode(&b).ok().map(|h| (h, block_hash(&b)));
-            }
-        }
+        last = BlockHeader::decode(&b).ok().map(|h| (h, block_hash(&b)));
     }
     if whole * BLOCK_SIZE as u64 != len {
         file.set_len(whole * BLOCK_SIZE as u64)
@@ -314,13 +429,8 @@ impl UsageLog {
         let Ok(mut p) = self.pending.lock() else {
             return;
         };
-        if p.records.len() >= MAX_PENDING {
-            p.dropped += 1;
-            return;
-        }
-        p.bytes += r.encoded_len();
-        p.records.push(r);
-        if p.bytes >= MAX_BODY {
+        p.add(r);
+        if p.bytes >= EARLY_FLUSH_BYTES {
             self.full.notify_one();
         }
     }
@@ -336,101 +446,71 @@ impl UsageLog {
     }
 
     /// Seals buffered records; with `full_only`, only into full blocks (the rest waits).
+    /// Takes the buffer once and puts back once what it did not seal, so a large backlog
+    /// costs time linear in its size; [`BodyBuilder`] knows a body's size as it fills it.
+    /// Cancellation-safe: records not yet durable go back to the buffer (see [`Taken`]).
     async fn flush_blocks(&self, full_only: bool) -> Result<usize, UsageLogError> {
         let mut w = self.writer.lock().await;
+        let Some(key) = self.key() else {
+            return Ok(0);
+        };
+        let (records, dropped) = match self.pending.lock() {
+            Ok(mut p) => p.take(),
+            Err(_) => return Ok(0),
+        };
+        let mut t = Taken {
+            pending: &self.pending,
+            queue: records.into(),
+            sealing: Vec::new(),
+        };
+        if dropped > 0 {
+            t.queue.push_front(UsageRecord::RecordsDropped {
+                at: unix_now(),
+                count: dropped,
+            });
+        }
         let mut written = 0;
-        loop {
-            let Some(key) = self.key() else {
-                return Ok(written);
-            };
-            let (records, dropped) = match self.pending.lock() {
-                Ok(mut p) => {
-                    p.bytes = 0;
-                    (
-                        std::mem::take(&mut p.records),
-                        std::mem::take(&mut p.dropped),
-                    )
-                }
-                Err(_) => return Ok(written),
-            };
-            let mut records = records;
-            if dropped > 0 {
-                records.insert(
-                    0,
-                    UsageRecord::RecordsDropped {
-                        at: unix_now(),
-                        count: dropped,
-                    },
-                );
-            }
-            if records.is_empty() {
-                return Ok(written);
-            }
-            // fill one block; the rest goes back to the front of the buffer
-            let mut body = BlockBody {
-                host_id: self.host_id.clone(),
-                records: Vec::new(),
-            };
-            let mut queue: VecDeque<UsageRecord> = records.into();
-            let mut full = false;
-            while let Some(r) = queue.pop_front() {
-                body.records.push(r);
-                if body.encoded_len()? > MAX_BODY {
-                    if let Some(r) = body.records.pop() {
-                        if body.records.is_empty() {
+        while !t.queue.is_empty() {
+            // fill up to MAX_GROUP blocks, sealed under one TPM clock reading and counter step
+            while !t.queue.is_empty() && t.sealing.len() < MAX_GROUP {
+                let mut body = BodyBuilder::new(&self.host_id);
+                let mut full = false;
+                while let Some(r) = t.queue.pop_front() {
+                    if let Err(r) = body.push(r, MAX_BODY) {
+                        if body.is_empty() {
                             tracing::error!("usage record too large for a block, dropped: {r:?}");
-                        } else {
-                            queue.push_front(r);
+                            continue;
                         }
+                        t.queue.push_front(*r);
+                        full = true;
+                        break;
                     }
-                    full = true;
+                }
+                if full_only && !full {
+                    t.queue.extend(body.into_records());
                     break;
                 }
-            }
-            if full_only && !full {
-                queue.extend(body.records.drain(..));
-            }
-            if !queue.is_empty() {
-                if let Ok(mut p) = self.pending.lock() {
-                    p.bytes += queue.iter().map(UsageRecord::encoded_len).sum::<usize>();
-                    let later = std::mem::take(&mut p.records);
-                    p.records = queue.into();
-                    p.records.extend(later);
+                if !body.is_empty() {
+                    t.sealing.push(body.finish());
                 }
             }
-            if body.records.is_empty() {
-                if full_only && !full {
-                    return Ok(written);
-                }
-                continue;
+            if t.sealing.is_empty() {
+                break;
             }
-            match self.seal_one(&mut w, &key, &body).await {
-                Ok(()) => written += 1,
-                Err(e) => {
-                    // keep the records for the next attempt
-                    if let Ok(mut p) = self.pending.lock() {
-                        p.bytes += body.encoded_len().unwrap_or(MAX_BODY);
-                        let later = std::mem::take(&mut p.records);
-                        p.records = body.records;
-                        p.records.extend(later);
-                        if p.records.len() > MAX_PENDING {
-                            let over = p.records.len() - MAX_PENDING;
-                            p.records.drain(..over);
-                            p.dropped += over as u64;
-                        }
-                    }
-                    return Err(e);
-                }
-            }
+            written += self.seal_group(&mut w, &key, &mut t.sealing).await?;
         }
+        Ok(written)
     }
 
-    async fn seal_one(
+    /// Appends `bodies` as consecutive blocks that share one TPM clock reading and one NV
+    /// counter value, makes them durable with one fsync, then steps the counter once.
+    /// `bodies` is emptied as soon as the blocks are durable; returns how many were written.
+    async fn seal_group(
         &self,
         w: &mut Writer,
         key: &MeteringKey,
-        body: &BlockBody,
-    ) -> Result<(), UsageLogError> {
+        bodies: &mut Vec<BlockBody>,
+    ) -> Result<usize, UsageLogError> {
         let counter = match w.counter {
             Some(c) => c,
             None => {
@@ -439,7 +519,7 @@ impl UsageLog {
             }
         };
         let clock = self.tpm.clock_info().await?;
-        let header = BlockHeader {
+        let mut header = BlockHeader {
             seq: w.next_seq,
             prev: w.prev,
             nv: counter + 1,
@@ -451,13 +531,26 @@ impl UsageLog {
             wall: unix_now(),
             key_id: key.key_id(),
         };
-        let block = seal_block(&header, body, key, &mut rand_core::OsRng)?;
-        w.file.write_all(&block).map_err(io(&self.path, "append"))?;
-        w.file.sync_data().map_err(io(&self.path, "fsync"))?;
-        w.next_seq += 1;
-        w.prev = block_hash(&block);
+        let mut bytes = Vec::with_capacity(bodies.len() * BLOCK_SIZE);
+        for body in bodies.iter() {
+            let block = seal_block(&header, body, key, &mut rand_core::OsRng)?;
+            header.seq += 1;
+            header.prev = block_hash(&block);
+            bytes.extend_from_slice(&block);
+        }
+        let len = w.file.metadata().map_err(io(&self.path, "stat"))?.len();
+        if let Err(e) = w.file.write_all(&bytes).and_then(|()| w.file.sync_data()) {
+            // leave no partial group behind for the next append to follow
+            let _ = w.file.set_len(len);
+            return Err(io(&self.path, "append")(e));
+        }
+        w.next_seq = header.seq;
+        w.prev = header.prev;
         w.last_block_nv = Some(header.nv);
         w.counter = None;
+        let blocks = bodies.len();
+        let records: usize = bodies.iter().map(|b| b.records.len()).sum();
+        bodies.clear();
         let now = self
             .tpm
             .nv_counter(NvCounterOp::Increment, self.nv_index)
@@ -472,15 +565,16 @@ impl UsageLog {
         }
         w.counter = Some(now);
         tracing::debug!(
-            seq = header.seq,
+            first = header.seq - blocks as u64,
+            blocks,
             nv = header.nv,
-            records = body.records.len(),
-            "usage block sealed"
+            records,
+            "usage blocks sealed"
         );
-        Ok(())
+        Ok(blocks)
     }
 
-    /// Runs the flush loop: every `interval`, and as soon as many records are waiting.
+    /// Runs the flush loop: every `interval`, and when 16 blocks' worth of records are waiting.
     pub async fn run(self: Arc<Self>, interval: Duration) {
         loop {
             let full_only = tokio::select! {
@@ -620,7 +714,7 @@ pub fn token_records(
                     lease: lease.clone(),
                 },
             };
-            vec![first, UsageRecord::TokenIssued { at: now, lease }]
+            vec![first, UsageRecord::token(now, lease)]
         }
         Err(e) => {
             let code = serde_json::to_value(e.code)
@@ -637,5 +731,153 @@ pub fn token_records(
                 message: e.message.chars().take(512).collect(),
             }]
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(id: &str) -> LeaseRef {
+        LeaseRef {
+            lease_id: id.into(),
+            product: "cad".into(),
+            license_id: "L1".into(),
+            customer: "ACME".into(),
+            vm: VmRef {
+                uuid: format!("uuid-{id}"),
+                name: id.into(),
+            },
+        }
+    }
+
+    fn tokens(p: &Pending) -> Vec<(String, u64, u64, Option<u64>)> {
+        p.records
+            .iter()
+            .filter_map(|r| match r {
+                UsageRecord::TokenIssued {
+                    at,
+                    lease,
+                    count,
+                    last,
+                } => Some((lease.lease_id.clone(), *at, *count, *last)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const DAY: u64 = 86_400;
+    const T: u64 = 20_000 * DAY + 100;
+
+    #[test]
+    fn a_leases_tokens_of_one_day_are_counted_into_one_record() {
+        let mut p = Pending::default();
+        p.add(UsageRecord::LeaseStart {
+            at: T,
+            lease: lease("a"),
+            scope: "vm".into(),
+        });
+        for i in 0..5 {
+            p.add(UsageRecord::token(T + i, lease("a")));
+            p.add(UsageRecord::token(T + 10 + i, lease("b")));
+        }
+        // the next UTC day starts a new record
+        p.add(UsageRecord::token(T - 100 + DAY, lease("a")));
+        assert_eq!(
+            tokens(&p),
+            vec![
+                ("a".into(), T, 5, Some(T + 4)),
+                ("b".into(), T + 10, 5, Some(T + 14)),
+                ("a".into(), T - 100 + DAY, 1, None),
+            ]
+        );
+        assert_eq!(p.records.len(), 4);
+    }
+
+    #[test]
+    fn one_renewal_per_lease_waits_and_a_start_counts_as_one() {
+        let mut p = Pending::default();
+        p.add(UsageRecord::LeaseStart {
+            at: T,
+            lease: lease("a"),
+            scope: "vm".into(),
+        });
+        for i in 1..4 {
+            p.add(UsageRecord::LeaseRenew {
+                at: T + i,
+                lease: lease("a"),
+            });
+            p.add(UsageRecord::LeaseRenew {
+                at: T + i,
+                lease: lease("b"),
+            });
+        }
+        p.add(UsageRecord::LeaseEnd {
+            at: T + 9,
+            lease: lease("b"),
+            reason: "released".into(),
+        });
+        let kinds: Vec<(&str, u64)> = p
+            .records
+            .iter()
+            .map(|r| match r {
+                UsageRecord::LeaseStart { at, .. } => ("start", *at),
+                UsageRecord::LeaseRenew { at, .. } => ("renew", *at),
+                UsageRecord::LeaseEnd { at, .. } => ("end", *at),
+                _ => ("other", 0),
+            })
+            .collect();
+        assert_eq!(kinds, vec![("start", T), ("renew", T + 1), ("end", T + 9)]);
+    }
+
+    #[test]
+    fn records_put_back_stay_in_front_and_later_ones_still_count() {
+        let mut p = Pending::default();
+        p.add(UsageRecord::token(T, lease("a")));
+        p.add(UsageRecord::token(T + 1, lease("a")));
+        let (taken, dropped) = p.take();
+        assert_eq!((taken.len(), dropped, p.bytes), (1, 0, 0));
+        // sealing failed meanwhile new tokens came in
+        p.add(UsageRecord::token(T + 2, lease("a")));
+        p.add(UsageRecord::token(T + 3, lease("a")));
+        p.put_back(taken);
+        assert_eq!(
+            tokens(&p),
+            vec![
+                ("a".into(), T, 2, Some(T + 1)),
+                ("a".into(), T + 2, 2, Some(T + 3))
+            ]
+        );
+        assert_eq!(
+            p.bytes,
+            p.records.iter().map(|r| r.encoded_len()).sum::<usize>()
+        );
+        // and go on counting into the later record
+        p.add(UsageRecord::token(T + 4, lease("a")));
+        assert_eq!(tokens(&p)[1], ("a".into(), T + 2, 3, Some(T + 4)));
+    }
+
+    #[test]
+    fn a_full_buffer_counts_what_it_drops() {
+        let mut p = Pending::default();
+        for i in 0..MAX_PENDING as u64 {
+            assert!(p.add(UsageRecord::Refusal {
+                at: T + i,
+                product: "cad".into(),
+                license_id: String::new(),
+                customer: String::new(),
+                vm: VmRef::default(),
+                code: "seats_exhausted".into(),
+                message: String::new(),
+            }));
+        }
+        assert!(!p.add(UsageRecord::token(T, lease("a"))));
+        assert!(!p.add(UsageRecord::token(T, lease("a"))));
+        assert_eq!((p.records.len(), p.dropped), (MAX_PENDING, 2));
+        let (r, d) = p.take();
+        assert_eq!(
+            (r.len(), d, p.records.len(), p.dropped),
+            (MAX_PENDING, 2, 0, 0)
+        );
     }
 }

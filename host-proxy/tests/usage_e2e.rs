@@ -136,7 +136,12 @@ async fn scripted_workload_reports_exact_totals() {
     assert_eq!((sum(&rb, "leases"), sum(&rb, "tokens")), (1, 1), "{r:#}");
     assert_eq!(r["open_leases"], 1);
     assert!(rows(&r, "vm-a", "free").is_empty(), "{r:#}");
-    assert_eq!(r["records"], 2 + 6 + 2 + 1 + 2, "{r:#}");
+    // events: start + token, 3 x (renewal + token), 2 refusals, end, start + token; while
+    // they wait for a flush a lease's tokens are counted into one record and its renewals
+    // folded into its start, so there are between 7 records (one flush) and 13 (a flush
+    // between every two events)
+    let records = r["records"].as_u64().unwrap();
+    assert!((7..=13).contains(&records), "{r:#}");
     let _ = tb;
 
     // the export holds nothing readable without the vendor key (needles of
@@ -375,8 +380,9 @@ async fn torn_tail_and_lagging_counter_are_repaired_on_start() {
     assert!(logs.contains("cutting off a partial block"), "{logs}");
     assert!(logs.contains("caught the TPM counter up"), "{logs}");
 
-    // 3. a block of full length whose content did not all reach the disk (its counter
-    //    increment never happened either) is cut off as well
+    // 3. a group of two blocks whose first did not all reach the disk while the second did
+    //    (writeback order is the disk's; the group's counter step never happened) is cut off
+    //    from the torn block on
     let bytes = std::fs::read(&log).unwrap();
     let m = bytes.len() / BLOCK_SIZE;
     let last = &bytes[(m - 1) * BLOCK_SIZE..];
@@ -386,9 +392,14 @@ async fn torn_tail_and_lagging_counter_are_repaired_on_start() {
     hdr.nv += 1;
     hdr.wall = now();
     let mut torn = seal_block(&hdr, &body, secret.public(), &mut rand_core::OsRng).unwrap();
+    let mut next = hdr;
+    next.seq += 1;
+    next.prev = block_hash(&torn);
+    let intact = seal_block(&next, &body, secret.public(), &mut rand_core::OsRng).unwrap();
     torn[2048..].fill(0);
     let mut grown = bytes.clone();
     grown.extend_from_slice(&torn);
+    grown.extend_from_slice(&intact);
     std::fs::write(&log, &grown).unwrap();
     h.start_proxy().unwrap();
     some_tokens(&h, 1).await;

@@ -103,6 +103,7 @@ struct RunResult {
     p99_us: u64,
     p999_us: u64,
     by_op: BTreeMap<String, u64>,
+    tokens: u64,
     live_leases_held: usize,
     proxy_leases: usize,
     lost_leases: usize,
@@ -184,6 +185,7 @@ struct GuestOut {
     first_error: Option<String>,
     held: Vec<String>,
     by_op: BTreeMap<&'static str, u64>,
+    tokens: u64,
 }
 
 async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> Result<GuestOut> {
@@ -197,6 +199,7 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
         first_error: None,
         held: Vec::new(),
         by_op: BTreeMap::new(),
+        tokens: 0,
     };
     let mut id = 0u64;
     let mut call = |body: Body| {
@@ -254,6 +257,9 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
         out.lat_us
             .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
         *out.by_op.entry(op.name()).or_default() += 1;
+        if matches!(reply, Body::TokenResponse(_)) {
+            out.tokens += 1;
+        }
         match reply {
             Body::TokenResponse(r) if matches!(op, Op::Plain | Op::Fresh) => {
                 out.held.push(r.lease_id);
@@ -384,10 +390,12 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
     let mut lat = Vec::new();
     let (mut errors, mut held, mut first_error) = (0u64, BTreeSet::new(), None);
     let mut by_op = BTreeMap::new();
+    let mut tokens = 0;
     for t in tasks {
         match t.await {
             Ok(Ok(o)) => {
                 lat.extend(o.lat_us);
+                tokens += o.tokens;
                 errors += o.errors;
                 held.extend(o.held);
                 if first_error.is_none() {
@@ -433,6 +441,7 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
         p99_us: percentile(&lat, 0.99),
         p999_us: percentile(&lat, 0.999),
         by_op,
+        tokens,
         live_leases_held: held.len(),
         proxy_leases: now.len(),
         lost_leases: lost,
@@ -442,6 +451,43 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
         first_log_error,
         first_error,
     })
+}
+
+/// What the proxy's usage log says after a load (read with the vendor's key, as
+/// `hostbind-issuer usage report` does).
+#[derive(Debug, Clone, Serialize)]
+struct UsageCheck {
+    blocks: usize,
+    records: usize,
+    tokens_metered: u64,
+    tokens_issued: u64,
+    anomalies: Vec<String>,
+}
+
+/// Reads the stopped proxy's usage log; None when it keeps none (`[usage] enabled = false`).
+fn usage_check(h: &Host, vendor: &Vendor, tokens_issued: u64) -> Result<Option<UsageCheck>> {
+    use hostbind_attest::usage::{read_log, MeteringSecret, DEFAULT_CLOCK_TOLERANCE_SECS};
+    let log = h.dir().join("state/usage/usage.log");
+    let bytes = match std::fs::read(&log) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("read {}", log.display())),
+    };
+    let f: hostbind_attest::files::VendorKeyFile =
+        hostbind_attest::signed::from_cbor("vendor key", &std::fs::read(vendor.key())?)?;
+    let secret = MeteringSecret::from_vendor(&f.key()?);
+    let r = read_log(&bytes, &secret, DEFAULT_CLOCK_TOLERANCE_SECS);
+    Ok(Some(UsageCheck {
+        blocks: r.blocks,
+        records: r.records,
+        tokens_metered: r.usage.iter().map(|u| u.tokens).sum(),
+        tokens_issued,
+        anomalies: r
+            .anomalies
+            .iter()
+            .map(|a| format!("{:?}: {}", a.kind, a.detail))
+            .collect(),
+    }))
 }
 
 fn proxy_leases(h: &Host) -> Result<BTreeSet<String>> {
@@ -625,7 +671,22 @@ async fn main() -> Result<()> {
     } else {
         None
     };
-    h.stop_proxy();
+    h.stop_proxy(); // SIGTERM: the proxy seals what it has buffered
+    let usage = usage_check(&h, &vendor, results.iter().map(|r| r.tokens).sum())?;
+    if let Some(u) = &usage {
+        println!(
+            "usage log: {} blocks, {} records, {} of {} tokens metered, {} anomalies{}",
+            u.blocks,
+            u.records,
+            u.tokens_metered,
+            u.tokens_issued,
+            u.anomalies.len(),
+            u.anomalies
+                .first()
+                .map(|a| format!(" (first: {a})"))
+                .unwrap_or_default()
+        );
+    }
     if a.baseline == Some(Baseline::QuotePerRequest) {
         let mut b = start_host(&vendor, "[fresh_nonces]\nbatching = false\n")?;
         for &g in &counts {
@@ -651,7 +712,7 @@ async fn main() -> Result<()> {
         println!("throughput ratio hostbind / quote-per-request at {g} guests: {r:.1}x");
     }
     if let Some(p) = &a.json {
-        let doc = serde_json::json!({ "runs": results, "ratios": ratios, "agent": agent });
+        let doc = serde_json::json!({ "runs": results, "ratios": ratios, "agent": agent, "usage": usage });
         std::fs::write(p, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("write {}", p.display()))?;
     }
@@ -689,6 +750,16 @@ async fn main() -> Result<()> {
         }
         if results.iter().any(|r| r.requests == 0) {
             bail!("a load run completed no request");
+        }
+        if let Some(u) =
+            usage.filter(|u| !u.anomalies.is_empty() || u.tokens_metered != u.tokens_issued)
+        {
+            bail!(
+                "the usage log does not account for the load: {} of {} tokens metered; anomalies: {:?}",
+                u.tokens_metered,
+                u.tokens_issued,
+                u.anomalies
+            );
         }
     }
     Ok(())
