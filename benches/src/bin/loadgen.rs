@@ -2,7 +2,8 @@
 //! of a real `hostbind-proxy` on a real swtpm (started through testkit), with a mix of plain
 //! tokens, TPM-fresh nonce tokens, renewals and releases, bounded by a request count and a
 //! duration. Reports throughput, p50/p99/p999 latency, errors, lost leases (compared with the
-//! proxy's own `leases`) and the proxy's peak RSS. `--baseline quote-per-request` runs the same
+//! proxy's own `leases`), the proxy's peak RSS and, once the proxy has stopped, whether its usage
+//! log metered every token the guests received. `--baseline quote-per-request` runs the same
 //! load against a second proxy+swtpm with `[fresh_nonces] batching = false` and prints the
 //! ratio; `--sweep` runs several guest counts and `--plot` draws throughput and p99 per count.
 
