@@ -215,11 +215,13 @@ pub enum UsageRecord {
     },
 }
 
-fn one() -> u64 {
+/// Serde default of a count that is 1 when absent (also used by [`crate::usage_body`]).
+pub(crate) fn one() -> u64 {
     1
 }
 
-fn is_one(n: &u64) -> bool {
+/// Whether a count is 1 and so left out of the CBOR.
+pub(crate) fn is_one(n: &u64) -> bool {
     *n == 1
 }
 

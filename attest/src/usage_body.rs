@@ -4,7 +4,7 @@
 //! identity once, not three times. [`BodyBuilder`] fills a body up to a size limit and knows
 //! its exact encoded size without encoding the whole body again for every record.
 
-use crate::usage::{BlockBody, LeaseRef, UsageRecord, VmRef};
+use crate::usage::{is_one, one, BlockBody, LeaseRef, UsageRecord, VmRef};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -28,13 +28,6 @@ struct WireLease {
     vm: u32,
     #[serde(rename = "p")]
     party: u32,
-}
-
-fn is_one(n: &u64) -> bool {
-    *n == 1
-}
-fn one() -> u64 {
-    1
 }
 
 /// A record with indices instead of names.

@@ -3,7 +3,8 @@
 //! `<dir>/usage.log`, each stamped with the TPM clock and a TPM NV counter value.
 //!
 //! Sealing: records wait in memory (a lease's tokens of a day counted into one record) until
-//! `flush_interval` or until 16 blocks' worth are waiting; then everything waiting is sealed as
+//! `flush_interval` or until [`EARLY_FLUSH_BYTES`] of records are waiting; then everything
+//! waiting is sealed as
 //! one group of up to [`MAX_GROUP`] blocks under one TPM clock reading and one NV counter step,
 //! so the TPM work per record shrinks as the load grows.
 //!
@@ -42,9 +43,10 @@ pub const LOG_FILE: &str = "usage.log";
 pub const DEFAULT_NV_INDEX: u32 = 0x0100_4862;
 /// Records kept in memory at most while blocks cannot be sealed (TPM or disk trouble).
 pub const MAX_PENDING: usize = 100_000;
-/// Buffered records are sealed before `flush_interval` when they fill about this many bytes
-/// (16 blocks); full blocks are sealed then and the rest waits.
-const EARLY_FLUSH_BYTES: usize = 16 * MAX_BODY;
+/// Buffered records are sealed before `flush_interval` when they take this many bytes, counted
+/// in their named CBOR form (a few hundred records of short leases, a few blocks once sealed in
+/// the compact form); full blocks are sealed then and the rest waits.
+pub const EARLY_FLUSH_BYTES: usize = 16 * MAX_BODY;
 /// Blocks sealed together at most, under one TPM clock reading and one NV counter step.
 pub const MAX_GROUP: usize = 64;
 
@@ -65,7 +67,7 @@ pub struct UsageConfig {
     /// Keep a usage log (default true; metering also needs licenses with a metering key).
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// How often buffered records are sealed into blocks (sooner when 16 blocks' worth wait).
+    /// How often buffered records are sealed into blocks (sooner when a few hundred wait).
     #[serde(default = "default_flush")]
     pub flush_interval: Dur,
     /// Directory of the log (default: `<state_dir>/usage`).
@@ -470,7 +472,9 @@ impl UsageLog {
             });
         }
         let mut written = 0;
-        while !t.queue.is_empty() {
+        // with `full_only`, set once the records of a partial block were put back to wait
+        let mut rest_waits = false;
+        while !rest_waits && !t.queue.is_empty() {
             // fill up to MAX_GROUP blocks, sealed under one TPM clock reading and counter step
             while !t.queue.is_empty() && t.sealing.len() < MAX_GROUP {
                 let mut body = BodyBuilder::new(&self.host_id);
@@ -488,6 +492,7 @@ impl UsageLog {
                 }
                 if full_only && !full {
                     t.queue.extend(body.into_records());
+                    rest_waits = true;
                     break;
                 }
                 if !body.is_empty() {
@@ -574,7 +579,7 @@ impl UsageLog {
         Ok(blocks)
     }
 
-    /// Runs the flush loop: every `interval`, and when 16 blocks' worth of records are waiting.
+    /// Runs the flush loop: every `interval`, and when [`EARLY_FLUSH_BYTES`] of records wait.
     pub async fn run(self: Arc<Self>, interval: Duration) {
         loop {
             let full_only = tokio::select! {
