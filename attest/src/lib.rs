@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod credential;
+pub mod ek;
 pub mod enroll;
 pub mod files;
 pub mod keys;

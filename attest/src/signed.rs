@@ -231,7 +231,8 @@ pub fn fmt_time(t: u64) -> String {
 /// A host's identity certificate, signed by the vendor at enrollment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostCertificate {
-    /// SHA-256 of the EK's TPMT_PUBLIC.
+    /// The host id: SHA-256 over a label and the EK certificate's SubjectPublicKeyInfo (see
+    /// [`crate::enroll::host_id_of_ek_cert`]).
     pub host_id: ByteBuf,
     /// The attestation key's TPMT_PUBLIC (quotes from the host verify against it).
     pub ak_public: ByteBuf,
@@ -243,6 +244,15 @@ pub struct HostCertificate {
     pub validity: Validity,
     /// Host facts from the enrollment request (hostname, ...), informational.
     pub facts: BTreeMap<String, String>,
+    /// Longest token-key window (a quote-certified key's not_after - not_before, seconds) that
+    /// verifiers accept from this host; certificates without it mean
+    /// [`crate::enroll::DEFAULT_MAX_KEY_WINDOW_SECS`].
+    #[serde(default = "default_max_key_window")]
+    pub max_key_window_secs: u64,
+}
+
+fn default_max_key_window() -> u64 {
+    crate::enroll::DEFAULT_MAX_KEY_WINDOW_SECS
 }
 
 impl HostCertificate {

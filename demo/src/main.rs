@@ -4,8 +4,18 @@
 //! stand for three VMs. Everything it starts is stopped (by PID) when it ends, even on failure.
 
 use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
 use hostbind_testkit::host::{narrate, run, Agent, Host, Vendor};
 use hostbind_testkit::Swtpm;
+
+/// hostbind demo: starts a software TPM (swtpm), a vendor, an enrolled hostbind-proxy with a
+/// 2-seat license for product 'cad' and three guest agents standing for three VMs, runs the real
+/// binaries and narrates each step (token requests, offline verification, seats, release).
+/// Everything it starts is stopped when it ends. Needs swtpm and the workspace binaries (run it
+/// through ./demo.sh, which installs and builds them).
+#[derive(Parser)]
+#[command(name = "hostbind-demo", version)]
+struct Cli {}
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
@@ -40,6 +50,8 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
             &f.to_string_lossy(),
             "--vendor-pub",
             &vendor.public().to_string_lossy(),
+            "--product",
+            "cad",
         ],
     )?;
     if !out.status.success() {
@@ -69,6 +81,8 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
 }
 
 fn main() -> Result<()> {
+    // --help and --version print and exit; anything else unknown is an error (exit code 2).
+    Cli::parse();
     println!("hostbind demo: licenses bound to the physical host, proven by its TPM\n");
     narrate(true);
     step(1, "Start a software TPM 2.0 (swtpm) standing for this host's TPM, with an EK certificate from its maker's CA");

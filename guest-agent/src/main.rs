@@ -65,9 +65,14 @@ enum Cmd {
         /// A feature the token must grant (repeat for several).
         #[arg(long = "feature", value_name = "F")]
         features: Vec<String>,
-        /// A nonce (hex, up to 64 bytes) to bind into a fresh token.
+        /// A nonce (hex, 8 to 64 bytes) to bind into a fresh token; choose it where the token is
+        /// verified.
         #[arg(long, value_name = "HEX")]
         nonce: Option<String>,
+        /// Ask for a TPM-fresh token: the host's TPM quotes the nonce. Without --nonce a random
+        /// 32-byte nonce is made here and printed (stderr, or "nonce" with --json).
+        #[arg(long)]
+        tpm_fresh: bool,
         /// Lease scope. Defaults to `vm`: this command exits right after printing the token, and
         /// a `process` lease is released as soon as the process that asked for it exits, so a
         /// process-scoped token from this command would lose its seat at once. Apps that link
@@ -150,10 +155,14 @@ async fn main() -> ExitCode {
             product,
             features,
             nonce,
+            tpm_fresh,
             scope,
             json,
             out,
-        } => token(&client, product, features, nonce, scope, json, out).await,
+        } => {
+            let ask = Ask { nonce, tpm_fresh };
+            token(&client, product, features, ask, scope, json, out).await
+        }
         Cmd::Status { json } => status(&client, json).await,
         Cmd::Release { lease } => release(&client, &lease).await,
         Cmd::Watch { json } => watch(&client, json).await,
@@ -185,17 +194,24 @@ async fn run(
         .map_err(|e| Failure::new(e.to_string()))
 }
 
+/// The `token` command's nonce options.
+struct Ask {
+    nonce: Option<String>,
+    tpm_fresh: bool,
+}
+
 /// `token`.
 async fn token(
     client: &Client,
     product: String,
     features: Vec<String>,
-    nonce: Option<String>,
+    ask: Ask,
     scope: ScopeArg,
     json: bool,
     out: Option<PathBuf>,
 ) -> Result<(), Failure> {
-    let nonce = match nonce {
+    let made_nonce = ask.tpm_fresh && ask.nonce.is_none();
+    let nonce = match ask.nonce {
         Some(n) => Some(hex::decode(n.trim()).map_err(|e| {
             Failure::new(format!(
                 "--nonce must be hex digits ({e}), e.g. --nonce 00112233"
@@ -211,8 +227,14 @@ async fn token(
             ScopeArg::Vm => Scope::Vm,
             ScopeArg::Process => Scope::Process,
         },
+        tpm_fresh: ask.tpm_fresh,
     };
     let reply = client.token(&req).await?;
+    if made_nonce && !json {
+        if let Some(n) = &reply.nonce {
+            eprintln!("nonce {}", hex::encode(n));
+        }
+    }
     if let Some(path) = &out {
         hostbind_fsutil::write_atomic(path, &reply.token, 0o600)
             .map_err(|e| Failure::new(e.to_string()))?;

@@ -465,7 +465,7 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "wrote enrollment request {} for host {}\nnext: send it to the vendor (hostbind-issuer enroll challenge {} --tpm-ca ...)",
                 out.display(),
-                hex::encode(hostbind_attest::enroll::host_id(&req.ek_public)),
+                hex::encode(hostbind_attest::enroll::host_id_of_ek_cert(&req.ek_cert)?),
                 out.display()
             );
         }

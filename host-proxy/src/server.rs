@@ -183,7 +183,10 @@ where
             }),
             body @ (Body::TokenRequest(_) | Body::Renew(_) | Body::Release(_)) => {
                 let fresh = match &body {
-                    Body::TokenRequest(r) => svc.fresh_evidence(r).await,
+                    Body::TokenRequest(r) => {
+                        svc.fresh_evidence(r.nonce.as_ref(), r.tpm_fresh).await
+                    }
+                    Body::Renew(r) => svc.fresh_evidence(r.nonce.as_ref(), r.tpm_fresh).await,
                     _ => Ok(None),
                 };
                 let (svc2, vm2) = (svc.clone(), vm.clone());
@@ -191,7 +194,9 @@ where
                     Body::TokenRequest(r) => fresh
                         .and_then(|f| svc2.token_with(&vm2, &r, f))
                         .map(Body::TokenResponse),
-                    Body::Renew(r) => svc2.renew(&vm2, &r).map(Body::TokenResponse),
+                    Body::Renew(r) => fresh
+                        .and_then(|f| svc2.renew_with(&vm2, &r, f))
+                        .map(Body::TokenResponse),
                     Body::Release(r) => svc2
                         .release(&vm2, &r.lease_id)
                         .map(|_| Body::Ack(Default::default())),

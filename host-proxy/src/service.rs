@@ -8,12 +8,12 @@ use crate::tpm_service::{TpmService, TpmServiceError};
 use hostbind_attest::keys::{KeyError, TokenKey};
 use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, Window};
 use hostbind_attest::token::{
-    key_binding, FreshEvidence, KeyEvidence, TokenClaims, TokenError, TokenSigner,
+    key_binding, license_hash, FreshEvidence, KeyEvidence, TokenClaims, TokenError, TokenSigner,
 };
 use hostbind_attest::tpm as tpmparse;
 use hostbind_attest::wire::{
-    Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope, TokenRequest,
-    TokenResponse,
+    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope,
+    TokenRequest, TokenResponse,
 };
 pub use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
@@ -52,6 +52,24 @@ pub enum ServiceError {
     /// The TPM's AK is not the enrolled one.
     #[error("the TPM's attestation key does not match the installed host certificate ({0}); the state dir or host certificate belongs to another TPM: enroll this host again")]
     AkMismatch(String),
+    /// The configured key epoch makes a longer token-key window than the host certificate allows.
+    #[error(
+        "[leases] key_epoch = {key_epoch_secs} s makes each token key valid for 2 × key_epoch = \
+         {window_secs} s, but the host certificate allows token-key windows of at most {max_secs} s \
+         (verifiers would refuse every token); set key_epoch to at most {max_epoch_secs} s in the \
+         config, or ask the vendor for a host certificate with a longer window \
+         (hostbind-issuer enroll finish --max-key-window)"
+    )]
+    KeyWindowTooLong {
+        /// The configured epoch.
+        key_epoch_secs: u64,
+        /// 2 × key_epoch.
+        window_secs: u64,
+        /// What the certificate allows.
+        max_secs: u64,
+        /// The largest epoch that fits.
+        max_epoch_secs: u64,
+    },
 }
 
 impl From<SignedError> for ServiceError {
@@ -60,8 +78,11 @@ impl From<SignedError> for ServiceError {
     }
 }
 
+/// A license in force: its payload and the vendor-signed bytes every token carries.
+#[derive(Clone)]
 struct ActiveLicense {
     license: License,
+    bytes: Arc<Vec<u8>>,
 }
 
 struct Conn {
@@ -109,6 +130,47 @@ fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
     }
 }
 
+/// Refuses a nonce that cannot be a token's eat_nonce (RFC 9711: 8 to 64 bytes).
+fn check_nonce(nonce: Option<&ByteBuf>) -> Result<(), ErrorBody> {
+    match nonce {
+        Some(n) => check_eat_nonce(n).map_err(|e| err(ErrorCode::Malformed, e.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// Refuses features the license does not grant.
+fn check_features(product: &str, features: &[String], lic: &License) -> Result<(), ErrorBody> {
+    match features.iter().find(|f| !lic.features.contains(f)) {
+        Some(f) => Err(err(
+            ErrorCode::LicenseNotValid,
+            format!(
+                "feature '{f}' of '{product}' is not in license {} (licensed: {})",
+                lic.id,
+                lic.features.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a key epoch whose token-key window (2 × key_epoch: a key is certified for the epoch
+/// it is current and the next, while tokens it signed live on) the host certificate does not
+/// allow.
+fn check_key_window(cfg: &Config, identity: &HostIdentity) -> Result<(), ServiceError> {
+    let key_epoch_secs = cfg.leases.key_epoch.0.as_secs();
+    let window_secs = key_epoch_secs.saturating_mul(2);
+    let max_secs = identity.cert.max_key_window_secs;
+    if window_secs > max_secs {
+        return Err(ServiceError::KeyWindowTooLong {
+            key_epoch_secs,
+            window_secs,
+            max_secs,
+            max_epoch_secs: max_secs / 2,
+        });
+    }
+    Ok(())
+}
+
 impl Service {
     /// Starts the service: checks the TPM's AK against the host certificate with a first quote,
     /// loads licenses from the ledger and the licenses dir.
@@ -118,6 +180,7 @@ impl Service {
         ledger: Ledger,
         tpm: TpmService,
     ) -> Result<Arc<Service>, ServiceError> {
+        check_key_window(&cfg, &identity)?;
         let signer = Self::make_signer(&cfg, &identity, &tpm).await?;
         let fresh = crate::fresh::FreshBatcher::start(&cfg.fresh_nonces, tpm.clone());
         let svc = Arc::new(Service {
@@ -137,7 +200,7 @@ impl Service {
         });
         for rec in svc.ledger.licenses()? {
             match svc.check_license(&rec.bytes) {
-                Ok(l) => svc.activate(l),
+                Ok(l) => svc.activate(l, rec.bytes),
                 Err(e) => tracing::warn!(license = %rec.id, "stored license not usable: {e}"),
             }
         }
@@ -292,9 +355,15 @@ impl Service {
         Ok(l)
     }
 
-    fn activate(&self, l: License) {
+    fn activate(&self, l: License, bytes: Vec<u8>) {
         if let Ok(mut m) = self.licenses.write() {
-            m.insert(l.product.clone(), ActiveLicense { license: l });
+            m.insert(
+                l.product.clone(),
+                ActiveLicense {
+                    license: l,
+                    bytes: Arc::new(bytes),
+                },
+            );
         }
         self.update_metering_key();
     }
@@ -304,7 +373,7 @@ impl Service {
         let l = self.check_license(bytes)?;
         let stored = self.ledger.licenses()?;
         if stored.iter().any(|r| r.id == l.id && r.bytes == bytes) {
-            self.activate(l.clone());
+            self.activate(l.clone(), bytes.to_vec());
             return Ok(l);
         }
         let replaced = self
@@ -313,7 +382,7 @@ impl Service {
         if let Some(old) = replaced.filter(|o| *o != l.id) {
             tracing::info!(old = %old, new = %l.id, product = %l.product, "license replaced");
         }
-        self.activate(l.clone());
+        self.activate(l.clone(), bytes.to_vec());
         Ok(l)
     }
 
@@ -354,12 +423,12 @@ impl Service {
             .collect())
     }
 
-    fn license_for(&self, product: &str) -> Result<License, ErrorBody> {
-        let l = self
+    fn license_for(&self, product: &str) -> Result<ActiveLicense, ErrorBody> {
+        let active = self
             .licenses
             .read()
             .ok()
-            .and_then(|m| m.get(product).map(|a| a.license.clone()))
+            .and_then(|m| m.get(product).cloned())
             .ok_or_else(|| {
                 err(
                     ErrorCode::NoLicense,
@@ -369,9 +438,10 @@ impl Service {
                     ),
                 )
             })?;
+        let l = &active.license;
         let now = unix_now();
         match l.validity.check(now) {
-            Window::Valid => Ok(l),
+            Window::Valid => Ok(active),
             Window::NotYetValid => Err(err(
                 ErrorCode::LicenseNotValid,
                 format!(
@@ -391,13 +461,14 @@ impl Service {
         }
     }
 
+    /// Signs a token for `lease` under the license `lic` (whose bytes the token carries).
     fn issue(
         &self,
         vm: &Vm,
         lease: &Lease,
+        lic: &ActiveLicense,
         nonce: Option<&ByteBuf>,
         chain_head: Option<Vec<u8>>,
-        grace_secs: u64,
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
         let signer = self.current_signer().ok_or_else(|| {
@@ -407,7 +478,11 @@ impl Service {
             )
         })?;
         let now = unix_now();
-        let exp = lease.expires_at.min(signer.evidence().not_after);
+        // Never past the token key's window nor the license's validity (verifiers check both).
+        let exp = lease
+            .expires_at
+            .min(signer.evidence().not_after)
+            .min(lic.license.validity.not_after);
         let claims = TokenClaims {
             host_id: self.identity.cert.host_id.to_vec(),
             vm_uuid: vm.uuid.clone(),
@@ -418,7 +493,8 @@ impl Service {
                 LeaseScope::Vm => "vm".into(),
                 LeaseScope::Process => "process".into(),
             },
-            license_id: lease.license_id.clone(),
+            license_id: lic.license.id.clone(),
+            license_hash: license_hash(&lic.bytes).to_vec(),
             lease_id: lease.id.clone(),
             issued_at: now,
             expires_at: exp,
@@ -427,7 +503,7 @@ impl Service {
             quote_ref: signer.quote_ref().to_vec(),
             fresh,
         };
-        let token = signer.issue(&claims).map_err(|e| {
+        let token = signer.issue(&claims, &lic.bytes).map_err(|e| {
             tracing::error!("token signing failed: {e}");
             err(ErrorCode::Internal, format!("token signing failed: {e}"))
         })?;
@@ -438,7 +514,7 @@ impl Service {
             token: ByteBuf::from(token),
             token_expires_at: exp,
             lease_expires_at: lease.expires_at,
-            grace_secs,
+            grace_secs: lic.license.grace_secs,
         })
     }
 
@@ -464,20 +540,23 @@ impl Service {
         }
     }
 
-    /// For a TPM-fresh request: has the TPM quote over the nonce (batched, see fresh.rs).
+    /// For a TPM-fresh request or renewal (`tpm_fresh`): has the TPM quote over the nonce
+    /// (batched, see fresh.rs).
     pub async fn fresh_evidence(
         &self,
-        req: &TokenRequest,
+        nonce: Option<&ByteBuf>,
+        tpm_fresh: bool,
     ) -> Result<Option<FreshEvidence>, ErrorBody> {
-        if !req.tpm_fresh {
+        if !tpm_fresh {
             return Ok(None);
         }
-        let Some(nonce) = &req.nonce else {
-            return Err(err(
+        let Some(nonce) = nonce else {
+            return Err(self.refused(err(
                 ErrorCode::Malformed,
-                "a TPM-fresh token request (tpm_fresh) needs a nonce",
-            ));
+                "a TPM-fresh token request (tpm_fresh) needs a nonce chosen by the app's verifier",
+            )));
         };
+        check_nonce(Some(nonce)).map_err(|e| self.refused(e))?;
         self.fresh
             .cover(nonce.to_vec())
             .await
@@ -518,20 +597,12 @@ impl Service {
         req: &TokenRequest,
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
-        let lic = self
+        check_nonce(req.nonce.as_ref()).map_err(|e| self.refused(e))?;
+        let active = self
             .license_for(&req.product)
             .map_err(|e| self.refused(e))?;
-        if let Some(f) = req.features.iter().find(|f| !lic.features.contains(f)) {
-            return Err(self.refused(err(
-                ErrorCode::LicenseNotValid,
-                format!(
-                    "feature '{f}' of '{}' is not in license {} (licensed: {})",
-                    req.product,
-                    lic.id,
-                    lic.features.join(", ")
-                ),
-            )));
-        }
+        let lic = &active.license;
+        check_features(&req.product, &req.features, lic).map_err(|e| self.refused(e))?;
         self.check_chain(vm, &req.chain, Some((&req.product, lic.clone_policy)))
             .map_err(|e| self.refused(e))?;
         let (scope, pid) = match req.scope {
@@ -586,9 +657,9 @@ impl Service {
         self.issue(
             vm,
             &lease,
+            &active,
             req.nonce.as_ref(),
             req.chain.last().map(|c| c.to_vec()),
-            lic.grace_secs,
             fresh,
         )
     }
@@ -606,13 +677,23 @@ impl Service {
 
     /// Renews a lease of `vm` and issues a fresh token for it.
     pub fn renew(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
+        self.renew_with(vm, r, None)
+    }
+
+    /// Like [`Service::renew`], with TPM freshness evidence from [`Service::fresh_evidence`].
+    pub fn renew_with(
+        &self,
+        vm: &Vm,
+        r: &Renew,
+        fresh: Option<FreshEvidence>,
+    ) -> Result<TokenResponse, ErrorBody> {
         // The lease as it was, for its usage records; not looked up while metering is off.
         let before = self
             .usage
             .get()
             .and_then(|_| self.ledger.lease(&r.lease_id).ok().flatten())
             .filter(|l| l.vm_uuid == vm.uuid);
-        let res = self.renew_unmetered(vm, r);
+        let res = self.renew_unmetered(vm, r, fresh);
         if let (Err(_), Some(l)) = (&res, &before) {
             if !matches!(self.ledger.lease(&l.id), Ok(Some(_))) {
                 let now = unix_now();
@@ -629,10 +710,21 @@ impl Service {
         res
     }
 
-    fn renew_unmetered(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
+    fn renew_unmetered(
+        &self,
+        vm: &Vm,
+        r: &Renew,
+        fresh: Option<FreshEvidence>,
+    ) -> Result<TokenResponse, ErrorBody> {
+        check_nonce(r.nonce.as_ref()).map_err(|e| self.refused(e))?;
         let lease = self.own_lease(vm, &r.lease_id)?;
-        let lic = match self.license_for(&lease.product) {
-            Ok(l) => l,
+        // The license may have been replaced since the lease began: the new one must still
+        // grant what the lease holds, or the renewed token would claim what it does not.
+        let active = match self.license_for(&lease.product).and_then(|a| {
+            check_features(&lease.product, &lease.features, &a.license)?;
+            Ok(a)
+        }) {
+            Ok(a) => a,
             Err(e) => {
                 let _ = self
                     .ledger
@@ -640,6 +732,7 @@ impl Service {
                 return Err(self.refused(e));
             }
         };
+        let lic = &active.license;
         if let Err(e) = self.check_chain(vm, &r.chain, Some((&lease.product, lic.clone_policy))) {
             if e.code == ErrorCode::CloneRefused {
                 let _ = self
@@ -655,10 +748,10 @@ impl Service {
         self.issue(
             vm,
             &lease,
+            &active,
             r.nonce.as_ref(),
             r.chain.last().map(|c| c.to_vec()),
-            lic.grace_secs,
-            None,
+            fresh,
         )
     }
 

@@ -238,12 +238,14 @@ async fn agent_moved_to_another_host_re_attests() {
         .await
         .unwrap();
     assert_eq!(t2.host_id, hb.host_id);
-    let vp = {
-        let f: hostbind_attest::files::VendorPublicKeyFile =
-            hostbind_attest::signed::from_cbor("pub", &std::fs::read(v.public()).unwrap()).unwrap();
-        hostbind_attest::keys::VendorPublicKey::from_bytes(&f.key).unwrap()
-    };
-    let vt = hostbind_client::verify(&t2.token, &vp, None).unwrap();
+    let vp =
+        hostbind_attest::files::parse_vendor_public(&std::fs::read(v.public()).unwrap()).unwrap();
+    let vt = hostbind_client::verify(
+        &t2.token,
+        &vp,
+        &hostbind_client::Expectation::product("cad"),
+    )
+    .unwrap();
     assert_eq!(hex::encode(&vt.claims.host_id), hb.host_id);
     assert!(proxy_leases(&hb).contains(&t2.lease_id));
     // host A comes back: the old lease lapses by its TTL and frees A's seat

@@ -38,6 +38,7 @@ fn vm_token(product: &str) -> TokenRequest {
         features: vec![],
         nonce: None,
         scope: Scope::Vm,
+        tpm_fresh: false,
     }
 }
 

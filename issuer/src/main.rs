@@ -10,8 +10,10 @@ use hostbind_attest::signed::{
     ObjectKind, Validity,
 };
 use hostbind_attest::usage::{read_log, MeteringSecret};
+use hostbind_attest::verify::Expectation;
 use hostbind_fsutil::{read, write_new};
 use hostbind_issuer::describe;
+use hostbind_issuer::registry::{self, Finding, Registry};
 use serde_bytes::ByteBuf;
 use std::path::{Path, PathBuf};
 
@@ -46,15 +48,27 @@ enum Cmd {
     /// Licenses.
     #[command(subcommand)]
     License(LicenseCmd),
-    /// Verify a token offline and print its claims; says exactly which link fails.
+    /// Verify a token offline for a product and print its claims; says exactly which link fails.
     Verify {
         /// Token file (raw COSE bytes) or '-' for stdin; hex or base64 text is accepted too.
         token: PathBuf,
         #[command(flatten)]
         vendor: VendorPubArg,
-        /// Expected nonce (hex).
+        /// The product the token must be for (and its license must be for).
+        #[arg(long)]
+        product: String,
+        /// A feature the token must grant and its license hold (repeatable).
+        #[arg(long = "feature", value_name = "F")]
+        features: Vec<String>,
+        /// Expected nonce (hex, 8 to 64 bytes).
         #[arg(long)]
         nonce: Option<String>,
+        /// Require TPM freshness evidence: the host's TPM quoted the nonce (needs --nonce).
+        #[arg(long, requires = "nonce")]
+        require_fresh: bool,
+        /// Refuse tokens issued longer ago than this (e.g. 30s, 5m).
+        #[arg(long)]
+        max_age: Option<humantime::Duration>,
         /// Verify as of this Unix time instead of now.
         #[arg(long)]
         at: Option<u64>,
@@ -86,6 +100,23 @@ struct KeyArg {
     key: PathBuf,
 }
 
+#[derive(Args)]
+struct EkPolicyArg {
+    /// Accept ECC EKs (TCG templates L-2, H-3) from TPMs without an RSA-2048 EK certificate.
+    /// Off by default: a TPM with both an RSA and an ECC EK certificate must get one host id,
+    /// and hostbind-proxy always submits the RSA EK when it has one (see the threat model).
+    #[arg(long)]
+    allow_ecc_ek: bool,
+}
+
+impl EkPolicyArg {
+    fn policy(&self) -> enroll::EnrollPolicy {
+        enroll::EnrollPolicy {
+            allow_ecc_ek: self.allow_ecc_ek,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum EnrollCmd {
     /// Check an enrollment request (EK certificate chain, AK) and write a MakeCredential challenge.
@@ -97,6 +128,8 @@ enum EnrollCmd {
         tpm_ca: Vec<PathBuf>,
         #[command(flatten)]
         key: KeyArg,
+        #[command(flatten)]
+        ek: EkPolicyArg,
         /// How long the challenge may be answered (e.g. 1h, 7d).
         #[arg(long, default_value = "7d")]
         valid_for: humantime::Duration,
@@ -116,9 +149,22 @@ enum EnrollCmd {
         tpm_ca: Vec<PathBuf>,
         #[command(flatten)]
         key: KeyArg,
+        #[command(flatten)]
+        ek: EkPolicyArg,
         /// Certificate validity (e.g. 3650d).
         #[arg(long, default_value = "3650d")]
         valid_for: humantime::Duration,
+        /// Longest token-key window verifiers accept from this host (the proxy's 2 × key_epoch
+        /// must fit): one TPM quote certifies a token key for at most this long.
+        #[arg(long, default_value = "1h")]
+        max_key_window: humantime::Duration,
+        /// The enrollment registry this issuer keeps (default: enrollments.json next to --key).
+        #[arg(long)]
+        registry: Option<PathBuf>,
+        /// Sign even when the registry shows this TPM's EK certificate or key enrolled under
+        /// another host id (e.g. after a hostbind upgrade changed how host ids are derived).
+        #[arg(long)]
+        allow_new_host_id: bool,
         /// Host certificate file to write.
         #[arg(long)]
         out: PathBuf,
@@ -334,6 +380,7 @@ fn run(cli: Cli) -> Result<()> {
             request,
             tpm_ca,
             key,
+            ek,
             valid_for,
             out,
             force,
@@ -348,6 +395,7 @@ fn run(cli: Cli) -> Result<()> {
                 &vendor,
                 hostbind_fsutil::unix_now(),
                 valid_for.as_secs(),
+                &ek.policy(),
             )
             .context("enrollment request rejected")?;
             write_new(&out, &to_cbor("enrollment challenge", &chal)?, 0o644, force)?;
@@ -355,7 +403,8 @@ fn run(cli: Cli) -> Result<()> {
                 json,
                 &serde_json::json!({
                     "host_id": hex::encode(&chal.host_id),
-                    "ek_certificate": "chains to a trusted TPM manufacturer CA",
+                    "ek_certificate": "chains to a trusted TPM manufacturer CA and certifies the EK",
+                    "ek_public": "the TCG EK Credential Profile template of its type",
                     "challenge_file": out.display().to_string(),
                     "answer_by": describe::time(chal.expires_at),
                     "next": format!("on the host: hostbind-proxy enroll answer {}", out.display()),
@@ -366,7 +415,11 @@ fn run(cli: Cli) -> Result<()> {
             answer,
             tpm_ca,
             key,
+            ek,
             valid_for,
+            max_key_window,
+            registry,
+            allow_new_host_id,
             out,
             force,
         }) => {
@@ -374,16 +427,51 @@ fn run(cli: Cli) -> Result<()> {
             let ans: EnrollAnswer = from_cbor("enrollment answer", &read(&answer)?)
                 .with_context(|| format!("{} is not an enrollment answer", answer.display()))?;
             let cas = load_cas(&tpm_ca)?;
-            let (cert, bytes) = enroll::finish(
+            // Checked before signing too, so that a refused write leaves the registry untouched.
+            if out.exists() && !force {
+                bail!(
+                    "{} already exists; pass --force to overwrite it",
+                    out.display()
+                );
+            }
+            let done = enroll::finish(
                 &ans,
                 &cas,
                 &vendor,
                 hostbind_fsutil::unix_now(),
-                valid_for.as_secs(),
+                &ek.policy(),
+                &enroll::CertTerms {
+                    validity_secs: valid_for.as_secs(),
+                    max_key_window_secs: max_key_window.as_secs(),
+                },
             )
             .context("enrollment answer rejected")?;
-            write_new(&out, &bytes, 0o644, force)?;
-            let mut d = describe::host_cert(&cert);
+            let registry_path =
+                registry.unwrap_or_else(|| key.key.with_file_name(registry::REGISTRY_FILE));
+            let mut reg = Registry::load(&registry_path)?;
+            let entry = registry::Entry::new(&done);
+            let mut warnings = Vec::new();
+            for f in reg.check(&entry) {
+                match f {
+                    Finding::OtherHostId { .. } if !allow_new_host_id => bail!(
+                        "enrollment refused: {f} (registry {}); one TPM must be one host. If this                          is intended (e.g. host ids changed with a hostbind upgrade), run again                          with --allow-new-host-id",
+                        registry_path.display()
+                    ),
+                    f => warnings.push(f.to_string()),
+                }
+            }
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            reg.enrollments.push(entry);
+            reg.save(&registry_path)?;
+            write_new(&out, &done.bytes, 0o644, force)?;
+            let mut d = describe::host_cert(&done.cert);
+            d["ek_template"] = serde_json::json!(done.ek_template);
+            d["registry"] = serde_json::json!(registry_path.display().to_string());
+            if !warnings.is_empty() {
+                d["warnings"] = serde_json::json!(warnings);
+            }
             d["certificate_file"] = serde_json::json!(out.display().to_string());
             d["next"] = serde_json::json!(format!(
                 "on the host: hostbind-proxy enroll install {}",
@@ -444,17 +532,27 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Verify {
             token,
             vendor,
+            product,
+            features,
             nonce,
+            require_fresh,
+            max_age,
             at,
         } => {
             let vendor = load_vendor_pub(&vendor.vendor_pub)?;
             let bytes = read_token(&token)?;
-            let nonce = nonce
-                .map(|n| hex::decode(n.trim()))
-                .transpose()
-                .context("--nonce must be hex")?;
+            let mut expect = Expectation::product(product).features(features);
+            if let Some(n) = nonce {
+                expect = expect.nonce(hex::decode(n.trim()).context("--nonce must be hex")?);
+            }
+            if require_fresh {
+                expect = expect.require_tpm_fresh();
+            }
+            if let Some(age) = max_age {
+                expect = expect.max_age(age.into());
+            }
             let when = at.unwrap_or_else(hostbind_fsutil::unix_now);
-            match hostbind_attest::verify::verify_token(&bytes, &vendor, when, nonce.as_deref()) {
+            match hostbind_attest::verify::verify_token(&bytes, &vendor, when, &expect) {
                 Ok(v) => print(json, &describe::verified_token(&v)),
                 Err(e) => {
                     if json {
