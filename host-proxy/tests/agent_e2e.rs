@@ -53,6 +53,8 @@ fn three_vms_two_seats_release_and_offline_verification() {
             f.to_str().unwrap(),
             "--vendor-pub",
             v.public().to_str().unwrap(),
+            "--product",
+            "cad",
         ],
     )
     .unwrap();
