@@ -465,6 +465,7 @@ impl EnrollRequest {
             ek,
             template: template.name,
             identity,
+            ak,
             ak_name,
         })
     }
@@ -478,6 +479,8 @@ struct Checked {
     template: &'static str,
     /// Host id and fingerprints from the EK certificate.
     identity: EkIdentity,
+    /// The AK public area (exactly the submitted bytes, a restricted signing key).
+    ak: PublicArea,
     /// The TPM name of exactly the submitted AK public area (what the credential binds).
     ak_name: Vec<u8>,
 }
@@ -565,16 +568,12 @@ pub fn finish(
         return Err(EnrollError::ChallengeExpired(fmt_time(ans.expires_at)));
     }
     let checked = ans.request.check(trust, now, policy)?;
-    let ak = tpm::parse_public(&ans.request.ak_public).map_err(|source| EnrollError::Tpm {
-        what: "AK public area in the request",
-        source,
-    })?;
     let digest = ans.request.digest()?;
     let expected = challenge_secret(vendor, &digest, &ans.nonce, ans.expires_at);
     if !bool::from(expected.as_slice().ct_eq(ans.secret.as_slice())) {
         return Err(EnrollError::WrongSecret);
     }
-    let quote = tpm::verify_quote(&ak, &ans.quote_attest, &ans.quote_signature)
+    let quote = tpm::verify_quote(&checked.ak, &ans.quote_attest, &ans.quote_signature)
         .map_err(EnrollError::Quote)?;
     if quote.extra_data != answer_binding(&ans.nonce) {
         return Err(EnrollError::QuoteNonce);

@@ -20,6 +20,11 @@
 
 pub mod api;
 
+/// The Rust example in docs/app-developer.md, compiled as a doc test so the guide stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/app-developer.md")]
+pub struct AppDeveloperGuide;
+
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
