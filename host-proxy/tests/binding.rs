@@ -12,7 +12,6 @@ use hostbind_attest::token::{license_hash, TokenClaims, TokenSigner};
 use hostbind_attest::verify::{verify_token, Expectation, VerifyError};
 use hostbind_proxy::enroll as host;
 use hostbind_testkit::Swtpm;
-use std::process::{Command, Stdio};
 
 mod common;
 use common::*;
@@ -118,11 +117,8 @@ fn ecc_ek_second_identity_is_refused_unless_the_vendor_allows_ecc() {
     let swtpm = Swtpm::start().unwrap();
     // A TPM without an RSA EK certificate (removed; swtpm's platform auth is empty): the proxy
     // submits its ECC P-384 EK.
-    let out = Command::new("tpm2_nvundefine")
-        .args(["-C", "p", "0x01c00002", "-T", &swtpm.tcti()])
-        .env("TSS2_LOG", "all+none")
-        .stdin(Stdio::null())
-        .output()
+    let out = swtpm
+        .tpm2_tool(&["tpm2_nvundefine", "-C", "p", "0x01c00002"])
         .unwrap();
     assert!(
         out.status.success(),

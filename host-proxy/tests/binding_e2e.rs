@@ -29,7 +29,6 @@ fn add_license(h: &Host, v: &Vendor, product: &str, extra: &[&str]) {
     h.proxy_ok(&["license", "add", &s(&lic)]).unwrap();
 }
 
-/// `hostbind-issuer [--json] enroll STEP INPUT --key K --out OUT --tpm-ca ... EXTRA`.
 fn issuer_enroll(
     h: &Host,
     v: &Vendor,
@@ -38,27 +37,7 @@ fn issuer_enroll(
     out: &Path,
     extra: &[&str],
 ) -> Output {
-    let mut args = vec![
-        "--json".to_string(),
-        "enroll".into(),
-        step.into(),
-        s(input),
-        "--key".into(),
-        s(&v.key()),
-        "--out".into(),
-        s(out),
-        "--force".into(),
-    ];
-    for c in h.tpm.ca().cert_paths() {
-        args.push("--tpm-ca".into());
-        args.push(s(&c));
-    }
-    args.extend(extra.iter().map(|e| e.to_string()));
-    run(
-        "hostbind-issuer",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .unwrap()
+    h.issuer_enroll(v, step, input, out, extra).unwrap()
 }
 
 /// Request, challenge and answer for this host again; returns the answer file.

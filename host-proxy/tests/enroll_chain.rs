@@ -5,9 +5,7 @@
 
 use hostbind_attest::enroll::{self, EnrollAnswer, EnrollError, EnrollPolicy};
 use hostbind_attest::keys::{TokenKey, VendorKey};
-use hostbind_attest::signed::{
-    open, sign, ClonePolicy, CountMode, License, ObjectKind, SignedError, Validity,
-};
+use hostbind_attest::signed::{open, License, ObjectKind, SignedError};
 use hostbind_attest::token::{license_hash, KeyEvidence, TokenClaims, TokenSigner};
 use hostbind_attest::verify::{verify_token, Expectation, VerifyError};
 use hostbind_proxy::enroll as host;
@@ -258,26 +256,12 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
     );
 
     // license with a flipped byte
-    let lic = License {
-        id: "L1".into(),
-        customer: "ACME".into(),
-        product: "cad".into(),
-        features: vec![],
-        hosts: vec![ByteBuf::from(
-            enroll::host_id_of_ek_cert(&req_a.ek_cert).unwrap().to_vec(),
-        )],
-        seats: 2,
-        count_mode: CountMode::Vm,
-        clone_policy: ClonePolicy::Observe,
-        grace_secs: 0,
-        issued_at: t0(),
-        validity: Validity {
-            not_before: t0(),
-            not_after: t0() + 10,
-        },
-        metering_key: None,
-    };
-    let lb = sign(ObjectKind::License, &lic, &vendor).unwrap();
+    let (_, lb) = license(
+        &vendor,
+        &enroll::host_id_of_ek_cert(&req_a.ek_cert).unwrap(),
+        "cad",
+        &[],
+    );
     for i in 0..lb.len() {
         let mut l = lb.clone();
         l[i] ^= 0x01;
