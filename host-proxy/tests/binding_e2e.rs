@@ -29,24 +29,13 @@ fn add_license(h: &Host, v: &Vendor, product: &str, extra: &[&str]) {
     h.proxy_ok(&["license", "add", &s(&lic)]).unwrap();
 }
 
-fn issuer_enroll(
-    h: &Host,
-    v: &Vendor,
-    step: &str,
-    input: &Path,
-    out: &Path,
-    extra: &[&str],
-) -> Output {
-    h.issuer_enroll(v, step, input, out, extra).unwrap()
-}
-
 /// Request, challenge and answer for this host again; returns the answer file.
 fn enroll_again(h: &Host, v: &Vendor) -> std::path::PathBuf {
     let d = h.dir();
     let (req, chal, ans) = (d.join("r.cbor"), d.join("c.cbor"), d.join("a.cbor"));
     h.proxy_ok(&["enroll", "request", "--out", &s(&req), "--force"])
         .unwrap();
-    let out = issuer_enroll(h, v, "challenge", &req, &chal, &[]);
+    let out = h.issuer_enroll(v, "challenge", &req, &chal, &[]).unwrap();
     assert!(out.status.success(), "{}", text(&out));
     h.proxy_ok(&["enroll", "answer", &s(&chal), "--out", &s(&ans), "--force"])
         .unwrap();
@@ -77,7 +66,9 @@ fn enrollment_registry_refuses_a_second_host_id_and_warns_on_a_new_ak() {
         std::fs::remove_file(state.join(f)).unwrap();
     }
     let ans = enroll_again(&h, &v);
-    let out = issuer_enroll(&h, &v, "finish", &ans, &h.dir().join("h2.cert"), &[]);
+    let out = h
+        .issuer_enroll(&v, "finish", &ans, &h.dir().join("h2.cert"), &[])
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -97,7 +88,9 @@ fn enrollment_registry_refuses_a_second_host_id_and_warns_on_a_new_ak() {
     }
     std::fs::write(&reg_path, serde_json::to_vec(&reg).unwrap()).unwrap();
     let before = std::fs::read(&reg_path).unwrap();
-    let out = issuer_enroll(&h, &v, "finish", &ans, &h.dir().join("h3.cert"), &[]);
+    let out = h
+        .issuer_enroll(&v, "finish", &ans, &h.dir().join("h3.cert"), &[])
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
@@ -112,25 +105,27 @@ fn enrollment_registry_refuses_a_second_host_id_and_warns_on_a_new_ak() {
         before,
         "a refusal changes nothing"
     );
-    let out = issuer_enroll(
-        &h,
-        &v,
-        "finish",
-        &ans,
-        &h.dir().join("h3.cert"),
-        &["--allow-new-host-id"],
-    );
+    let out = h
+        .issuer_enroll(
+            &v,
+            "finish",
+            &ans,
+            &h.dir().join("h3.cert"),
+            &["--allow-new-host-id"],
+        )
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     // A registry elsewhere (--registry) starts empty.
     let other = h.dir().join("other-registry.json");
-    let out = issuer_enroll(
-        &h,
-        &v,
-        "finish",
-        &ans,
-        &h.dir().join("h4.cert"),
-        &["--registry", &s(&other)],
-    );
+    let out = h
+        .issuer_enroll(
+            &v,
+            "finish",
+            &ans,
+            &h.dir().join("h4.cert"),
+            &["--registry", &s(&other)],
+        )
+        .unwrap();
     assert!(out.status.success() && other.is_file(), "{}", text(&out));
 }
 

@@ -61,17 +61,6 @@ fn entry<'a>(v: &'a mut Value, key: &str) -> &'a mut Value {
         .unwrap_or_else(|| panic!("no {key}"))
 }
 
-/// `hostbind-issuer enroll challenge|finish FILE` with the vendor key and the TPM maker CAs.
-fn issuer_enroll(
-    h: &Host,
-    v: &Vendor,
-    step: &str,
-    input: &Path,
-    out: &Path,
-) -> std::process::Output {
-    h.issuer_enroll(v, step, input, out, &[]).unwrap()
-}
-
 fn host_id_of(json: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(json).unwrap();
     v["host_id"].as_str().unwrap().to_string()
@@ -99,13 +88,17 @@ fn edited_ek_public_area_gets_no_second_host_certificate() {
         write_cbor(&edited_path, &edited);
         write_cbor(&state_req, &edited);
         let chal = d.join("chal-edited.cbor");
-        let out = issuer_enroll(&h, &v, "challenge", &edited_path, &chal);
+        let out = h
+            .issuer_enroll(&v, "challenge", &edited_path, &chal, &[])
+            .unwrap();
         if out.status.success() {
             // The vendor's tool accepted it: carry the attack through as the customer would.
             let ans = d.join("ans-edited.cbor");
             h.proxy_ok(&["enroll", "answer", &s(&chal), "--out", &s(&ans), "--force"])
                 .unwrap();
-            let fin = issuer_enroll(&h, &v, "finish", &ans, &d.join("host-edited.cert"));
+            let fin = h
+                .issuer_enroll(&v, "finish", &ans, &d.join("host-edited.cert"), &[])
+                .unwrap();
             assert!(
                 !fin.status.success(),
                 "ATTACK WORKS ({field} edited): the vendor signed a second host certificate for \
@@ -127,7 +120,7 @@ fn edited_ek_public_area_gets_no_second_host_certificate() {
     // The same edits inside an answer are refused by `enroll finish` too.
     write_cbor(&state_req, &genuine);
     let chal = d.join("chal.cbor");
-    let out = issuer_enroll(&h, &v, "challenge", &req, &chal);
+    let out = h.issuer_enroll(&v, "challenge", &req, &chal, &[]).unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -143,7 +136,9 @@ fn edited_ek_public_area_gets_no_second_host_certificate() {
             .copy_from_slice(new);
         let p = d.join("ans-edited.cbor");
         write_cbor(&p, &edited);
-        let out = issuer_enroll(&h, &v, "finish", &p, &d.join("host-edited.cert"));
+        let out = h
+            .issuer_enroll(&v, "finish", &p, &d.join("host-edited.cert"), &[])
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success() && err.contains(field),
@@ -152,7 +147,9 @@ fn edited_ek_public_area_gets_no_second_host_certificate() {
     }
 
     // The genuine second enrollment of the same TPM gets the same host id.
-    let out = issuer_enroll(&h, &v, "finish", &ans, &d.join("host2.cert"));
+    let out = h
+        .issuer_enroll(&v, "finish", &ans, &d.join("host2.cert"), &[])
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
