@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn header<'a>(h: &'a coset::Header, label: i64) -> &'a [u8] {
+fn header(h: &coset::Header, label: i64) -> &[u8] {
     h.rest
         .iter()
         .find_map(|(l, v)| match (l, v) {

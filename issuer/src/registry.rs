@@ -191,9 +191,9 @@ impl Registry {
                 earlier: e.clone(),
             });
         }
-        let same_host = self.enrollments.iter().filter(|e| e.host_id == new.host_id);
+        let mut same_host = self.enrollments.iter().filter(|e| e.host_id == new.host_id);
         if !same_host.clone().any(|e| e.ak_name == new.ak_name) {
-            if let Some(e) = same_host.last() {
+            if let Some(e) = same_host.next_back() {
                 out.push(Finding::NewAk { earlier: e.clone() });
             }
         }
