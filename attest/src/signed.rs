@@ -417,6 +417,33 @@ mod tests {
     }
 
     #[test]
+    fn host_certificate_without_key_window_means_one_hour() {
+        // A certificate signed before the field existed.
+        let v = ciborium::Value::Map(
+            [
+                ("host_id", ciborium::Value::Bytes(vec![1; 32])),
+                ("ak_public", ciborium::Value::Bytes(vec![2; 8])),
+                ("serial", ciborium::Value::Bytes(vec![3; 16])),
+                ("issued_at", ciborium::Value::Integer(1.into())),
+                (
+                    "validity",
+                    ciborium::Value::Map(vec![
+                        ("not_before".into(), 1.into()),
+                        ("not_after".into(), 2.into()),
+                    ]),
+                ),
+                ("facts", ciborium::Value::Map(vec![])),
+            ]
+            .into_iter()
+            .map(|(k, v)| (ciborium::Value::Text(k.into()), v))
+            .collect(),
+        );
+        let bytes = to_cbor("old certificate", &v).unwrap();
+        let c: HostCertificate = from_cbor("host certificate", &bytes).unwrap();
+        assert_eq!(c.max_key_window_secs, 3600);
+    }
+
+    #[test]
     fn validity_and_time_format() {
         let v = Validity {
             not_before: 10,
