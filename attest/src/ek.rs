@@ -180,10 +180,12 @@ pub enum EkTemplateError {
     },
     /// No supported template has this key type.
     #[error(
-        "the EK is {what}; hostbind accepts the TCG EK Credential Profile templates L-1 \
-         (RSA 2048), L-2 (ECC NIST P-256) and H-3 (ECC NIST P-384) only"
+        "the EK public area's {field} makes it {what}; hostbind accepts the TCG EK Credential \
+         Profile templates L-1 (RSA 2048), L-2 (ECC NIST P-256) and H-3 (ECC NIST P-384) only"
     )]
     Unsupported {
+        /// The field that selects the key type.
+        field: &'static str,
         /// The key type found.
         what: String,
     },
@@ -286,15 +288,16 @@ fn template_for(ek: &PublicArea) -> Result<&'static EkTemplate, EkTemplateError>
         (PublicKey::Ecc { curve, .. }, TemplateKey::Ecc { curve: c, .. }) => *curve == c,
         _ => false,
     };
-    TEMPLATES
-        .iter()
-        .find(wanted)
-        .ok_or_else(|| EkTemplateError::Unsupported {
-            what: match &ek.key {
-                PublicKey::Rsa { bits, .. } => format!("an RSA key of {bits} bits"),
-                PublicKey::Ecc { curve, .. } => format!("an ECC key on curve 0x{curve:04x}"),
-            },
-        })
+    TEMPLATES.iter().find(wanted).ok_or_else(|| match &ek.key {
+        PublicKey::Rsa { bits, .. } => EkTemplateError::Unsupported {
+            field: "parameters.keyBits",
+            what: format!("an RSA key of {bits} bits"),
+        },
+        PublicKey::Ecc { curve, .. } => EkTemplateError::Unsupported {
+            field: "parameters.curveID",
+            what: format!("an ECC key on curve 0x{curve:04x}"),
+        },
+    })
 }
 
 /// Checks that `ek` is exactly the standard EK of its type: the template's fields with the key's
@@ -328,6 +331,7 @@ pub fn check_template(ek: &PublicArea) -> Result<&'static EkTemplate, EkTemplate
         // template_for only returns a template of the key's type.
         _ => {
             return Err(EkTemplateError::Unsupported {
+                field: "type",
                 what: "a key of another type than its template".into(),
             })
         }
@@ -462,7 +466,16 @@ mod tests {
         let mut raw = rsa_ek();
         raw[50..52].copy_from_slice(&3072u16.to_be_bytes());
         let e = check(&raw).unwrap_err();
-        assert!(matches!(e, EkTemplateError::Unsupported { .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                EkTemplateError::Unsupported {
+                    field: "parameters.keyBits",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("3072 bits"), "{e}");
     }
 }
