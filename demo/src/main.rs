@@ -61,7 +61,8 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    for l in text.lines().filter(|l| {
+    let mut shown = std::collections::BTreeSet::new();
+    for l in text.lines().map(str::trim).filter(|l| {
         [
             "sub vm uuid",
             "vm name",
@@ -70,12 +71,16 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
             "lease id",
         ]
         .iter()
-        .any(|k| l.contains(k))
+        .any(|k| l.starts_with(k))
     }) {
-        println!("      {}", l.trim());
+        // The product appears twice (token and license): show it once.
+        if shown.insert(l.to_string()) {
+            println!("      {l}");
+        }
     }
     println!(
-        "    -> valid: token -> token key -> TPM quote -> AK -> host certificate -> vendor key"
+        "    -> valid for product 'cad': token -> token key -> TPM quote -> AK -> host certificate \
+         -> vendor key, and the license it carries -> vendor key"
     );
     Ok(())
 }
