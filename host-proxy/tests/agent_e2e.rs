@@ -176,7 +176,14 @@ fn agent_survives_proxy_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = a
-        .cmd(&["token", "--product", "cad", "--nonce", "00ff", "--json"])
+        .cmd(&[
+            "token",
+            "--product",
+            "cad",
+            "--nonce",
+            "00ff00ff00ff00ff",
+            "--json",
+        ])
         .unwrap();
     assert!(
         out.status.success(),

@@ -25,7 +25,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// A fresh token bound to a nonce (so the agent always asks the proxy).
 fn token(a: &Agent, product: &str, n: u8) -> Result<serde_json::Value, String> {
-    let nonce = format!("{n:02x}{:02x}", std::process::id() as u8);
+    let nonce = format!("{n:02x}{:014x}", std::process::id());
     let out = a
         .cmd(&["token", "--product", product, "--nonce", &nonce, "--json"])
         .unwrap();
