@@ -54,7 +54,7 @@ pub enum ServiceError {
     AkMismatch(String),
     /// The configured key epoch makes a longer token-key window than the host certificate allows.
     #[error(
-        "[leases] key_epoch = {key_epoch_secs} s makes each token key valid for 2 × key_epoch = \
+        "[leases] key_epoch = {key_epoch_secs} s makes each token key valid for 2 x key_epoch = \
          {window_secs} s, but the host certificate allows token-key windows of at most {max_secs} s \
          (verifiers would refuse every token); set key_epoch to at most {max_epoch_secs} s in the \
          config, or ask the vendor for a host certificate with a longer window \

@@ -154,7 +154,7 @@ enum EnrollCmd {
         /// Certificate validity (e.g. 3650d).
         #[arg(long, default_value = "3650d")]
         valid_for: humantime::Duration,
-        /// Longest token-key window verifiers accept from this host (the proxy's 2 × key_epoch
+        /// Longest token-key window verifiers accept from this host (the proxy's 2 x key_epoch
         /// must fit): one TPM quote certifies a token key for at most this long.
         #[arg(long, default_value = "1h")]
         max_key_window: humantime::Duration,
