@@ -223,12 +223,35 @@ async fn unreachable_libvirt_is_retried_and_reported() {
     );
     let (code, msg) = r.connect(5).hello().await.unwrap_err();
     assert_eq!(code, ErrorCode::UnknownVm);
-    assert!(msg.contains("has not reached libvirt"), "{msg}");
+    assert!(msg.contains("has not read the domains of libvirt"), "{msg}");
     // libvirt becomes reachable: the next attempt (backoff 1 s, 2 s, ...) connects
     std::fs::copy(node_xml(), &later).unwrap();
     r.wait_for("connected", || r.lv().status().connected).await;
     let (_, ack) = r.guest(5).await;
     assert_eq!(ack.vm.name, "web");
     let st = r.lv().status();
-    assert_eq!((st.failed_attempts, st.last_error.is_some()), (0, true));
+    assert_eq!(
+        (st.failed_attempts, st.last_error.as_deref()),
+        (0, None),
+        "{st:?}"
+    );
+}
+
+/// After a lost connection is made again, `status` must not keep showing the old error as if it
+/// were current (it said "keepalive timeout" while connected); the loss is kept as history.
+#[tokio::test(flavor = "multi_thread")]
+async fn last_error_is_cleared_once_reconnected() {
+    let events = ManualEvents::new();
+    let r = rig(&node_uri(), "allow", events.clone(), true).await;
+    assert!(events.send(WatchEvent::Closed("keepalive timeout".into())));
+    r.wait_for("reconnected", || {
+        let s = r.lv().status();
+        s.connected && s.reconnects == 1
+    })
+    .await;
+    let st = r.lv().status();
+    assert_eq!(st.last_error, None, "{st:?}");
+    let (at, why) = st.last_lost.clone().expect("the loss is recorded");
+    assert_eq!(why, "keepalive timeout");
+    assert!(at > 0 && st.state_age_secs.is_some(), "{st:?}");
 }

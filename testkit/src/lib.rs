@@ -5,6 +5,9 @@
 //! - [`Swtpm`]: a manufactured swtpm (EK certificates issued by a [`LocalCa`]) serving TCP on
 //!   127.0.0.1, owned as a child process and killed by PID on drop (also during a panic).
 //!
+//! - [`libvirtd::Libvirtd`]: a real unprivileged session libvirtd with its own directories and
+//!   `host_uuid`, and tiny QEMU/TCG domains on it, all stopped and removed on drop.
+//!
 //! Setting `TSS2_LOG` for TPM clients is the client's business; this crate only runs the swtpm
 //! tools.
 
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod host;
+pub mod libvirtd;
 pub mod process;
 
 /// How long to wait for swtpm to listen after spawning it.
@@ -58,6 +62,16 @@ pub enum TestkitError {
         /// Its exit status.
         status: String,
         /// Path of its log.
+        log: PathBuf,
+        /// The end of the log.
+        tail: String,
+    },
+    /// A test libvirtd did not start or a libvirt command failed.
+    #[error("testkit: libvirtd: {reason}; log {log}; last output:\n{tail}")]
+    Libvirtd {
+        /// What failed.
+        reason: String,
+        /// Path of the daemon's log (empty when there is none yet).
         log: PathBuf,
         /// The end of the log.
         tail: String,

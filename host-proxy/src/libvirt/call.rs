@@ -1,0 +1,306 @@
+//! Bounded libvirt calls. libvirt's client calls block until the daemon answers, and a hung
+//! libvirtd (stopped, deadlocked, swapping) answers never or only when its keepalive gives up.
+//! So each connection lives on its own worker thread ([`Worker`]): the connection is opened,
+//! used and closed only there, and every call is a job the caller waits for with a timeout.
+//!
+//! A call that times out keeps its worker busy until libvirt returns; further calls on that
+//! worker fail at once ([`LibvirtError::Hung`]) instead of queueing behind it, and the caller
+//! drops the worker and opens a new connection. At most [`MAX_WORKERS`] worker threads are
+//! alive per [`Workers`] count, so a daemon that hangs again and again cannot pile up threads.
+
+use super::{open, open_read_only, Access, LibvirtError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use virt::connect::Connect;
+
+/// Worker threads (open connections, including abandoned ones whose call has not returned)
+/// allowed at once per [`Workers`].
+pub const MAX_WORKERS: usize = 3;
+
+type Job = Box<dyn FnOnce(&Connect) + Send>;
+
+/// Counts one owner's worker threads and its timed-out calls.
+#[derive(Debug, Default)]
+pub struct Workers {
+    live: AtomicUsize,
+    timeouts: AtomicU64,
+}
+
+impl Workers {
+    /// Worker threads alive now (one per open connection, plus abandoned ones still stuck).
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// libvirt calls that did not answer in time, since start.
+    pub fn timeouts(&self) -> u64 {
+        self.timeouts.load(Ordering::Relaxed)
+    }
+}
+
+/// Decrements the live count when the worker thread ends, however it ends.
+struct LiveGuard(Arc<Workers>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Running {
+    what: String,
+    since: Instant,
+}
+
+/// One libvirt connection on its own thread; calls wait at most `timeout`. Dropping it closes
+/// the connection on the worker thread once the call in progress (if any) returns.
+pub struct Worker {
+    jobs: mpsc::Sender<Job>,
+    running: Arc<Mutex<Option<Running>>>,
+    timeout: Duration,
+    uri: String,
+    workers: Arc<Workers>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Worker {
+    /// Opens a connection to `uri` on a new worker thread, waiting at most `timeout`. Fails
+    /// without starting a thread when `workers` already has [`MAX_WORKERS`] alive.
+    pub fn open(
+        uri: &str,
+        access: Access,
+        timeout: Duration,
+        workers: &Arc<Workers>,
+    ) -> Result<Worker, LibvirtError> {
+        let live = workers.live.fetch_add(1, Ordering::SeqCst);
+        if live >= MAX_WORKERS {
+            workers.live.fetch_sub(1, Ordering::SeqCst);
+            return Err(LibvirtError::Hung {
+                uri: uri.to_string(),
+                what: format!("{live} earlier connections (calls that timed out have not returned yet); not opening another until one does"),
+            });
+        }
+        let guard = LiveGuard(workers.clone());
+        let (opened_tx, opened_rx) = mpsc::channel::<Result<(), LibvirtError>>();
+        let (jobs, jobs_rx) = mpsc::channel::<Job>();
+        let target = uri.to_string();
+        let spawned = std::thread::Builder::new()
+            .name("hostbind-libvirt-call".into())
+            .spawn(move || {
+                let _guard = guard;
+                let conn = match access {
+                    Access::ReadOnly => open_read_only(&target),
+                    Access::ReadWrite => open(&target),
+                };
+                let conn = match conn {
+                    Ok(c) => {
+                        let _ = opened_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(job) = jobs_rx.recv() {
+                    job(&conn);
+                }
+                // `conn` is closed here, on this thread: closing talks to libvirtd too.
+            });
+        if let Err(e) = spawned {
+            // The closure (and with it the guard) was dropped: the count is already back.
+            return Err(LibvirtError::Invalid(format!(
+                "cannot start a thread for the libvirt connection: {e}"
+            )));
+        }
+        let w = Worker {
+            jobs,
+            running: Arc::new(Mutex::new(Some(Running {
+                what: "connect".into(),
+                since: Instant::now(),
+            }))),
+            timeout,
+            uri: uri.to_string(),
+            workers: workers.clone(),
+        };
+        match opened_rx.recv_timeout(timeout) {
+            Ok(Ok(())) => {
+                *lock(&w.running) = None;
+                Ok(w)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                workers.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(w.timed_out("connect"))
+            }
+        }
+    }
+
+    fn timed_out(&self, what: &str) -> LibvirtError {
+        LibvirtError::Timeout {
+            uri: self.uri.clone(),
+            what: what.to_string(),
+            secs: self.timeout.as_secs_f64(),
+        }
+    }
+
+    /// Runs `f` with the connection on the worker thread and waits at most the timeout for it.
+    /// Fails at once while an earlier call that timed out is still running.
+    pub fn call<R: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Connect) -> Result<R, LibvirtError> + Send + 'static,
+    ) -> Result<R, LibvirtError> {
+        {
+            let mut r = lock(&self.running);
+            if let Some(busy) = r.as_ref() {
+                return Err(LibvirtError::Hung {
+                    uri: self.uri.clone(),
+                    what: format!(
+                        "an earlier call ({}) has not returned for {:.1}s",
+                        busy.what,
+                        busy.since.elapsed().as_secs_f64()
+                    ),
+                });
+            }
+            *r = Some(Running {
+                what: what.to_string(),
+                since: Instant::now(),
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        let running = self.running.clone();
+        let job: Job = Box::new(move |c| {
+            let r = f(c);
+            *lock(&running) = None;
+            let _ = tx.send(r);
+        });
+        if self.jobs.send(job).is_err() {
+            *lock(&self.running) = None;
+            return Err(LibvirtError::Invalid(
+                "the libvirt connection's thread has ended".into(),
+            ));
+        }
+        match rx.recv_timeout(self.timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.workers.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(self.timed_out(what))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(LibvirtError::Invalid(
+                "the libvirt connection's thread ended during a call".into(),
+            )),
+        }
+    }
+
+    /// Closes the connection on the worker thread, dropping `leftovers` (event subscriptions,
+    /// connection handles: their drop talks to libvirtd) there first. Does not wait.
+    pub fn close(self, leftovers: impl Send + 'static) {
+        let _ = self.jobs.send(Box::new(move |_| drop(leftovers)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URI: &str = "test:///default";
+
+    #[test]
+    fn a_call_that_does_not_return_in_time_times_out_and_blocks_no_later_caller() {
+        let workers = Arc::new(Workers::default());
+        let w = Worker::open(URI, Access::ReadOnly, Duration::from_millis(300), &workers).unwrap();
+        assert!(w.call("version", |c| Ok(c.lib_version().is_ok())).unwrap());
+        let (release, hold) = mpsc::channel::<()>();
+        let e = w
+            .call("stuck", move |_| {
+                let _ = hold.recv();
+                Ok(())
+            })
+            .unwrap_err();
+        assert!(matches!(e, LibvirtError::Timeout { .. }), "{e}");
+        assert!(
+            e.to_string().contains("did not answer stuck within 0.3s"),
+            "{e}"
+        );
+        // the next call fails at once instead of queueing behind the stuck one
+        let t = Instant::now();
+        let e = w.call("next", |_| Ok(())).unwrap_err();
+        assert!(
+            t.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            e.to_string()
+                .contains("an earlier call (stuck) has not returned"),
+            "{e}"
+        );
+        assert_eq!(workers.timeouts(), 1);
+        // once the stuck call returns, the worker answers again
+        release.send(()).unwrap();
+        let end = Instant::now() + Duration::from_secs(5);
+        while w.call("again", |_| Ok(())).is_err() {
+            assert!(Instant::now() < end);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        w.close(());
+    }
+
+    #[test]
+    fn stuck_workers_are_bounded_and_counted_until_they_end() {
+        let workers = Arc::new(Workers::default());
+        let mut holds = Vec::new();
+        for _ in 0..MAX_WORKERS {
+            let w =
+                Worker::open(URI, Access::ReadOnly, Duration::from_millis(100), &workers).unwrap();
+            let (release, hold) = mpsc::channel::<()>();
+            assert!(w
+                .call("stuck", move |_| {
+                    let _ = hold.recv();
+                    Ok(())
+                })
+                .is_err());
+            holds.push(release);
+            w.close(()); // abandoned, as the watcher does
+        }
+        assert_eq!(workers.live(), MAX_WORKERS);
+        let e = Worker::open(URI, Access::ReadOnly, Duration::from_millis(100), &workers)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not opening another"), "{e}");
+        assert_eq!(workers.live(), MAX_WORKERS);
+        drop(holds); // the stuck calls return: their threads close and end
+        let end = Instant::now() + Duration::from_secs(5);
+        while workers.live() > 0 {
+            assert!(Instant::now() < end, "{} still alive", workers.live());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(Worker::open(URI, Access::ReadOnly, Duration::from_secs(5), &workers).is_ok());
+    }
+
+    #[test]
+    fn a_failed_open_is_an_error_and_leaves_no_thread() {
+        let workers = Arc::new(Workers::default());
+        let e = Worker::open(
+            "test:///nonexistent/node.xml",
+            Access::ReadOnly,
+            Duration::from_secs(5),
+            &workers,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("cannot connect to libvirt"), "{e}");
+        let end = Instant::now() + Duration::from_secs(5);
+        while workers.live() > 0 {
+            assert!(Instant::now() < end);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
