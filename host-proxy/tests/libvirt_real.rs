@@ -95,9 +95,10 @@ fn cached_assignment(r: &Rig, uuid: &str) -> Option<String> {
         .map(|a| a.to_string())
 }
 
-/// Answers to requests must not wait on libvirt: well below libvirt's own keepalive (~15 s)
-/// and the agent's patience.
-const ANSWER_BOUND: Duration = Duration::from_secs(3);
+/// Answers to requests must not wait on libvirt: well below libvirt's own keepalive (~15 s),
+/// which a request that called libvirt would wait for. (Normally they take milliseconds; the
+/// slack is for ledger commits on a loaded CI machine.)
+const ANSWER_BOUND: Duration = Duration::from_secs(5);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn real_libvirtd_assignment_enforcement_and_lifecycle_releases() {
@@ -295,7 +296,12 @@ async fn hung_libvirtd_does_not_block_token_requests() {
     g.token("cad").await.unwrap();
 
     lv.freeze(); // SIGSTOP
+    let frozen = Instant::now();
     let timed = |t: Instant, what: &str| {
+        println!(
+            "while libvirtd is hung: {what} answered in {:?}",
+            t.elapsed()
+        );
         assert!(t.elapsed() < ANSWER_BOUND, "{what} took {:?}", t.elapsed());
     };
     // answered from the cache at once: a refusal (it used to re-read libvirt and hang) and a grant
@@ -308,6 +314,7 @@ async fn hung_libvirtd_does_not_block_token_requests() {
 
     // the watcher's check times out (1 s), it reconnects, and each attempt times out too
     wait_long(20, "status: unreachable", || !r.lv().status().connected).await;
+    println!("hang noticed after {:?}", frozen.elapsed());
     wait_long(20, "a failed attempt", || {
         r.lv().status().failed_attempts >= 1
     })
@@ -337,11 +344,17 @@ async fn hung_libvirtd_does_not_block_token_requests() {
     assert!(st.hung_calls <= libvirt::call::MAX_WORKERS, "{st:?}");
 
     lv.thaw(); // SIGCONT: reconnects with its backoff, the stuck calls return
+    let thawed = Instant::now();
     wait_long(40, "reconnected", || {
         let s = r.lv().status();
         s.connected && s.reconnects == 1
     })
     .await;
+    println!(
+        "reconnected {:?} after SIGCONT (hung for {:?})",
+        thawed.elapsed(),
+        thawed - frozen
+    );
     wait_long(20, "stuck calls returned", || {
         r.lv().status().hung_calls == 0
     })
