@@ -60,17 +60,6 @@ async fn proxy_on(lv: &Libvirtd, vms: &[&str], unassigned: &str, extra: &str) ->
     .await
 }
 
-fn released_with(r: &Rig, vm_uuid: &str, detail: &str) -> usize {
-    r.history()
-        .iter()
-        .filter(|h| {
-            h.event == HistoryEvent::LeaseReleased
-                && h.vm_uuid.as_deref() == Some(vm_uuid)
-                && h.detail == detail
-        })
-        .count()
-}
-
 /// Polls `cond` for up to `secs`.
 async fn wait_long(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + Duration::from_secs(secs);
@@ -85,6 +74,16 @@ async fn wait_long(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 
 fn state_of(r: &Rig, uuid: &str) -> Option<RunState> {
     r.lv().domain(uuid).map(|d| d.state)
+}
+
+/// Waits until the proxy's cache has the domain with `uuid` in `state`.
+async fn wait_state(r: &Rig, uuid: &str, state: RunState) {
+    wait_long(
+        20,
+        &format!("{uuid} {} in the cache", state.as_str()),
+        || state_of(r, uuid) == Some(state),
+    )
+    .await;
 }
 
 fn cached_assignment(r: &Rig, uuid: &str) -> Option<String> {
@@ -109,10 +108,7 @@ async fn real_libvirtd_assignment_enforcement_and_lifecycle_releases() {
     let uuid = r.vm_uuid("app");
     lv.define(&DomainXml::new("app", &uuid).xml()).unwrap();
     lv.virsh(&["start", "app"]).unwrap();
-    wait_long(10, "app running", || {
-        state_of(&r, &uuid) == Some(RunState::Running)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::Running).await;
     let mut g = r.static_guest("app").await;
 
     // no assignment, unassigned = "deny"
@@ -141,8 +137,7 @@ async fn real_libvirtd_assignment_enforcement_and_lifecycle_releases() {
     vmcmd::unassign(&admin, "app", Some("cad"), ALL).unwrap();
     wait_long(10, "cad lease ended", || r.leases_of(&uuid).is_empty()).await;
     assert_eq!(
-        released_with(
-            &r,
+        r.released_with(
             &uuid,
             "the libvirt assignment of domain app no longer allows 'cad'"
         ),
@@ -158,10 +153,7 @@ async fn real_libvirtd_assignment_enforcement_and_lifecycle_releases() {
 
     // suspend: the lease stays (it lapses only by its TTL if the domain stays paused)
     lv.virsh(&["suspend", "app"]).unwrap();
-    wait_long(10, "app paused", || {
-        state_of(&r, &uuid) == Some(RunState::Paused)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::Paused).await;
     assert_eq!(r.leases_of(&uuid).len(), 1);
     lv.virsh(&["resume", "app"]).unwrap();
 
@@ -169,7 +161,7 @@ async fn real_libvirtd_assignment_enforcement_and_lifecycle_releases() {
     lv.virsh(&["destroy", "app"]).unwrap();
     wait_long(10, "released on destroy", || r.leases_of(&uuid).is_empty()).await;
     assert_eq!(
-        released_with(&r, &uuid, "domain app stopped: destroyed (libvirt)"),
+        r.released_with(&uuid, "domain app stopped: destroyed (libvirt)"),
         1
     );
     let ev = g.event(Duration::from_secs(5)).await.expect("pushed event");
@@ -180,37 +172,28 @@ async fn real_libvirtd_assignment_enforcement_and_lifecycle_releases() {
 
     // QEMU killed (kill -9): STOPPED_FAILED
     lv.virsh(&["start", "app"]).unwrap();
-    wait_long(10, "app running", || {
-        state_of(&r, &uuid) == Some(RunState::Running)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::Running).await;
     g.token("cad").await.unwrap();
     lv.kill_qemu("app").expect("qemu pid file");
     wait_long(10, "released on failure", || r.leases_of(&uuid).is_empty()).await;
     assert_eq!(
-        released_with(&r, &uuid, "domain app stopped: failed (libvirt)"),
+        r.released_with(&uuid, "domain app stopped: failed (libvirt)"),
         1
     );
 
     // saved to a file: STOPPED_SAVED; restored: served again
     lv.virsh(&["start", "app"]).unwrap();
-    wait_long(10, "app running", || {
-        state_of(&r, &uuid) == Some(RunState::Running)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::Running).await;
     g.token("cad").await.unwrap();
     let save = lv.images().join("app.save");
     lv.virsh(&["save", "app", &save.to_string_lossy()]).unwrap();
     wait_long(10, "released on save", || r.leases_of(&uuid).is_empty()).await;
     assert_eq!(
-        released_with(&r, &uuid, "domain app stopped: saved (libvirt)"),
+        r.released_with(&uuid, "domain app stopped: saved (libvirt)"),
         1
     );
     lv.virsh(&["restore", &save.to_string_lossy()]).unwrap();
-    wait_long(10, "app restored", || {
-        state_of(&r, &uuid) == Some(RunState::Running)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::Running).await;
     g.token("cad").await.unwrap();
 
     // undefined while running: runs on (transient) with its lease, until it stops
@@ -222,7 +205,7 @@ async fn real_libvirtd_assignment_enforcement_and_lifecycle_releases() {
     lv.virsh(&["destroy", "app"]).unwrap();
     wait_long(10, "released", || r.leases_of(&uuid).is_empty()).await;
     assert_eq!(
-        released_with(&r, &uuid, "domain app stopped: destroyed (libvirt)"),
+        r.released_with(&uuid, "domain app stopped: destroyed (libvirt)"),
         1 + held
     );
     wait_long(10, "app gone from libvirt", || {
@@ -240,10 +223,7 @@ async fn shut_off_domain_of_a_static_vm_gets_no_lease() {
     r.license("cad", 1, "vm");
     let uuid = r.vm_uuid("app");
     lv.define(&DomainXml::new("app", &uuid).xml()).unwrap();
-    wait_long(10, "app known, shut off", || {
-        state_of(&r, &uuid) == Some(RunState::ShutOff)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::ShutOff).await;
     let mut g = r.static_guest("app").await;
     let (code, msg) = g.token("cad").await.unwrap_err();
     assert_eq!(code, ErrorCode::UnknownVm, "{msg}");
@@ -254,10 +234,7 @@ async fn shut_off_domain_of_a_static_vm_gets_no_lease() {
     assert!(r.leases_of(&uuid).is_empty());
 
     lv.virsh(&["start", "app"]).unwrap();
-    wait_long(10, "app running", || {
-        state_of(&r, &uuid) == Some(RunState::Running)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::Running).await;
     g.token("cad").await.unwrap();
     lv.virsh(&["destroy", "app"]).unwrap();
     wait_long(10, "released", || r.leases_of(&uuid).is_empty()).await;
@@ -288,10 +265,7 @@ async fn hung_libvirtd_does_not_block_token_requests() {
     d.metadata = assignment(&[("cad", 0)]);
     lv.define(&d.xml()).unwrap();
     lv.virsh(&["start", "app"]).unwrap();
-    wait_long(10, "app running", || {
-        state_of(&r, &uuid) == Some(RunState::Running)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::Running).await;
     let mut g = r.static_guest("app").await;
     g.token("cad").await.unwrap();
 
@@ -388,10 +362,7 @@ async fn crashed_domain_kept_by_on_crash_preserve_holds_no_seats_and_gets_no_lea
     d.panic_disk = Some(lv.panic_disk("crashy").unwrap());
     lv.define(&d.xml()).unwrap();
     lv.virsh(&["start", "crashy"]).unwrap();
-    wait_long(10, "crashy running", || {
-        state_of(&r, &uuid) == Some(RunState::Running)
-    })
-    .await;
+    wait_state(&r, &uuid, RunState::Running).await;
 
     // 2 seats, 1 reserved for crashy: one for the others
     let mut other = r.static_guest("other").await;
@@ -416,14 +387,8 @@ async fn crashed_domain_kept_by_on_crash_preserve_holds_no_seats_and_gets_no_lea
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     wait_long(10, "released on crash", || r.leases_of(&uuid).is_empty()).await;
-    assert_eq!(
-        released_with(&r, &uuid, "domain crashy crashed (libvirt)"),
-        1
-    );
-    wait_long(10, "crashed in the cache", || {
-        state_of(&r, &uuid) == Some(RunState::Crashed)
-    })
-    .await;
+    assert_eq!(r.released_with(&uuid, "domain crashy crashed (libvirt)"), 1);
+    wait_state(&r, &uuid, RunState::Crashed).await;
     assert!(lv
         .virsh(&["domstate", "crashy"])
         .unwrap()
@@ -591,7 +556,7 @@ async fn libvirtd_restart_reconnects_and_ends_leases_of_domains_stopped_meanwhil
     .await;
     // the resync after reconnecting ends b's lease; a keeps its own
     wait_long(10, "b released", || r.leases_of(&ub).is_empty()).await;
-    assert_eq!(released_with(&r, &ub, "domain b is shut off (libvirt)"), 1);
+    assert_eq!(r.released_with(&ub, "domain b is shut off (libvirt)"), 1);
     assert_eq!(r.leases_of(&ua).len(), a_leases);
     ga.token("cad").await.unwrap();
     assert_eq!(gb.token("cad").await.unwrap_err().0, ErrorCode::UnknownVm);

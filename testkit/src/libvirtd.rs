@@ -180,14 +180,7 @@ impl Libvirtd {
     pub fn start() -> Result<Libvirtd, TestkitError> {
         let (uid, gid) = ensure_test_user()?;
         // Short: QEMU's monitor socket path under it must fit in sun_path.
-        let dir = tempfile::Builder::new()
-            .prefix("hb-lv-")
-            .tempdir()
-            .map_err(io_err("create the libvirtd dir"))?;
-        let root = dir
-            .path()
-            .canonicalize()
-            .map_err(io_err("canonicalize the libvirtd dir"))?;
+        let (dir, root) = crate::temp_dir("hb-lv-")?;
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let host_uuid = format!(
             "7b{:06x}-{:04x}-4000-8000-{:012x}",

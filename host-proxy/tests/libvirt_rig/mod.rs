@@ -144,6 +144,18 @@ impl Rig {
         self.svc.ledger().history(0, 100_000).unwrap()
     }
 
+    /// Leases of `vm_uuid` released with history detail `detail`.
+    pub fn released_with(&self, vm_uuid: &str, detail: &str) -> usize {
+        self.history()
+            .iter()
+            .filter(|h| {
+                h.event == hostbind_proxy::ledger::HistoryEvent::LeaseReleased
+                    && h.vm_uuid.as_deref() == Some(vm_uuid)
+                    && h.detail == detail
+            })
+            .count()
+    }
+
     /// Polls `cond` for up to 10 s.
     pub async fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
         let end = Instant::now() + Duration::from_secs(10);
