@@ -263,7 +263,8 @@ pub struct LibvirtStatus {
     /// Requests are answered from this cache.
     #[serde(default)]
     pub state_age_secs: Option<u64>,
-    /// libvirt calls that did not answer within the timeout and have not returned yet.
+    /// libvirt calls (and connection attempts) that did not answer within the timeout and have
+    /// not returned yet.
     #[serde(default)]
     pub hung_calls: usize,
     /// libvirt calls that did not answer within the timeout, since start.
@@ -558,7 +559,6 @@ impl LibvirtVms {
             let f = lock(&self.fresh);
             (f.read_at, f.confirmed.map(|t| t.elapsed().as_secs()))
         };
-        let live = self.workers.live();
         let st = lock(&self.state);
         let now = unix_now();
         LibvirtStatus {
@@ -576,8 +576,7 @@ impl LibvirtVms {
             unassigned: self.policy,
             domains_read_at: read_at,
             state_age_secs: age,
-            // One worker is the current connection while connected.
-            hung_calls: live.saturating_sub(usize::from(st.connected)),
+            hung_calls: self.workers.stuck(),
             call_timeouts: self.workers.timeouts(),
         }
     }

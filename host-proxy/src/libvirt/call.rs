@@ -25,6 +25,7 @@ type Job = Box<dyn FnOnce(&Connect) + Send>;
 #[derive(Debug, Default)]
 pub struct Workers {
     live: AtomicUsize,
+    stuck: AtomicUsize,
     timeouts: AtomicU64,
 }
 
@@ -32,6 +33,11 @@ impl Workers {
     /// Worker threads alive now (one per open connection, plus abandoned ones still stuck).
     pub fn live(&self) -> usize {
         self.live.load(Ordering::SeqCst)
+    }
+
+    /// Calls (and connection attempts) that timed out and have not returned yet.
+    pub fn stuck(&self) -> usize {
+        self.stuck.load(Ordering::SeqCst)
     }
 
     /// libvirt calls that did not answer in time, since start.
@@ -49,17 +55,55 @@ impl Drop for LiveGuard {
     }
 }
 
+/// The call a worker is running.
 #[derive(Debug, Clone)]
 struct Running {
     what: String,
     since: Instant,
+    /// Its caller gave up waiting (counted in [`Workers::stuck`] until it returns).
+    abandoned: bool,
+}
+
+type Slot = Arc<Mutex<Option<Running>>>;
+
+fn running(what: &str) -> Option<Running> {
+    Some(Running {
+        what: what.to_string(),
+        since: Instant::now(),
+        abandoned: false,
+    })
+}
+
+/// Marks the call in `slot` as given up by its caller; false when it has just returned.
+fn abandon(slot: &Mutex<Option<Running>>, workers: &Workers) -> bool {
+    let mut r = lock(slot);
+    match r.as_mut() {
+        Some(run) => {
+            if !run.abandoned {
+                run.abandoned = true;
+                workers.stuck.fetch_add(1, Ordering::SeqCst);
+                workers.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Ends the call in `slot` (on the worker thread, when libvirt returned).
+fn finish(slot: &Mutex<Option<Running>>, workers: &Workers) {
+    let mut r = lock(slot);
+    if r.as_ref().is_some_and(|run| run.abandoned) {
+        workers.stuck.fetch_sub(1, Ordering::SeqCst);
+    }
+    *r = None;
 }
 
 /// One libvirt connection on its own thread; calls wait at most `timeout`. Dropping it closes
 /// the connection on the worker thread once the call in progress (if any) returns.
 pub struct Worker {
     jobs: mpsc::Sender<Job>,
-    running: Arc<Mutex<Option<Running>>>,
+    running: Slot,
     timeout: Duration,
     uri: String,
     workers: Arc<Workers>,
@@ -90,6 +134,8 @@ impl Worker {
         let (opened_tx, opened_rx) = mpsc::channel::<Result<(), LibvirtError>>();
         let (jobs, jobs_rx) = mpsc::channel::<Job>();
         let target = uri.to_string();
+        let slot: Slot = Arc::new(Mutex::new(running("connect")));
+        let (slot2, workers2) = (slot.clone(), workers.clone());
         let spawned = std::thread::Builder::new()
             .name("hostbind-libvirt-call".into())
             .spawn(move || {
@@ -98,6 +144,7 @@ impl Worker {
                     Access::ReadOnly => open_read_only(&target),
                     Access::ReadWrite => open(&target),
                 };
+                finish(&slot2, &workers2);
                 let conn = match conn {
                     Ok(c) => {
                         let _ = opened_tx.send(Ok(()));
@@ -121,25 +168,25 @@ impl Worker {
         }
         let w = Worker {
             jobs,
-            running: Arc::new(Mutex::new(Some(Running {
-                what: "connect".into(),
-                since: Instant::now(),
-            }))),
+            running: slot,
             timeout,
             uri: uri.to_string(),
             workers: workers.clone(),
         };
-        match opened_rx.recv_timeout(timeout) {
-            Ok(Ok(())) => {
-                *lock(&w.running) = None;
-                Ok(w)
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => {
-                workers.timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(w.timed_out("connect"))
-            }
-        }
+        let opened = match opened_rx.recv_timeout(timeout) {
+            Err(_) if abandon(&w.running, workers) => return Err(w.timed_out("connect")),
+            // It returned just as the wait ended: its answer is there.
+            Err(_) => opened_rx.try_recv().map_err(|_| w.ended()),
+            Ok(r) => Ok(r),
+        };
+        opened?.map(|()| w)
+    }
+
+    fn ended(&self) -> LibvirtError {
+        LibvirtError::Invalid(format!(
+            "the thread of the libvirt connection to {} has ended",
+            self.uri
+        ))
     }
 
     fn timed_out(&self, what: &str) -> LibvirtError {
@@ -169,33 +216,28 @@ impl Worker {
                     ),
                 });
             }
-            *r = Some(Running {
-                what: what.to_string(),
-                since: Instant::now(),
-            });
+            *r = running(what);
         }
         let (tx, rx) = mpsc::channel();
-        let running = self.running.clone();
+        let (slot, workers) = (self.running.clone(), self.workers.clone());
         let job: Job = Box::new(move |c| {
             let r = f(c);
-            *lock(&running) = None;
+            finish(&slot, &workers);
             let _ = tx.send(r);
         });
         if self.jobs.send(job).is_err() {
             *lock(&self.running) = None;
-            return Err(LibvirtError::Invalid(
-                "the libvirt connection's thread has ended".into(),
-            ));
+            return Err(self.ended());
         }
         match rx.recv_timeout(self.timeout) {
             Ok(r) => r,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                self.workers.timeouts.fetch_add(1, Ordering::Relaxed);
+            Err(mpsc::RecvTimeoutError::Timeout) if abandon(&self.running, &self.workers) => {
                 Err(self.timed_out(what))
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(LibvirtError::Invalid(
-                "the libvirt connection's thread ended during a call".into(),
-            )),
+            // It returned just as the wait ended: its answer is there (or comes at once).
+            Err(_) => rx
+                .recv_timeout(Duration::from_secs(1))
+                .unwrap_or_else(|_| Err(self.ended())),
         }
     }
 
@@ -250,6 +292,7 @@ mod tests {
             assert!(Instant::now() < end);
             std::thread::sleep(Duration::from_millis(10));
         }
+        assert_eq!((workers.timeouts(), workers.stuck()), (1, 0));
         w.close(());
     }
 

@@ -93,6 +93,20 @@ pub fn state(d: &Domain) -> Result<RunState, LibvirtError> {
     Ok(RunState::from_libvirt(info.state.known()))
 }
 
+/// A domain that does not run: name and UUID only (no call to libvirtd).
+fn shut_off(d: &Domain) -> Result<DomainEntry, LibvirtError> {
+    Ok(DomainEntry {
+        name: d.name().map_err(lv_err("read a domain's name"))?,
+        uuid: d
+            .uuid_string()
+            .map_err(lv_err("read a domain's UUID"))?
+            .to_ascii_lowercase(),
+        state: RunState::ShutOff,
+        cid: None,
+        assignment: None,
+    })
+}
+
 /// Reads one domain: state, and for a domain that runs its live XML. None when it is gone.
 pub fn read_domain(d: &Domain) -> Result<Option<DomainEntry>, LibvirtError> {
     let st = match state(d) {
@@ -101,15 +115,7 @@ pub fn read_domain(d: &Domain) -> Result<Option<DomainEntry>, LibvirtError> {
         Err(e) => return Err(e),
     };
     if st == RunState::ShutOff {
-        let name = d.name().map_err(lv_err("read a domain's name"))?;
-        let uuid = d.uuid_string().map_err(lv_err("read a domain's UUID"))?;
-        return Ok(Some(DomainEntry {
-            name,
-            uuid: uuid.to_ascii_lowercase(),
-            state: st,
-            cid: None,
-            assignment: None,
-        }));
+        return shut_off(d).map(Some);
     }
     let x = match d.xml_desc(0) {
         Ok(x) => x,
@@ -135,15 +141,21 @@ pub fn read_uuid(conn: &Connect, uuid: &str) -> Result<Option<DomainEntry>, Libv
     }
 }
 
-/// Reads every domain, running or not.
+/// Reads every domain, running or not (the state of each running one, which may be crashed;
+/// those that are not running are shut off by definition and cost no further call).
 pub fn read_all(conn: &Connect) -> Result<Vec<DomainEntry>, LibvirtError> {
-    let all = conn
-        .list_all_domains(
-            sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE | sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE,
-        )
-        .map_err(lv_err("list domains"))?;
-    let mut v = Vec::with_capacity(all.len());
-    for d in all {
+    let mut v = Vec::new();
+    let inactive = conn
+        .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_INACTIVE)
+        .map_err(lv_err("list defined domains"))?;
+    for d in inactive {
+        v.push(shut_off(&d)?);
+    }
+    // Listed second: one that started in between is running (later entries win).
+    let active = conn
+        .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        .map_err(lv_err("list running domains"))?;
+    for d in active {
         if let Some(e) = read_domain(&d)? {
             if let Some(Err(err)) = &e.assignment {
                 tracing::warn!(domain = %e.name, "{err}; the domain gets no products until it is fixed");

@@ -105,7 +105,11 @@ struct Watcher {
 }
 
 enum Outcome {
+    /// Asked to stop.
     Stop,
+    /// Never got connected.
+    Failed(String),
+    /// Was connected, then lost the connection.
     Lost(String),
 }
 
@@ -129,53 +133,61 @@ impl Watcher {
         !self.stopping()
     }
 
+    /// Records a failed connection attempt (`why`) and waits `backoff`; false when asked to
+    /// stop meanwhile.
+    fn failed(&self, why: &str, backoff: Duration) -> bool {
+        let attempts = {
+            let mut st = lock(&self.vms.state);
+            if st.connected || st.since == 0 {
+                st.since = unix_now();
+            }
+            st.connected = false;
+            st.failed_attempts += 1;
+            st.last_error = Some(why.to_string());
+            st.next_retry_at = Some(unix_now() + backoff.as_secs());
+            st.failed_attempts
+        };
+        if attempts == 1 {
+            tracing::error!("libvirt unreachable: {why}; retrying with backoff (requests are answered from the last known domains meanwhile)");
+        } else {
+            tracing::warn!(
+                attempt = attempts,
+                "libvirt still unreachable at {}: {why}; next try in {}s",
+                self.vms.uri,
+                backoff.as_secs()
+            );
+        }
+        self.pause(backoff)
+    }
+
     fn run(self, source: impl EventSource) {
         let uri = self.vms.uri.clone();
         let mut backoff = MIN_BACKOFF;
         let mut ever_connected = false;
         while !self.stopping() {
             lock(&self.vms.state).next_retry_at = None;
-            let worker = match Worker::open(
-                &uri,
-                self.access,
-                self.vms.call_timeout,
-                &self.vms.workers,
-            ) {
-                Ok(w) => w,
-                Err(e) => {
-                    let attempts = {
-                        let mut st = lock(&self.vms.state);
-                        if st.connected || st.since == 0 {
-                            st.since = unix_now();
-                        }
-                        st.connected = false;
-                        st.failed_attempts += 1;
-                        st.last_error = Some(e.to_string());
-                        st.next_retry_at = Some(unix_now() + backoff.as_secs());
-                        st.failed_attempts
-                    };
-                    if attempts == 1 {
-                        tracing::error!("libvirt unreachable: {e}; retrying with backoff (requests are answered from the last known domains meanwhile)");
-                    } else {
-                        tracing::warn!(
-                            attempt = attempts,
-                            "libvirt still unreachable at {uri}: {e}; next try in {}s",
-                            backoff.as_secs()
-                        );
-                    }
-                    if !self.pause(backoff) {
+            let opened = Worker::open(&uri, self.access, self.vms.call_timeout, &self.vms.workers);
+            let (outcome, worker) = match opened {
+                Ok(w) => {
+                    let (outcome, leftovers) = self.connected(&source, &w, ever_connected);
+                    (outcome, Some((w, leftovers)))
+                }
+                Err(e) => (Outcome::Failed(e.to_string()), None),
+            };
+            if let Some((w, leftovers)) = worker {
+                w.close(leftovers);
+            }
+            match outcome {
+                Outcome::Stop => break,
+                // Not connected (open, subscribe or first read failed): try again after a wait.
+                Outcome::Failed(why) => {
+                    if !self.failed(&why, backoff) {
                         break;
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
                 }
-            };
-            backoff = MIN_BACKOFF;
-            let (outcome, leftovers) = self.connected(&source, &worker, ever_connected);
-            worker.close(leftovers);
-            match outcome {
-                Outcome::Stop => break,
                 Outcome::Lost(why) => {
+                    backoff = MIN_BACKOFF;
                     ever_connected = true;
                     tracing::error!("lost the libvirt connection to {uri}: {why}; reconnecting (requests are answered from the last known domains meanwhile)");
                     let mut st = lock(&self.vms.state);
@@ -206,7 +218,7 @@ impl Watcher {
             Ok(s) => s,
             Err(e) => {
                 let why = format!("cannot subscribe to domain events: {e}");
-                return (Outcome::Lost(why), (None, None));
+                return (Outcome::Failed(why), (None, None));
             }
         };
         let shared = match self.access {
@@ -217,7 +229,7 @@ impl Watcher {
         let leftovers = || (Some(sub), lock(&self.vms.conn).take());
         if let Err(e) = self.resync(w) {
             let leftovers = leftovers();
-            return (Outcome::Lost(e.to_string()), leftovers);
+            return (Outcome::Failed(e.to_string()), leftovers);
         }
         {
             let mut st = lock(&self.vms.state);
