@@ -191,6 +191,9 @@ pub struct LibvirtConfig {
     pub uri: String,
     /// Policy for domains without a hostbind assignment: "allow" (default) or "deny".
     pub unassigned: UnassignedPolicy,
+    /// How long the proxy waits for any one libvirt call (connect, list, read a domain, the
+    /// liveness check) before it treats libvirt as hung and reconnects.
+    pub call_timeout: Dur,
 }
 
 impl Default for LibvirtConfig {
@@ -199,6 +202,7 @@ impl Default for LibvirtConfig {
             enabled: false,
             uri: "qemu:///system".into(),
             unassigned: UnassignedPolicy::Allow,
+            call_timeout: Dur(Duration::from_secs(5)),
         }
     }
 }
@@ -379,6 +383,13 @@ impl Config {
             if self.libvirt.uri.trim().is_empty() {
                 return Err("libvirt.uri is empty; use \"qemu:///system\"".into());
             }
+            let t = self.libvirt.call_timeout.0;
+            if t < Duration::from_millis(100) || t > Duration::from_secs(300) {
+                return Err(format!(
+                    "libvirt.call_timeout = {} is out of range; use 100ms to 5m (default \"5s\")",
+                    humantime::format_duration(t)
+                ));
+            }
             if let Some(vm) = self.vms.iter().find(|v| v.cid.is_some()) {
                 return Err(format!("vm '{}' sets cid, but with [libvirt] enabled = true CIDs are read from libvirt's domain XML; remove cid from this [[vm]]", vm.name));
             }
@@ -488,5 +499,15 @@ vhost_uds = "/tmp/b.vsock"
             .unwrap_err()
             .to_string();
         assert!(e.contains("p.toml:2:") && e.contains("maybe"), "{e}");
+        assert_eq!(c.libvirt.call_timeout.0, Duration::from_secs(5));
+        let c = Config::parse("[libvirt]\ncall_timeout = \"1500ms\"\n", "p.toml").unwrap();
+        assert_eq!(c.libvirt.call_timeout.0, Duration::from_millis(1500));
+        let e = Config::parse(
+            "[libvirt]\nenabled = true\ncall_timeout = \"1ms\"\n",
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("call_timeout = 1ms is out of range"), "{e}");
     }
 }

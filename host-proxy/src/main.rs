@@ -86,6 +86,8 @@ enum VmCmd {
         /// Seats of the product kept free for this domain while it runs.
         #[arg(long, default_value_t = 0)]
         reserve: u32,
+        #[command(flatten)]
+        sides: VmSides,
     },
     /// Take a product away from a domain (its leases of that product end), or with --all
     /// remove the domain's assignment (the host's default policy applies again).
@@ -98,37 +100,80 @@ enum VmCmd {
         /// Remove the whole assignment.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        sides: VmSides,
     },
     /// List domains with their state, vsock CID and assignment.
     List,
 }
 
+/// Which definition of a domain to change. Without either flag: the live definition of a
+/// running domain and the persistent config of a defined one, each from its own assignment.
+#[derive(clap::Args)]
+struct VmSides {
+    /// Change the running domain's live definition (what the proxy enforces now).
+    #[arg(long)]
+    live: bool,
+    /// Change the persistent config (what the domain starts with next time; virsh calls it
+    /// --config, which names the proxy's config file here).
+    #[arg(long)]
+    persistent: bool,
+}
+
+impl From<VmSides> for hostbind_proxy::libvirt::vmcmd::Sides {
+    fn from(s: VmSides) -> Self {
+        hostbind_proxy::libvirt::vmcmd::Sides {
+            live: s.live,
+            config: s.persistent,
+        }
+    }
+}
+
 fn vm_line(v: &hostbind_proxy::libvirt::vmcmd::VmInfo, policy: &str) -> String {
+    let stored = |a: &Option<hostbind_proxy::libvirt::Assignment>, e: &Option<String>| match (a, e)
+    {
+        (_, Some(e)) => format!("assignment INVALID: {e}"),
+        (Some(a), None) => format!("products: {a}"),
+        (None, None) => format!("no assignment (host default: {policy})"),
+    };
     format!(
-        "{:<20} {}  {:<10} cid={:<6} {}",
+        "{:<20} {}  {:<10} cid={:<6} {}{}",
         v.name,
         v.uuid,
         v.state,
         v.cid.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-        match (&v.assignment, &v.assignment_error) {
-            (_, Some(e)) => format!("assignment INVALID: {e}"),
-            (Some(a), None) => format!("products: {a}"),
-            (None, None) => format!("no assignment (host default: {policy})"),
+        stored(&v.assignment, &v.assignment_error),
+        match &v.next_start {
+            Some(n) => format!(
+                "; from the next start (persistent config): {}",
+                stored(&n.assignment, &n.assignment_error)
+            ),
+            None => String::new(),
         }
     )
 }
 
 fn vm_cmd(cfg: &Config, json: bool, cmd: VmCmd) -> Result<()> {
-    use hostbind_proxy::libvirt::{open, open_read_only, vmcmd};
+    use hostbind_proxy::libvirt::call::{Worker, Workers};
+    use hostbind_proxy::libvirt::{vmcmd, Access};
     // listing needs only read access; assign/unassign write domain metadata
-    let conn = match cmd {
-        VmCmd::List => open_read_only(&cfg.libvirt.uri)?,
-        _ => open(&cfg.libvirt.uri)?,
+    let access = match cmd {
+        VmCmd::List => Access::ReadOnly,
+        _ => Access::ReadWrite,
     };
+    // A hung libvirtd makes the command fail after the timeout instead of hanging with it; a
+    // whole command (many domains) may take longer than one of the daemon's calls.
+    let timeout = cfg
+        .libvirt
+        .call_timeout
+        .0
+        .max(std::time::Duration::from_secs(30));
+    let workers = std::sync::Arc::new(Workers::default());
+    let conn = Worker::open(&cfg.libvirt.uri, access, timeout, &workers)?;
     let policy = cfg.libvirt.unassigned.as_str();
     let one = match cmd {
         VmCmd::List => {
-            let v = vmcmd::list(&conn)?;
+            let v = conn.call("list domains", vmcmd::list)?;
             if json {
                 return print_json(&v);
             }
@@ -144,12 +189,18 @@ fn vm_cmd(cfg: &Config, json: bool, cmd: VmCmd) -> Result<()> {
             domain,
             product,
             reserve,
-        } => Some(vmcmd::assign(&conn, &domain, &product, reserve)?),
+            sides,
+        } => Some(conn.call("assign a product", move |c| {
+            vmcmd::assign(c, &domain, &product, reserve, sides.into())
+        })?),
         VmCmd::Unassign {
             domain,
             product,
             all: _,
-        } => Some(vmcmd::unassign(&conn, &domain, product.as_deref())?),
+            sides,
+        } => Some(conn.call("unassign a product", move |c| {
+            vmcmd::unassign(c, &domain, product.as_deref(), sides.into())
+        })?),
     };
     if let Some(v) = one {
         if json {
@@ -161,6 +212,57 @@ fn vm_cmd(cfg: &Config, json: bool, cmd: VmCmd) -> Result<()> {
         eprintln!("note: [libvirt] enabled is false in the proxy config: the daemon does not use libvirt or enforce assignments until it is set");
     }
     Ok(())
+}
+
+/// `status` lines about libvirt: the connection, how old the domain cache is that requests are
+/// answered from, stuck calls, CID conflicts.
+fn libvirt_status_lines(l: &hostbind_proxy::libvirt::LibvirtStatus) -> Vec<String> {
+    let age = match l.state_age_secs {
+        Some(a) => format!("domain list current as of {a}s ago"),
+        None => "domains never read: every VM is refused until they are".to_string(),
+    };
+    let mut v = Vec::new();
+    if l.connected {
+        v.push(format!(
+            "connected to {} since {}; {} running domains ({} with a vsock CID), unassigned VMs: {}; {age}{}",
+            l.uri,
+            fmt_time(l.since),
+            l.running_domains,
+            l.with_cid,
+            l.unassigned.as_str(),
+            match &l.last_lost {
+                Some((t, why)) if l.reconnects > 0 => format!(
+                    "; reconnected {} times (last lost {}: {why})",
+                    l.reconnects,
+                    fmt_time(*t)
+                ),
+                _ => String::new(),
+            }
+        ));
+    } else {
+        v.push(format!(
+            "UNREACHABLE at {} since {}: {}; {} failed attempts, {}; answering from the last known {} running domains ({age})",
+            l.uri,
+            fmt_time(l.since),
+            l.last_error.as_deref().unwrap_or("not connected yet"),
+            l.failed_attempts,
+            match l.next_retry_secs {
+                Some(n) => format!("next in {n}s"),
+                None => "connecting now".to_string(),
+            },
+            l.running_domains
+        ));
+    }
+    if l.hung_calls > 0 {
+        v.push(format!(
+            "{} calls to libvirt have not returned ({} timed out since start); libvirtd may be hung",
+            l.hung_calls, l.call_timeouts
+        ));
+    }
+    for c in &l.cid_conflicts {
+        v.push(format!("CID CONFLICT {c}: connections from it are refused"));
+    }
+    v
 }
 // --- end libvirt hook ---
 
@@ -289,29 +391,8 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
             // --- libvirt hook ---
             if let Some(l) = &s.libvirt {
-                if l.connected {
-                    println!(
-                        "libvirt:        connected to {} since {}; {} running domains ({} with a vsock CID), unassigned VMs: {}{}",
-                        l.uri,
-                        fmt_time(l.since),
-                        l.running_domains,
-                        l.with_cid,
-                        l.unassigned.as_str(),
-                        if l.reconnects > 0 { format!("; reconnected {} times", l.reconnects) } else { String::new() }
-                    );
-                } else {
-                    println!(
-                        "libvirt:        UNREACHABLE at {} since {}: {}; {} failed attempts, next in {}s; using the last known {} running domains",
-                        l.uri,
-                        fmt_time(l.since),
-                        l.last_error.as_deref().unwrap_or("not connected yet"),
-                        l.failed_attempts,
-                        l.next_retry_secs.unwrap_or(0),
-                        l.running_domains
-                    );
-                }
-                for c in &l.cid_conflicts {
-                    println!("libvirt:        CID CONFLICT {c}: connections from it are refused");
+                for line in libvirt_status_lines(l) {
+                    println!("libvirt:        {line}");
                 }
             }
             // --- end libvirt hook ---

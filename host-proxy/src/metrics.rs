@@ -5,7 +5,8 @@
 //!
 //! Served: tokens issued (by product), requests refused (by error code), leases expired, live
 //! leases (by product and scope), seats and seats in use (by product and license), license and
-//! token key expiry, connected agents, configured VMs, TPM quote latency and errors.
+//! token key expiry, connected agents, configured VMs, TPM quote latency and errors; with
+//! `[libvirt]` on, the libvirt connection's health and the age of the domain cache.
 
 use crate::server::bind_unix;
 use crate::service::{unix_now, Service};
@@ -382,6 +383,12 @@ pub fn render(svc: &Service) -> Result<String, String> {
         &[(String::new(), svc.key_not_after() as f64)],
     );
 
+    // --- libvirt hook: connection health and the age of the domain cache (libvirt.rs) ---
+    if let Some(lv) = svc.libvirt() {
+        libvirt_families(&mut out, &lv.status());
+    }
+    // --- end libvirt hook ---
+
     let q = svc.tpm().quote_stats();
     let h = q.latency.snapshot();
     let name = "hostbind_tpm_quote_duration_seconds";
@@ -405,6 +412,72 @@ pub fn render(svc: &Service) -> Result<String, String> {
     );
     Ok(out)
 }
+
+// --- libvirt hook ---
+/// The libvirt families, when `[libvirt] enabled = true`.
+fn libvirt_families(out: &mut String, l: &crate::libvirt::LibvirtStatus) {
+    let one = |v: f64| [(String::new(), v)];
+    family(
+        out,
+        "hostbind_libvirt_connected",
+        "gauge",
+        "1 while the proxy is connected to libvirt, else 0 (requests are then answered from the last known domains).",
+        &one(f64::from(u8::from(l.connected))),
+    );
+    family(
+        out,
+        "hostbind_libvirt_connect_failures",
+        "gauge",
+        "Failed attempts to connect to libvirt since the last success.",
+        &one(l.failed_attempts as f64),
+    );
+    family(
+        out,
+        "hostbind_libvirt_reconnects_total",
+        "counter",
+        "Times the libvirt connection was lost and made again since start.",
+        &one(l.reconnects as f64),
+    );
+    family(
+        out,
+        "hostbind_libvirt_call_timeouts_total",
+        "counter",
+        "libvirt calls that did not answer within [libvirt] call_timeout since start.",
+        &one(l.call_timeouts as f64),
+    );
+    family(
+        out,
+        "hostbind_libvirt_hung_calls",
+        "gauge",
+        "libvirt calls that timed out and have not returned yet.",
+        &one(l.hung_calls as f64),
+    );
+    // Before the first read there is no age: report none rather than a made-up number.
+    if let Some(age) = l.state_age_secs {
+        family(
+            out,
+            "hostbind_libvirt_state_age_seconds",
+            "gauge",
+            "Seconds since the cached libvirt domains (that requests are answered from) were last known current.",
+            &one(age as f64),
+        );
+    }
+    family(
+        out,
+        "hostbind_libvirt_last_refresh_timestamp_seconds",
+        "gauge",
+        "Unix time of the last full read of libvirt's domain list (0: never).",
+        &one(l.domains_read_at as f64),
+    );
+    family(
+        out,
+        "hostbind_libvirt_running_domains",
+        "gauge",
+        "Running libvirt domains in the proxy's cache.",
+        &one(l.running_domains as f64),
+    );
+}
+// --- end libvirt hook ---
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));

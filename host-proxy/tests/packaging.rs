@@ -67,11 +67,18 @@ fn commented_examples_are_valid_when_uncommented() {
 
 #[test]
 fn commented_libvirt_example_is_valid_when_uncommented() {
-    let text = uncomment(&["[libvirt]", "enabled =", "uri =", "unassigned ="]);
+    let text = uncomment(&[
+        "[libvirt]",
+        "enabled =",
+        "uri =",
+        "unassigned =",
+        "call_timeout =",
+    ]);
     let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert!(c.libvirt.enabled, "{text}");
     assert_eq!(c.libvirt.uri, "qemu:///system");
     assert_eq!(c.libvirt.unassigned.as_str(), "allow");
+    assert_eq!(c.libvirt.call_timeout.0, std::time::Duration::from_secs(5));
 }
 
 #[test]
