@@ -193,10 +193,11 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
                     }
                 }
                 Some(_) => {}
-                None if clock.micros() > deadline => {
-                    return Err(ClientError::Timeout("connection"))
-                }
                 None => core::hint::spin_loop(),
+            }
+            // Checked whatever arrives, so a chatty peer cannot hold the guest here.
+            if clock.micros() > deadline {
+                return Err(ClientError::Timeout("connection"));
             }
         }
         Ok(Client {
@@ -336,9 +337,10 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
                 }
                 continue;
             }
-            if !self.receive()? && self.clock.micros() > deadline {
+            if self.clock.micros() > deadline {
                 return Err(ClientError::Timeout("answer"));
             }
+            self.receive()?;
         }
     }
 
@@ -358,14 +360,14 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
         }
     }
 
-    /// Polls the device once; appends received bytes to `rx`. `Ok(false)` when nothing came.
-    fn receive(&mut self) -> Result<bool, ClientError> {
+    /// Polls the device once; appends received bytes to `rx`.
+    fn receive(&mut self) -> Result<(), ClientError> {
         let Some(event) = self.vsock.poll()? else {
             core::hint::spin_loop();
-            return Ok(false);
+            return Ok(());
         };
         if event.source != self.peer || event.destination.port != self.local_port {
-            return Ok(true);
+            return Ok(());
         }
         match event.event_type {
             VsockEventType::Received { .. } => {
@@ -385,6 +387,6 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
             }
             _ => {}
         }
-        Ok(true)
+        Ok(())
     }
 }

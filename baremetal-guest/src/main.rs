@@ -5,11 +5,12 @@
 //!
 //! Kernel command line (all optional): `hostbind.product=NAME` (default: the product embedded
 //! at build time), `hostbind.port=N` (default 9999), `hostbind.features=a,b`,
-//! `hostbind.timeout=SECONDS` (per step, default 60).
+//! `hostbind.timeout=SECONDS` (per step, default 60), `hostbind.renew=N` (renew the lease N
+//! times right away, verifying each fresh token: what a long-running guest does in its loop).
 //!
 //! Serial output: `hostbind: ...` lines for people and one `HBMETAL {json}` line per step for
 //! programs (`boot`, `device`, `connected`, `hello_ack`, `token` / `refused` / `rejected` /
-//! `error`, and last `exit`).
+//! `error`, `renewed`, `event`, and last `exit`).
 #![no_std]
 #![no_main]
 
@@ -19,15 +20,18 @@ mod boot;
 mod console;
 mod mem;
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::signed::fmt_time;
-use hostbind_attest::verify::{verify_token, VerifyError};
+use hostbind_attest::token::TokenClaims;
+use hostbind_attest::verify::{verify_token, VerifiedToken, VerifyError};
+use hostbind_attest::wire::TokenResponse;
 use hostbind_baremetal::client::{
-    Client, Clock, Outcome, Request, DEFAULT_PORT, RX_BUFFER_SIZE, RX_CAPACITY,
+    Client, ClientError, Clock, Outcome, Request, DEFAULT_PORT, RX_BUFFER_SIZE, RX_CAPACITY,
 };
 use hostbind_baremetal::hal::IdentityHal;
 use hostbind_baremetal::pc::{self, Hpet, PortCam};
@@ -96,6 +100,7 @@ struct Settings {
     port: u32,
     features: Vec<String>,
     timeout_secs: u64,
+    renew: u32,
 }
 
 #[no_mangle]
@@ -215,57 +220,89 @@ fn run(start_info: u32) -> u32 {
     let t_req = time.micros();
     let outcome = client.token(&req, &vendor, now);
     let request_us = time.micros().saturating_sub(t_req);
-    for e in &client.events {
-        emit(
-            &json!({"msg": "event", "kind": format_args!("{:?}", e.kind).to_string(),
-                     "lease_id": e.lease_id, "message": e.message}),
+    print_events(&mut client.events);
+    let (response, token) = match settle(outcome, &time, request_us, now) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let c = &token.claims;
+    let (verify_us, self_test) =
+        recheck(&time, c, &response.token, &vendor, now, req.nonce.as_ref());
+    if !self_test {
+        return failed(
+            "self-test",
+            "a token with a flipped signature bit was not refused, or the token did not verify \
+             twice: this kernel's crypto is broken; do not trust its verdicts",
         );
     }
-    let code = match outcome {
-        Err(e) => return failed("token request", &e.to_string()),
-        Ok(Outcome::Verified { response, token }) => {
-            let c = &token.claims;
-            let (verify_us, self_test) =
-                recheck(&time, c, &response.token, &vendor, now, req.nonce.as_ref());
-            if !self_test {
-                return failed(
-                    "self-test",
-                    "a token with a flipped signature bit was not refused, or the token did not \
-                     verify twice: this kernel's crypto is broken; do not trust its verdicts",
-                );
-            }
-            say(format_args!(
-                "hostbind: token VERIFIED: product '{}' features [{}] for VM '{}' ({}) on host \
-                 {}, lease {} until {}",
-                c.product,
-                c.features.join(","),
-                c.vm_name,
-                c.vm_uuid,
-                hex::encode(&c.host_id),
-                c.lease_id,
-                fmt_time(c.expires_at)
-            ));
-            emit(&json!({
-                "msg": "token",
-                "verdict": "ok",
-                "claims": {
-                    "product": c.product, "features": c.features, "vm_name": c.vm_name,
-                    "vm_uuid": c.vm_uuid, "host_id": hex::encode(&c.host_id),
-                    "lease_id": c.lease_id, "license_id": c.license_id, "scope": c.scope,
-                    "iat": c.issued_at, "exp": c.expires_at,
-                    "nonce": c.nonce.as_ref().map(hex::encode),
-                },
-                "nonce_checked": have_rng,
-                "now": now,
-                "token_bytes": response.token.len(),
-                "lease_expires_at": response.lease_expires_at,
-                "request_us": micros(&time, request_us),
-                "verify_us": verify_us,
-                "self_test": if self_test { "ok" } else { "FAILED" },
-                "boot_to_token_us": micros(&time, time.micros().saturating_sub(t0)),
-            }));
-            exit_code::VERIFIED
-        }
+    say(format_args!(
+        "hostbind: token VERIFIED: product '{}' features [{}] for VM '{}' ({}) on host {}, \
+         lease {} until {}",
+        c.product,
+        c.features.join(","),
+        c.vm_name,
+        c.vm_uuid,
+        hex::encode(&c.host_id),
+        c.lease_id,
+        fmt_time(c.expires_at)
+    ));
+    emit(&json!({
+        "msg": "token",
+        "verdict": "ok",
+        "claims": claims_json(c),
+        "nonce_checked": have_rng,
+        "now": now,
+        "token_bytes": response.token.len(),
+        "lease_expires_at": response.lease_expires_at,
+        "request_us": micros(&time, request_us),
+        "verify_us": verify_us,
+        "self_test": if self_test { "ok" } else { "FAILED" },
+        "boot_to_token_us": micros(&time, time.micros().saturating_sub(t0)),
+    }));
+
+    // `hostbind.renew=N`: what a guest that runs longer than one lease does in its own loop.
+    let lease_id = response.lease_id.clone();
+    for round in 1..=settings.renew {
+        let mut fresh = [0u8; 32];
+        let nonce = pc::rdrand_fill(&mut fresh).then_some(fresh);
+        let now = pc::rtc_unix_time().unwrap_or(now);
+        let t_req = time.micros();
+        let outcome = client.renew(&lease_id, &settings.product, nonce, &vendor, now);
+        let request_us = time.micros().saturating_sub(t_req);
+        print_events(&mut client.events);
+        let (response, token) = match settle(outcome, &time, request_us, now) {
+            Ok(v) => v,
+            Err(code) => return code,
+        };
+        say(format_args!(
+            "hostbind: lease {} RENEWED until {}, new token verified",
+            response.lease_id,
+            fmt_time(response.lease_expires_at)
+        ));
+        emit(&json!({
+            "msg": "renewed",
+            "round": round,
+            "claims": claims_json(&token.claims),
+            "nonce_checked": nonce.is_some(),
+            "lease_expires_at": response.lease_expires_at,
+            "request_us": micros(&time, request_us),
+        }));
+    }
+    client.close();
+    exit_code::VERIFIED
+}
+
+/// Prints a refusal, a rejected token or a failed request and returns its exit code; passes a
+/// verified token on.
+fn settle(
+    outcome: Result<Outcome, ClientError>,
+    time: &Time,
+    request_us: u64,
+    now: u64,
+) -> Result<(TokenResponse, Box<VerifiedToken>), u32> {
+    match outcome {
+        Ok(Outcome::Verified { response, token }) => Ok((response, token)),
+        Err(e) => Err(failed("token request", &e.to_string())),
         Ok(Outcome::Refused(e)) => {
             let code = serde_json::to_value(e.code).unwrap_or(Value::Null);
             say(format_args!(
@@ -275,9 +312,9 @@ fn run(start_info: u32) -> u32 {
             ));
             emit(
                 &json!({"msg": "refused", "code": code, "message": e.message,
-                         "request_us": micros(&time, request_us)}),
+                         "request_us": micros(time, request_us)}),
             );
-            exit_code::REFUSED
+            Err(exit_code::REFUSED)
         }
         Ok(Outcome::Rejected { response, reason }) => {
             say(format_args!(
@@ -285,11 +322,31 @@ fn run(start_info: u32) -> u32 {
             ));
             emit(&json!({"msg": "rejected", "reason": reason.to_string(),
                          "lease_id": response.lease_id, "now": now}));
-            exit_code::REJECTED
+            Err(exit_code::REJECTED)
         }
-    };
-    client.close();
-    code
+    }
+}
+
+/// Prints and forgets the events the proxy pushed while the guest waited for an answer.
+fn print_events(events: &mut Vec<hostbind_attest::wire::Event>) {
+    for e in events.drain(..) {
+        let kind = serde_json::to_value(e.kind).unwrap_or(Value::Null);
+        emit(
+            &json!({"msg": "event", "kind": kind, "lease_id": e.lease_id,
+                     "product": e.product, "message": e.message}),
+        );
+    }
+}
+
+/// A token's claims for the `HBMETAL` lines.
+fn claims_json(c: &TokenClaims) -> Value {
+    json!({
+        "product": c.product, "features": c.features, "vm_name": c.vm_name,
+        "vm_uuid": c.vm_uuid, "host_id": hex::encode(&c.host_id),
+        "lease_id": c.lease_id, "license_id": c.license_id, "scope": c.scope,
+        "iat": c.issued_at, "exp": c.expires_at,
+        "nonce": c.nonce.as_ref().map(hex::encode),
+    })
 }
 
 /// Verifies the (already verified) token again, timed, and once more with one bit of its
@@ -297,7 +354,7 @@ fn run(start_info: u32) -> u32 {
 /// functions and CPU setup refuses what it must. Returns (microseconds, tampered copy refused).
 fn recheck(
     time: &Time,
-    claims: &hostbind_attest::token::TokenClaims,
+    claims: &TokenClaims,
     token: &[u8],
     vendor: &VendorPublicKey,
     now: u64,
@@ -414,6 +471,7 @@ fn settings(cmdline: &str) -> Result<Settings, String> {
         port: DEFAULT_PORT,
         features: Vec::new(),
         timeout_secs: 60,
+        renew: 0,
     };
     for word in cmdline.split_whitespace() {
         let Some((key, value)) = word.split_once('=') else {
@@ -432,6 +490,11 @@ fn settings(cmdline: &str) -> Result<Settings, String> {
                     .filter(|f| !f.is_empty())
                     .map(str::to_string)
                     .collect()
+            }
+            "hostbind.renew" => {
+                s.renew = value
+                    .parse()
+                    .map_err(|_| alloc::format!("hostbind.renew={value} is not a count"))?
             }
             "hostbind.timeout" => {
                 s.timeout_secs = value

@@ -121,8 +121,9 @@ pub fn rtc_unix_time() -> Option<u64> {
             cmos(0x32),
         ]
     }
+    // Two equal reads in a row: no field rolled over in between.
     let mut t = read();
-    loop {
+    for _ in 0..8 {
         let again = read();
         if again == t {
             break;

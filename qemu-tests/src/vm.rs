@@ -71,6 +71,8 @@ pub struct VmOptions {
     pub agent_log: String,
     /// Add the [`DEBUG_EXIT_DEVICE`] (the bare-metal guest leaves QEMU through it).
     pub debug_exit: bool,
+    /// More kernel command line words, appended.
+    pub kernel_args: Vec<String>,
 }
 
 impl VmOptions {
@@ -87,6 +89,7 @@ impl VmOptions {
             memory_mb: 256,
             agent_log: "debug".into(),
             debug_exit: false,
+            kernel_args: Vec::new(),
         }
     }
 
@@ -99,6 +102,10 @@ impl VmOptions {
         );
         if let Some(h) = &self.hostname {
             c.push_str(&format!(" hostbind.hostname={h}"));
+        }
+        for a in &self.kernel_args {
+            c.push(' ');
+            c.push_str(a);
         }
         c
     }

@@ -32,7 +32,14 @@ fn host(v: &Vendor, licensed_for: &str) -> Host {
     h
 }
 
-fn boot(img: &GuestImage, h: &Host, label: &str, cid: u32, vendor_hex: &str) -> Qemu {
+fn boot(
+    img: &GuestImage,
+    h: &Host,
+    label: &str,
+    cid: u32,
+    vendor_hex: &str,
+    args: &[&str],
+) -> Qemu {
     let spec = h.vm(VM).unwrap();
     // The product comes from the command line (`hostbind.product=cad`); the vendor key is
     // compiled in: this guest ignores the `hostbind.vendor=` the Linux test app reads.
@@ -40,6 +47,7 @@ fn boot(img: &GuestImage, h: &Host, label: &str, cid: u32, vendor_hex: &str) -> 
     o.cid = cid;
     o.memory_mb = 64;
     o.debug_exit = true;
+    o.kernel_args = args.iter().map(|a| a.to_string()).collect();
     Qemu::boot(img, label, o).unwrap()
 }
 
@@ -89,9 +97,10 @@ fn bare_metal_guest_verifies_its_token_is_refused_without_license_and_rejects_a_
     });
     let kernel_bytes = std::fs::metadata(&img.kernel).unwrap().len();
 
-    let mut qa = boot(&img, &a, "metal@A", 3, &vendor_hex);
-    let mut qb = boot(&img, &b, "metal@B", 4, &vendor_hex);
-    let mut qc = boot(&img, &c, "metal@C", 5, &vendor_hex);
+    // A also renews its lease once, as a guest running longer than one lease does in its loop.
+    let mut qa = boot(&img, &a, "metal@A", 3, &vendor_hex, &["hostbind.renew=1"]);
+    let mut qb = boot(&img, &b, "metal@B", 4, &vendor_hex, &[]);
+    let mut qc = boot(&img, &c, "metal@C", 5, &vendor_hex, &[]);
 
     // A: a token, verified in the guest; the host holds its lease.
     let (code, lines, took) = outcome(&mut qa);
@@ -112,6 +121,18 @@ fn bare_metal_guest_verifies_its_token_is_refused_without_license_and_rejects_a_
     let ack = line(&lines, "hello_ack", &qa);
     assert_eq!(ack["host_id"], a.host_id.as_str());
     assert_eq!(ack["vm_name"], VM);
+    // The renewal: the same lease, extended, with a fresh token for a fresh nonce.
+    let renewed = line(&lines, "renewed", &qa);
+    assert_eq!(
+        renewed["claims"]["lease_id"], claims["lease_id"],
+        "{renewed}"
+    );
+    assert_eq!(renewed["nonce_checked"], true, "{renewed}");
+    assert_ne!(renewed["claims"]["nonce"], claims["nonce"], "{renewed}");
+    assert!(
+        renewed["lease_expires_at"].as_u64().unwrap() >= tok["lease_expires_at"].as_u64().unwrap(),
+        "{renewed} vs {tok}"
+    );
     let connect_us = line(&lines, "connected", &qa)["connect_us"].clone();
     let lease = claims["lease_id"].as_str().unwrap();
     let leases = a.proxy_ok(&["leases"]).unwrap();
