@@ -5,7 +5,9 @@
 //!
 //! With the default `std` feature off the crate is `no_std` + `alloc` and holds what a guest
 //! without an OS needs: [`wire`] (frames and messages), [`verify`] with [`token`], [`signed`],
-//! [`tpm`], [`merkle`] and [`keys`] (see baremetal-guest/).
+//! [`tpm`], [`merkle`] and [`keys`] (see baremetal-guest/). Generating keys still calls the
+//! operating system's random number generator (through ring), so only verification is for
+//! guests without one.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 extern crate alloc;

@@ -479,27 +479,15 @@ fn settings(cmdline: &str) -> Result<Settings, String> {
         };
         match key {
             "hostbind.product" => s.product = value.to_string(),
-            "hostbind.port" => {
-                s.port = value
-                    .parse()
-                    .map_err(|_| alloc::format!("hostbind.port={value} is not a port number"))?
-            }
+            "hostbind.port" => s.port = number(key, value, "a port number")?,
+            "hostbind.renew" => s.renew = number(key, value, "a count")?,
+            "hostbind.timeout" => s.timeout_secs = number(key, value, "a number of seconds")?,
             "hostbind.features" => {
                 s.features = value
                     .split(',')
                     .filter(|f| !f.is_empty())
                     .map(str::to_string)
                     .collect()
-            }
-            "hostbind.renew" => {
-                s.renew = value
-                    .parse()
-                    .map_err(|_| alloc::format!("hostbind.renew={value} is not a count"))?
-            }
-            "hostbind.timeout" => {
-                s.timeout_secs = value
-                    .parse()
-                    .map_err(|_| alloc::format!("hostbind.timeout={value} is not seconds"))?
             }
             _ => {}
         }
@@ -512,6 +500,12 @@ fn settings(cmdline: &str) -> Result<Settings, String> {
         );
     }
     Ok(s)
+}
+
+fn number<T: core::str::FromStr>(key: &str, value: &str, what: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| alloc::format!("{key}={value} is not {what}"))
 }
 
 #[panic_handler]
