@@ -58,5 +58,13 @@ mod tests {
         assert_eq!(l[0]["pid"], 7);
         assert_eq!(event_name(&l[1]), "rebound");
         assert_eq!(event_name(&l[0]), "");
+        // The bare-metal guest's lines have their own prefix; each kind only finds its own.
+        let text = "hostbind: token VERIFIED\nHBMETAL {\"msg\":\"exit\",\"code\":16}\n\
+                    HBAPP {\"msg\":\"start\"}\n";
+        let m = metal_lines(text);
+        assert_eq!(m.len(), 1);
+        assert_eq!(msg(&m[0]), "exit");
+        assert_eq!(m[0]["code"], 16);
+        assert_eq!(app_lines(text).len(), 1);
     }
 }
