@@ -1,14 +1,17 @@
 //! Vendor-signed objects (host certificates, licenses) as COSE_Sign1 with an EdDSA signature.
 
 use crate::keys::{VendorKey, VendorPublicKey};
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
 use coset::{
     iana, CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use std::collections::BTreeMap;
-use std::fmt;
 
 /// Content type of a host certificate's COSE_Sign1.
 pub const CT_HOST_CERT: &str = "application/hostbind-host-cert+cbor";
@@ -274,7 +277,7 @@ impl fmt::Display for CountMode {
     }
 }
 
-impl std::str::FromStr for CountMode {
+impl core::str::FromStr for CountMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
@@ -305,7 +308,7 @@ impl fmt::Display for ClonePolicy {
     }
 }
 
-impl std::str::FromStr for ClonePolicy {
+impl core::str::FromStr for ClonePolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {

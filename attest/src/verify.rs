@@ -9,6 +9,7 @@ use crate::token::{
     header_bytes, key_binding, KeyEvidence, TokenClaims, HDR_HOST_CERT, HDR_KEY_EVIDENCE,
 };
 use crate::tpm::{self, TpmError};
+use alloc::string::{String, ToString};
 use coset::{iana, CborSerializable};
 use sha2::{Digest, Sha256};
 
