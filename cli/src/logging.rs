@@ -114,6 +114,16 @@ pub fn init(default_level: &str) -> LogFormat {
     format
 }
 
+/// The ENVIRONMENT entries of a daemon's man page for its log (the same for every binary).
+pub fn man_environment() -> Vec<crate::docs::Entry> {
+    use crate::docs::Entry;
+    vec![
+        Entry::new(FORMAT_ENV, "text or json: the format of the log of run on stderr. By default JSON (one object per line, fatal errors included) under systemd and when stderr is a file or a pipe, text on a terminal."),
+        Entry::new("RUST_LOG", "A log filter overriding the default level (info for hostbind, warn for the libraries it uses), e.g. debug or info,tss_esapi=debug."),
+        Entry::new("JOURNAL_STREAM", "Set by systemd; when it names stderr, the log is JSON."),
+    ]
+}
+
 /// Whether a fatal error of this process is written as a JSON log line rather than as text:
 /// for a daemon (`run`) whenever its log is JSON ([`choose`]); for the other commands, whose
 /// stderr is for a person, only when stderr is the journal or `HOSTBIND_LOG_FORMAT=json`.

@@ -201,14 +201,7 @@ fn man_extras() -> hostbind_cli::docs::Extras {
                     Entry::new(format!("{DEFAULT_STATE_DIR}/"), "The state dir (--state-dir): the id of the last host the agent was attached to, and its clone-detection chain. Copied along when the VM is cloned or snapshotted, which is how the host tells copies apart: delete it only to give a copy its own identity on purpose."),
                 ],
             ),
-            Section::new(
-                "ENVIRONMENT",
-                vec![
-                    Entry::new("HOSTBIND_LOG_FORMAT", "text or json: the format of run's log on stderr. By default JSON (one object per line) under systemd and when stderr is a file or a pipe, text on a terminal."),
-                    Entry::new("RUST_LOG", "A log filter, e.g. debug (default: info for the agent, warn for libraries)."),
-                    Entry::new("JOURNAL_STREAM", "Set by systemd; when it names stderr, the log is JSON."),
-                ],
-            ),
+            Section::new("ENVIRONMENT", hostbind_cli::logging::man_environment()),
             Section::new(
                 "EXAMPLES",
                 vec![

@@ -665,12 +665,10 @@ fn man_extras() -> hostbind_cli::docs::Extras {
             ),
             Section::new(
                 "ENVIRONMENT",
-                vec![
-                    Entry::new("HOSTBIND_LOG_FORMAT", "text or json: the format of the daemon's log on stderr. By default JSON (one object per line) under systemd and when stderr is a file or a pipe, text on a terminal."),
-                    Entry::new("RUST_LOG", "A log filter overriding log_level, e.g. debug or info,tss_esapi=debug."),
-                    Entry::new("JOURNAL_STREAM", "Set by systemd; when it names stderr, the log is JSON."),
-                    Entry::new("TSS2_LOG", "The TPM software stack's own logging; the proxy sets all+none (off) unless it is set."),
-                ],
+                hostbind_cli::logging::man_environment()
+                    .into_iter()
+                    .chain([Entry::new("TSS2_LOG", "The TPM software stack's own logging; the proxy sets all+none (off) unless it is set.")])
+                    .collect(),
             ),
             Section::new(
                 "EXAMPLES",

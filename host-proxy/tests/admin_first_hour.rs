@@ -69,6 +69,17 @@ fn add_license(h: &Host, v: &Vendor, product: &str, seats: u32) -> String {
     o.split_whitespace().nth(2).unwrap().to_string()
 }
 
+/// A guest of VM `vm` of `h` that said hello.
+async fn guest(h: &Host, vm: &str) -> WireGuest<UnixStream> {
+    let mut g = WireGuest::new(
+        UnixStream::connect(&h.vm(vm).unwrap().socket)
+            .await
+            .unwrap(),
+    );
+    g.hello().await.unwrap();
+    g
+}
+
 /// The JSON lines of the running proxy's log; panics on a line that is not JSON.
 fn log_lines(h: &Host) -> Vec<serde_json::Value> {
     let log = h.proxy.as_ref().unwrap().log();
@@ -139,12 +150,7 @@ async fn enroll_while_the_daemon_runs_is_refused_naming_the_daemon() {
     let st = h.proxy_ok(&["status"]).unwrap();
     assert!(st.contains("TPM:") && st.contains(", ok"), "{st}");
     add_license(&h, &v, "cad", 1);
-    let mut g = WireGuest::new(
-        UnixStream::connect(&h.vm("vm-a").unwrap().socket)
-            .await
-            .unwrap(),
-    );
-    g.hello().await.unwrap();
+    let mut g = guest(&h, "vm-a").await;
     g.token("cad").await.unwrap();
 
     // Stopped, enrollment works again; and admin commands say the daemon is not running.
@@ -162,12 +168,7 @@ async fn errors_name_permission_not_absence_and_what_to_do() {
     // A usage log with a sealed block, for export.
     h.start_proxy().unwrap();
     add_license(&h, &v, "cad", 1);
-    let mut g = WireGuest::new(
-        UnixStream::connect(&h.vm("vm-a").unwrap().socket)
-            .await
-            .unwrap(),
-    );
-    g.hello().await.unwrap();
+    let mut g = guest(&h, "vm-a").await;
     g.token("cad").await.unwrap();
     let lease = g.token("cad").await.unwrap().lease_id;
     // An unknown lease is the admin's mistake, not the guest's: no "request a new token".
@@ -427,12 +428,7 @@ async fn admin_output_reads_naturally_and_json_uses_hex_and_an_audit_trail_is_lo
     let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
     h.start_proxy().unwrap();
     let lic_id = add_license(&h, &v, "cad", 2);
-    let mut g = WireGuest::new(
-        UnixStream::connect(&h.vm("vm-a").unwrap().socket)
-            .await
-            .unwrap(),
-    );
-    g.hello().await.unwrap();
+    let mut g = guest(&h, "vm-a").await;
     let lease = g.token("cad").await.unwrap().lease_id;
 
     let leases = h.proxy_ok(&["leases"]).unwrap();
@@ -580,4 +576,37 @@ fn enroll_finish_names_every_argument_the_next_command_needs() {
     let o = h.proxy_cmd(&words).unwrap();
     assert!(o.status.success(), "`{cmd}` as printed failed: {}", out(&o));
     assert!(out(&o).contains("next: start the daemon"), "{}", out(&o));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_log_has_events_as_objects_and_no_debug_formatted_options() {
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    let a = hostbind_testkit::host::Agent::start(&h.vm("vm-a").unwrap().socket).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let log = a.proc_.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let start = lines
+            .iter()
+            .find(|l| l["message"].as_str().unwrap().contains("starting"))
+            .expect("a start line");
+        // A fresh agent has no last host: the field is absent, not "None".
+        assert!(start.get("last_host").is_none(), "{start}");
+        if let Some(ev) = lines.iter().find(|l| l["message"] == "event") {
+            assert!(ev["event"].is_object(), "event is not an object: {ev}");
+            assert_eq!(ev["event"]["event"], "connected", "{ev}");
+            assert_eq!(ev["event"]["host_id"], h.host_id.as_str(), "{ev}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no event logged:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
