@@ -49,24 +49,10 @@ pub enum ServiceError {
     /// Token issue failed.
     #[error(transparent)]
     Token(#[from] TokenError),
-    /// The license to remove would come back at the next start from the licenses dir.
-    #[error("license {id} for '{product}' would come back at the next start: {files} in licenses_dir {dir} (loaded at every start) {verb} a license for '{product}'; delete or move {them} first (e.g. `rm {first}`), then run `hostbind-proxy license remove {id}` again")]
-    LicenseFileRemains {
-        /// The license to remove.
-        id: String,
-        /// Its product.
-        product: String,
-        /// The licenses dir.
-        dir: String,
-        /// The files, comma-separated.
-        files: String,
-        /// The first of them.
-        first: String,
-        /// "holds" / "hold".
-        verb: &'static str,
-        /// "it" / "them".
-        them: &'static str,
-    },
+    /// The license to remove would come back at the next start from the licenses dir (the
+    /// message names the files to delete).
+    #[error("{0}")]
+    LicenseFileRemains(String),
     /// No live lease has this id (admin commands).
     #[error("no live lease {0} on this host (it expired, was released, or never existed); `hostbind-proxy leases` lists the live ones")]
     UnknownLease(String),
@@ -420,15 +406,17 @@ impl Service {
                 .map(|(p, _, _)| p.display().to_string())
                 .collect();
             if let Some(first) = files.first() {
-                return Err(ServiceError::LicenseFileRemains {
-                    id: id.to_string(),
-                    product: rec.product,
-                    dir: self.cfg.licenses_dir.display().to_string(),
-                    first: first.clone(),
-                    verb: if files.len() == 1 { "holds" } else { "hold" },
-                    them: if files.len() == 1 { "it" } else { "them" },
-                    files: files.join(", "),
-                });
+                let (verb, them) = if files.len() == 1 {
+                    ("holds", "it")
+                } else {
+                    ("hold", "them")
+                };
+                return Err(ServiceError::LicenseFileRemains(format!(
+                    "license {id} for '{product}' would come back at the next start: {} in licenses_dir {} (loaded at every start) {verb} a license for '{product}'; delete or move {them} first (e.g. `rm {first}`), then run `hostbind-proxy license remove {id}` again",
+                    files.join(", "),
+                    self.cfg.licenses_dir.display(),
+                    product = rec.product,
+                )));
             }
         }
         let released = self.ledger.remove_license(id, unix_now())?;
