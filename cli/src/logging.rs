@@ -1,8 +1,10 @@
 //! Log output of the daemons (`hostbind-proxy run`, `hostbind-agent run`), on stderr:
-//! human-readable text on a terminal; one JSON object per line when stderr is not a terminal or
-//! goes to journald (systemd sets `JOURNAL_STREAM` to stderr's `DEVICE:INODE`), so log
-//! collectors get structured fields. `HOSTBIND_LOG_FORMAT=text|json` overrides the choice;
-//! `RUST_LOG` overrides the level.
+//! human-readable text on a terminal; one JSON object per line ([`JsonLines`]) when stderr is
+//! not a terminal or goes to journald (systemd sets `JOURNAL_STREAM` to stderr's
+//! `DEVICE:INODE`), so log collectors get structured fields. `HOSTBIND_LOG_FORMAT=text|json`
+//! overrides the choice. hostbind's crates log at the configured level, other crates at `warn`
+//! ([`default_filter`]); `RUST_LOG` overrides both. In JSON mode every line is JSON: the error a
+//! daemon stops with goes through the log too ([`report_fatal`]).
 
 use std::io::IsTerminal;
 use std::os::fd::AsFd;

@@ -35,12 +35,26 @@ pub enum Access {
     Write,
 }
 
+/// The name of user `uid`, when the system knows it.
+pub fn name_of(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// The name of the user this process runs as (its uid when the name is unknown).
+pub fn user_name() -> String {
+    let uid = nix::unistd::geteuid().as_raw();
+    name_of(uid).unwrap_or_else(|| uid.to_string())
+}
+
 /// This process's user, for error messages: `user NAME (uid N)`.
 pub fn whoami() -> String {
-    let uid = nix::unistd::geteuid();
-    match nix::unistd::User::from_uid(uid) {
-        Ok(Some(u)) => format!("user {} (uid {uid})", u.name),
-        _ => format!("uid {uid}"),
+    let uid = nix::unistd::geteuid().as_raw();
+    match name_of(uid) {
+        Some(n) => format!("user {n} (uid {uid})"),
+        None => format!("uid {uid}"),
     }
 }
 

@@ -337,10 +337,7 @@ impl Peer {
             Ok(c) => Peer {
                 uid: Some(c.uid()),
                 pid: c.pid(),
-                user: nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(c.uid()))
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
+                user: hostbind_fsutil::name_of(c.uid())
                     .unwrap_or_else(|| format!("uid {}", c.uid())),
             },
             Err(_) => Peer {

@@ -33,11 +33,7 @@ fn ensure_parent(p: &Path, key: &str) -> Result<()> {
                 d.display(),
                 p.display(),
                 hostbind_fsutil::whoami(),
-                nix::unistd::User::from_uid(nix::unistd::geteuid())
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
-                    .unwrap_or_else(|| nix::unistd::geteuid().to_string()),
+                hostbind_fsutil::user_name(),
                 d.display()
             )
         }

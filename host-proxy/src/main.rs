@@ -47,6 +47,11 @@ enum Cmd {
     /// Run the daemon.
     Run,
     /// Enroll this host with the vendor, by file exchange.
+    ///
+    /// Enrollment uses the TPM: it refuses to run while the daemon runs (stop it first), and
+    /// must run as the user the daemon runs as (hostbind in the Debian package), so that the
+    /// daemon can read what it writes into the state dir: `runuser -u hostbind --
+    /// hostbind-proxy enroll ...`.
     #[command(subcommand)]
     Enroll(EnrollCmd),
     /// Show the running daemon's state: host, TPM, agents, seats per product.
@@ -200,9 +205,6 @@ enum LicenseCmd {
     },
 }
 
-/// Enrollment uses the TPM: it refuses to run while the daemon runs (stop it first), and must
-/// run as the user the daemon runs as (hostbind in the Debian package), so that the daemon can
-/// read what it writes into the state dir: `runuser -u hostbind -- hostbind-proxy enroll ...`.
 #[derive(Subcommand)]
 enum EnrollCmd {
     /// Create the attestation key and write an enrollment request for the vendor.
@@ -263,11 +265,7 @@ fn tpm_command(cfg: &Config, what: &'static str, create: bool) -> Result<lock::S
         source,
     })?;
     if md.uid() != nix::unistd::geteuid().as_raw() {
-        let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(md.uid()))
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_else(|| md.uid().to_string());
+        let owner = hostbind_fsutil::name_of(md.uid()).unwrap_or_else(|| md.uid().to_string());
         anyhow::bail!(
             "the state dir {} belongs to user {owner}, but this command runs as {}: what it writes there must be readable by the daemon, so run it as {owner}: runuser -u {owner} -- hostbind-proxy {what} ...",
             dir.display(),
