@@ -250,6 +250,12 @@ fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
 fn tpm_command(cfg: &Config, what: &'static str, create: bool) -> Result<lock::StateLock> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let dir = &cfg.state_dir;
+    if !create && !hostbind_fsutil::exists(dir)? {
+        anyhow::bail!(
+            "the state dir {} does not exist: this host has no enrollment request yet; run `hostbind-proxy enroll request` first",
+            dir.display()
+        );
+    }
     if create && !hostbind_fsutil::exists(dir)? {
         std::fs::DirBuilder::new()
             .recursive(true)
