@@ -440,7 +440,7 @@ pub const KEYS: &[KeyDoc] = &[
     key("", "tpm", Some("\"device:/dev/tpmrm0\""), "\"swtpm:host=127.0.0.1,port=2321\"",
         "The TPM, as a TCTI: \"device:/dev/tpmrm0\" (the kernel's resource manager; the daemon's user needs group tss), or a software TPM for tests: \"swtpm:host=127.0.0.1,port=P\". Also \"mssim:...\" and \"tabrmd\"."),
     key("", "licenses_dir", Some("\"/etc/hostbind/licenses\""), "\"/etc/hostbind/licenses\"",
-        "License files (*.license) in this directory are added at every start; per product the newest (by issue time) wins, also against a newer license added with `license add`. `hostbind-proxy license remove` refuses to remove a license whose product still has a file here (it would come back at the next start) and names the files to delete."),
+        "License files (*.license) in this directory are added at every start. Per product the newest (by issue time) wins, and a file never replaces a newer license added with `license add`. `hostbind-proxy license remove` refuses to remove a license whose product still has a file here (it would come back at the next start) and names the files to delete."),
     key("", "admin_socket", Some("\"/run/hostbind/admin.sock\""), "\"/run/hostbind/admin.sock\"",
         "The Unix socket (mode 0600) the admin commands (status, license, leases, release, clones) use to talk to the daemon. Its directory is created if missing; under systemd the unit provides /run/hostbind (RuntimeDirectory=hostbind)."),
     key("", "log_level", Some("\"info\""), "\"debug\"",
