@@ -107,6 +107,18 @@ impl Section {
     }
 }
 
+/// The EXIT STATUS section of a hostbind binary: 0 success, 1 an error (`error` says where the
+/// message goes), 2 a bad command line, then `more` codes.
+pub fn exit_status(error: &str, more: &[(&str, &str)]) -> Section {
+    let mut entries = vec![
+        Entry::new("0", "Success."),
+        Entry::new("1", error),
+        Entry::new("2", "The command line is wrong."),
+    ];
+    entries.extend(more.iter().map(|(c, t)| Entry::new(*c, *t)));
+    Section::new("EXIT STATUS", entries)
+}
+
 /// A man page that is not generated from a clap command (e.g. a configuration file's page).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtraPage {

@@ -213,14 +213,11 @@ fn man_extras() -> hostbind_cli::docs::Extras {
             ),
         ],
         command_sections: Vec::new(),
-        common_sections: vec![Section::new(
-            "EXIT STATUS",
-            vec![
-                Entry::new("0", "Success."),
-                Entry::new("1", "An error."),
-                Entry::new("2", "The command line is wrong."),
-                Entry::new("3", "The agent or the host proxy is unreachable."),
-                Entry::new("4", "The host refused: no license, license not valid, seats exhausted or clone refused."),
+        common_sections: vec![hostbind_cli::docs::exit_status(
+            "An error; the message on stderr (the last log line, for run) says what failed.",
+            &[
+                ("3", "The agent or the host proxy is unreachable."),
+                ("4", "The host refused: no license, license not valid, seats exhausted or clone refused."),
             ],
         )],
         see_also: vec!["hostbind-proxy(1)".into()],

@@ -647,13 +647,9 @@ fn run(cli: Cli) -> Result<()> {
 fn man_extras() -> hostbind_cli::docs::Extras {
     use hostbind_cli::docs::{Entry, ExtraPage, Extras, Section};
     let source = format!("hostbind {}", env!("CARGO_PKG_VERSION"));
-    let exit = Section::new(
-        "EXIT STATUS",
-        vec![
-            Entry::new("0", "Success (for run: stopped by SIGTERM or SIGINT)."),
-            Entry::new("1", "An error; the message (on stderr, or the last log line of run) says what failed and what to do."),
-            Entry::new("2", "The command line is wrong."),
-        ],
+    let exit = hostbind_cli::docs::exit_status(
+        "An error; the message (on stderr, or the last log line of run) says what failed and what to do. (run ends with 0 when stopped by SIGTERM or SIGINT.)",
+        &[],
     );
     Extras {
         sections: vec![

@@ -563,14 +563,12 @@ fn man_extras() -> hostbind_cli::docs::Extras {
             ),
         ],
         command_sections: Vec::new(),
-        common_sections: vec![Section::new(
-            "EXIT STATUS",
-            vec![
-                Entry::new("0", "Success."),
-                Entry::new("1", "An error; the message on stderr says what failed and what to do."),
-                Entry::new("2", "The command line is wrong."),
-                Entry::new("3", "usage report: the log was read, and it shows anomalies (listed in the report)."),
-            ],
+        common_sections: vec![hostbind_cli::docs::exit_status(
+            "An error; the message on stderr says what failed and what to do.",
+            &[(
+                "3",
+                "usage report: the log was read, and it shows anomalies (listed in the report).",
+            )],
         )],
         see_also: vec!["hostbind-proxy(1)".into(), "hostbind-agent(1)".into()],
         pages: Vec::new(),
