@@ -37,8 +37,7 @@ const MAX_CHAIN: usize = 8;
 pub const HOST_ID_LABEL: &[u8] = b"hostbind-host-id-v2\0";
 /// Domain label of an EK key fingerprint (see [`EkIdentity::key_sha256`]).
 const EK_KEY_LABEL: &[u8] = b"hostbind-ek-key-v1\0";
-/// Longest token-key window a host certificate allows when it does not say (one hour).
-pub const DEFAULT_MAX_KEY_WINDOW_SECS: u64 = 3600;
+pub use crate::signed::DEFAULT_MAX_KEY_WINDOW_SECS;
 /// OID of NIST P-256 (secp256r1) in an EC SubjectPublicKeyInfo.
 const OID_P256: &str = "1.2.840.10045.3.1.7";
 /// OID of NIST P-384 (secp384r1).

@@ -1,9 +1,10 @@
 //! Vendor signing keys (Ed25519) and per-epoch token keys (ECDSA P-256), via ring.
 
+use alloc::vec::Vec;
+use core::fmt;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use sha2::{Digest, Sha256};
-use std::fmt;
 
 /// Errors creating, loading or using keys.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +22,7 @@ pub enum KeyError {
     BadVendorPublicKey(usize),
     /// Public key hex text did not parse.
     #[error("vendor public key is not valid hex: {0}")]
-    BadHex(#[from] hex::FromHexError),
+    BadHex(hex::FromHexError),
     /// Signing with the token key failed.
     #[error("signing with the token key failed")]
     Sign,
@@ -104,7 +105,7 @@ impl VendorPublicKey {
 
     /// From 64 hex characters (surrounding whitespace ignored).
     pub fn from_hex(s: &str) -> Result<VendorPublicKey, KeyError> {
-        VendorPublicKey::from_bytes(&hex::decode(s.trim())?)
+        VendorPublicKey::from_bytes(&hex::decode(s.trim()).map_err(KeyError::BadHex)?)
     }
 
     /// Checks an Ed25519 signature.

@@ -6,6 +6,8 @@
 //! odd number of nodes carries its last node up unchanged; the proof therefore names the number
 //! of leaves, which fixes the tree's shape.
 
+use alloc::vec;
+use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};

@@ -1,14 +1,17 @@
 //! Vendor-signed objects (host certificates, licenses) as COSE_Sign1 with an EdDSA signature.
 
 use crate::keys::{VendorKey, VendorPublicKey};
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
 use coset::{
     iana, CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use std::collections::BTreeMap;
-use std::fmt;
 
 /// Content type of a host certificate's COSE_Sign1.
 pub const CT_HOST_CERT: &str = "application/hostbind-host-cert+cbor";
@@ -246,13 +249,16 @@ pub struct HostCertificate {
     pub facts: BTreeMap<String, String>,
     /// Longest token-key window (a quote-certified key's not_after - not_before, seconds) that
     /// verifiers accept from this host; certificates without it mean
-    /// [`crate::enroll::DEFAULT_MAX_KEY_WINDOW_SECS`].
+    /// [`DEFAULT_MAX_KEY_WINDOW_SECS`].
     #[serde(default = "default_max_key_window")]
     pub max_key_window_secs: u64,
 }
 
+/// Longest token-key window a host certificate allows when it does not say (one hour).
+pub const DEFAULT_MAX_KEY_WINDOW_SECS: u64 = 3600;
+
 fn default_max_key_window() -> u64 {
-    crate::enroll::DEFAULT_MAX_KEY_WINDOW_SECS
+    DEFAULT_MAX_KEY_WINDOW_SECS
 }
 
 impl HostCertificate {
@@ -284,7 +290,7 @@ impl fmt::Display for CountMode {
     }
 }
 
-impl std::str::FromStr for CountMode {
+impl core::str::FromStr for CountMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
@@ -315,7 +321,7 @@ impl fmt::Display for ClonePolicy {
     }
 }
 
-impl std::str::FromStr for ClonePolicy {
+impl core::str::FromStr for ClonePolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
@@ -364,11 +370,126 @@ impl License {
     pub fn covers_host(&self, host_id: &[u8]) -> bool {
         self.hosts.iter().any(|h| h.as_slice() == host_id)
     }
+
+    /// Checks the names in the license: id, product and features are identifiers
+    /// ([`check_identifier`]), the customer a one-line text ([`check_text`]). The issuer checks
+    /// before signing and the proxy before accepting, so a bad name never reaches `license
+    /// list`, `status`, metrics or logs.
+    pub fn check_names(&self) -> Result<(), NameError> {
+        check_identifier("license id", &self.id)?;
+        check_identifier("product", &self.product)?;
+        for f in &self.features {
+            check_identifier("feature", f)?;
+        }
+        check_text("customer", &self.customer)
+    }
+}
+
+/// Longest name accepted in a license, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A name that is not acceptable in a license.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value:?} {reason}")]
+pub struct NameError {
+    /// Which name ("product", "feature", ...).
+    pub what: &'static str,
+    /// The name as given.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn check_len(what: &'static str, s: &str) -> Result<(), NameError> {
+    let bad = |reason: String| NameError {
+        what,
+        value: s.to_string(),
+        reason,
+    };
+    if s.is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(bad(format!(
+            "is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+/// An identifier (license id, product, feature): 1 to [`MAX_NAME_LEN`] bytes of letters,
+/// digits and `. _ - + : @`; no spaces, no control characters.
+pub fn check_identifier(what: &'static str, s: &str) -> Result<(), NameError> {
+    check_len(what, s)?;
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || "._-+:@".contains(*c)))
+    {
+        return Err(NameError {
+            what,
+            value: s.to_string(),
+            reason: format!("contains {c:?}; use letters, digits and . _ - + : @ only (no spaces)"),
+        });
+    }
+    Ok(())
+}
+
+/// A one-line text (a customer's name): 1 to [`MAX_NAME_LEN`] bytes, no control characters
+/// (newlines, tabs, escapes), no leading or trailing space.
+pub fn check_text(what: &'static str, s: &str) -> Result<(), NameError> {
+    check_len(what, s)?;
+    let bad = |reason: String| NameError {
+        what,
+        value: s.to_string(),
+        reason,
+    };
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(bad(format!(
+            "contains the control character {c:?}; it must be one line of text"
+        )));
+    }
+    if s.trim() != s {
+        return Err(bad("starts or ends with spaces".into()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_in_licenses_are_checked() {
+        let mut l = lic();
+        assert_eq!(l.check_names(), Ok(()));
+        for bad in [
+            "",
+            "a\nb",
+            "two words",
+            "x\u{1b}[31m",
+            &"p".repeat(MAX_NAME_LEN + 1),
+        ] {
+            l.product = bad.to_string();
+            let e = l.check_names().unwrap_err();
+            assert_eq!(e.what, "product", "{bad:?}");
+        }
+        l.product = "cad-2.0_pro+x:@y".into();
+        assert_eq!(l.check_names(), Ok(()));
+        l.features = vec!["ok".into(), "new\nline".into()];
+        assert_eq!(l.check_names().unwrap_err().what, "feature");
+        l.features.clear();
+        l.customer = "ACME Corp. (Europe)".into();
+        assert_eq!(l.check_names(), Ok(()));
+        for bad in ["", "ACME\nEvil", " ACME", "A\tB"] {
+            l.customer = bad.to_string();
+            assert_eq!(l.check_names().unwrap_err().what, "customer", "{bad:?}");
+        }
+        let e = check_identifier("product", "").unwrap_err().to_string();
+        assert_eq!(e, "product \"\" is empty");
+        let e = check_identifier("product", "a\nb").unwrap_err().to_string();
+        assert!(e.contains("'\\n'") && e.contains("no spaces"), "{e}");
+    }
 
     fn lic() -> License {
         License {

@@ -4,6 +4,10 @@
 
 use crate::keys::{KeyError, TokenKey};
 use crate::signed::{to_cbor, SignedError, CT_TOKEN};
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
 use ciborium::Value;
 use coset::cwt::{ClaimName, ClaimsSet, Timestamp};
 use coset::{

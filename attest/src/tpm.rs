@@ -12,6 +12,10 @@
 //! - [`parse_public`]: TPMT_PUBLIC, e.g. `-f tpmt` in tpm2-tools or tss-esapi `Public::marshall()`.
 //! - [`parse_public_2b`]: TPM2B_PUBLIC, the default (`-f tss`) public file of tpm2-tools.
 
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey, VerificationAlgorithm};
 use thiserror::Error;
 

@@ -24,9 +24,11 @@ use crate::token::{
 };
 use crate::tpm::{self, TpmError};
 use crate::wire::{check_eat_nonce, NonceLengthError};
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::time::Duration;
 use coset::{iana, CborSerializable};
 use sha2::{Digest, Sha256};
-use std::time::Duration;
 
 /// Clock difference tolerated between the proxy and the verifier for start-of-validity checks.
 pub const CLOCK_SKEW_SECS: u64 = 60;

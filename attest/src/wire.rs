@@ -10,7 +10,10 @@
 //! headers are never trusted for preallocation. Errors carry the request id when it was readable
 //! so the proxy can answer the request with an [`ErrorBody`] before closing the connection.
 
-use std::collections::BTreeMap;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 
 use ciborium::Value;
 use serde::de::DeserializeOwned;
@@ -119,6 +122,7 @@ pub enum WireError {
     #[error("could not encode a hostbind message as CBOR: {0}; this is a bug in the sender")]
     Encode(String),
     /// The underlying stream failed (only produced by the `codec` feature's [`FrameCodec`]).
+    #[cfg(feature = "std")]
     #[error("I/O error on the hostbind connection: {0}; reconnect")]
     Io(#[from] std::io::Error),
 }
@@ -130,9 +134,9 @@ impl WireError {
             WireError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
             WireError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             WireError::Malformed { .. } => ErrorCode::Malformed,
-            WireError::MessageTooLarge { .. } | WireError::Encode(_) | WireError::Io(_) => {
-                ErrorCode::Internal
-            }
+            WireError::MessageTooLarge { .. } | WireError::Encode(_) => ErrorCode::Internal,
+            #[cfg(feature = "std")]
+            WireError::Io(_) => ErrorCode::Internal,
         }
     }
 
@@ -293,13 +297,11 @@ pub fn decode_frame<B: DeserializeOwned + Validate>(
     Ok(Some((decode_body(body)?, end)))
 }
 
-/// Describes a CBOR syntax error for people.
-fn cbor_reason(e: ciborium::de::Error<std::io::Error>) -> String {
+/// Describes a CBOR syntax error for people. Frames are decoded from byte slices, so the only
+/// read error there is (std's `UnexpectedEof`, or `EndOfFile` without `std`) is running out.
+fn cbor_reason<E>(e: ciborium::de::Error<E>) -> String {
     match e {
-        ciborium::de::Error::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            "the CBOR data ends before the message does".to_string()
-        }
-        ciborium::de::Error::Io(e) => format!("could not read the CBOR data: {e}"),
+        ciborium::de::Error::Io(_) => "the CBOR data ends before the message does".to_string(),
         ciborium::de::Error::Syntax(at) => format!("invalid CBOR at byte {at} of the frame body"),
         ciborium::de::Error::Semantic(Some(at), msg) => {
             format!("invalid CBOR at byte {at} of the frame body: {msg}")
@@ -410,6 +412,7 @@ fn decode_body_slow<B: DeserializeOwned + Validate>(body: &[u8]) -> Result<Messa
 /// with `#[serde(with = "hostbind_attest::wire::ephemeral_ids")]`.
 pub mod ephemeral_ids {
     use super::EphemeralId;
+    use alloc::vec::Vec;
     use serde::{Deserialize, Deserializer, Serializer};
     use serde_bytes::{ByteArray, Bytes};
 

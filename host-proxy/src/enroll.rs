@@ -122,7 +122,7 @@ pub fn answer(
 ) -> Result<EnrollAnswer, HostEnrollError> {
     chal.check_kind()?;
     let req_path = state_dir.join(REQUEST_FILE);
-    if !req_path.exists() {
+    if !hostbind_fsutil::exists(&req_path)? {
         return Err(HostEnrollError::NoRequest(req_path.display().to_string()));
     }
     let req: EnrollRequest = from_cbor("enrollment request", &read(&req_path)?)?;
@@ -196,8 +196,9 @@ pub fn install(
 /// Loads the installed identity (no TPM access; the daemon checks the AK when it quotes).
 pub fn load_identity(state_dir: &Path) -> Result<HostIdentity, HostEnrollError> {
     let p = |f: &str| -> PathBuf { state_dir.join(f) };
+    // Absent means not enrolled; anything else (no permission, an I/O error) is said as such.
     for f in [HOST_CERT_FILE, VENDOR_PUB_FILE] {
-        if !p(f).exists() {
+        if !hostbind_fsutil::exists(&p(f))? {
             return Err(HostEnrollError::NotEnrolled(p(f).display().to_string()));
         }
     }

@@ -124,10 +124,14 @@ where
         let _ = writer.close().await;
     });
     let mut conn_id = None;
+    let started = std::time::Instant::now();
+    let mut agent_version = String::new();
+    let mut ended = "the agent closed the connection".to_string();
     while let Some(item) = reader.next().await {
         let msg = match item {
             Ok(m) => m,
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                ended = format!("truncated frame: {e}");
                 tracing::warn!(vm = %vm.name, "truncated frame from agent: {e}");
                 let _ = tx
                     .send(error_frame(
@@ -139,10 +143,12 @@ where
                 break;
             }
             Err(WireError::Io(e)) => {
+                ended = format!("read failed: {e}");
                 tracing::debug!(vm = %vm.name, "agent connection read failed: {e}");
                 break;
             }
             Err(e) => {
+                ended = format!("bad frame: {e}");
                 tracing::warn!(vm = %vm.name, "bad frame from agent, closing: {e}");
                 let _ = tx
                     .send(error_frame(
@@ -158,6 +164,7 @@ where
         let reply = match msg.body {
             Body::Hello(h) => {
                 tracing::info!(vm = %vm.name, agent = %h.agent_version, "agent hello");
+                agent_version = h.agent_version.clone();
                 if conn_id.is_none() {
                     conn_id = Some(svc.register(&vm, tx.clone()));
                 }
@@ -221,11 +228,18 @@ where
             }),
         };
         if tx.send(Message::new(id, reply)).await.is_err() {
+            ended = "the connection's writer stopped".into();
             break;
         }
     }
     if let Some(c) = conn_id {
         svc.unregister(c);
+        tracing::info!(
+            vm = %vm.name,
+            agent = %agent_version,
+            connected_secs = started.elapsed().as_secs(),
+            "agent disconnected: {ended}"
+        );
     }
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;

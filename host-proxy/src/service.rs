@@ -49,6 +49,13 @@ pub enum ServiceError {
     /// Token issue failed.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The license to remove would come back at the next start from the licenses dir (the
+    /// message names the files to delete).
+    #[error("{0}")]
+    LicenseFileRemains(String),
+    /// No live lease has this id (admin commands).
+    #[error("no live lease {0} on this host (it expired, was released, or never existed); `hostbind-proxy leases` lists the live ones")]
+    UnknownLease(String),
     /// The TPM's AK is not the enrolled one.
     #[error("the TPM's attestation key does not match the installed host certificate ({0}); the state dir or host certificate belongs to another TPM: enroll this host again")]
     AkMismatch(String),
@@ -208,21 +215,81 @@ impl Service {
         Ok(svc)
     }
 
-    fn load_licenses_dir(&self) {
+    /// The licenses in `licenses_dir` that would be added at start: (file, bytes, license) of
+    /// every `*.license` file that verifies for this host now, sorted by file name; the others
+    /// are logged and left out.
+    fn licenses_in_dir(&self) -> Vec<(std::path::PathBuf, Vec<u8>, License)> {
         let dir = &self.cfg.licenses_dir;
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            tracing::debug!("no licenses dir {}", dir.display());
-            return;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!("no licenses dir {}", dir.display());
+                return Vec::new();
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read licenses_dir {}: {e}{}; its licenses are not loaded",
+                    dir.display(),
+                    hostbind_fsutil::io_hint(&e, hostbind_fsutil::Access::Read)
+                );
+                return Vec::new();
+            }
         };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.extension().and_then(|x| x.to_str()) != Some("license") {
+        let mut paths: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().and_then(|x| x.to_str()) == Some("license"))
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .filter_map(|p| {
+                let bytes = match hostbind_fsutil::read(&p) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!("skipping {}: {e}", p.display());
+                        return None;
+                    }
+                };
+                match self.check_license(&bytes) {
+                    Ok(l) => Some((p, bytes, l)),
+                    Err(e) => {
+                        tracing::warn!("skipping {}: {e}", p.display());
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Adds the licenses of `licenses_dir`. Per product the newest (by issue time) wins, in
+    /// the directory and against the ledger, whatever the order of the files: an old file left
+    /// in the directory never replaces a newer license added with `license add`.
+    fn load_licenses_dir(&self) {
+        let mut newest: HashMap<String, (std::path::PathBuf, Vec<u8>, License)> = HashMap::new();
+        for (p, bytes, l) in self.licenses_in_dir() {
+            match newest.get(&l.product) {
+                Some((q, _, n)) if n.issued_at >= l.issued_at => {
+                    tracing::warn!(product = %l.product, "skipping {}: {} holds a newer license for '{}' ({})", p.display(), q.display(), l.product, n.id);
+                }
+                _ => {
+                    newest.insert(l.product.clone(), (p, bytes, l));
+                }
+            }
+        }
+        let mut files: Vec<_> = newest.into_values().collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        for (p, bytes, l) in files {
+            let installed = self
+                .licenses
+                .read()
+                .ok()
+                .and_then(|m| m.get(&l.product).map(|a| a.license.clone()));
+            if let Some(i) = installed.filter(|i| i.id != l.id && i.issued_at > l.issued_at) {
+                tracing::warn!(product = %l.product, "skipping {}: the installed license {} for '{}' is newer; delete the file", p.display(), i.id, l.product);
                 continue;
             }
-            match std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| self.add_license(&b).map_err(|e| e.to_string()))
-            {
+            match self.add_license(&bytes) {
                 Ok(l) => {
                     tracing::info!(license = %l.id, product = %l.product, "loaded license from {}", p.display())
                 }
@@ -335,6 +402,12 @@ impl Service {
 
     fn check_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
         let l: License = open(ObjectKind::License, bytes, &self.identity.vendor)?;
+        l.check_names().map_err(|e| {
+            ServiceError::License(format!(
+                "license {:?} has a malformed name: {e}; ask the vendor for a corrected license",
+                l.id
+            ))
+        })?;
         if !l.covers_host(&self.identity.cert.host_id) {
             return Err(ServiceError::License(format!(
                 "license {} for '{}' is for host(s) {} but this host is {}; ask the vendor for a license naming this host",
@@ -356,6 +429,11 @@ impl Service {
     }
 
     fn activate(&self, l: License, bytes: Vec<u8>) {
+        // Its tokens-issued series exists from now on, at 0 until the first token.
+        self.counters
+            .metrics
+            .issued_by_product
+            .init([l.product.as_str()]);
         if let Ok(mut m) = self.licenses.write() {
             m.insert(
                 l.product.clone(),
@@ -386,8 +464,30 @@ impl Service {
         Ok(l)
     }
 
-    /// Removes a license; its leases end and their VMs are told.
+    /// Removes a license; its leases end and their VMs are told. Refused while `licenses_dir`
+    /// holds a license for the same product, which the next start would add again.
     pub fn remove_license(&self, id: &str) -> Result<Vec<Lease>, ServiceError> {
+        if let Some(rec) = self.ledger.licenses()?.into_iter().find(|r| r.id == id) {
+            let files: Vec<String> = self
+                .licenses_in_dir()
+                .into_iter()
+                .filter(|(_, _, l)| l.product == rec.product)
+                .map(|(p, _, _)| p.display().to_string())
+                .collect();
+            if let Some(first) = files.first() {
+                let (verb, them) = if files.len() == 1 {
+                    ("holds", "it")
+                } else {
+                    ("hold", "them")
+                };
+                return Err(ServiceError::LicenseFileRemains(format!(
+                    "license {id} for '{product}' would come back at the next start: {} in licenses_dir {} (loaded at every start) {verb} a license for '{product}'; delete or move {them} first (e.g. `rm {first}`), then run `hostbind-proxy license remove {id}` again",
+                    files.join(", "),
+                    self.cfg.licenses_dir.display(),
+                    product = rec.product,
+                )));
+            }
+        }
         let released = self.ledger.remove_license(id, unix_now())?;
         for l in &released {
             self.meter_end(l, "license removed", unix_now());
@@ -771,7 +871,11 @@ impl Service {
     pub fn admin_release(&self, lease_id: &str) -> Result<Lease, ServiceError> {
         let l = self
             .ledger
-            .release(lease_id, "released by the host admin", unix_now())?;
+            .release(lease_id, "released by the host admin", unix_now())
+            .map_err(|e| match e {
+                LedgerError::UnknownLease { id } => ServiceError::UnknownLease(id),
+                other => other.into(),
+            })?;
         self.meter_end(&l, "released by the host admin", unix_now());
         self.push(
             &l.vm_uuid,

@@ -129,7 +129,7 @@ time.sleep(60)
     .unwrap();
     assert!(line.contains("200"), "app's token request failed: {line}");
     assert!(
-        proxy_leases(&h).contains("scope=Process"),
+        proxy_leases(&h).contains("held by process"),
         "{}",
         proxy_leases(&h)
     );
@@ -141,7 +141,7 @@ time.sleep(60)
     app.kill().unwrap();
     app.wait().unwrap();
     let t0 = Instant::now();
-    while proxy_leases(&h).contains("scope=Process") {
+    while proxy_leases(&h).contains("held by process") {
         assert!(
             t0.elapsed() < Duration::from_millis(1000),
             "lease not released within 1 s of the app's exit"

@@ -94,10 +94,10 @@ fn observe_serves_both_copies_and_lists_the_clone() {
     );
     let status = h.proxy_ok(&["status"]).unwrap();
     assert!(status.contains("1 forks detected (1 clones"), "{status}");
-    // Both agents were told (CloneDetected event from the proxy).
+    // Both agents were told (clone_detected event from the proxy).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     for agent in [&a, &b] {
-        while !agent.proc_.log().contains("CloneDetected") {
+        while !agent.proc_.log().contains("\"kind\":\"clone_detected\"") {
             assert!(
                 std::time::Instant::now() < deadline,
                 "no clone event reached the agent: {}",

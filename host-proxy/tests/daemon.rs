@@ -153,7 +153,7 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
     let st = h.proxy_ok(&["status"]).unwrap();
     assert!(st.contains("cad") && st.contains("seats 2/2"), "{st}");
     let leases = h.proxy_ok(&["leases"]).unwrap();
-    assert!(leases.contains("vm=vm-c"), "{leases}");
+    assert!(leases.contains("in VM vm-c"), "{leases}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,12 @@ use hostbind_proxy::libvirt::{self, vmcmd, LibvirtEvents};
 use hostbind_testkit::host::run;
 use libvirt_rig::{domain_xml, node_uri, rig_with};
 
+/// Every side the domain has (live and persistent), as the CLI without --live/--config.
+const ALL: vmcmd::Sides = vmcmd::Sides {
+    live: false,
+    config: false,
+};
+
 #[tokio::test(flavor = "multi_thread")]
 async fn vm_assign_is_read_back_and_enforced_without_a_restart() {
     // read-only, as the daemon connects: events and XML are all the watcher needs
@@ -45,30 +51,38 @@ async fn vm_assign_is_read_back_and_enforced_without_a_restart() {
     assert_eq!(code, ErrorCode::NoLicense);
     assert!(msg.contains("vm assign vm1 --product cad"), "{msg}");
 
-    // assign: read back, and the very next request is granted
-    let info = vmcmd::assign(&admin, "vm1", "cad", 1).unwrap();
+    // assign: read back, and granted as soon as libvirt's METADATA_CHANGE event reached the
+    // proxy's cache (requests never wait on libvirt, they answer from the cache)
+    let info = vmcmd::assign(&admin, "vm1", "cad", 1, ALL).unwrap();
     assert_eq!(
         info.assignment.as_ref().unwrap().to_string(),
         "cad (reserve 1)"
     );
     assert_eq!((info.state.as_str(), info.cid), ("running", Some(21)));
-    g.token("cad").await.unwrap();
-    assert_eq!(g.token("sim").await.unwrap_err().0, ErrorCode::NoLicense);
-    // by UUID too
-    vmcmd::assign(&admin, uuid, "sim", 0).unwrap();
-    g.token("sim").await.unwrap();
-    r.wait_for("cache updated by METADATA_CHANGE", || {
+    assert!(info.persistent && info.next_start.is_none(), "{info:?}");
+    let cached = || {
         r.lv()
             .domain(uuid)
             .and_then(|d| d.assignment)
             .and_then(Result::ok)
             .map(|a| a.to_string())
-            == Some("cad (reserve 1), sim".into())
+    };
+    r.wait_for("cache updated by METADATA_CHANGE", || {
+        cached() == Some("cad (reserve 1)".into())
     })
     .await;
+    g.token("cad").await.unwrap();
+    assert_eq!(g.token("sim").await.unwrap_err().0, ErrorCode::NoLicense);
+    // by UUID too
+    vmcmd::assign(&admin, uuid, "sim", 0, ALL).unwrap();
+    r.wait_for("cache updated by METADATA_CHANGE", || {
+        cached() == Some("cad (reserve 1), sim".into())
+    })
+    .await;
+    g.token("sim").await.unwrap();
 
     // unassign: the lease of that product ends at once (METADATA_CHANGE), and new requests fail
-    let info = vmcmd::unassign(&admin, "vm1", Some("cad")).unwrap();
+    let info = vmcmd::unassign(&admin, "vm1", Some("cad"), ALL).unwrap();
     assert_eq!(info.assignment.unwrap().to_string(), "sim");
     r.wait_for("cad lease ended", || {
         r.leases_of(uuid).iter().all(|l| l.product != "cad")
@@ -85,7 +99,7 @@ async fn vm_assign_is_read_back_and_enforced_without_a_restart() {
     assert!(msg.contains("assigns only sim"), "{msg}");
 
     // --all: back to the host's default policy (deny here): the sim lease ends too
-    let info = vmcmd::unassign(&admin, "vm1", None).unwrap();
+    let info = vmcmd::unassign(&admin, "vm1", None, ALL).unwrap();
     assert!(info.assignment.is_none());
     r.wait_for("all leases ended", || r.leases_of(uuid).is_empty())
         .await;
@@ -93,15 +107,17 @@ async fn vm_assign_is_read_back_and_enforced_without_a_restart() {
     assert!(msg.contains("no hostbind assignment"), "{msg}");
 
     // errors say what to do
-    let e = vmcmd::assign(&admin, "nope", "cad", 0)
+    let e = vmcmd::assign(&admin, "nope", "cad", 0, ALL)
         .unwrap_err()
         .to_string();
     assert!(e.contains("no domain named or with UUID 'nope'"), "{e}");
-    let e = vmcmd::unassign(&admin, "vm1", Some("cad"))
+    let e = vmcmd::unassign(&admin, "vm1", Some("cad"), ALL)
         .unwrap_err()
         .to_string();
     assert!(e.contains("has no hostbind assignment"), "{e}");
-    let e = vmcmd::assign(&admin, "vm1", "", 0).unwrap_err().to_string();
+    let e = vmcmd::assign(&admin, "vm1", "", 0, ALL)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("1 to 128 characters"), "{e}");
 }
 

@@ -23,6 +23,10 @@ fn status_shows_libvirt_unreachable_then_connected() {
         "{out}"
     );
     assert!(out.contains("cannot connect to libvirt"), "{out}");
+    assert!(
+        out.contains("domains never read: every VM is refused until they are"),
+        "{out}"
+    );
 
     std::fs::copy(node_xml(), &node).unwrap();
     let end = Instant::now() + Duration::from_secs(20);
@@ -39,9 +43,12 @@ fn status_shows_libvirt_unreachable_then_connected() {
     );
     println!("{out}");
     assert!(out.contains("CID CONFLICT CID 8: dup-a, dup-b"), "{out}");
+    assert!(out.contains("s ago"), "the cache's age: {out}");
     let j: serde_json::Value =
         serde_json::from_str(&h.proxy_ok(&["--json", "status"]).unwrap()).unwrap();
     assert_eq!(j["libvirt"]["connected"], true, "{j}");
     assert_eq!(j["libvirt"]["unassigned"], "deny", "{j}");
+    assert_eq!(j["libvirt"]["last_error"], serde_json::Value::Null, "{j}");
+    assert!(j["libvirt"]["state_age_secs"].is_u64(), "{j}");
     h.stop_proxy();
 }

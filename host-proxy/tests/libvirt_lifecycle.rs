@@ -7,23 +7,11 @@
 mod libvirt_rig;
 
 use hostbind_attest::wire::{ErrorCode, EventKind};
-use hostbind_proxy::ledger::HistoryEvent;
 use hostbind_proxy::libvirt::{
     DomainEvent, DomainEventKind, LibvirtEvents, ManualEvents, StopReason, WatchEvent,
 };
-use libvirt_rig::{domain_xml, node_uri, node_xml, rig, uuid, Rig};
+use libvirt_rig::{domain_xml, node_uri, node_xml, rig, uuid};
 use std::time::Duration;
-
-fn released_with(r: &Rig, vm_uuid: &str, detail: &str) -> usize {
-    r.history()
-        .iter()
-        .filter(|h| {
-            h.event == HistoryEvent::LeaseReleased
-                && h.vm_uuid.as_deref() == Some(vm_uuid)
-                && h.detail == detail
-        })
-        .count()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn destroy_and_undefine_release_leases_at_once_with_history() {
@@ -49,7 +37,7 @@ async fn destroy_and_undefine_release_leases_at_once_with_history() {
         .await;
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(
-        released_with(&r, &uuid(1), "domain web stopped: destroyed (libvirt)"),
+        r.released_with(&uuid(1), "domain web stopped: destroyed (libvirt)"),
         1
     );
     let ev = web
@@ -82,7 +70,7 @@ async fn destroy_and_undefine_release_leases_at_once_with_history() {
     r.wait_for("db's leases released", || r.leases_of(&uuid(2)).is_empty())
         .await;
     assert_eq!(
-        released_with(&r, &uuid(2), "domain db stopped: destroyed (libvirt)"),
+        r.released_with(&uuid(2), "domain db stopped: destroyed (libvirt)"),
         3
     );
     assert!(conn.lookup_domain_by_name("db").is_err());
@@ -138,7 +126,7 @@ async fn migration_events_release_on_the_source_and_pick_up_on_the_destination()
     r.wait_for("web released", || r.leases_of(&uuid(1)).is_empty())
         .await;
     assert_eq!(
-        released_with(&r, &uuid(1), "domain web migrated away (libvirt)"),
+        r.released_with(&uuid(1), "domain web migrated away (libvirt)"),
         1
     );
     r.wait_for("CID 5 gone", || r.lv().vm_for_cid(5).is_err())
@@ -177,7 +165,7 @@ async fn migration_events_release_on_the_source_and_pick_up_on_the_destination()
     r.wait_for("cadder released", || r.leases_of(&uuid(6)).is_empty())
         .await;
     assert_eq!(
-        released_with(&r, &uuid(6), "domain cadder crashed (libvirt)"),
+        r.released_with(&uuid(6), "domain cadder crashed (libvirt)"),
         1
     );
 
@@ -193,7 +181,7 @@ async fn migration_events_release_on_the_source_and_pick_up_on_the_destination()
     r.wait_for("arrival's lease ended", || r.leases_of(arrival).is_empty())
         .await;
     assert_eq!(
-        released_with(&r, arrival, "domain arrival is not running (libvirt)"),
+        r.released_with(arrival, "domain arrival is not running (libvirt)"),
         1
     );
     assert!(r.lv().vm_for_cid(5).is_ok(), "web runs in the fresh node");
@@ -223,12 +211,35 @@ async fn unreachable_libvirt_is_retried_and_reported() {
     );
     let (code, msg) = r.connect(5).hello().await.unwrap_err();
     assert_eq!(code, ErrorCode::UnknownVm);
-    assert!(msg.contains("has not reached libvirt"), "{msg}");
+    assert!(msg.contains("has not read the domains of libvirt"), "{msg}");
     // libvirt becomes reachable: the next attempt (backoff 1 s, 2 s, ...) connects
     std::fs::copy(node_xml(), &later).unwrap();
     r.wait_for("connected", || r.lv().status().connected).await;
     let (_, ack) = r.guest(5).await;
     assert_eq!(ack.vm.name, "web");
     let st = r.lv().status();
-    assert_eq!((st.failed_attempts, st.last_error.is_some()), (0, true));
+    assert_eq!(
+        (st.failed_attempts, st.last_error.as_deref()),
+        (0, None),
+        "{st:?}"
+    );
+}
+
+/// After a lost connection is made again, `status` must not keep showing the old error as if it
+/// were current (it said "keepalive timeout" while connected); the loss is kept as history.
+#[tokio::test(flavor = "multi_thread")]
+async fn last_error_is_cleared_once_reconnected() {
+    let events = ManualEvents::new();
+    let r = rig(&node_uri(), "allow", events.clone(), true).await;
+    assert!(events.send(WatchEvent::Closed("keepalive timeout".into())));
+    r.wait_for("reconnected", || {
+        let s = r.lv().status();
+        s.connected && s.reconnects == 1
+    })
+    .await;
+    let st = r.lv().status();
+    assert_eq!(st.last_error, None, "{st:?}");
+    let (at, why) = st.last_lost.clone().expect("the loss is recorded");
+    assert_eq!(why, "keepalive timeout");
+    assert!(at > 0 && st.state_age_secs.is_some(), "{st:?}");
 }

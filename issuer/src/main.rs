@@ -19,7 +19,18 @@ use std::path::{Path, PathBuf};
 
 /// hostbind vendor tool: create vendor keys, enroll hosts, issue licenses, verify tokens. Works offline.
 #[derive(Parser)]
-#[command(name = "hostbind-issuer", version, about)]
+#[command(
+    name = "hostbind-issuer",
+    version,
+    about,
+    long_about = "The vendor's offline tool for hostbind, which binds software licenses to the \
+physical host a VM runs on. It creates the vendor's signing key, enrolls customers' hosts by \
+file exchange (checking each host's TPM endorsement certificate against the TPM makers' CAs), \
+issues licenses for enrolled hosts, verifies license tokens, inspects any hostbind file and \
+reports the usage logs hosts export. It needs no network and no TPM.\n\n\
+Keep the private key (vendor.key) offline; ship the public key (vendor.pub) with your \
+application and to the hosts you enroll."
+)]
 struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -38,7 +49,8 @@ enum Cmd {
         /// Public key file to write (default: <out> with extension .pub).
         #[arg(long)]
         public_out: Option<PathBuf>,
-        /// Overwrite existing files.
+        /// Overwrite the key files if they exist (the old key is lost: licenses and host
+        /// certificates signed with it no longer verify against the new one).
         #[arg(long)]
         force: bool,
     },
@@ -136,7 +148,7 @@ enum EnrollCmd {
         /// Challenge file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Overwrite.
+        /// Overwrite the --out file if it exists (it is replaced atomically).
         #[arg(long)]
         force: bool,
     },
@@ -168,7 +180,7 @@ enum EnrollCmd {
         /// Host certificate file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Overwrite.
+        /// Overwrite the --out file if it exists (it is replaced atomically).
         #[arg(long)]
         force: bool,
     },
@@ -243,7 +255,7 @@ struct IssueArgs {
     /// License file to write.
     #[arg(long)]
     out: PathBuf,
-    /// Overwrite.
+    /// Overwrite the --out file if it exists (it is replaced atomically).
     #[arg(long)]
     force: bool,
 }
@@ -473,8 +485,17 @@ fn run(cli: Cli) -> Result<()> {
                 d["warnings"] = serde_json::json!(warnings);
             }
             d["certificate_file"] = serde_json::json!(out.display().to_string());
+            // The host needs the vendor's public key too: the .pub file `keygen` wrote next
+            // to the key, else the key itself in hex (which --vendor-pub also accepts).
+            let pub_file = key.key.with_extension("pub");
+            let vendor_pub = if pub_file.is_file() {
+                pub_file.display().to_string()
+            } else {
+                vendor.public().to_string()
+            };
             d["next"] = serde_json::json!(format!(
-                "on the host: hostbind-proxy enroll install {}",
+                "send {} and {vendor_pub} to the host; there, as the proxy's user: hostbind-proxy enroll install {} --vendor-pub {vendor_pub}",
+                out.display(),
                 out.display()
             ));
             print(json, &d)
@@ -519,6 +540,15 @@ fn run(cli: Cli) -> Result<()> {
                     )
                 }),
             };
+            lic.check_names().map_err(|e| {
+                let flag = match e.what {
+                    "license id" => "--id",
+                    "feature" => "--feature",
+                    "customer" => "--customer",
+                    _ => "--product",
+                };
+                anyhow!("{e}; give {flag} another value (nothing was written)")
+            })?;
             write_new(
                 &a.out,
                 &sign(ObjectKind::License, &lic, &vendor)?,
@@ -606,12 +636,50 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The hand-written parts of the man pages.
+fn man_extras() -> hostbind_cli::docs::Extras {
+    use hostbind_cli::docs::{Entry, Extras, Section};
+    Extras {
+        sections: vec![
+            Section::new(
+                "FILES",
+                vec![
+                    Entry::new("vendor.key", "The vendor's private signing key (Ed25519, mode 0600), the default of --key. Keep it offline and backed up: whoever holds it can issue licenses."),
+                    Entry::new("vendor.pub", "The vendor's public key, the default of --vendor-pub; hosts install it with their host certificate, applications embed it."),
+                ],
+            ),
+            Section::new(
+                "EXAMPLES",
+                vec![
+                    Entry::new("hostbind-issuer keygen", "Create vendor.key and vendor.pub in the current directory."),
+                    Entry::new("hostbind-issuer enroll challenge req.cbor --tpm-ca maker-ca.pem --out chal.cbor", "Check a host's enrollment request against the TPM maker's CA and write the challenge its TPM must answer."),
+                    Entry::new("hostbind-issuer enroll finish ans.cbor --tpm-ca maker-ca.pem --out host.cert", "Check the answer and sign the host certificate; send host.cert and vendor.pub to the host."),
+                    Entry::new("hostbind-issuer license issue --customer ACME --host host.cert --product cad --seats 2 --out acme-cad.license", "Issue a 2-seat license of product cad for that host, valid for a year."),
+                    Entry::new("hostbind-issuer verify token.b64", "Verify a license token offline and print its claims."),
+                    Entry::new("hostbind-issuer usage report host1.usage --key vendor.key", "Decrypt and check a host's usage log; exit status 3 when it shows anomalies."),
+                ],
+            ),
+        ],
+        command_sections: Vec::new(),
+        common_sections: vec![hostbind_cli::docs::exit_status(
+            "An error; the message on stderr says what failed and what to do.",
+            &[(
+                "3",
+                "usage report: the log was read, and it shows anomalies (listed in the report).",
+            )],
+        )],
+        see_also: vec!["hostbind-proxy(1)".into(), "hostbind-agent(1)".into()],
+        pages: Vec::new(),
+    }
+}
+
 fn main() {
     // `BIN generate-docs --out DIR`: man pages and completions from the clap definition.
-    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command);
+    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command, man_extras);
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {}", hostbind_fsutil::error_report(e.as_ref()));
+        let msg = hostbind_fsutil::error_report(e.as_ref());
+        hostbind_cli::logging::report_fatal(false, "error: ", &msg);
         std::process::exit(1);
     }
 }

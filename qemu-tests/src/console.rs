@@ -5,14 +5,26 @@ use serde_json::Value;
 
 /// Prefix of the test app's lines.
 pub const APP_PREFIX: &str = "HBAPP ";
+/// Prefix of the bare-metal guest's lines (`baremetal-guest/`).
+pub const METAL_PREFIX: &str = "HBMETAL ";
 
 /// The test app's lines in console text, parsed, in order. A line garbled by interleaved kernel
 /// output is skipped.
 pub fn app_lines(text: &str) -> Vec<Value> {
+    prefixed_lines(text, APP_PREFIX)
+}
+
+/// The bare-metal guest's lines in console text, parsed, in order.
+pub fn metal_lines(text: &str) -> Vec<Value> {
+    prefixed_lines(text, METAL_PREFIX)
+}
+
+/// The JSON after `prefix` on each line that has it, parsed; unparsable lines are skipped.
+fn prefixed_lines(text: &str, prefix: &str) -> Vec<Value> {
     text.lines()
         .filter_map(|l| {
-            let at = l.find(APP_PREFIX)?;
-            serde_json::from_str::<Value>(l[at + APP_PREFIX.len()..].trim_end()).ok()
+            let at = l.find(prefix)?;
+            serde_json::from_str::<Value>(l[at + prefix.len()..].trim_end()).ok()
         })
         .collect()
 }
@@ -46,5 +58,13 @@ mod tests {
         assert_eq!(l[0]["pid"], 7);
         assert_eq!(event_name(&l[1]), "rebound");
         assert_eq!(event_name(&l[0]), "");
+        // The bare-metal guest's lines have their own prefix; each kind only finds its own.
+        let text = "hostbind: token VERIFIED\nHBMETAL {\"msg\":\"exit\",\"code\":16}\n\
+                    HBAPP {\"msg\":\"start\"}\n";
+        let m = metal_lines(text);
+        assert_eq!(m.len(), 1);
+        assert_eq!(msg(&m[0]), "exit");
+        assert_eq!(m[0]["code"], 16);
+        assert_eq!(app_lines(text).len(), 1);
     }
 }

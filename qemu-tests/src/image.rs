@@ -55,8 +55,8 @@ const LAYOUT_VERSION: &str = "hostbind-guest-image-v1";
 pub struct GuestImage {
     /// The kernel (`-kernel`).
     pub kernel: PathBuf,
-    /// The initramfs (`-initrd`).
-    pub initrd: PathBuf,
+    /// The initramfs (`-initrd`); `None` for a kernel that needs none (the bare-metal guest).
+    pub initrd: Option<PathBuf>,
     /// The Debian kernel package it was made from.
     pub kernel_package: String,
     /// The hash of its inputs (names its cache directory).
@@ -80,10 +80,10 @@ pub fn guest_image() -> Result<GuestImage> {
 }
 
 /// An exclusive `flock` on a file, released when dropped.
-struct FileLock(File);
+pub(crate) struct FileLock(File);
 
 impl FileLock {
-    fn acquire(path: &Path) -> Result<FileLock> {
+    pub(crate) fn acquire(path: &Path) -> Result<FileLock> {
         let f = File::options()
             .create(true)
             .truncate(false)
@@ -112,7 +112,7 @@ impl Drop for FileLock {
 }
 
 /// Runs a command to completion; fails with its output unless it succeeded; returns stdout.
-fn run(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd
         .stdin(Stdio::null())
@@ -203,7 +203,7 @@ fn build() -> Result<GuestImage> {
     }
     Ok(GuestImage {
         kernel: kdir.join("vmlinuz"),
-        initrd,
+        initrd: Some(initrd),
         kernel_package: package,
         key,
         took: t0.elapsed(),

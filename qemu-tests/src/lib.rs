@@ -7,7 +7,9 @@
 //!   with its own `vhost-device-vsock` delivering guest connections to the host proxy's hybrid
 //!   vsock socket, a QMP client ([`qmp`]) and the serial consoles in files; live migration
 //!   between two hosts re-plugs the vsock device (QEMU 7.2 cannot migrate vhost-user-vsock).
-//! - [`console`]: parses what the guest's test app prints.
+//! - [`console`]: parses what the guest's test app (and the bare-metal guest) prints.
+//! - [`baremetal`]: builds the bare-metal guest kernel (`baremetal-guest/`, no OS) with a test
+//!   vendor's key embedded; it boots on the same harness with `-kernel` alone.
 //!
 //! The simulated host itself (swtpm, enrolled proxy, licenses) is `hostbind_testkit::host`.
 //! Every process is stopped by PID when its owner is dropped; files live in temp dirs.
@@ -16,6 +18,7 @@
 //! traffic reaches the host as Unix-socket connections made by vhost-device-vsock.
 #![cfg(feature = "harness")]
 
+pub mod baremetal;
 pub mod console;
 pub mod image;
 pub mod qmp;

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::console::app_lines;
+use crate::console::{app_lines, metal_lines};
 use crate::image::GuestImage;
 use crate::qmp::Qmp;
 use crate::{io_err, require_program, tail, QemuTestError, Result};
@@ -39,6 +39,10 @@ pub const QEMU: &str = "qemu-system-x86_64";
 pub const VSOCK_DEVICE_ID: &str = "vs0";
 /// Chardev id of the vhost-user socket.
 pub const VSOCK_CHARDEV_ID: &str = "c0";
+
+/// QEMU's `isa-debug-exit` device as the bare-metal guest expects it: a 32-bit write of `code`
+/// to port 0xf4 ends QEMU with exit status `(code << 1) | 1`.
+pub const DEBUG_EXIT_DEVICE: &str = "isa-debug-exit,iobase=0xf4,iosize=0x04";
 
 /// Set this to print every VM's consoles and logs when it is dropped (they are printed for
 /// failed tests anyway).
@@ -65,6 +69,10 @@ pub struct VmOptions {
     pub memory_mb: u32,
     /// `RUST_LOG` of the guest agent.
     pub agent_log: String,
+    /// Add the [`DEBUG_EXIT_DEVICE`] (the bare-metal guest leaves QEMU through it).
+    pub debug_exit: bool,
+    /// More kernel command line words, appended.
+    pub kernel_args: Vec<String>,
 }
 
 impl VmOptions {
@@ -80,6 +88,8 @@ impl VmOptions {
             hostname: None,
             memory_mb: 256,
             agent_log: "debug".into(),
+            debug_exit: false,
+            kernel_args: Vec::new(),
         }
     }
 
@@ -92,6 +102,10 @@ impl VmOptions {
         );
         if let Some(h) = &self.hostname {
             c.push_str(&format!(" hostbind.hostname={h}"));
+        }
+        for a in &self.kernel_args {
+            c.push(' ');
+            c.push_str(a);
         }
         c
     }
@@ -269,11 +283,14 @@ impl Qemu {
                 "vhost-user-vsock-pci,chardev={VSOCK_CHARDEV_ID},id={VSOCK_DEVICE_ID}"
             ));
         }
-        cmd.arg("-kernel")
-            .arg(&image.kernel)
-            .arg("-initrd")
-            .arg(&image.initrd)
-            .arg("-append")
+        cmd.arg("-kernel").arg(&image.kernel);
+        if let Some(initrd) = &image.initrd {
+            cmd.arg("-initrd").arg(initrd);
+        }
+        if me.opts.debug_exit {
+            cmd.arg("-device").arg(DEBUG_EXIT_DEVICE);
+        }
+        cmd.arg("-append")
             .arg(me.opts.cmdline())
             .arg("-serial")
             .arg(format!("file:{}", d.join("console.log").display()))
@@ -368,6 +385,30 @@ impl Qemu {
     /// The test app's lines so far.
     pub fn app_lines(&self) -> Vec<Value> {
         app_lines(&self.console())
+    }
+
+    /// The bare-metal guest's `HBMETAL` lines so far.
+    pub fn metal_lines(&self) -> Vec<Value> {
+        metal_lines(&self.console())
+    }
+
+    /// Waits until QEMU exits by itself (the guest wrote to the debug-exit device, or QEMU
+    /// failed) and returns its exit status and the time since it was started.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(std::process::ExitStatus, Duration)> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.qemu.as_mut().and_then(Proc::exit_status) {
+                return Ok((st, self.spawned_at.elapsed()));
+            }
+            if Instant::now() >= end || self.qemu.is_none() {
+                return Err(QemuTestError::Timeout {
+                    what: format!("QEMU of {} exiting", self.label),
+                    secs: timeout.as_secs(),
+                    context: format!("; console so far:\n{}", tail(&self.console(), 3000)),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Everything worth seeing when a test fails: consoles and logs (their ends).

@@ -174,20 +174,7 @@ impl Host {
         leases_toml: &str,
         vhost: bool,
     ) -> Result<Host, TestkitError> {
-        let dir = tempfile::Builder::new()
-            .prefix("hostbind-host-")
-            .tempdir()
-            .map_err(|source| TestkitError::Io {
-                what: "create host dir".into(),
-                source,
-            })?;
-        let d = dir
-            .path()
-            .canonicalize()
-            .map_err(|source| TestkitError::Io {
-                what: "canonicalize host dir".into(),
-                source,
-            })?;
+        let (dir, d) = crate::temp_dir("hostbind-host-")?;
         let vms: Vec<VmSpec> = vm_names
             .iter()
             .enumerate()

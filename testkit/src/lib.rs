@@ -5,6 +5,9 @@
 //! - [`Swtpm`]: a manufactured swtpm (EK certificates issued by a [`LocalCa`]) serving TCP on
 //!   127.0.0.1, owned as a child process and killed by PID on drop (also during a panic).
 //!
+//! - [`libvirtd::Libvirtd`]: a real unprivileged session libvirtd with its own directories and
+//!   `host_uuid`, and tiny QEMU/TCG domains on it, all stopped and removed on drop.
+//!
 //! Setting `TSS2_LOG` for TPM clients is the client's business; this crate only runs the swtpm
 //! tools.
 
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod host;
+pub mod libvirtd;
 pub mod process;
 
 /// How long to wait for swtpm to listen after spawning it.
@@ -58,6 +62,16 @@ pub enum TestkitError {
         /// Its exit status.
         status: String,
         /// Path of its log.
+        log: PathBuf,
+        /// The end of the log.
+        tail: String,
+    },
+    /// A test libvirtd did not start or a libvirt command failed.
+    #[error("testkit: libvirtd: {reason}; log {log}; last output:\n{tail}")]
+    Libvirtd {
+        /// What failed.
+        reason: String,
+        /// Path of the daemon's log (empty when there is none yet).
         log: PathBuf,
         /// The end of the log.
         tail: String,
@@ -136,6 +150,20 @@ fn log_tail(log: &Path) -> String {
     }
 }
 
+/// A new temp dir named `prefix...` and its canonical path (absolute, symlinks resolved: the
+/// tools it is handed to run from other working directories).
+pub(crate) fn temp_dir(prefix: &str) -> Result<(TempDir, PathBuf), TestkitError> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(io_err(format!("create a {prefix}* temp dir")))?;
+    let path = dir
+        .path()
+        .canonicalize()
+        .map_err(io_err(format!("canonicalize {}", dir.path().display())))?;
+    Ok((dir, path))
+}
+
 fn write_file(path: &Path, contents: &str) -> Result<(), TestkitError> {
     fs::write(path, contents).map_err(io_err(format!("write {}", path.display())))
 }
@@ -160,15 +188,8 @@ impl LocalCa {
 
     /// Creates a fresh CA (root key + cert, issuer key + cert) with `swtpm_localca`.
     pub fn new() -> Result<LocalCa, TestkitError> {
-        let dir = tempfile::Builder::new()
-            .prefix("hostbind-localca-")
-            .tempdir()
-            .map_err(io_err("create CA temp dir"))?;
         // Absolute paths: the config is read by swtpm_setup/swtpm_localca from other cwds.
-        let path = dir
-            .path()
-            .canonicalize()
-            .map_err(io_err(format!("canonicalize {}", dir.path().display())))?;
+        let (dir, path) = temp_dir("hostbind-localca-")?;
         let ca = LocalCa { path, _dir: dir };
         let d = ca.dir();
         write_file(
@@ -270,15 +291,8 @@ impl Swtpm {
 
     /// Manufactures and starts a TPM whose EK certificates come from `ca` (same maker as others).
     pub fn start_with_ca(ca: Arc<LocalCa>) -> Result<Swtpm, TestkitError> {
-        let dir = tempfile::Builder::new()
-            .prefix("hostbind-swtpm-")
-            .tempdir()
-            .map_err(io_err("create swtpm temp dir"))?;
         // Absolute paths throughout: swtpm breaks on relative state paths.
-        let root = dir
-            .path()
-            .canonicalize()
-            .map_err(io_err(format!("canonicalize {}", dir.path().display())))?;
+        let (dir, root) = temp_dir("hostbind-swtpm-")?;
         let state = root.join("state");
         fs::create_dir(&state).map_err(io_err(format!("create {}", state.display())))?;
         let setup_conf = root.join("swtpm_setup.conf");

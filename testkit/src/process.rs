@@ -107,6 +107,13 @@ impl Proc {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// Its exit status once it has exited; `None` while it runs (or after it was stopped).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Waits until the process accepts connections on the Unix socket `path`, or fails with its log.
     pub fn wait_for_socket(&mut self, path: &Path, timeout: Duration) -> Result<(), TestkitError> {
         let end = Instant::now() + timeout;

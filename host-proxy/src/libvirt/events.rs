@@ -161,7 +161,9 @@ impl Subscription {
 
 /// Where domain events come from: libvirt's event loop in the daemon, or a hand-fed channel
 /// in tests of events the test driver cannot produce. Both deliver the same [`WatchEvent`]s.
-pub trait EventSource: Send + 'static {
+/// The watcher subscribes a clone on each connection's worker thread (subscribing and
+/// unsubscribing talk to libvirtd).
+pub trait EventSource: Clone + Send + 'static {
     /// Starts sending `conn`'s events to `tx` until the returned subscription is dropped.
     fn subscribe(
         &mut self,

@@ -47,9 +47,14 @@ pub struct Rig {
 
 /// Appends `[libvirt]` to the host's proxy config and returns it.
 pub fn libvirt_config(host: &Host, uri: &str, unassigned: &str) -> Config {
+    libvirt_config_with(host, uri, unassigned, "")
+}
+
+/// Like [`libvirt_config`] with `extra` lines in the `[libvirt]` table.
+pub fn libvirt_config_with(host: &Host, uri: &str, unassigned: &str, extra: &str) -> Config {
     let mut text = std::fs::read_to_string(host.config()).unwrap();
     text.push_str(&format!(
-        "\n[libvirt]\nenabled = true\nuri = \"{uri}\"\nunassigned = \"{unassigned}\"\n"
+        "\n[libvirt]\nenabled = true\nuri = \"{uri}\"\nunassigned = \"{unassigned}\"\n{extra}\n"
     ));
     std::fs::write(host.config(), &text).unwrap();
     Config::load(&host.config()).unwrap()
@@ -71,9 +76,23 @@ pub async fn rig_with(
     access: libvirt::Access,
     wait: bool,
 ) -> Rig {
+    rig_full(&[], uri, unassigned, "", source, access, wait).await
+}
+
+/// Like [`rig_with`], with static `[[vm]]` entries named `vm_names` (reached through
+/// [`Rig::static_guest`], as over their Unix sockets) and `extra` lines in `[libvirt]`.
+pub async fn rig_full(
+    vm_names: &[&str],
+    uri: &str,
+    unassigned: &str,
+    extra: &str,
+    source: impl EventSource,
+    access: libvirt::Access,
+    wait: bool,
+) -> Rig {
     let vendor = Vendor::new().unwrap();
-    let host = Host::enrolled(&vendor, &[], "").unwrap();
-    let cfg = libvirt_config(&host, uri, unassigned);
+    let host = Host::enrolled(&vendor, vm_names, "").unwrap();
+    let cfg = libvirt_config_with(&host, uri, unassigned, extra);
     let identity = load_identity(&cfg.state_dir).unwrap();
     let ledger = Ledger::open(&cfg.state_dir.join(LEDGER_FILE)).unwrap();
     let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone()).unwrap();
@@ -125,6 +144,18 @@ impl Rig {
         self.svc.ledger().history(0, 100_000).unwrap()
     }
 
+    /// Leases of `vm_uuid` released with history detail `detail`.
+    pub fn released_with(&self, vm_uuid: &str, detail: &str) -> usize {
+        self.history()
+            .iter()
+            .filter(|h| {
+                h.event == hostbind_proxy::ledger::HistoryEvent::LeaseReleased
+                    && h.vm_uuid.as_deref() == Some(vm_uuid)
+                    && h.detail == detail
+            })
+            .count()
+    }
+
     /// Polls `cond` for up to 10 s.
     pub async fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
         let end = Instant::now() + Duration::from_secs(10);
@@ -139,6 +170,38 @@ impl Rig {
         let (a, b) = tokio::io::duplex(1 << 16);
         tokio::spawn(hostbind_proxy::vsock::serve_peer(self.svc.clone(), b, cid));
         WireGuest::new(a)
+    }
+
+    /// A guest of the static `[[vm]]` entry `name`, through the code path of its Unix socket.
+    pub fn static_connect(&self, name: &str) -> Guest {
+        let spec = self.host.vm(name).expect("a [[vm]] of this name");
+        let vm = hostbind_proxy::service::Vm {
+            name: spec.name.clone(),
+            uuid: spec.uuid.clone(),
+        };
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(hostbind_proxy::server::serve_connection(
+            self.svc.clone(),
+            b,
+            Arc::new(vm),
+        ));
+        WireGuest::new(a)
+    }
+
+    /// Like [`Rig::static_connect`], after hello.
+    pub async fn static_guest(&self, name: &str) -> Guest {
+        let mut g = self.static_connect(name);
+        g.hello().await.expect("hello");
+        g
+    }
+
+    /// UUID of the static `[[vm]]` entry `name`.
+    pub fn vm_uuid(&self, name: &str) -> String {
+        self.host
+            .vm(name)
+            .expect("a [[vm]] of this name")
+            .uuid
+            .clone()
     }
 
     /// A guest from `cid` that has said hello; panics if refused.
