@@ -502,6 +502,8 @@ pub const KEYS: &[KeyDoc] = &[
         "The libvirt connection URI (the daemon connects read-only)."),
     key("libvirt", "unassigned", Some("\"allow\""), "\"deny\"",
         "What a domain without a hostbind assignment in its metadata may use: \"allow\" (every licensed product, seats permitting) or \"deny\" (nothing until `hostbind-proxy vm assign`)."),
+    key("libvirt", "call_timeout", Some("\"5s\""), "\"2s\"",
+        "Longest wait for any one libvirt call (connect, list, read a domain, the liveness check) before libvirt counts as hung and the proxy reconnects; 100ms to 5m. Token requests never wait on libvirt."),
 ];
 
 /// A full example proxy.toml for the man page.
