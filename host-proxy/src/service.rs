@@ -8,7 +8,8 @@ use crate::tpm_service::{TpmService, TpmServiceError};
 use hostbind_attest::keys::{KeyError, TokenKey};
 use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, Window};
 use hostbind_attest::token::{
-    key_binding, license_hash, FreshEvidence, KeyEvidence, TokenClaims, TokenError, TokenSigner,
+    chain_commitment, key_binding, license_hash, FreshEvidence, KeyEvidence, TokenClaims,
+    TokenError, TokenSigner,
 };
 use hostbind_attest::tpm as tpmparse;
 use hostbind_attest::wire::{
@@ -561,7 +562,9 @@ impl Service {
         }
     }
 
-    /// Signs a token for `lease` under the license `lic` (whose bytes the token carries).
+    /// Signs a token for `lease` under the license `lic` (whose bytes the token carries). The
+    /// token commits to `chain_head` (the newest id of the agent's chain) but never carries it:
+    /// a chain id is a capability anyone could replay from another VM.
     fn issue(
         &self,
         vm: &Vm,
@@ -599,7 +602,7 @@ impl Service {
             issued_at: now,
             expires_at: exp,
             nonce: nonce.map(|n| n.to_vec()),
-            chain_head,
+            chain_commitment: chain_head.map(|h| chain_commitment(&h).to_vec()),
             quote_ref: signer.quote_ref().to_vec(),
             fresh,
         };

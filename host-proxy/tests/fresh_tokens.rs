@@ -47,7 +47,7 @@ fn claims(
         issued_at: t0() + 100,
         expires_at: t0() + 160,
         nonce: Some(nonce.to_vec()),
-        chain_head: None,
+        chain_commitment: None,
         quote_ref: s.quote_ref().to_vec(),
         fresh: Some(fresh),
     }
