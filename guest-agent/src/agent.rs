@@ -1,7 +1,7 @@
 //! The agent as a whole: configuration, shared state, start and shutdown.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -452,8 +452,9 @@ pub(crate) fn store_last_host(path: &Path, id: &HostId) {
     }
 }
 
-/// Binds the API socket with `mode`, atomically: bound under a temporary name, given its mode,
-/// then renamed into place, so it is never reachable with looser permissions.
+/// Binds the API socket with `mode` from its creation (under a restrictive umask, see
+/// [`hostbind_fsutil::bind_unix_listener`]): it never accepts a connection its mode refuses.
+/// A stale socket (nobody listening) is replaced; a live one or another kind of file is not.
 fn bind_api_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
     let sock_err = |source| AgentError::Socket {
         path: path.display().to_string(),
@@ -478,20 +479,8 @@ fn bind_api_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
         Ok(_) => return Err(AgentError::NotASocket(path.display().to_string())),
         Err(_) => {}
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "agent.sock".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(sock_err)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(sock_err(e));
-    }
-    Ok(listener)
+    let listener = hostbind_fsutil::bind_unix_listener(path, mode).map_err(sock_err)?;
+    UnixListener::from_std(listener).map_err(sock_err)
 }
 
 /// Facts about this guest for Hello: hostname, os, kernel, arch.
@@ -537,6 +526,7 @@ fn truncate_utf8(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn facts_have_hostname_and_os_within_wire_limits() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use hostbind_attest::wire::{self, Scope};
+use hostbind_attest::wire::Scope;
 use hostbind_client::api::{self, AgentEvent, ApiError, ErrorCode, ErrorReply, EventKind};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -21,6 +21,7 @@ use tokio::sync::broadcast;
 use crate::agent::Shared;
 use crate::leases::{self, LeaseKey};
 use crate::procwatch::{ProcessWatch, WatchError};
+use crate::requests::{self, bad_request};
 
 /// The body type of every answer.
 type ApiBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -134,16 +135,11 @@ fn error_response(e: ApiError) -> Response<ApiBody> {
     json(status, &ErrorReply { error: e })
 }
 
-/// A `bad_request` error.
-fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError {
-        code: ErrorCode::BadRequest,
-        message: message.into(),
-    }
-}
-
-/// Reads and parses a JSON request body (bounded in size and time).
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+/// Reads a request body (bounded in size and time) and decodes it with `decode`.
+async fn read_body<T>(
+    req: Request<Incoming>,
+    decode: fn(&[u8]) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
     let limited = http_body_util::Limited::new(req.into_body(), api::MAX_REQUEST_BODY);
     let bytes = match tokio::time::timeout(READ_TIMEOUT, limited.collect()).await {
         Err(_) => return Err(bad_request("the request body did not arrive in time")),
@@ -155,50 +151,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         }
         Ok(Ok(c)) => c.to_bytes(),
     };
-    serde_json::from_slice(&bytes).map_err(|e| {
-        bad_request(format!(
-            "the request body is not valid JSON for this call: {e}"
-        ))
-    })
-}
-
-/// Checks a token request against the protocol's limits before it goes to the proxy.
-fn validate(req: &api::TokenRequest) -> Result<(), ApiError> {
-    let check = |what: &str, s: &str| {
-        if s.is_empty() {
-            Err(bad_request(format!("{what} is empty")))
-        } else if s.len() > wire::MAX_STRING_LEN {
-            Err(bad_request(format!(
-                "{what} is {} bytes long, over the {}-byte limit",
-                s.len(),
-                wire::MAX_STRING_LEN
-            )))
-        } else {
-            Ok(())
-        }
-    };
-    check("product", &req.product)?;
-    if req.features.len() > wire::MAX_FEATURES {
-        return Err(bad_request(format!(
-            "{} features requested, over the limit of {}",
-            req.features.len(),
-            wire::MAX_FEATURES
-        )));
-    }
-    for f in &req.features {
-        check("a feature name", f)?;
-    }
-    if let Some(n) = &req.nonce {
-        wire::check_eat_nonce(n).map_err(|e| bad_request(format!("{e} (hex-encoded)")))?;
-    }
-    if req.tpm_fresh && req.nonce.is_none() {
-        // The agent never makes one up: a nonce the verifier did not choose proves nothing.
-        return Err(bad_request(
-            "tpm_fresh needs a nonce chosen by whoever verifies the token (8 to 64 bytes, hex); \
-             the client library makes a random one when the app gives none",
-        ));
-    }
-    Ok(())
+    decode(&bytes)
 }
 
 /// `POST /v1/token`.
@@ -207,8 +160,7 @@ async fn token(
     pid: Option<u32>,
     req: Request<Incoming>,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: api::TokenRequest = read_json(req).await?;
-    validate(&req)?;
+    let req = read_body(req, requests::token_request).await?;
     let pid = match req.scope {
         Scope::Vm => None,
         Scope::Process => Some(pid.ok_or_else(|| {
@@ -265,10 +217,7 @@ async fn release(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: api::ReleaseRequest = read_json(req).await?;
-    if req.lease_id.is_empty() || req.lease_id.len() > wire::MAX_STRING_LEN {
-        return Err(bad_request("lease_id must be 1 to 256 bytes long"));
-    }
+    let req = read_body(req, requests::release_request).await?;
     let reply = leases::release(shared, &req.lease_id)
         .await
         .map_err(|e| e.to_api())?;
@@ -302,49 +251,4 @@ fn events(shared: &Arc<Shared>) -> Response<ApiBody> {
         header::HeaderValue::from_static("no-cache"),
     );
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn validation_names_the_broken_limit() {
-        let mut r = api::TokenRequest::new("");
-        assert!(validate(&r)
-            .unwrap_err()
-            .message
-            .contains("product is empty"));
-        r.product = "x".repeat(257);
-        assert!(validate(&r).unwrap_err().message.contains("257 bytes"));
-        r.product = "cad".into();
-        assert!(validate(&r).is_ok());
-        r.features = vec!["f".into(); 65];
-        assert!(validate(&r).unwrap_err().message.contains("65 features"));
-        r.features = vec![];
-        r.nonce = Some(vec![0; 65]);
-        assert!(validate(&r).unwrap_err().message.contains("65 bytes"));
-        r.nonce = Some(vec![]);
-        assert_eq!(validate(&r).unwrap_err().code, ErrorCode::BadRequest);
-    }
-
-    #[test]
-    fn short_nonce_and_fresh_without_nonce_are_bad_requests() {
-        let mut r = api::TokenRequest::new("cad").with_nonce(vec![7u8]);
-        let e = validate(&r).unwrap_err();
-        assert_eq!(e.code, ErrorCode::BadRequest);
-        assert!(
-            e.message.contains("1 bytes long") && e.message.contains("RFC 9711"),
-            "{}",
-            e.message
-        );
-        r.nonce = Some(vec![7u8; 8]);
-        assert!(validate(&r).is_ok());
-        let r = api::TokenRequest::new("cad").with_tpm_fresh();
-        assert!(validate(&r)
-            .unwrap_err()
-            .message
-            .contains("tpm_fresh needs a nonce"));
-        assert!(validate(&r.with_nonce(vec![1u8; 16])).is_ok());
-    }
 }

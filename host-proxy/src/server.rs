@@ -7,7 +7,7 @@ use hostbind_attest::wire::{
     Body, ErrorBody, ErrorCode, FrameCodec, HelloAck, Message, VmIdentity, WireError,
 };
 use serde_bytes::ByteBuf;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +30,9 @@ pub enum ListenError {
     NotASocket(String),
 }
 
-/// Binds a Unix listener at `path`, replacing a stale socket file (never another kind of file).
+/// Binds a Unix listener at `path` with `mode`, replacing a stale socket file (never another
+/// kind of file). The socket has `mode` from its creation (bound under a restrictive umask, see
+/// [`hostbind_fsutil::bind_unix_listener`]), so it never accepts connections it should not.
 pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     if let Ok(md) = std::fs::symlink_metadata(path) {
         if !md.file_type().is_socket() {
@@ -42,9 +44,8 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
         path: path.display().to_string(),
         source,
     };
-    let l = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
-    Ok(l)
+    let l = hostbind_fsutil::bind_unix_listener(path, mode).map_err(bind_err)?;
+    UnixListener::from_std(l).map_err(bind_err)
 }
 
 /// The socket path vhost-device-vsock connects to for guest connections to `port`.

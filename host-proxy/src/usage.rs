@@ -660,8 +660,8 @@ pub struct ExportSummary {
     pub bytes: u64,
 }
 
-/// Copies the whole, intact blocks of the log at `log` to `out` (temporary file, fsync,
-/// rename), also while the daemon appends to it.
+/// Copies the whole, intact blocks of the log at `log` to `out` (atomically, see
+/// [`hostbind_fsutil::write_new`]), also while the daemon appends to it.
 pub fn export(log: &Path, out: &Path, force: bool) -> Result<ExportSummary, UsageLogError> {
     let data = match std::fs::read(log) {
         Ok(d) => d,
@@ -678,37 +678,18 @@ pub fn export(log: &Path, out: &Path, force: bool) -> Result<ExportSummary, Usag
     if whole == 0 {
         return Err(UsageLogError::Empty(log.display().to_string()));
     }
-    if out.exists() && !force {
-        return Err(UsageLogError::Io {
+    let bytes = &data[..whole * BLOCK_SIZE];
+    // The admin may export into a directory other users can write to: fsutil writes through
+    // an exclusively created random temporary file (never one someone else put there).
+    hostbind_fsutil::write_new(out, bytes, 0o644, force).map_err(|e| match e {
+        hostbind_fsutil::FileError::Exists(_) => UsageLogError::Io {
             path: out.display().to_string(),
             what: "refusing to overwrite (use --force)",
             source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-        });
-    }
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "usage".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let bytes = &data[..whole * BLOCK_SIZE];
-    let res = (|| -> Result<(), UsageLogError> {
-        let mut f = File::create(&tmp).map_err(io(&tmp, "create"))?;
-        f.write_all(bytes).map_err(io(&tmp, "write"))?;
-        f.sync_all().map_err(io(&tmp, "fsync"))?;
-        std::fs::rename(&tmp, out).map_err(io(out, "rename"))?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res?;
+        },
+        hostbind_fsutil::FileError::Write { source, .. } => io(out, "write")(source),
+        hostbind_fsutil::FileError::Read { source, .. } => io(out, "stat")(source),
+    })?;
     Ok(ExportSummary {
         out: out.display().to_string(),
         blocks: whole as u64,

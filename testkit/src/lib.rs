@@ -567,6 +567,35 @@ fn free_port_pair() -> Result<u16, TestkitError> {
     })
 }
 
+/// Two unprivileged uids (and their same-numbered gids) for tests of what one local user can
+/// do to another: `nobody` and the uid below it. They need no passwd entry: a root test process
+/// runs children as them with `Command::uid`/`gid`.
+pub const OTHER_USERS: [u32; 2] = [65534, 65533];
+
+/// Whether this test may run processes as [`OTHER_USERS`] (it runs as root). Otherwise it
+/// skips with a message, unless `HOSTBIND_REQUIRE_SWTPM` is set (scripts/test and CI, which
+/// run as root): then it fails, so CI never skips it silently.
+pub fn can_switch_users(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("HOSTBIND_REQUIRE_SWTPM").is_none(),
+        "{test} runs processes as other users and needs root (HOSTBIND_REQUIRE_SWTPM is set)"
+    );
+    eprintln!("{test}: skipped: needs root to run processes as other users");
+    false
+}
+
+/// A command that runs as `uid` (and gid `uid`) without supplementary groups.
+pub fn command_as(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(program);
+    c.uid(uid).gid(uid);
+    c
+}
+
 /// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (or 0.0.0.0:`port`).
 fn owns_listener(pid: u32, port: u16) -> bool {
     let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
