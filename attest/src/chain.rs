@@ -264,7 +264,8 @@ pub fn observe<S: ChainStore>(
                     "id {} follows {} in this request but followed {} before",
                     shown(&suffix[j]),
                     shown(&suffix[j - 1]),
-                    n.parent.map_or_else(|| "nothing".to_string(), |p| shown(&p))
+                    n.parent
+                        .map_or_else(|| "nothing".to_string(), |p| shown(&p))
                 )));
             }
         }

@@ -453,6 +453,9 @@ mod tests {
         let mut c = claims();
         c.chain_commitment = Some(vec![9; 16]);
         let e = TokenClaims::from_claims_set(&c.to_claims_set()).unwrap_err();
-        assert!(e.contains("chain_commitment") && e.contains("16 bytes"), "{e}");
+        assert!(
+            e.contains("chain_commitment") && e.contains("16 bytes"),
+            "{e}"
+        );
     }
 }

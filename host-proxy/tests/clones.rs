@@ -94,9 +94,10 @@ fn observe_serves_both_copies_and_lists_the_clone() {
     let fork_point = f["fork_point"].as_str().unwrap();
     assert!(!ids.contains(fork_point), "{fork_point}");
     assert!(
-        ids.lines().any(|id| hex::encode(hostbind_attest::token::chain_commitment(
-            &hex::decode(id).unwrap()
-        )) == fork_point),
+        ids.lines()
+            .any(|id| hex::encode(hostbind_attest::token::chain_commitment(
+                &hex::decode(id).unwrap()
+            )) == fork_point),
         "{fork_point} commits to none of {ids}"
     );
     let text = h.proxy_ok(&["clones"]).unwrap();
@@ -245,9 +246,9 @@ fn extend_from(h: &Host, vm: &str, candidates: &[[u8; 16]], round: u8) {
             for chain in chains {
                 let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
                 let mut g = wire_guest::WireGuest::new(s);
-                g.hello_chain(chain.clone())
-                    .await
-                    .unwrap_or_else(|e| panic!("the neighbour's hello {chain:02x?} was refused: {e:?}"));
+                g.hello_chain(chain.clone()).await.unwrap_or_else(|e| {
+                    panic!("the neighbour's hello {chain:02x?} was refused: {e:?}")
+                });
             }
         }
     });
