@@ -12,6 +12,12 @@ pub use hostbind_attest::wire::Scope;
 pub const DEFAULT_SOCKET: &str = "/run/hostbind/agent.sock";
 /// Largest request body the agent accepts, in bytes.
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
+/// Most API connections one local user (uid) may hold open to the agent at once; each
+/// `GET /v1/events` subscription holds one for as long as it runs. More are answered `busy`.
+pub const MAX_CONNECTIONS_PER_USER: usize = 64;
+/// Most API connections all local users other than root may hold open together (root has its
+/// own [`MAX_CONNECTIONS_PER_USER`] on top, so an admin can always look).
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// `POST /v1/token` request: a token for `product` with `features`, optionally bound to `nonce`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +201,10 @@ pub struct LeaseInfo {
     pub scope: Scope,
     /// The process holding a process-scoped lease.
     pub pid: Option<u32>,
+    /// The local user (uid) the lease belongs to: the user of the app that asked for it. Only
+    /// that user and root see and release it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     /// The host the lease is held on (hex).
     pub host_id: String,
     /// When the newest token of the lease expires, unix seconds.

@@ -518,5 +518,9 @@ pub(crate) fn on_proxy_event(shared: &Shared, ev: Event) {
         },
         WireEventKind::CloneDetected => return,
     };
-    shared.emit(kind);
+    // The lease's owner sees it; a lease no local user holds, only root.
+    match removed {
+        Some(l) => shared.emit_to(l.key.uid, kind),
+        None => shared.emit_for(crate::agent::Audience::Root, kind, Vec::new()),
+    }
 }

@@ -8,14 +8,16 @@ use hostbind_attest::wire::{self, Body, ErrorCode, Release, Renew, Scope, TokenR
 use hostbind_client::api::{self, EventKind, LeaseInfo, LossReason, TokenReply};
 use serde_bytes::ByteBuf;
 
-use crate::agent::{unix_now, HostId, Shared};
+use crate::agent::{unix_now, Audience, HostId, Shared};
 use crate::conn::{CallError, Reply};
 use crate::procwatch::ProcessWatch;
 
 /// Most releases kept for sending after a reconnect.
 const MAX_ORPHANS: usize = 4096;
 
-/// What identifies a lease for the cache: one lease per key.
+/// What identifies a lease for the cache: one lease per key. Leases belong to the local user
+/// (uid) who asked for them: users never share a lease (nor its cached token, whose `cti` is
+/// the lease id), and only its owner (or root) sees and releases it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct LeaseKey {
     pub product: String,
@@ -24,11 +26,19 @@ pub(crate) struct LeaseKey {
     pub scope: Scope,
     /// The owning process, for process-scoped leases.
     pub pid: Option<u32>,
+    /// The owning user (SO_PEERCRED uid of the app that asked).
+    pub uid: u32,
 }
 
 impl LeaseKey {
-    /// A key with normalized features.
-    pub fn new(product: &str, features: &[String], scope: Scope, pid: Option<u32>) -> LeaseKey {
+    /// A key with normalized features for user `uid`.
+    pub fn new(
+        product: &str,
+        features: &[String],
+        scope: Scope,
+        pid: Option<u32>,
+        uid: u32,
+    ) -> LeaseKey {
         let mut features = features.to_vec();
         features.sort();
         features.dedup();
@@ -37,6 +47,7 @@ impl LeaseKey {
             features,
             scope,
             pid: if scope == Scope::Process { pid } else { None },
+            uid,
         }
     }
 }
@@ -87,6 +98,7 @@ impl Lease {
             features: self.key.features.clone(),
             scope: self.key.scope,
             pid: self.key.pid,
+            uid: Some(self.key.uid),
             host_id: hex::encode(self.host_id),
             expires_at: self.token_expires_at,
             lease_expires_at: self.lease_expires_at,
@@ -344,13 +356,16 @@ async fn renew(
         }
         Err(CallError::Refused(e)) if api::ErrorCode::from(e.code).is_license_refusal() => {
             if remove_if(shared, key, id).is_some() {
-                shared.emit(EventKind::LicenseRefused {
-                    product: key.product.clone(),
-                    lease_id: Some(id.to_string()),
-                    code: e.code.into(),
-                    message: e.message.clone(),
-                    grace_until: None,
-                });
+                shared.emit_to(
+                    key.uid,
+                    EventKind::LicenseRefused {
+                        product: key.product.clone(),
+                        lease_id: Some(id.to_string()),
+                        code: e.code.into(),
+                        message: e.message.clone(),
+                        grace_until: None,
+                    },
+                );
             }
             Err(CallError::Refused(e))
         }
@@ -387,6 +402,15 @@ fn enter_grace(shared: &Shared, key: &LeaseKey, id: &str) -> Option<Option<u64>>
             Some(Some(until))
         }
     }
+}
+
+/// Whether the agent holds lease `id` for user `uid`.
+pub(crate) fn held_by(shared: &Shared, id: &str, uid: u32) -> bool {
+    shared
+        .lock()
+        .leases
+        .values()
+        .any(|l| l.lease_id == id && l.key.uid == uid)
 }
 
 /// Removes the lease with id `id`, whatever its key.
@@ -434,17 +458,20 @@ async fn reacquire(
     match create(shared, key, &Ask::default()).await {
         Ok((reply, _)) => {
             if why == Why::UnknownToHost {
-                shared.emit(EventKind::LeaseLost {
-                    lease_id: old_id.to_string(),
-                    product: key.product.clone(),
-                    reason: LossReason::UnknownToHost,
-                    new_lease_id: Some(reply.lease_id.clone()),
-                    message: format!(
+                shared.emit_to(
+                    key.uid,
+                    EventKind::LeaseLost {
+                        lease_id: old_id.to_string(),
+                        product: key.product.clone(),
+                        reason: LossReason::UnknownToHost,
+                        new_lease_id: Some(reply.lease_id.clone()),
+                        message: format!(
                         "the host no longer knew lease {old_id}; the agent acquired lease {} in \
                          its place",
                         reply.lease_id
                     ),
-                });
+                    },
+                );
             }
             Ok(Some(reply.lease_id))
         }
@@ -459,37 +486,46 @@ async fn reacquire(
                             "this host refused the lease ({}); in grace until {until}",
                             e.message
                         );
-                        shared.emit(EventKind::LicenseRefused {
-                            product: key.product.clone(),
-                            lease_id: Some(old_id.to_string()),
-                            code,
-                            message: e.message.clone(),
-                            grace_until: Some(until),
-                        });
+                        shared.emit_to(
+                            key.uid,
+                            EventKind::LicenseRefused {
+                                product: key.product.clone(),
+                                lease_id: Some(old_id.to_string()),
+                                code,
+                                message: e.message.clone(),
+                                grace_until: Some(until),
+                            },
+                        );
                     }
                     return Err(CallError::Refused(e));
                 }
             }
             remove_if(shared, key, old_id);
             if code.is_license_refusal() {
-                shared.emit(EventKind::LicenseRefused {
-                    product: key.product.clone(),
-                    lease_id: Some(old_id.to_string()),
-                    code,
-                    message: e.message.clone(),
-                    grace_until: None,
-                });
-            } else {
-                shared.emit(EventKind::LeaseLost {
-                    lease_id: old_id.to_string(),
-                    product: key.product.clone(),
-                    reason: match why {
-                        Why::Rebound => LossReason::NotReacquired,
-                        Why::UnknownToHost => LossReason::UnknownToHost,
+                shared.emit_to(
+                    key.uid,
+                    EventKind::LicenseRefused {
+                        product: key.product.clone(),
+                        lease_id: Some(old_id.to_string()),
+                        code,
+                        message: e.message.clone(),
+                        grace_until: None,
                     },
-                    new_lease_id: None,
-                    message: e.message.clone(),
-                });
+                );
+            } else {
+                shared.emit_to(
+                    key.uid,
+                    EventKind::LeaseLost {
+                        lease_id: old_id.to_string(),
+                        product: key.product.clone(),
+                        reason: match why {
+                            Why::Rebound => LossReason::NotReacquired,
+                            Why::UnknownToHost => LossReason::UnknownToHost,
+                        },
+                        new_lease_id: None,
+                        message: e.message.clone(),
+                    },
+                );
             }
             Err(CallError::Refused(e))
         }
@@ -536,17 +572,20 @@ pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Optio
         }
     }
 
-    let mut mapping = vec![];
+    let (mut mapping, mut owners) = (vec![], vec![]);
     for (key, old_id, _) in &stale {
         if !still_current(&shared) {
             return;
         }
         match reacquire(&shared, key, old_id, Why::Rebound).await {
-            Ok(Some(new_id)) => mapping.push(api::ReboundLease {
-                old_lease_id: old_id.clone(),
-                new_lease_id: new_id,
-                product: key.product.clone(),
-            }),
+            Ok(Some(new_id)) => {
+                mapping.push(api::ReboundLease {
+                    old_lease_id: old_id.clone(),
+                    new_lease_id: new_id,
+                    product: key.product.clone(),
+                });
+                owners.push(key.uid);
+            }
             Ok(None) => {}
             Err(CallError::Refused(_)) => {}
             Err(e) => {
@@ -561,12 +600,17 @@ pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Optio
         .filter(|o| *o != host)
         .or_else(|| stale.first().map(|(_, _, h)| *h));
     if let Some(old) = moved_from {
-        shared.emit(EventKind::Rebound {
-            old_host: hex::encode(old),
-            new_host: hex::encode(host),
-            vm: api::VmInfo::from(&vm),
-            leases: mapping,
-        });
+        // Everyone learns of the move; each user sees its own leases in it.
+        shared.emit_for(
+            Audience::Everyone,
+            EventKind::Rebound {
+                old_host: hex::encode(old),
+                new_host: hex::encode(host),
+                vm: api::VmInfo::from(&vm),
+                leases: mapping,
+            },
+            owners,
+        );
     }
 
     for (key, id) in current {
@@ -655,18 +699,21 @@ fn expire_graces(shared: &Shared) {
     };
     for l in ended {
         tracing::warn!(lease = %l.lease_id, product = %l.key.product, "the lease's grace ran out");
-        shared.emit(EventKind::LeaseLost {
-            lease_id: l.lease_id.clone(),
-            product: l.key.product.clone(),
-            reason: LossReason::GraceExpired,
-            new_lease_id: None,
-            message: format!(
-                "the grace for '{}' after moving to a host without a usable license ran out; \
+        shared.emit_to(
+            l.key.uid,
+            EventKind::LeaseLost {
+                lease_id: l.lease_id.clone(),
+                product: l.key.product.clone(),
+                reason: LossReason::GraceExpired,
+                new_lease_id: None,
+                message: format!(
+                    "the grace for '{}' after moving to a host without a usable license ran out; \
                  the app must stop using the product until the VM runs on a licensed host \
                  (or this host gets a license)",
-                l.key.product
-            ),
-        });
+                    l.key.product
+                ),
+            },
+        );
     }
 }
 
@@ -681,16 +728,20 @@ async fn retry_in_grace(shared: &Arc<Shared>, key: &LeaseKey, id: &str, old_host
         Ok(Some(new_id)) => {
             tracing::info!(lease = %new_id, product = %key.product, "re-acquired during grace");
             if let Some((host, vm)) = session {
-                shared.emit(EventKind::Rebound {
-                    old_host: hex::encode(old_host),
-                    new_host: hex::encode(host),
-                    vm: api::VmInfo::from(&vm),
-                    leases: vec![api::ReboundLease {
-                        old_lease_id: id.to_string(),
-                        new_lease_id: new_id,
-                        product: key.product.clone(),
-                    }],
-                });
+                shared.emit_for(
+                    Audience::Everyone,
+                    EventKind::Rebound {
+                        old_host: hex::encode(old_host),
+                        new_host: hex::encode(host),
+                        vm: api::VmInfo::from(&vm),
+                        leases: vec![api::ReboundLease {
+                            old_lease_id: id.to_string(),
+                            new_lease_id: new_id,
+                            product: key.product.clone(),
+                        }],
+                    },
+                    vec![key.uid],
+                );
             }
         }
         Ok(None) | Err(CallError::Refused(_)) => {}
@@ -844,12 +895,18 @@ mod tests {
             &["b".into(), "a".into(), "b".into()],
             Scope::Vm,
             Some(5),
+            1000,
         );
-        let b = LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None);
+        let b = LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None, 1000);
         assert_eq!(a, b);
         assert_eq!(a.pid, None);
-        let c = LeaseKey::new("p", &[], Scope::Process, Some(5));
-        let d = LeaseKey::new("p", &[], Scope::Process, Some(6));
+        let c = LeaseKey::new("p", &[], Scope::Process, Some(5), 1000);
+        let d = LeaseKey::new("p", &[], Scope::Process, Some(6), 1000);
         assert_ne!(c, d);
+        // Users never share a lease, not even a VM-scoped one.
+        assert_ne!(
+            b,
+            LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None, 1001)
+        );
     }
 }

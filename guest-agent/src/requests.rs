@@ -131,4 +131,26 @@ mod tests {
             .contains("tpm_fresh needs a nonce"));
         assert!(validate(&r.with_nonce(vec![1u8; 16])).is_ok());
     }
+
+    #[test]
+    fn bodies_that_are_not_json_or_too_large_are_bad_requests() {
+        for body in [&b""[..], b"{", b"[1]", b"{\"product\":1}", b"\xff\xfe"] {
+            assert_eq!(token_request(body).unwrap_err().code, ErrorCode::BadRequest);
+        }
+        let big = format!("{{\"lease_id\":\"{}\"}}", "x".repeat(api::MAX_REQUEST_BODY));
+        let e = release_request(big.as_bytes()).unwrap_err();
+        assert!(e.message.contains("limited to"), "{}", e.message);
+        let e = release_request(br#"{"lease_id":""}"#).unwrap_err();
+        assert!(
+            e.message.contains("lease_id must be 1 to 256"),
+            "{}",
+            e.message
+        );
+        let e = token_request(br#"{"product":"cad","extra":1}"#).unwrap_err();
+        assert!(e.message.contains("unknown field"), "{}", e.message);
+        assert_eq!(
+            release_request(br#"{"lease_id":"l1"}"#).unwrap().lease_id,
+            "l1"
+        );
+    }
 }

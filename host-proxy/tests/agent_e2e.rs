@@ -384,3 +384,186 @@ async fn move_to_unlicensed_host_gives_grace_then_rebinds_or_ends() {
     assert!(st.leases.iter().all(|l| l.grace_until.is_none()), "{st:?}");
     assert!(st.leases.iter().all(|l| l.lease_id != cam.lease_id));
 }
+
+/// Lets every local user of the "VM" reach agent `a` (packages give the socket to group
+/// hostbind; here everyone may connect, the worst case for what follows).
+fn open_to_all_users(a: &Agent) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(a.socket.parent().unwrap(), 0o755);
+    mode(&a.socket, 0o666);
+}
+
+/// Runs `hostbind-agent ARGS` against agent `a` as local user `uid` (a real process).
+fn agent_cli_as(a: &Agent, uid: u32, args: &[&str]) -> std::process::Output {
+    let bin = hostbind_testkit::bin_for_other_users("hostbind-agent").unwrap();
+    hostbind_testkit::command_as(uid, bin)
+        .arg(args[0])
+        .arg("--socket")
+        .arg(&a.socket)
+        .args(&args[1..])
+        .output()
+        .unwrap()
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn foreign_release_by_another_local_user_is_refused_and_the_lease_stays_hidden() {
+    // Issue 15: any local user who could reach the agent socket listed every lease id
+    // (`GET /v1/status`) and released other users' leases (`POST /v1/release` checked
+    // nothing). Now the agent reads each caller's uid (SO_PEERCRED): a user sees and releases
+    // only its own leases, root all of them.
+    if !hostbind_testkit::can_switch_users("foreign_release") {
+        return;
+    }
+    let [alice, mallory] = hostbind_testkit::OTHER_USERS;
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 1, "vm");
+    let a = Agent::start(&h.vm("vm-a").unwrap().socket).unwrap();
+    open_to_all_users(&a);
+    let t = json_of(&agent_cli_as(
+        &a,
+        alice,
+        &["token", "--product", "cad", "--json"],
+    ));
+    let lease = t["lease_id"].as_str().unwrap().to_string();
+
+    let st = json_of(&agent_cli_as(&a, mallory, &["status", "--json"]));
+    assert_eq!(st["leases"], serde_json::json!([]), "{st}");
+    let out = agent_cli_as(&a, mallory, &["release", &lease]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mallory released alice's lease");
+    assert!(
+        err.contains("holds no lease") && err.contains("unknown_lease"),
+        "{err}"
+    );
+    assert!(proxy_leases(&h).contains(&lease), "{}", proxy_leases(&h));
+    let st = json_of(&agent_cli_as(&a, alice, &["status", "--json"]));
+    assert_eq!(st["leases"][0]["lease_id"], lease.as_str(), "{st}");
+    assert_eq!(st["leases"][0]["uid"], alice, "{st}");
+
+    // Mallory's own token is a lease of her own (in vm count mode the VM's one seat serves
+    // both), which she may release.
+    let tm = json_of(&agent_cli_as(
+        &a,
+        mallory,
+        &["token", "--product", "cad", "--json"],
+    ));
+    let mine = tm["lease_id"].as_str().unwrap().to_string();
+    assert_ne!(mine, lease);
+    let out = agent_cli_as(&a, mallory, &["release", &mine]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Root sees every lease and may release any.
+    let st = json_of(&a.cmd(&["status", "--json"]).unwrap());
+    assert_eq!(st["leases"].as_array().unwrap().len(), 1, "{st}");
+    let out = a.cmd(&["release", &lease]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!proxy_leases(&h).contains(&lease));
+    let st = json_of(&agent_cli_as(&a, alice, &["status", "--json"]));
+    assert_eq!(st["leases"], serde_json::json!([]), "{st}");
+}
+
+#[test]
+fn connection_flood_by_one_local_user_leaves_other_users_served() {
+    // One user holds the most API connections a user may (event subscriptions never end by
+    // themselves); its next connection is answered `busy`, while another user and root are
+    // still served, and the slots come back when the flooding process exits.
+    if !hostbind_testkit::can_switch_users("connection_flood") {
+        return;
+    }
+    let [alice, mallory] = hostbind_testkit::OTHER_USERS;
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    let a = Agent::start(&h.vm("vm-a").unwrap().socket).unwrap();
+    open_to_all_users(&a);
+    let script = r#"
+import socket, sys, time
+held = []
+for i in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.sendall(b"GET /v1/events HTTP/1.1\r\nHost: agent\r\n\r\n")
+    held.append(s)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+data = b""
+while True:
+    c = s.recv(65536)
+    if not c:
+        break
+    data += c
+print(data.split(b"\r\n")[0].decode(), data.split(b"\r\n\r\n", 1)[-1].decode(), flush=True)
+time.sleep(60)
+"#;
+    let limit = hostbind_client::api::MAX_CONNECTIONS_PER_USER.to_string();
+    let mut hog = hostbind_testkit::command_as(mallory, "python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&a.socket)
+        .arg(&limit)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let hog = Kill(hog);
+    assert!(
+        line.starts_with("HTTP/1.1 503") && line.contains("\"busy\"") && line.contains("per user"),
+        "{line}"
+    );
+    // Everyone else is served meanwhile.
+    json_of(&agent_cli_as(&a, alice, &["status", "--json"]));
+    json_of(&a.cmd(&["status", "--json"]).unwrap());
+    let out = agent_cli_as(&a, mallory, &["status", "--json"]);
+    assert!(
+        !out.status.success(),
+        "a connection over the limit was served"
+    );
+    // The flooding process ends; its slots come back.
+    drop(hog);
+    let t0 = Instant::now();
+    while !agent_cli_as(&a, mallory, &["status", "--json"])
+        .status
+        .success()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the user's connection slots did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -588,6 +588,39 @@ pub fn can_switch_users(test: &str) -> bool {
     false
 }
 
+/// A copy of workspace binary `name` that [`OTHER_USERS`] may run (the target dir may lie in a
+/// directory only root can enter): in a directory of its own, mode 0755, kept for the test
+/// process's lifetime.
+pub fn bin_for_other_users(name: &str) -> Result<PathBuf, TestkitError> {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<TempDir> = std::sync::OnceLock::new();
+    static COPY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| TestkitError::Io { what, source }
+    };
+    let dir = match DIR.get() {
+        Some(d) => d,
+        None => {
+            let d = tempfile::Builder::new()
+                .prefix("hostbind-bin-")
+                .tempdir()
+                .map_err(io("create a directory for binaries"))?;
+            fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755))
+                .map_err(io("chmod the binaries' directory"))?;
+            DIR.get_or_init(|| d)
+        }
+    };
+    let _one = COPY.lock().unwrap_or_else(|e| e.into_inner());
+    let to = dir.path().join(name);
+    if !to.is_file() {
+        fs::copy(process::bin(name)?, &to).map_err(io("copy a binary for other users"))?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod a binary for other users"))?;
+    }
+    Ok(to)
+}
+
 /// A command that runs as `uid` (and gid `uid`) without supplementary groups.
 pub fn command_as(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
     use std::os::unix::process::CommandExt;
