@@ -33,9 +33,10 @@ pub const CLAIM_FEATURES: i64 = -65538;
 pub const CLAIM_SCOPE: i64 = -65539;
 /// Private claim: license id.
 pub const CLAIM_LICENSE: i64 = -65540;
-// -65541 carried the agent's newest ephemeral chain id in clear until issue 15: anyone who saw
-// a token could replay that id from another VM and make the victim the later fork of a clone.
-// It is retired (never reused); tokens carry [`CLAIM_CHAIN_COMMITMENT`] instead.
+/// Retired private claim (never reuse the number): until issue 15 it carried the agent's newest
+/// ephemeral chain id in clear, and anyone who saw a token could replay that id from another VM
+/// and make the victim the later fork of a clone. Tokens carry [`CLAIM_CHAIN_COMMITMENT`] instead.
+pub const RETIRED_CLAIM_CHAIN_HEAD: i64 = -65541;
 /// Private claim: SHA-256 of the TPMS_ATTEST that certifies the token key.
 pub const CLAIM_QUOTE_REF: i64 = -65542;
 /// Private claim: VM name as configured on the host.
@@ -49,6 +50,30 @@ pub const CLAIM_LICENSE_HASH: i64 = -65545;
 /// bytes). A commitment, not the id: chain ids are capabilities the proxy accepts from any VM,
 /// so they travel only between agent and proxy.
 pub const CLAIM_CHAIN_COMMITMENT: i64 = -65546;
+
+/// Every private claim number hostbind tokens use or once used, with its name: the one place
+/// claim numbers are allotted. A new claim takes a number not listed here (the test
+/// `private_claim_numbers_are_allotted_once` fails on a second use of a number).
+pub const PRIVATE_CLAIMS: &[(i64, &str)] = &[
+    (CLAIM_PRODUCT, "product"),
+    (CLAIM_FEATURES, "features"),
+    (CLAIM_SCOPE, "scope"),
+    (CLAIM_LICENSE, "license"),
+    (RETIRED_CLAIM_CHAIN_HEAD, "chain_head (retired)"),
+    (CLAIM_QUOTE_REF, "quote_ref"),
+    (CLAIM_VM_NAME, "vm_name"),
+    (CLAIM_FRESH, "fresh"),
+    (CLAIM_LICENSE_HASH, "license_hash"),
+    (CLAIM_CHAIN_COMMITMENT, "chain_commitment"),
+];
+
+/// Every private unprotected header label of a token, with its name (allotted here only, like
+/// [`PRIVATE_CLAIMS`]; headers and claims are separate number spaces).
+pub const PRIVATE_HEADERS: &[(i64, &str)] = &[
+    (HDR_HOST_CERT, "host_cert"),
+    (HDR_KEY_EVIDENCE, "key_evidence"),
+    (HDR_LICENSE, "license"),
+];
 
 /// Domain separation label of [`chain_commitment`].
 pub const CHAIN_COMMITMENT_LABEL: &[u8] = b"hostbind-chain-commitment-v1";
@@ -443,9 +468,42 @@ mod tests {
         assert!(!set
             .rest
             .iter()
-            .any(|(k, _)| *k == ClaimName::PrivateUse(-65541)));
+            .any(|(k, _)| *k == ClaimName::PrivateUse(RETIRED_CLAIM_CHAIN_HEAD)));
         let back = TokenClaims::from_claims_set(&set).unwrap();
         assert_eq!(back, claims());
+    }
+
+    #[test]
+    fn private_claim_numbers_are_allotted_once() {
+        for table in [PRIVATE_CLAIMS, PRIVATE_HEADERS] {
+            let mut seen = std::collections::BTreeMap::new();
+            for (n, name) in table {
+                if let Some(other) = seen.insert(*n, *name) {
+                    panic!("private number {n} is allotted twice: {other} and {name}");
+                }
+            }
+        }
+        // Every claim a token carries is in the table.
+        let mut c = claims();
+        c.nonce = Some(vec![3; 8]);
+        c.fresh = Some(FreshEvidence {
+            attest: ByteBuf::from(vec![1]),
+            signature: ByteBuf::from(vec![2]),
+            proof: crate::merkle::InclusionProof {
+                index: 0,
+                leaves: 1,
+                path: vec![],
+            },
+        });
+        for (k, _) in c.to_claims_set().rest {
+            let ClaimName::PrivateUse(n) = k else {
+                continue;
+            };
+            assert!(
+                PRIVATE_CLAIMS.iter().any(|(m, _)| *m == n),
+                "claim {n} is not in PRIVATE_CLAIMS"
+            );
+        }
     }
 
     #[test]

@@ -277,7 +277,9 @@ fn replayed_chain_head_from_a_token_cannot_make_its_vm_a_clone() {
     let commitment = claims
         .rest
         .iter()
-        .find(|(k, _)| *k == coset::cwt::ClaimName::PrivateUse(-65546))
+        .find(|(k, _)| {
+            *k == coset::cwt::ClaimName::PrivateUse(hostbind_attest::token::CLAIM_CHAIN_COMMITMENT)
+        })
         .map(|(_, v)| v.clone());
     assert_eq!(
         commitment,
