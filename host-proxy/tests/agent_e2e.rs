@@ -567,3 +567,52 @@ time.sleep(60)
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn idle_api_connections_are_closed_and_give_their_slot_back() {
+    // A local process that opens connections to the agent and sends nothing (or nothing more
+    // after one request) must not hold them: otherwise 64 silent connections lock its user out
+    // for good. Each is closed after the agent's read timeout (10 s).
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    let a = Agent::start(&h.vm("vm-a").unwrap().socket).unwrap();
+    use std::io::{Read, Write};
+    let open = || {
+        let s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    };
+    // All of this user's slots: the silent ones and a keep-alive one that asked once.
+    let silent: Vec<_> = (1..hostbind_client::api::MAX_CONNECTIONS_PER_USER)
+        .map(|_| open())
+        .collect();
+    // (Retried: the agent frees the slot of an earlier connection, e.g. testkit's readiness
+    // probe, a moment after that connection closed.)
+    let t0 = Instant::now();
+    let kept = loop {
+        let mut s = open();
+        s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 200];
+        let n = s.read(&mut head).unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        if head.starts_with("HTTP/1.1 200") {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{head}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // They are held: the user's next connection is refused.
+    assert!(!a.cmd(&["status", "--json"]).unwrap().status.success());
+    let t0 = Instant::now();
+    for mut s in silent.into_iter().chain([kept]) {
+        let mut rest = Vec::new();
+        // EOF (the agent closed it) rather than the 30 s read timeout of this test.
+        s.read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("an idle connection stayed open: {e}"));
+    }
+    assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    // The slots are free again: the same user is served.
+    assert!(a.cmd(&["status", "--json"]).unwrap().status.success());
+}
