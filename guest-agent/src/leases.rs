@@ -231,6 +231,7 @@ async fn create(
         nonce: nonce.clone().map(ByteBuf::from),
         scope: key.scope,
         pid: key.pid,
+        pid_start: None,
         // Filled in when sent (chain.rs).
         chain: Vec::new(),
         tpm_fresh: false,

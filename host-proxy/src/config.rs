@@ -154,6 +154,9 @@ pub struct Config {
     /// Batching of TPM-fresh nonces (see fresh.rs).
     #[serde(default)]
     pub fresh_nonces: crate::fresh::FreshConfig,
+    /// What happens on SIGTERM.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]
@@ -226,6 +229,23 @@ impl Default for LeaseConfig {
             ttl: Dur(Duration::from_secs(60)),
             key_epoch: Dur(Duration::from_secs(600)),
             sweep_interval: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// `[shutdown]`: on SIGTERM the proxy stops accepting, answers the requests in progress (for at
+/// most `drain_timeout`), then stops issuing tokens and seals the usage log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long requests in progress may take to be answered after SIGTERM.
+    pub drain_timeout: Dur,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Dur(Duration::from_secs(10)),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod fresh;
 pub mod ledger;
 pub mod libvirt;
 pub mod metrics;
+pub mod ratelog;
 pub mod server;
 pub mod service;
 pub mod tpm;

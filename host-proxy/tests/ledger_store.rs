@@ -91,13 +91,10 @@ fn corrupt_lease_record_names_table_and_key() {
     let e = Ledger::open(&p)
         .err()
         .expect("a corrupt lease must not open");
-    assert!(
-        matches!(&e, LedgerError::Corrupt { table: "leases", key, .. } if key == "feedface"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, LedgerError::Open { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(
-        msg.contains("leases/feedface") && msg.contains("restore"),
+        msg.contains("leases/feedface") && msg.contains("restore") && msg.contains("l.redb"),
         "{msg}"
     );
 }
