@@ -67,8 +67,11 @@ pub(super) struct Group {
     committing: bool,
     failed: VecDeque<(u64, u64, LedgerError)>,
     pub degraded: Option<Degraded>,
-    /// History entries (seq, stored bytes) made while degraded, oldest first.
-    backlog: Vec<(u64, Vec<u8>)>,
+    /// History entries made while degraded, oldest first; renumbered from `backlog_start`
+    /// when written back, so the history stays gap-free without the renewals.
+    backlog: Vec<HistoryEntry>,
+    /// The lowest sequence number handed out to a change that is not durable.
+    backlog_start: Option<u64>,
 }
 
 /// Where a mutation's writes went.
@@ -102,12 +105,20 @@ impl Group {
                 renewal,
             } = op
             {
+                self.backlog_start = Some(self.backlog_start.map_or(seq, |s| s.min(seq)));
                 if renewal {
                     d.renewals += 1;
-                } else if self.backlog.len() >= BACKLOG_MAX {
-                    d.dropped += 1;
-                } else {
-                    self.backlog.push((seq, bytes));
+                    continue;
+                }
+                let entry = record::open::<HistoryEntry>(
+                    "history",
+                    &seq.to_be_bytes(),
+                    &seq.to_string(),
+                    &bytes,
+                );
+                match entry {
+                    Ok(e) if self.backlog.len() < BACKLOG_MAX => self.backlog.push(e),
+                    _ => d.dropped += 1,
                 }
             }
         }
@@ -329,7 +340,15 @@ impl Core {
                 ),
             };
             let s = (d.since, d.started.elapsed(), summary);
-            (s.0, s.1, s.2, std::mem::take(&mut g.backlog))
+            let mut backlog = std::mem::take(&mut g.backlog);
+            // Renumbered from the first change that was not durable (renewals are left out).
+            let start = g.backlog_start.unwrap_or(mem.next_seq);
+            for (i, e) in backlog.iter_mut().enumerate() {
+                e.seq = start + i as u64;
+            }
+            let mut summary = s.2;
+            summary.seq = start + backlog.len() as u64;
+            (s.0, s.1, summary, backlog)
         };
         let res = self.store.reopen().and_then(|repaired| {
             if repaired {
@@ -341,8 +360,9 @@ impl Core {
         let mut g = self.group();
         match res {
             Ok(()) => {
-                mem.next_seq += 1;
+                mem.next_seq = summary.seq + 1;
                 g.degraded = None;
+                g.backlog_start = None;
                 drop(g);
                 self.stats.record_recovery(elapsed);
                 tracing::warn!(
@@ -398,12 +418,14 @@ fn commit_ops<R>(
     }
 }
 
-/// Makes the file hold exactly the mirror's leases and licenses, adds the history kept while
-/// degraded and the summary entry; one durable transaction.
+/// Makes the file hold exactly the mirror's leases and licenses, and its history end with the
+/// entries kept while degraded and the summary entry (anything numbered from the first of them
+/// on is replaced: a failed commit may have reached the disk after all); one durable
+/// transaction.
 fn write_back(
     db: &redb::Database,
     mem: &Mem,
-    backlog: &[(u64, Vec<u8>)],
+    backlog: &[HistoryEntry],
     summary: &HistoryEntry,
 ) -> Result<(), LedgerError> {
     let tx = db.begin_write().map_err(storage)?;
@@ -447,11 +469,12 @@ fn write_back(
         d.save(&tx, "licenses")?;
 
         let mut ht = tx.open_table(HISTORY).map_err(storage)?;
-        for (seq, bytes) in backlog {
-            ht.insert(*seq, bytes.as_slice()).map_err(storage)?;
+        let start = backlog.first().unwrap_or(summary).seq;
+        ht.retain_in(start.., |_, _| false).map_err(storage)?;
+        for e in backlog.iter().chain(std::iter::once(summary)) {
+            let v = record::seal("history", &e.seq.to_be_bytes(), e)?;
+            ht.insert(e.seq, v.as_slice()).map_err(storage)?;
         }
-        let v = record::seal("history", &summary.seq.to_be_bytes(), summary)?;
-        ht.insert(summary.seq, v.as_slice()).map_err(storage)?;
     }
     tx.commit().map_err(storage)
 }

@@ -689,7 +689,8 @@ impl Ledger {
                 .map(|d| d.as_secs_f64()),
             ..LedgerHealth::default()
         };
-        if let Some(d) = &self.core.group().degraded {
+        let degraded = self.core.group().degraded.clone();
+        if let Some(d) = &degraded {
             h.durable = false;
             h.degraded_since = Some(d.since);
             h.reason = Some(d.error.to_string());
@@ -724,7 +725,8 @@ impl Ledger {
         durability: redb::Durability,
         f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
     ) -> Result<R, E> {
-        if let Some(e) = group::degraded_error(&self.core.group()) {
+        let degraded = group::degraded_error(&self.core.group());
+        if let Some(e) = degraded {
             return Err(e.into());
         }
         let res = self.core.store.with(|db| {
@@ -869,7 +871,8 @@ impl Ledger {
     /// ledger cannot write, no new lease is granted.
     pub fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Lease, LedgerError> {
         let mut mem = self.lock();
-        if let Some(e) = group::degraded_error(&self.core.group()) {
+        let degraded = group::degraded_error(&self.core.group());
+        if let Some(e) = degraded {
             drop(mem);
             self.core.count_refused_grant();
             return Err(e);
