@@ -348,6 +348,23 @@ struct HealerCtl {
 }
 
 impl Core {
+    /// After a read: a panic inside redb may have left its handle unusable, so the ledger is
+    /// degraded until the healer has re-opened the file (writes always degrade on failure).
+    fn degrade_if_panicked(&self) {
+        if self.store.take_panicked() {
+            let mut g = self.group();
+            self.degrade(
+                &mut g,
+                LedgerError::Storage {
+                    reason:
+                        "the storage library failed reading the ledger file (it may be damaged)"
+                            .into(),
+                    disk_full: false,
+                },
+            );
+        }
+    }
+
     fn wake_healer(&self) {
         let (m, cv) = &self.healer;
         m.lock().unwrap_or_else(|e| e.into_inner()).wake = true;
@@ -645,11 +662,14 @@ impl Ledger {
             core,
             healer: Some(healer),
         };
-        if let Some(aside) = kept {
-            let detail = format!(
-                "the host admin started an empty ledger (--reset-ledger); the previous file was kept as {}",
-                aside.display()
-            );
+        if opts.reset {
+            let detail = match kept {
+                Some(aside) => format!(
+                    "the host admin started an empty ledger (--reset-ledger); the previous file was kept as {}",
+                    aside.display()
+                ),
+                None => "the host admin started an empty ledger (--reset-ledger); there was no previous file".into(),
+            };
             tracing::warn!("{detail}");
             let mut mem = ledger.lock();
             let first = mem.next_seq;
@@ -708,13 +728,12 @@ impl Ledger {
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<R, E>,
     ) -> Result<R, E> {
-        self.core
-            .store
-            .with(|db| {
-                let tx = db.begin_read().map_err(storage)?;
-                Ok(f(&tx))
-            })
-            .map_err(E::from)?
+        let r = self.core.store.with(|db| {
+            let tx = db.begin_read().map_err(storage)?;
+            Ok(f(&tx))
+        });
+        self.core.degrade_if_panicked();
+        r.map_err(E::from)?
     }
 
     /// Runs `f` in a write transaction of the ledger file (for modules keeping their own tables
@@ -1101,7 +1120,7 @@ impl Ledger {
     /// ledger cannot write: its file may not be open).
     pub fn history(&self, since_seq: u64, limit: usize) -> Result<Vec<HistoryEntry>, LedgerError> {
         self.core.flush();
-        self.core.store.with(|db| {
+        let r = self.core.store.with(|db| {
             let rtx = db.begin_read().map_err(storage)?;
             let t = rtx.open_table(HISTORY).map_err(storage)?;
             let mut out = Vec::new();
@@ -1116,19 +1135,23 @@ impl Ledger {
                 )?);
             }
             Ok(out)
-        })
+        });
+        self.core.degrade_if_panicked();
+        r
     }
 
     /// Number of history entries.
     pub fn history_len(&self) -> Result<u64, LedgerError> {
         self.core.flush();
-        self.core.store.with(|db| {
+        let r = self.core.store.with(|db| {
             let rtx = db.begin_read().map_err(storage)?;
             rtx.open_table(HISTORY)
                 .map_err(storage)?
                 .len()
                 .map_err(storage)
-        })
+        });
+        self.core.degrade_if_panicked();
+        r
     }
 }
 

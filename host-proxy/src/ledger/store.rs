@@ -4,10 +4,11 @@
 
 use super::LedgerError;
 use redb::Database;
+use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Once, RwLock};
 
 /// redb's page cache (its default is 1 GiB): the hot data is mirrored in memory anyway, and the
 /// OS page cache holds the file, so a small cache keeps the proxy's RSS low with many leases.
@@ -23,16 +24,50 @@ pub(super) fn advice(path: &Path) -> String {
     )
 }
 
+thread_local! {
+    /// Set while this thread runs inside [`guard`]: its panics are reported as errors there.
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+    /// Where the last guarded panic happened.
+    static PANIC_AT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that keeps panics inside [`guard`] off stderr (they become
+/// errors that say where redb failed) and passes every other panic to the previous hook.
+fn install_hook() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(Cell::get) {
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()));
+                PANIC_AT.with(|p| *p.borrow_mut() = at);
+            } else {
+                prev(info);
+            }
+        }));
+    });
+}
+
 /// Runs `f`, turning a panic inside it (redb asserts on some damaged files) into an error
 /// message.
 pub(super) fn guard<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+    install_hook();
+    let outer = GUARDED.with(|g| g.replace(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    r.map_err(|p| {
         let msg = p
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| p.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "no message".into());
-        format!("the storage library failed on this file ({msg})")
+        let at = PANIC_AT
+            .with(|p| p.borrow_mut().take())
+            .map(|a| format!(" at {a}"))
+            .unwrap_or_default();
+        format!("the storage library failed on this file ({msg}{at})")
     })
 }
 
@@ -145,6 +180,8 @@ fn parent(path: &Path) -> String {
 pub(super) struct Store {
     path: PathBuf,
     db: RwLock<Option<Database>>,
+    /// Set when redb panicked: its handle may be unusable (poisoned locks) until re-opened.
+    panicked: AtomicBool,
 }
 
 impl Store {
@@ -152,6 +189,7 @@ impl Store {
         Store {
             path: path.to_path_buf(),
             db: RwLock::new(Some(db)),
+            panicked: AtomicBool::new(false),
         }
     }
 
@@ -175,11 +213,17 @@ impl Store {
             });
         };
         guard(|| f(db)).unwrap_or_else(|reason| {
+            self.panicked.store(true, Ordering::Release);
             Err(LedgerError::Storage {
                 reason,
                 disk_full: false,
             })
         })
+    }
+
+    /// Whether redb panicked since the last call (the handle must then be re-opened).
+    pub fn take_panicked(&self) -> bool {
+        self.panicked.swap(false, Ordering::AcqRel)
     }
 
     /// Closes the database and opens the file again (redb repairs it if the failed write left
