@@ -139,6 +139,7 @@ fn apply_ops(tx: &WriteTransaction, ops: &[Op]) -> Result<(), LedgerError> {
         return Ok(());
     }
     let mut d = TableDigest::load(tx, "leases")?;
+    let mut next = None;
     {
         let mut lt = tx.open_table(LEASES).map_err(storage)?;
         let mut ht = tx.open_table(HISTORY).map_err(storage)?;
@@ -150,9 +151,13 @@ fn apply_ops(tx: &WriteTransaction, ops: &[Op]) -> Result<(), LedgerError> {
                 }
                 Op::Hist { seq, bytes, .. } => {
                     ht.insert(*seq, bytes.as_slice()).map_err(storage)?;
+                    next = Some(seq + 1);
                 }
             }
         }
+    }
+    if let Some(n) = next {
+        record::set_history_next(tx, n)?;
     }
     d.save(tx, "leases")
 }
@@ -476,5 +481,6 @@ fn write_back(
             ht.insert(e.seq, v.as_slice()).map_err(storage)?;
         }
     }
+    record::set_history_next(&tx, summary.seq + 1)?;
     tx.commit().map_err(storage)
 }

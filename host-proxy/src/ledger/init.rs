@@ -75,6 +75,7 @@ fn initialise(db: &Database, now: u64) -> Result<(), LedgerError> {
         meta.insert("created", now).map_err(storage)?;
         TableDigest::default().store(&mut meta, "leases")?;
         TableDigest::default().store(&mut meta, "licenses")?;
+        meta.insert(record::HISTORY_NEXT, 1).map_err(storage)?;
         tx.open_table(LICENSES).map_err(storage)?;
         tx.open_table(LEASES).map_err(storage)?;
         tx.open_table(HISTORY).map_err(storage)?;
@@ -125,11 +126,13 @@ fn migrate_v1(db: &Database, now: u64) -> Result<(), LedgerError> {
             .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
             .collect::<Result<_, _>>()
             .map_err(storage)?;
+        let next = old.last().map_or(1, |(k, _)| k + 1);
         for (k, v) in old {
             let sealed = record::seal_bytes("history", &k.to_be_bytes(), v);
             ht.insert(k, sealed.as_slice()).map_err(storage)?;
         }
         drop(ht);
+        record::set_history_next(&tx, next)?;
         let mut meta = tx.open_table(META).map_err(storage)?;
         d.store(&mut meta, "leases")?;
         c.store(&mut meta, "licenses")?;
@@ -239,6 +242,24 @@ fn load(db: &Database) -> Result<Loaded, LedgerError> {
         Some((k, _)) => k.value() + 1,
         None => 1,
     };
+    let recorded = meta
+        .get(record::HISTORY_NEXT)
+        .map_err(storage)?
+        .map(|v| v.value());
+    if recorded != Some(next_seq) {
+        return Err(LedgerError::Corrupt {
+            table: "history",
+            key: "(end)".into(),
+            reason: match recorded {
+                Some(r) => format!(
+                    "the newest entry is number {} but the ledger recorded entries up to {}",
+                    next_seq - 1,
+                    r.saturating_sub(1)
+                ),
+                None => "the ledger's record of where its history ends is missing".into(),
+            },
+        });
+    }
     Ok(Loaded {
         id,
         leases,

@@ -1123,10 +1123,19 @@ impl Ledger {
         let r = self.core.store.with(|db| {
             let rtx = db.begin_read().map_err(storage)?;
             let t = rtx.open_table(HISTORY).map_err(storage)?;
-            let mut out = Vec::new();
+            let mut out: Vec<HistoryEntry> = Vec::new();
             for r in t.range(since_seq..).map_err(storage)?.take(limit) {
                 let (k, v) = r.map_err(storage)?;
                 let k = k.value();
+                if let Some(prev) = out.last().map(|e| e.seq) {
+                    if k != prev + 1 {
+                        return Err(LedgerError::Corrupt {
+                            table: "history",
+                            key: (prev + 1).to_string(),
+                            reason: format!("missing (entries {prev} and {k} are there)"),
+                        });
+                    }
+                }
                 out.push(record::open(
                     "history",
                     &k.to_be_bytes(),
@@ -1170,5 +1179,7 @@ fn append_history(
         t.insert(seq, v.as_slice()).map_err(storage)?;
         seq += 1;
     }
+    drop(t);
+    record::set_history_next(tx, seq)?;
     Ok(seq - first)
 }
