@@ -148,7 +148,7 @@ async fn disk_full_state_dir_degrades_and_heals_without_a_restart() {
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 i += 1;
                 let p0 = phase.load(Ordering::SeqCst) as usize;
-                if i % 5 == 0 {
+                if i.is_multiple_of(5) {
                     let r = g.token("cad").await;
                     let p = phase.load(Ordering::SeqCst) as usize;
                     if let Ok(t) = &r {
@@ -480,7 +480,7 @@ async fn agent_kill9_restart_adopts_or_releases_the_vms_leases() {
     dead.kill().unwrap();
     dead.wait().unwrap();
     let mut g = connect(&sock).await;
-    let mut raw = |pid: Option<u32>, pid_start: Option<u64>, scope: Scope| {
+    let raw = |pid: Option<u32>, pid_start: Option<u64>, scope: Scope| {
         Body::TokenRequest(hostbind_attest::wire::TokenRequest {
             product: "cad".into(),
             features: vec![],

@@ -82,7 +82,7 @@ fn disk_full_degrades_then_heals_without_a_restart() {
     assert!(l.lease(&released).unwrap().is_none());
     assert_eq!(l.leases().unwrap().len(), leases.len());
     let h = l.health();
-    assert!(h.changes_not_durable >= leases.len() as u64 + 1, "{h:?}");
+    assert!(h.changes_not_durable > leases.len() as u64, "{h:?}");
     assert!(h.grants_refused >= 1, "{h:?}");
 
     // Space comes back: the healer writes the mirror back by itself.

@@ -217,6 +217,17 @@ pub(super) fn del(
     Ok(old)
 }
 
+/// The `meta` key holding the number the next history entry gets: opening the ledger checks it
+/// against the newest entry, so lost entries at the end are noticed too.
+pub(super) const HISTORY_NEXT: &str = "history.next";
+
+/// Records in `tx` that the history ends before `next`.
+pub(super) fn set_history_next(tx: &WriteTransaction, next: u64) -> Result<(), LedgerError> {
+    let mut meta = tx.open_table(super::META).map_err(super::storage)?;
+    meta.insert(HISTORY_NEXT, next).map_err(super::storage)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,15 +268,4 @@ mod tests {
         b.add(&recs[2]);
         assert_eq!(a, b);
     }
-}
-
-/// The `meta` key holding the number the next history entry gets: opening the ledger checks it
-/// against the newest entry, so lost entries at the end are noticed too.
-pub(super) const HISTORY_NEXT: &str = "history.next";
-
-/// Records in `tx` that the history ends before `next`.
-pub(super) fn set_history_next(tx: &WriteTransaction, next: u64) -> Result<(), LedgerError> {
-    let mut meta = tx.open_table(super::META).map_err(super::storage)?;
-    meta.insert(HISTORY_NEXT, next).map_err(super::storage)?;
-    Ok(())
 }
