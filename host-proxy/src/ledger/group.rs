@@ -44,7 +44,7 @@ pub(super) struct Degraded {
     pub since: u64,
     pub started: Instant,
     pub error: LedgerError,
-    /// Changes made to the mirror only, in this degraded period.
+    /// Lease changes (grants, renewals, ends) made to the mirror only, in this degraded period.
     pub changes: u64,
     /// Renewals among them (not in the backlog).
     pub renewals: u64,
@@ -97,8 +97,10 @@ impl Group {
         let Some(d) = self.degraded.as_mut() else {
             return;
         };
-        d.changes += 1;
         for op in ops {
+            if let Op::PutLease(..) | Op::DelLease(_) = op {
+                d.changes += 1;
+            }
             if let Op::Hist {
                 seq,
                 bytes,
@@ -325,17 +327,27 @@ impl Core {
                 return true;
             };
             d.attempts += 1;
+            // Renumbered from the first change that was not durable (renewals are left out, so
+            // the history stays gap-free).
+            let start = g.backlog_start.unwrap_or(mem.next_seq);
+            let mut backlog = std::mem::take(&mut g.backlog);
+            for (i, e) in backlog.iter_mut().enumerate() {
+                e.seq = start + i as u64;
+            }
+            let Some(d) = g.degraded.as_ref() else {
+                return true;
+            };
             let summary = HistoryEntry {
-                seq: mem.next_seq,
+                seq: start + backlog.len() as u64,
                 at: unix_now(),
                 event: HistoryEvent::DurabilityRestored,
                 lease_id: None,
                 vm_uuid: None,
                 product: None,
                 detail: format!(
-                    "the seat ledger could not write from {} to now ({}); {} changes were kept \
-                     in memory only and are written now ({} renewals not recorded one by one, \
-                     {} history entries not kept); {} new leases were refused meanwhile",
+                    "the seat ledger could not write from {} to now ({}); {} lease changes were \
+                     kept in memory only and are written now ({} renewals not recorded one by \
+                     one, {} history entries not kept); {} new leases were refused meanwhile",
                     hostbind_attest::signed::fmt_time(d.since),
                     d.error,
                     d.changes,
@@ -344,16 +356,7 @@ impl Core {
                     d.refused_grants
                 ),
             };
-            let s = (d.since, d.started.elapsed(), summary);
-            let mut backlog = std::mem::take(&mut g.backlog);
-            // Renumbered from the first change that was not durable (renewals are left out).
-            let start = g.backlog_start.unwrap_or(mem.next_seq);
-            for (i, e) in backlog.iter_mut().enumerate() {
-                e.seq = start + i as u64;
-            }
-            let mut summary = s.2;
-            summary.seq = start + backlog.len() as u64;
-            (s.0, s.1, summary, backlog)
+            (d.since, d.started.elapsed(), summary, backlog)
         };
         let res = self.store.reopen().and_then(|repaired| {
             if repaired {

@@ -17,8 +17,6 @@ pub(super) struct Loaded {
     pub leases: HashMap<String, Lease>,
     pub licenses: BTreeMap<String, LicenseRecord>,
     pub next_seq: u64,
-    /// Whether the file was initialised now (it was new or empty).
-    pub initialised: bool,
 }
 
 /// What the file is, read without changing it.
@@ -265,28 +263,27 @@ fn load(db: &Database) -> Result<Loaded, LedgerError> {
         leases,
         licenses,
         next_seq,
-        initialised: false,
     })
 }
 
-/// Initialises, migrates and verifies the file; returns its content.
-pub(super) fn init(db: &Database, now: u64) -> Result<Loaded, LedgerError> {
-    let initialised = match inspect(db)? {
-        Found::Empty => {
-            initialise(db, now)?;
-            true
-        }
+/// Initialises (if `allow_new`), migrates and verifies the file; returns its content, or
+/// `None` for a file without a ledger when a new one is not allowed (nothing is written then).
+pub(super) fn init(
+    db: &Database,
+    now: u64,
+    allow_new: bool,
+) -> Result<Option<Loaded>, LedgerError> {
+    match inspect(db)? {
+        Found::Empty if !allow_new => return Ok(None),
+        Found::Empty => initialise(db, now)?,
         Found::Schema(v) if v > SCHEMA_VERSION => {
             return Err(LedgerError::NewerSchema {
                 found: v,
                 supported: SCHEMA_VERSION,
             })
         }
-        Found::Schema(1) => {
-            migrate_v1(db, now)?;
-            false
-        }
-        Found::Schema(v) if v == SCHEMA_VERSION => false,
+        Found::Schema(1) => migrate_v1(db, now)?,
+        Found::Schema(v) if v == SCHEMA_VERSION => {}
         Found::Schema(v) => {
             return Err(LedgerError::Corrupt {
                 table: "meta",
@@ -294,8 +291,6 @@ pub(super) fn init(db: &Database, now: u64) -> Result<Loaded, LedgerError> {
                 reason: format!("unknown schema version {v}"),
             })
         }
-    };
-    let mut loaded = load(db)?;
-    loaded.initialised = initialised;
-    Ok(loaded)
+    }
+    load(db).map(Some)
 }

@@ -293,7 +293,7 @@ pub struct LedgerHealth {
     pub reason: Option<String>,
     /// The state disk is full.
     pub disk_full: bool,
-    /// Changes kept in memory only in the current degraded period.
+    /// Lease changes (grants, renewals, ends) kept in memory only in the current degraded period.
     pub changes_not_durable: u64,
     /// New leases refused in the current degraded period.
     pub grants_refused: u64,
@@ -594,8 +594,19 @@ impl Ledger {
         if repaired {
             tracing::info!(ledger = %shown, "the seat ledger was not closed cleanly (crash or power loss); redb repaired it");
         }
-        let loaded = match store::guard(|| init::init(&db, now)) {
-            Ok(Ok(l)) => l,
+        let loaded = match store::guard(|| init::init(&db, now, marker.is_none())) {
+            Ok(Ok(Some(l))) => l,
+            // A file that holds no ledger although the marker says one was made here.
+            Ok(Ok(None)) => {
+                return Err(LedgerError::Missing {
+                    path: shown,
+                    marker: marker_path.display().to_string(),
+                    created: marker
+                        .map(|m| hostbind_attest::signed::fmt_time(m.created))
+                        .unwrap_or_default(),
+                    empty: true,
+                })
+            }
             Ok(Err(e @ (LedgerError::NewerSchema { .. } | LedgerError::Rng))) => return Err(e),
             Ok(Err(e)) => {
                 return Err(LedgerError::Open {
@@ -610,17 +621,6 @@ impl Ledger {
                 })
             }
         };
-        if loaded.initialised && marker.is_some() {
-            // A file that holds no ledger although the marker says one was made here.
-            return Err(LedgerError::Missing {
-                path: shown,
-                marker: marker_path.display().to_string(),
-                created: marker
-                    .map(|m| hostbind_attest::signed::fmt_time(m.created))
-                    .unwrap_or_default(),
-                empty: true,
-            });
-        }
         match marker {
             Some(m) if m.id != loaded.id => {
                 return Err(LedgerError::Foreign {
