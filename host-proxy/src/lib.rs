@@ -7,6 +7,7 @@ pub mod enroll;
 pub mod fresh;
 pub mod ledger;
 pub mod libvirt;
+pub mod lock;
 pub mod metrics;
 pub mod ratelog;
 pub mod server;

@@ -1,7 +1,7 @@
 //! Serialises all TPM work of the daemon on one thread that owns the [`Tpm`] (a TPM serves one
 //! command at a time, and swtpm one client connection), with an async handle for tasks.
 
-use crate::metrics::QuoteStats;
+use crate::metrics::{QuoteStats, TpmHealth};
 use crate::tpm::{ClockInfo, QuoteEvidence, Tpm, TpmError};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -45,6 +45,15 @@ pub enum NvCounterOp {
 pub struct TpmService {
     tx: mpsc::Sender<Job>,
     stats: Arc<QuoteStats>,
+    health: Arc<TpmHealth>,
+}
+
+/// Records the outcome of one TPM operation in `health`.
+fn track<T>(health: &TpmHealth, op: &str, r: &Result<T, TpmError>) {
+    match r {
+        Ok(_) => health.ok(),
+        Err(e) => health.failed(op, e),
+    }
 }
 
 impl TpmService {
@@ -56,6 +65,8 @@ impl TpmService {
         let (tx, mut rx) = mpsc::channel::<Job>(256);
         let stats = Arc::new(QuoteStats::default());
         let stats2 = stats.clone();
+        let health = Arc::new(TpmHealth::default());
+        let health2 = health.clone();
         std::thread::Builder::new()
             .name("hostbind-tpm".into())
             .spawn(move || {
@@ -64,6 +75,7 @@ impl TpmService {
                         Job::Quote(qd, reply) => {
                             let started = Instant::now();
                             let q = tpm.quote(&qd);
+                            track(&health2, "quote", &q);
                             match &q {
                                 Ok(_) => stats2.latency.observe(started.elapsed()),
                                 Err(_) => {
@@ -73,25 +85,34 @@ impl TpmService {
                             let _ = reply.send(q);
                         }
                         Job::Clock(reply) => {
-                            let _ = reply.send(tpm.clock_info());
+                            let r = tpm.clock_info();
+                            track(&health2, "clock", &r);
+                            let _ = reply.send(r);
                         }
                         Job::NvCounter(op, index, reply) => {
-                            let _ = reply.send(match op {
+                            let r = match op {
                                 NvCounterOp::Open => tpm.nv_counter_open(index),
                                 NvCounterOp::Read => tpm.nv_counter_read(index),
                                 NvCounterOp::Increment => tpm.nv_counter_increment(index),
-                            });
+                            };
+                            track(&health2, "nv_counter", &r);
+                            let _ = reply.send(r);
                         }
                     }
                 }
             })
             .map_err(TpmServiceError::Spawn)?;
-        Ok((TpmService { tx, stats }, ak.public))
+        Ok((TpmService { tx, stats, health }, ak.public))
     }
 
     /// Timing of the quotes made so far (for status and metrics).
     pub fn quote_stats(&self) -> &QuoteStats {
         &self.stats
+    }
+
+    /// How the TPM has been doing (for status and metrics).
+    pub fn health(&self) -> &TpmHealth {
+        &self.health
     }
 
     /// Quotes PCRs with the AK over `qualifying_data`.

@@ -90,6 +90,7 @@ fn renew_body(lease_id: &str) -> Body {
         lease_id: lease_id.to_string(),
         nonce: None,
         chain: vec![],
+        tpm_fresh: false,
     })
 }
 
