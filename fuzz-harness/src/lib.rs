@@ -25,8 +25,8 @@ use hostbind_attest::enroll::{
 use hostbind_attest::files::{self, VendorKeyFile};
 use hostbind_attest::keys::{VendorKey, VendorPublicKey};
 use hostbind_attest::signed::{from_cbor, open, parse_sign1, HostCertificate, License, ObjectKind};
-use hostbind_attest::tpm::{self, PublicArea};
 use hostbind_attest::token::{KeyEvidence, TokenClaims};
+use hostbind_attest::tpm::{self, PublicArea};
 use hostbind_attest::usage::{self, MeteringSecret};
 use hostbind_attest::verify::{verify_token, Expectation};
 use hostbind_attest::wire::{decode_frame, encode_frame, Body, FrameCodec};

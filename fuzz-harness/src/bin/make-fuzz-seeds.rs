@@ -13,8 +13,8 @@ use hostbind_attest::enroll::EnrollRequest;
 use hostbind_attest::signed::{from_cbor, open, parse_sign1, HostCertificate, ObjectKind};
 use hostbind_attest::token::{KeyEvidence, HDR_KEY_EVIDENCE};
 use hostbind_attest::wire::{
-    self, Ack, Body, ErrorBody, ErrorCode, Event, EventKind, Hello, HelloAck, Message, Release,
-    Renew, Scope, TokenRequest, TokenResponse, VmIdentity,
+    self, Ack, Body, ErrorBody, ErrorCode, Event, EventKind, HeldLease, Hello, HelloAck, LeaseList,
+    LeaseQuery, Message, Release, Renew, Scope, TokenRequest, TokenResponse, VmIdentity,
 };
 use hostbind_fuzz_harness::PRODUCT;
 use hostbind_testkit::host::{Agent, Host, Vendor};
@@ -198,6 +198,7 @@ fn main() {
                 name: "vm-a".into(),
             },
             lease_ttl_secs: 60,
+            lease_query: true,
         }),
         Body::TokenRequest(TokenRequest {
             product: PRODUCT.into(),
@@ -205,6 +206,7 @@ fn main() {
             nonce: Some(nonce.clone()),
             scope: Scope::Process,
             pid: Some(4242),
+            pid_start: Some(123_456),
             chain: chain.clone(),
             tpm_fresh: true,
         }),
@@ -225,6 +227,30 @@ fn main() {
             lease_id: "lease-1".into(),
         }),
         Body::Ack(Ack {}),
+        Body::LeaseQuery(LeaseQuery { offset: 100 }),
+        Body::LeaseList(LeaseList {
+            leases: vec![
+                HeldLease {
+                    lease_id: "lease-1".into(),
+                    product: PRODUCT.into(),
+                    features: vec!["export".into()],
+                    scope: Scope::Process,
+                    pid: Some(4242),
+                    pid_start: Some(123_456),
+                    lease_expires_at: now + 60,
+                },
+                HeldLease {
+                    lease_id: "lease-2".into(),
+                    product: PRODUCT.into(),
+                    features: vec![],
+                    scope: Scope::Vm,
+                    pid: None,
+                    pid_start: None,
+                    lease_expires_at: now + 30,
+                },
+            ],
+            more: true,
+        }),
         Body::Event(Event {
             kind: EventKind::CloneDetected,
             lease_id: Some("lease-1".into()),
