@@ -116,7 +116,7 @@ pub enum VsockError {
     Timeout {
         /// What was waited for.
         what: &'static str,
-        /// How long, ms.
+        /// The time budget of the step it was waited for in, ms.
         waited_ms: u64,
     },
     /// The peer refused the connection (reset in answer to the request).
@@ -646,9 +646,10 @@ impl<'c, H: Hal, T: Transport, C: Clock> Vsock<'c, H, T, C> {
             }
             let now = self.clock.micros();
             if deadline.passed(now) {
+                // The step's budget: part of it may have gone to sending before this wait.
                 return Err(VsockError::Timeout {
                     what,
-                    waited_ms: now.saturating_sub(start) / 1000,
+                    waited_ms: deadline.budget_ms(),
                 });
             }
             if again.due(now) {
