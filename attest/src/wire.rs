@@ -499,6 +499,9 @@ pub enum Body {
     Event(Event),
     /// Either direction, the request with this id failed (or the frame could not be read).
     Error(ErrorBody),
+    /// Agent -> proxy, keeps a quiet connection open; answered by [`Ack`]. Sent only to a
+    /// proxy whose [`HelloAck`] names an idle timeout.
+    Ping(Ping),
 }
 
 impl Body {
@@ -514,6 +517,7 @@ impl Body {
             Body::Ack(_) => "ack",
             Body::Event(_) => "event",
             Body::Error(_) => "error",
+            Body::Ping(_) => "ping",
         }
     }
 }
@@ -527,7 +531,7 @@ impl Validate for Body {
             Body::TokenResponse(b) => b.validate(),
             Body::Release(b) => b.validate(),
             Body::Renew(b) => b.validate(),
-            Body::Ack(_) | Body::Error(_) => Ok(()),
+            Body::Ack(_) | Body::Error(_) | Body::Ping(_) => Ok(()),
             Body::Event(b) => b.validate(),
         }
     }
@@ -582,6 +586,11 @@ pub struct HelloAck {
     pub vm: VmIdentity,
     /// How long a lease lives without renewal, in seconds.
     pub lease_ttl_secs: u32,
+    /// The proxy closes a connection on which no complete message arrived for this many
+    /// seconds; an agent that has nothing else to send sends a [`Ping`] well before. Absent
+    /// from proxies without an idle timeout (they do not know `ping` either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u32>,
 }
 
 impl Validate for HelloAck {
@@ -718,6 +727,10 @@ impl Validate for Renew {
 /// Proxy -> agent: the request succeeded and there is nothing to return.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ack {}
+
+/// Agent -> proxy: nothing to ask, the connection is still wanted (answered by [`Ack`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Ping {}
 
 /// Proxy -> agent: something happened to a lease or license without the agent asking.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

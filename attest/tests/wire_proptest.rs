@@ -50,14 +50,18 @@ fn arb_hello_ack() -> impl Strategy<Value = HelloAck> {
         short_string(),
         short_string(),
         any::<u32>(),
+        option::of(any::<u32>()),
     )
         .prop_map(
-            |(proxy_version, host_id, host_cert, uuid, name, lease_ttl_secs)| HelloAck {
-                proxy_version,
-                host_id,
-                host_cert,
-                vm: VmIdentity { uuid, name },
-                lease_ttl_secs,
+            |(proxy_version, host_id, host_cert, uuid, name, lease_ttl_secs, idle_timeout_secs)| {
+                HelloAck {
+                    proxy_version,
+                    host_id,
+                    host_cert,
+                    vm: VmIdentity { uuid, name },
+                    lease_ttl_secs,
+                    idle_timeout_secs,
+                }
             },
         )
 }
@@ -146,6 +150,7 @@ fn arb_body() -> impl Strategy<Value = Body> {
                 tpm_fresh,
             })),
         Just(Body::Ack(Ack {})),
+        Just(Body::Ping(Ping {})),
         (
             arb_event_kind(),
             option::of(short_string()),

@@ -58,6 +58,7 @@ pub fn samples() -> Vec<Body> {
                 name: "web-1".into(),
             },
             lease_ttl_secs: 300,
+            idle_timeout_secs: Some(300),
         }),
         Body::TokenRequest(TokenRequest {
             product: "cad-pro".into(),
@@ -94,6 +95,7 @@ pub fn samples() -> Vec<Body> {
             tpm_fresh: false,
         }),
         Body::Ack(Ack {}),
+        Body::Ping(Ping {}),
         Body::Event(Event {
             kind: EventKind::LeaseRevoked,
             lease_id: Some("lease-1".into()),
@@ -125,7 +127,7 @@ fn every_variant_round_trips() {
         assert_eq!(back, msg);
         assert_eq!(back.v, PROTOCOL_VERSION);
     }
-    assert_eq!(kinds.len(), 9, "every Body variant is covered: {kinds:?}");
+    assert_eq!(kinds.len(), 10, "every Body variant is covered: {kinds:?}");
 }
 
 #[test]
@@ -585,6 +587,7 @@ fn content_limits_are_enforced() {
                 name: s(name),
             },
             lease_ttl_secs: 1,
+            idle_timeout_secs: None,
         })
     };
     assert_eq!(limit_err(ack(32, 256)), None);

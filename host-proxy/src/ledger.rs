@@ -729,29 +729,17 @@ impl Ledger {
             }
         };
         if full {
+            // Not written here: the service counts refusals and writes one history entry per
+            // VM, code and product and interval (refusals.rs), so a flood of refused requests
+            // costs no commit each.
             let (in_use, holders, _) =
                 seat_use(mem.leases.values(), req.product, req.mode, req.now);
-            let err = LedgerError::SeatsExhausted {
+            return Err(LedgerError::SeatsExhausted {
                 product: req.product.to_string(),
                 seats: req.seats,
                 in_use,
                 holders,
-            };
-            let detail = format!("refused {} ({}): {err}", req.vm_name, req.vm_uuid);
-            let ops = Self::hist_ops(
-                &mut mem,
-                req.now,
-                vec![Hist::other(
-                    HistoryEvent::Refused,
-                    Some(req.vm_uuid),
-                    req.product,
-                    detail,
-                )],
-            )?;
-            let ticket = self.enqueue(&mut mem, ops);
-            drop(mem);
-            self.wait_durable(ticket)?;
-            return Err(err);
+            });
         }
         let lease = Lease {
             id: new_lease_id()?,
@@ -907,6 +895,23 @@ impl Ledger {
         Ok((n, holders))
     }
 
+    /// Leases held by `vm_uuid` (by every VM when `None`): (all of them, those for `product`).
+    /// Counts the in-memory mirror without copying it.
+    pub fn lease_counts(&self, vm_uuid: Option<&str>, product: &str) -> (usize, usize) {
+        let mem = self.lock();
+        let mut all = 0;
+        let mut of_product = 0;
+        for l in mem.leases.values() {
+            if vm_uuid.is_none_or(|v| l.vm_uuid == v) {
+                all += 1;
+                if l.product == product {
+                    of_product += 1;
+                }
+            }
+        }
+        (all, of_product)
+    }
+
     /// History entries with seq >= `since_seq`, at most `limit`.
     pub fn history(&self, since_seq: u64, limit: usize) -> Result<Vec<HistoryEntry>, LedgerError> {
         self.flush();
@@ -929,4 +934,102 @@ impl Ledger {
             .len()
             .map_err(storage)
     }
+
+    /// Appends history entries that concern no lease (`(event, vm uuid, product, detail)`,
+    /// e.g. the service's refusal counts) in one durable commit.
+    pub fn append_history(
+        &self,
+        entries: Vec<(HistoryEvent, Option<String>, Option<String>, String)>,
+        now: u64,
+    ) -> Result<(), LedgerError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let hist = entries
+            .into_iter()
+            .map(|(event, vm_uuid, product, detail)| Hist {
+                event,
+                lease_id: None,
+                vm_uuid,
+                product,
+                detail,
+            })
+            .collect();
+        let mut mem = self.lock();
+        let ops = Self::hist_ops(&mut mem, now, hist)?;
+        let ticket = self.enqueue(&mut mem, ops);
+        drop(mem);
+        self.wait_durable(ticket)
+    }
+}
+
+// --- history retention: separate from the commit machinery above ---
+
+/// Most history entries one pruning transaction deletes, so that lease commits waiting for
+/// the database's single writer wait for a short transaction only.
+const PRUNE_CHUNK: usize = 5_000;
+
+impl Ledger {
+    /// Deletes the history entries older than `max_age_secs` before `now`, and the oldest
+    /// entries beyond the newest `max_entries`, oldest first, in transactions of at most
+    /// [`PRUNE_CHUNK`] entries; the newest entry always stays (it carries the sequence number
+    /// the next entry continues from after a restart). Returns how many went. Blocking: run
+    /// it on a blocking thread (the daemon's sweep does, see `Service::maintain`).
+    pub fn prune_history(
+        &self,
+        max_age_secs: u64,
+        max_entries: u64,
+        now: u64,
+    ) -> Result<u64, LedgerError> {
+        let cutoff = now.saturating_sub(max_age_secs);
+        let max_entries = max_entries.max(1);
+        let mut removed = 0u64;
+        loop {
+            let keys = self.history_to_prune(cutoff, max_entries)?;
+            if keys.is_empty() {
+                return Ok(removed);
+            }
+            let tx = self.db.begin_write().map_err(storage)?;
+            {
+                let mut t = tx.open_table(HISTORY).map_err(storage)?;
+                for k in &keys {
+                    t.remove(*k).map_err(storage)?;
+                }
+            }
+            tx.commit().map_err(storage)?;
+            removed += keys.len() as u64;
+            if keys.len() < PRUNE_CHUNK {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// The oldest history keys (at most [`PRUNE_CHUNK`]) that are older than `cutoff` or
+    /// beyond the newest `max_entries`; never the newest entry.
+    fn history_to_prune(&self, cutoff: u64, max_entries: u64) -> Result<Vec<u64>, LedgerError> {
+        let rtx = self.db.begin_read().map_err(storage)?;
+        let t = rtx.open_table(HISTORY).map_err(storage)?;
+        let len = t.len().map_err(storage)?;
+        let over = len.saturating_sub(max_entries);
+        let mut keys = Vec::new();
+        for (i, r) in t.iter().map_err(storage)?.enumerate() {
+            if keys.len() >= PRUNE_CHUNK || i as u64 + 1 >= len {
+                break;
+            }
+            let (k, v) = r.map_err(storage)?;
+            let old = (i as u64) < over
+                || ciborium::from_reader::<HistoryAt, _>(v.value()).is_ok_and(|h| h.at < cutoff);
+            if !old {
+                break;
+            }
+            keys.push(k.value());
+        }
+        Ok(keys)
+    }
+}
+
+/// The time of a history entry, read without decoding the rest.
+#[derive(Deserialize)]
+struct HistoryAt {
+    at: u64,
 }

@@ -2,13 +2,16 @@
 pub mod admin;
 pub mod clones;
 pub mod config;
+pub mod coverage;
 pub mod daemon;
 pub mod enroll;
 pub mod fresh;
 pub mod ledger;
 pub mod libvirt;
+pub mod limits;
 pub mod lock;
 pub mod metrics;
+pub mod refusals;
 pub mod server;
 pub mod service;
 pub mod tpm;

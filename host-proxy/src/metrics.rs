@@ -278,8 +278,6 @@ pub struct MetricsState {
     pub refused_by_code: LabelCounts,
     /// Clone reports (fork detected, fork became a clone), by change.
     pub clone_reports: LabelCounts,
-    /// Unix seconds of the last chain prune.
-    pub last_chain_prune: AtomicU64,
     /// The endpoint's URL once it listens ("http://127.0.0.1:9464/metrics", "unix:/path").
     pub endpoint: OnceLock<String>,
 }
@@ -291,7 +289,6 @@ impl Default for MetricsState {
             issued_by_product: LabelCounts::default(),
             refused_by_code: LabelCounts::default(),
             clone_reports: LabelCounts::default(),
-            last_chain_prune: AtomicU64::new(0),
             endpoint: OnceLock::new(),
         };
         s.refused_by_code.init(REFUSAL_CODES);
