@@ -400,6 +400,29 @@ pub fn render(svc: &Service) -> Result<String, String> {
         "Clone-detection reports since start: forks of an agent's id chain detected, and forks classified as clones.",
         &clones,
     );
+    // --- limits hook: what the per-VM bounds refused (limits.rs) ---
+    let limit_hits: Vec<(String, f64)> = svc
+        .limits()
+        .hits
+        .snapshot()
+        .into_iter()
+        .map(|(limit, n)| (labels(&[("limit", &limit)]), n as f64))
+        .collect();
+    family(
+        &mut out,
+        "hostbind_limit_refusals_total",
+        "counter",
+        "Connections and requests refused since start because a VM or the host reached a [limits] bound, by limit.",
+        &limit_hits,
+    );
+    family(
+        &mut out,
+        "hostbind_guest_connections",
+        "gauge",
+        "Guest connections open now on all listeners (bounded by limits.connections_total).",
+        &[(String::new(), f64::from(svc.limits().open_connections()))],
+    );
+    // --- end limits hook ---
     family(
         &mut out,
         "hostbind_leases_expired_total",
