@@ -169,6 +169,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     for t in tasks {
         t.abort();
     }
+    // --- limits hook: the refusal counts of the last interval go into the history and the
+    // usage log before it is sealed (refusals.rs) ---
+    let svc2 = svc.clone();
+    let _ = tokio::task::spawn_blocking(move || svc2.flush_refusals()).await;
+    // --- end limits hook ---
     if let Some(u) = usage {
         if let Err(e) = u.flush().await {
             tracing::error!("usage log: could not seal the last records: {e}");

@@ -906,11 +906,7 @@ impl Service {
         // ... and its seats, counted as the current license counts them (the oldest leases
         // keep theirs).
         let now = unix_now();
-        let all = self.ledger.leases().map_err(Self::ledger_err)?;
-        if crate::coverage::over_seats(&all, &lease.product, lic.seats, lic.count_mode, now)
-            .iter()
-            .any(|l| l.id == lease.id)
-        {
+        if self.beyond_seats(&lease.id, &lease.product, lic, now)? {
             let why = format!(
                 "license {} for '{}' grants {} seats ({} count) and older leases hold them",
                 lic.id, lease.product, lic.seats, lic.count_mode
@@ -1186,6 +1182,31 @@ impl Service {
         let (held, of_product) = self.ledger.lease_counts(Some(&vm.uuid), product);
         self.limits
             .check_leases(&vm.uuid, product, held, of_product)
+    }
+
+    /// Whether lease `id` of `product` is beyond the seats of `lic` (the oldest leases keep
+    /// theirs). Copies the leases only when the product is over its seats (after a license
+    /// with fewer seats replaced a wider one), not on every renewal.
+    fn beyond_seats(
+        &self,
+        id: &str,
+        product: &str,
+        lic: &License,
+        now: u64,
+    ) -> Result<bool, ErrorBody> {
+        let (in_use, _) = self
+            .ledger
+            .seats_in_use(product, lic.count_mode, now)
+            .map_err(Self::ledger_err)?;
+        if in_use <= lic.seats || lic.count_mode == hostbind_attest::signed::CountMode::None {
+            return Ok(false);
+        }
+        let all = self.ledger.leases().map_err(Self::ledger_err)?;
+        Ok(
+            crate::coverage::over_seats(&all, product, lic.seats, lic.count_mode, now)
+                .iter()
+                .any(|l| l.id == id),
+        )
     }
 
     /// The TTL of a lease of `lic` taken or renewed at `now`: the configured one, but never
