@@ -254,6 +254,9 @@ pub enum ErrorCode {
     Busy,
     /// The proxy failed internally.
     Internal,
+    /// The host cannot serve this now (its state disk is full, or its proxy is shutting down);
+    /// leases already granted keep working; retry later.
+    Unavailable,
     /// The agent has no session with a host proxy right now.
     NotConnected,
     /// The host proxy did not answer in time.
@@ -285,6 +288,7 @@ impl From<wire::ErrorCode> for ErrorCode {
             W::CloneRefused => ErrorCode::CloneRefused,
             W::Busy => ErrorCode::Busy,
             W::Internal => ErrorCode::Internal,
+            W::Unavailable => ErrorCode::Unavailable,
         }
     }
 }
@@ -307,7 +311,7 @@ impl ErrorCode {
             | ErrorCode::UnexpectedMessage
             | ErrorCode::Internal
             | ErrorCode::Unknown => 502,
-            ErrorCode::Busy | ErrorCode::NotConnected => 503,
+            ErrorCode::Busy | ErrorCode::NotConnected | ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
         }
     }
@@ -340,6 +344,7 @@ impl ErrorCode {
             ErrorCode::CloneRefused => "clone_refused",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotConnected => "not_connected",
             ErrorCode::Timeout => "timeout",
             ErrorCode::BadRequest => "bad_request",

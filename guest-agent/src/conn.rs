@@ -271,6 +271,7 @@ fn on_connected(shared: &Shared, ack: &HelloAck) -> (u64, Option<HostId>) {
             idle_timeout_secs: ack.idle_timeout_secs,
             since: unix_now(),
             generation,
+            lease_query: ack.lease_query,
         });
         st.last_error = None;
         (generation, old_host, changed)

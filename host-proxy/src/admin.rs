@@ -124,6 +124,9 @@ pub struct Status {
     /// Clone detection: live instances, forks and clones in the chain graph.
     #[serde(default)]
     pub clones: Option<crate::clones::CloneCounts>,
+    /// Whether the seat ledger can write (false: changes are kept in memory only).
+    #[serde(default)]
+    pub ledger: Option<crate::ledger::LedgerHealth>,
     /// The TPM: whether its last operation succeeded, failures, the last error.
     #[serde(default)]
     pub tpm_health: Option<TpmHealthStatus>,
@@ -266,6 +269,7 @@ fn status(svc: &Service) -> Result<Status, String> {
         metrics: svc.counters.metrics.endpoint.get().cloned(),
         libvirt: svc.libvirt().map(|l| l.status()),
         clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),
+        ledger: Some(svc.ledger().health()),
         tpm_health: {
             let h = svc.tpm().health();
             Some(TpmHealthStatus {

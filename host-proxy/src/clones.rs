@@ -116,6 +116,12 @@ fn storage<E: std::fmt::Display>(e: E) -> CloneError {
     CloneError::Storage(e.to_string())
 }
 
+impl From<crate::ledger::LedgerError> for CloneError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        CloneError::Storage(e.to_string())
+    }
+}
+
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, CloneError> {
     let mut out = Vec::new();
     ciborium::into_writer(v, &mut out).map_err(storage)?;
@@ -230,19 +236,20 @@ fn fork_key(parent: u64, fork: u64) -> [u8; 16] {
 
 /// How many ids of `suffix` the graph does not hold (read without taking the writer).
 fn unknown_ids(ledger: &Ledger, suffix: &[EphemeralId]) -> Result<usize, CloneError> {
-    let tx = ledger.database().begin_read().map_err(storage)?;
-    let t = match tx.open_table(NODES) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(suffix.len()),
-        Err(e) => return Err(storage(e)),
-    };
-    let mut n = 0;
-    for id in suffix {
-        if t.get(id.as_slice()).map_err(storage)?.is_none() {
-            n += 1;
+    ledger.read_tx(|tx| {
+        let t = match tx.open_table(NODES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(suffix.len()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut n = 0;
+        for id in suffix {
+            if t.get(id.as_slice()).map_err(storage)?.is_none() {
+                n += 1;
+            }
         }
-    }
-    Ok(n)
+        Ok(n)
+    })
 }
 
 /// Feeds a request's chain (`suffix`, newest last) from `vm` (its UUID) into the graph.
@@ -262,13 +269,14 @@ pub fn observe(
         return Ok(ChainOutcome::default());
     }
     budget(unknown_ids(ledger, suffix)?).map_err(CloneError::OverBudget)?;
-    let mut tx = ledger.database().begin_write().map_err(storage)?;
     let n = CHAIN_WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if n % DURABLE_EVERY != DURABLE_EVERY - 1 {
-        tx.set_durability(Durability::None);
-    }
-    let obs = {
-        let mut store = TxStore { tx: &tx };
+    let durability = if n % DURABLE_EVERY == DURABLE_EVERY - 1 {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
+    let obs = ledger.write_tx(durability, |tx| {
+        let mut store = TxStore { tx };
         chain::observe(
             &mut store,
             suffix,
@@ -277,18 +285,11 @@ pub fn observe(
             now,
             cfg.live_window.0.as_secs(),
         )
-    };
-    let obs = match obs {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = tx.abort();
-            return Err(match e {
-                ChainError::Inconsistent(_) => CloneError::Inconsistent(e.to_string()),
-                ChainError::Store(s) => s,
-            });
-        }
-    };
-    tx.commit().map_err(storage)?;
+        .map_err(|e| match e {
+            ChainError::Inconsistent(_) => CloneError::Inconsistent(e.to_string()),
+            ChainError::Store(s) => s,
+        })
+    })?;
     Ok(ChainOutcome {
         reports: obs
             .changes
@@ -305,20 +306,21 @@ pub fn observe(
 
 /// All forks the graph holds, oldest first.
 pub fn list(ledger: &Ledger) -> Result<Vec<ForkReport>, CloneError> {
-    let tx = ledger.database().begin_read().map_err(storage)?;
-    let t = match tx.open_table(LINEAGES) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(storage(e)),
-    };
-    let mut out = Vec::new();
-    for e in t.iter().map_err(storage)? {
-        let (k, v) = e.map_err(storage)?;
-        let l: Lineage = dec("chain_lineages", k.value().to_string(), v.value())?;
-        out.extend(ForkReport::of(&l));
-    }
-    out.sort_by_key(|f| (f.detected_at, f.lineage));
-    Ok(out)
+    ledger.read_tx(|tx| {
+        let t = match tx.open_table(LINEAGES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut out = Vec::new();
+        for e in t.iter().map_err(storage)? {
+            let (k, v) = e.map_err(storage)?;
+            let l: Lineage = dec("chain_lineages", k.value().to_string(), v.value())?;
+            out.extend(ForkReport::of(&l));
+        }
+        out.sort_by_key(|f| (f.detected_at, f.lineage));
+        Ok(out)
+    })
 }
 
 /// Counts for `status`: instances seen within the live window, forks, clones.
@@ -334,28 +336,29 @@ pub struct CloneCounts {
 
 /// The counts shown by `status`.
 pub fn counts(ledger: &Ledger, cfg: &CloneConfig, now: u64) -> Result<CloneCounts, CloneError> {
-    let tx = ledger.database().begin_read().map_err(storage)?;
-    let t = match tx.open_table(LINEAGES) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(CloneCounts::default()),
-        Err(e) => return Err(storage(e)),
-    };
-    let mut c = CloneCounts::default();
-    let since = now.saturating_sub(cfg.live_window.0.as_secs());
-    for e in t.iter().map_err(storage)? {
-        let (k, v) = e.map_err(storage)?;
-        let l: Lineage = dec("chain_lineages", k.value().to_string(), v.value())?;
-        if l.last_seen >= since {
-            c.live_instances += 1;
-        }
-        if let Some(f) = &l.fork {
-            c.forks += 1;
-            if f.kind == chain::ForkKind::Clone {
-                c.clones += 1;
+    ledger.read_tx(|tx| {
+        let t = match tx.open_table(LINEAGES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(CloneCounts::default()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut c = CloneCounts::default();
+        let since = now.saturating_sub(cfg.live_window.0.as_secs());
+        for e in t.iter().map_err(storage)? {
+            let (k, v) = e.map_err(storage)?;
+            let l: Lineage = dec("chain_lineages", k.value().to_string(), v.value())?;
+            if l.last_seen >= since {
+                c.live_instances += 1;
+            }
+            if let Some(f) = &l.fork {
+                c.forks += 1;
+                if f.kind == chain::ForkKind::Clone {
+                    c.clones += 1;
+                }
             }
         }
-    }
-    Ok(c)
+        Ok(c)
+    })
 }
 
 /// What [`prune`] removed.
@@ -387,12 +390,15 @@ pub fn prune(
     let before = now.saturating_sub(cfg.retention.0.as_secs());
     let mut out = Pruned::default();
     // (last_seen, id, lineage) of every id; lineage -> (last VM, last seen, fork parent).
-    let (mut nodes, lineages) = {
-        let tx = ledger.database().begin_read().map_err(storage)?;
+    type Scan = (
+        Vec<(u64, EphemeralId, u64)>,
+        HashMap<u64, (String, u64, Option<u64>)>,
+    );
+    let scan: Option<Scan> = ledger.read_tx(|tx| {
         let (nt, lt) = match (tx.open_table(NODES), tx.open_table(LINEAGES)) {
             (Ok(n), Ok(l)) => (n, l),
             (Err(redb::TableError::TableDoesNotExist(_)), _)
-            | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(out),
+            | (_, Err(redb::TableError::TableDoesNotExist(_))) => return Ok(None),
             (Err(e), _) | (_, Err(e)) => return Err(storage(e)),
         };
         let mut nodes = Vec::new();
@@ -416,7 +422,10 @@ pub fn prune(
                 );
             }
         }
-        (nodes, lineages)
+        Ok::<_, CloneError>(Some((nodes, lineages)))
+    })?;
+    let Some((mut nodes, lineages)) = scan else {
+        return Ok(out);
     };
     nodes.sort_unstable();
     // Oldest first from here on; `gone` marks the victims.
@@ -489,8 +498,7 @@ pub fn prune(
         .map(|(n, _)| (n.0, n.1))
         .collect();
     for chunk in victims.chunks(EVICT_CHUNK) {
-        let tx = ledger.database().begin_write().map_err(storage)?;
-        {
+        ledger.write_tx(Durability::Immediate, |tx| {
             let mut t = tx.open_table(NODES).map_err(storage)?;
             for (seen, id) in chunk {
                 // Seen again since the scan: keep it.
@@ -503,12 +511,11 @@ pub fn prune(
                     t.remove(id.as_slice()).map_err(storage)?;
                 }
             }
-        }
-        tx.commit().map_err(storage)?;
+            Ok::<(), CloneError>(())
+        })?;
     }
     for chunk in old_lineages.chunks(EVICT_CHUNK) {
-        let tx = ledger.database().begin_write().map_err(storage)?;
-        {
+        ledger.write_tx(Durability::Immediate, |tx| {
             let mut lin = tx.open_table(LINEAGES).map_err(storage)?;
             let mut forks = tx.open_table(FORKS).map_err(storage)?;
             for (id, parent) in chunk {
@@ -523,22 +530,21 @@ pub fn prune(
                 forks
                     .retain_in(lo.as_slice()..=hi.as_slice(), |_, _| false)
                     .map_err(storage)?;
-                out.lineages += 1;
             }
-        }
-        tx.commit().map_err(storage)?;
+            Ok::<(), CloneError>(())
+        })?;
+        out.lineages += chunk.len();
     }
     Ok(out)
 }
 
 /// Ids the graph holds.
 pub fn id_count(ledger: &Ledger) -> Result<u64, CloneError> {
-    let tx = ledger.database().begin_read().map_err(storage)?;
-    match tx.open_table(NODES) {
+    ledger.read_tx(|tx| match tx.open_table(NODES) {
         Ok(t) => t.len().map_err(storage),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
         Err(e) => Err(storage(e)),
-    }
+    })
 }
 
 /// The message a refused later fork gets.
@@ -593,7 +599,12 @@ impl crate::service::Service {
                 });
             }
             Err(e) => {
-                tracing::error!(vm = %vm.name, "clone detection skipped: {e}");
+                // Every request would log this while the ledger cannot write (a full disk).
+                static LOG: crate::ratelog::RateLimit =
+                    crate::ratelog::RateLimit::new(Duration::from_secs(30));
+                if let Some(n) = LOG.check() {
+                    tracing::error!(vm = %vm.name, "clone detection skipped: {e}{}", crate::ratelog::held_back(n));
+                }
                 return Ok(());
             }
         };
@@ -889,12 +900,7 @@ mod tests {
         assert!((4..10).all(|k| held(&ledger, v[k])));
         // Lineages without ids are gone too: the victim's and the flooder's 64.
         let lineages = ledger
-            .database()
-            .begin_read()
-            .unwrap()
-            .open_table(LINEAGES)
-            .unwrap()
-            .len()
+            .read_tx(|tx| Ok::<_, CloneError>(tx.open_table(LINEAGES).unwrap().len().unwrap()))
             .unwrap();
         assert_eq!(lineages, 65);
         // The victim keeps following its chain without a fork.

@@ -124,6 +124,7 @@ mod tests {
             features: features.iter().map(|f| f.to_string()).collect(),
             scope: LeaseScope::Vm,
             pid: None,
+            pid_start: None,
             created_at: created,
             renewed_at: created,
             expires_at: 1_000,

@@ -11,6 +11,7 @@ pub mod libvirt;
 pub mod limits;
 pub mod lock;
 pub mod metrics;
+pub mod ratelog;
 pub mod refusals;
 pub mod server;
 pub mod service;

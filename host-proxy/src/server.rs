@@ -66,7 +66,7 @@ pub async fn accept_unix(
         match listener.accept().await {
             Ok((stream, _)) => {
                 tracing::debug!(vm = %vm.name, transport = what, "agent connected");
-                tokio::spawn(serve_limited(svc.clone(), stream, vm.clone()));
+                svc.spawn_connection(serve_limited(svc.clone(), stream, vm.clone()));
             }
             Err(e) => {
                 tracing::warn!(vm = %vm.name, "accept failed on {what} socket: {e}");
@@ -114,7 +114,8 @@ fn error_frame(id: u64, code: ErrorCode, message: String) -> Message<Body> {
 /// pipelined requests; pushed events go out through the same writer. A bad frame gets an
 /// Error frame and the connection is closed, as does a connection without a complete message
 /// for `[limits] idle_timeout` (agents ping before). Hellos, new chain ids, requests and
-/// TPM-fresh requests are charged to the VM's limits.
+/// TPM-fresh requests are charged to the VM's limits. At
+/// shutdown the connection stops reading: the request in progress is answered, then it closes.
 pub async fn serve_connection<S>(svc: Arc<Service>, stream: S, vm: Arc<Vm>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -138,6 +139,7 @@ where
     let mut ended = "the agent closed the connection".to_string();
     let limits = svc.config().limits.clone();
     let handshake_end = tokio::time::Instant::now() + limits.handshake_timeout.0;
+    let shutdown = svc.shutdown_token().clone();
     loop {
         // Until Hello, a deadline from the connection's start; then an idle timeout per
         // complete message (a half-sent one does not reset it).
@@ -145,29 +147,36 @@ where
             None => handshake_end,
             Some(_) => tokio::time::Instant::now() + limits.idle_timeout.0,
         };
-        let item = match tokio::time::timeout_at(wait, reader.next()).await {
-            Ok(Some(item)) => item,
-            Ok(None) => break,
-            Err(_) => {
-                let (what, d) = match conn_id {
-                    None => ("no Hello", limits.handshake_timeout.0),
-                    Some(_) => ("no complete message", limits.idle_timeout.0),
-                };
-                ended = format!("{what} within {}", humantime::format_duration(d));
-                tracing::info!(vm = %vm.name, "closing a connection: {ended}");
-                let _ = tx
-                    .send(error_frame(
-                        0,
-                        ErrorCode::Busy,
-                        format!(
-                            "{what} within {} (limits.{}): closing the connection; reconnect when there is something to send",
-                            humantime::format_duration(d),
-                            if conn_id.is_none() { "handshake_timeout" } else { "idle_timeout" }
-                        ),
-                    ))
-                    .await;
+        let item = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                ended = "the proxy is shutting down".into();
                 break;
             }
+            item = tokio::time::timeout_at(wait, reader.next()) => match item {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(_) => {
+                    let (what, d) = match conn_id {
+                        None => ("no Hello", limits.handshake_timeout.0),
+                        Some(_) => ("no complete message", limits.idle_timeout.0),
+                    };
+                    ended = format!("{what} within {}", humantime::format_duration(d));
+                    tracing::info!(vm = %vm.name, "closing a connection: {ended}");
+                    let _ = tx
+                        .send(error_frame(
+                            0,
+                            ErrorCode::Busy,
+                            format!(
+                                "{what} within {} (limits.{}): closing the connection; reconnect when there is something to send",
+                                humantime::format_duration(d),
+                                if conn_id.is_none() { "handshake_timeout" } else { "idle_timeout" }
+                            ),
+                        ))
+                        .await;
+                    break;
+                }
+            },
         };
         let msg = match item {
             Ok(m) => m,
@@ -243,6 +252,7 @@ where
                     idle_timeout_secs: Some(
                         u32::try_from(limits.idle_timeout.0.as_secs()).unwrap_or(u32::MAX),
                     ),
+                    lease_query: true,
                 })
             }
             _ if conn_id.is_none() => Body::Error(ErrorBody {
@@ -250,6 +260,17 @@ where
                 message: "send Hello first".into(),
             }),
             Body::Ping(_) => Body::Ack(Default::default()),
+            Body::LeaseQuery(q) => {
+                let (svc2, vm2) = (svc.clone(), vm.clone());
+                match tokio::task::spawn_blocking(move || svc2.vm_leases(&vm2, q.offset)).await {
+                    Ok(Ok(l)) => Body::LeaseList(l),
+                    Ok(Err(e)) => Body::Error(e),
+                    Err(e) => Body::Error(ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: format!("request handler failed: {e}"),
+                    }),
+                }
+            }
             body @ (Body::TokenRequest(_) | Body::Renew(_) | Body::Release(_)) => {
                 // The VM's request rate, then, for a TPM-fresh one, everything that would
                 // refuse it before the TPM quotes (an unlicensed flood costs no quote).

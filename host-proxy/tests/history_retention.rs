@@ -42,6 +42,7 @@ fn history_is_pruned_by_age_and_count_oldest_first() {
             features: &[],
             scope: LeaseScope::Vm,
             pid: None,
+            pid_start: None,
             ttl_secs: 1_000_000,
             now: 1,
             seats: 1,

@@ -91,6 +91,7 @@ fn request(product: &str, scope: Scope, pid: Option<u32>, fresh: Option<&[u8]>) 
         nonce: fresh.map(|n| n.to_vec().into()),
         scope,
         pid,
+        pid_start: None,
         chain: vec![],
         tpm_fresh: fresh.is_some(),
     })

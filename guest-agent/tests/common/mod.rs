@@ -316,6 +316,7 @@ fn handle(inner: &Inner, msg: Message<Body>) -> Vec<Message<Body>> {
                 vm: inner.vm.clone(),
                 lease_ttl_secs: inner.ttl,
                 idle_timeout_secs: None,
+                lease_query: false,
             }),
         )],
         Body::TokenRequest(req) => {
