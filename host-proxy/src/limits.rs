@@ -185,7 +185,7 @@ pub enum Charge {
     NewChainIds,
     /// A TPM-fresh token request or renewal.
     TpmFresh,
-    /// A token request, renewal or release.
+    /// A token request, renewal, release or lease query.
     Request,
 }
 
@@ -205,7 +205,7 @@ impl Charge {
             Charge::Hello => "Hellos",
             Charge::NewChainIds => "new clone-detection chain ids",
             Charge::TpmFresh => "TPM-fresh token requests",
-            Charge::Request => "token requests, renewals and releases",
+            Charge::Request => "token requests, renewals, releases and lease queries",
         }
     }
 

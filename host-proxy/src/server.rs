@@ -262,6 +262,14 @@ where
             Body::Ping(_) => Body::Ack(Default::default()),
             Body::LeaseQuery(q) => {
                 let (svc2, vm2) = (svc.clone(), vm.clone());
+                if let Err(e) = svc.limits().charge(&vm.uuid, Charge::Request, 1) {
+                    let e = svc.refuse_request(&vm, "", e);
+                    if tx.send(Message::new(id, Body::Error(e))).await.is_err() {
+                        ended = "the connection's writer stopped".into();
+                        break;
+                    }
+                    continue;
+                }
                 match tokio::task::spawn_blocking(move || svc2.vm_leases(&vm2, q.offset)).await {
                     Ok(Ok(l)) => Body::LeaseList(l),
                     Ok(Err(e)) => Body::Error(e),
