@@ -166,9 +166,10 @@ pub enum UsageRecord {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last: Option<u64>,
     },
-    /// A request was refused.
+    /// Requests were refused: `count` of them (1 when absent) of one VM, product and code in
+    /// one interval of the proxy's `[limits] refusal_interval`, the first at `at`.
     Refusal {
-        /// Unix seconds.
+        /// Unix seconds (of the first, when several).
         at: u64,
         /// Product asked for.
         product: String,
@@ -182,8 +183,11 @@ pub enum UsageRecord {
         vm: VmRef,
         /// Error code (as on the wire).
         code: String,
-        /// The message the VM got.
+        /// The message the VM got (the last one's, when several; bounded by the proxy).
         message: String,
+        /// How many requests.
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        count: u64,
     },
     /// Clone detection reported a cloned instance.
     CloneReport {
@@ -975,9 +979,11 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
                     product,
                     customer,
                     vm,
+                    count,
                     ..
                 } => {
-                    row(&mut acc, *at, customer, product, host, vm).refusals += 1;
+                    let r = row(&mut acc, *at, customer, product, host, vm);
+                    r.refusals = r.refusals.saturating_add(*count);
                 }
                 UsageRecord::CloneReport {
                     at,
@@ -1186,6 +1192,7 @@ mod tests {
                     },
                     code: "seats_exhausted".into(),
                     message: "no seat".into(),
+                    count: 1,
                 },
             ],
         );
@@ -1641,6 +1648,7 @@ mod tests {
             vm: VmRef::default(),
             code: String::new(),
             message: String::new(),
+            count: 1,
         };
         let h = BlockHeader::decode(&workload().out[0]).unwrap();
         let body = BlockBody {

@@ -56,6 +56,8 @@ enum WireRecord {
         v: u32,
         c: String,
         m: String,
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        n: u64,
     },
     #[serde(rename = "c")]
     CloneReport {
@@ -300,12 +302,14 @@ impl BodyBuilder {
                 vm,
                 code,
                 message,
+                count,
             } => WireRecord::Refusal {
                 a: *at,
                 p: self.party(product, license_id, customer),
                 v: self.vm(vm),
                 c: code.clone(),
                 m: message.clone(),
+                n: *count,
             },
             UsageRecord::CloneReport {
                 at,
@@ -393,7 +397,7 @@ impl TryFrom<WireBody> for BlockBody {
                     count: *c,
                     last: *z,
                 },
-                WireRecord::Refusal { a, p, v, c, m } => {
+                WireRecord::Refusal { a, p, v, c, m, n } => {
                     let p = party(*p)?;
                     UsageRecord::Refusal {
                         at: *a,
@@ -403,6 +407,7 @@ impl TryFrom<WireBody> for BlockBody {
                         vm: vm(*v)?,
                         code: c.clone(),
                         message: m.clone(),
+                        count: *n,
                     }
                 }
                 WireRecord::CloneReport { a, p, v, o, f, d } => {
@@ -551,17 +556,29 @@ mod tests {
                     last
                 }
             ),
-            (any::<u64>(), s(), s(), s(), vm.clone(), s(), s()).prop_map(
-                |(at, product, license_id, customer, vm, code, message)| UsageRecord::Refusal {
-                    at,
-                    product,
-                    license_id,
-                    customer,
-                    vm,
-                    code,
-                    message
-                }
-            ),
+            (
+                any::<u64>(),
+                s(),
+                s(),
+                s(),
+                vm.clone(),
+                (s(), s()),
+                1u64..1_000_000
+            )
+                .prop_map(
+                    |(at, product, license_id, customer, vm, (code, message), count)| {
+                        UsageRecord::Refusal {
+                            at,
+                            product,
+                            license_id,
+                            customer,
+                            vm,
+                            code,
+                            message,
+                            count,
+                        }
+                    }
+                ),
             (
                 any::<u64>(),
                 s(),

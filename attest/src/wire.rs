@@ -506,6 +506,9 @@ pub enum Body {
     Event(Event),
     /// Either direction, the request with this id failed (or the frame could not be read).
     Error(ErrorBody),
+    /// Agent -> proxy, keeps a quiet connection open; answered by [`Ack`]. Sent only to a
+    /// proxy whose [`HelloAck`] names an idle timeout.
+    Ping(Ping),
 }
 
 impl Body {
@@ -523,6 +526,7 @@ impl Body {
             Body::LeaseList(_) => "lease_list",
             Body::Event(_) => "event",
             Body::Error(_) => "error",
+            Body::Ping(_) => "ping",
         }
     }
 }
@@ -536,7 +540,7 @@ impl Validate for Body {
             Body::TokenResponse(b) => b.validate(),
             Body::Release(b) => b.validate(),
             Body::Renew(b) => b.validate(),
-            Body::Ack(_) | Body::Error(_) | Body::LeaseQuery(_) => Ok(()),
+            Body::Ack(_) | Body::Error(_) | Body::Ping(_) | Body::LeaseQuery(_) => Ok(()),
             Body::LeaseList(b) => b.validate(),
             Body::Event(b) => b.validate(),
         }
@@ -592,6 +596,11 @@ pub struct HelloAck {
     pub vm: VmIdentity,
     /// How long a lease lives without renewal, in seconds.
     pub lease_ttl_secs: u32,
+    /// The proxy closes a connection on which no complete message arrived for this many
+    /// seconds; an agent that has nothing else to send sends a [`Ping`] well before. Absent
+    /// from proxies without an idle timeout (they do not know `ping` either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u32>,
     /// The proxy answers [`LeaseQuery`] (absent from older proxies: false).
     #[serde(default, skip_serializing_if = "is_false")]
     pub lease_query: bool,
@@ -741,6 +750,9 @@ impl Validate for Renew {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ack {}
 
+/// Agent -> proxy: nothing to ask, the connection is still wanted (answered by [`Ack`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Ping {}
 /// Agent -> proxy: which leases does the host hold for this VM? A restarted agent asks after
 /// Hello and adopts or releases what it finds (see docs/protocol.md); answered by [`LeaseList`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

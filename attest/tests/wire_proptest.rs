@@ -50,16 +50,27 @@ fn arb_hello_ack() -> impl Strategy<Value = HelloAck> {
         short_string(),
         short_string(),
         any::<u32>(),
+        option::of(any::<u32>()),
         any::<bool>(),
     )
         .prop_map(
-            |(proxy_version, host_id, host_cert, uuid, name, lease_ttl_secs, lease_query)| {
+            |(
+                proxy_version,
+                host_id,
+                host_cert,
+                uuid,
+                name,
+                lease_ttl_secs,
+                idle_timeout_secs,
+                lease_query,
+            )| {
                 HelloAck {
                     proxy_version,
                     host_id,
                     host_cert,
                     vm: VmIdentity { uuid, name },
                     lease_ttl_secs,
+                    idle_timeout_secs,
                     lease_query,
                 }
             },
@@ -153,6 +164,7 @@ fn arb_body() -> impl Strategy<Value = Body> {
                 tpm_fresh,
             })),
         Just(Body::Ack(Ack {})),
+        Just(Body::Ping(Ping {})),
         any::<u32>().prop_map(|offset| Body::LeaseQuery(LeaseQuery { offset })),
         (
             vec(

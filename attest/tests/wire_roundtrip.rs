@@ -58,6 +58,7 @@ pub fn samples() -> Vec<Body> {
                 name: "web-1".into(),
             },
             lease_ttl_secs: 300,
+            idle_timeout_secs: Some(300),
             lease_query: true,
         }),
         Body::TokenRequest(TokenRequest {
@@ -97,6 +98,7 @@ pub fn samples() -> Vec<Body> {
             tpm_fresh: false,
         }),
         Body::Ack(Ack {}),
+        Body::Ping(Ping {}),
         Body::LeaseQuery(LeaseQuery { offset: 100 }),
         Body::LeaseList(LeaseList {
             leases: vec![
@@ -152,7 +154,7 @@ fn every_variant_round_trips() {
         assert_eq!(back, msg);
         assert_eq!(back.v, PROTOCOL_VERSION);
     }
-    assert_eq!(kinds.len(), 11, "every Body variant is covered: {kinds:?}");
+    assert_eq!(kinds.len(), 12, "every Body variant is covered: {kinds:?}");
 }
 
 #[test]
@@ -615,6 +617,7 @@ fn content_limits_are_enforced() {
                 name: s(name),
             },
             lease_ttl_secs: 1,
+            idle_timeout_secs: None,
             lease_query: false,
         })
     };

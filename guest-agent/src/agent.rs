@@ -136,6 +136,8 @@ pub(crate) struct Session {
     pub vm: VmIdentity,
     pub proxy_version: String,
     pub lease_ttl_secs: u32,
+    /// The proxy closes connections quiet for this long (from its Hello answer).
+    pub idle_timeout_secs: Option<u32>,
     pub since: u64,
     pub generation: u64,
     /// The proxy answers `lease_query` (it lists the leases it holds for this VM).

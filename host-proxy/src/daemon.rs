@@ -200,6 +200,11 @@ async fn shut_down(
     }
     let svc2 = svc.clone();
     let _ = tokio::task::spawn_blocking(move || svc2.close_issue()).await;
+    // --- limits hook: the refusal counts of the last interval go into the history and the
+    // usage log before it is sealed (refusals.rs) ---
+    let svc2 = svc.clone();
+    let _ = tokio::task::spawn_blocking(move || svc2.flush_refusals()).await;
+    // --- end limits hook ---
     let issued = svc
         .counters
         .tokens_issued

@@ -2,14 +2,17 @@
 pub mod admin;
 pub mod clones;
 pub mod config;
+pub mod coverage;
 pub mod daemon;
 pub mod enroll;
 pub mod fresh;
 pub mod ledger;
 pub mod libvirt;
+pub mod limits;
 pub mod lock;
 pub mod metrics;
 pub mod ratelog;
+pub mod refusals;
 pub mod server;
 pub mod service;
 pub mod tpm;

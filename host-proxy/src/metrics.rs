@@ -279,8 +279,6 @@ pub struct MetricsState {
     pub refused_by_code: LabelCounts,
     /// Clone reports (fork detected, fork became a clone), by change.
     pub clone_reports: LabelCounts,
-    /// Unix seconds of the last chain prune.
-    pub last_chain_prune: AtomicU64,
     /// The endpoint's URL once it listens ("http://127.0.0.1:9464/metrics", "unix:/path").
     pub endpoint: OnceLock<String>,
 }
@@ -292,7 +290,6 @@ impl Default for MetricsState {
             issued_by_product: LabelCounts::default(),
             refused_by_code: LabelCounts::default(),
             clone_reports: LabelCounts::default(),
-            last_chain_prune: AtomicU64::new(0),
             endpoint: OnceLock::new(),
         };
         s.refused_by_code.init(REFUSAL_CODES);
@@ -404,6 +401,29 @@ pub fn render(svc: &Service) -> Result<String, String> {
         "Clone-detection reports since start: forks of an agent's id chain detected, and forks classified as clones.",
         &clones,
     );
+    // --- limits hook: what the per-VM bounds refused (limits.rs) ---
+    let limit_hits: Vec<(String, f64)> = svc
+        .limits()
+        .hits
+        .snapshot()
+        .into_iter()
+        .map(|(limit, n)| (labels(&[("limit", &limit)]), n as f64))
+        .collect();
+    family(
+        &mut out,
+        "hostbind_limit_refusals_total",
+        "counter",
+        "Connections and requests refused since start because a VM or the host reached a [limits] bound, by limit.",
+        &limit_hits,
+    );
+    family(
+        &mut out,
+        "hostbind_guest_connections",
+        "gauge",
+        "Guest connections open now on all listeners (bounded by limits.connections_total).",
+        &[(String::new(), f64::from(svc.limits().open_connections()))],
+    );
+    // --- end limits hook ---
     family(
         &mut out,
         "hostbind_leases_expired_total",

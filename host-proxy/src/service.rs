@@ -181,6 +181,8 @@ pub struct Service {
     libvirt: std::sync::OnceLock<Arc<crate::libvirt::LibvirtVms>>,
     // --- usage hook: the usage log, when [usage] is enabled (usage.rs) ---
     usage: std::sync::OnceLock<Arc<crate::usage::UsageLog>>,
+    // --- limits hook: what one VM may cost the host (limits.rs) ---
+    limits: Arc<crate::limits::Limits>,
     issue_gate: IssueGate,
     /// Cancelled at shutdown: connections stop reading new requests.
     shutdown: CancellationToken,
@@ -248,6 +250,7 @@ impl Service {
         check_key_window(&cfg, &identity)?;
         let signer = Self::make_signer(&cfg, &identity, &tpm).await?;
         let fresh = crate::fresh::FreshBatcher::start(&cfg.fresh_nonces, tpm.clone());
+        let limits = crate::limits::Limits::new(cfg.limits.clone());
         let svc = Arc::new(Service {
             cfg,
             identity,
@@ -262,6 +265,7 @@ impl Service {
             counters: Counters::default(),
             libvirt: std::sync::OnceLock::new(),
             usage: std::sync::OnceLock::new(),
+            limits,
             issue_gate: IssueGate::default(),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
@@ -413,6 +417,11 @@ impl Service {
         &self.ledger
     }
 
+    /// The per-VM limits and their state.
+    pub fn limits(&self) -> &Arc<crate::limits::Limits> {
+        &self.limits
+    }
+
     // --- libvirt hook (see libvirt.rs) ---
     /// Makes the service take VM identity, assignments and reservations from libvirt.
     pub fn set_libvirt(&self, vms: Arc<crate::libvirt::LibvirtVms>) {
@@ -513,6 +522,7 @@ impl Service {
         let stored = self.ledger.licenses()?;
         if stored.iter().any(|r| r.id == l.id && r.bytes == bytes) {
             self.activate(l.clone(), bytes.to_vec());
+            self.apply_license(&l)?;
             return Ok(l);
         }
         let replaced = self
@@ -522,7 +532,61 @@ impl Service {
             tracing::info!(old = %old, new = %l.id, product = %l.product, "license replaced");
         }
         self.activate(l.clone(), bytes.to_vec());
+        self.apply_license(&l)?;
         Ok(l)
+    }
+
+    /// Ends at once the leases of `lic`'s product that `lic` does not cover (after it replaced
+    /// a wider license, or when it stopped being valid): each in the history and the usage log
+    /// with the reason, and its VM told (`lease_revoked`). Returns them.
+    pub fn apply_license(&self, lic: &License) -> Result<Vec<Lease>, ServiceError> {
+        let now = unix_now();
+        let leases = self.ledger.leases()?;
+        let mut by_reason: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (l, why) in crate::coverage::uncovered(&leases, lic, now) {
+            by_reason.entry(why).or_default().push(l.id.clone());
+        }
+        let mut ended = Vec::new();
+        for (why, ids) in by_reason {
+            let gone = self
+                .ledger
+                .release_where(|l| ids.contains(&l.id), &why, now)?;
+            for l in &gone {
+                tracing::warn!(vm = %l.vm_name, lease = %l.id, product = %l.product, "lease ended: {why}");
+                self.meter_end(l, &why, now);
+                self.push(
+                    &l.vm_uuid,
+                    EventKind::LeaseRevoked,
+                    Some(l),
+                    format!("lease {} for '{}' ended: {why}", l.id, l.product),
+                );
+            }
+            ended.extend(gone);
+        }
+        Ok(ended)
+    }
+
+    /// Ends the leases whose product's license is no longer valid (called by the sweep, so a
+    /// lease never outlives its license by more than one sweep interval).
+    fn end_leases_past_their_license(&self, now: u64) {
+        let ended: Vec<License> = self
+            .licenses
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|a| a.license.validity.check(now) != Window::Valid)
+                    .map(|a| a.license.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for l in ended {
+            let has = self.ledger.lease_counts(None, &l.product).1 > 0;
+            if has {
+                if let Err(e) = self.apply_license(&l) {
+                    tracing::error!(product = %l.product, "ending the leases of an invalid license failed: {e}");
+                }
+            }
+        }
     }
 
     /// Removes a license; its leases end and their VMs are told. Refused while `licenses_dir`
@@ -796,6 +860,9 @@ impl Service {
             .map_err(|e| self.refused(e))?;
         let lic = &active.license;
         check_features(&req.product, &req.features, lic).map_err(|e| self.refused(e))?;
+        // Before the chain write and the ledger: a VM over its lease caps costs nothing more.
+        self.check_lease_caps(vm, &req.product)
+            .map_err(|e| self.refused(e))?;
         self.check_chain(vm, &req.chain, Some((&req.product, lic.clone_policy)))
             .map_err(|e| self.refused(e))?;
         let (scope, pid) = match req.scope {
@@ -834,7 +901,7 @@ impl Service {
                 scope,
                 pid,
                 pid_start: pid.and(req.pid_start),
-                ttl_secs: self.cfg.leases.ttl.0.as_secs(),
+                ttl_secs: self.ttl_until(lic, now),
                 now,
                 seats,
                 mode: lic.count_mode,
@@ -848,6 +915,8 @@ impl Service {
             })?;
         drop(admission);
         tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
+        // Clone-graph eviction keeps the head a live lease was served with.
+        self.limits.note_head(&lease.id, req.chain.last());
         self.issue(
             vm,
             &lease,
@@ -889,11 +958,12 @@ impl Service {
         r: &Renew,
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
-        // The lease as it was, for its usage records; not looked up while metering is off.
+        // The lease as it was, for its usage records and the refusal count.
         let before = self
-            .usage
-            .get()
-            .and_then(|_| self.ledger.lease(&r.lease_id).ok().flatten())
+            .ledger
+            .lease(&r.lease_id)
+            .ok()
+            .flatten()
             .filter(|l| l.vm_uuid == vm.uuid);
         let (res, signing) = split(self.renew_unmetered(vm, r, fresh));
         if let (Err(_), Some(l)) = (&res, &before) {
@@ -939,6 +1009,23 @@ impl Service {
             }
         };
         let lic = &active.license;
+        // ... and its seats, counted as the current license counts them (the oldest leases
+        // keep theirs).
+        let now = unix_now();
+        if self.beyond_seats(&lease.id, &lease.product, lic, now)? {
+            let why = format!(
+                "license {} for '{}' grants {} seats ({} count) and older leases hold them",
+                lic.id, lease.product, lic.seats, lic.count_mode
+            );
+            let _ = self.ledger.release(&lease.id, &why, now);
+            return Err(self.refused(err(
+                ErrorCode::SeatsExhausted,
+                format!(
+                    "lease {} ended: {why}; request a new token when a seat is free",
+                    lease.id
+                ),
+            )));
+        }
         if let Err(e) = self.check_chain(vm, &r.chain, Some((&lease.product, lic.clone_policy))) {
             if e.code == ErrorCode::CloneRefused {
                 let _ = self
@@ -949,8 +1036,9 @@ impl Service {
         }
         let lease = self
             .ledger
-            .renew(&r.lease_id, self.cfg.leases.ttl.0.as_secs(), unix_now())
+            .renew(&r.lease_id, self.ttl_until(lic, now), now)
             .map_err(Self::ledger_err)?;
+        self.limits.note_head(&lease.id, r.chain.last());
         self.issue(
             vm,
             &lease,
@@ -963,7 +1051,8 @@ impl Service {
 
     /// Releases a lease of `vm`.
     pub fn release(&self, vm: &Vm, lease_id: &str) -> Result<(), ErrorBody> {
-        self.own_lease(vm, lease_id)?;
+        self.own_lease(vm, lease_id)
+            .inspect_err(|e| self.count_refusal(vm, "", e))?;
         let l = self
             .ledger
             .release(lease_id, "released by the guest", unix_now())
@@ -1065,7 +1154,8 @@ impl Service {
 
     /// Ends lapsed leases and tells their VMs.
     pub fn sweep(&self) -> Result<usize, ServiceError> {
-        self.prune_chains(unix_now());
+        self.maintain(unix_now());
+        self.end_leases_past_their_license(unix_now());
         let expired = self.ledger.expire(unix_now())?;
         for l in &expired {
             self.meter_end(l, "expired", l.expires_at.min(unix_now()));
@@ -1236,6 +1326,10 @@ impl Service {
         res: &Result<TokenResponse, ErrorBody>,
         new_lease: Option<&str>,
     ) {
+        let t = match res {
+            Ok(t) => t,
+            Err(e) => return self.count_refusal(vm, product, e),
+        };
         let Some(u) = self.usage.get() else { return };
         let lic = self.metered_license(product);
         let has_license = self
@@ -1247,9 +1341,221 @@ impl Service {
             return; // that product's license is not metered
         }
         let now = unix_now();
-        for r in crate::usage::token_records(vm, product, lic.as_ref(), res, new_lease, now) {
+        for r in crate::usage::token_records(vm, product, lic.as_ref(), t, new_lease, now) {
             u.record(r);
         }
     }
 }
 // --- end usage hook ---
+
+// --- limits hook: what one VM may cost the host (limits.rs, refusals.rs, coverage.rs) ---
+impl Service {
+    /// Refuses a new lease for `product` when `vm` holds as many live leases as
+    /// `[limits] leases_per_vm` / `leases_per_vm_product` allow.
+    fn check_lease_caps(&self, vm: &Vm, product: &str) -> Result<(), ErrorBody> {
+        let (held, of_product) = self.ledger.lease_counts(Some(&vm.uuid), product);
+        self.limits
+            .check_leases(&vm.uuid, product, held, of_product)
+    }
+
+    /// Whether lease `id` of `product` is beyond the seats of `lic` (the oldest leases keep
+    /// theirs). Copies the leases only when the product is over its seats (after a license
+    /// with fewer seats replaced a wider one), not on every renewal.
+    fn beyond_seats(
+        &self,
+        id: &str,
+        product: &str,
+        lic: &License,
+        now: u64,
+    ) -> Result<bool, ErrorBody> {
+        let (in_use, _) = self
+            .ledger
+            .seats_in_use(product, lic.count_mode, now)
+            .map_err(Self::ledger_err)?;
+        if in_use <= lic.seats || lic.count_mode == hostbind_attest::signed::CountMode::None {
+            return Ok(false);
+        }
+        let all = self.ledger.leases().map_err(Self::ledger_err)?;
+        Ok(
+            crate::coverage::over_seats(&all, product, lic.seats, lic.count_mode, now)
+                .iter()
+                .any(|l| l.id == id),
+        )
+    }
+
+    /// The TTL of a lease of `lic` taken or renewed at `now`: the configured one, but never
+    /// past the license's end.
+    fn ttl_until(&self, lic: &License, now: u64) -> u64 {
+        self.cfg
+            .leases
+            .ttl
+            .0
+            .as_secs()
+            .min(lic.validity.not_after.saturating_sub(now))
+    }
+
+    /// Counts a refused request of `vm` for `product` (empty when it named none) for the
+    /// history and the usage log (refusals.rs): never the name of a product without a license.
+    pub(crate) fn count_refusal(&self, vm: &Vm, product: &str, e: &ErrorBody) {
+        use crate::refusals::Product;
+        let now = unix_now();
+        let m = self.licenses.read().ok();
+        let lic = m.as_ref().and_then(|m| m.get(product)).map(|a| &a.license);
+        let p = match lic {
+            _ if product.is_empty() => Product::None,
+            Some(l) => Product::Licensed {
+                name: product,
+                license_id: &l.id,
+                customer: &l.customer,
+            },
+            None => Product::Unlicensed,
+        };
+        self.limits.refusals.add((&vm.uuid, &vm.name), p, e, now);
+    }
+
+    /// Counts a request refused by the transport (e.g. a Hello over the VM's rate) like any
+    /// other refusal.
+    pub fn refuse_request(&self, vm: &Vm, product: &str, e: ErrorBody) -> ErrorBody {
+        let e = self.refused(e);
+        self.count_refusal(vm, product, &e);
+        e
+    }
+
+    /// For a TPM-fresh token request or renewal (other bodies pass): everything that would
+    /// refuse it, checked before the TPM is asked to quote: the VM's TPM-fresh rate, the nonce,
+    /// the license (exists, valid, grants the features), the lease caps and a free seat (a
+    /// token request) or the lease (a renewal). A refusal here is counted like any other.
+    pub fn admit_fresh(&self, vm: &Vm, body: &Body) -> Result<(), ErrorBody> {
+        let (product, res) = match body {
+            Body::TokenRequest(r) if r.tpm_fresh => {
+                (r.product.clone(), self.admit_fresh_token(vm, r))
+            }
+            Body::Renew(r) if r.tpm_fresh => {
+                let lease = self.own_lease(vm, &r.lease_id);
+                let product = lease
+                    .as_ref()
+                    .map(|l| l.product.clone())
+                    .unwrap_or_default();
+                let res = lease.and_then(|l| {
+                    self.limits
+                        .charge(&vm.uuid, crate::limits::Charge::TpmFresh, 1)?;
+                    check_nonce(r.nonce.as_ref())?;
+                    let a = self.license_for(&l.product)?;
+                    check_features(&l.product, &l.features, &a.license)
+                });
+                (product, res)
+            }
+            _ => return Ok(()),
+        };
+        res.map_err(|e| self.refuse_request(vm, &product, e))
+    }
+
+    fn admit_fresh_token(&self, vm: &Vm, r: &TokenRequest) -> Result<(), ErrorBody> {
+        self.limits
+            .charge(&vm.uuid, crate::limits::Charge::TpmFresh, 1)?;
+        check_nonce(r.nonce.as_ref())?;
+        let active = self.license_for(&r.product)?;
+        let lic = &active.license;
+        check_features(&r.product, &r.features, lic)?;
+        self.check_lease_caps(vm, &r.product)?;
+        // --- libvirt hook: the assignment and the seats other domains' reservations leave ---
+        let seats = match self.libvirt.get() {
+            Some(lv) => {
+                lv.admit(vm, &r.product, lic.seats, lic.count_mode, || {
+                    self.ledger.leases().unwrap_or_default()
+                })?
+                .seats
+            }
+            None => lic.seats,
+        };
+        // --- end libvirt hook ---
+        let (in_use, holders) = self
+            .ledger
+            .seats_in_use(&r.product, lic.count_mode, unix_now())
+            .map_err(Self::ledger_err)?;
+        let holds = self.ledger.lease_counts(Some(&vm.uuid), &r.product).1 > 0;
+        let full = match lic.count_mode {
+            hostbind_attest::signed::CountMode::None => false,
+            hostbind_attest::signed::CountMode::Access => in_use >= seats,
+            hostbind_attest::signed::CountMode::Vm => !holds && in_use >= seats,
+        };
+        if full {
+            return Err(Self::ledger_err(LedgerError::SeatsExhausted {
+                product: r.product.clone(),
+                seats,
+                in_use,
+                holders,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Writes the refusal counts of the interval: one history entry each, and a usage record
+    /// for those of a product without a license or with a metered one.
+    pub fn flush_refusals(&self) {
+        let (counts, uncounted) = self.limits.refusals.take();
+        if counts.is_empty() && uncounted == 0 {
+            return;
+        }
+        let mut hist: Vec<_> = counts
+            .iter()
+            .map(|c| {
+                (
+                    crate::ledger::HistoryEvent::Refused,
+                    Some(c.vm_uuid.clone()),
+                    (!c.product.is_empty()).then(|| c.product.clone()),
+                    c.detail(),
+                )
+            })
+            .collect();
+        if uncounted > 0 {
+            hist.push((
+                crate::ledger::HistoryEvent::Refused,
+                None,
+                None,
+                format!(
+                    "{uncounted} more requests refused (over {} VM, code and product counters in one interval)",
+                    crate::refusals::MAX_COUNTERS
+                ),
+            ));
+        }
+        if let Err(e) = self.ledger.append_history(hist, unix_now()) {
+            tracing::error!("could not write the refusal counts to the ledger history: {e}");
+        }
+        if let Some(u) = self.usage.get() {
+            for c in &counts {
+                let metered = c.product == crate::refusals::UNLICENSED
+                    || (!c.product.is_empty() && self.metered_license(&c.product).is_some());
+                if metered {
+                    u.record(crate::usage::refusal_record(c));
+                }
+            }
+        }
+    }
+
+    /// Periodic upkeep of the bounds, from the lease sweep (a blocking thread): the refusal
+    /// counts every `[limits] refusal_interval`; at most once a minute the clone graph's
+    /// retention and caps, the history's retention (`[history]`), and the limit state of
+    /// VMs gone quiet.
+    pub fn maintain(&self, now: u64) {
+        let every = self.cfg.limits.refusal_interval.0.as_secs().max(1);
+        if self.limits.due(crate::limits::Chore::Refusals, now, every) {
+            self.flush_refusals();
+        }
+        if !self.limits.due(crate::limits::Chore::Prune, now, 60) {
+            return;
+        }
+        self.prune_chains(now);
+        let h = &self.cfg.history;
+        match self
+            .ledger
+            .prune_history(h.max_age.0.as_secs(), h.max_entries, now)
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("pruned {n} history entries ([history] max_age, max_entries)"),
+            Err(e) => tracing::warn!("pruning the ledger history failed: {e}"),
+        }
+        self.limits.forget_idle();
+    }
+}
+// --- end limits hook ---

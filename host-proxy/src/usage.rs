@@ -719,13 +719,14 @@ pub fn metering_keys<'a>(
     key
 }
 
-/// The records of a token request or renewal: lease start or renewal and token issue when it
-/// succeeded, a refusal when it did not.
+/// The records of a token issued to `vm` for `product` (a lease start when `new_lease` names
+/// its scope, else a renewal, then the token). Refusals are counted instead, see
+/// [`crate::refusals`].
 pub fn token_records(
     vm: &crate::service::Vm,
     product: &str,
     license: Option<&hostbind_attest::signed::License>,
-    res: &Result<hostbind_attest::wire::TokenResponse, hostbind_attest::wire::ErrorBody>,
+    t: &hostbind_attest::wire::TokenResponse,
     new_lease: Option<&str>,
     now: u64,
 ) -> Vec<UsageRecord> {
@@ -736,43 +737,41 @@ pub fn token_records(
     let (license_id, customer) = license
         .map(|l| (l.id.clone(), l.customer.clone()))
         .unwrap_or_default();
-    match res {
-        Ok(t) => {
-            let lease = LeaseRef {
-                lease_id: t.lease_id.clone(),
-                product: product.to_string(),
-                license_id,
-                customer,
-                vm,
-            };
-            let first = match new_lease {
-                Some(scope) => UsageRecord::LeaseStart {
-                    at: now,
-                    lease: lease.clone(),
-                    scope: scope.to_string(),
-                },
-                None => UsageRecord::LeaseRenew {
-                    at: now,
-                    lease: lease.clone(),
-                },
-            };
-            vec![first, UsageRecord::token(now, lease)]
-        }
-        Err(e) => {
-            let code = serde_json::to_value(e.code)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| "other".into());
-            vec![UsageRecord::Refusal {
-                at: now,
-                product: product.to_string(),
-                license_id,
-                customer,
-                vm,
-                code,
-                message: e.message.chars().take(512).collect(),
-            }]
-        }
+    let lease = LeaseRef {
+        lease_id: t.lease_id.clone(),
+        product: product.to_string(),
+        license_id,
+        customer,
+        vm,
+    };
+    let first = match new_lease {
+        Some(scope) => UsageRecord::LeaseStart {
+            at: now,
+            lease: lease.clone(),
+            scope: scope.to_string(),
+        },
+        None => UsageRecord::LeaseRenew {
+            at: now,
+            lease: lease.clone(),
+        },
+    };
+    vec![first, UsageRecord::token(now, lease)]
+}
+
+/// The usage record of a refusal count.
+pub fn refusal_record(c: &crate::refusals::RefusalCount) -> UsageRecord {
+    UsageRecord::Refusal {
+        at: c.first,
+        product: c.product.clone(),
+        license_id: c.license_id.clone(),
+        customer: c.customer.clone(),
+        vm: VmRef {
+            uuid: c.vm_uuid.clone(),
+            name: c.vm_name.clone(),
+        },
+        code: c.code.clone(),
+        message: c.message.clone(),
+        count: c.count,
     }
 }
 
@@ -911,6 +910,7 @@ mod tests {
                 vm: VmRef::default(),
                 code: "seats_exhausted".into(),
                 message: String::new(),
+                count: 1,
             }));
         }
         assert!(!p.add(UsageRecord::token(T, lease("a"))));

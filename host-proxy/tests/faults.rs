@@ -110,13 +110,17 @@ fn n(a: &[AtomicU64; 4], phase: usize) -> u64 {
     a[phase].load(Ordering::Relaxed)
 }
 
+/// The guests below load the proxy as fast as they can on purpose: the per-VM limits (tested
+/// in hostile_guests.rs) are raised so that the fault, not a limit, is what they meet.
+const LOAD_LIMITS: &str = "[limits]\nrequests_per_minute = 6000000\nrequest_burst = 100000\nleases_per_vm = 1000000\nleases_per_vm_product = 1000000\nconnections_per_vm = 256\n";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_full_state_dir_degrades_and_heals_without_a_restart() {
     let v = Vendor::new().unwrap();
     let mut h = Host::enrolled(
         &v,
         &["vm-a", "vm-b"],
-        "[usage]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("[usage]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n{LOAD_LIMITS}"),
     )
     .unwrap();
     // The state dir moves onto an 8 MiB tmpfs.
@@ -377,7 +381,7 @@ async fn sigterm_under_load_meters_every_token_the_guests_received() {
     let mut h = Host::enrolled(
         &v,
         &["vm-a", "vm-b"],
-        "[usage]\nflush_interval = \"200ms\"\n",
+        &format!("[usage]\nflush_interval = \"200ms\"\n{LOAD_LIMITS}"),
     )
     .unwrap();
     h.start_proxy().unwrap();

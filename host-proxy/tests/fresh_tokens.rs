@@ -214,7 +214,8 @@ async fn storm(h: &TkHost, vp: &VendorPublicKey, per_vm: usize, rounds: usize) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_batches_concurrent_fresh_requests_under_few_quotes() {
-    let (_v, mut h, vp) = daemon("");
+    // 16 guests per VM plus the lone one: over the default 16 connections per VM.
+    let (_v, mut h, vp) = daemon("[limits]\nconnections_per_vm = 32\n");
     // A lone request is served at once with a batch of one.
     let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
         .await

@@ -106,6 +106,32 @@ fn commented_clones_example_is_valid_and_the_defaults_when_uncommented() {
 }
 
 #[test]
+fn commented_limits_and_history_examples_are_the_defaults_when_uncommented() {
+    let keys: Vec<String> = hostbind_proxy::config::KEYS
+        .iter()
+        .filter(|k| ["limits", "history"].contains(&k.table) || k.key.starts_with("max_ids"))
+        .map(|k| format!("{} =", k.key))
+        .collect();
+    let mut want: Vec<&str> = vec!["[clones]", "[limits]", "[history]"];
+    want.extend(keys.iter().map(String::as_str));
+    let text = uncomment(&want);
+    for k in &keys {
+        assert!(
+            text.contains(&format!("\n{k}")),
+            "{k} missing from proxy.toml:\n{text}"
+        );
+    }
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(c.limits, hostbind_proxy::limits::LimitsConfig::default());
+    assert_eq!(c.history, hostbind_proxy::config::HistoryConfig::default());
+    let d = hostbind_proxy::clones::CloneConfig::default();
+    assert_eq!(
+        (c.clones.max_ids_per_vm, c.clones.max_ids),
+        (d.max_ids_per_vm, d.max_ids)
+    );
+}
+
+#[test]
 fn commented_shutdown_example_is_valid_and_the_default_when_uncommented() {
     let text = uncomment(&["[shutdown]", "drain_timeout ="]);
     assert!(text.lines().any(|l| l.starts_with("[shutdown]")), "{text}");

@@ -31,6 +31,7 @@
 mod group;
 mod init;
 mod record;
+mod retention;
 mod store;
 
 use group::Op;
@@ -923,21 +924,10 @@ impl Ledger {
                 in_use,
                 holders,
             };
-            let detail = format!("refused {} ({}): {err}", req.vm_name, req.vm_uuid);
-            let ops = hist_ops(
-                &mut mem,
-                req.now,
-                vec![Hist::other(
-                    HistoryEvent::Refused,
-                    Some(req.vm_uuid),
-                    req.product,
-                    detail,
-                )],
-            )?;
-            let p = self.core.submit(&mut mem, ops);
+            // Not written here: the service counts refusals and writes one history entry per
+            // VM, code and product and interval (refusals.rs), so a flood of refused requests
+            // costs no commit each.
             drop(mem);
-            // The refusal stands whether or not its history entry is durable.
-            let _ = self.core.wait(p);
             return Err(err);
         }
         let lease = Lease {
@@ -1114,6 +1104,50 @@ impl Ledger {
         let mem = self.lock();
         let (n, holders, _) = seat_use(mem.leases.values(), product, mode, now);
         Ok((n, holders))
+    }
+
+    /// Leases held by `vm_uuid` (by every VM when `None`): (all of them, those for `product`).
+    /// Counts the in-memory mirror without copying it.
+    pub fn lease_counts(&self, vm_uuid: Option<&str>, product: &str) -> (usize, usize) {
+        let mem = self.lock();
+        let mut all = 0;
+        let mut of_product = 0;
+        for l in mem.leases.values() {
+            if vm_uuid.is_none_or(|v| l.vm_uuid == v) {
+                all += 1;
+                if l.product == product {
+                    of_product += 1;
+                }
+            }
+        }
+        (all, of_product)
+    }
+
+    /// Appends history entries that concern no lease (`(event, vm uuid, product, detail)`,
+    /// e.g. the service's refusal counts) in one durable commit.
+    pub fn append_history(
+        &self,
+        entries: Vec<(HistoryEvent, Option<String>, Option<String>, String)>,
+        now: u64,
+    ) -> Result<(), LedgerError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let hist = entries
+            .into_iter()
+            .map(|(event, vm_uuid, product, detail)| Hist {
+                event,
+                lease_id: None,
+                vm_uuid,
+                product,
+                detail,
+            })
+            .collect();
+        let mut mem = self.lock();
+        let ops = hist_ops(&mut mem, now, hist)?;
+        let p = self.core.submit(&mut mem, ops);
+        drop(mem);
+        self.core.wait(p)
     }
 
     /// History entries with seq >= `since_seq`, at most `limit` (not available while the
