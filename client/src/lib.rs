@@ -141,9 +141,12 @@ impl Client {
         &self.socket
     }
 
-    /// Asks for a token (`POST /v1/token`).
+    /// Asks for a token (`POST /v1/token`). A token that has already expired by this
+    /// machine's clock is never returned as a success: it fails with
+    /// [`ErrorCode::TokenExpired`].
     pub async fn token(&self, req: &TokenRequest) -> Result<TokenReply, ClientError> {
-        self.call_json(Method::POST, "/v1/token", Some(req)).await
+        let reply: TokenReply = self.call_json(Method::POST, "/v1/token", Some(req)).await?;
+        check_not_expired(reply, unix_now())
     }
 
     /// Releases a lease (`POST /v1/release`).
@@ -405,6 +408,30 @@ impl Stream for EventStream {
     }
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Fails a reply whose token expired at or before `now`.
+fn check_not_expired(reply: TokenReply, now: u64) -> Result<TokenReply, ClientError> {
+    if reply.expires_at > now {
+        return Ok(reply);
+    }
+    Err(ClientError::Api {
+        status: ErrorCode::TokenExpired.http_status(),
+        code: ErrorCode::TokenExpired,
+        message: format!(
+            "the agent answered with a token for '{}' that expired at unix time {} (now {now}): \
+             the host's TPM or clock is in trouble, or this VM's clock is ahead; retry later and \
+             check `hostbind-agent status`",
+            reply.product, reply.expires_at
+        ),
+    })
+}
+
 /// Verifies a token offline against the vendor's public key at the current time, checking the
 /// nonce when one is given. Only the vendor key is needed: the token carries the host
 /// certificate and the TPM evidence for its signing key.
@@ -413,11 +440,7 @@ pub fn verify(
     vendor: &VendorPublicKey,
     nonce: Option<&[u8]>,
 ) -> Result<VerifiedToken, VerifyError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    hostbind_attest::verify::verify_token(token, vendor, now, nonce)
+    hostbind_attest::verify::verify_token(token, vendor, unix_now(), nonce)
 }
 
 #[cfg(test)]
@@ -431,6 +454,34 @@ mod tests {
             verify(b"not a token", &vendor, None),
             Err(VerifyError::Malformed(_))
         ));
+    }
+
+    fn reply(expires_at: u64) -> TokenReply {
+        TokenReply {
+            token: vec![1, 2, 3],
+            lease_id: "L".into(),
+            host_id: "00".repeat(32),
+            vm: api::VmInfo {
+                uuid: "u".into(),
+                name: "n".into(),
+            },
+            product: "cad".into(),
+            scope: api::Scope::Vm,
+            expires_at,
+            lease_expires_at: expires_at,
+            cached: false,
+        }
+    }
+
+    #[test]
+    fn an_expired_token_is_a_failure_not_a_success() {
+        let now = 1_800_000_000;
+        assert!(check_not_expired(reply(now + 1), now).is_ok());
+        for exp in [now, now - 39] {
+            let e = check_not_expired(reply(exp), now).unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::TokenExpired));
+            assert!(e.to_string().contains("expired at"), "{e}");
+        }
     }
 
     #[tokio::test]

@@ -50,6 +50,8 @@ pub enum AdminRequest {
     /// Detected forks of agents' id chains (clones and snapshot restores), newest
     /// [`CLONE_PAGE`].
     Clones,
+    /// Take the host clock as right now (after a jump against the TPM clock was reported).
+    ClockAccept,
 }
 
 /// Most forks one `clones` answer lists (the newest; keeps the frame below the limit).
@@ -120,6 +122,19 @@ pub struct Status {
     /// Clone detection: live instances, forks and clones in the chain graph.
     #[serde(default)]
     pub clones: Option<crate::clones::CloneCounts>,
+    // --- fault hook (issue 16): TPM connection, token key, clock, usage log ---
+    /// The TPM connection: connected or reconnecting, failures, reconnects.
+    #[serde(default)]
+    pub tpm_health: Option<crate::tpm_service::TpmHealthSnapshot>,
+    /// The token key's renewal: failures in a row and why.
+    #[serde(default)]
+    pub token_key: Option<crate::service::KeyStatus>,
+    /// The host clock against the TPM clock.
+    #[serde(default)]
+    pub clock: Option<crate::clock::ClockStatus>,
+    /// The usage log: records waiting to be sealed (in memory and on disk), failures.
+    #[serde(default)]
+    pub usage: Option<crate::usage::UsageStatus>,
 }
 
 /// A stored license as listed.
@@ -161,6 +176,8 @@ pub enum AdminResponse {
         /// All forks held.
         total: usize,
     },
+    /// The clock was accepted; its state now.
+    ClockAccepted(crate::clock::ClockStatus),
     /// The request failed.
     Error(String),
 }
@@ -208,6 +225,10 @@ fn status(svc: &Service) -> Result<Status, String> {
         metrics: svc.counters.metrics.endpoint.get().cloned(),
         libvirt: svc.libvirt().map(|l| l.status()),
         clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),
+        tpm_health: Some(svc.tpm().health().snapshot()),
+        token_key: Some(svc.key_status()),
+        clock: Some(svc.clock_status()),
+        usage: svc.usage().map(|u| u.status()),
     })
 }
 
@@ -258,6 +279,11 @@ fn handle(svc: &Service, req: AdminRequest) -> AdminResponse {
                 forks.drain(..total.saturating_sub(CLONE_PAGE));
                 AdminResponse::Clones { forks, total }
             })
+            .map_err(|e| e.to_string()),
+        // runs on a blocking thread (see serve): waiting for the TPM here is fine
+        AdminRequest::ClockAccept => tokio::runtime::Handle::current()
+            .block_on(svc.accept_clock())
+            .map(AdminResponse::ClockAccepted)
             .map_err(|e| e.to_string()),
     };
     r.unwrap_or_else(AdminResponse::Error)

@@ -154,6 +154,9 @@ pub struct Config {
     /// Batching of TPM-fresh nonces (see fresh.rs).
     #[serde(default)]
     pub fresh_nonces: crate::fresh::FreshConfig,
+    /// How far the host clock may move against the TPM clock (see clock.rs).
+    #[serde(default)]
+    pub clock: crate::clock::ClockConfig,
     // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]

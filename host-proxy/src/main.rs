@@ -56,6 +56,17 @@ enum Cmd {
     /// The usage log (metering) for the vendor.
     #[command(subcommand)]
     Usage(UsageCmd),
+    /// The host clock against the TPM clock.
+    #[command(subcommand)]
+    Clock(ClockCmd),
+}
+
+/// `clock` commands.
+#[derive(Subcommand)]
+enum ClockCmd {
+    /// The host clock is right as it is now: after `status` reported a jump against the TPM
+    /// clock, make it the new reference and certify a token key on it again.
+    Accept,
 }
 
 // --- usage hook: `usage` commands (usage.rs) ---
@@ -266,6 +277,82 @@ fn libvirt_status_lines(l: &hostbind_proxy::libvirt::LibvirtStatus) -> Vec<Strin
 }
 // --- end libvirt hook ---
 
+// --- fault hook (issue 16) ---
+/// `status` lines about the TPM connection, the token key, the clock and the usage log; the
+/// healthy states take one line each.
+fn fault_status_lines(s: &hostbind_proxy::admin::Status, now: u64) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(h) = &s.tpm_health {
+        v.push(if h.state == "connected" {
+            format!(
+                "TPM health:     connected since {}; {} reconnects, {} key reloads{}",
+                fmt_time(h.since),
+                h.reconnects_total,
+                h.key_reloads_total,
+                match (&h.last_error, h.reconnects_total + h.key_reloads_total) {
+                    (Some(e), n) if n > 0 => format!(" (last trouble: {e})"),
+                    _ => String::new(),
+                }
+            )
+        } else {
+            format!(
+                "TPM health:     RECONNECTING since {}: {}; {} failures in a row, {}",
+                fmt_time(h.since),
+                h.last_error.as_deref().unwrap_or("connection lost"),
+                h.consecutive_failures,
+                match h.next_retry_secs {
+                    Some(n) => format!("next attempt in {n}s"),
+                    None => "trying now".into(),
+                }
+            )
+        });
+    }
+    if let Some(k) = &s.token_key {
+        if k.rotation_failures > 0 {
+            v.push(format!(
+                "token key:      ROTATION FAILING {} times since {}{}: {}",
+                k.rotation_failures,
+                k.failing_since.map(fmt_time).unwrap_or_default(),
+                if k.not_after <= now {
+                    "; the key has run out: token requests are refused".to_string()
+                } else {
+                    format!("; the key runs out at {}", fmt_time(k.not_after))
+                },
+                k.last_error.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    if let Some(c) = &s.clock {
+        v.push(match (&c.warning, c.state.as_str()) {
+            (Some(w), _) => format!("clock:          JUMPED: {w}"),
+            (None, "ok") => format!(
+                "clock:          in step with the TPM clock ({} s off at {})",
+                c.skew_secs.unwrap_or(0),
+                c.checked_at.map(fmt_time).unwrap_or_default()
+            ),
+            _ => "clock:          not compared with the TPM clock yet".into(),
+        });
+    }
+    if let Some(u) = &s.usage {
+        if u.spilled_records > 0 || u.seal_failures_total > 0 || u.dropped_total > 0 {
+            v.push(format!(
+                "usage log:      {} records wait in memory, {} in the spill file ({} bytes); {} failed flushes, {} records dropped{}",
+                u.pending_records,
+                u.spilled_records,
+                u.spill_bytes,
+                u.seal_failures_total,
+                u.dropped_total,
+                u.last_error
+                    .as_deref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    v
+}
+// --- end fault hook ---
+
 #[derive(Subcommand)]
 enum LicenseCmd {
     /// Verify and add a license file (replaces the previous license of the same product).
@@ -383,6 +470,11 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                     .as_deref()
                     .unwrap_or("off ([metrics] listen in the config)")
             );
+            // --- fault hook (issue 16) ---
+            for line in fault_status_lines(&s, now) {
+                println!("{line}");
+            }
+            // --- end fault hook ---
             if let Some(k) = &s.clones {
                 println!(
                     "clones:         {} instances live; {} forks detected ({} clones, {} restores); see `hostbind-proxy clones`",
@@ -502,6 +594,15 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
             hostbind_proxy::clones::print_forks(&forks, total);
         }
+        Cmd::Clock(ClockCmd::Accept) => {
+            let AdminResponse::ClockAccepted(c) = c.call(AdminRequest::ClockAccept).await? else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
+            if json {
+                return print_json(&c);
+            }
+            println!("clock accepted: the host's time is the new reference; token key certified");
+        }
         Cmd::Run | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => {}
     }
     Ok(())
@@ -524,7 +625,12 @@ fn run(cli: Cli) -> Result<()> {
             init_logging(cfg.log_level.as_str());
             runtime()?.block_on(hostbind_proxy::daemon::run(cfg))?;
         }
-        c @ (Cmd::Status | Cmd::License(_) | Cmd::Leases | Cmd::Release { .. } | Cmd::Clones) => {
+        c @ (Cmd::Status
+        | Cmd::License(_)
+        | Cmd::Leases
+        | Cmd::Release { .. }
+        | Cmd::Clones
+        | Cmd::Clock(_)) => {
             runtime()?.block_on(admin(&cfg, cli.json, c))?;
         }
         Cmd::Vm(c) => vm_cmd(&cfg, cli.json, c)?,

@@ -381,6 +381,38 @@ impl Swtpm {
         self.spawn()
     }
 
+    /// Kills swtpm (SIGKILL, like a crash of the simulator or the TPM going away) and leaves
+    /// it stopped; [`Swtpm::start_again`] brings it back on the same ports and state.
+    pub fn kill(&mut self) -> Result<(), TestkitError> {
+        self.stop()
+    }
+
+    /// Starts swtpm again after [`Swtpm::kill`], on the same ports and state dir, as a
+    /// restarted simulator or a TPM that came back: clients that reconnect to the same TCTI
+    /// find it (with its transient objects gone).
+    pub fn start_again(&mut self) -> Result<(), TestkitError> {
+        let mut reason = String::from("no attempt made");
+        for attempt in 1..=PORT_ATTEMPTS {
+            match self.try_spawn(self.port) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                Err(SpawnFailure::Fatal(e)) => return Err(e),
+                Err(SpawnFailure::Retry(why)) => {
+                    reason = format!("attempt {attempt} on port {}: {why}", self.port);
+                    sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        Err(TestkitError::Startup {
+            reason,
+            attempts: PORT_ATTEMPTS,
+            log: self.log.clone(),
+            tail: log_tail(&self.log),
+        })
+    }
+
     /// Sends TPM2_Shutdown(TPM_SU_CLEAR) on the command port, raw over swtpm's TCP protocol.
     fn send_shutdown_clear(&self) -> io::Result<()> {
         // TPM2_Shutdown: tag NO_SESSIONS, size 12, TPM_CC_Shutdown, TPM_SU_CLEAR.
