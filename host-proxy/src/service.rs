@@ -665,6 +665,26 @@ impl Service {
         }
     }
 
+    /// The token key, when it can sign a token that verifies now and stays valid for at least
+    /// the minimum validity; else the refusal that says why it was not renewed.
+    fn usable_signer(&self, now: u64) -> Result<Arc<TokenSigner>, ErrorBody> {
+        // the key and why it was not renewed, seen together
+        let (signer, trouble) = self
+            .key
+            .read()
+            .map(|k| (k.signer.clone(), k.last_error.clone()))
+            .unwrap_or_default();
+        let signer = signer.ok_or_else(|| self.key_unavailable(None, trouble.clone(), now))?;
+        let ev = signer.evidence();
+        // never a token that is expired or about to be, nor one dated before its key
+        if ev.not_after <= now.saturating_add(Self::min_token_validity(&self.cfg))
+            || now.saturating_add(hostbind_attest::verify::CLOCK_SKEW_SECS) < ev.not_before
+        {
+            return Err(self.key_unavailable(Some(ev.not_after), trouble, now));
+        }
+        Ok(signer)
+    }
+
     fn issue(
         &self,
         vm: &Vm,
@@ -675,20 +695,22 @@ impl Service {
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
         let now = unix_now();
-        // the key and why it was not renewed, seen together
-        let (signer, trouble) = self
-            .key
-            .read()
-            .map(|k| (k.signer.clone(), k.last_error.clone()))
-            .unwrap_or_default();
-        let signer = signer.ok_or_else(|| self.key_unavailable(None, trouble.clone(), now))?;
+        let signer = self.usable_signer(now)?;
         let ev = signer.evidence();
         let exp = lease.expires_at.min(ev.not_after);
-        // never a token that is expired or about to be, nor one dated before its key
-        if exp <= now.saturating_add(Self::min_token_validity(&self.cfg))
-            || now.saturating_add(hostbind_attest::verify::CLOCK_SKEW_SECS) < ev.not_before
-        {
-            return Err(self.key_unavailable(Some(ev.not_after), trouble, now));
+        let min_end = now.saturating_add(Self::min_token_validity(&self.cfg));
+        // `exp - iat >= min validity` (docs/protocol.md); strict, so that a commit crossing a
+        // second boundary does not refuse a lease granted a moment ago
+        if exp < min_end {
+            // the lease was granted so long ago (a slow ledger commit) that it is about to end
+            return Err(self.refused(err(
+                ErrorCode::Busy,
+                format!(
+                    "lease {} ends at {}, too soon for a useful token: the host is overloaded (its seat ledger took long to commit); retry",
+                    lease.id,
+                    fmt_time(lease.expires_at)
+                ),
+            )));
         }
         let claims = TokenClaims {
             host_id: self.identity.cert.host_id.to_vec(),
@@ -765,11 +787,19 @@ impl Service {
             .await
             .map(Some)
             .map_err(|e| {
-                tracing::error!("TPM-fresh nonce: {e}");
-                err(
-                    ErrorCode::Internal,
-                    format!("the host's TPM could not cover the nonce: {e}"),
-                )
+                if self.tpm.health().is_up() {
+                    tracing::error!("TPM-fresh nonce: {e}");
+                    err(
+                        ErrorCode::Internal,
+                        format!("the host's TPM could not cover the nonce: {e}"),
+                    )
+                } else {
+                    // the TPM thread logs the outage once; no ERROR line per request
+                    self.refused(err(
+                        ErrorCode::TpmUnavailable,
+                        format!("the host's TPM could not cover the nonce: {e}; retry once the host's TPM is back"),
+                    ))
+                }
             })
     }
 
@@ -828,6 +858,9 @@ impl Service {
                 }
             },
         };
+        // no new lease (and seat) for a request that cannot get a token: a TPM outage or a clock
+        // problem would fill the seats with leases nobody knows about
+        self.usable_signer(unix_now())?;
         // --- libvirt hook: assignment in the domain metadata, seat reservations (libvirt.rs) ---
         let admission = match self.libvirt.get() {
             Some(lv) => Some(

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// First reconnect delay after the TPM connection is lost.
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(250);
 /// Longest delay between reconnect attempts.
-pub const RECONNECT_MAX: Duration = Duration::from_secs(15);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How often an idle TPM thread checks that the TPM answers and still holds the AK.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 

@@ -303,6 +303,7 @@ pub struct UsageLog {
     host_id: String,
     nv_index: u32,
     flush_secs: u64,
+    started_at: u64,
     tpm: TpmService,
     key: RwLock<Option<MeteringKey>>,
     pending: Mutex<Pending>,
@@ -543,6 +544,7 @@ impl UsageLog {
             host_id,
             nv_index: cfg.nv_index,
             flush_secs,
+            started_at: unix_now(),
             tpm,
             key: RwLock::new(None),
             pending: Mutex::new(pending),
@@ -679,7 +681,7 @@ impl UsageLog {
             .join(RUN_MARKER);
         let m = RunMarker {
             pid: std::process::id(),
-            started_at: 0,
+            started_at: self.started_at,
             flushed_at: at,
             flush_secs: self.flush_secs,
         };

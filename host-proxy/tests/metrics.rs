@@ -215,6 +215,17 @@ async fn scrape_a_real_proxy_over_loopback_tcp() {
         quotes
     );
     assert!(get("hostbind_tpm_quote_duration_seconds_sum") > 0.0);
+    // a healthy TPM, key, clock and usage log
+    assert_eq!(get("hostbind_tpm_up"), 1.0);
+    assert_eq!(get("hostbind_tpm_reconnects_total"), 0.0);
+    assert_eq!(get("hostbind_tpm_consecutive_failures"), 0.0);
+    assert_eq!(get("hostbind_token_key_rotation_failures"), 0.0);
+    assert_eq!(get("hostbind_clock_jumped"), 0.0);
+    assert_eq!(
+        get("hostbind_usage_unsealed_records{where=\"spill_file\"}"),
+        0.0
+    );
+    assert_eq!(get("hostbind_usage_seal_failures_total"), 0.0);
     assert!(
         get("hostbind_token_key_expiry_timestamp_seconds") > get("hostbind_start_time_seconds")
     );

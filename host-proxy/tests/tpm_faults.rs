@@ -155,16 +155,25 @@ async fn swtpm_killed_and_restarted_under_load_heals_and_meters_every_token() {
         "{st:#}"
     );
     assert_eq!(st["token_key"]["rotation_failures"], 0, "{st:#}");
-    // the only refusals name the TPM outage
+    // the refusals name the TPM outage (or, on a loaded machine, a ledger commit so slow that
+    // the 2 s lease was about to end: `busy`, never a short-lived token)
     assert!(
         seen.refused.get("tpm_unavailable").copied().unwrap_or(0) >= 1,
         "{seen:?}"
     );
-    assert_eq!(seen.refused.len(), 1, "{seen:?}");
     assert!(
-        seen.messages
-            .iter()
-            .all(|(_, m)| m.contains("TPM unavailable") && !m.contains("PCR")),
+        seen.refused
+            .keys()
+            .all(|c| c == "tpm_unavailable" || c == "busy"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.messages.iter().all(|(c, m)| !m.contains("PCR")
+            && if c == "busy" {
+                m.contains("seat ledger took long")
+            } else {
+                m.contains("TPM unavailable")
+            }),
         "{:?}",
         seen.messages
     );
