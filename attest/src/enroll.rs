@@ -2,8 +2,16 @@
 //!
 //! The issuer side is stateless: the challenge secret is derived from the vendor key, the request
 //! digest, the nonce and the expiry, so `finish` can recompute it from the answer alone.
+//!
+//! One TPM is one host: the host id is derived from what the TPM maker certified (the EK
+//! certificate's SubjectPublicKeyInfo, see [`host_id_of_ek_cert`]), and the EK public area in a
+//! request must be exactly the TCG template of its type ([`crate::ek`]), checked at `challenge`
+//! and again at `finish`. ECC EKs are refused unless the vendor allows them
+//! ([`EnrollPolicy::allow_ecc_ek`]): a TPM with both an RSA and an ECC EK certificate would
+//! otherwise have two identities.
 
 use crate::credential::{make_credential, CredentialError};
+use crate::ek::{self, EkTemplateError};
 use crate::keys::VendorKey;
 use crate::signed::{fmt_time, sign, to_cbor, HostCertificate, ObjectKind, SignedError, Validity};
 use crate::tpm::{self, PublicArea, PublicKey, TpmError};
@@ -25,6 +33,15 @@ pub const KIND_ANSWER: &str = "hostbind-enroll-answer";
 pub const ENROLL_VERSION: u32 = 1;
 /// Longest EK certificate chain accepted.
 const MAX_CHAIN: usize = 8;
+/// Domain label of the host id: `SHA-256(label || DER SubjectPublicKeyInfo of the EK certificate)`.
+pub const HOST_ID_LABEL: &[u8] = b"hostbind-host-id-v2\0";
+/// Domain label of an EK key fingerprint (see [`EkIdentity::key_sha256`]).
+const EK_KEY_LABEL: &[u8] = b"hostbind-ek-key-v1\0";
+pub use crate::signed::DEFAULT_MAX_KEY_WINDOW_SECS;
+/// OID of NIST P-256 (secp256r1) in an EC SubjectPublicKeyInfo.
+const OID_P256: &str = "1.2.840.10045.3.1.7";
+/// OID of NIST P-384 (secp384r1).
+const OID_P384: &str = "1.3.132.0.34";
 
 /// Errors of the enrollment protocol, on either side.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +72,23 @@ pub enum EnrollError {
         not_after: String,
     },
     /// The EK certificate is for a different key than the EK in the request.
-    #[error("EK certificate's public key does not match the EK public area in the request")]
-    EkMismatch,
+    #[error("EK certificate's public key does not match the EK public area in the request ({0}): the request was edited or mixes two EKs")]
+    EkMismatch(&'static str),
+    /// The EK public area is not the standard template of its type.
+    #[error("EK public area in the request is refused: {0}")]
+    EkTemplate(#[from] EkTemplateError),
+    /// An ECC EK while the vendor accepts RSA-2048 EKs only.
+    #[error(
+        "the request's EK is an ECC key (TCG template {template}); RSA-2048 EKs only are accepted \
+         by default, because a TPM with both an RSA and an ECC EK certificate must yield one host \
+         id: hostbind-proxy submits the RSA-2048 EK whenever its certificate is present, so an ECC \
+         EK means this TPM has no RSA EK certificate or the request was edited; if you accept \
+         ECC-only TPMs, run the command again with --allow-ecc-ek (see docs/threat-model.md)"
+    )]
+    EccEkNotAllowed {
+        /// The template of the submitted EK.
+        template: &'static str,
+    },
     /// No trusted CA certificates were given.
     #[error("no TPM manufacturer CA certificates given; pass at least one with --tpm-ca")]
     NoTrustAnchors,
@@ -157,9 +189,90 @@ pub fn answer_binding(nonce: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// host_id = SHA-256 of the EK's TPMT_PUBLIC.
-pub fn host_id(ek_public: &[u8]) -> [u8; 32] {
-    Sha256::digest(ek_public).into()
+/// What the issuer enforces beyond the TPM evidence itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EnrollPolicy {
+    /// Accept ECC EKs (for TPMs without an RSA-2048 EK certificate). Off by default: see
+    /// [`EnrollError::EccEkNotAllowed`].
+    pub allow_ecc_ek: bool,
+}
+
+/// What the vendor grants in a host certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertTerms {
+    /// Certificate validity from now, seconds.
+    pub validity_secs: u64,
+    /// Longest token-key window (not_after - not_before of a quote-certified key) verifiers
+    /// accept from this host.
+    pub max_key_window_secs: u64,
+}
+
+/// The identity one EK certificate gives: the host id and fingerprints for the issuer's
+/// enrollment registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EkIdentity {
+    /// `SHA-256(HOST_ID_LABEL || DER SubjectPublicKeyInfo)`: the host id.
+    pub host_id: [u8; 32],
+    /// SHA-256 of the whole DER certificate.
+    pub cert_sha256: [u8; 32],
+    /// SHA-256 over a label and the certified key in canonical form (RSA: modulus without
+    /// leading zeros and the exponent; EC: the curve OID and the uncompressed point), the same
+    /// for every certificate of that key however its SubjectPublicKeyInfo is encoded.
+    pub key_sha256: [u8; 32],
+}
+
+/// The host id of the TPM whose EK certificate this is (DER): SHA-256 over [`HOST_ID_LABEL`] and
+/// the certificate's DER SubjectPublicKeyInfo, i.e. over what the TPM maker certified.
+pub fn host_id_of_ek_cert(ek_cert: &[u8]) -> Result<[u8; 32], EnrollError> {
+    Ok(ek_identity(ek_cert)?.host_id)
+}
+
+/// The host id and registry fingerprints of an EK certificate (DER).
+pub fn ek_identity(ek_cert: &[u8]) -> Result<EkIdentity, EnrollError> {
+    let (_, cert) = X509Certificate::from_der(ek_cert)
+        .map_err(|e| EnrollError::EkCertificate(e.to_string()))?;
+    let spki = cert.public_key();
+    let mut h = Sha256::new();
+    h.update(HOST_ID_LABEL);
+    h.update(spki.raw);
+    let host_id = h.finalize().into();
+    let mut k = Sha256::new();
+    k.update(EK_KEY_LABEL);
+    match spki
+        .parsed()
+        .map_err(|e| EnrollError::EkCertificate(e.to_string()))?
+    {
+        x509_parser::public_key::PublicKey::RSA(r) => {
+            let e = r
+                .try_exponent()
+                .map_err(|e| EnrollError::EkCertificate(format!("RSA exponent: {e}")))?;
+            k.update(b"rsa\0");
+            k.update(strip_zeros(r.modulus));
+            k.update(e.to_be_bytes());
+        }
+        x509_parser::public_key::PublicKey::EC(p) => {
+            k.update(b"ec\0");
+            k.update(ec_curve_oid(&cert).unwrap_or_default().as_bytes());
+            k.update([0]);
+            k.update(p.data());
+        }
+        _ => {
+            return Err(EnrollError::EkCertificate(
+                "the certified key is neither RSA nor EC".into(),
+            ))
+        }
+    }
+    Ok(EkIdentity {
+        host_id,
+        cert_sha256: Sha256::digest(ek_cert).into(),
+        key_sha256: k.finalize().into(),
+    })
+}
+
+/// The named-curve OID of an EC certificate's key, as dotted text.
+fn ec_curve_oid(cert: &X509Certificate<'_>) -> Option<String> {
+    let params = cert.public_key().algorithm.parameters.as_ref()?;
+    params.as_oid().ok().map(|o| o.to_id_string())
 }
 
 fn check_kind(expected: &'static str, kind: &str, version: u32) -> Result<(), EnrollError> {
@@ -213,21 +326,41 @@ pub fn verify_ek_certificate(
         .public_key()
         .parsed()
         .map_err(|e| EnrollError::EkCertificate(e.to_string()))?;
-    let matches = match (&spki, &ek.key) {
-        (x509_parser::public_key::PublicKey::RSA(r), PublicKey::Rsa { modulus, .. }) => {
-            strip_zeros(r.modulus) == strip_zeros(modulus)
+    match (&spki, &ek.key) {
+        (
+            x509_parser::public_key::PublicKey::RSA(r),
+            PublicKey::Rsa {
+                modulus, exponent, ..
+            },
+        ) => {
+            if strip_zeros(r.modulus) != strip_zeros(modulus) {
+                return Err(EnrollError::EkMismatch("RSA modulus differs"));
+            }
+            if r.try_exponent().ok() != Some(u64::from(*exponent)) {
+                return Err(EnrollError::EkMismatch("RSA exponent differs"));
+            }
         }
-        (x509_parser::public_key::PublicKey::EC(p), PublicKey::Ecc { x, y, .. }) => {
+        (x509_parser::public_key::PublicKey::EC(p), PublicKey::Ecc { curve: c, x, y }) => {
+            let oid = match *c {
+                tpm::curve::NIST_P256 => OID_P256,
+                tpm::curve::NIST_P384 => OID_P384,
+                _ => return Err(EnrollError::EkMismatch("unsupported curve")),
+            };
+            if ec_curve_oid(&cert).as_deref() != Some(oid) {
+                return Err(EnrollError::EkMismatch(
+                    "the certificate names another curve",
+                ));
+            }
             let d = p.data();
-            d.len() == 1 + x.len() + y.len()
+            if !(d.len() == 1 + x.len() + y.len()
                 && d[0] == 4
                 && d[1..1 + x.len()] == x[..]
-                && d[1 + x.len()..] == y[..]
+                && d[1 + x.len()..] == y[..])
+            {
+                return Err(EnrollError::EkMismatch("EC point differs"));
+            }
         }
-        _ => false,
-    };
-    if !matches {
-        return Err(EnrollError::EkMismatch);
+        _ => return Err(EnrollError::EkMismatch("key types differ")),
     }
     let cas = trust
         .iter()
@@ -294,13 +427,25 @@ impl EnrollRequest {
         Ok(Sha256::digest(to_cbor("enrollment request", self)?).into())
     }
 
-    /// Parses and checks the EK and AK, and the EK certificate chain.
-    fn check(&self, trust: &[Vec<u8>], now: u64) -> Result<(PublicArea, PublicArea), EnrollError> {
+    /// Parses and checks the EK (standard template, allowed type) and AK, and the EK
+    /// certificate chain and its key match. Run by both `challenge` and `finish`.
+    fn check(
+        &self,
+        trust: &[Vec<u8>],
+        now: u64,
+        policy: &EnrollPolicy,
+    ) -> Result<Checked, EnrollError> {
         check_kind(KIND_REQUEST, &self.kind, self.version)?;
         let ek = tpm::parse_public(&self.ek_public).map_err(|source| EnrollError::Tpm {
             what: "EK public area in the request",
             source,
         })?;
+        let template = ek::check_template(&ek)?;
+        if template.is_ecc() && !policy.allow_ecc_ek {
+            return Err(EnrollError::EccEkNotAllowed {
+                template: template.name,
+            });
+        }
         let ak = tpm::parse_public(&self.ak_public).map_err(|source| EnrollError::Tpm {
             what: "AK public area in the request",
             source,
@@ -310,8 +455,48 @@ impl EnrollRequest {
             source,
         })?;
         verify_ek_certificate(&self.ek_cert, &ek, trust, now)?;
-        Ok((ek, ak))
+        let identity = ek_identity(&self.ek_cert)?;
+        let ak_name = ak.name().map_err(|source| EnrollError::Tpm {
+            what: "AK public area in the request",
+            source,
+        })?;
+        Ok(Checked {
+            ek,
+            template: template.name,
+            identity,
+            ak,
+            ak_name,
+        })
     }
+}
+
+/// A request that passed [`EnrollRequest::check`].
+struct Checked {
+    /// The EK public area (exactly the submitted bytes, a standard template).
+    ek: PublicArea,
+    /// Its template's name.
+    template: &'static str,
+    /// Host id and fingerprints from the EK certificate.
+    identity: EkIdentity,
+    /// The AK public area (exactly the submitted bytes, a restricted signing key).
+    ak: PublicArea,
+    /// The TPM name of exactly the submitted AK public area (what the credential binds).
+    ak_name: Vec<u8>,
+}
+
+/// A finished enrollment: the signed host certificate and what the issuer's registry records.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    /// The certificate's payload.
+    pub cert: HostCertificate,
+    /// The signed COSE_Sign1 bytes.
+    pub bytes: Vec<u8>,
+    /// Host id and EK fingerprints.
+    pub ek: EkIdentity,
+    /// The TCG template of the EK.
+    pub ek_template: &'static str,
+    /// The AK's TPM name.
+    pub ak_name: Vec<u8>,
 }
 
 fn challenge_secret(vendor: &VendorKey, digest: &[u8], nonce: &[u8], expires_at: u64) -> [u8; 32] {
@@ -322,15 +507,17 @@ fn challenge_secret(vendor: &VendorKey, digest: &[u8], nonce: &[u8], expires_at:
     vendor.derive_secret("hostbind-enroll-secret-v1", &data)
 }
 
-/// Issuer: checks a request and makes the MakeCredential challenge (valid `ttl_secs`).
+/// Issuer: checks a request and makes the MakeCredential challenge (valid `ttl_secs`), bound to
+/// the name of exactly the AK public area in the request.
 pub fn create_challenge(
     req: &EnrollRequest,
     trust: &[Vec<u8>],
     vendor: &VendorKey,
     now: u64,
     ttl_secs: u64,
+    policy: &EnrollPolicy,
 ) -> Result<EnrollChallenge, EnrollError> {
-    let (ek, ak) = req.check(trust, now)?;
+    let checked = req.check(trust, now, policy)?;
     let digest = req.digest()?;
     let mut nonce = [0u8; 32];
     SystemRandom::new()
@@ -338,16 +525,12 @@ pub fn create_challenge(
         .map_err(|_| EnrollError::Rng)?;
     let expires_at = now.saturating_add(ttl_secs);
     let secret = challenge_secret(vendor, &digest, &nonce, expires_at);
-    let ak_name = ak.name().map_err(|source| EnrollError::Tpm {
-        what: "AK public area in the request",
-        source,
-    })?;
-    let cred = make_credential(&ek, &ak_name, &secret)?;
+    let cred = make_credential(&checked.ek, &checked.ak_name, &secret)?;
     Ok(EnrollChallenge {
         kind: KIND_CHALLENGE.into(),
         version: ENROLL_VERSION,
         request_digest: ByteBuf::from(digest.to_vec()),
-        host_id: ByteBuf::from(host_id(&req.ek_public).to_vec()),
+        host_id: ByteBuf::from(checked.identity.host_id.to_vec()),
         nonce: ByteBuf::from(nonce.to_vec()),
         expires_at,
         id_object: ByteBuf::from(cred.id_object),
@@ -369,26 +552,27 @@ impl EnrollAnswer {
     }
 }
 
-/// Issuer: verifies an answer and signs the host certificate valid for `validity_secs`.
-/// Returns the certificate and its signed COSE bytes.
+/// Issuer: verifies an answer (re-checking the whole request as `challenge` did) and signs the
+/// host certificate with `terms`.
 pub fn finish(
     ans: &EnrollAnswer,
     trust: &[Vec<u8>],
     vendor: &VendorKey,
     now: u64,
-    validity_secs: u64,
-) -> Result<(HostCertificate, Vec<u8>), EnrollError> {
+    policy: &EnrollPolicy,
+    terms: &CertTerms,
+) -> Result<Enrolled, EnrollError> {
     ans.check_kind()?;
     if now > ans.expires_at {
         return Err(EnrollError::ChallengeExpired(fmt_time(ans.expires_at)));
     }
-    let (_, ak) = ans.request.check(trust, now)?;
+    let checked = ans.request.check(trust, now, policy)?;
     let digest = ans.request.digest()?;
     let expected = challenge_secret(vendor, &digest, &ans.nonce, ans.expires_at);
     if !bool::from(expected.as_slice().ct_eq(ans.secret.as_slice())) {
         return Err(EnrollError::WrongSecret);
     }
-    let quote = tpm::verify_quote(&ak, &ans.quote_attest, &ans.quote_signature)
+    let quote = tpm::verify_quote(&checked.ak, &ans.quote_attest, &ans.quote_signature)
         .map_err(EnrollError::Quote)?;
     if quote.extra_data != answer_binding(&ans.nonce) {
         return Err(EnrollError::QuoteNonce);
@@ -398,16 +582,23 @@ pub fn finish(
         .fill(&mut serial)
         .map_err(|_| EnrollError::Rng)?;
     let cert = HostCertificate {
-        host_id: ByteBuf::from(host_id(&ans.request.ek_public).to_vec()),
+        host_id: ByteBuf::from(checked.identity.host_id.to_vec()),
         ak_public: ans.request.ak_public.clone(),
         serial: ByteBuf::from(serial.to_vec()),
         issued_at: now,
         validity: Validity {
             not_before: now,
-            not_after: now.saturating_add(validity_secs),
+            not_after: now.saturating_add(terms.validity_secs),
         },
         facts: ans.request.facts.clone(),
+        max_key_window_secs: terms.max_key_window_secs,
     };
     let bytes = sign(ObjectKind::HostCertificate, &cert, vendor)?;
-    Ok((cert, bytes))
+    Ok(Enrolled {
+        cert,
+        bytes,
+        ek: checked.identity,
+        ek_template: checked.template,
+        ak_name: checked.ak_name,
+    })
 }

@@ -59,6 +59,13 @@ impl VendorPublicKeyFile {
     }
 }
 
+/// The bytes of a vendor public key file (`.pub`): the one format `hostbind-issuer keygen` and
+/// `hostbind-proxy enroll install` write and every `--vendor-pub` reads — a CBOR map
+/// `{"kind": "hostbind-vendor-public-key", "alg": "Ed25519", "key": <32-byte bstr>}`.
+pub fn encode_vendor_public(key: &VendorPublicKey) -> Result<Vec<u8>, crate::signed::SignedError> {
+    crate::signed::to_cbor("vendor public key", &VendorPublicKeyFile::new(key))
+}
+
 /// What a hostbind file is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -124,8 +131,9 @@ pub fn detect(bytes: &[u8]) -> Result<FileKind, String> {
     }
 }
 
-/// Reads a vendor public key from any form a user may hand over: a vendor public key file, a vendor
-/// private key file (its public half), or text holding 64 hex characters.
+/// Reads a vendor public key from any form a user may hand over: a vendor public key file (see
+/// [`encode_vendor_public`]), a vendor private key file (its public half), or text holding 64 hex
+/// characters (e.g. the key an app embeds, given on the command line).
 pub fn parse_vendor_public(bytes: &[u8]) -> Result<VendorPublicKey, String> {
     const HINT: &str = "expected a .pub file from `hostbind-issuer keygen` or 64 hex characters";
     match detect(bytes) {
@@ -156,7 +164,11 @@ mod tests {
     fn vendor_public_from_every_form() {
         let k = VendorKey::generate().unwrap();
         let p = k.public();
-        let pub_file = to_cbor("p", &VendorPublicKeyFile::new(&p)).unwrap();
+        let pub_file = encode_vendor_public(&p).unwrap();
+        assert_eq!(
+            pub_file,
+            to_cbor("p", &VendorPublicKeyFile::new(&p)).unwrap()
+        );
         let key_file = to_cbor("k", &VendorKeyFile::new(&k)).unwrap();
         assert_eq!(parse_vendor_public(&pub_file).unwrap(), p);
         assert_eq!(parse_vendor_public(&key_file).unwrap(), p);

@@ -17,6 +17,8 @@ pub mod chain;
 #[cfg(feature = "std")]
 pub mod credential;
 #[cfg(feature = "std")]
+pub mod ek;
+#[cfg(feature = "std")]
 pub mod enroll;
 #[cfg(feature = "std")]
 pub mod files;

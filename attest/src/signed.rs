@@ -234,7 +234,8 @@ pub fn fmt_time(t: u64) -> String {
 /// A host's identity certificate, signed by the vendor at enrollment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostCertificate {
-    /// SHA-256 of the EK's TPMT_PUBLIC.
+    /// The host id: SHA-256 over a label and the EK certificate's SubjectPublicKeyInfo (see
+    /// [`crate::enroll::host_id_of_ek_cert`]).
     pub host_id: ByteBuf,
     /// The attestation key's TPMT_PUBLIC (quotes from the host verify against it).
     pub ak_public: ByteBuf,
@@ -246,6 +247,18 @@ pub struct HostCertificate {
     pub validity: Validity,
     /// Host facts from the enrollment request (hostname, ...), informational.
     pub facts: BTreeMap<String, String>,
+    /// Longest token-key window (a quote-certified key's not_after - not_before, seconds) that
+    /// verifiers accept from this host; certificates without it mean
+    /// [`DEFAULT_MAX_KEY_WINDOW_SECS`].
+    #[serde(default = "default_max_key_window")]
+    pub max_key_window_secs: u64,
+}
+
+/// Longest token-key window a host certificate allows when it does not say (one hour).
+pub const DEFAULT_MAX_KEY_WINDOW_SECS: u64 = 3600;
+
+fn default_max_key_window() -> u64 {
+    DEFAULT_MAX_KEY_WINDOW_SECS
 }
 
 impl HostCertificate {
@@ -357,11 +370,126 @@ impl License {
     pub fn covers_host(&self, host_id: &[u8]) -> bool {
         self.hosts.iter().any(|h| h.as_slice() == host_id)
     }
+
+    /// Checks the names in the license: id, product and features are identifiers
+    /// ([`check_identifier`]), the customer a one-line text ([`check_text`]). The issuer checks
+    /// before signing and the proxy before accepting, so a bad name never reaches `license
+    /// list`, `status`, metrics or logs.
+    pub fn check_names(&self) -> Result<(), NameError> {
+        check_identifier("license id", &self.id)?;
+        check_identifier("product", &self.product)?;
+        for f in &self.features {
+            check_identifier("feature", f)?;
+        }
+        check_text("customer", &self.customer)
+    }
+}
+
+/// Longest name accepted in a license, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A name that is not acceptable in a license.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value:?} {reason}")]
+pub struct NameError {
+    /// Which name ("product", "feature", ...).
+    pub what: &'static str,
+    /// The name as given.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn check_len(what: &'static str, s: &str) -> Result<(), NameError> {
+    let bad = |reason: String| NameError {
+        what,
+        value: s.to_string(),
+        reason,
+    };
+    if s.is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    if s.len() > MAX_NAME_LEN {
+        return Err(bad(format!(
+            "is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+/// An identifier (license id, product, feature): 1 to [`MAX_NAME_LEN`] bytes of letters,
+/// digits and `. _ - + : @`; no spaces, no control characters.
+pub fn check_identifier(what: &'static str, s: &str) -> Result<(), NameError> {
+    check_len(what, s)?;
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || "._-+:@".contains(*c)))
+    {
+        return Err(NameError {
+            what,
+            value: s.to_string(),
+            reason: format!("contains {c:?}; use letters, digits and . _ - + : @ only (no spaces)"),
+        });
+    }
+    Ok(())
+}
+
+/// A one-line text (a customer's name): 1 to [`MAX_NAME_LEN`] bytes, no control characters
+/// (newlines, tabs, escapes), no leading or trailing space.
+pub fn check_text(what: &'static str, s: &str) -> Result<(), NameError> {
+    check_len(what, s)?;
+    let bad = |reason: String| NameError {
+        what,
+        value: s.to_string(),
+        reason,
+    };
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(bad(format!(
+            "contains the control character {c:?}; it must be one line of text"
+        )));
+    }
+    if s.trim() != s {
+        return Err(bad("starts or ends with spaces".into()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_in_licenses_are_checked() {
+        let mut l = lic();
+        assert_eq!(l.check_names(), Ok(()));
+        for bad in [
+            "",
+            "a\nb",
+            "two words",
+            "x\u{1b}[31m",
+            &"p".repeat(MAX_NAME_LEN + 1),
+        ] {
+            l.product = bad.to_string();
+            let e = l.check_names().unwrap_err();
+            assert_eq!(e.what, "product", "{bad:?}");
+        }
+        l.product = "cad-2.0_pro+x:@y".into();
+        assert_eq!(l.check_names(), Ok(()));
+        l.features = vec!["ok".into(), "new\nline".into()];
+        assert_eq!(l.check_names().unwrap_err().what, "feature");
+        l.features.clear();
+        l.customer = "ACME Corp. (Europe)".into();
+        assert_eq!(l.check_names(), Ok(()));
+        for bad in ["", "ACME\nEvil", " ACME", "A\tB"] {
+            l.customer = bad.to_string();
+            assert_eq!(l.check_names().unwrap_err().what, "customer", "{bad:?}");
+        }
+        let e = check_identifier("product", "").unwrap_err().to_string();
+        assert_eq!(e, "product \"\" is empty");
+        let e = check_identifier("product", "a\nb").unwrap_err().to_string();
+        assert!(e.contains("'\\n'") && e.contains("no spaces"), "{e}");
+    }
 
     fn lic() -> License {
         License {
@@ -407,6 +535,33 @@ mod tests {
                 "byte {i}"
             );
         }
+    }
+
+    #[test]
+    fn host_certificate_without_key_window_means_one_hour() {
+        // A certificate signed before the field existed.
+        let v = ciborium::Value::Map(
+            [
+                ("host_id", ciborium::Value::Bytes(vec![1; 32])),
+                ("ak_public", ciborium::Value::Bytes(vec![2; 8])),
+                ("serial", ciborium::Value::Bytes(vec![3; 16])),
+                ("issued_at", ciborium::Value::Integer(1.into())),
+                (
+                    "validity",
+                    ciborium::Value::Map(vec![
+                        ("not_before".into(), 1.into()),
+                        ("not_after".into(), 2.into()),
+                    ]),
+                ),
+                ("facts", ciborium::Value::Map(vec![])),
+            ]
+            .into_iter()
+            .map(|(k, v)| (ciborium::Value::Text(k.into()), v))
+            .collect(),
+        );
+        let bytes = to_cbor("old certificate", &v).unwrap();
+        let c: HostCertificate = from_cbor("host certificate", &bytes).unwrap();
+        assert_eq!(c.max_key_window_secs, 3600);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! License tokens: CWT/EAT-style claims in a COSE_Sign1 (ES256) signed by a per-epoch token key,
-//! carrying the TPM evidence that certifies that key.
+//! carrying the TPM evidence that certifies that key and the vendor-signed license the token was
+//! issued under (committed to by a signed claim holding its SHA-256).
 
 use crate::keys::{KeyError, TokenKey};
 use crate::signed::{to_cbor, SignedError, CT_TOKEN};
@@ -18,8 +19,11 @@ use sha2::{Digest, Sha256};
 
 /// Unprotected header label carrying the vendor-signed host certificate (COSE_Sign1 bytes).
 pub const HDR_HOST_CERT: i64 = -65537;
-/// Unprotected header label carrying the CBOR-encoded [`KeyEvidence`].
+/// Unprotected header label carrying a byte string that holds the CBOR-encoded [`KeyEvidence`].
 pub const HDR_KEY_EVIDENCE: i64 = -65538;
+/// Unprotected header label carrying the vendor-signed license (COSE_Sign1 bytes) the token was
+/// issued under; the signed claim [`CLAIM_LICENSE_HASH`] commits to it.
+pub const HDR_LICENSE: i64 = -65539;
 
 /// Private claim: product name (text).
 pub const CLAIM_PRODUCT: i64 = -65537;
@@ -38,6 +42,19 @@ pub const CLAIM_VM_NAME: i64 = -65543;
 /// Private claim: CBOR-encoded [`FreshEvidence`]: a TPM quote over a Merkle root whose tree
 /// holds this token's nonce (the nonce was seen by the TPM).
 pub const CLAIM_FRESH: i64 = -65544;
+/// Private claim: SHA-256 of the license bytes carried in header [`HDR_LICENSE`].
+pub const CLAIM_LICENSE_HASH: i64 = -65545;
+
+/// SHA-256 of a license's COSE_Sign1 bytes, as claim [`CLAIM_LICENSE_HASH`] carries it.
+pub fn license_hash(license: &[u8]) -> [u8; 32] {
+    Sha256::digest(license).into()
+}
+
+/// The token key's id, put in the token's protected `kid` header: SHA-256 of the key's
+/// uncompressed SEC1 encoding (65 bytes), all 32 bytes.
+pub fn token_key_id(public_sec1: &[u8]) -> [u8; 32] {
+    Sha256::digest(public_sec1).into()
+}
 
 /// Evidence that a token's nonce was covered by a TPM quote: the batch quote (its extraData is
 /// the root of a Merkle tree of nonces, see [`crate::merkle`]) and the nonce's inclusion proof.
@@ -95,8 +112,10 @@ pub struct TokenClaims {
     pub features: Vec<String>,
     /// "vm" or "process".
     pub scope: String,
-    /// License id the seat was drawn from.
+    /// Id of the license the token was issued under.
     pub license_id: String,
+    /// SHA-256 of that license's COSE_Sign1 bytes (the token carries the license itself).
+    pub license_hash: Vec<u8>,
     /// Lease id (`cti`).
     pub lease_id: String,
     /// `iat`, Unix seconds.
@@ -126,6 +145,9 @@ pub enum TokenError {
     /// Claims don't fit the key's window.
     #[error("token would expire at {expires_at}, after its signing key's end of validity {key_not_after}; rotate the token key first")]
     OutlivesKey { expires_at: u64, key_not_after: u64 },
+    /// The claims' license hash is not the hash of the license given.
+    #[error("the token's license_hash claim is not the SHA-256 of the license it carries; issue it with the license its claims name")]
+    LicenseHash,
 }
 
 impl TokenClaims {
@@ -147,6 +169,10 @@ impl TokenClaims {
             (
                 ClaimName::PrivateUse(CLAIM_LICENSE),
                 Value::Text(self.license_id.clone()),
+            ),
+            (
+                ClaimName::PrivateUse(CLAIM_LICENSE_HASH),
+                Value::Bytes(self.license_hash.clone()),
             ),
             (
                 ClaimName::PrivateUse(CLAIM_QUOTE_REF),
@@ -244,6 +270,8 @@ impl TokenClaims {
             expires_at: secs(&c.expiration_time, "exp")?,
             nonce: bytes_opt(ClaimName::Assigned(iana::CwtClaimName::Nonce), "eat_nonce")?,
             chain_head: bytes_opt(ClaimName::PrivateUse(CLAIM_CHAIN_HEAD), "chain_head")?,
+            license_hash: bytes_opt(ClaimName::PrivateUse(CLAIM_LICENSE_HASH), "license_hash")?
+                .ok_or("claim license_hash is missing")?,
             quote_ref: bytes_opt(ClaimName::PrivateUse(CLAIM_QUOTE_REF), "quote_ref")?
                 .ok_or("claim quote_ref is missing")?,
             fresh: bytes_opt(ClaimName::PrivateUse(CLAIM_FRESH), "fresh")?
@@ -259,6 +287,7 @@ impl TokenClaims {
 /// A token key with its evidence and the host certificate: everything needed to issue tokens.
 pub struct TokenSigner {
     key: TokenKey,
+    key_id: Vec<u8>,
     evidence: KeyEvidence,
     evidence_cbor: Vec<u8>,
     host_cert: Vec<u8>,
@@ -275,6 +304,7 @@ impl TokenSigner {
         let evidence_cbor = to_cbor("key evidence", &evidence)?;
         let quote_ref = Sha256::digest(&evidence.attest).to_vec();
         Ok(TokenSigner {
+            key_id: token_key_id(&evidence.public_key).to_vec(),
             key,
             evidence,
             evidence_cbor,
@@ -293,8 +323,12 @@ impl TokenSigner {
         &self.quote_ref
     }
 
-    /// Signs a token for `claims` (whose quote_ref must be [`Self::quote_ref`]).
-    pub fn issue(&self, claims: &TokenClaims) -> Result<Vec<u8>, TokenError> {
+    /// Signs a token for `claims` (whose quote_ref must be [`Self::quote_ref`]) issued under
+    /// `license` (its COSE_Sign1 bytes, whose SHA-256 must be `claims.license_hash`).
+    pub fn issue(&self, claims: &TokenClaims, license: &[u8]) -> Result<Vec<u8>, TokenError> {
+        if claims.license_hash != license_hash(license) {
+            return Err(TokenError::LicenseHash);
+        }
         if claims.expires_at > self.evidence.not_after {
             return Err(TokenError::OutlivesKey {
                 expires_at: claims.expires_at,
@@ -311,10 +345,12 @@ impl TokenSigner {
         let protected = HeaderBuilder::new()
             .algorithm(iana::Algorithm::ES256)
             .content_type(CT_TOKEN.to_string())
+            .key_id(self.key_id.clone())
             .build();
         let unprotected = HeaderBuilder::new()
             .value(HDR_HOST_CERT, Value::Bytes(self.host_cert.clone()))
             .value(HDR_KEY_EVIDENCE, Value::Bytes(self.evidence_cbor.clone()))
+            .value(HDR_LICENSE, Value::Bytes(license.to_vec()))
             .build();
         let sign1 = CoseSign1Builder::new()
             .protected(protected)

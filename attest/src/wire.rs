@@ -34,8 +34,31 @@ pub const MAX_STRING_LEN: usize = 256;
 pub const MAX_FEATURES: usize = 64;
 /// Most ephemeral ids in a chain.
 pub const MAX_CHAIN: usize = 16;
-/// Longest caller nonce, in bytes.
+/// Longest caller nonce, in bytes (RFC 9711 eat_nonce: 8 to 64 bytes).
 pub const MAX_NONCE_LEN: usize = 64;
+/// Shortest caller nonce, in bytes (RFC 9711 eat_nonce).
+pub const MIN_NONCE_LEN: usize = 8;
+
+/// A nonce whose length RFC 9711 does not allow for `eat_nonce`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the nonce is {len} bytes long; a token's eat_nonce must be {MIN_NONCE_LEN} to \
+     {MAX_NONCE_LEN} bytes (RFC 9711): use e.g. 16 or 32 random bytes"
+)]
+pub struct NonceLengthError {
+    /// The length found.
+    pub len: usize,
+}
+
+/// Checks that a nonce can be a token's `eat_nonce` ([`MIN_NONCE_LEN`] to [`MAX_NONCE_LEN`]
+/// bytes). The proxy, the agent, the client library and the verifier all apply it.
+pub fn check_eat_nonce(nonce: &[u8]) -> Result<(), NonceLengthError> {
+    if (MIN_NONCE_LEN..=MAX_NONCE_LEN).contains(&nonce.len()) {
+        Ok(())
+    } else {
+        Err(NonceLengthError { len: nonce.len() })
+    }
+}
 /// Most entries in [`Hello::facts`].
 pub const MAX_FACTS: usize = 32;
 /// Length of a host id (a SHA-256 digest), in bytes.
@@ -602,7 +625,7 @@ pub struct TokenRequest {
     pub product: String,
     /// Features of the product the app needs.
     pub features: Vec<String>,
-    /// App-chosen nonce to bind into the token (freshness), at most 64 bytes.
+    /// App-chosen nonce to bind into the token (freshness), 8 to 64 bytes.
     pub nonce: Option<ByteBuf>,
     /// Whole VM or single process.
     pub scope: Scope,
@@ -674,11 +697,14 @@ impl Validate for Release {
 pub struct Renew {
     /// The lease to extend.
     pub lease_id: String,
-    /// App-chosen nonce for the fresh token, at most 64 bytes.
+    /// App-chosen nonce for the fresh token, 8 to 64 bytes.
     pub nonce: Option<ByteBuf>,
     /// The agent's current chain.
     #[serde(with = "ephemeral_ids")]
     pub chain: Vec<EphemeralId>,
+    /// Have the host's TPM quote over the nonce, as in [`TokenRequest::tpm_fresh`].
+    #[serde(default)]
+    pub tpm_fresh: bool,
 }
 
 impl Validate for Renew {

@@ -133,13 +133,18 @@ fn arb_body() -> impl Strategy<Value = Body> {
         arb_token_request().prop_map(Body::TokenRequest),
         arb_token_response().prop_map(Body::TokenResponse),
         short_string().prop_map(|lease_id| Body::Release(Release { lease_id })),
-        (short_string(), option::of(bytes(MAX_NONCE_LEN)), chain()).prop_map(
-            |(lease_id, nonce, chain)| Body::Renew(Renew {
+        (
+            short_string(),
+            option::of(bytes(MAX_NONCE_LEN)),
+            chain(),
+            any::<bool>()
+        )
+            .prop_map(|(lease_id, nonce, chain, tpm_fresh)| Body::Renew(Renew {
                 lease_id,
                 nonce,
-                chain
-            })
-        ),
+                chain,
+                tpm_fresh,
+            })),
         Just(Body::Ack(Ack {})),
         (
             arb_event_kind(),

@@ -91,6 +91,7 @@ pub fn samples() -> Vec<Body> {
             lease_id: "lease-1".into(),
             nonce: Some(ByteBuf::from(vec![1, 2, 3])),
             chain: vec![[4; 16]; 16],
+            tpm_fresh: false,
         }),
         Body::Ack(Ack {}),
         Body::Event(Event {
@@ -595,6 +596,7 @@ fn content_limits_are_enforced() {
         lease_id: "l".into(),
         nonce: Some(ByteBuf::from(vec![0; 65])),
         chain: vec![],
+        tpm_fresh: false,
     }))
     .is_some());
     assert!(limit_err(Body::TokenResponse(TokenResponse {

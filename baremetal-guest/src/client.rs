@@ -13,7 +13,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use hostbind_attest::keys::VendorPublicKey;
-use hostbind_attest::verify::{verify_token, VerifiedToken, VerifyError};
+use hostbind_attest::verify::{verify_token, Expectation, VerifiedToken, VerifyError};
 use hostbind_attest::wire::{
     decode_frame, encode_frame, Body, EphemeralId, ErrorBody, Hello, HelloAck, Message, Renew,
     Scope, TokenRequest, TokenResponse, WireError,
@@ -109,13 +109,6 @@ pub enum Outcome {
 pub enum Rejection {
     /// The verifier's verdict.
     Verify(VerifyError),
-    /// It verified but is for another product than the one asked for.
-    WrongProduct {
-        /// Asked for.
-        asked: String,
-        /// In the token.
-        got: String,
-    },
     /// The proxy's lease id and the token's differ.
     WrongLease,
 }
@@ -124,12 +117,6 @@ impl core::fmt::Display for Rejection {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Rejection::Verify(e) => write!(f, "{e}"),
-            Rejection::WrongProduct { asked, got } => {
-                write!(
-                    f,
-                    "the token is for product '{got}', not the '{asked}' asked for"
-                )
-            }
             Rejection::WrongLease => {
                 f.write_str("the token names another lease than the proxy's answer")
             }
@@ -147,6 +134,23 @@ pub struct Request {
     /// A fresh random nonce to bind into the token (checked by the verifier); `None` if the
     /// guest has no random source.
     pub nonce: Option<[u8; 32]>,
+}
+
+impl Request {
+    /// What the token must show to be accepted: the product and features asked for, and the
+    /// nonce when there is one.
+    pub fn expectation(&self) -> Expectation {
+        expectation(&self.product, &self.features, self.nonce.as_ref())
+    }
+}
+
+/// The verifier's expectation for `product` with `features` and an optional nonce.
+fn expectation(product: &str, features: &[String], nonce: Option<&[u8; 32]>) -> Expectation {
+    let e = Expectation::product(product).features(features.iter().cloned());
+    match nonce {
+        Some(n) => e.nonce(n.to_vec()),
+        None => e,
+    }
 }
 
 /// A session with the host proxy over one vsock connection.
@@ -251,13 +255,7 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
             tpm_fresh: false,
         });
         let answer = self.call(body)?;
-        Ok(self.judge(
-            answer,
-            &req.product,
-            req.nonce.as_ref().map(|n| &n[..]),
-            vendor,
-            now,
-        ))
+        Ok(self.judge(answer, &req.expectation(), vendor, now))
     }
 
     /// Extends a lease and verifies the fresh token, for guests that run longer than one lease.
@@ -273,16 +271,17 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
             lease_id: lease_id.to_string(),
             nonce: nonce.map(|n| ByteBuf::from(n.to_vec())),
             chain: self.chain.clone(),
+            tpm_fresh: false,
         });
         let answer = self.call(body)?;
-        Ok(self.judge(answer, product, nonce.as_ref().map(|n| &n[..]), vendor, now))
+        let expect = expectation(product, &[], nonce.as_ref());
+        Ok(self.judge(answer, &expect, vendor, now))
     }
 
     fn judge(
         &self,
         answer: Body,
-        product: &str,
-        nonce: Option<&[u8]>,
+        expect: &Expectation,
         vendor: &VendorPublicKey,
         now: u64,
     ) -> Outcome {
@@ -296,12 +295,8 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
                 })
             }
         };
-        let reason = match verify_token(&response.token, vendor, now, nonce) {
+        let reason = match verify_token(&response.token, vendor, now, expect) {
             Err(e) => Rejection::Verify(e),
-            Ok(v) if v.claims.product != product => Rejection::WrongProduct {
-                asked: product.to_string(),
-                got: v.claims.product,
-            },
             Ok(v) if v.claims.lease_id != response.lease_id => Rejection::WrongLease,
             Ok(token) => {
                 return Outcome::Verified {

@@ -28,7 +28,7 @@ use alloc::vec::Vec;
 use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::signed::fmt_time;
 use hostbind_attest::token::TokenClaims;
-use hostbind_attest::verify::{verify_token, VerifiedToken, VerifyError};
+use hostbind_attest::verify::{verify_token, Expectation, VerifiedToken, VerifyError};
 use hostbind_attest::wire::TokenResponse;
 use hostbind_baremetal::client::{
     Client, ClientError, Clock, Outcome, Request, DEFAULT_PORT, RX_BUFFER_SIZE, RX_CAPACITY,
@@ -227,7 +227,7 @@ fn run(start_info: u32) -> u32 {
     };
     let c = &token.claims;
     let (verify_us, self_test) =
-        recheck(&time, c, &response.token, &vendor, now, req.nonce.as_ref());
+        recheck(&time, c, &response.token, &vendor, now, &req.expectation());
     if !self_test {
         return failed(
             "self-test",
@@ -358,11 +358,10 @@ fn recheck(
     token: &[u8],
     vendor: &VendorPublicKey,
     now: u64,
-    nonce: Option<&[u8; 32]>,
+    expect: &Expectation,
 ) -> (Value, bool) {
-    let nonce = nonce.map(|n| &n[..]);
     let t = time.micros();
-    let again = verify_token(token, vendor, now, nonce);
+    let again = verify_token(token, vendor, now, expect);
     let us = time.micros().saturating_sub(t);
     let same = matches!(&again, Ok(v) if v.claims == *claims);
     // The token ends with its ES256 signature (the last field of the COSE_Sign1).
@@ -371,7 +370,7 @@ fn recheck(
         *last ^= 0x01;
     }
     let refused = matches!(
-        verify_token(&tampered, vendor, now, nonce),
+        verify_token(&tampered, vendor, now, expect),
         Err(VerifyError::TokenSignature)
     );
     (

@@ -22,14 +22,23 @@ pub struct TokenRequest {
     /// Features of the product the app needs (may be empty).
     #[serde(default)]
     pub features: Vec<String>,
-    /// Nonce to bind into the token (hex in JSON, at most 64 bytes); a request with a nonce
-    /// always goes to the host proxy.
+    /// Nonce to bind into the token (hex in JSON, 8 to 64 bytes, RFC 9711 `eat_nonce`); a
+    /// request with a nonce always goes to the host proxy.
     #[serde(default, with = "hex_opt", skip_serializing_if = "Option::is_none")]
     pub nonce: Option<Vec<u8>>,
     /// `process` (default in the HTTP API: the seat is released when the calling process exits)
     /// or `vm` (the seat is held for the whole VM until released).
     #[serde(default = "default_scope")]
     pub scope: Scope,
+    /// Have the host's TPM quote over the nonce (a TPM-fresh token: proof that the TPM itself
+    /// saw the nonce). Needs a nonce; [`crate::Client::token`] makes a random one when the app
+    /// gave none.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tpm_fresh: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The HTTP API's default scope: the calling process.
@@ -45,6 +54,7 @@ impl TokenRequest {
             features: Vec::new(),
             nonce: None,
             scope: Scope::Process,
+            tpm_fresh: false,
         }
     }
 
@@ -58,9 +68,15 @@ impl TokenRequest {
         self
     }
 
-    /// Binds the token to `nonce` (at most 64 bytes).
+    /// Binds the token to `nonce` (8 to 64 bytes, chosen by whoever verifies the token).
     pub fn with_nonce(mut self, nonce: impl Into<Vec<u8>>) -> TokenRequest {
         self.nonce = Some(nonce.into());
+        self
+    }
+
+    /// Asks for a TPM-fresh token: the host's TPM quotes (a Merkle root over) the nonce.
+    pub fn with_tpm_fresh(mut self) -> TokenRequest {
+        self.tpm_fresh = true;
         self
     }
 
@@ -111,6 +127,9 @@ pub struct TokenReply {
     pub lease_expires_at: u64,
     /// True when the agent answered from its cache without asking the host.
     pub cached: bool,
+    /// The nonce the token is bound to (its `eat_nonce`, hex in JSON), when the request had one.
+    #[serde(default, with = "hex_opt", skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<Vec<u8>>,
 }
 
 /// `POST /v1/release` request.
@@ -551,6 +570,18 @@ mod tests {
         assert!(e.contains("unknown field"), "{e}");
         let r: TokenRequest = serde_json::from_str(r#"{"product":"cad","scope":"vm"}"#).unwrap();
         assert_eq!(r.scope, Scope::Vm);
+        assert!(!r.tpm_fresh);
+        // tpm_fresh is part of the API (it was refused as an unknown field)
+        let r: TokenRequest = serde_json::from_str(
+            r#"{"product":"cad","nonce":"0011223344556677","tpm_fresh":true}"#,
+        )
+        .unwrap();
+        assert!(r.tpm_fresh);
+        assert_eq!(serde_json::to_value(&r).unwrap()["tpm_fresh"], true);
+        assert!(serde_json::to_value(TokenRequest::new("cad"))
+            .unwrap()
+            .get("tpm_fresh")
+            .is_none());
     }
 
     #[test]
@@ -568,10 +599,12 @@ mod tests {
             expires_at: 1,
             lease_expires_at: 2,
             cached: false,
+            nonce: Some(vec![1; 8]),
         };
         let j = serde_json::to_value(&reply).unwrap();
         assert_eq!(j["token"], "-_8B");
         assert_eq!(j["scope"], "vm");
+        assert_eq!(j["nonce"], "0101010101010101");
         let back: TokenReply = serde_json::from_value(j).unwrap();
         assert_eq!(back, reply);
         assert_eq!(b64url::decode("-_8B=").unwrap(), vec![0xfb, 0xff, 0x01]);

@@ -4,20 +4,26 @@
 //! [`Client`] an app gets a license token ([`Client::token`]), releases it ([`Client::release`]),
 //! reads the agent's state ([`Client::status`]) and follows events such as a migration to
 //! another host ([`Client::events`]). [`verify`] checks a token offline with only the vendor's
-//! public key.
+//! public key, against an [`Expectation`] that names the product the app licenses.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use hostbind_client::{api::TokenRequest, Client, VendorPublicKey};
+//! use hostbind_client::{api::TokenRequest, Client, Expectation, VendorPublicKey};
 //! let client = Client::new("/run/hostbind/agent.sock");
 //! let reply = client.token(&TokenRequest::new("cad-suite").with_features(["render"])).await?;
 //! let vendor = VendorPublicKey::from_hex("…64 hex digits embedded in the app…")?;
-//! let verified = hostbind_client::verify(&reply.token, &vendor, None)?;
+//! let expect = Expectation::product("cad-suite").features(["render"]);
+//! let verified = hostbind_client::verify(&reply.token, &vendor, &expect)?;
 //! println!("licensed on host {}", hex::encode(&verified.claims.host_id));
 //! # Ok(()) }
 //! ```
 
 pub mod api;
+
+/// The Rust example in docs/app-developer.md, compiled as a doc test so the guide stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/app-developer.md")]
+pub struct AppDeveloperGuide;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -37,7 +43,7 @@ use tokio::task::JoinHandle;
 
 pub use api::{AgentEvent, ErrorCode, EventKind, Status, TokenReply, TokenRequest};
 pub use hostbind_attest::keys::VendorPublicKey;
-pub use hostbind_attest::verify::{VerifiedToken, VerifyError};
+pub use hostbind_attest::verify::{Expectation, VerifiedToken, VerifyError};
 
 /// How long [`Client`] waits for an answer by default (the agent itself gives up on the host
 /// proxy after 15 s).
@@ -80,6 +86,9 @@ pub enum ClientError {
     /// The agent did not answer in time.
     #[error("the hostbind agent did not answer within {0:?}; check `hostbind-agent status` and the agent's log")]
     Timeout(Duration),
+    /// The request cannot be sent as it is (checked before it leaves the app).
+    #[error("invalid token request: {0}")]
+    InvalidRequest(String),
 }
 
 impl ClientError {
@@ -141,11 +150,23 @@ impl Client {
         &self.socket
     }
 
-    /// Asks for a token (`POST /v1/token`). A token that has already expired by this
+    /// Asks for a token (`POST /v1/token`). A TPM-fresh request without a nonce gets a random
+    /// 32-byte one made here, in the app's process (never by the agent); the reply's `nonce`
+    /// carries it, for [`Expectation::nonce`]. A token that has already expired by this
     /// machine's clock is never returned as a success: it fails with
     /// [`ErrorCode::TokenExpired`].
     pub async fn token(&self, req: &TokenRequest) -> Result<TokenReply, ClientError> {
-        let reply: TokenReply = self.call_json(Method::POST, "/v1/token", Some(req)).await?;
+        let mut req = req.clone();
+        if req.tpm_fresh && req.nonce.is_none() {
+            req.nonce = Some(random_nonce()?);
+        }
+        if let Some(n) = &req.nonce {
+            hostbind_attest::wire::check_eat_nonce(n)
+                .map_err(|e| ClientError::InvalidRequest(e.to_string()))?;
+        }
+        let reply: TokenReply = self
+            .call_json(Method::POST, "/v1/token", Some(&req))
+            .await?;
         check_not_expired(reply, unix_now())
     }
 
@@ -432,15 +453,28 @@ fn check_not_expired(reply: TokenReply, now: u64) -> Result<TokenReply, ClientEr
     })
 }
 
-/// Verifies a token offline against the vendor's public key at the current time, checking the
-/// nonce when one is given. Only the vendor key is needed: the token carries the host
-/// certificate and the TPM evidence for its signing key.
+/// 32 random bytes from the OS, for a TPM-fresh request without an app nonce.
+fn random_nonce() -> Result<Vec<u8>, ClientError> {
+    use rand_core::{OsRng, RngCore};
+    let mut n = vec![0u8; 32];
+    OsRng.try_fill_bytes(&mut n).map_err(|e| {
+        ClientError::InvalidRequest(format!(
+            "cannot make a nonce for the TPM-fresh request ({e}); pass one with with_nonce"
+        ))
+    })?;
+    Ok(n)
+}
+
+/// Verifies a token offline against the vendor's public key at the current time and against
+/// what the app expects (`expect`: the product, and optionally features, nonce, TPM freshness
+/// and maximum age). Only the vendor key is needed: the token carries the host certificate, the
+/// TPM evidence for its signing key and the license it was issued under.
 pub fn verify(
     token: &[u8],
     vendor: &VendorPublicKey,
-    nonce: Option<&[u8]>,
+    expect: &Expectation,
 ) -> Result<VerifiedToken, VerifyError> {
-    hostbind_attest::verify::verify_token(token, vendor, unix_now(), nonce)
+    hostbind_attest::verify::verify_token(token, vendor, unix_now(), expect)
 }
 
 #[cfg(test)]
@@ -451,7 +485,7 @@ mod tests {
     fn verify_rejects_what_is_not_a_token() {
         let vendor = VendorPublicKey::from_bytes(&[1; 32]).unwrap();
         assert!(matches!(
-            verify(b"not a token", &vendor, None),
+            verify(b"not a token", &vendor, &Expectation::product("cad")),
             Err(VerifyError::Malformed(_))
         ));
     }
@@ -470,6 +504,7 @@ mod tests {
             expires_at,
             lease_expires_at: expires_at,
             cached: false,
+            nonce: None,
         }
     }
 
@@ -482,6 +517,24 @@ mod tests {
             assert_eq!(e.code(), Some(ErrorCode::TokenExpired));
             assert!(e.to_string().contains("expired at"), "{e}");
         }
+    }
+
+    #[tokio::test]
+    async fn short_nonce_is_refused_before_it_leaves_the_app() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::new(dir.path().join("missing.sock"));
+        let e = client
+            .token(&TokenRequest::new("cad").with_nonce(vec![1u8]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::InvalidRequest(_)), "{e}");
+        assert!(e.to_string().contains("8 to 64 bytes"), "{e}");
+        // A TPM-fresh request without a nonce gets one and goes out (here: to a missing agent).
+        let e = client
+            .token(&TokenRequest::new("cad").with_tpm_fresh())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }), "{e}");
     }
 
     #[tokio::test]

@@ -4,8 +4,18 @@
 //! stand for three VMs. Everything it starts is stopped (by PID) when it ends, even on failure.
 
 use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
 use hostbind_testkit::host::{narrate, run, Agent, Host, Vendor};
 use hostbind_testkit::Swtpm;
+
+/// hostbind demo: starts a software TPM (swtpm), a vendor, an enrolled hostbind-proxy with a
+/// 2-seat license for product 'cad' and three guest agents standing for three VMs, runs the real
+/// binaries and narrates each step (token requests, offline verification, seats, release).
+/// Everything it starts is stopped when it ends. Needs swtpm and the workspace binaries (run it
+/// through ./demo.sh, which installs and builds them).
+#[derive(Parser)]
+#[command(name = "hostbind-demo", version)]
+struct Cli {}
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
@@ -40,6 +50,8 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
             &f.to_string_lossy(),
             "--vendor-pub",
             &vendor.public().to_string_lossy(),
+            "--product",
+            "cad",
         ],
     )?;
     if !out.status.success() {
@@ -49,7 +61,8 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    for l in text.lines().filter(|l| {
+    let mut shown = std::collections::BTreeSet::new();
+    for l in text.lines().map(str::trim).filter(|l| {
         [
             "sub vm uuid",
             "vm name",
@@ -58,17 +71,23 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
             "lease id",
         ]
         .iter()
-        .any(|k| l.contains(k))
+        .any(|k| l.starts_with(k))
     }) {
-        println!("      {}", l.trim());
+        // The product appears twice (token and license): show it once.
+        if shown.insert(l.to_string()) {
+            println!("      {l}");
+        }
     }
     println!(
-        "    -> valid: token -> token key -> TPM quote -> AK -> host certificate -> vendor key"
+        "    -> valid for product 'cad': token -> token key -> TPM quote -> AK -> host certificate \
+         -> vendor key, and the license it carries -> vendor key"
     );
     Ok(())
 }
 
 fn main() -> Result<()> {
+    // --help and --version print and exit; anything else unknown is an error (exit code 2).
+    Cli::parse();
     println!("hostbind demo: licenses bound to the physical host, proven by its TPM\n");
     narrate(true);
     step(1, "Start a software TPM 2.0 (swtpm) standing for this host's TPM, with an EK certificate from its maker's CA");

@@ -5,17 +5,18 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Errors reading or writing hostbind files.
+/// Errors reading or writing hostbind files. Each says what the OS error means for the admin:
+/// a permission problem (with the user this process runs as), a full disk, a missing file.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// Reading failed.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source}{}", io_hint(source, Access::Read))]
     Read {
         path: String,
         source: std::io::Error,
     },
     /// Writing failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {source}{}", io_hint(source, Access::Write))]
     Write {
         path: String,
         source: std::io::Error,
@@ -23,6 +24,76 @@ pub enum FileError {
     /// Refusing to overwrite.
     #[error("{0} already exists; remove it first or pass --force")]
     Exists(String),
+}
+
+/// What was being done when an OS error happened (for [`io_hint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reading a file or listing a directory.
+    Read,
+    /// Creating or writing a file or directory.
+    Write,
+}
+
+/// The name of user `uid`, when the system knows it.
+pub fn name_of(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// The name of the user this process runs as (its uid when the name is unknown).
+pub fn user_name() -> String {
+    let uid = nix::unistd::geteuid().as_raw();
+    name_of(uid).unwrap_or_else(|| uid.to_string())
+}
+
+/// This process's user, for error messages: `user NAME (uid N)`.
+pub fn whoami() -> String {
+    let uid = nix::unistd::geteuid().as_raw();
+    match name_of(uid) {
+        Some(n) => format!("user {n} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+/// What an OS error means for the admin and what to do, as `"; ..."` to append to a message
+/// naming the path; empty when the error speaks for itself (a missing file).
+pub fn io_hint(e: &std::io::Error, access: Access) -> String {
+    use std::io::ErrorKind as K;
+    match (e.kind(), access) {
+        (K::PermissionDenied, Access::Read) => format!(
+            "; this process runs as {} and may not read it: check the owner and mode of the file and of its directories (ls -ld), or run as the user that owns them",
+            whoami()
+        ),
+        (K::PermissionDenied, Access::Write) => format!(
+            "; this process runs as {} and may not write there: check the owner and mode of the directory (ls -ld), or run as the user that owns it",
+            whoami()
+        ),
+        (K::ReadOnlyFilesystem, _) => {
+            "; the file system is read-only here (under systemd: ProtectSystem=strict allows only the state and runtime directories)".into()
+        }
+        (K::StorageFull, _) | (K::QuotaExceeded, _) => {
+            "; the file system is full (or the user's quota is used up): free some space".into()
+        }
+        (K::NotADirectory, _) => "; a part of the path is a file, not a directory".into(),
+        _ => String::new(),
+    }
+}
+
+/// Whether `path` exists. Unlike [`Path::exists`], only a missing file (or directory on the
+/// way) answers `false`: a permission or other error is returned as such, so that "cannot read"
+/// is never reported as "not there".
+pub fn exists(path: &Path) -> Result<bool, FileError> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(FileError::Read {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
 }
 
 /// Reads a whole file, with the path in the error.
@@ -114,6 +185,46 @@ pub fn vendor_public_arg(arg: &str) -> Result<Vec<u8>, FileError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn errors_name_their_cause() {
+        use std::io::{Error, ErrorKind};
+        let denied = FileError::Read {
+            path: "/var/lib/hostbind/host.cert".into(),
+            source: Error::from(ErrorKind::PermissionDenied),
+        }
+        .to_string();
+        assert!(
+            denied.contains("may not read it") && denied.contains("uid "),
+            "{denied}"
+        );
+        let full = FileError::Write {
+            path: "/x".into(),
+            source: Error::from(ErrorKind::StorageFull),
+        }
+        .to_string();
+        assert!(full.contains("full"), "{full}");
+        let missing = FileError::Read {
+            path: "/x".into(),
+            source: Error::from(ErrorKind::NotFound),
+        }
+        .to_string();
+        assert!(
+            !missing.contains("may not") && !missing.contains("full"),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn exists_tells_absent_from_unreadable() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!exists(&d.path().join("nope")).unwrap());
+        assert!(!exists(&d.path().join("nope/deeper")).unwrap());
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        assert!(exists(&d.path().join("f")).unwrap());
+        // A file where a directory is expected is an error, not "absent".
+        assert!(exists(&d.path().join("f/x")).is_err());
+    }
 
     #[test]
     fn atomic_write_sets_mode_and_refuses_overwrite() {

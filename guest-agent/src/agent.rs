@@ -343,7 +343,7 @@ impl Agent {
         tracing::info!(
             host = %shared.cfg.host,
             socket = %shared.cfg.socket.display(),
-            last_host = ?last_host.map(hex::encode),
+            last_host = last_host.map(hex::encode).as_deref(),
             "hostbind-agent {AGENT_VERSION} starting"
         );
         let tasks = vec![

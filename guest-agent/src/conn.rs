@@ -482,7 +482,13 @@ fn dispatch(
 
 /// Turns an event pushed by the proxy into lease bookkeeping and an app event.
 pub(crate) fn on_proxy_event(shared: &Shared, ev: Event) {
-    tracing::info!(kind = ?ev.kind, lease = ?ev.lease_id, "event from the host proxy: {}", ev.message);
+    let kind = serde_json::to_value(ev.kind).ok();
+    tracing::info!(
+        kind = kind.as_ref().and_then(|k| k.as_str()),
+        lease = ev.lease_id.as_deref(),
+        "event from the host proxy: {}",
+        ev.message
+    );
     if ev.kind == WireEventKind::CloneDetected {
         shared.emit(EventKind::CloneDetected {
             message: ev.message,

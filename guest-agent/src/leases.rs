@@ -41,6 +41,15 @@ impl LeaseKey {
     }
 }
 
+/// What an app asks of the token beyond its lease key: a nonce to bind and TPM freshness.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Ask {
+    /// The app's nonce (8 to 64 bytes), bound into the token's eat_nonce.
+    pub nonce: Option<Vec<u8>>,
+    /// Have the host's TPM quote over the nonce.
+    pub tpm_fresh: bool,
+}
+
 /// The newest token of a lease that was issued without a nonce (the one handed out from cache).
 #[derive(Debug, Clone)]
 pub(crate) struct CachedToken {
@@ -86,8 +95,14 @@ impl Lease {
         }
     }
 
-    /// The app's answer for a token of this lease.
-    fn reply(&self, token: Vec<u8>, expires_at: u64, cached: bool) -> TokenReply {
+    /// The app's answer for a token of this lease (bound to `nonce`, if any).
+    fn reply(
+        &self,
+        token: Vec<u8>,
+        expires_at: u64,
+        cached: bool,
+        nonce: Option<Vec<u8>>,
+    ) -> TokenReply {
         TokenReply {
             token,
             lease_id: self.lease_id.clone(),
@@ -98,6 +113,7 @@ impl Lease {
             expires_at,
             lease_expires_at: self.lease_expires_at,
             cached,
+            nonce,
         }
     }
 }
@@ -142,7 +158,7 @@ pub(crate) fn cached_token(shared: &Shared, key: &LeaseKey) -> Option<TokenReply
     if c.expires_at < unix_now().saturating_add(min) {
         return None;
     }
-    Some(lease.reply(c.token.clone(), c.expires_at, true))
+    Some(lease.reply(c.token.clone(), c.expires_at, true, None))
 }
 
 /// The id of the lease for `key` if it is held on the host of the current session.
@@ -189,16 +205,16 @@ fn expired(product: &str, expires_at: u64, now: u64) -> Option<CallError> {
 pub(crate) async fn obtain(
     shared: &Arc<Shared>,
     key: &LeaseKey,
-    nonce: Option<Vec<u8>>,
+    ask: Ask,
 ) -> Result<TokenReply, CallError> {
     for _ in 0..3 {
-        if nonce.is_none() {
+        if ask.nonce.is_none() {
             if let Some(r) = cached_token(shared, key) {
                 return Ok(r);
             }
         }
         if let Some(id) = current_lease_id(shared, key) {
-            match renew(shared, key, &id, nonce.clone()).await {
+            match renew(shared, key, &id, &ask).await {
                 Err(CallError::Refused(e)) if e.code == ErrorCode::UnknownLease => {}
                 other => return other,
             }
@@ -209,7 +225,7 @@ pub(crate) async fn obtain(
             // Created by another request while this one waited; use it.
             continue;
         }
-        return match create(shared, key, nonce.clone()).await {
+        return match create(shared, key, &ask).await {
             Ok((r, _)) => Ok(r),
             Err(CallError::Refused(mut e)) => {
                 let grace = shared.lock().leases.get(key).and_then(|l| l.grace_until);
@@ -235,8 +251,9 @@ pub(crate) async fn obtain(
 async fn create(
     shared: &Arc<Shared>,
     key: &LeaseKey,
-    nonce: Option<Vec<u8>>,
+    ask: &Ask,
 ) -> Result<(TokenReply, Option<String>), CallError> {
+    let nonce = &ask.nonce;
     let body = Body::TokenRequest(wire::TokenRequest {
         product: key.product.clone(),
         features: key.features.clone(),
@@ -245,7 +262,7 @@ async fn create(
         pid: key.pid,
         // Filled in when sent (chain.rs).
         chain: Vec::new(),
-        tpm_fresh: false,
+        tpm_fresh: ask.tpm_fresh,
     });
     let (t, from) = token_response(shared.call(body).await?)?;
     let ttl = session_ttl(shared);
@@ -268,7 +285,7 @@ async fn create(
         grace_secs: t.grace_secs,
         grace_until: None,
     };
-    let reply = lease.reply(t.token.into_vec(), t.token_expires_at, false);
+    let reply = lease.reply(t.token.into_vec(), t.token_expires_at, false, nonce.clone());
     let replaced = shared
         .lock()
         .leases
@@ -294,13 +311,15 @@ async fn renew(
     shared: &Arc<Shared>,
     key: &LeaseKey,
     id: &str,
-    nonce: Option<Vec<u8>>,
+    ask: &Ask,
 ) -> Result<TokenReply, CallError> {
+    let nonce = &ask.nonce;
     let body = Body::Renew(Renew {
         lease_id: id.to_string(),
         nonce: nonce.clone().map(ByteBuf::from),
         // Filled in when sent (chain.rs).
         chain: Vec::new(),
+        tpm_fresh: ask.tpm_fresh,
     });
     let result = shared.call(body).await.and_then(token_response);
     match result {
@@ -326,7 +345,7 @@ async fn renew(
                             expires_at: t.token_expires_at,
                         });
                     }
-                    Ok(lease.reply(t.token.into_vec(), t.token_expires_at, false))
+                    Ok(lease.reply(t.token.into_vec(), t.token_expires_at, false, nonce.clone()))
                 }
                 None => match stale {
                     Some(e) => Err(e),
@@ -341,6 +360,7 @@ async fn renew(
                         expires_at: t.token_expires_at,
                         lease_expires_at: t.lease_expires_at,
                         cached: false,
+                        nonce: nonce.clone(),
                     }),
                 },
             }
@@ -437,7 +457,7 @@ async fn reacquire(
             Some(_) => {}
         }
     }
-    match create(shared, key, None).await {
+    match create(shared, key, &Ask::default()).await {
         Ok((reply, _)) => {
             if why == Why::UnknownToHost {
                 shared.emit(EventKind::LeaseLost {
@@ -585,7 +605,7 @@ pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Optio
 
 /// Renews one lease for the renewal timer or after a reconnect.
 async fn renew_due(shared: &Arc<Shared>, key: &LeaseKey, id: &str) {
-    match renew(shared, key, id, None).await {
+    match renew(shared, key, id, &Ask::default()).await {
         Ok(_) => tracing::debug!(lease = %id, "lease renewed"),
         Err(CallError::Refused(e)) if e.code == ErrorCode::UnknownLease => {
             tracing::info!(lease = %id, "the host no longer knows the lease; re-acquiring");

@@ -21,7 +21,19 @@ license not valid, seats exhausted, clone refused).";
 
 /// The hostbind guest agent: license tokens for apps in this VM, bound to the physical host.
 #[derive(Debug, Parser)]
-#[command(name = "hostbind-agent", version, after_help = EXIT_CODES)]
+#[command(
+    name = "hostbind-agent",
+    version,
+    after_help = EXIT_CODES,
+    long_about = "hostbind binds software licenses to the physical host a VM runs on. \
+hostbind-agent runs in the VM: `run` is the daemon (under systemd, as user hostbind), which \
+connects to the hostbind proxy on the host over vsock, keeps the VM's leases and serves license \
+tokens to the VM's applications on a local socket; it re-attests when the VM migrates to \
+another host. The other commands talk to the running agent: get a token, show the connection \
+and the leases, release a lease, watch events.\n\n\
+Applications normally use the client library or the HTTP API on the socket \
+(/usr/share/doc/hostbind-agent/app-developer.md)."
+)]
 struct Cli {
     /// The agent's API socket (served by `run`, used by the other commands).
     #[arg(long, global = true, default_value = DEFAULT_SOCKET, value_name = "PATH")]
@@ -66,9 +78,14 @@ enum Cmd {
         /// A feature the token must grant (repeat for several).
         #[arg(long = "feature", value_name = "F")]
         features: Vec<String>,
-        /// A nonce (hex, up to 64 bytes) to bind into a fresh token.
+        /// A nonce (hex, 8 to 64 bytes) to bind into a fresh token; choose it where the token is
+        /// verified.
         #[arg(long, value_name = "HEX")]
         nonce: Option<String>,
+        /// Ask for a TPM-fresh token: the host's TPM quotes the nonce. Without --nonce a random
+        /// 32-byte nonce is made here and printed (stderr, or "nonce" with --json).
+        #[arg(long)]
+        tpm_fresh: bool,
         /// Lease scope. Defaults to `vm`: this command exits right after printing the token, and
         /// a `process` lease is released as soon as the process that asked for it exits, so a
         /// process-scoped token from this command would lose its seat at once. Apps that link
@@ -137,8 +154,18 @@ impl Failure {
 #[tokio::main]
 async fn main() -> ExitCode {
     // `BIN generate-docs --out DIR`: man pages and completions from the clap definition.
-    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command);
-    let cli = Cli::parse();
+    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command, man_extras);
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // Help and version go to stdout; usage errors to stderr, as JSON when the log is.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let daemon = std::env::args().any(|a| a == "run");
+            hostbind_cli::logging::report_fatal(daemon, "", e.render().to_string().trim_end());
+            return ExitCode::from(2);
+        }
+    };
+    let daemon = matches!(cli.cmd, Cmd::Run { .. });
     let client = Client::new(&cli.socket);
     let result = match cli.cmd {
         Cmd::Run {
@@ -151,10 +178,14 @@ async fn main() -> ExitCode {
             product,
             features,
             nonce,
+            tpm_fresh,
             scope,
             json,
             out,
-        } => token(&client, product, features, nonce, scope, json, out).await,
+        } => {
+            let ask = Ask { nonce, tpm_fresh };
+            token(&client, product, features, ask, scope, json, out).await
+        }
         Cmd::Status { json } => status(&client, json).await,
         Cmd::Release { lease } => release(&client, &lease).await,
         Cmd::Watch { json } => watch(&client, json).await,
@@ -162,9 +193,45 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("hostbind-agent: {}", f.message);
+            hostbind_cli::logging::report_fatal(daemon, "hostbind-agent: ", &f.message);
             ExitCode::from(f.code)
         }
+    }
+}
+
+/// The hand-written parts of the man pages.
+fn man_extras() -> hostbind_cli::docs::Extras {
+    use hostbind_cli::docs::{Entry, Extras, Section};
+    Extras {
+        sections: vec![
+            Section::new(
+                "FILES",
+                vec![
+                    Entry::new(DEFAULT_SOCKET, "The agent's API socket (--socket; mode 0660, group hostbind): applications and the other commands use it."),
+                    Entry::new(format!("{DEFAULT_STATE_DIR}/"), "The state dir (--state-dir): the id of the last host the agent was attached to, and its clone-detection chain. Copied along when the VM is cloned or snapshotted, which is how the host tells copies apart: delete it only to give a copy its own identity on purpose."),
+                ],
+            ),
+            Section::new("ENVIRONMENT", hostbind_cli::logging::man_environment()),
+            Section::new(
+                "EXAMPLES",
+                vec![
+                    Entry::new("hostbind-agent status", "The connection to the host proxy and the leases held."),
+                    Entry::new("hostbind-agent token --product cad", "A token for product cad (base64url on stdout; the seat is held for the VM until released)."),
+                    Entry::new("hostbind-agent release 3f2a9c0e...", "Release a lease (ids from status or token --json)."),
+                    Entry::new("hostbind-agent watch --json", "Follow the agent's events (migration, leases lost, clones), one JSON object per line."),
+                ],
+            ),
+        ],
+        command_sections: Vec::new(),
+        common_sections: vec![hostbind_cli::docs::exit_status(
+            "An error; the message on stderr (the last log line, for run) says what failed.",
+            &[
+                ("3", "The agent or the host proxy is unreachable."),
+                ("4", "The host refused: no license, license not valid, seats exhausted or clone refused."),
+            ],
+        )],
+        see_also: vec!["hostbind-proxy(1)".into()],
+        pages: Vec::new(),
     }
 }
 
@@ -186,17 +253,24 @@ async fn run(
         .map_err(|e| Failure::new(e.to_string()))
 }
 
+/// The `token` command's nonce options.
+struct Ask {
+    nonce: Option<String>,
+    tpm_fresh: bool,
+}
+
 /// `token`.
 async fn token(
     client: &Client,
     product: String,
     features: Vec<String>,
-    nonce: Option<String>,
+    ask: Ask,
     scope: ScopeArg,
     json: bool,
     out: Option<PathBuf>,
 ) -> Result<(), Failure> {
-    let nonce = match nonce {
+    let made_nonce = ask.tpm_fresh && ask.nonce.is_none();
+    let nonce = match ask.nonce {
         Some(n) => Some(hex::decode(n.trim()).map_err(|e| {
             Failure::new(format!(
                 "--nonce must be hex digits ({e}), e.g. --nonce 00112233"
@@ -212,8 +286,14 @@ async fn token(
             ScopeArg::Vm => Scope::Vm,
             ScopeArg::Process => Scope::Process,
         },
+        tpm_fresh: ask.tpm_fresh,
     };
     let reply = client.token(&req).await?;
+    if made_nonce && !json {
+        if let Some(n) = &reply.nonce {
+            eprintln!("nonce {}", hex::encode(n));
+        }
+    }
     if let Some(path) = &out {
         hostbind_fsutil::write_atomic(path, &reply.token, 0o600)
             .map_err(|e| Failure::new(e.to_string()))?;

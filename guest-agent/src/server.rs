@@ -189,13 +189,14 @@ fn validate(req: &api::TokenRequest) -> Result<(), ApiError> {
         check("a feature name", f)?;
     }
     if let Some(n) = &req.nonce {
-        if n.is_empty() || n.len() > wire::MAX_NONCE_LEN {
-            return Err(bad_request(format!(
-                "the nonce is {} bytes long; send 1 to {} bytes (hex-encoded)",
-                n.len(),
-                wire::MAX_NONCE_LEN
-            )));
-        }
+        wire::check_eat_nonce(n).map_err(|e| bad_request(format!("{e} (hex-encoded)")))?;
+    }
+    if req.tpm_fresh && req.nonce.is_none() {
+        // The agent never makes one up: a nonce the verifier did not choose proves nothing.
+        return Err(bad_request(
+            "tpm_fresh needs a nonce chosen by whoever verifies the token (8 to 64 bytes, hex); \
+             the client library makes a random one when the app gives none",
+        ));
     }
     Ok(())
 }
@@ -246,7 +247,11 @@ async fn token(
         },
         _ => None,
     };
-    let reply = leases::obtain(shared, &key, req.nonce.clone())
+    let ask = leases::Ask {
+        nonce: req.nonce.clone(),
+        tpm_fresh: req.tpm_fresh,
+    };
+    let reply = leases::obtain(shared, &key, ask)
         .await
         .map_err(|e| e.to_api())?;
     if let Some((p, w)) = watch {
@@ -321,5 +326,25 @@ mod tests {
         assert!(validate(&r).unwrap_err().message.contains("65 bytes"));
         r.nonce = Some(vec![]);
         assert_eq!(validate(&r).unwrap_err().code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn short_nonce_and_fresh_without_nonce_are_bad_requests() {
+        let mut r = api::TokenRequest::new("cad").with_nonce(vec![7u8]);
+        let e = validate(&r).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(
+            e.message.contains("1 bytes long") && e.message.contains("RFC 9711"),
+            "{}",
+            e.message
+        );
+        r.nonce = Some(vec![7u8; 8]);
+        assert!(validate(&r).is_ok());
+        let r = api::TokenRequest::new("cad").with_tpm_fresh();
+        assert!(validate(&r)
+            .unwrap_err()
+            .message
+            .contains("tpm_fresh needs a nonce"));
+        assert!(validate(&r.with_nonce(vec![1u8; 16])).is_ok());
     }
 }

@@ -155,15 +155,23 @@ async fn cache_hit_is_local_and_nonce_always_goes_to_the_proxy() {
 
     // With a nonce: always the proxy (a Renew of the same lease, no new seat).
     let with_nonce = client
-        .token(&req2.clone().with_nonce(vec![0xab, 0xcd]))
+        .token(
+            &req2
+                .clone()
+                .with_nonce(vec![0xab, 0xcd, 0xab, 0xcd, 0xab, 0xcd, 0xab, 0xcd]),
+        )
         .await
         .unwrap();
     assert!(!with_nonce.cached);
     assert_eq!(with_nonce.lease_id, first.lease_id);
-    assert!(token_text(&with_nonce.token).ends_with("nonce=abcd"));
+    assert!(token_text(&with_nonce.token).ends_with("nonce=abcdabcdabcdabcd"));
     assert_eq!(proxy.count("renew"), 1);
     let with_nonce2 = client
-        .token(&req2.clone().with_nonce(vec![0xab, 0xcd]))
+        .token(
+            &req2
+                .clone()
+                .with_nonce(vec![0xab, 0xcd, 0xab, 0xcd, 0xab, 0xcd, 0xab, 0xcd]),
+        )
         .await
         .unwrap();
     assert_ne!(with_nonce2.token, with_nonce.token);
@@ -697,6 +705,26 @@ async fn bad_requests_and_a_garbage_speaking_proxy_do_not_hurt_the_agent() {
     .await;
     assert_eq!(s, 400);
     assert!(b.contains("not hex"), "{b}");
+    // tpm_fresh is part of the API (it was refused as an unknown field), and needs a nonce the
+    // verifier chose: the agent does not make one up.
+    let (s, b) = raw(
+        &sock,
+        "POST",
+        "/v1/token",
+        r#"{"product":"x","tpm_fresh":true}"#,
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(b.contains("tpm_fresh needs a nonce"), "{b}");
+    let (s, b) = raw(
+        &sock,
+        "POST",
+        "/v1/token",
+        r#"{"product":"x","nonce":"0011"}"#,
+    )
+    .await;
+    assert_eq!(s, 400);
+    assert!(b.contains("8 to 64 bytes"), "{b}");
     let (s, _) = raw(&sock, "GET", "/v1/token", "").await;
     assert_eq!(s, 405);
     let (s, b) = raw(&sock, "GET", "/nope", "").await;

@@ -140,7 +140,7 @@ async fn token_status_release_and_exit_codes() {
             "--feature",
             "render",
             "--nonce",
-            "c0ffee",
+            "c0ffee00c0ffee00",
             "--json",
         ],
     )
@@ -148,10 +148,14 @@ async fn token_status_release_and_exit_codes() {
     assert_eq!(code, 0);
     let reply: TokenReply = serde_json::from_str(&out).unwrap();
     assert!(!reply.cached);
-    assert!(token_text(&reply.token).ends_with("nonce=c0ffee"));
+    assert!(token_text(&reply.token).ends_with("nonce=c0ffee00c0ffee00"));
     let (code, _, err) = cli(&sock, &["token", "--product", "cad", "--nonce", "xyz"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("--nonce must be hex"), "{err}");
+    // too short for an eat_nonce: refused before it leaves the CLI
+    let (code, _, err) = cli(&sock, &["token", "--product", "cad", "--nonce", "c0ffee"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("8 to 64 bytes"), "{err}");
 
     // status, human and JSON.
     let (code, out, _) = cli(&sock, &["status"]).await;

@@ -1,6 +1,10 @@
 //! The admin socket: a local Unix socket (mode 0600) through which `hostbind-proxy status`,
 //! `license add|list|remove`, `leases` and `release` talk to the running daemon (the ledger is
 //! held exclusively by the daemon). Same framing as the agent protocol, admin message bodies.
+//!
+//! Changes (license add and remove, release) are logged as an audit trail: who (the peer's
+//! uid, user name and pid, from the socket), what and the outcome; the log line's timestamp
+//! says when. Lease and license ids may be given by a unique prefix, like git's.
 
 use crate::ledger::Lease;
 use crate::server::bind_unix;
@@ -123,18 +127,68 @@ pub struct Status {
     #[serde(default)]
     pub clones: Option<crate::clones::CloneCounts>,
     // --- fault hook (issue 16): TPM connection, token key, clock, usage log ---
-    /// The TPM connection: connected or reconnecting, failures, reconnects.
-    #[serde(default)]
-    pub tpm_health: Option<crate::tpm_service::TpmHealthSnapshot>,
     /// The token key's renewal: failures in a row and why.
     #[serde(default)]
     pub token_key: Option<crate::service::KeyStatus>,
     /// The host clock against the TPM clock.
     #[serde(default)]
     pub clock: Option<crate::clock::ClockStatus>,
-    /// The usage log: records waiting to be sealed (in memory and on disk), failures.
+    /// The TPM: connected or reconnecting, whether its last operation succeeded, failures,
+    /// reconnects, the last error.
     #[serde(default)]
-    pub usage: Option<crate::usage::UsageStatus>,
+    pub tpm_health: Option<TpmHealthStatus>,
+    /// The usage log's sealing, while metering runs.
+    #[serde(default)]
+    pub usage: Option<UsageStatus>,
+}
+
+/// The TPM's health in [`Status`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TpmHealthStatus {
+    /// Whether the TPM is connected and its last operation succeeded.
+    pub up: bool,
+    /// Unix seconds of the last successful operation.
+    pub last_ok: u64,
+    /// Failed operations since start.
+    pub failures: u64,
+    /// Since when the TPM fails and the last error, while it does.
+    pub failing: Option<Failing>,
+    /// The connection: connected or reconnecting, reconnects, key reloads.
+    #[serde(flatten)]
+    pub connection: crate::tpm_service::TpmHealthSnapshot,
+}
+
+/// Something that fails: since when (unix seconds) and the last error.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Failing {
+    /// Since when.
+    pub since: u64,
+    /// The last error.
+    pub error: String,
+}
+
+impl From<(u64, String)> for Failing {
+    fn from((since, error): (u64, String)) -> Self {
+        Failing { since, error }
+    }
+}
+
+/// The usage log in [`Status`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UsageStatus {
+    /// Whether a license carries a metering key (records are kept).
+    pub metering: bool,
+    /// Records waiting to be sealed (in memory and in the spill file).
+    pub pending: u64,
+    /// Unix seconds blocks were last sealed (the daemon's start until then).
+    pub last_sealed: u64,
+    /// Failed sealing attempts since start.
+    pub seal_failures: u64,
+    /// Since when sealing fails and the last error, while it does.
+    pub failing: Option<Failing>,
+    /// Where the records wait, what was dropped.
+    #[serde(flatten)]
+    pub log: crate::usage::UsageStatus,
 }
 
 /// A stored license as listed.
@@ -158,8 +212,13 @@ pub enum AdminResponse {
     LicenseAdded(License),
     /// Licenses.
     Licenses(Vec<LicenseInfo>),
-    /// A license was removed, with the leases that ended.
-    LicenseRemoved(Vec<Lease>),
+    /// A license was removed (its full id), with the leases that ended.
+    LicenseRemoved {
+        /// The license's id.
+        id: String,
+        /// The leases that ended.
+        ended: Vec<Lease>,
+    },
     /// A page of leases; `more` when another page follows.
     Leases {
         /// The page.
@@ -225,20 +284,135 @@ fn status(svc: &Service) -> Result<Status, String> {
         metrics: svc.counters.metrics.endpoint.get().cloned(),
         libvirt: svc.libvirt().map(|l| l.status()),
         clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),
-        tpm_health: Some(svc.tpm().health().snapshot()),
+        tpm_health: {
+            let h = svc.tpm().op_health();
+            let connection = svc.tpm().health().snapshot();
+            Some(TpmHealthStatus {
+                up: connection.state == "connected" && h.up(),
+                last_ok: h.last_ok.load(Ordering::Relaxed),
+                failures: h.failures.snapshot().iter().map(|(_, n)| n).sum(),
+                failing: h.failing().map(Failing::from),
+                connection,
+            })
+        },
         token_key: Some(svc.key_status()),
         clock: Some(svc.clock_status()),
-        usage: svc.usage().map(|u| u.status()),
+        usage: svc.usage().map(|u| {
+            let st = u.seal_stats();
+            let log = u.status();
+            UsageStatus {
+                metering: u.key().is_some(),
+                pending: log.pending_records + log.spilled_records,
+                last_sealed: st.last_ok,
+                seal_failures: log.seal_failures_total,
+                failing: st.failing.map(Failing::from),
+                log,
+            }
+        }),
     })
 }
 
-fn handle(svc: &Service, req: AdminRequest) -> AdminResponse {
+/// Shortest id prefix accepted.
+pub const MIN_PREFIX: usize = 4;
+
+/// Resolves `given` among `ids`: the id itself, or the one id it is a prefix of (at least
+/// [`MIN_PREFIX`] characters), like git. `None` when nothing matches; an error for a short or
+/// ambiguous prefix, listing the candidates.
+pub fn resolve_id<'a>(
+    what: &str,
+    given: &str,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<Option<String>, String> {
+    let ids: Vec<&str> = ids.into_iter().collect();
+    if ids.contains(&given) {
+        return Ok(Some(given.to_string()));
+    }
+    let mut matches: Vec<&str> = ids.into_iter().filter(|i| i.starts_with(given)).collect();
+    matches.sort_unstable();
+    matches.dedup();
+    match matches.as_slice() {
+        [] => Ok(None),
+        _ if given.chars().count() < MIN_PREFIX => Err(format!(
+            "{what} '{given}' is too short to stand for an id: give at least {MIN_PREFIX} characters"
+        )),
+        [one] => Ok(Some(one.to_string())),
+        many => Err(format!(
+            "{what} '{given}' is ambiguous: it starts {} ids ({}); give more characters",
+            many.len(),
+            many.join(", ")
+        )),
+    }
+}
+
+/// Who is on the other end of an admin connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// User id.
+    pub uid: Option<u32>,
+    /// Process id.
+    pub pid: Option<i32>,
+    /// User name, when known.
+    pub user: String,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        match stream.peer_cred() {
+            Ok(c) => Peer {
+                uid: Some(c.uid()),
+                pid: c.pid(),
+                user: hostbind_fsutil::name_of(c.uid())
+                    .unwrap_or_else(|| format!("uid {}", c.uid())),
+            },
+            Err(_) => Peer {
+                uid: None,
+                pid: None,
+                user: "unknown".into(),
+            },
+        }
+    }
+}
+
+/// Logs an admin change (audit trail): who, what, outcome.
+fn audit(peer: &Peer, action: &str, subject: &str, r: &Result<AdminResponse, String>) {
+    match r {
+        Ok(_) => tracing::info!(
+            audit = action,
+            user = %peer.user,
+            uid = peer.uid,
+            pid = peer.pid,
+            "admin: {action} {subject} by {}",
+            peer.user
+        ),
+        Err(e) => tracing::warn!(
+            audit = action,
+            user = %peer.user,
+            uid = peer.uid,
+            pid = peer.pid,
+            error = %e,
+            "admin: {action} {subject} by {} refused",
+            peer.user
+        ),
+    }
+}
+
+fn handle(svc: &Service, peer: &Peer, req: AdminRequest) -> AdminResponse {
     let r: Result<AdminResponse, String> = match req {
         AdminRequest::Status => status(svc).map(|s| AdminResponse::Status(Box::new(s))),
-        AdminRequest::LicenseAdd { bytes } => svc
-            .add_license(&bytes)
-            .map(AdminResponse::LicenseAdded)
-            .map_err(|e| e.to_string()),
+        AdminRequest::LicenseAdd { bytes } => {
+            let r = svc
+                .add_license(&bytes)
+                .map(AdminResponse::LicenseAdded)
+                .map_err(|e| e.to_string());
+            let subject = match &r {
+                Ok(AdminResponse::LicenseAdded(l)) => {
+                    format!("{} for '{}' ({} seats)", l.id, l.product, l.seats)
+                }
+                _ => "(a license file)".into(),
+            };
+            audit(peer, "license add", &subject, &r);
+            r
+        }
         AdminRequest::LicenseList => svc
             .licenses()
             .map(|v| {
@@ -253,10 +427,27 @@ fn handle(svc: &Service, req: AdminRequest) -> AdminResponse {
                 )
             })
             .map_err(|e| e.to_string()),
-        AdminRequest::LicenseRemove { id } => svc
-            .remove_license(&id)
-            .map(AdminResponse::LicenseRemoved)
-            .map_err(|e| e.to_string()),
+        AdminRequest::LicenseRemove { id } => {
+            let r = svc
+                .ledger()
+                .licenses()
+                .map_err(|e| e.to_string())
+                .and_then(|all| resolve_id("license id", &id, all.iter().map(|l| l.id.as_str())))
+                .and_then(|full| {
+                    let full = full.unwrap_or_else(|| id.clone());
+                    svc.remove_license(&full)
+                        .map(|ended| AdminResponse::LicenseRemoved { id: full, ended })
+                        .map_err(|e| e.to_string())
+                });
+            let subject = match &r {
+                Ok(AdminResponse::LicenseRemoved { id, ended }) => {
+                    format!("{id} ({} leases ended)", ended.len())
+                }
+                _ => id.clone(),
+            };
+            audit(peer, "license remove", &subject, &r);
+            r
+        }
         AdminRequest::Leases { offset } => svc
             .ledger()
             .leases()
@@ -269,10 +460,28 @@ fn handle(svc: &Service, req: AdminRequest) -> AdminResponse {
                 }
             })
             .map_err(|e| e.to_string()),
-        AdminRequest::Release { lease_id } => svc
-            .admin_release(&lease_id)
-            .map(AdminResponse::Released)
-            .map_err(|e| e.to_string()),
+        AdminRequest::Release { lease_id } => {
+            let r = svc
+                .ledger()
+                .leases()
+                .map_err(|e| e.to_string())
+                .and_then(|all| {
+                    resolve_id("lease id", &lease_id, all.iter().map(|l| l.id.as_str()))
+                })
+                .and_then(|full| {
+                    svc.admin_release(full.as_deref().unwrap_or(&lease_id))
+                        .map(AdminResponse::Released)
+                        .map_err(|e| e.to_string())
+                });
+            let subject = match &r {
+                Ok(AdminResponse::Released(l)) => {
+                    format!("lease {} of VM {} for '{}'", l.id, l.vm_name, l.product)
+                }
+                _ => format!("lease {lease_id}"),
+            };
+            audit(peer, "release", &subject, &r);
+            r
+        }
         AdminRequest::Clones => crate::clones::list(svc.ledger())
             .map(|mut forks| {
                 let total = forks.len();
@@ -301,11 +510,12 @@ pub async fn serve(svc: Arc<Service>, listener: UnixListener) {
             continue;
         };
         let svc = svc.clone();
+        let peer = Arc::new(Peer::of(&stream));
         tokio::spawn(async move {
             let mut f = Framed::new(stream, FrameCodec::<AdminRequest>::new());
             while let Some(Ok(msg)) = f.next().await {
-                let svc2 = svc.clone();
-                let resp = tokio::task::spawn_blocking(move || handle(&svc2, msg.body))
+                let (svc2, peer2) = (svc.clone(), peer.clone());
+                let resp = tokio::task::spawn_blocking(move || handle(&svc2, &peer2, msg.body))
                     .await
                     .unwrap_or_else(|e| AdminResponse::Error(format!("admin handler failed: {e}")));
                 let out: Message<AdminResponse> = Message::new(msg.id, resp);
@@ -322,7 +532,10 @@ pub async fn serve(svc: Arc<Service>, listener: UnixListener) {
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The daemon is not reachable.
-    #[error("cannot reach the proxy's admin socket {path}: {source}; is `hostbind-proxy run` running with this config (and are you allowed to use the socket)?")]
+    #[error(
+        "cannot reach the proxy's admin socket {path}: {source}; {}",
+        connect_hint(source)
+    )]
     Connect {
         path: String,
         source: std::io::Error,
@@ -336,6 +549,20 @@ pub enum AdminError {
     /// The daemon refused.
     #[error("{0}")]
     Refused(String),
+}
+
+/// What a failed connection to the admin socket means.
+fn connect_hint(e: &std::io::Error) -> String {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::NotFound => "the daemon is not running with this config (start it: systemctl start hostbind-proxy), or it uses another admin_socket (see --config)".into(),
+        K::ConnectionRefused => "the daemon is not running (the socket file is left from an earlier run): start it with systemctl start hostbind-proxy and see journalctl -u hostbind-proxy".into(),
+        K::PermissionDenied => format!(
+            "the socket is mode 0600 and belongs to the daemon's user; this command runs as {}: run it as root or as that user",
+            hostbind_fsutil::whoami()
+        ),
+        _ => "is `hostbind-proxy run` running with this config?".into(),
+    }
 }
 
 /// A connection to the daemon's admin socket.
@@ -394,5 +621,43 @@ impl AdminClient {
                 _ => return Err(AdminError::Closed),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_resolve_by_unique_prefix_like_git() {
+        let ids = ["3f2a9c00aa", "3f2b0000bb", "77aa0000cc"];
+        let r = |g: &str| resolve_id("lease id", g, ids.iter().copied());
+        assert_eq!(r("77aa0000cc").unwrap().as_deref(), Some("77aa0000cc"));
+        assert_eq!(r("77aa").unwrap().as_deref(), Some("77aa0000cc"));
+        assert_eq!(r("3f2a").unwrap().as_deref(), Some("3f2a9c00aa"));
+        let e = r("3f2").unwrap_err();
+        assert!(e.contains("at least 4"), "{e}");
+        let e = resolve_id("lease id", "3f2a", ["3f2a01", "3f2a02"]).unwrap_err();
+        assert!(
+            e.contains("ambiguous") && e.contains("3f2a01, 3f2a02"),
+            "{e}"
+        );
+        assert_eq!(r("ffff").unwrap(), None);
+        // A short id that is complete is taken as is.
+        assert_eq!(
+            resolve_id("license id", "L1", ["L1", "L10"])
+                .unwrap()
+                .as_deref(),
+            Some("L1")
+        );
+    }
+
+    #[test]
+    fn connection_failures_say_what_to_do() {
+        use std::io::{Error, ErrorKind};
+        let hint = |k| connect_hint(&Error::from(k));
+        assert!(hint(ErrorKind::NotFound).contains("not running"));
+        assert!(hint(ErrorKind::ConnectionRefused).contains("not running"));
+        assert!(hint(ErrorKind::PermissionDenied).contains("run it as root"));
     }
 }

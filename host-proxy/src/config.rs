@@ -413,6 +413,182 @@ impl Config {
     }
 }
 
+/// One key of proxy.toml as documented in `hostbind-proxy.toml(5)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyDoc {
+    /// The table: `""` for the top level, `"leases"`, ..., `"vm"` for the `[[vm]]` entries.
+    pub table: &'static str,
+    /// The key.
+    pub key: &'static str,
+    /// The default as TOML; `None` when the key is unset by default (or required: `[[vm]]`).
+    pub default: Option<&'static str>,
+    /// A valid value as TOML.
+    pub example: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+const fn key(
+    table: &'static str,
+    key: &'static str,
+    default: Option<&'static str>,
+    example: &'static str,
+    doc: &'static str,
+) -> KeyDoc {
+    KeyDoc {
+        table,
+        key,
+        default,
+        example,
+        doc,
+    }
+}
+
+/// Every key of proxy.toml with its default, an example and what it does: the one source of
+/// the `hostbind-proxy.toml(5)` man page. The tests check it against the parser: every key here
+/// is accepted with its example, every documented default is the real one, and every key the
+/// parser accepts is here.
+pub const KEYS: &[KeyDoc] = &[
+    key("", "state_dir", Some("\"/var/lib/hostbind\""), "\"/var/lib/hostbind\"",
+        "Where the proxy keeps its state: the seat ledger (ledger.redb), the attestation key blobs (ak.pub, ak.priv: only this host's TPM can load them), the host certificate and vendor key from enrollment, the usage log, and the lock file hostbind-proxy.lock. Back it up; it is useless on another host. It must belong to the user the daemon runs as (hostbind in the Debian package)."),
+    key("", "tpm", Some("\"device:/dev/tpmrm0\""), "\"swtpm:host=127.0.0.1,port=2321\"",
+        "The TPM, as a TCTI: \"device:/dev/tpmrm0\" (the kernel's resource manager; the daemon's user needs group tss), or a software TPM for tests: \"swtpm:host=127.0.0.1,port=P\". Also \"mssim:...\" and \"tabrmd\"."),
+    key("", "licenses_dir", Some("\"/etc/hostbind/licenses\""), "\"/etc/hostbind/licenses\"",
+        "License files (*.license) in this directory are added at every start. Per product the newest (by issue time) wins, and a file never replaces a newer license added with `license add`. `hostbind-proxy license remove` refuses to remove a license whose product still has a file here (it would come back at the next start) and names the files to delete."),
+    key("", "admin_socket", Some("\"/run/hostbind/admin.sock\""), "\"/run/hostbind/admin.sock\"",
+        "The Unix socket (mode 0600) the admin commands (status, license, leases, release, clones) use to talk to the daemon. Its directory is created if missing; under systemd the unit provides /run/hostbind (RuntimeDirectory=hostbind)."),
+    key("", "log_level", Some("\"info\""), "\"debug\"",
+        "How much the daemon logs: \"error\", \"warn\", \"info\", \"debug\" or \"trace\" (hostbind's own messages; other libraries log warnings and errors only). The RUST_LOG environment variable overrides it."),
+    key("leases", "ttl", Some("\"60s\""), "\"30s\"",
+        "A lease lapses this long after its last renewal (agents renew at half of it); at least 2s."),
+    key("leases", "key_epoch", Some("\"10m\""), "\"1h\"",
+        "A token signing key is used this long, then replaced; one TPM quote certifies each key. At least ttl."),
+    key("leases", "sweep_interval", Some("\"1s\""), "\"5s\"",
+        "How often lapsed leases are ended and their VMs told."),
+    key("listen", "af_vsock", Some("false"), "true",
+        "Listen on real AF_VSOCK (vhost-vsock, production KVM hosts) at vsock_port. Needs [[vm]] entries with a cid, or [libvirt] enabled = true."),
+    key("listen", "vsock_port", Some("9999"), "9999",
+        "The vsock port agents connect to; also the suffix of hybrid vsock sockets (<vhost_uds>_<vsock_port>)."),
+    key("vm", "name", None, "\"db-1\"",
+        "Required. The VM's name (1 to 128 characters), as in libvirt or on the QEMU command line; tokens carry it."),
+    key("vm", "uuid", None, "\"6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01\"",
+        "Required. The VM's UUID; tokens carry it."),
+    key("vm", "cid", None, "3",
+        "The guest's vsock CID (3 or more), for AF_VSOCK connections. Not with [libvirt] enabled = true (CIDs then come from libvirt)."),
+    key("vm", "vhost_uds", None, "\"/run/vm/db-1.vsock\"",
+        "The --uds-path of this VM's vhost-device-vsock: the proxy serves the VM at <vhost_uds>_<vsock_port>. Absolute path."),
+    key("vm", "unix_socket", None, "\"/run/hostbind/db-1.sock\"",
+        "A plain Unix socket for this VM (development and the demo). Absolute path."),
+    key("metrics", "listen", None, "\"127.0.0.1:9464\"",
+        "Serve Prometheus metrics at GET /metrics on a loopback address:port (\"127.0.0.1:9464\", \"[::1]:9464\") or an absolute Unix socket path (mode 0666). Unset: no metrics endpoint."),
+    key("usage", "enabled", Some("true"), "false",
+        "Keep the usage log for the vendor (licenses with a metering key are metered). Needs the TPM owner hierarchy with an empty password; your vendor may require it."),
+    key("usage", "flush_interval", Some("\"60s\""), "\"5m\"",
+        "How often buffered usage records are sealed into blocks (sooner under load, and at shutdown). A crash loses at most this much."),
+    key("usage", "dir", None, "\"/var/lib/hostbind/usage\"",
+        "Directory of the usage log. Unset: <state_dir>/usage."),
+    key("usage", "nv_index", Some("0x01004862"), "0x01004863",
+        "The TPM NV index of the usage log's counter (owner hierarchy), defined at first start."),
+    key("clock", "max_skew", Some("\"60s\""), "\"2m\"",
+        "How far the host clock may be off against the TPM clock (which nobody can set), plus 0.5 % of the TPM time since the last check; checked at start and before each token key is certified. Beyond it the proxy warns (log, status, metrics) and certifies no token key until the clock is right or hostbind-proxy clock accept confirms it."),
+    key("clones", "live_window", Some("\"5m\""), "\"10m\"",
+        "Both sides of a fork of an agent's id chain seen alive within this of each other make a clone (keep it above ttl/2)."),
+    key("clones", "retention", Some("\"7d\""), "\"30d\"",
+        "Chain ids and forks not seen for this long are forgotten; a snapshot older than this is not recognised when started again."),
+    key("fresh_nonces", "batching", Some("true"), "false",
+        "Gather concurrent TPM-fresh token requests under one quote (true), or quote each one (false, a benchmark baseline)."),
+    key("fresh_nonces", "max_window", Some("\"5ms\""), "\"2ms\"",
+        "Under load, the longest extra wait to fill a batch (at most 1s; a lone request never waits)."),
+    key("fresh_nonces", "max_batch", Some("4096"), "1024",
+        "The most nonces under one quote."),
+    key("libvirt", "enabled", Some("false"), "true",
+        "Take VM identity (by vsock CID), assignments and lifecycle from libvirt's running domains instead of [[vm]] entries (KVM nodes)."),
+    key("libvirt", "uri", Some("\"qemu:///system\""), "\"qemu:///system\"",
+        "The libvirt connection URI (the daemon connects read-only)."),
+    key("libvirt", "unassigned", Some("\"allow\""), "\"deny\"",
+        "What a domain without a hostbind assignment in its metadata may use: \"allow\" (every licensed product, seats permitting) or \"deny\" (nothing until `hostbind-proxy vm assign`)."),
+    key("libvirt", "call_timeout", Some("\"5s\""), "\"2s\"",
+        "Longest wait for any one libvirt call (connect, list, read a domain, the liveness check) before libvirt counts as hung and the proxy reconnects; 100ms to 5m. Token requests never wait on libvirt."),
+];
+
+/// A full example proxy.toml for the man page.
+const EXAMPLE: &str = r#"state_dir = "/var/lib/hostbind"
+tpm = "device:/dev/tpmrm0"
+log_level = "info"
+
+[leases]
+ttl = "60s"
+
+[listen]
+af_vsock = true
+
+[metrics]
+listen = "127.0.0.1:9464"
+
+[[vm]]
+name = "db-1"
+uuid = "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01"
+cid = 3"#;
+
+/// The `hostbind-proxy.toml(5)` man page (roff), from [`KEYS`]; `source` is the footer
+/// ("hostbind 0.1.0").
+pub fn man_page(source: &str) -> String {
+    use hostbind_cli::docs::{page, Entry, Section};
+    let mut sections = vec![Section::new("DESCRIPTION", Vec::new()).with_intro(format!(
+        "The configuration of hostbind-proxy(1), read from {DEFAULT_CONFIG} (or the file given with --config) when the daemon starts and by every admin command. It is TOML. Unknown keys and bad values stop the proxy with the file, line and reason, e.g. proxy.toml:6:1: unknown field `ttl_typo`. After a change: systemctl restart hostbind-proxy.\n\nDurations are written like \"30s\", \"5m\", \"1h\", \"7d\". Every key is optional except name and uuid in a [[vm]] entry."
+    ))];
+    let tables = [
+        ("", "TOP-LEVEL KEYS"),
+        ("leases", "[leases]: lease and token timing"),
+        ("listen", "[listen]: transports"),
+        ("vm", "[[vm]]: one entry per VM (a guest is identified by where its connection arrives, never by what it says)"),
+        ("metrics", "[metrics]: Prometheus endpoint"),
+        ("usage", "[usage]: usage log (metering)"),
+        ("clock", "[clock]: host clock against the TPM clock"),
+        ("clones", "[clones]: clone detection"),
+        ("fresh_nonces", "[fresh_nonces]: batching of TPM-fresh nonces"),
+        ("libvirt", "[libvirt]: KVM nodes managed by libvirt"),
+    ];
+    for (table, title) in tables {
+        let entries = KEYS
+            .iter()
+            .filter(|k| k.table == table)
+            .map(|k| {
+                let default = match k.default {
+                    Some(d) => format!("Default: {d}."),
+                    None if k.table == "vm" => "No default.".to_string(),
+                    None => "Default: unset.".to_string(),
+                };
+                Entry::new(
+                    k.key,
+                    format!("{}\n\n{default} Example: {} = {}", k.doc, k.key, k.example),
+                )
+            })
+            .collect();
+        sections.push(Section::new(title, entries));
+    }
+    sections.push(
+        Section::new("EXAMPLE", Vec::new())
+            .with_intro("A KVM host with one VM reached over AF_VSOCK and metrics on loopback:")
+            .with_literal(EXAMPLE),
+    );
+    sections.push(Section::new(
+        "FILES",
+        vec![
+            Entry::new(DEFAULT_CONFIG, "The configuration (a conffile of the Debian package; local edits survive upgrades)."),
+            Entry::new("/usr/share/doc/hostbind-proxy/admin.md", "The admin guide."),
+        ],
+    ));
+    page(
+        "hostbind-proxy.toml",
+        "5",
+        "configuration of the hostbind host proxy",
+        source,
+        &sections,
+        &["hostbind-proxy(1)".into(), "hostbind-proxy-run(1)".into()],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,5 +688,116 @@ vhost_uds = "/tmp/b.vsock"
         .unwrap_err()
         .to_string();
         assert!(e.contains("call_timeout = 1ms is out of range"), "{e}");
+    }
+
+    // --- the documented keys (KEYS, hostbind-proxy.toml(5)) against the parser ---
+
+    /// A config setting only `k` to `value` (with a [[vm]] around `vm` keys, and what the
+    /// cross-checks need).
+    fn with_key(k: &KeyDoc, value: &str) -> String {
+        let vm = "[[vm]]\nname = \"v\"\nuuid = \"6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a09\"\n";
+        match (k.table, k.key) {
+            ("", _) => format!("{} = {value}\n", k.key),
+            ("vm", "name" | "uuid") => {
+                let other = if k.key == "name" {
+                    "uuid = \"6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a09\""
+                } else {
+                    "name = \"v\""
+                };
+                format!(
+                    "[[vm]]\n{} = {value}\n{other}\nunix_socket = \"/run/v.sock\"\n",
+                    k.key
+                )
+            }
+            ("vm", "cid") => format!("{vm}{} = {value}\n", k.key),
+            ("vm", _) => format!("{vm}{} = {value}\n", k.key),
+            ("listen", "af_vsock") if value == "true" => {
+                format!("[listen]\n{} = {value}\n{vm}cid = 3\n", k.key)
+            }
+            (t, _) => format!("[{t}]\n{} = {value}\n", k.key),
+        }
+    }
+
+    #[test]
+    fn every_documented_key_is_accepted_with_its_example() {
+        for k in KEYS {
+            let text = with_key(k, k.example);
+            Config::parse(&text, "p.toml")
+                .unwrap_or_else(|e| panic!("{}.{} = {}: {e}\n{text}", k.table, k.key, k.example));
+        }
+    }
+
+    #[test]
+    fn every_documented_default_is_the_real_default() {
+        let defaults = format!("{:?}", Config::parse("", "p.toml").unwrap());
+        for k in KEYS.iter().filter(|k| k.table != "vm") {
+            let Some(d) = k.default else {
+                continue;
+            };
+            let c = Config::parse(&with_key(k, d), "p.toml").unwrap();
+            assert_eq!(
+                format!("{c:?}"),
+                defaults,
+                "{}.{}: documented default {d} is not the default",
+                k.table,
+                k.key
+            );
+        }
+    }
+
+    /// The keys a table accepts, from the parser's "unknown field" message.
+    fn accepted(table: &str) -> Vec<String> {
+        let text = match table {
+            "" => "zz_unknown = 1\n".to_string(),
+            "vm" => "[[vm]]\nzz_unknown = 1\n".to_string(),
+            t => format!("[{t}]\nzz_unknown = 1\n"),
+        };
+        let e = Config::parse(&text, "p.toml").unwrap_err().to_string();
+        let list = e.split_once("expected").unwrap_or_else(|| panic!("{e}")).1;
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn every_key_the_parser_accepts_is_documented() {
+        let tables: std::collections::BTreeSet<&str> = KEYS.iter().map(|k| k.table).collect();
+        for t in tables {
+            let mut documented: Vec<String> = KEYS
+                .iter()
+                .filter(|k| k.table == t)
+                .map(|k| k.key.to_string())
+                .collect();
+            let mut parsed = accepted(t);
+            if t.is_empty() {
+                // Tables are keys of the top level too.
+                parsed.retain(|k| !KEYS.iter().any(|d| d.table == k.as_str()));
+            }
+            documented.sort();
+            parsed.sort();
+            assert_eq!(
+                parsed, documented,
+                "table [{t}]: undocumented or unknown keys"
+            );
+        }
+    }
+
+    #[test]
+    fn man_page_lists_every_key_with_default_and_example() {
+        let page = man_page("hostbind 0.1.0");
+        assert!(page.contains(".TH hostbind-proxy.toml 5"), "{page}");
+        // What a reader sees (roff escapes undone).
+        let text = page.replace("\\-", "-").replace("\\(dq", "\"");
+        for k in KEYS {
+            let example = format!("Example: {} = {}", k.key, k.example);
+            assert!(text.contains(&example), "{example}");
+            if let Some(d) = k.default {
+                assert!(text.contains(&format!("Default: {d}.")), "{}: {d}", k.key);
+            }
+        }
+        // The example parses.
+        Config::parse(EXAMPLE, "example").unwrap();
     }
 }

@@ -7,7 +7,7 @@ use crate::server::{accept_unix, bind_unix, hybrid_path};
 use crate::service::{Service, Vm};
 use crate::tpm_service::TpmService;
 use crate::{admin, enroll};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
@@ -15,17 +15,41 @@ use tokio::signal::unix::{signal, SignalKind};
 /// File name of the ledger in the state dir.
 pub const LEDGER_FILE: &str = "ledger.redb";
 
-fn ensure_parent(p: &Path) -> Result<()> {
-    if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d)
-            .with_context(|| format!("cannot create directory {}", d.display()))?;
+/// Creates the directory of the socket `p` (set by config key `key`) if it is missing, or
+/// says why it cannot and what to do.
+fn ensure_parent(p: &Path, key: &str) -> Result<()> {
+    let Some(d) = p.parent() else { return Ok(()) };
+    match std::fs::create_dir_all(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let systemd = if d.starts_with("/run/hostbind") {
+                "; under systemd the unit creates /run/hostbind (RuntimeDirectory=hostbind); when you run the proxy by hand, "
+            } else {
+                "; "
+            };
+            anyhow::bail!(
+                "cannot create directory {} for {key} = \"{}\": {e}; this process runs as {}{systemd}create it for this user first (install -d -o {} -m 0755 {}) or set {key} to a path in a directory this user may write",
+                d.display(),
+                p.display(),
+                hostbind_fsutil::whoami(),
+                hostbind_fsutil::user_name(),
+                d.display()
+            )
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot create directory {} for {key} = \"{}\": {e}{}",
+            d.display(),
+            p.display(),
+            hostbind_fsutil::io_hint(&e, hostbind_fsutil::Access::Write)
+        )),
     }
-    Ok(())
 }
 
 /// Runs the daemon until a termination signal.
 pub async fn run(cfg: Config) -> Result<()> {
     let identity = enroll::load_identity(&cfg.state_dir)?;
+    // Held until the daemon ends: no enroll command or second daemon meanwhile (lock.rs).
+    let lock = crate::lock::acquire(&cfg.state_dir, crate::lock::Role::Daemon)?;
     let ledger = Ledger::open(&cfg.state_dir.join(LEDGER_FILE))?;
     let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone())?;
     let svc = Service::start(cfg.clone(), identity, ledger, tpm).await?;
@@ -55,14 +79,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     // --- end usage hook ---
 
-    ensure_parent(&cfg.admin_socket)?;
+    ensure_parent(&cfg.admin_socket, "admin_socket")?;
     let l = admin::bind(&cfg.admin_socket)?;
     sockets.push(cfg.admin_socket.clone());
     tasks.push(tokio::spawn(admin::serve(svc.clone(), l)));
 
     if let Some(listen) = &cfg.metrics.listen {
         if let crate::metrics::MetricsListen::Unix(p) = listen {
-            ensure_parent(p)?;
+            ensure_parent(p, "[metrics] listen")?;
         }
         let m = crate::metrics::MetricsListener::bind(listen).await?;
         sockets.extend(m.socket_path());
@@ -75,7 +99,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             uuid: vmc.uuid.0.clone(),
         });
         if let Some(p) = &vmc.unix_socket {
-            ensure_parent(p)?;
+            ensure_parent(p, "[[vm]] unix_socket")?;
             let l = bind_unix(p, 0o660)?;
             tracing::info!(vm = %vm.name, "listening on {}", p.display());
             sockets.push(p.clone());
@@ -88,7 +112,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         if let Some(uds) = &vmc.vhost_uds {
             let p = hybrid_path(uds, cfg.listen.vsock_port);
-            ensure_parent(&p)?;
+            ensure_parent(&p, "[[vm]] vhost_uds")?;
             let l = bind_unix(&p, 0o660)?;
             tracing::info!(vm = %vm.name, "listening on hybrid vsock {}", p.display());
             sockets.push(p);
@@ -144,5 +168,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }
+    drop(lock);
     Ok(())
 }

@@ -5,6 +5,7 @@ use crate::tpm::{Tpm, TpmError};
 use hostbind_attest::enroll::{
     self, answer_binding, EnrollAnswer, EnrollChallenge, EnrollRequest, ENROLL_VERSION, KIND_ANSWER,
 };
+use hostbind_attest::files;
 use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::signed::{
     from_cbor, open, to_cbor, HostCertificate, ObjectKind, SignedError, Window,
@@ -19,7 +20,8 @@ use std::path::{Path, PathBuf};
 pub const REQUEST_FILE: &str = "enroll-request.cbor";
 /// The installed host certificate.
 pub const HOST_CERT_FILE: &str = "host.cert";
-/// The vendor public key the host certificate and licenses verify against.
+/// The vendor public key the host certificate and licenses verify against, in the one `.pub`
+/// format ([`files::encode_vendor_public`]).
 pub const VENDOR_PUB_FILE: &str = "vendor.pub";
 
 /// Errors on the host side of enrollment.
@@ -120,11 +122,11 @@ pub fn answer(
 ) -> Result<EnrollAnswer, HostEnrollError> {
     chal.check_kind()?;
     let req_path = state_dir.join(REQUEST_FILE);
-    if !req_path.exists() {
+    if !hostbind_fsutil::exists(&req_path)? {
         return Err(HostEnrollError::NoRequest(req_path.display().to_string()));
     }
     let req: EnrollRequest = from_cbor("enrollment request", &read(&req_path)?)?;
-    let ours = enroll::host_id(&req.ek_public);
+    let ours = enroll::host_id_of_ek_cert(&req.ek_cert)?;
     if chal.host_id.as_slice() != ours {
         return Err(HostEnrollError::OtherHost {
             challenge: hex::encode(&chal.host_id),
@@ -163,7 +165,7 @@ pub fn install(
     let cert: HostCertificate = open(ObjectKind::HostCertificate, cert_bytes, vendor)?;
     let ek = tpm.endorsement()?;
     let ak = tpm.load_or_create_ak(state_dir)?;
-    let ours = enroll::host_id(&ek.public);
+    let ours = enroll::host_id_of_ek_cert(&ek.cert_der)?;
     if cert.host_id.as_slice() != ours {
         return Err(HostEnrollError::CertMismatch {
             what: "host",
@@ -182,7 +184,11 @@ pub fn install(
         Window::Valid => {}
         w => return Err(HostEnrollError::CertNotValid(w)),
     }
-    write_atomic(&state_dir.join(VENDOR_PUB_FILE), &vendor.0, 0o644)?;
+    write_atomic(
+        &state_dir.join(VENDOR_PUB_FILE),
+        &files::encode_vendor_public(vendor)?,
+        0o644,
+    )?;
     write_atomic(&state_dir.join(HOST_CERT_FILE), cert_bytes, 0o644)?;
     Ok(cert)
 }
@@ -190,14 +196,26 @@ pub fn install(
 /// Loads the installed identity (no TPM access; the daemon checks the AK when it quotes).
 pub fn load_identity(state_dir: &Path) -> Result<HostIdentity, HostEnrollError> {
     let p = |f: &str| -> PathBuf { state_dir.join(f) };
+    // Absent means not enrolled; anything else (no permission, an I/O error) is said as such.
     for f in [HOST_CERT_FILE, VENDOR_PUB_FILE] {
-        if !p(f).exists() {
+        if !hostbind_fsutil::exists(&p(f))? {
             return Err(HostEnrollError::NotEnrolled(p(f).display().to_string()));
         }
     }
-    let vendor = VendorPublicKey::from_bytes(&read(&p(VENDOR_PUB_FILE))?).map_err(|e| {
-        HostEnrollError::NotEnrolled(format!("valid {} ({e})", p(VENDOR_PUB_FILE).display()))
-    })?;
+    let bytes = read(&p(VENDOR_PUB_FILE))?;
+    let vendor = match files::parse_vendor_public(&bytes) {
+        Ok(v) => v,
+        // State dirs installed before the one .pub format held the 32 raw key bytes.
+        Err(_) if bytes.len() == 32 => VendorPublicKey::from_bytes(&bytes).map_err(|e| {
+            HostEnrollError::NotEnrolled(format!("valid {} ({e})", p(VENDOR_PUB_FILE).display()))
+        })?,
+        Err(e) => {
+            return Err(HostEnrollError::NotEnrolled(format!(
+                "valid {} ({e})",
+                p(VENDOR_PUB_FILE).display()
+            )))
+        }
+    };
     let cert_bytes = read(&p(HOST_CERT_FILE))?;
     let cert = open(ObjectKind::HostCertificate, &cert_bytes, &vendor)?;
     Ok(HostIdentity {

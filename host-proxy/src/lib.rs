@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod fresh;
 pub mod ledger;
 pub mod libvirt;
+pub mod lock;
 pub mod metrics;
 pub mod server;
 pub mod service;

@@ -5,18 +5,32 @@ use clap::{Parser, Subcommand};
 use hostbind_attest::enroll::EnrollChallenge;
 use hostbind_attest::files;
 use hostbind_attest::keys::VendorPublicKey;
+use hostbind_attest::signed::License;
 use hostbind_attest::signed::{fmt_time, from_cbor, to_cbor};
 use hostbind_fsutil::{read, write_new};
 use hostbind_proxy::admin::{AdminClient, AdminRequest, AdminResponse};
 use hostbind_proxy::config::{Config, DEFAULT_CONFIG};
 use hostbind_proxy::enroll;
-use hostbind_proxy::ledger::Lease;
+use hostbind_proxy::ledger::{Lease, LeaseScope};
+use hostbind_proxy::lock;
 use hostbind_proxy::tpm::Tpm;
 use std::path::PathBuf;
 
 /// hostbind host proxy: proves this host's identity with its TPM and serves license tokens to guests.
 #[derive(Parser)]
-#[command(name = "hostbind-proxy", version, about)]
+#[command(
+    name = "hostbind-proxy",
+    version,
+    about,
+    long_about = "hostbind binds software licenses to the physical host a VM runs on. \
+hostbind-proxy runs on every KVM node: `run` is the daemon (under systemd, as user hostbind), \
+which proves the node's identity with its TPM 2.0, keeps the node's seat ledger and serves \
+license tokens to the hostbind agents in the node's VMs. The other commands enroll the node \
+with the vendor (once, before the daemon runs), manage licenses and leases through the running \
+daemon's admin socket, assign products to libvirt domains and export the usage log.\n\n\
+The configuration is described in hostbind-proxy.toml(5); the admin guide is \
+/usr/share/doc/hostbind-proxy/admin.md."
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
@@ -33,6 +47,11 @@ enum Cmd {
     /// Run the daemon.
     Run,
     /// Enroll this host with the vendor, by file exchange.
+    ///
+    /// Enrollment uses the TPM: it refuses to run while the daemon runs (stop it first), and
+    /// must run as the user the daemon runs as (hostbind in the Debian package), so that the
+    /// daemon can read what it writes into the state dir: `runuser -u hostbind --
+    /// hostbind-proxy enroll ...`.
     #[command(subcommand)]
     Enroll(EnrollCmd),
     /// Show the running daemon's state: host, TPM, agents, seats per product.
@@ -44,7 +63,7 @@ enum Cmd {
     Leases,
     /// Release (revoke) a lease; its VM is told.
     Release {
-        /// Lease id.
+        /// Lease id, or a unique prefix of it (at least 4 characters), from `leases`.
         lease: String,
     },
     /// List detected clones and snapshot restores (forks of agents' id chains).
@@ -73,11 +92,14 @@ enum ClockCmd {
 #[derive(Subcommand)]
 enum UsageCmd {
     /// Write the usage log for the vendor (encrypted to the vendor; works while the daemon runs).
+    ///
+    /// Copies the sealed blocks of <state_dir>/usage/usage.log to FILE. Needs read access to
+    /// the state dir: run it as root or as the daemon's user.
     Export {
         /// File to write.
         #[arg(long)]
         out: PathBuf,
-        /// Overwrite.
+        /// Overwrite the --out file if it exists (it is replaced atomically).
         #[arg(long)]
         force: bool,
     },
@@ -282,7 +304,7 @@ fn libvirt_status_lines(l: &hostbind_proxy::libvirt::LibvirtStatus) -> Vec<Strin
 /// healthy states take one line each.
 fn fault_status_lines(s: &hostbind_proxy::admin::Status, now: u64) -> Vec<String> {
     let mut v = Vec::new();
-    if let Some(h) = &s.tpm_health {
+    if let Some(h) = s.tpm_health.as_ref().map(|h| &h.connection) {
         v.push(if h.state == "connected" {
             format!(
                 "TPM health:     connected since {}; {} reconnects, {} key reloads{}",
@@ -333,22 +355,6 @@ fn fault_status_lines(s: &hostbind_proxy::admin::Status, now: u64) -> Vec<String
             _ => "clock:          not compared with the TPM clock yet".into(),
         });
     }
-    if let Some(u) = &s.usage {
-        if u.spilled_records > 0 || u.seal_failures_total > 0 || u.dropped_total > 0 {
-            v.push(format!(
-                "usage log:      {} records wait in memory, {} in the spill file ({} bytes); {} failed flushes, {} records dropped{}",
-                u.pending_records,
-                u.spilled_records,
-                u.spill_bytes,
-                u.seal_failures_total,
-                u.dropped_total,
-                u.last_error
-                    .as_deref()
-                    .map(|e| format!("; last error: {e}"))
-                    .unwrap_or_default()
-            ));
-        }
-    }
     v
 }
 // --- end fault hook ---
@@ -363,8 +369,11 @@ enum LicenseCmd {
     /// List licenses.
     List,
     /// Remove a license; leases drawn from it end.
+    ///
+    /// Refused while licenses_dir holds a file with a license for the same product: it would
+    /// be added again at the next start. The error names the files to delete first.
     Remove {
-        /// License id.
+        /// License id, or a unique prefix of it (at least 4 characters).
         id: String,
     },
 }
@@ -376,7 +385,9 @@ enum EnrollCmd {
         /// Request file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Overwrite.
+        /// Overwrite the --out file if it exists (it is replaced atomically). The request
+        /// kept in the state dir is always replaced: answer only the vendor's challenge to the
+        /// newest request.
         #[arg(long)]
         force: bool,
     },
@@ -387,7 +398,7 @@ enum EnrollCmd {
         /// Answer file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Overwrite.
+        /// Overwrite the --out file if it exists (it is replaced atomically).
         #[arg(long)]
         force: bool,
     },
@@ -406,6 +417,43 @@ fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
     files::parse_vendor_public(&bytes).map_err(|e| anyhow::anyhow!("{arg}: {e}"))
 }
 
+/// Prepares a command that uses the TPM and writes into the state dir: refuses to run as root
+/// in a state dir that belongs to another user (the daemon could not read what it writes),
+/// creates the state dir if `create`, and takes the state dir's lock (no daemon meanwhile).
+fn tpm_command(cfg: &Config, what: &'static str, create: bool) -> Result<lock::StateLock> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = &cfg.state_dir;
+    if !create && !hostbind_fsutil::exists(dir)? {
+        anyhow::bail!(
+            "the state dir {} does not exist: this host has no enrollment request yet; run `hostbind-proxy enroll request` first",
+            dir.display()
+        );
+    }
+    if create && !hostbind_fsutil::exists(dir)? {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| hostbind_fsutil::FileError::Write {
+                path: dir.display().to_string(),
+                source,
+            })?;
+    }
+    let md = std::fs::metadata(dir).map_err(|source| hostbind_fsutil::FileError::Read {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    if md.uid() != nix::unistd::geteuid().as_raw() {
+        let owner = hostbind_fsutil::name_of(md.uid()).unwrap_or_else(|| md.uid().to_string());
+        anyhow::bail!(
+            "the state dir {} belongs to user {owner}, but this command runs as {}: what it writes there must be readable by the daemon, so run it as {owner}: runuser -u {owner} -- hostbind-proxy {what} ...",
+            dir.display(),
+            hostbind_fsutil::whoami()
+        );
+    }
+    Ok(lock::acquire(dir, lock::Role::Command(what))?)
+}
+
 fn open_tpm(cfg: &Config) -> Result<Tpm> {
     Ok(Tpm::open(&cfg.tpm)?)
 }
@@ -420,15 +468,34 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// A license as JSON in the encodings of the rest of the admin API: host ids and the metering
+/// key in hex (not arrays of bytes).
+fn license_json(l: &License) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(l)?;
+    v["hosts"] = l.hosts.iter().map(hex::encode).collect();
+    if let Some(k) = &l.metering_key {
+        v["metering_key"] = hex::encode(k).into();
+    }
+    Ok(v)
+}
+
+fn scope_name(s: LeaseScope) -> &'static str {
+    match s {
+        LeaseScope::Vm => "vm",
+        LeaseScope::Process => "process",
+    }
+}
+
 fn lease_line(l: &Lease, now: u64) -> String {
+    let holder = match (l.scope, l.pid) {
+        (LeaseScope::Process, Some(p)) => format!("process {p} in VM {}", l.vm_name),
+        (s, _) => format!("{} {}", scope_name(s).to_uppercase(), l.vm_name),
+    };
     format!(
-        "{}  vm={} ({})  product={}  scope={:?}{}  expires in {}s",
+        "{}  {:<16} held by {holder} ({})  expires in {}s",
         l.id,
-        l.vm_name,
-        l.vm_uuid,
         l.product,
-        l.scope,
-        l.pid.map(|p| format!(" pid={p}")).unwrap_or_default(),
+        l.vm_uuid,
         l.expires_at.saturating_sub(now)
     )
 }
@@ -450,7 +517,26 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                 fmt_time(s.started_at)
             );
             println!("host id:        {}", s.host_id);
-            println!("TPM:            {}", s.tpm);
+            match s.tpm_health.as_ref().and_then(|h| h.failing.as_ref().map(|f| (h, f))) {
+                Some((h, f)) => println!(
+                    "TPM:            {} FAILING since {}: {}; {} failed operations since start (tokens, key rotation and the usage log need it; see journalctl -u hostbind-proxy)",
+                    s.tpm,
+                    fmt_time(f.since),
+                    f.error,
+                    h.failures
+                ),
+                None => println!(
+                    "TPM:            {}, ok{}",
+                    s.tpm,
+                    match &s.tpm_health {
+                        Some(h) if h.failures > 0 => format!(
+                            " (last operation succeeded; {} failed since start)",
+                            h.failures
+                        ),
+                        _ => String::new(),
+                    }
+                ),
+            }
             println!("token key until {}", fmt_time(s.token_key_not_after));
             println!(
                 "agents:         {} connected; VMs configured: {}",
@@ -475,6 +561,37 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                 println!("{line}");
             }
             // --- end fault hook ---
+            if let Some(u) = &s.usage {
+                let dropped = |n: u64| {
+                    if n > 0 {
+                        format!("; {n} records dropped (named in the log)")
+                    } else {
+                        String::new()
+                    }
+                };
+                match &u.failing {
+                    Some(f) => println!(
+                        "usage log:      SEALING FAILS since {} ({} failed attempts): {}; {} records wait in memory, {} in the spill file ({} bytes){}",
+                        fmt_time(f.since),
+                        u.seal_failures,
+                        f.error,
+                        u.log.pending_records,
+                        u.log.spilled_records,
+                        u.log.spill_bytes,
+                        dropped(u.log.dropped_total)
+                    ),
+                    None if !u.metering => println!(
+                        "usage log:      no license carries a metering key: nothing is metered"
+                    ),
+                    None => println!(
+                        "usage log:      ok, last sealed {}; {} records wait in memory, {} in the spill file{}",
+                        fmt_time(u.last_sealed),
+                        u.log.pending_records,
+                        u.log.spilled_records,
+                        dropped(u.log.dropped_total)
+                    ),
+                }
+            }
             if let Some(k) = &s.clones {
                 println!(
                     "clones:         {} instances live; {} forks detected ({} clones, {} restores); see `hostbind-proxy clones`",
@@ -518,7 +635,7 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                 anyhow::bail!("unexpected answer from the proxy")
             };
             if json {
-                return print_json(&l);
+                return print_json(&license_json(&l)?);
             }
             println!(
                 "added license {} for '{}' ({} seats, count mode {}, valid until {})",
@@ -534,6 +651,16 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                 anyhow::bail!("unexpected answer from the proxy")
             };
             if json {
+                let v: Vec<serde_json::Value> = v
+                    .iter()
+                    .map(|i| {
+                        Ok(serde_json::json!({
+                            "id": i.id,
+                            "added_at": i.added_at,
+                            "license": i.license.as_ref().map(license_json).transpose()?,
+                        }))
+                    })
+                    .collect::<Result<_>>()?;
                 return print_json(&v);
             }
             if v.is_empty() {
@@ -551,16 +678,15 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
         }
         Cmd::License(LicenseCmd::Remove { id }) => {
-            let AdminResponse::LicenseRemoved(v) = c
-                .call(AdminRequest::LicenseRemove { id: id.clone() })
-                .await?
+            let AdminResponse::LicenseRemoved { id, ended } =
+                c.call(AdminRequest::LicenseRemove { id }).await?
             else {
                 anyhow::bail!("unexpected answer from the proxy")
             };
             if json {
-                return print_json(&v);
+                return print_json(&ended);
             }
-            println!("removed license {id}; {} lease(s) ended", v.len());
+            println!("removed license {id}; {} lease(s) ended", ended.len());
         }
         Cmd::Leases => {
             let v = c.all_leases().await?;
@@ -641,18 +767,19 @@ fn run(cli: Cli) -> Result<()> {
                 return print_json(&s);
             }
             println!(
-                "wrote {} ({} blocks, {} bytes, readable only with the vendor's key)\nnext: send it to the vendor (hostbind-issuer usage report {})",
+                "wrote {} ({} blocks, {} bytes, readable only with the vendor's key)\nnext: send it to the vendor, who reads it with: hostbind-issuer usage report {} --key vendor.key",
                 s.out, s.blocks, s.bytes, s.out
             );
         }
         Cmd::Enroll(EnrollCmd::Request { out, force }) => {
+            let _lock = tpm_command(&cfg, "enroll request", true)?;
             let mut tpm = open_tpm(&cfg)?;
             let req = enroll::request(&mut tpm, &cfg.state_dir, hostbind_fsutil::unix_now())?;
             write_new(&out, &to_cbor("enrollment request", &req)?, 0o644, force)?;
             println!(
                 "wrote enrollment request {} for host {}\nnext: send it to the vendor (hostbind-issuer enroll challenge {} --tpm-ca ...)",
                 out.display(),
-                hex::encode(hostbind_attest::enroll::host_id(&req.ek_public)),
+                hex::encode(hostbind_attest::enroll::host_id_of_ek_cert(&req.ek_cert)?),
                 out.display()
             );
         }
@@ -665,6 +792,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| {
                     format!("{} is not an enrollment challenge", challenge.display())
                 })?;
+            let _lock = tpm_command(&cfg, "enroll answer", false)?;
             let mut tpm = open_tpm(&cfg)?;
             let ans = enroll::answer(&mut tpm, &cfg.state_dir, &chal)?;
             write_new(&out, &to_cbor("enrollment answer", &ans)?, 0o644, force)?;
@@ -678,6 +806,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Enroll(EnrollCmd::Install { cert, vendor_pub }) => {
             let vendor = load_vendor_pub(&vendor_pub)?;
             let bytes = read(&cert)?;
+            let _lock = tpm_command(&cfg, "enroll install", false)?;
             let mut tpm = open_tpm(&cfg)?;
             let c = enroll::install(
                 &mut tpm,
@@ -687,7 +816,7 @@ fn run(cli: Cli) -> Result<()> {
                 hostbind_fsutil::unix_now(),
             )?;
             println!(
-                "installed host certificate for host {} (valid until {}) in {}",
+                "installed host certificate for host {} (valid until {}) in {}\nnext: start the daemon (systemctl enable --now hostbind-proxy), then add licenses (hostbind-proxy license add FILE)",
                 c.host_id_hex(),
                 fmt_time(c.validity.not_after),
                 cfg.state_dir.display()
@@ -697,12 +826,101 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// The hand-written parts of the man pages, and hostbind-proxy.toml(5).
+fn man_extras() -> hostbind_cli::docs::Extras {
+    use hostbind_cli::docs::{Entry, ExtraPage, Extras, Section};
+    let source = format!("hostbind {}", env!("CARGO_PKG_VERSION"));
+    let exit = hostbind_cli::docs::exit_status(
+        "An error; the message (on stderr, or the last log line of run) says what failed and what to do. (run ends with 0 when stopped by SIGTERM or SIGINT.)",
+        &[],
+    );
+    Extras {
+        sections: vec![
+            Section::new(
+                "FILES",
+                vec![
+                    Entry::new(DEFAULT_CONFIG, "The configuration, see hostbind-proxy.toml(5)."),
+                    Entry::new("/var/lib/hostbind/", "The state dir (state_dir): ledger.redb (licenses, leases, history), ak.pub and ak.priv (the attestation key, loadable only by this host's TPM), host.cert and vendor.pub (from enrollment), enroll-request.cbor, usage/usage.log (the usage log) and hostbind-proxy.lock (held by the running daemon and by enroll commands). Back it up."),
+                    Entry::new("/etc/hostbind/licenses/", "License files (*.license) added at every start (licenses_dir)."),
+                    Entry::new("/run/hostbind/admin.sock", "The admin socket (admin_socket, mode 0600) the admin commands use."),
+                    Entry::new("/dev/tpmrm0", "The TPM (tpm); the daemon's user needs group tss."),
+                ],
+            ),
+            Section::new(
+                "ENVIRONMENT",
+                hostbind_cli::logging::man_environment()
+                    .into_iter()
+                    .chain([Entry::new("TSS2_LOG", "The TPM software stack's own logging; the proxy sets all+none (off) unless it is set.")])
+                    .collect(),
+            ),
+            Section::new(
+                "EXAMPLES",
+                vec![
+                    Entry::new("runuser -u hostbind -- hostbind-proxy enroll request --out /tmp/req.cbor", "Enroll (once, before the daemon runs): write the request for the vendor; then enroll answer and enroll install with the vendor's files."),
+                    Entry::new("systemctl enable --now hostbind-proxy", "Start the daemon."),
+                    Entry::new("hostbind-proxy license add acme-cad.license", "Add a license (as root: the admin socket is 0600)."),
+                    Entry::new("hostbind-proxy status", "Host id, TPM health, agents, seats per product."),
+                    Entry::new("hostbind-proxy leases", "Live leases."),
+                    Entry::new("hostbind-proxy release 3f2a", "Revoke the lease whose id starts with 3f2a; its VM is told."),
+                    Entry::new("hostbind-proxy usage export --out host1.usage", "Write the usage log for the vendor."),
+                    Entry::new("journalctl -u hostbind-proxy -o cat | jq -c 'select(.audit) | {timestamp, user, message}'", "The admin actions (audit trail) from the daemon's JSON log."),
+                ],
+            ),
+        ],
+        command_sections: vec![
+            (
+                "license remove".into(),
+                Section::new(
+                    "EXAMPLES",
+                    vec![
+                        Entry::new("hostbind-proxy license remove lic-3f2a", "Remove the license whose id starts with lic-3f2a; its leases end and their VMs are told."),
+                        Entry::new("rm /etc/hostbind/licenses/cad.license && hostbind-proxy license remove lic-3f2a", "When the license (or another one of its product) was also put in licenses_dir, delete the file first: otherwise the next start adds it again, and remove refuses."),
+                    ],
+                ),
+            ),
+            (
+                "enroll".into(),
+                Section::new(
+                    "EXAMPLES",
+                    vec![
+                        Entry::new("systemctl stop hostbind-proxy", "Enrollment uses the TPM and refuses to run while the daemon does."),
+                        Entry::new("runuser -u hostbind -- hostbind-proxy enroll request --out /tmp/req.cbor", "Send /tmp/req.cbor to the vendor; receive chal.cbor."),
+                        Entry::new("runuser -u hostbind -- hostbind-proxy enroll answer /tmp/chal.cbor --out /tmp/ans.cbor", "Send /tmp/ans.cbor to the vendor; receive host.cert and vendor.pub."),
+                        Entry::new("runuser -u hostbind -- hostbind-proxy enroll install /tmp/host.cert --vendor-pub /tmp/vendor.pub", "Install the host certificate; then start the daemon."),
+                    ],
+                ),
+            ),
+        ],
+        common_sections: vec![exit],
+        see_also: vec![
+            "hostbind-proxy.toml(5)".into(),
+            "hostbind-issuer(1)".into(),
+            "hostbind-agent(1)".into(),
+        ],
+        pages: vec![ExtraPage {
+            file_name: "hostbind-proxy.toml.5".into(),
+            roff: hostbind_proxy::config::man_page(&source),
+        }],
+    }
+}
+
 fn main() {
     // `BIN generate-docs --out DIR`: man pages and completions from the clap definition.
-    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command);
-    let cli = Cli::parse();
+    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command, man_extras);
+    let daemon = std::env::args().any(|a| a == "run");
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // Help and version go to stdout; usage errors to stderr, as JSON when the log is.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            hostbind_cli::logging::report_fatal(daemon, "", e.render().to_string().trim_end());
+            std::process::exit(2);
+        }
+    };
+    let daemon = matches!(cli.cmd, Cmd::Run);
     if let Err(e) = run(cli) {
-        eprintln!("error: {}", hostbind_fsutil::error_report(e.as_ref()));
+        let msg = hostbind_fsutil::error_report(e.as_ref());
+        hostbind_cli::logging::report_fatal(daemon, "error: ", &msg);
         std::process::exit(1);
     }
 }

@@ -99,6 +99,16 @@ impl LabelCounts {
         }
     }
 
+    /// Makes `labels` exist with count 0 (if they do not yet), so that their series are
+    /// exported from the start and Prometheus' `increase()` sees their first event.
+    pub fn init<'a>(&self, labels: impl IntoIterator<Item = &'a str>) {
+        if let Ok(mut m) = self.0.lock() {
+            for l in labels {
+                m.entry(l.to_string()).or_insert(0);
+            }
+        }
+    }
+
     /// The counts, sorted by label.
     pub fn snapshot(&self) -> Vec<(String, u64)> {
         self.0
@@ -182,8 +192,85 @@ pub struct QuoteStats {
     pub errors: AtomicU64,
 }
 
+/// The TPM operations the daemon runs (labels of `hostbind_tpm_operation_failures_total`).
+pub const TPM_OPERATIONS: [&str; 3] = ["quote", "clock", "nv_counter"];
+
+/// The error codes a token request or renewal can be refused with (labels of
+/// `hostbind_token_requests_refused_total`, all exported from the start).
+pub const REFUSAL_CODES: [&str; 7] = [
+    "no_license",
+    "license_not_valid",
+    "seats_exhausted",
+    "clone_refused",
+    "malformed",
+    "unknown_vm",
+    "internal",
+];
+
+/// The changes clone detection reports (labels of `hostbind_clone_reports_total`).
+pub const CLONE_CHANGES: [&str; 2] = ["detected", "clone"];
+
+/// How the TPM has been doing, kept by the TPM thread: the last operation's outcome, failures
+/// per operation and the last error, for `status` and the metrics.
+#[derive(Debug)]
+pub struct TpmHealth {
+    /// Failed operations since start, by operation ([`TPM_OPERATIONS`]).
+    pub failures: LabelCounts,
+    /// Unix seconds of the last successful operation.
+    pub last_ok: AtomicU64,
+    /// Unix seconds of the last failed operation (0: none).
+    pub last_failure: AtomicU64,
+    /// The last failure: operation and error.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Default for TpmHealth {
+    fn default() -> Self {
+        let failures = LabelCounts::default();
+        failures.init(TPM_OPERATIONS);
+        TpmHealth {
+            failures,
+            last_ok: AtomicU64::new(unix_now()),
+            last_failure: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+impl TpmHealth {
+    /// Records a successful operation.
+    pub fn ok(&self) {
+        self.last_ok.store(unix_now(), Ordering::Relaxed);
+        self.last_failure.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failed `op` (one of [`TPM_OPERATIONS`]).
+    pub fn failed(&self, op: &str, error: &dyn std::fmt::Display) {
+        self.failures.inc(op);
+        self.last_failure
+            .store(unix_now().max(1), Ordering::Relaxed);
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(format!("{op}: {error}"));
+        }
+    }
+
+    /// Whether the last operation succeeded.
+    pub fn up(&self) -> bool {
+        self.last_failure.load(Ordering::Relaxed) == 0
+    }
+
+    /// The last error, while the TPM is failing.
+    pub fn failing(&self) -> Option<(u64, String)> {
+        if self.up() {
+            return None;
+        }
+        let e = self.last_error.lock().ok()?.clone()?;
+        Some((self.last_failure.load(Ordering::Relaxed), e))
+    }
+}
+
 /// What the service counts for the metrics endpoint beyond the totals in `Counters`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MetricsState {
     /// Tokens issued, by product.
     pub issued_by_product: LabelCounts,
@@ -192,9 +279,25 @@ pub struct MetricsState {
     /// Clone reports (fork detected, fork became a clone), by change.
     pub clone_reports: LabelCounts,
     /// Unix seconds of the last chain prune.
-    pub last_chain_prune: std::sync::atomic::AtomicU64,
+    pub last_chain_prune: AtomicU64,
     /// The endpoint's URL once it listens ("http://127.0.0.1:9464/metrics", "unix:/path").
     pub endpoint: OnceLock<String>,
+}
+
+impl Default for MetricsState {
+    /// Every refusal code and clone change at 0 (products are added with their licenses).
+    fn default() -> Self {
+        let s = MetricsState {
+            issued_by_product: LabelCounts::default(),
+            refused_by_code: LabelCounts::default(),
+            clone_reports: LabelCounts::default(),
+            last_chain_prune: AtomicU64::new(0),
+            endpoint: OnceLock::new(),
+        };
+        s.refused_by_code.init(REFUSAL_CODES);
+        s.clone_reports.init(CLONE_CHANGES);
+        s
+    }
 }
 
 /// Escapes a label value for the text format.
@@ -411,6 +514,39 @@ pub fn render(svc: &Service) -> Result<String, String> {
         &[(String::new(), q.errors.load(Ordering::Relaxed) as f64)],
     );
     fault_families(&mut out, svc);
+    let health = svc.tpm().op_health();
+    let failures: Vec<(String, f64)> = health
+        .failures
+        .snapshot()
+        .into_iter()
+        .map(|(op, n)| (labels(&[("operation", &op)]), n as f64))
+        .collect();
+    family(
+        &mut out,
+        "hostbind_tpm_operation_failures_total",
+        "counter",
+        "TPM operations that failed since start, by operation (quote, clock, nv_counter).",
+        &failures,
+    );
+    family(
+        &mut out,
+        "hostbind_tpm_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the daemon's last successful TPM operation.",
+        &[(String::new(), health.last_ok.load(Ordering::Relaxed) as f64)],
+    );
+    // --- usage hook: the usage log's sealing, while metering runs ---
+    if let Some(u) = svc.usage() {
+        let st = u.seal_stats();
+        family(
+            &mut out,
+            "hostbind_usage_last_seal_timestamp_seconds",
+            "gauge",
+            "Unix time blocks were last sealed into the usage log (the daemon's start time until then).",
+            &[(String::new(), st.last_ok as f64)],
+        );
+    }
+    // --- end usage hook ---
     Ok(out)
 }
 
@@ -423,8 +559,12 @@ fn fault_families(out: &mut String, svc: &Service) {
         out,
         "hostbind_tpm_up",
         "gauge",
-        "1 while the TPM answers, 0 while the proxy reconnects to it.",
-        &one(if h.state == "connected" { 1.0 } else { 0.0 }),
+        "1 while the TPM answers and its last operation succeeded, 0 while the proxy reconnects to it or it fails (see hostbind-proxy status for the error).",
+        &one(if h.state == "connected" && svc.tpm().op_health().up() {
+            1.0
+        } else {
+            0.0
+        }),
     );
     family(
         out,

@@ -124,10 +124,14 @@ where
         let _ = writer.close().await;
     });
     let mut conn_id = None;
+    let started = std::time::Instant::now();
+    let mut agent_version = String::new();
+    let mut ended = "the agent closed the connection".to_string();
     while let Some(item) = reader.next().await {
         let msg = match item {
             Ok(m) => m,
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                ended = format!("truncated frame: {e}");
                 tracing::warn!(vm = %vm.name, "truncated frame from agent: {e}");
                 let _ = tx
                     .send(error_frame(
@@ -139,10 +143,12 @@ where
                 break;
             }
             Err(WireError::Io(e)) => {
+                ended = format!("read failed: {e}");
                 tracing::debug!(vm = %vm.name, "agent connection read failed: {e}");
                 break;
             }
             Err(e) => {
+                ended = format!("bad frame: {e}");
                 tracing::warn!(vm = %vm.name, "bad frame from agent, closing: {e}");
                 let _ = tx
                     .send(error_frame(
@@ -158,6 +164,7 @@ where
         let reply = match msg.body {
             Body::Hello(h) => {
                 tracing::info!(vm = %vm.name, agent = %h.agent_version, "agent hello");
+                agent_version = h.agent_version.clone();
                 if conn_id.is_none() {
                     conn_id = Some(svc.register(&vm, tx.clone()));
                 }
@@ -183,7 +190,10 @@ where
             }),
             body @ (Body::TokenRequest(_) | Body::Renew(_) | Body::Release(_)) => {
                 let fresh = match &body {
-                    Body::TokenRequest(r) => svc.fresh_evidence(r).await,
+                    Body::TokenRequest(r) => {
+                        svc.fresh_evidence(r.nonce.as_ref(), r.tpm_fresh).await
+                    }
+                    Body::Renew(r) => svc.fresh_evidence(r.nonce.as_ref(), r.tpm_fresh).await,
                     _ => Ok(None),
                 };
                 let (svc2, vm2) = (svc.clone(), vm.clone());
@@ -191,7 +201,9 @@ where
                     Body::TokenRequest(r) => fresh
                         .and_then(|f| svc2.token_with(&vm2, &r, f))
                         .map(Body::TokenResponse),
-                    Body::Renew(r) => svc2.renew(&vm2, &r).map(Body::TokenResponse),
+                    Body::Renew(r) => fresh
+                        .and_then(|f| svc2.renew_with(&vm2, &r, f))
+                        .map(Body::TokenResponse),
                     Body::Release(r) => svc2
                         .release(&vm2, &r.lease_id)
                         .map(|_| Body::Ack(Default::default())),
@@ -216,11 +228,18 @@ where
             }),
         };
         if tx.send(Message::new(id, reply)).await.is_err() {
+            ended = "the connection's writer stopped".into();
             break;
         }
     }
     if let Some(c) = conn_id {
         svc.unregister(c);
+        tracing::info!(
+            vm = %vm.name,
+            agent = %agent_version,
+            connected_secs = started.elapsed().as_secs(),
+            "agent disconnected: {ended}"
+        );
     }
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;

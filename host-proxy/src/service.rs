@@ -8,12 +8,12 @@ use crate::tpm_service::{TpmService, TpmServiceError};
 use hostbind_attest::keys::{KeyError, TokenKey};
 use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, Window};
 use hostbind_attest::token::{
-    key_binding, FreshEvidence, KeyEvidence, TokenClaims, TokenError, TokenSigner,
+    key_binding, license_hash, FreshEvidence, KeyEvidence, TokenClaims, TokenError, TokenSigner,
 };
 use hostbind_attest::tpm as tpmparse;
 use hostbind_attest::wire::{
-    Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope, TokenRequest,
-    TokenResponse,
+    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope,
+    TokenRequest, TokenResponse,
 };
 pub use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
@@ -49,6 +49,13 @@ pub enum ServiceError {
     /// Token issue failed.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The license to remove would come back at the next start from the licenses dir (the
+    /// message names the files to delete).
+    #[error("{0}")]
+    LicenseFileRemains(String),
+    /// No live lease has this id (admin commands).
+    #[error("no live lease {0} on this host (it expired, was released, or never existed); `hostbind-proxy leases` lists the live ones")]
+    UnknownLease(String),
     /// The TPM's AK is not the enrolled one.
     #[error("the TPM's attestation key does not match the installed host certificate ({0}); the state dir or host certificate belongs to another TPM: enroll this host again")]
     AkMismatch(String),
@@ -58,6 +65,24 @@ pub enum ServiceError {
     /// A token key certified now would lie outside the host certificate's validity.
     #[error("{0}")]
     HostCertificateWindow(String),
+    /// The configured key epoch makes a longer token-key window than the host certificate allows.
+    #[error(
+        "[leases] key_epoch = {key_epoch_secs} s makes each token key valid for 2 x key_epoch = \
+         {window_secs} s, but the host certificate allows token-key windows of at most {max_secs} s \
+         (verifiers would refuse every token); set key_epoch to at most {max_epoch_secs} s in the \
+         config, or ask the vendor for a host certificate with a longer window \
+         (hostbind-issuer enroll finish --max-key-window)"
+    )]
+    KeyWindowTooLong {
+        /// The configured epoch.
+        key_epoch_secs: u64,
+        /// 2 × key_epoch.
+        window_secs: u64,
+        /// What the certificate allows.
+        max_secs: u64,
+        /// The largest epoch that fits.
+        max_epoch_secs: u64,
+    },
 }
 
 impl ServiceError {
@@ -111,8 +136,11 @@ impl From<SignedError> for ServiceError {
     }
 }
 
+/// A license in force: its payload and the vendor-signed bytes every token carries.
+#[derive(Clone)]
 struct ActiveLicense {
     license: License,
+    bytes: Arc<Vec<u8>>,
 }
 
 struct Conn {
@@ -162,6 +190,47 @@ fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
     }
 }
 
+/// Refuses a nonce that cannot be a token's eat_nonce (RFC 9711: 8 to 64 bytes).
+fn check_nonce(nonce: Option<&ByteBuf>) -> Result<(), ErrorBody> {
+    match nonce {
+        Some(n) => check_eat_nonce(n).map_err(|e| err(ErrorCode::Malformed, e.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// Refuses features the license does not grant.
+fn check_features(product: &str, features: &[String], lic: &License) -> Result<(), ErrorBody> {
+    match features.iter().find(|f| !lic.features.contains(f)) {
+        Some(f) => Err(err(
+            ErrorCode::LicenseNotValid,
+            format!(
+                "feature '{f}' of '{product}' is not in license {} (licensed: {})",
+                lic.id,
+                lic.features.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a key epoch whose token-key window (2 × key_epoch: a key is certified for the epoch
+/// it is current and the next, while tokens it signed live on) the host certificate does not
+/// allow.
+fn check_key_window(cfg: &Config, identity: &HostIdentity) -> Result<(), ServiceError> {
+    let key_epoch_secs = cfg.leases.key_epoch.0.as_secs();
+    let window_secs = key_epoch_secs.saturating_mul(2);
+    let max_secs = identity.cert.max_key_window_secs;
+    if window_secs > max_secs {
+        return Err(ServiceError::KeyWindowTooLong {
+            key_epoch_secs,
+            window_secs,
+            max_secs,
+            max_epoch_secs: max_secs / 2,
+        });
+    }
+    Ok(())
+}
+
 impl Service {
     /// Starts the service: checks the TPM's AK against the host certificate with a first quote,
     /// loads licenses from the ledger and the licenses dir.
@@ -171,6 +240,7 @@ impl Service {
         ledger: Ledger,
         tpm: TpmService,
     ) -> Result<Arc<Service>, ServiceError> {
+        check_key_window(&cfg, &identity)?;
         let clock = Arc::new(crate::clock::ClockGuard::open(&cfg.state_dir, &cfg.clock));
         let key = match Self::make_signer(&cfg, &identity, &tpm, &clock).await {
             Ok(s) => KeyHolder {
@@ -210,7 +280,7 @@ impl Service {
         });
         for rec in svc.ledger.licenses()? {
             match svc.check_license(&rec.bytes) {
-                Ok(l) => svc.activate(l),
+                Ok(l) => svc.activate(l, rec.bytes),
                 Err(e) => tracing::warn!(license = %rec.id, "stored license not usable: {e}"),
             }
         }
@@ -218,21 +288,81 @@ impl Service {
         Ok(svc)
     }
 
-    fn load_licenses_dir(&self) {
+    /// The licenses in `licenses_dir` that would be added at start: (file, bytes, license) of
+    /// every `*.license` file that verifies for this host now, sorted by file name; the others
+    /// are logged and left out.
+    fn licenses_in_dir(&self) -> Vec<(std::path::PathBuf, Vec<u8>, License)> {
         let dir = &self.cfg.licenses_dir;
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            tracing::debug!("no licenses dir {}", dir.display());
-            return;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!("no licenses dir {}", dir.display());
+                return Vec::new();
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read licenses_dir {}: {e}{}; its licenses are not loaded",
+                    dir.display(),
+                    hostbind_fsutil::io_hint(&e, hostbind_fsutil::Access::Read)
+                );
+                return Vec::new();
+            }
         };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.extension().and_then(|x| x.to_str()) != Some("license") {
+        let mut paths: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().and_then(|x| x.to_str()) == Some("license"))
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .filter_map(|p| {
+                let bytes = match hostbind_fsutil::read(&p) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!("skipping {}: {e}", p.display());
+                        return None;
+                    }
+                };
+                match self.check_license(&bytes) {
+                    Ok(l) => Some((p, bytes, l)),
+                    Err(e) => {
+                        tracing::warn!("skipping {}: {e}", p.display());
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Adds the licenses of `licenses_dir`. Per product the newest (by issue time) wins, in
+    /// the directory and against the ledger, whatever the order of the files: an old file left
+    /// in the directory never replaces a newer license added with `license add`.
+    fn load_licenses_dir(&self) {
+        let mut newest: HashMap<String, (std::path::PathBuf, Vec<u8>, License)> = HashMap::new();
+        for (p, bytes, l) in self.licenses_in_dir() {
+            match newest.get(&l.product) {
+                Some((q, _, n)) if n.issued_at >= l.issued_at => {
+                    tracing::warn!(product = %l.product, "skipping {}: {} holds a newer license for '{}' ({})", p.display(), q.display(), l.product, n.id);
+                }
+                _ => {
+                    newest.insert(l.product.clone(), (p, bytes, l));
+                }
+            }
+        }
+        let mut files: Vec<_> = newest.into_values().collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        for (p, bytes, l) in files {
+            let installed = self
+                .licenses
+                .read()
+                .ok()
+                .and_then(|m| m.get(&l.product).map(|a| a.license.clone()));
+            if let Some(i) = installed.filter(|i| i.id != l.id && i.issued_at > l.issued_at) {
+                tracing::warn!(product = %l.product, "skipping {}: the installed license {} for '{}' is newer; delete the file", p.display(), i.id, l.product);
                 continue;
             }
-            match std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| self.add_license(&b).map_err(|e| e.to_string()))
-            {
+            match self.add_license(&bytes) {
                 Ok(l) => {
                     tracing::info!(license = %l.id, product = %l.product, "loaded license from {}", p.display())
                 }
@@ -546,6 +676,12 @@ impl Service {
 
     fn check_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
         let l: License = open(ObjectKind::License, bytes, &self.identity.vendor)?;
+        l.check_names().map_err(|e| {
+            ServiceError::License(format!(
+                "license {:?} has a malformed name: {e}; ask the vendor for a corrected license",
+                l.id
+            ))
+        })?;
         if !l.covers_host(&self.identity.cert.host_id) {
             return Err(ServiceError::License(format!(
                 "license {} for '{}' is for host(s) {} but this host is {}; ask the vendor for a license naming this host",
@@ -566,9 +702,20 @@ impl Service {
         Ok(l)
     }
 
-    fn activate(&self, l: License) {
+    fn activate(&self, l: License, bytes: Vec<u8>) {
+        // Its tokens-issued series exists from now on, at 0 until the first token.
+        self.counters
+            .metrics
+            .issued_by_product
+            .init([l.product.as_str()]);
         if let Ok(mut m) = self.licenses.write() {
-            m.insert(l.product.clone(), ActiveLicense { license: l });
+            m.insert(
+                l.product.clone(),
+                ActiveLicense {
+                    license: l,
+                    bytes: Arc::new(bytes),
+                },
+            );
         }
         self.update_metering_key();
     }
@@ -578,7 +725,7 @@ impl Service {
         let l = self.check_license(bytes)?;
         let stored = self.ledger.licenses()?;
         if stored.iter().any(|r| r.id == l.id && r.bytes == bytes) {
-            self.activate(l.clone());
+            self.activate(l.clone(), bytes.to_vec());
             return Ok(l);
         }
         let replaced = self
@@ -587,12 +734,34 @@ impl Service {
         if let Some(old) = replaced.filter(|o| *o != l.id) {
             tracing::info!(old = %old, new = %l.id, product = %l.product, "license replaced");
         }
-        self.activate(l.clone());
+        self.activate(l.clone(), bytes.to_vec());
         Ok(l)
     }
 
-    /// Removes a license; its leases end and their VMs are told.
+    /// Removes a license; its leases end and their VMs are told. Refused while `licenses_dir`
+    /// holds a license for the same product, which the next start would add again.
     pub fn remove_license(&self, id: &str) -> Result<Vec<Lease>, ServiceError> {
+        if let Some(rec) = self.ledger.licenses()?.into_iter().find(|r| r.id == id) {
+            let files: Vec<String> = self
+                .licenses_in_dir()
+                .into_iter()
+                .filter(|(_, _, l)| l.product == rec.product)
+                .map(|(p, _, _)| p.display().to_string())
+                .collect();
+            if let Some(first) = files.first() {
+                let (verb, them) = if files.len() == 1 {
+                    ("holds", "it")
+                } else {
+                    ("hold", "them")
+                };
+                return Err(ServiceError::LicenseFileRemains(format!(
+                    "license {id} for '{product}' would come back at the next start: {} in licenses_dir {} (loaded at every start) {verb} a license for '{product}'; delete or move {them} first (e.g. `rm {first}`), then run `hostbind-proxy license remove {id}` again",
+                    files.join(", "),
+                    self.cfg.licenses_dir.display(),
+                    product = rec.product,
+                )));
+            }
+        }
         let released = self.ledger.remove_license(id, unix_now())?;
         for l in &released {
             self.meter_end(l, "license removed", unix_now());
@@ -628,12 +797,12 @@ impl Service {
             .collect())
     }
 
-    fn license_for(&self, product: &str) -> Result<License, ErrorBody> {
-        let l = self
+    fn license_for(&self, product: &str) -> Result<ActiveLicense, ErrorBody> {
+        let active = self
             .licenses
             .read()
             .ok()
-            .and_then(|m| m.get(product).map(|a| a.license.clone()))
+            .and_then(|m| m.get(product).cloned())
             .ok_or_else(|| {
                 err(
                     ErrorCode::NoLicense,
@@ -643,9 +812,10 @@ impl Service {
                     ),
                 )
             })?;
+        let l = &active.license;
         let now = unix_now();
         match l.validity.check(now) {
-            Window::Valid => Ok(l),
+            Window::Valid => Ok(active),
             Window::NotYetValid => Err(err(
                 ErrorCode::LicenseNotValid,
                 format!(
@@ -685,22 +855,38 @@ impl Service {
         Ok(signer)
     }
 
+    /// Signs a token for `lease` under the license `lic` (whose bytes the token carries).
     fn issue(
         &self,
         vm: &Vm,
         lease: &Lease,
+        lic: &ActiveLicense,
         nonce: Option<&ByteBuf>,
         chain_head: Option<Vec<u8>>,
-        grace_secs: u64,
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
         let now = unix_now();
         let signer = self.usable_signer(now)?;
         let ev = signer.evidence();
-        let exp = lease.expires_at.min(ev.not_after);
+        // Never past the token key's window nor the license's validity (verifiers check both).
+        let exp = lease
+            .expires_at
+            .min(ev.not_after)
+            .min(lic.license.validity.not_after);
         let min_end = now.saturating_add(Self::min_token_validity(&self.cfg));
         // `exp - iat >= min validity` (docs/protocol.md); strict, so that a commit crossing a
         // second boundary does not refuse a lease granted a moment ago
+        if exp < min_end && lic.license.validity.not_after < min_end {
+            return Err(self.refused(err(
+                ErrorCode::LicenseNotValid,
+                format!(
+                    "license {} for '{}' ends at {}, too soon for a useful token; ask the vendor for a renewed license",
+                    lic.license.id,
+                    lease.product,
+                    fmt_time(lic.license.validity.not_after)
+                ),
+            )));
+        }
         if exp < min_end {
             // the lease was granted so long ago (a slow ledger commit) that it is about to end
             return Err(self.refused(err(
@@ -722,7 +908,8 @@ impl Service {
                 LeaseScope::Vm => "vm".into(),
                 LeaseScope::Process => "process".into(),
             },
-            license_id: lease.license_id.clone(),
+            license_id: lic.license.id.clone(),
+            license_hash: license_hash(&lic.bytes).to_vec(),
             lease_id: lease.id.clone(),
             issued_at: now,
             expires_at: exp,
@@ -731,7 +918,7 @@ impl Service {
             quote_ref: signer.quote_ref().to_vec(),
             fresh,
         };
-        let token = signer.issue(&claims).map_err(|e| {
+        let token = signer.issue(&claims, &lic.bytes).map_err(|e| {
             tracing::error!("token signing failed: {e}");
             err(ErrorCode::Internal, format!("token signing failed: {e}"))
         })?;
@@ -742,7 +929,7 @@ impl Service {
             token: ByteBuf::from(token),
             token_expires_at: exp,
             lease_expires_at: lease.expires_at,
-            grace_secs,
+            grace_secs: lic.license.grace_secs,
         })
     }
 
@@ -768,20 +955,23 @@ impl Service {
         }
     }
 
-    /// For a TPM-fresh request: has the TPM quote over the nonce (batched, see fresh.rs).
+    /// For a TPM-fresh request or renewal (`tpm_fresh`): has the TPM quote over the nonce
+    /// (batched, see fresh.rs).
     pub async fn fresh_evidence(
         &self,
-        req: &TokenRequest,
+        nonce: Option<&ByteBuf>,
+        tpm_fresh: bool,
     ) -> Result<Option<FreshEvidence>, ErrorBody> {
-        if !req.tpm_fresh {
+        if !tpm_fresh {
             return Ok(None);
         }
-        let Some(nonce) = &req.nonce else {
-            return Err(err(
+        let Some(nonce) = nonce else {
+            return Err(self.refused(err(
                 ErrorCode::Malformed,
-                "a TPM-fresh token request (tpm_fresh) needs a nonce",
-            ));
+                "a TPM-fresh token request (tpm_fresh) needs a nonce chosen by the app's verifier",
+            )));
         };
+        check_nonce(Some(nonce)).map_err(|e| self.refused(e))?;
         self.fresh
             .cover(nonce.to_vec())
             .await
@@ -830,20 +1020,12 @@ impl Service {
         req: &TokenRequest,
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
-        let lic = self
+        check_nonce(req.nonce.as_ref()).map_err(|e| self.refused(e))?;
+        let active = self
             .license_for(&req.product)
             .map_err(|e| self.refused(e))?;
-        if let Some(f) = req.features.iter().find(|f| !lic.features.contains(f)) {
-            return Err(self.refused(err(
-                ErrorCode::LicenseNotValid,
-                format!(
-                    "feature '{f}' of '{}' is not in license {} (licensed: {})",
-                    req.product,
-                    lic.id,
-                    lic.features.join(", ")
-                ),
-            )));
-        }
+        let lic = &active.license;
+        check_features(&req.product, &req.features, lic).map_err(|e| self.refused(e))?;
         self.check_chain(vm, &req.chain, Some((&req.product, lic.clone_policy)))
             .map_err(|e| self.refused(e))?;
         let (scope, pid) = match req.scope {
@@ -901,9 +1083,9 @@ impl Service {
         self.issue(
             vm,
             &lease,
+            &active,
             req.nonce.as_ref(),
             req.chain.last().map(|c| c.to_vec()),
-            lic.grace_secs,
             fresh,
         )
     }
@@ -921,13 +1103,23 @@ impl Service {
 
     /// Renews a lease of `vm` and issues a fresh token for it.
     pub fn renew(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
+        self.renew_with(vm, r, None)
+    }
+
+    /// Like [`Service::renew`], with TPM freshness evidence from [`Service::fresh_evidence`].
+    pub fn renew_with(
+        &self,
+        vm: &Vm,
+        r: &Renew,
+        fresh: Option<FreshEvidence>,
+    ) -> Result<TokenResponse, ErrorBody> {
         // The lease as it was, for its usage records; not looked up while metering is off.
         let before = self
             .usage
             .get()
             .and_then(|_| self.ledger.lease(&r.lease_id).ok().flatten())
             .filter(|l| l.vm_uuid == vm.uuid);
-        let res = self.renew_unmetered(vm, r);
+        let res = self.renew_unmetered(vm, r, fresh);
         if let (Err(_), Some(l)) = (&res, &before) {
             if !matches!(self.ledger.lease(&l.id), Ok(Some(_))) {
                 let now = unix_now();
@@ -944,10 +1136,21 @@ impl Service {
         res
     }
 
-    fn renew_unmetered(&self, vm: &Vm, r: &Renew) -> Result<TokenResponse, ErrorBody> {
+    fn renew_unmetered(
+        &self,
+        vm: &Vm,
+        r: &Renew,
+        fresh: Option<FreshEvidence>,
+    ) -> Result<TokenResponse, ErrorBody> {
+        check_nonce(r.nonce.as_ref()).map_err(|e| self.refused(e))?;
         let lease = self.own_lease(vm, &r.lease_id)?;
-        let lic = match self.license_for(&lease.product) {
-            Ok(l) => l,
+        // The license may have been replaced since the lease began: the new one must still
+        // grant what the lease holds, or the renewed token would claim what it does not.
+        let active = match self.license_for(&lease.product).and_then(|a| {
+            check_features(&lease.product, &lease.features, &a.license)?;
+            Ok(a)
+        }) {
+            Ok(a) => a,
             Err(e) => {
                 let _ = self
                     .ledger
@@ -955,6 +1158,7 @@ impl Service {
                 return Err(self.refused(e));
             }
         };
+        let lic = &active.license;
         if let Err(e) = self.check_chain(vm, &r.chain, Some((&lease.product, lic.clone_policy))) {
             if e.code == ErrorCode::CloneRefused {
                 let _ = self
@@ -970,10 +1174,10 @@ impl Service {
         self.issue(
             vm,
             &lease,
+            &active,
             r.nonce.as_ref(),
             r.chain.last().map(|c| c.to_vec()),
-            lic.grace_secs,
-            None,
+            fresh,
         )
     }
 
@@ -993,7 +1197,11 @@ impl Service {
     pub fn admin_release(&self, lease_id: &str) -> Result<Lease, ServiceError> {
         let l = self
             .ledger
-            .release(lease_id, "released by the host admin", unix_now())?;
+            .release(lease_id, "released by the host admin", unix_now())
+            .map_err(|e| match e {
+                LedgerError::UnknownLease { id } => ServiceError::UnknownLease(id),
+                other => other.into(),
+            })?;
         self.meter_end(&l, "released by the host admin", unix_now());
         self.push(
             &l.vm_uuid,

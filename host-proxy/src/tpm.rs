@@ -195,7 +195,7 @@ pub enum TpmError {
         kind: EkKind,
     },
     /// Reading or writing a state file failed.
-    #[error("{what} {}: {source} — check that the state dir exists and is writable by this user", path.display())]
+    #[error("{what} {}: {source}{}", path.display(), state_hint(what, source))]
     StateIo {
         /// What was being done.
         what: &'static str,
@@ -206,9 +206,7 @@ pub enum TpmError {
         source: io::Error,
     },
     /// Writing a state file failed.
-    #[error(
-        "{source} — check that the state dir is writable by this user and the disk is not full"
-    )]
+    #[error("{source}")]
     StateWrite {
         /// The file error (names the path).
         #[source]
@@ -724,7 +722,19 @@ impl Tpm {
         let ek_handle = self.load_ek()?.handle;
         let pub_path = state_dir.join(AK_PUB_FILE);
         let priv_path = state_dir.join(AK_PRIV_FILE);
-        let (public, private) = match (pub_path.exists(), priv_path.exists()) {
+        // Absent files mean "no AK yet"; unreadable ones must not be taken for absent (that
+        // would create a new AK and orphan the enrolled one).
+        let present = |p: &Path| {
+            hostbind_fsutil::exists(p).map_err(|e| match e {
+                hostbind_fsutil::FileError::Read { source, .. } => TpmError::StateIo {
+                    what: "cannot look for AK blob",
+                    path: p.to_owned(),
+                    source,
+                },
+                other => TpmError::StateWrite { source: other },
+            })
+        };
+        let (public, private) = match (present(&pub_path)?, present(&priv_path)?) {
             (true, true) => read_ak_files(&pub_path, &priv_path)?,
             (false, false) if !create => {
                 return Err(TpmError::StateIo {
@@ -1298,6 +1308,19 @@ fn check_ak_public(public: &Public) -> std::result::Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// What a state file I/O error means for the admin.
+fn state_hint(what: &str, e: &io::Error) -> String {
+    let access = if what.starts_with("cannot create") {
+        hostbind_fsutil::Access::Write
+    } else {
+        hostbind_fsutil::Access::Read
+    };
+    match hostbind_fsutil::io_hint(e, access) {
+        h if h.is_empty() => " — check that the state dir exists and belongs to this user".into(),
+        h => h,
+    }
 }
 
 fn read_ak_files(pub_path: &Path, priv_path: &Path) -> Result<(Public, Private)> {

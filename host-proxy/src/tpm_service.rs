@@ -14,7 +14,7 @@
 //! at once with [`TpmError::Unavailable`] (they do not queue), and [`TpmHealth`] says so for
 //! `status` and the metrics. When idle, the thread checks the TPM every [`PROBE_INTERVAL`].
 
-use crate::metrics::QuoteStats;
+use crate::metrics::{QuoteStats, TpmHealth as OpHealth};
 use crate::tpm::{AkInfo, ClockInfo, Endorsement, Fault, QuoteEvidence, Tpm, TpmError};
 use hostbind_attest::signed::fmt_time;
 use hostbind_fsutil::unix_now;
@@ -95,7 +95,7 @@ struct HealthDetail {
 }
 
 /// A copy of [`TpmHealth`] for `status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TpmHealthSnapshot {
     /// "connected" or "reconnecting".
     pub state: String,
@@ -181,6 +181,7 @@ pub struct TpmService {
     tx: mpsc::Sender<Job>,
     stats: Arc<QuoteStats>,
     health: Arc<TpmHealth>,
+    ops: Arc<OpHealth>,
 }
 
 /// The TPM thread's state.
@@ -195,6 +196,8 @@ struct Worker {
     /// The usage log's NV counter, to open again in a new connection.
     nv_index: Option<u32>,
     health: Arc<TpmHealth>,
+    /// Outcomes per operation (metrics, `status`).
+    ops: Arc<OpHealth>,
     stats: Arc<QuoteStats>,
     /// Reconnect attempts since the connection was lost.
     attempts: u64,
@@ -405,6 +408,7 @@ impl Worker {
             Job::Quote(qd, reply) => {
                 let started = Instant::now();
                 let q = self.run(|t| t.quote(&qd));
+                track(&self.ops, "quote", &q);
                 match &q {
                     Ok(_) => self.stats.latency.observe(started.elapsed()),
                     Err(_) => {
@@ -414,17 +418,21 @@ impl Worker {
                 let _ = reply.send(q);
             }
             Job::Clock(reply) => {
-                let _ = reply.send(self.run(Tpm::clock_info));
+                let r = self.run(Tpm::clock_info);
+                track(&self.ops, "clock", &r);
+                let _ = reply.send(r);
             }
             Job::NvCounter(op, index, reply) => {
                 if op == NvCounterOp::Open {
                     self.nv_index = Some(index);
                 }
-                let _ = reply.send(self.run(|t| match op {
+                let r = self.run(|t| match op {
                     NvCounterOp::Open => t.nv_counter_open(index),
                     NvCounterOp::Read => t.nv_counter_read(index),
                     NvCounterOp::Increment => t.nv_counter_increment(index),
-                }));
+                });
+                track(&self.ops, "nv_counter", &r);
+                let _ = reply.send(r);
             }
         }
     }
@@ -450,6 +458,14 @@ impl Worker {
     }
 }
 
+/// Records the outcome of one TPM operation in `health`.
+fn track<T>(health: &OpHealth, op: &str, r: &Result<T, TpmError>) {
+    match r {
+        Ok(_) => health.ok(),
+        Err(e) => health.failed(op, e),
+    }
+}
+
 impl TpmService {
     /// Opens the TPM, loads the EK and the enrolled AK from `state_dir`, and starts the thread.
     pub fn start(tcti: &str, state_dir: PathBuf) -> Result<(TpmService, Vec<u8>), TpmServiceError> {
@@ -459,6 +475,7 @@ impl TpmService {
         let (tx, mut rx) = mpsc::channel::<Job>(256);
         let stats = Arc::new(QuoteStats::default());
         let health = Arc::new(TpmHealth::default());
+        let ops = Arc::new(OpHealth::default());
         let mut worker = Worker {
             tcti: tcti.to_string(),
             state_dir,
@@ -467,6 +484,7 @@ impl TpmService {
             ak: ak.clone(),
             nv_index: None,
             health: health.clone(),
+            ops: ops.clone(),
             stats: stats.clone(),
             attempts: 0,
             next_attempt: Instant::now(),
@@ -501,7 +519,15 @@ impl TpmService {
                 }
             })
             .map_err(TpmServiceError::Spawn)?;
-        Ok((TpmService { tx, stats, health }, ak.public))
+        Ok((
+            TpmService {
+                tx,
+                stats,
+                health,
+                ops,
+            },
+            ak.public,
+        ))
     }
 
     /// Timing of the quotes made so far (for status and metrics).
@@ -512,6 +538,12 @@ impl TpmService {
     /// The connection's health (for status and metrics).
     pub fn health(&self) -> &Arc<TpmHealth> {
         &self.health
+    }
+
+    /// How each TPM operation has been doing: failures by operation, the last success (for
+    /// status and metrics).
+    pub fn op_health(&self) -> &OpHealth {
+        &self.ops
     }
 
     /// Quotes PCRs with the AK over `qualifying_data`.

@@ -104,9 +104,7 @@ impl UsageConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum UsageLogError {
     /// File trouble.
-    #[error(
-        "usage log {path}: {what}: {source}; check the directory's permissions and free space"
-    )]
+    #[error("usage log {path}: {what}: {source}{}", usage_io_hint(what, source))]
     Io {
         /// The file.
         path: String,
@@ -127,6 +125,20 @@ pub enum UsageLogError {
     /// The log has no blocks to export.
     #[error("usage log {0} does not exist or holds no sealed block yet (nothing metered so far, or metering is off: see `[usage]` and the licenses' metering key)")]
     Empty(String),
+}
+
+/// What an I/O error on the usage log means: reading it (`usage export`) needs the daemon's
+/// user or root; writing it, space and permissions.
+fn usage_io_hint(what: &str, e: &std::io::Error) -> String {
+    let access = match what {
+        "read" | "stat" | "seek" => hostbind_fsutil::Access::Read,
+        _ => hostbind_fsutil::Access::Write,
+    };
+    let hint = hostbind_fsutil::io_hint(e, access);
+    if e.kind() == std::io::ErrorKind::PermissionDenied && access == hostbind_fsutil::Access::Read {
+        return format!("{hint}; the log belongs to the daemon's user: run `usage export` as root or as that user (runuser -u hostbind -- hostbind-proxy usage export ...)");
+    }
+    hint
 }
 
 fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> UsageLogError + 'a {
@@ -312,6 +324,16 @@ pub struct UsageLog {
     spill: Arc<Mutex<Spill>>,
     full: tokio::sync::Notify,
     stats: UsageStats,
+    seal: Mutex<SealStats>,
+}
+
+/// How sealing has gone since the daemon started (for `status` and the metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SealStats {
+    /// Unix seconds blocks were last sealed (the log's opening until then).
+    pub last_ok: u64,
+    /// Since when sealing fails, and the last error, while it does.
+    pub failing: Option<(u64, String)>,
 }
 
 /// Cuts a torn tail off the log file and returns the header and hash of the last block left.
@@ -552,6 +574,10 @@ impl UsageLog {
             spill: Arc::new(Mutex::new(o.spill)),
             full: tokio::sync::Notify::new(),
             stats: UsageStats::default(),
+            seal: Mutex::new(SealStats {
+                last_ok: unix_now(),
+                ..SealStats::default()
+            }),
         }))
     }
 
@@ -635,7 +661,31 @@ impl UsageLog {
 
     /// Seals all buffered records into blocks and appends them. Returns the blocks written.
     pub async fn flush(&self) -> Result<usize, UsageLogError> {
-        self.flush_blocks(false).await
+        self.flush_tracked(false).await
+    }
+
+    /// How sealing has gone so far.
+    pub fn seal_stats(&self) -> SealStats {
+        self.seal.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// [`UsageLog::flush_blocks`], counted in [`SealStats`].
+    async fn flush_tracked(&self, full_only: bool) -> Result<usize, UsageLogError> {
+        let r = self.flush_blocks(full_only).await;
+        if let Ok(mut st) = self.seal.lock() {
+            match &r {
+                Ok(0) => {}
+                Ok(_) => {
+                    st.last_ok = unix_now();
+                    st.failing = None;
+                }
+                Err(e) => {
+                    let since = st.failing.as_ref().map_or_else(unix_now, |(t, _)| *t);
+                    st.failing = Some((since, e.to_string()));
+                }
+            }
+        }
+        r
     }
 
     /// The final flush at shutdown: seals what is buffered, keeps what cannot be sealed in
@@ -1045,8 +1095,11 @@ impl UsageLog {
                     }
                 }
             };
-            if let Err(e) = self.flush_blocks(full_only).await {
-                tracing::error!("usage log: sealing a block failed, retrying later: {e}");
+            if let Err(e) = self.flush_tracked(full_only).await {
+                tracing::error!(
+                    pending = self.pending(),
+                    "usage log: sealing a block failed, retrying later: {e}"
+                );
             }
         }
     }

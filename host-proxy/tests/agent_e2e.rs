@@ -53,6 +53,8 @@ fn three_vms_two_seats_release_and_offline_verification() {
             f.to_str().unwrap(),
             "--vendor-pub",
             v.public().to_str().unwrap(),
+            "--product",
+            "cad",
         ],
     )
     .unwrap();
@@ -127,7 +129,7 @@ time.sleep(60)
     .unwrap();
     assert!(line.contains("200"), "app's token request failed: {line}");
     assert!(
-        proxy_leases(&h).contains("scope=Process"),
+        proxy_leases(&h).contains("held by process"),
         "{}",
         proxy_leases(&h)
     );
@@ -139,7 +141,7 @@ time.sleep(60)
     app.kill().unwrap();
     app.wait().unwrap();
     let t0 = Instant::now();
-    while proxy_leases(&h).contains("scope=Process") {
+    while proxy_leases(&h).contains("held by process") {
         assert!(
             t0.elapsed() < Duration::from_millis(1000),
             "lease not released within 1 s of the app's exit"
@@ -174,7 +176,14 @@ fn agent_survives_proxy_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = a
-        .cmd(&["token", "--product", "cad", "--nonce", "00ff", "--json"])
+        .cmd(&[
+            "token",
+            "--product",
+            "cad",
+            "--nonce",
+            "00ff00ff00ff00ff",
+            "--json",
+        ])
         .unwrap();
     assert!(
         out.status.success(),
@@ -238,12 +247,14 @@ async fn agent_moved_to_another_host_re_attests() {
         .await
         .unwrap();
     assert_eq!(t2.host_id, hb.host_id);
-    let vp = {
-        let f: hostbind_attest::files::VendorPublicKeyFile =
-            hostbind_attest::signed::from_cbor("pub", &std::fs::read(v.public()).unwrap()).unwrap();
-        hostbind_attest::keys::VendorPublicKey::from_bytes(&f.key).unwrap()
-    };
-    let vt = hostbind_client::verify(&t2.token, &vp, None).unwrap();
+    let vp =
+        hostbind_attest::files::parse_vendor_public(&std::fs::read(v.public()).unwrap()).unwrap();
+    let vt = hostbind_client::verify(
+        &t2.token,
+        &vp,
+        &hostbind_client::Expectation::product("cad"),
+    )
+    .unwrap();
     assert_eq!(hex::encode(&vt.claims.host_id), hb.host_id);
     assert!(proxy_leases(&hb).contains(&t2.lease_id));
     // host A comes back: the old lease lapses by its TTL and frees A's seat

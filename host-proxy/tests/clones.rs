@@ -25,7 +25,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// A fresh token bound to a nonce (so the agent always asks the proxy).
 fn token(a: &Agent, product: &str, n: u8) -> Result<serde_json::Value, String> {
-    let nonce = format!("{n:02x}{:02x}", std::process::id() as u8);
+    let nonce = format!("{n:02x}{:014x}", std::process::id());
     let out = a
         .cmd(&["token", "--product", product, "--nonce", &nonce, "--json"])
         .unwrap();
@@ -94,10 +94,10 @@ fn observe_serves_both_copies_and_lists_the_clone() {
     );
     let status = h.proxy_ok(&["status"]).unwrap();
     assert!(status.contains("1 forks detected (1 clones"), "{status}");
-    // Both agents were told (CloneDetected event from the proxy).
+    // Both agents were told (clone_detected event from the proxy).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     for agent in [&a, &b] {
-        while !agent.proc_.log().contains("CloneDetected") {
+        while !agent.proc_.log().contains("\"kind\":\"clone_detected\"") {
             assert!(
                 std::time::Instant::now() < deadline,
                 "no clone event reached the agent: {}",

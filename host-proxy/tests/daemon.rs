@@ -7,7 +7,7 @@ use futures::{SinkExt, StreamExt};
 use hostbind_attest::files::VendorPublicKeyFile;
 use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::signed::from_cbor;
-use hostbind_attest::verify::verify_token;
+use hostbind_attest::verify::{verify_token, Expectation};
 use hostbind_attest::wire::{
     Body, ErrorCode, EventKind, FrameCodec, Hello, Message, Release, Renew, Scope, TokenRequest,
 };
@@ -66,7 +66,7 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
 
     // vm mode: many processes of one VM hold one seat; the third VM is refused, naming holders.
     let t1 = a
-        .token_with("cad", Scope::Process, Some(100), Some(b"nonce-1"))
+        .token_with("cad", Scope::Process, Some(100), Some(b"nonce-one"))
         .await
         .unwrap();
     a.token_with("cad", Scope::Process, Some(101), None)
@@ -87,7 +87,13 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
         "{msg}"
     );
     // the token verifies offline with only the vendor key; VM identity is the host's, not the guest's
-    let vt = verify_token(&t1.token, &vp, now(), Some(b"nonce-1")).unwrap();
+    let vt = verify_token(
+        &t1.token,
+        &vp,
+        now(),
+        &Expectation::product("cad").nonce(*b"nonce-one"),
+    )
+    .unwrap();
     assert_eq!(vt.claims.vm_name, "vm-a");
     assert_eq!(vt.claims.vm_uuid, h.vm("vm-a").unwrap().uuid);
     assert_eq!(hex::encode(&vt.claims.host_id), h.host_id);
@@ -147,7 +153,7 @@ async fn seat_limits_per_count_mode_and_verifiable_tokens() {
     let st = h.proxy_ok(&["status"]).unwrap();
     assert!(st.contains("cad") && st.contains("seats 2/2"), "{st}");
     let leases = h.proxy_ok(&["leases"]).unwrap();
-    assert!(leases.contains("vm=vm-c"), "{leases}");
+    assert!(leases.contains("in VM vm-c"), "{leases}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -264,6 +270,7 @@ async fn ttl_expiry_renew_and_admin_release_push_events() {
             lease_id: t.lease_id.clone(),
             nonce: None,
             chain: vec![],
+            tpm_fresh: false,
         }))
         .await
     {
@@ -284,6 +291,7 @@ async fn ttl_expiry_renew_and_admin_release_push_events() {
             lease_id: t.lease_id.clone(),
             nonce: None,
             chain: vec![],
+            tpm_fresh: false,
         }))
         .await
     {

@@ -3,13 +3,11 @@
 //! host certificate / license / token, quotes over the wrong nonce, expiry.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hostbind_attest::enroll::{self, EnrollAnswer, EnrollError};
+use hostbind_attest::enroll::{self, EnrollAnswer, EnrollError, EnrollPolicy};
 use hostbind_attest::keys::{TokenKey, VendorKey};
-use hostbind_attest::signed::{
-    open, sign, ClonePolicy, CountMode, License, ObjectKind, SignedError, Validity,
-};
-use hostbind_attest::token::{KeyEvidence, TokenClaims, TokenSigner};
-use hostbind_attest::verify::{verify_token, VerifyError};
+use hostbind_attest::signed::{open, License, ObjectKind, SignedError};
+use hostbind_attest::token::{license_hash, KeyEvidence, TokenClaims, TokenSigner};
+use hostbind_attest::verify::{verify_token, Expectation, VerifyError};
 use hostbind_proxy::enroll as host;
 use hostbind_testkit::{LocalCa, Swtpm};
 
@@ -18,7 +16,15 @@ use common::*;
 use serde_bytes::ByteBuf;
 use std::sync::Arc;
 
-fn claims(s: &TokenSigner, host_id: &[u8], nonce: Option<&[u8]>) -> TokenClaims {
+const POLICY: EnrollPolicy = EnrollPolicy {
+    allow_ecc_ek: false,
+};
+
+fn cad() -> Expectation {
+    Expectation::product("cad")
+}
+
+fn claims(s: &TokenSigner, host_id: &[u8], lic: &[u8], nonce: Option<&[u8]>) -> TokenClaims {
     TokenClaims {
         host_id: host_id.to_vec(),
         vm_uuid: "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01".into(),
@@ -26,7 +32,8 @@ fn claims(s: &TokenSigner, host_id: &[u8], nonce: Option<&[u8]>) -> TokenClaims 
         product: "cad".into(),
         features: vec!["pro".into()],
         scope: "vm".into(),
-        license_id: "L1".into(),
+        license_id: "L-cad".into(),
+        license_hash: license_hash(lic).to_vec(),
         lease_id: "lease-1".into(),
         issued_at: t0() + 100,
         expires_at: t0() + 160,
@@ -55,33 +62,55 @@ fn enrollment_and_token_chain_on_real_tpm() {
     assert_eq!(id.cert, installed);
 
     let s = signer(&mut h, cert_bytes.clone(), t0(), t0() + 1200);
+    let (_, lic) = license(&vendor, &installed.host_id, "cad", &["pro"]);
     let token = s
-        .issue(&claims(&s, &installed.host_id, Some(b"n0nce")))
+        .issue(
+            &claims(&s, &installed.host_id, &lic, Some(b"n0nce-42")),
+            &lic,
+        )
         .unwrap();
-    let v = verify_token(&token, &vendor.public(), t0() + 120, Some(b"n0nce")).unwrap();
+    let v = verify_token(
+        &token,
+        &vendor.public(),
+        t0() + 120,
+        &cad().nonce(*b"n0nce-42"),
+    )
+    .unwrap();
     assert_eq!(v.claims.product, "cad");
     assert_eq!(v.claims.host_id, installed.host_id.to_vec());
     assert_eq!(v.host.host_id, installed.host_id);
     // no nonce expected: fine too
-    verify_token(&token, &vendor.public(), t0() + 120, None).unwrap();
+    verify_token(&token, &vendor.public(), t0() + 120, &cad()).unwrap();
 
     // wrong nonce / missing nonce / expired / other vendor
     assert!(matches!(
-        verify_token(&token, &vendor.public(), t0() + 120, Some(b"other")),
+        verify_token(
+            &token,
+            &vendor.public(),
+            t0() + 120,
+            &cad().nonce(*b"other-nonce")
+        ),
         Err(VerifyError::NonceMismatch { .. })
     ));
-    let t2 = s.issue(&claims(&s, &installed.host_id, None)).unwrap();
+    let t2 = s
+        .issue(&claims(&s, &installed.host_id, &lic, None), &lic)
+        .unwrap();
     assert!(matches!(
-        verify_token(&t2, &vendor.public(), t0() + 120, Some(b"n0nce")),
+        verify_token(
+            &t2,
+            &vendor.public(),
+            t0() + 120,
+            &cad().nonce(*b"n0nce-42")
+        ),
         Err(VerifyError::NonceMissing)
     ));
     assert!(matches!(
-        verify_token(&token, &vendor.public(), t0() + 161, None),
+        verify_token(&token, &vendor.public(), t0() + 161, &cad()),
         Err(VerifyError::Expired { .. })
     ));
     let other = VendorKey::generate().unwrap();
     assert!(matches!(
-        verify_token(&token, &other.public(), t0() + 120, None),
+        verify_token(&token, &other.public(), t0() + 120, &cad()),
         Err(VerifyError::HostCertificate(SignedError::OtherKey { .. }))
     ));
 
@@ -90,7 +119,7 @@ fn enrollment_and_token_chain_on_real_tpm() {
         let mut t = token.clone();
         t[i] ^= 0x40;
         assert!(
-            verify_token(&t, &vendor.public(), t0() + 120, Some(b"n0nce")).is_err(),
+            verify_token(&t, &vendor.public(), t0() + 120, &cad().nonce(*b"n0nce-42")).is_err(),
             "flipped byte {i} accepted"
         );
     }
@@ -106,23 +135,25 @@ fn enrollment_and_token_chain_on_real_tpm() {
         signature: ByteBuf::from(q.signature),
     };
     let bad = TokenSigner::new(key, ev, cert_bytes.clone()).unwrap();
-    let t = bad.issue(&claims(&bad, &installed.host_id, None)).unwrap();
+    let t = bad
+        .issue(&claims(&bad, &installed.host_id, &lic, None), &lic)
+        .unwrap();
     assert!(matches!(
-        verify_token(&t, &vendor.public(), t0() + 120, None),
+        verify_token(&t, &vendor.public(), t0() + 120, &cad()),
         Err(VerifyError::QuoteNotForKey)
     ));
 
     // token claiming another host than its evidence
-    let t = s.issue(&claims(&s, &[9u8; 32], None)).unwrap();
+    let t = s.issue(&claims(&s, &[9u8; 32], &lic, None), &lic).unwrap();
     assert!(matches!(
-        verify_token(&t, &vendor.public(), t0() + 120, None),
+        verify_token(&t, &vendor.public(), t0() + 120, &cad()),
         Err(VerifyError::WrongHost { .. })
     ));
 
     // a token outliving its key is refused at issue time
-    let mut c = claims(&s, &installed.host_id, None);
+    let mut c = claims(&s, &installed.host_id, &lic, None);
     c.expires_at = t0() + 5000;
-    assert!(s.issue(&c).is_err());
+    assert!(s.issue(&c, &lic).is_err());
 }
 
 #[test]
@@ -136,7 +167,7 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
     // EK certificate from a CA the issuer does not trust
     let mut stranger = host(Swtpm::start().unwrap());
     let req = host::request(&mut stranger.tpm, stranger.state.path(), t0()).unwrap();
-    let e = enroll::create_challenge(&req, &trust, &vendor, t0(), 3600).unwrap_err();
+    let e = enroll::create_challenge(&req, &trust, &vendor, t0(), 3600, &POLICY).unwrap_err();
     assert!(matches!(e, EnrollError::UntrustedEk { .. }), "{e}");
     assert!(
         e.to_string()
@@ -146,7 +177,7 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
 
     // A's challenge, answered by TPM B
     let req_a = host::request(&mut a.tpm, a.state.path(), t0()).unwrap();
-    let chal_a = enroll::create_challenge(&req_a, &trust, &vendor, t0(), 3600).unwrap();
+    let chal_a = enroll::create_challenge(&req_a, &trust, &vendor, t0(), 3600, &POLICY).unwrap();
     host::request(&mut b.tpm, b.state.path(), t0()).unwrap();
     let e = host::answer(&mut b.tpm, b.state.path(), &chal_a).unwrap_err();
     assert!(matches!(e, host::HostEnrollError::OtherHost { .. }), "{e}");
@@ -165,7 +196,7 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
         ..good.clone()
     };
     assert!(matches!(
-        enroll::finish(&forged, &trust, &vendor, t0(), 100),
+        enroll::finish(&forged, &trust, &vendor, t0(), &POLICY, &TERMS),
         Err(EnrollError::WrongSecret)
     ));
     let forged = EnrollAnswer {
@@ -174,7 +205,7 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
         ..good.clone()
     };
     assert!(matches!(
-        enroll::finish(&forged, &trust, &vendor, t0(), 100),
+        enroll::finish(&forged, &trust, &vendor, t0(), &POLICY, &TERMS),
         Err(EnrollError::Quote(_))
     ));
     // quote over the wrong nonce
@@ -188,16 +219,18 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
         ..good.clone()
     };
     assert!(matches!(
-        enroll::finish(&stale, &trust, &vendor, t0(), 100),
+        enroll::finish(&stale, &trust, &vendor, t0(), &POLICY, &TERMS),
         Err(EnrollError::QuoteNonce)
     ));
     // expired challenge
     assert!(matches!(
-        enroll::finish(&good, &trust, &vendor, t0() + 3601, 100),
+        enroll::finish(&good, &trust, &vendor, t0() + 3601, &POLICY, &TERMS),
         Err(EnrollError::ChallengeExpired(_))
     ));
     // the genuine answer works
-    let (_, cert) = enroll::finish(&good, &trust, &vendor, t0(), 100).unwrap();
+    let cert = enroll::finish(&good, &trust, &vendor, t0(), &POLICY, &TERMS)
+        .unwrap()
+        .bytes;
 
     // host certificate with a flipped byte: not installable, not openable
     for i in (0..cert.len()).step_by(7) {
@@ -223,24 +256,12 @@ fn rejections_untrusted_ca_other_tpm_tampering_and_wrong_nonce() {
     );
 
     // license with a flipped byte
-    let lic = License {
-        id: "L1".into(),
-        customer: "ACME".into(),
-        product: "cad".into(),
-        features: vec![],
-        hosts: vec![ByteBuf::from(enroll::host_id(&req_a.ek_public).to_vec())],
-        seats: 2,
-        count_mode: CountMode::Vm,
-        clone_policy: ClonePolicy::Observe,
-        grace_secs: 0,
-        issued_at: t0(),
-        validity: Validity {
-            not_before: t0(),
-            not_after: t0() + 10,
-        },
-        metering_key: None,
-    };
-    let lb = sign(ObjectKind::License, &lic, &vendor).unwrap();
+    let (_, lb) = license(
+        &vendor,
+        &enroll::host_id_of_ek_cert(&req_a.ek_cert).unwrap(),
+        "cad",
+        &[],
+    );
     for i in 0..lb.len() {
         let mut l = lb.clone();
         l[i] ^= 0x01;

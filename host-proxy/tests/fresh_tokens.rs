@@ -5,8 +5,9 @@
 
 use hostbind_attest::keys::{VendorKey, VendorPublicKey};
 use hostbind_attest::merkle::{MerkleError, MerkleTree};
+use hostbind_attest::token::license_hash;
 use hostbind_attest::token::{FreshEvidence, TokenClaims, TokenSigner};
-use hostbind_attest::verify::{verify_token, verify_token_tpm_fresh, VerifyError};
+use hostbind_attest::verify::{verify_token, Expectation, VerifyError};
 use hostbind_attest::wire::{Body, Scope, TokenRequest};
 use hostbind_proxy::enroll as host;
 use hostbind_testkit::host::{Host as TkHost, Vendor};
@@ -19,7 +20,20 @@ use common::*;
 mod wire_guest;
 use wire_guest::WireGuest;
 
-fn claims(s: &TokenSigner, host_id: &[u8], nonce: &[u8], fresh: FreshEvidence) -> TokenClaims {
+/// What an app expecting a TPM-fresh "cad" token for `nonce` checks.
+fn fresh(nonce: &[u8]) -> Expectation {
+    Expectation::product("cad")
+        .nonce(nonce.to_vec())
+        .require_tpm_fresh()
+}
+
+fn claims(
+    s: &TokenSigner,
+    host_id: &[u8],
+    lic: &[u8],
+    nonce: &[u8],
+    fresh: FreshEvidence,
+) -> TokenClaims {
     TokenClaims {
         host_id: host_id.to_vec(),
         vm_uuid: "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01".into(),
@@ -27,7 +41,8 @@ fn claims(s: &TokenSigner, host_id: &[u8], nonce: &[u8], fresh: FreshEvidence) -
         product: "cad".into(),
         features: vec![],
         scope: "vm".into(),
-        license_id: "L1".into(),
+        license_id: "L-cad".into(),
+        license_hash: license_hash(lic).to_vec(),
         lease_id: "lease-1".into(),
         issued_at: t0() + 100,
         expires_at: t0() + 160,
@@ -53,6 +68,7 @@ fn fresh_proofs_verify_and_each_broken_link_is_named() {
     )
     .unwrap();
     let s = signer(&mut h, cert, t0(), t0() + 1200);
+    let (_, lic) = license(&vendor, &installed.host_id, "cad", &[]);
     let nonces: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 16]).collect();
     let tree = MerkleTree::build(&nonces).unwrap();
     let q = h.tpm.quote(&tree.root()).unwrap();
@@ -65,22 +81,24 @@ fn fresh_proofs_verify_and_each_broken_link_is_named() {
     let now = t0() + 120;
     let vp = vendor.public();
     for (i, n) in nonces.iter().enumerate() {
-        let t = s.issue(&claims(&s, id, n, ev(i))).unwrap();
-        let v = verify_token_tpm_fresh(&t, &vp, now, n).unwrap();
+        let t = s.issue(&claims(&s, id, &lic, n, ev(i)), &lic).unwrap();
+        let v = verify_token(&t, &vp, now, &fresh(n)).unwrap();
         assert_eq!(v.fresh_quote.unwrap().extra_data, tree.root().to_vec());
     }
     // another nonce than the leaf at this index
-    let t = s.issue(&claims(&s, id, &nonces[1], ev(0))).unwrap();
+    let t = s
+        .issue(&claims(&s, id, &lic, &nonces[1], ev(0)), &lic)
+        .unwrap();
     assert!(matches!(
-        verify_token(&t, &vp, now, None),
+        verify_token(&t, &vp, now, &Expectation::product("cad")),
         Err(VerifyError::FreshRootMismatch)
     ));
     // a path of the wrong length
     let mut e = ev(2);
     e.proof.path.pop();
-    let t = s.issue(&claims(&s, id, &nonces[2], e)).unwrap();
+    let t = s.issue(&claims(&s, id, &lic, &nonces[2], e), &lic).unwrap();
     assert!(matches!(
-        verify_token(&t, &vp, now, None),
+        verify_token(&t, &vp, now, &Expectation::product("cad")),
         Err(VerifyError::FreshProof(MerkleError::PathLength { .. }))
     ));
     // a quote over something else
@@ -88,42 +106,44 @@ fn fresh_proofs_verify_and_each_broken_link_is_named() {
     let mut e = ev(3);
     e.attest = ByteBuf::from(other.attest.clone());
     e.signature = ByteBuf::from(other.signature.clone());
-    let t = s.issue(&claims(&s, id, &nonces[3], e)).unwrap();
+    let t = s.issue(&claims(&s, id, &lic, &nonces[3], e), &lic).unwrap();
     assert!(matches!(
-        verify_token(&t, &vp, now, None),
+        verify_token(&t, &vp, now, &Expectation::product("cad")),
         Err(VerifyError::FreshRootMismatch)
     ));
     // a quote whose signature does not match
     let mut e = ev(3);
     e.signature = ByteBuf::from(other.signature);
-    let t = s.issue(&claims(&s, id, &nonces[3], e)).unwrap();
+    let t = s.issue(&claims(&s, id, &lic, &nonces[3], e), &lic).unwrap();
     assert!(matches!(
-        verify_token(&t, &vp, now, None),
+        verify_token(&t, &vp, now, &Expectation::product("cad")),
         Err(VerifyError::FreshQuote(_))
     ));
     // freshness evidence without a nonce
-    let mut c = claims(&s, id, &nonces[0], ev(0));
+    let mut c = claims(&s, id, &lic, &nonces[0], ev(0));
     c.nonce = None;
-    let t = s.issue(&c).unwrap();
+    let t = s.issue(&c, &lic).unwrap();
     assert!(matches!(
-        verify_token(&t, &vp, now, None),
+        verify_token(&t, &vp, now, &Expectation::product("cad")),
         Err(VerifyError::FreshWithoutNonce)
     ));
     // required but absent
-    let mut c = claims(&s, id, &nonces[0], ev(0));
+    let mut c = claims(&s, id, &lic, &nonces[0], ev(0));
     c.fresh = None;
-    let t = s.issue(&c).unwrap();
+    let t = s.issue(&c, &lic).unwrap();
     assert!(matches!(
-        verify_token_tpm_fresh(&t, &vp, now, &nonces[0]),
+        verify_token(&t, &vp, now, &fresh(&nonces[0])),
         Err(VerifyError::FreshMissing)
     ));
     // every flipped byte of a fresh token is rejected
-    let t = s.issue(&claims(&s, id, &nonces[4], ev(4))).unwrap();
+    let t = s
+        .issue(&claims(&s, id, &lic, &nonces[4], ev(4)), &lic)
+        .unwrap();
     for i in 0..t.len() {
         let mut b = t.clone();
         b[i] ^= 0x40;
         assert!(
-            verify_token_tpm_fresh(&b, &vp, now, &nonces[4]).is_err(),
+            verify_token(&b, &vp, now, &fresh(&nonces[4])).is_err(),
             "flipped byte {i} accepted: {} -> {}",
             hex::encode(&t[i.saturating_sub(40)..(i + 8).min(t.len())]),
             hex::encode(&b[i.saturating_sub(40)..(i + 8).min(b.len())])
@@ -169,7 +189,7 @@ async fn storm(h: &TkHost, vp: &VendorPublicKey, per_vm: usize, rounds: usize) -
                 w.hello().await.unwrap();
                 let mut quotes = Vec::new();
                 for r in 0..rounds {
-                    let nonce = format!("n-{vi}-{g}-{r}").into_bytes();
+                    let nonce = format!("nonce-{vi}-{g}-{r}").into_bytes();
                     let Body::TokenResponse(t) = w.call(fresh_req(&nonce, true)).await else {
                         panic!("fresh token refused")
                     };
@@ -177,7 +197,7 @@ async fn storm(h: &TkHost, vp: &VendorPublicKey, per_vm: usize, rounds: usize) -
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap()
                         .as_secs();
-                    let v = verify_token_tpm_fresh(&t.token, &vp, now, &nonce).unwrap();
+                    let v = verify_token(&t.token, &vp, now, &fresh(&nonce)).unwrap();
                     quotes.push(v.claims.fresh.unwrap().attest.to_vec());
                 }
                 quotes
@@ -200,10 +220,10 @@ async fn proxy_batches_concurrent_fresh_requests_under_few_quotes() {
         .unwrap();
     let mut w = WireGuest::new(s);
     w.hello().await.unwrap();
-    let Body::TokenResponse(t) = w.call(fresh_req(b"lone", true)).await else {
+    let Body::TokenResponse(t) = w.call(fresh_req(b"lone-nonce", true)).await else {
         panic!("refused")
     };
-    let v = verify_token_tpm_fresh(&t.token, &vp, t.token_expires_at - 1, b"lone").unwrap();
+    let v = verify_token(&t.token, &vp, t.token_expires_at - 1, &fresh(b"lone-nonce")).unwrap();
     assert_eq!(v.claims.fresh.unwrap().proof.leaves, 1);
     // tpm_fresh without a nonce is malformed
     let Body::Error(e) = w

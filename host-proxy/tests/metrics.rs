@@ -11,6 +11,9 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod wire_guest;
+use wire_guest::WireGuest;
+
 fn add_license(h: &Host, v: &Vendor, product: &str, seats: u32) -> String {
     let lic = h.issue_license(v, product, seats, "vm", &[]).unwrap();
     let out = h
@@ -38,6 +41,7 @@ fn vm_token(product: &str) -> TokenRequest {
         features: vec![],
         nonce: None,
         scope: Scope::Vm,
+        tpm_fresh: false,
     }
 }
 
@@ -301,9 +305,35 @@ async fn scrape_over_a_unix_socket() {
             .any(|(k, v)| k.starts_with("hostbind_license_seats{product=\"cad\"") && *v == 3.0),
         "{body}"
     );
-    assert!(!m
-        .keys()
-        .any(|k| k.starts_with("hostbind_tokens_issued_total")));
+    // Every series a dashboard needs exists from the start, at 0, so that `increase()` sees
+    // the first event: tokens per licensed product, refusals per code, clone reports, TPM.
+    assert_eq!(
+        m["hostbind_tokens_issued_total{product=\"cad\"}"], 0.0,
+        "{body}"
+    );
+    for code in [
+        "no_license",
+        "license_not_valid",
+        "seats_exhausted",
+        "clone_refused",
+        "malformed",
+        "unknown_vm",
+        "internal",
+    ] {
+        let k = format!("hostbind_token_requests_refused_total{{code=\"{code}\"}}");
+        assert_eq!(m.get(&k), Some(&0.0), "{k} in:\n{body}");
+    }
+    for change in ["detected", "clone"] {
+        let k = format!("hostbind_clone_reports_total{{change=\"{change}\"}}");
+        assert_eq!(m.get(&k), Some(&0.0), "{k} in:\n{body}");
+    }
+    assert_eq!(m["hostbind_tpm_up"], 1.0);
+    for op in ["quote", "clock", "nv_counter"] {
+        let k = format!("hostbind_tpm_operation_failures_total{{operation=\"{op}\"}}");
+        assert_eq!(m.get(&k), Some(&0.0), "{k} in:\n{body}");
+    }
+    assert!(m["hostbind_tpm_last_success_timestamp_seconds"] > 1.7e9);
+    assert_eq!(m["hostbind_usage_seal_failures_total"], 0.0);
 
     // The socket goes away with the daemon.
     h.stop_proxy();
@@ -316,4 +346,81 @@ fn scrape_unix(sock: &Path) -> String {
     let (status, _, body) = http(&mut s, "GET", "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     body
+}
+
+/// The scenario of a second TPM client flushing the daemon's objects, or the TPM going away:
+/// the daemon's TPM work fails from then on. `status` and the metrics must say so (before,
+/// status showed nothing while sealing the usage log failed every minute).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tpm_lost_under_the_daemon_shows_in_status_and_metrics() {
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(
+        &v,
+        &["vm-a"],
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n[usage]\nflush_interval = \"200ms\"\n",
+    )
+    .unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 2);
+    let mut g = WireGuest::new(
+        tokio::net::UnixStream::connect(&h.vm("vm-a").unwrap().socket)
+            .await
+            .unwrap(),
+    );
+    g.hello().await.unwrap();
+    g.token("cad").await.unwrap();
+    let st: serde_json::Value =
+        serde_json::from_str(&h.proxy_ok(&["status", "--json"]).unwrap()).unwrap();
+    let addr = st["metrics"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("http://")
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .unwrap()
+        .to_string();
+    assert_eq!(st["tpm_health"]["up"], true, "{st}");
+    let scrape = || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        parse_exposition(&http(&mut s, "GET", "/metrics").2)
+    };
+
+    // The daemon's TPM connection dies (swtpm killed by PID and started again elsewhere).
+    h.tpm.restart_unorderly().unwrap();
+    // Metered work keeps coming (tokens need no TPM: the key is certified); sealing it does.
+    g.token("cad").await.unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = scrape();
+        if m["hostbind_usage_seal_failures_total"] >= 1.0 {
+            break m;
+        }
+        assert!(Instant::now() < end, "no sealing failure counted: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(m["hostbind_tpm_up"], 0.0);
+    let failed: f64 = ["quote", "clock", "nv_counter"]
+        .iter()
+        .map(|op| m[&format!("hostbind_tpm_operation_failures_total{{operation=\"{op}\"}}")])
+        .sum();
+    assert!(failed >= 1.0, "{m:?}");
+    // kept in memory or, with the TPM unreachable, in the spill file
+    assert!(
+        m["hostbind_usage_unsealed_records{where=\"memory\"}"]
+            + m["hostbind_usage_unsealed_records{where=\"spill_file\"}"]
+            >= 1.0,
+        "{m:?}"
+    );
+
+    let text = h.proxy_ok(&["status"]).unwrap();
+    assert!(text.contains("FAILING since"), "{text}");
+    assert!(
+        text.contains("usage log:      SEALING FAILS since"),
+        "{text}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&h.proxy_ok(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(st["tpm_health"]["up"], false, "{st}");
+    assert!(st["tpm_health"]["failing"]["error"].is_string(), "{st}");
+    assert!(st["usage"]["seal_failures"].as_u64().unwrap() >= 1, "{st}");
 }

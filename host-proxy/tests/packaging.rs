@@ -114,3 +114,66 @@ fn commented_clones_example_is_valid_and_the_defaults_when_uncommented() {
     assert_eq!(c.clones.retention, d.retention);
     assert_eq!(c.clones.live_window.0.as_secs(), 300);
 }
+
+/// `hostbind-proxy generate-docs` into a temp dir.
+fn generated_docs() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_hostbind-proxy"))
+        .arg("generate-docs")
+        .arg("--out")
+        .arg(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    d
+}
+
+#[test]
+fn bash_really_completes_proxy_subcommands_and_options() {
+    let d = generated_docs();
+    let script = d.path().join("completions/hostbind-proxy.bash");
+    let c = |w: &[&str]| hostbind_cli::docs::bash_complete(&script, w).unwrap();
+    let mut subs = c(&["hostbind-proxy", "license", ""]);
+    subs.retain(|w| !w.starts_with('-'));
+    subs.sort();
+    assert_eq!(subs, ["add", "help", "list", "remove"]);
+    assert_eq!(
+        c(&["hostbind-proxy", "enroll", "install", "--vendor"]),
+        ["--vendor-pub"]
+    );
+    assert_eq!(c(&["hostbind-proxy", "usage", "ex"]), ["export"]);
+}
+
+#[test]
+fn man_pages_have_the_admin_sections_and_a_config_reference() {
+    let d = generated_docs();
+    let man = d.path().join("man");
+    let top = std::fs::read_to_string(man.join("hostbind-proxy.1")).unwrap();
+    for s in [
+        ".SH DESCRIPTION",
+        ".SH FILES",
+        ".SH ENVIRONMENT",
+        ".SH \"EXIT STATUS\"",
+        ".SH EXAMPLES",
+        ".SH \"SEE ALSO\"",
+    ] {
+        assert!(top.contains(s), "no {s} in hostbind-proxy(1)");
+    }
+    assert!(top.contains("hostbind\\-proxy.toml(5)"), "{top}");
+    let five = std::fs::read_to_string(man.join("hostbind-proxy.toml.5")).unwrap();
+    for k in hostbind_proxy::config::KEYS {
+        assert!(
+            five.contains(&k.key.replace('-', "\\-")),
+            "{} undocumented",
+            k.key
+        );
+    }
+    // The options say what --force overwrites.
+    let req = std::fs::read_to_string(man.join("hostbind-proxy-enroll-request.1")).unwrap();
+    assert!(
+        req.contains("Overwrite the \\-\\-out file if it exists"),
+        "{req}"
+    );
+    // The shipped config points at the page that exists.
+    assert!(SHIPPED.contains("man 5 hostbind-proxy.toml"), "{SHIPPED}");
+}

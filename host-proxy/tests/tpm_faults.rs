@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hostbind_attest::keys::VendorPublicKey;
-use hostbind_attest::verify::{verify_token, verify_token_tpm_fresh};
+use hostbind_attest::verify::{verify_token, Expectation};
 use hostbind_attest::wire::{Body, ErrorCode, Scope, TokenRequest};
 use hostbind_testkit::host::{Agent, Host, Vendor};
 use std::collections::BTreeMap;
@@ -212,7 +212,7 @@ async fn load_on(
                     "token issued expired: exp {} now {n}",
                     t.token_expires_at
                 );
-                if let Err(e) = verify_token(&t.token, &vp, n, None) {
+                if let Err(e) = verify_token(&t.token, &vp, n, &Expectation::product("cad")) {
                     panic!("a token handed out does not verify: {e}");
                 }
                 seen.tokens += 1;
@@ -277,7 +277,15 @@ async fn ak_flushed_by_another_tpm_client_is_reloaded() {
         let nonce = format!("after-{round}").into_bytes();
         match g.call(fresh_request(&nonce)).await {
             Body::TokenResponse(t) => {
-                verify_token_tpm_fresh(&t.token, &vp, now(), &nonce).unwrap();
+                verify_token(
+                    &t.token,
+                    &vp,
+                    now(),
+                    &Expectation::product("cad")
+                        .nonce(nonce.clone())
+                        .require_tpm_fresh(),
+                )
+                .unwrap();
             }
             o => panic!("round {round}: fresh token after the AK was flushed: {o:?}"),
         }
@@ -478,7 +486,7 @@ async fn host_clock_jump_is_named_and_no_token_key_is_certified_on_it() {
     loop {
         match g.token("cad").await {
             Ok(t) => {
-                verify_token(&t.token, &vp, now(), None).unwrap();
+                verify_token(&t.token, &vp, now(), &Expectation::product("cad")).unwrap();
                 break;
             }
             Err(e) => assert!(
@@ -511,6 +519,12 @@ async fn host_clock_jump_is_named_and_no_token_key_is_certified_on_it() {
         "{}",
         t.token_expires_at
     );
-    verify_token(&t.token, &vp, now() + 2 * 86_400, None).unwrap();
+    verify_token(
+        &t.token,
+        &vp,
+        now() + 2 * 86_400,
+        &Expectation::product("cad"),
+    )
+    .unwrap();
     h.stop_proxy();
 }

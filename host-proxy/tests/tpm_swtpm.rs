@@ -5,7 +5,6 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hostbind_proxy::tpm::{EkKind, Tpm, TpmError, MAX_QUALIFYING_DATA};
@@ -169,14 +168,7 @@ fn tpm2_tool(tpm: &Swtpm, args: &[&str]) {
 }
 
 fn tpm2_tool_output(tpm: &Swtpm, args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .arg("-T")
-        .arg(tpm.tcti())
-        .env("TSS2_LOG", "all+none")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    tpm.tpm2_tool(args).unwrap()
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

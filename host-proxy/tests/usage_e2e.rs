@@ -81,6 +81,7 @@ async fn scripted_workload_reports_exact_totals() {
                 lease_id: ta.lease_id.clone(),
                 nonce: None,
                 chain: vec![],
+                tpm_fresh: false,
             }))
             .await
         {

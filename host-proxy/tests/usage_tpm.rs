@@ -45,8 +45,9 @@ fn an_index_that_is_not_a_counter_is_refused() {
     let swtpm = Swtpm::start().unwrap();
     // an ordinary NV index at the counter's handle (tpm2-tools, as another program might)
     let idx = format!("0x{DEFAULT_NV_INDEX:08x}");
-    let out = std::process::Command::new("tpm2_nvdefine")
-        .args([
+    let out = swtpm
+        .tpm2_tool(&[
+            "tpm2_nvdefine",
             &idx,
             "-C",
             "o",
@@ -54,12 +55,7 @@ fn an_index_that_is_not_a_counter_is_refused() {
             "8",
             "-a",
             "ownerread|ownerwrite",
-            "-T",
         ])
-        .arg(swtpm.tcti())
-        .stdin(std::process::Stdio::null())
-        .env("TSS2_LOG", "all+none")
-        .output()
         .unwrap();
     assert!(
         out.status.success(),

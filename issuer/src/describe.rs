@@ -40,6 +40,7 @@ pub fn host_cert(c: &HostCertificate) -> Value {
         "not_before": time(c.validity.not_before),
         "not_after": time(c.validity.not_after),
         "ak_public": tpm_public(&c.ak_public),
+        "max_key_window_secs": c.max_key_window_secs,
         "facts": c.facts,
     })
 }
@@ -87,6 +88,7 @@ pub fn claims(c: &TokenClaims) -> Value {
         "features": c.features,
         "scope": c.scope,
         "license_id": c.license_id,
+        "license_hash": hex::encode(&c.license_hash),
         "lease_id": c.lease_id,
         "iat": time(c.issued_at),
         "exp": time(c.expires_at),
@@ -122,6 +124,7 @@ pub fn verified_token(v: &VerifiedToken) -> Value {
     json!({
         "verified": true,
         "claims": claims(&v.claims),
+        "license": license(&v.license),
         "host_certificate": host_cert(&v.host),
         "token_key": key_evidence(&v.key),
     })
@@ -165,9 +168,10 @@ pub fn any(
         FileKind::EnrollRequest => {
             let r: EnrollRequest = cbor("enrollment request", bytes)?;
             json!({
-                "host_id": hex::encode(hostbind_attest::enroll::host_id(&r.ek_public)),
+                "host_id": host_id(&r.ek_cert),
                 "created_at": time(r.created_at),
                 "ek_certificate": ek_cert_summary(&r.ek_cert),
+                "ek_template": ek_template(&r.ek_public),
                 "ek_public": tpm_public(&r.ek_public),
                 "ak_public": tpm_public(&r.ak_public),
                 "facts": r.facts,
@@ -185,7 +189,7 @@ pub fn any(
         FileKind::EnrollAnswer => {
             let a: EnrollAnswer = cbor("enrollment answer", bytes)?;
             json!({
-                "host_id": hex::encode(hostbind_attest::enroll::host_id(&a.request.ek_public)),
+                "host_id": host_id(&a.request.ek_cert),
                 "challenge_expires_at": time(a.expires_at),
                 "nonce": hex::encode(&a.nonce),
                 "facts": a.request.facts,
@@ -234,6 +238,25 @@ pub fn any(
 }
 
 use coset::CborSerializable;
+
+/// The host id an EK certificate gives, or why it gives none.
+fn host_id(ek_cert: &[u8]) -> Value {
+    match hostbind_attest::enroll::host_id_of_ek_cert(ek_cert) {
+        Ok(id) => json!(hex::encode(id)),
+        Err(e) => json!({ "error": e.to_string() }),
+    }
+}
+
+/// Which TCG EK template the EK public area is, or the field that differs.
+fn ek_template(raw: &[u8]) -> Value {
+    match tpm::parse_public(raw) {
+        Ok(p) => match hostbind_attest::ek::check_template(&p) {
+            Ok(t) => json!(t.name),
+            Err(e) => json!({ "error": e.to_string() }),
+        },
+        Err(e) => json!({ "error": e.to_string() }),
+    }
+}
 
 fn ek_cert_summary(der: &[u8]) -> Value {
     use x509_parser::prelude::*;

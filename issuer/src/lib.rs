@@ -2,4 +2,5 @@
 //! for the CLI.
 
 pub mod describe;
+pub mod registry;
 pub mod report;

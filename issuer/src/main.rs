@@ -10,14 +10,27 @@ use hostbind_attest::signed::{
     ObjectKind, Validity,
 };
 use hostbind_attest::usage::{read_log, MeteringSecret};
+use hostbind_attest::verify::Expectation;
 use hostbind_fsutil::{read, write_new};
 use hostbind_issuer::describe;
+use hostbind_issuer::registry::{self, Finding, Registry};
 use serde_bytes::ByteBuf;
 use std::path::{Path, PathBuf};
 
 /// hostbind vendor tool: create vendor keys, enroll hosts, issue licenses, verify tokens. Works offline.
 #[derive(Parser)]
-#[command(name = "hostbind-issuer", version, about)]
+#[command(
+    name = "hostbind-issuer",
+    version,
+    about,
+    long_about = "The vendor's offline tool for hostbind, which binds software licenses to the \
+physical host a VM runs on. It creates the vendor's signing key, enrolls customers' hosts by \
+file exchange (checking each host's TPM endorsement certificate against the TPM makers' CAs), \
+issues licenses for enrolled hosts, verifies license tokens, inspects any hostbind file and \
+reports the usage logs hosts export. It needs no network and no TPM.\n\n\
+Keep the private key (vendor.key) offline; ship the public key (vendor.pub) with your \
+application and to the hosts you enroll."
+)]
 struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -36,7 +49,8 @@ enum Cmd {
         /// Public key file to write (default: <out> with extension .pub).
         #[arg(long)]
         public_out: Option<PathBuf>,
-        /// Overwrite existing files.
+        /// Overwrite the key files if they exist (the old key is lost: licenses and host
+        /// certificates signed with it no longer verify against the new one).
         #[arg(long)]
         force: bool,
     },
@@ -46,15 +60,27 @@ enum Cmd {
     /// Licenses.
     #[command(subcommand)]
     License(LicenseCmd),
-    /// Verify a token offline and print its claims; says exactly which link fails.
+    /// Verify a token offline for a product and print its claims; says exactly which link fails.
     Verify {
         /// Token file (raw COSE bytes) or '-' for stdin; hex or base64 text is accepted too.
         token: PathBuf,
         #[command(flatten)]
         vendor: VendorPubArg,
-        /// Expected nonce (hex).
+        /// The product the token must be for (and its license must be for).
+        #[arg(long)]
+        product: String,
+        /// A feature the token must grant and its license hold (repeatable).
+        #[arg(long = "feature", value_name = "F")]
+        features: Vec<String>,
+        /// Expected nonce (hex, 8 to 64 bytes).
         #[arg(long)]
         nonce: Option<String>,
+        /// Require TPM freshness evidence: the host's TPM quoted the nonce (needs --nonce).
+        #[arg(long, requires = "nonce")]
+        require_fresh: bool,
+        /// Refuse tokens issued longer ago than this (e.g. 30s, 5m).
+        #[arg(long)]
+        max_age: Option<humantime::Duration>,
         /// Verify as of this Unix time instead of now.
         #[arg(long)]
         at: Option<u64>,
@@ -86,6 +112,23 @@ struct KeyArg {
     key: PathBuf,
 }
 
+#[derive(Args)]
+struct EkPolicyArg {
+    /// Accept ECC EKs (TCG templates L-2, H-3) from TPMs without an RSA-2048 EK certificate.
+    /// Off by default: a TPM with both an RSA and an ECC EK certificate must get one host id,
+    /// and hostbind-proxy always submits the RSA EK when it has one (see the threat model).
+    #[arg(long)]
+    allow_ecc_ek: bool,
+}
+
+impl EkPolicyArg {
+    fn policy(&self) -> enroll::EnrollPolicy {
+        enroll::EnrollPolicy {
+            allow_ecc_ek: self.allow_ecc_ek,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum EnrollCmd {
     /// Check an enrollment request (EK certificate chain, AK) and write a MakeCredential challenge.
@@ -97,13 +140,15 @@ enum EnrollCmd {
         tpm_ca: Vec<PathBuf>,
         #[command(flatten)]
         key: KeyArg,
+        #[command(flatten)]
+        ek: EkPolicyArg,
         /// How long the challenge may be answered (e.g. 1h, 7d).
         #[arg(long, default_value = "7d")]
         valid_for: humantime::Duration,
         /// Challenge file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Overwrite.
+        /// Overwrite the --out file if it exists (it is replaced atomically).
         #[arg(long)]
         force: bool,
     },
@@ -116,13 +161,26 @@ enum EnrollCmd {
         tpm_ca: Vec<PathBuf>,
         #[command(flatten)]
         key: KeyArg,
+        #[command(flatten)]
+        ek: EkPolicyArg,
         /// Certificate validity (e.g. 3650d).
         #[arg(long, default_value = "3650d")]
         valid_for: humantime::Duration,
+        /// Longest token-key window verifiers accept from this host (the proxy's 2 x key_epoch
+        /// must fit): one TPM quote certifies a token key for at most this long.
+        #[arg(long, default_value = "1h")]
+        max_key_window: humantime::Duration,
+        /// The enrollment registry this issuer keeps (default: enrollments.json next to --key).
+        #[arg(long)]
+        registry: Option<PathBuf>,
+        /// Sign even when the registry shows this TPM's EK certificate or key enrolled under
+        /// another host id (e.g. after a hostbind upgrade changed how host ids are derived).
+        #[arg(long)]
+        allow_new_host_id: bool,
         /// Host certificate file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Overwrite.
+        /// Overwrite the --out file if it exists (it is replaced atomically).
         #[arg(long)]
         force: bool,
     },
@@ -197,7 +255,7 @@ struct IssueArgs {
     /// License file to write.
     #[arg(long)]
     out: PathBuf,
-    /// Overwrite.
+    /// Overwrite the --out file if it exists (it is replaced atomically).
     #[arg(long)]
     force: bool,
 }
@@ -334,6 +392,7 @@ fn run(cli: Cli) -> Result<()> {
             request,
             tpm_ca,
             key,
+            ek,
             valid_for,
             out,
             force,
@@ -348,6 +407,7 @@ fn run(cli: Cli) -> Result<()> {
                 &vendor,
                 hostbind_fsutil::unix_now(),
                 valid_for.as_secs(),
+                &ek.policy(),
             )
             .context("enrollment request rejected")?;
             write_new(&out, &to_cbor("enrollment challenge", &chal)?, 0o644, force)?;
@@ -355,7 +415,8 @@ fn run(cli: Cli) -> Result<()> {
                 json,
                 &serde_json::json!({
                     "host_id": hex::encode(&chal.host_id),
-                    "ek_certificate": "chains to a trusted TPM manufacturer CA",
+                    "ek_certificate": "chains to a trusted TPM manufacturer CA and certifies the EK",
+                    "ek_public": "the TCG EK Credential Profile template of its type",
                     "challenge_file": out.display().to_string(),
                     "answer_by": describe::time(chal.expires_at),
                     "next": format!("on the host: hostbind-proxy enroll answer {}", out.display()),
@@ -366,7 +427,11 @@ fn run(cli: Cli) -> Result<()> {
             answer,
             tpm_ca,
             key,
+            ek,
             valid_for,
+            max_key_window,
+            registry,
+            allow_new_host_id,
             out,
             force,
         }) => {
@@ -374,19 +439,63 @@ fn run(cli: Cli) -> Result<()> {
             let ans: EnrollAnswer = from_cbor("enrollment answer", &read(&answer)?)
                 .with_context(|| format!("{} is not an enrollment answer", answer.display()))?;
             let cas = load_cas(&tpm_ca)?;
-            let (cert, bytes) = enroll::finish(
+            // Checked before signing too, so that a refused write leaves the registry untouched.
+            if out.exists() && !force {
+                bail!(
+                    "{} already exists; pass --force to overwrite it",
+                    out.display()
+                );
+            }
+            let done = enroll::finish(
                 &ans,
                 &cas,
                 &vendor,
                 hostbind_fsutil::unix_now(),
-                valid_for.as_secs(),
+                &ek.policy(),
+                &enroll::CertTerms {
+                    validity_secs: valid_for.as_secs(),
+                    max_key_window_secs: max_key_window.as_secs(),
+                },
             )
             .context("enrollment answer rejected")?;
-            write_new(&out, &bytes, 0o644, force)?;
-            let mut d = describe::host_cert(&cert);
+            let registry_path =
+                registry.unwrap_or_else(|| key.key.with_file_name(registry::REGISTRY_FILE));
+            let mut reg = Registry::load(&registry_path)?;
+            let entry = registry::Entry::new(&done);
+            let mut warnings = Vec::new();
+            for f in reg.check(&entry) {
+                match f {
+                    Finding::OtherHostId { .. } if !allow_new_host_id => bail!(
+                        "enrollment refused: {f} (registry {}); one TPM must be one host. If this                          is intended (e.g. host ids changed with a hostbind upgrade), run again                          with --allow-new-host-id",
+                        registry_path.display()
+                    ),
+                    f => warnings.push(f.to_string()),
+                }
+            }
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            reg.enrollments.push(entry);
+            reg.save(&registry_path)?;
+            write_new(&out, &done.bytes, 0o644, force)?;
+            let mut d = describe::host_cert(&done.cert);
+            d["ek_template"] = serde_json::json!(done.ek_template);
+            d["registry"] = serde_json::json!(registry_path.display().to_string());
+            if !warnings.is_empty() {
+                d["warnings"] = serde_json::json!(warnings);
+            }
             d["certificate_file"] = serde_json::json!(out.display().to_string());
+            // The host needs the vendor's public key too: the .pub file `keygen` wrote next
+            // to the key, else the key itself in hex (which --vendor-pub also accepts).
+            let pub_file = key.key.with_extension("pub");
+            let vendor_pub = if pub_file.is_file() {
+                pub_file.display().to_string()
+            } else {
+                vendor.public().to_string()
+            };
             d["next"] = serde_json::json!(format!(
-                "on the host: hostbind-proxy enroll install {}",
+                "send {} and {vendor_pub} to the host; there, as the proxy's user: hostbind-proxy enroll install {} --vendor-pub {vendor_pub}",
+                out.display(),
                 out.display()
             ));
             print(json, &d)
@@ -431,6 +540,15 @@ fn run(cli: Cli) -> Result<()> {
                     )
                 }),
             };
+            lic.check_names().map_err(|e| {
+                let flag = match e.what {
+                    "license id" => "--id",
+                    "feature" => "--feature",
+                    "customer" => "--customer",
+                    _ => "--product",
+                };
+                anyhow!("{e}; give {flag} another value (nothing was written)")
+            })?;
             write_new(
                 &a.out,
                 &sign(ObjectKind::License, &lic, &vendor)?,
@@ -444,17 +562,27 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Verify {
             token,
             vendor,
+            product,
+            features,
             nonce,
+            require_fresh,
+            max_age,
             at,
         } => {
             let vendor = load_vendor_pub(&vendor.vendor_pub)?;
             let bytes = read_token(&token)?;
-            let nonce = nonce
-                .map(|n| hex::decode(n.trim()))
-                .transpose()
-                .context("--nonce must be hex")?;
+            let mut expect = Expectation::product(product).features(features);
+            if let Some(n) = nonce {
+                expect = expect.nonce(hex::decode(n.trim()).context("--nonce must be hex")?);
+            }
+            if require_fresh {
+                expect = expect.require_tpm_fresh();
+            }
+            if let Some(age) = max_age {
+                expect = expect.max_age(age.into());
+            }
             let when = at.unwrap_or_else(hostbind_fsutil::unix_now);
-            match hostbind_attest::verify::verify_token(&bytes, &vendor, when, nonce.as_deref()) {
+            match hostbind_attest::verify::verify_token(&bytes, &vendor, when, &expect) {
                 Ok(v) => print(json, &describe::verified_token(&v)),
                 Err(e) => {
                     if json {
@@ -508,12 +636,50 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The hand-written parts of the man pages.
+fn man_extras() -> hostbind_cli::docs::Extras {
+    use hostbind_cli::docs::{Entry, Extras, Section};
+    Extras {
+        sections: vec![
+            Section::new(
+                "FILES",
+                vec![
+                    Entry::new("vendor.key", "The vendor's private signing key (Ed25519, mode 0600), the default of --key. Keep it offline and backed up: whoever holds it can issue licenses."),
+                    Entry::new("vendor.pub", "The vendor's public key, the default of --vendor-pub; hosts install it with their host certificate, applications embed it."),
+                ],
+            ),
+            Section::new(
+                "EXAMPLES",
+                vec![
+                    Entry::new("hostbind-issuer keygen", "Create vendor.key and vendor.pub in the current directory."),
+                    Entry::new("hostbind-issuer enroll challenge req.cbor --tpm-ca maker-ca.pem --out chal.cbor", "Check a host's enrollment request against the TPM maker's CA and write the challenge its TPM must answer."),
+                    Entry::new("hostbind-issuer enroll finish ans.cbor --tpm-ca maker-ca.pem --out host.cert", "Check the answer and sign the host certificate; send host.cert and vendor.pub to the host."),
+                    Entry::new("hostbind-issuer license issue --customer ACME --host host.cert --product cad --seats 2 --out acme-cad.license", "Issue a 2-seat license of product cad for that host, valid for a year."),
+                    Entry::new("hostbind-issuer verify token.b64", "Verify a license token offline and print its claims."),
+                    Entry::new("hostbind-issuer usage report host1.usage --key vendor.key", "Decrypt and check a host's usage log; exit status 3 when it shows anomalies."),
+                ],
+            ),
+        ],
+        command_sections: Vec::new(),
+        common_sections: vec![hostbind_cli::docs::exit_status(
+            "An error; the message on stderr says what failed and what to do.",
+            &[(
+                "3",
+                "usage report: the log was read, and it shows anomalies (listed in the report).",
+            )],
+        )],
+        see_also: vec!["hostbind-proxy(1)".into(), "hostbind-agent(1)".into()],
+        pages: Vec::new(),
+    }
+}
+
 fn main() {
     // `BIN generate-docs --out DIR`: man pages and completions from the clap definition.
-    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command);
+    hostbind_cli::docs::handle_generate_docs(<Cli as clap::CommandFactory>::command, man_extras);
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("error: {}", hostbind_fsutil::error_report(e.as_ref()));
+        let msg = hostbind_fsutil::error_report(e.as_ref());
+        hostbind_cli::logging::report_fatal(false, "error: ", &msg);
         std::process::exit(1);
     }
 }

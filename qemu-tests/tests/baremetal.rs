@@ -137,7 +137,7 @@ fn bare_metal_guest_verifies_its_token_is_refused_without_license_and_rejects_a_
     let lease = claims["lease_id"].as_str().unwrap();
     let leases = a.proxy_ok(&["leases"]).unwrap();
     assert!(
-        leases.contains(lease) && leases.contains(VM) && leases.contains("product=cad"),
+        leases.contains(lease) && leases.contains(VM) && leases.contains(" cad "),
         "the host holds the guest's lease {lease}: {leases}"
     );
     assert!(

@@ -57,8 +57,14 @@ fn check_token_on_host(
     // Tokens live as long as their lease (3–5 s here): verify as of their issue time, so a slow
     // machine does not turn this into a test of the clock.
     let iat = line["iat"].as_u64().unwrap();
-    let verified = hostbind_attest::verify::verify_token(&bytes, &vendor_key(v), iat, None)
-        .unwrap_or_else(|e| panic!("host-side verification failed: {e}"));
+    let product = line["product"].as_str().unwrap();
+    let verified = hostbind_attest::verify::verify_token(
+        &bytes,
+        &vendor_key(v),
+        iat,
+        &hostbind_attest::verify::Expectation::product(product),
+    )
+    .unwrap_or_else(|e| panic!("host-side verification failed: {e}"));
     let c = verified.claims;
     assert_eq!(hex::encode(&c.host_id), line["host_id"].as_str().unwrap());
     assert_eq!(c.vm_uuid, line["vm_uuid"].as_str().unwrap());
@@ -73,6 +79,8 @@ fn check_token_on_host(
             f.to_str().unwrap(),
             "--vendor-pub",
             v.public().to_str().unwrap(),
+            "--product",
+            product,
             "--at",
             &iat.to_string(),
         ],
@@ -141,7 +149,12 @@ fn boot_gets_token_over_vsock_verified_in_guest_and_on_host() {
     let claims = check_token_on_host(&tok, &v, h.dir());
     // Fresh, so it also verifies now.
     let bytes = b64url::decode(tok["token"].as_str().unwrap()).unwrap();
-    hostbind_client::verify(&bytes, &vendor_key(&v), None).unwrap();
+    hostbind_client::verify(
+        &bytes,
+        &vendor_key(&v),
+        &hostbind_client::Expectation::product(claims.product.clone()),
+    )
+    .unwrap();
 
     // The identity is the host's, not the guest's claim.
     assert_eq!(guest["dmi_uuid"], claimed_uuid, "{guest}");

@@ -58,10 +58,14 @@ pub fn run(name: &str, args: &[&str]) -> Result<Output, TestkitError> {
 
 /// Like [`run`] but fails with the command's output unless it succeeded; returns stdout.
 pub fn run_ok(name: &str, args: &[&str]) -> Result<String, TestkitError> {
-    let out = run(name, args)?;
+    stdout_if_ok(&format!("{name} {}", args.join(" ")), run(name, args)?)
+}
+
+/// The stdout of a finished `tool`, or an error with its output unless it succeeded.
+fn stdout_if_ok(tool: &str, out: Output) -> Result<String, TestkitError> {
     if !out.status.success() {
         return Err(TestkitError::ToolFailed {
-            tool: format!("{name} {}", args.join(" ")),
+            tool: tool.to_string(),
             status: out.status.to_string(),
             log: PathBuf::new(),
             tail: format!(
@@ -249,6 +253,39 @@ impl Host {
         run_ok("hostbind-proxy", &a)
     }
 
+    /// Runs `hostbind-issuer --json enroll STEP INPUT --key K --out OUT --force --tpm-ca ...
+    /// EXTRA` for this host's TPM maker (STEP is `challenge` or `finish`) and returns its output,
+    /// whatever its exit status.
+    pub fn issuer_enroll(
+        &self,
+        vendor: &Vendor,
+        step: &str,
+        input: &Path,
+        out: &Path,
+        extra: &[&str],
+    ) -> Result<Output, TestkitError> {
+        let mut args = vec![
+            "--json".to_string(),
+            "enroll".into(),
+            step.into(),
+            p(input),
+            "--key".into(),
+            p(&vendor.key()),
+            "--out".into(),
+            p(out),
+            "--force".into(),
+        ];
+        for c in self.tpm.ca().cert_paths() {
+            args.push("--tpm-ca".into());
+            args.push(p(&c));
+        }
+        args.extend(extra.iter().map(|e| e.to_string()));
+        run(
+            "hostbind-issuer",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    }
+
     fn enroll(&mut self, vendor: &Vendor) -> Result<(), TestkitError> {
         let d = self.dir().to_path_buf();
         let (req, chal, ans, cert) = (
@@ -258,42 +295,14 @@ impl Host {
             d.join("host.cert"),
         );
         self.proxy_ok(&["enroll", "request", "--out", &p(&req)])?;
-        let cas = self.tpm.ca().cert_paths();
-        let mut args = vec![
-            "enroll".to_string(),
-            "challenge".into(),
-            p(&req),
-            "--key".into(),
-            p(&vendor.key()),
-            "--out".into(),
-            p(&chal),
-        ];
-        for c in &cas {
-            args.push("--tpm-ca".into());
-            args.push(p(c));
-        }
-        run_ok(
-            "hostbind-issuer",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        stdout_if_ok(
+            "hostbind-issuer enroll challenge",
+            self.issuer_enroll(vendor, "challenge", &req, &chal, &[])?,
         )?;
         self.proxy_ok(&["enroll", "answer", &p(&chal), "--out", &p(&ans)])?;
-        let mut args = vec![
-            "--json".to_string(),
-            "enroll".into(),
-            "finish".into(),
-            p(&ans),
-            "--key".into(),
-            p(&vendor.key()),
-            "--out".into(),
-            p(&cert),
-        ];
-        for c in &cas {
-            args.push("--tpm-ca".into());
-            args.push(p(c));
-        }
-        let out = run_ok(
-            "hostbind-issuer",
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        let out = stdout_if_ok(
+            "hostbind-issuer enroll finish",
+            self.issuer_enroll(vendor, "finish", &ans, &cert, &[])?,
         )?;
         self.host_id = out
             .split("\"host_id\": \"")

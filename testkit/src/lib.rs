@@ -366,6 +366,23 @@ impl Swtpm {
         &self.log
     }
 
+    /// Runs a tpm2-tools command (`args[0]` is the tool) against this TPM (`-T` is appended, TSS
+    /// logging muted) and returns its output, whatever its exit status.
+    pub fn tpm2_tool(&self, args: &[&str]) -> Result<std::process::Output, TestkitError> {
+        let (tool, rest) = args.split_first().ok_or_else(|| TestkitError::Io {
+            what: "run a tpm2 tool".into(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "no tool named"),
+        })?;
+        Command::new(tool)
+            .args(rest)
+            .arg("-T")
+            .arg(self.tcti())
+            .env("TSS2_LOG", "all+none")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| spawn_err(tool, e))
+    }
+
     /// Simulates a host reboot: orderly TPM2_Shutdown(CLEAR) if no client holds the connection,
     /// stop the process, start swtpm again on the same state (Startup(CLEAR)). EK and AKs stay
     /// valid; PCRs and loaded objects are reset. Clients must reconnect (drop old contexts first).

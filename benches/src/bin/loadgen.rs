@@ -247,6 +247,7 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
                     lease_id: out.held[i].clone(),
                     nonce: None,
                     chain: vec![],
+                    tpm_fresh: false,
                 })
             }
             Op::Release => Body::Release(Release {

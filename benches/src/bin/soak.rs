@@ -21,7 +21,7 @@ use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::usage::{read_log, AnomalyKind, MeteringSecret, DEFAULT_CLOCK_TOLERANCE_SECS};
-use hostbind_attest::verify::verify_token;
+use hostbind_attest::verify::{verify_token, Expectation};
 use hostbind_attest::wire::{Body, FrameCodec, Hello, Message, Release, Scope, TokenRequest};
 use hostbind_testkit::host::{Agent, Host, Vendor};
 use serde::Serialize;
@@ -184,7 +184,7 @@ fn record(stats: &Mutex<LoadStats>, reply: Option<Body>, vp: &VendorPublicKey) -
             let bad = if t.token_expires_at <= now {
                 Some(format!("expired at {} (now {now})", t.token_expires_at))
             } else {
-                verify_token(&t.token, vp, now, None)
+                verify_token(&t.token, vp, now, &Expectation::product("cad"))
                     .err()
                     .map(|e| e.to_string())
             };
@@ -234,7 +234,9 @@ async fn agent_app(
             match r {
                 Ok(t) => {
                     s.tokens += 1;
-                    if verify_token(&t.token, &vp, unix_now(), None).is_err() {
+                    if verify_token(&t.token, &vp, unix_now(), &Expectation::product("seat"))
+                        .is_err()
+                    {
                         s.bad_tokens += 1;
                     }
                 }

@@ -8,8 +8,17 @@ use std::path::{Path, PathBuf};
 /// Exports the usage log of `h`'s proxy to `name` in its dir.
 pub fn export(h: &Host, name: &str) -> PathBuf {
     let out = h.dir().join(name);
-    h.proxy_ok(&["usage", "export", "--out", out.to_str().unwrap(), "--force"])
+    let said = h
+        .proxy_ok(&["usage", "export", "--out", out.to_str().unwrap(), "--force"])
         .unwrap();
+    // The next step, complete: the vendor needs its key to read the file.
+    assert!(
+        said.contains(&format!(
+            "hostbind-issuer usage report {} --key vendor.key",
+            out.display()
+        )),
+        "{said}"
+    );
     out
 }
 

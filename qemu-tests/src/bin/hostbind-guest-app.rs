@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use hostbind_client::api::{self, EventKind, TokenRequest};
-use hostbind_client::{Client, ClientError, VendorPublicKey};
+use hostbind_client::{Client, ClientError, Expectation, VendorPublicKey};
 use rand_core::{OsRng, RngCore};
 use serde_json::{json, Value};
 
@@ -107,7 +107,9 @@ async fn get_token(client: &Client, conf: &Conf, n: u64, last_refusal: &mut Stri
     match client.token(&TokenRequest::new(conf.product.clone())).await {
         Ok(reply) => {
             let t_verify = Instant::now();
-            let verified = hostbind_client::verify(&reply.token, &conf.vendor, None);
+            // The product the app licenses, named: a token for any other product is refused.
+            let expect = Expectation::product(conf.product.clone());
+            let verified = hostbind_client::verify(&reply.token, &conf.vendor, &expect);
             let verify_us = t_verify.elapsed().as_micros();
             let b64 = api::b64url::encode(&reply.token);
             last_refusal.clear();
