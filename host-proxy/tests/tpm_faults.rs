@@ -259,7 +259,7 @@ async fn ak_flushed_by_another_tpm_client_is_reloaded() {
     add_license(&h, &v, "cad");
     let vp = vendor_pub(&v);
     let mut g = guest(&h, "vm-a").await;
-    let Body::TokenResponse(_) = g.call(fresh_request(b"before")).await else {
+    let Body::TokenResponse(_) = g.call(fresh_request(b"before-the-flush")).await else {
         panic!("baseline fresh token refused")
     };
     for round in 0..2 {
@@ -274,7 +274,7 @@ async fn ak_flushed_by_another_tpm_client_is_reloaded() {
             String::from_utf8_lossy(&out.stderr)
         );
         // a TPM-fresh token needs a quote by the AK right now
-        let nonce = format!("after-{round}").into_bytes();
+        let nonce = format!("after-flush-{round}").into_bytes();
         match g.call(fresh_request(&nonce)).await {
             Body::TokenResponse(t) => {
                 verify_token(
