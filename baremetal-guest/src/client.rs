@@ -251,6 +251,7 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
             nonce: req.nonce.map(|n| ByteBuf::from(n.to_vec())),
             scope: Scope::Vm,
             pid: None,
+            pid_start: None,
             chain: self.chain.clone(),
             tpm_fresh: false,
         });

@@ -254,6 +254,9 @@ pub enum ErrorCode {
     Busy,
     /// The proxy failed internally.
     Internal,
+    /// The host cannot serve this now (its state disk is full, or its proxy is shutting down);
+    /// leases already granted keep working; retry later.
+    Unavailable,
     /// The host's TPM is unreachable (its proxy is reconnecting) and no token that would verify
     /// can be issued; retry later.
     TpmUnavailable,
@@ -294,6 +297,7 @@ impl From<wire::ErrorCode> for ErrorCode {
             W::CloneRefused => ErrorCode::CloneRefused,
             W::Busy => ErrorCode::Busy,
             W::Internal => ErrorCode::Internal,
+            W::Unavailable => ErrorCode::Unavailable,
             W::TpmUnavailable => ErrorCode::TpmUnavailable,
             W::ClockSkew => ErrorCode::ClockSkew,
             W::Unknown => ErrorCode::Unknown,
@@ -322,6 +326,7 @@ impl ErrorCode {
             | ErrorCode::Unknown => 502,
             ErrorCode::Busy
             | ErrorCode::NotConnected
+            | ErrorCode::Unavailable
             | ErrorCode::TpmUnavailable
             | ErrorCode::ClockSkew => 503,
             ErrorCode::Timeout => 504,
@@ -356,6 +361,7 @@ impl ErrorCode {
             ErrorCode::CloneRefused => "clone_refused",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::TpmUnavailable => "tpm_unavailable",
             ErrorCode::ClockSkew => "clock_skew",
             ErrorCode::TokenExpired => "token_expired",

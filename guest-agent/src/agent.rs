@@ -138,6 +138,8 @@ pub(crate) struct Session {
     pub lease_ttl_secs: u32,
     pub since: u64,
     pub generation: u64,
+    /// The proxy answers `lease_query` (it lists the leases it holds for this VM).
+    pub lease_query: bool,
 }
 
 /// Everything behind the agent's mutex.

@@ -276,6 +276,7 @@ fn on_connected(shared: &Shared, ack: &HelloAck) -> (u64, Option<HostId>) {
             lease_ttl_secs: ack.lease_ttl_secs,
             since: unix_now(),
             generation,
+            lease_query: ack.lease_query,
         });
         st.last_error = None;
         (generation, old_host, changed)

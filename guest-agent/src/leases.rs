@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hostbind_attest::wire::{self, Body, ErrorCode, Release, Renew, Scope, TokenResponse};
+use hostbind_attest::wire::{
+    self, Body, ErrorCode, HeldLease, LeaseQuery, Release, Renew, Scope, TokenResponse,
+};
 use hostbind_client::api::{self, EventKind, LeaseInfo, LossReason, TokenReply};
 use serde_bytes::ByteBuf;
 
@@ -14,6 +16,8 @@ use crate::procwatch::ProcessWatch;
 
 /// Most releases kept for sending after a reconnect.
 const MAX_ORPHANS: usize = 4096;
+/// Most leases read from the host's list after a reconnect (pages of `wire::LEASE_PAGE`).
+const MAX_HELD: usize = 65_536;
 
 /// What identifies a lease for the cache: one lease per key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -24,19 +28,30 @@ pub(crate) struct LeaseKey {
     pub scope: Scope,
     /// The owning process, for process-scoped leases.
     pub pid: Option<u32>,
+    /// Its start time (clock ticks since boot), when it could be read: with the pid it names
+    /// the process, also for a restarted agent.
+    pub pid_start: Option<u64>,
 }
 
 impl LeaseKey {
     /// A key with normalized features.
-    pub fn new(product: &str, features: &[String], scope: Scope, pid: Option<u32>) -> LeaseKey {
+    pub fn new(
+        product: &str,
+        features: &[String],
+        scope: Scope,
+        pid: Option<u32>,
+        pid_start: Option<u64>,
+    ) -> LeaseKey {
         let mut features = features.to_vec();
         features.sort();
         features.dedup();
+        let process = scope == Scope::Process;
         LeaseKey {
             product: product.to_string(),
             features,
             scope,
-            pid: if scope == Scope::Process { pid } else { None },
+            pid: pid.filter(|_| process),
+            pid_start: pid_start.filter(|_| process && pid.is_some()),
         }
     }
 }
@@ -260,6 +275,7 @@ async fn create(
         nonce: nonce.clone().map(ByteBuf::from),
         scope: key.scope,
         pid: key.pid,
+        pid_start: key.pid_start,
         // Filled in when sent (chain.rs).
         chain: Vec::new(),
         tpm_fresh: ask.tpm_fresh,
@@ -561,6 +577,12 @@ pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Optio
             tracing::warn!(lease = %o.lease_id, "pending release failed: {}", e.to_api().message);
         }
     }
+    if let Err(e) = settle_host_leases(&shared, generation).await {
+        tracing::warn!(
+            "could not settle the leases the host holds for this VM: {}",
+            e.to_api().message
+        );
+    }
 
     let mut mapping = vec![];
     for (key, old_id, _) in &stale {
@@ -601,6 +623,129 @@ pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Optio
         }
         renew_due(&shared, &key, &id).await;
     }
+}
+
+/// The leases the host holds for this VM (all pages of `lease_query`).
+async fn host_leases(shared: &Arc<Shared>) -> Result<Vec<HeldLease>, CallError> {
+    let mut held = Vec::new();
+    while held.len() < MAX_HELD {
+        let offset = u32::try_from(held.len()).unwrap_or(u32::MAX);
+        let reply = shared.call(Body::LeaseQuery(LeaseQuery { offset })).await?;
+        match reply.body {
+            Body::LeaseList(l) => {
+                let n = l.leases.len();
+                held.extend(l.leases);
+                if !l.more || n == 0 {
+                    break;
+                }
+            }
+            other => {
+                return Err(CallError::Unexpected(format!(
+                    "expected a lease_list, got '{}'",
+                    other.kind()
+                )))
+            }
+        }
+    }
+    Ok(held)
+}
+
+/// Whether the agent holds lease `id`.
+fn holds(shared: &Shared, id: &str) -> bool {
+    shared.lock().leases.values().any(|l| l.lease_id == id)
+}
+
+/// A watch on the process a process-scoped lease was granted to, if that process (same pid,
+/// same start time) still runs.
+fn same_process(pid: Option<u32>, start: Option<u64>) -> Option<(u32, ProcessWatch)> {
+    let (pid, start) = (pid?, start?);
+    // Opened first, then compared: a pid reused after the open has another start time.
+    let watch = ProcessWatch::open(pid).ok()?;
+    (crate::procwatch::start_time(pid) == Some(start)).then_some((pid, watch))
+}
+
+/// After Hello: settles the leases the host holds for this VM that the agent does not know
+/// (it was restarted, e.g. after kill -9, or the answer to a grant was lost). A VM-scoped lease,
+/// or a process-scoped one whose process (pid and start time) still runs, is adopted: renewed
+/// from now on and handed out for its key. Any other is released, as is a second lease for a
+/// key the agent already holds. So no process or VM holds two seats after the agent restarts.
+async fn settle_host_leases(shared: &Arc<Shared>, generation: u64) -> Result<(), CallError> {
+    let (host, vm, supported) = {
+        let st = shared.lock();
+        match st.session.as_ref().filter(|s| s.generation == generation) {
+            Some(s) => (s.host_id, s.vm.clone(), s.lease_query),
+            None => return Ok(()),
+        }
+    };
+    if !supported {
+        return Ok(());
+    }
+    let held = host_leases(shared).await?;
+    let (mut adopted, mut released) = (0, 0);
+    for h in held {
+        if holds(shared, &h.lease_id) {
+            continue;
+        }
+        let key = LeaseKey::new(&h.product, &h.features, h.scope, h.pid, h.pid_start);
+        // A grant for this key still in flight records its lease under this lock.
+        let lock = shared.key_lock(&key);
+        let _guard = lock.lock().await;
+        if holds(shared, &h.lease_id) {
+            continue;
+        }
+        let duplicate = shared.lock().leases.contains_key(&key);
+        let owner = match h.scope {
+            Scope::Vm => Some(None),
+            Scope::Process => same_process(h.pid, h.pid_start).map(Some),
+        };
+        match (duplicate, owner) {
+            (false, Some(watch)) => {
+                let lease = Lease {
+                    key: key.clone(),
+                    lease_id: h.lease_id.clone(),
+                    host_id: host,
+                    vm: vm.clone(),
+                    token_expires_at: 0,
+                    lease_expires_at: h.lease_expires_at,
+                    acquired_at: unix_now(),
+                    cached: None,
+                    // Renewed at the next tick: that fetches a token and the license's grace.
+                    renew_at: Instant::now(),
+                    renewing: false,
+                    grace_secs: 0,
+                    grace_until: None,
+                };
+                shared.lock().leases.insert(key.clone(), lease);
+                if let Some((pid, w)) = watch {
+                    watch_process(shared, pid, w);
+                }
+                adopted += 1;
+                tracing::info!(
+                    lease = %h.lease_id,
+                    product = %h.product,
+                    scope = ?h.scope,
+                    pid = ?h.pid,
+                    "adopted a lease the host holds for this VM"
+                );
+            }
+            (duplicate, _) => {
+                let why = if duplicate {
+                    "a second lease for the same key"
+                } else {
+                    "its process is gone"
+                };
+                tracing::info!(lease = %h.lease_id, product = %h.product, pid = ?h.pid, "releasing a lease the host holds for this VM: {why}");
+                match release_on_host(shared, &host, &h.lease_id).await {
+                    Ok(_) | Err(CallError::Refused(_)) => released += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    if adopted + released > 0 {
+        tracing::info!(adopted, released, "settled the host's leases for this VM");
+    }
+    Ok(())
 }
 
 /// Renews one lease for the renewal timer or after a reconnect.
@@ -870,12 +1015,16 @@ mod tests {
             &["b".into(), "a".into(), "b".into()],
             Scope::Vm,
             Some(5),
+            Some(77),
         );
-        let b = LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None);
+        let b = LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None, None);
         assert_eq!(a, b);
-        assert_eq!(a.pid, None);
-        let c = LeaseKey::new("p", &[], Scope::Process, Some(5));
-        let d = LeaseKey::new("p", &[], Scope::Process, Some(6));
+        assert_eq!((a.pid, a.pid_start), (None, None));
+        let c = LeaseKey::new("p", &[], Scope::Process, Some(5), Some(77));
+        let d = LeaseKey::new("p", &[], Scope::Process, Some(6), Some(77));
         assert_ne!(c, d);
+        // the same pid started at another time is another process
+        let e = LeaseKey::new("p", &[], Scope::Process, Some(5), Some(78));
+        assert_ne!(c, e);
     }
 }

@@ -113,8 +113,8 @@ impl ProcessWatch {
     }
 }
 
-/// The start time of `pid`, if it exists.
-fn start_time(pid: u32) -> Option<u64> {
+/// The start time of `pid` (clock ticks since boot, field 22 of /proc/PID/stat), if it exists.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     start_time_and_state(pid).map(|(t, _)| t)
 }
 

@@ -219,7 +219,9 @@ async fn token(
             )
         })?),
     };
-    let key = LeaseKey::new(&req.product, &req.features, req.scope, pid);
+    // With its start time the pid names this process also for a restarted agent.
+    let pid_start = pid.and_then(crate::procwatch::start_time);
+    let key = LeaseKey::new(&req.product, &req.features, req.scope, pid, pid_start);
     // Fast path: a cached token, no proxy round trip.
     if req.nonce.is_none() {
         if let Some(r) = leases::cached_token(shared, &key) {

@@ -126,6 +126,9 @@ pub struct Status {
     /// Clone detection: live instances, forks and clones in the chain graph.
     #[serde(default)]
     pub clones: Option<crate::clones::CloneCounts>,
+    /// Whether the seat ledger can write (false: changes are kept in memory only).
+    #[serde(default)]
+    pub ledger: Option<crate::ledger::LedgerHealth>,
     // --- fault hook (issue 16): TPM connection, token key, clock, usage log ---
     /// The token key's renewal: failures in a row and why.
     #[serde(default)]
@@ -284,6 +287,7 @@ fn status(svc: &Service) -> Result<Status, String> {
         metrics: svc.counters.metrics.endpoint.get().cloned(),
         libvirt: svc.libvirt().map(|l| l.status()),
         clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),
+        ledger: Some(svc.ledger().health()),
         tpm_health: {
             let h = svc.tpm().op_health();
             let connection = svc.tpm().health().snapshot();

@@ -75,6 +75,12 @@ fn storage<E: std::fmt::Display>(e: E) -> CloneError {
     CloneError::Storage(e.to_string())
 }
 
+impl From<crate::ledger::LedgerError> for CloneError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        CloneError::Storage(e.to_string())
+    }
+}
+
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, CloneError> {
     let mut out = Vec::new();
     ciborium::into_writer(v, &mut out).map_err(storage)?;
@@ -200,10 +206,8 @@ pub fn observe(
     if suffix.is_empty() {
         return Ok(ChainOutcome::default());
     }
-    let mut tx = ledger.database().begin_write().map_err(storage)?;
-    tx.set_durability(Durability::None);
-    let obs = {
-        let mut store = TxStore { tx: &tx };
+    let obs = ledger.write_tx(Durability::None, |tx| {
+        let mut store = TxStore { tx };
         chain::observe(
             &mut store,
             suffix,
@@ -212,18 +216,11 @@ pub fn observe(
             now,
             cfg.live_window.0.as_secs(),
         )
-    };
-    let obs = match obs {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = tx.abort();
-            return Err(match e {
-                ChainError::Inconsistent(_) => CloneError::Inconsistent(e.to_string()),
-                ChainError::Store(s) => s,
-            });
-        }
-    };
-    tx.commit().map_err(storage)?;
+        .map_err(|e| match e {
+            ChainError::Inconsistent(_) => CloneError::Inconsistent(e.to_string()),
+            ChainError::Store(s) => s,
+        })
+    })?;
     Ok(ChainOutcome {
         reports: obs
             .changes
@@ -240,20 +237,21 @@ pub fn observe(
 
 /// All forks the graph holds, oldest first.
 pub fn list(ledger: &Ledger) -> Result<Vec<ForkReport>, CloneError> {
-    let tx = ledger.database().begin_read().map_err(storage)?;
-    let t = match tx.open_table(LINEAGES) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(storage(e)),
-    };
-    let mut out = Vec::new();
-    for e in t.iter().map_err(storage)? {
-        let (k, v) = e.map_err(storage)?;
-        let l: Lineage = dec("chain_lineages", k.value().to_string(), v.value())?;
-        out.extend(ForkReport::of(&l));
-    }
-    out.sort_by_key(|f| (f.detected_at, f.lineage));
-    Ok(out)
+    ledger.read_tx(|tx| {
+        let t = match tx.open_table(LINEAGES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut out = Vec::new();
+        for e in t.iter().map_err(storage)? {
+            let (k, v) = e.map_err(storage)?;
+            let l: Lineage = dec("chain_lineages", k.value().to_string(), v.value())?;
+            out.extend(ForkReport::of(&l));
+        }
+        out.sort_by_key(|f| (f.detected_at, f.lineage));
+        Ok(out)
+    })
 }
 
 /// Counts for `status`: instances seen within the live window, forks, clones.
@@ -269,37 +267,37 @@ pub struct CloneCounts {
 
 /// The counts shown by `status`.
 pub fn counts(ledger: &Ledger, cfg: &CloneConfig, now: u64) -> Result<CloneCounts, CloneError> {
-    let tx = ledger.database().begin_read().map_err(storage)?;
-    let t = match tx.open_table(LINEAGES) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(CloneCounts::default()),
-        Err(e) => return Err(storage(e)),
-    };
-    let mut c = CloneCounts::default();
-    let since = now.saturating_sub(cfg.live_window.0.as_secs());
-    for e in t.iter().map_err(storage)? {
-        let (k, v) = e.map_err(storage)?;
-        let l: Lineage = dec("chain_lineages", k.value().to_string(), v.value())?;
-        if l.last_seen >= since {
-            c.live_instances += 1;
-        }
-        if let Some(f) = &l.fork {
-            c.forks += 1;
-            if f.kind == chain::ForkKind::Clone {
-                c.clones += 1;
+    ledger.read_tx(|tx| {
+        let t = match tx.open_table(LINEAGES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(CloneCounts::default()),
+            Err(e) => return Err(storage(e)),
+        };
+        let mut c = CloneCounts::default();
+        let since = now.saturating_sub(cfg.live_window.0.as_secs());
+        for e in t.iter().map_err(storage)? {
+            let (k, v) = e.map_err(storage)?;
+            let l: Lineage = dec("chain_lineages", k.value().to_string(), v.value())?;
+            if l.last_seen >= since {
+                c.live_instances += 1;
+            }
+            if let Some(f) = &l.fork {
+                c.forks += 1;
+                if f.kind == chain::ForkKind::Clone {
+                    c.clones += 1;
+                }
             }
         }
-    }
-    Ok(c)
+        Ok(c)
+    })
 }
 
 /// Forgets chain ids and lineages last seen before `now - retention`; returns how many
 /// records went.
 pub fn prune(ledger: &Ledger, cfg: &CloneConfig, now: u64) -> Result<usize, CloneError> {
     let before = now.saturating_sub(cfg.retention.0.as_secs());
-    let tx = ledger.database().begin_write().map_err(storage)?;
-    let mut removed = 0;
-    {
+    ledger.write_tx(Durability::Immediate, |tx| {
+        let mut removed = 0;
         let mut nodes = tx.open_table(NODES).map_err(storage)?;
         let n0 = nodes.len().map_err(storage)?;
         nodes
@@ -326,9 +324,8 @@ pub fn prune(ledger: &Ledger, cfg: &CloneConfig, now: u64) -> Result<usize, Clon
             }
             removed += 1;
         }
-    }
-    tx.commit().map_err(storage)?;
-    Ok(removed)
+        Ok(removed)
+    })
 }
 
 /// The message a refused later fork gets.
@@ -375,7 +372,12 @@ impl crate::service::Service {
                 });
             }
             Err(e) => {
-                tracing::error!(vm = %vm.name, "clone detection skipped: {e}");
+                // Every request would log this while the ledger cannot write (a full disk).
+                static LOG: crate::ratelog::RateLimit =
+                    crate::ratelog::RateLimit::new(Duration::from_secs(30));
+                if let Some(n) = LOG.check() {
+                    tracing::error!(vm = %vm.name, "clone detection skipped: {e}{}", crate::ratelog::held_back(n));
+                }
                 return Ok(());
             }
         };

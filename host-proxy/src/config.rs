@@ -157,6 +157,9 @@ pub struct Config {
     /// How far the host clock may move against the TPM clock (see clock.rs).
     #[serde(default)]
     pub clock: crate::clock::ClockConfig,
+    /// What happens on SIGTERM.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]
@@ -229,6 +232,23 @@ impl Default for LeaseConfig {
             ttl: Dur(Duration::from_secs(60)),
             key_epoch: Dur(Duration::from_secs(600)),
             sweep_interval: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// `[shutdown]`: on SIGTERM the proxy stops accepting, answers the requests in progress (for at
+/// most `drain_timeout`), then stops issuing tokens and seals the usage log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long requests in progress may take to be answered after SIGTERM.
+    pub drain_timeout: Dur,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Dur(Duration::from_secs(10)),
         }
     }
 }
@@ -509,6 +529,8 @@ pub const KEYS: &[KeyDoc] = &[
         "What a domain without a hostbind assignment in its metadata may use: \"allow\" (every licensed product, seats permitting) or \"deny\" (nothing until `hostbind-proxy vm assign`)."),
     key("libvirt", "call_timeout", Some("\"5s\""), "\"2s\"",
         "Longest wait for any one libvirt call (connect, list, read a domain, the liveness check) before libvirt counts as hung and the proxy reconnects; 100ms to 5m. Token requests never wait on libvirt."),
+    key("shutdown", "drain_timeout", Some("\"10s\""), "\"5s\"",
+        "On SIGTERM the proxy stops accepting connections and requests, answers the requests in progress for at most this long, then stops issuing tokens and seals the usage log, so every token a guest received is metered. Keep it below the unit's TimeoutStopSec (20s)."),
 ];
 
 /// A full example proxy.toml for the man page.
@@ -548,6 +570,7 @@ pub fn man_page(source: &str) -> String {
         ("clones", "[clones]: clone detection"),
         ("fresh_nonces", "[fresh_nonces]: batching of TPM-fresh nonces"),
         ("libvirt", "[libvirt]: KVM nodes managed by libvirt"),
+        ("shutdown", "[shutdown]: orderly stop on SIGTERM"),
     ];
     for (table, title) in tables {
         let entries = KEYS

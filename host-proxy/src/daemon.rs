@@ -2,7 +2,7 @@
 //! together and runs until SIGTERM/SIGINT.
 
 use crate::config::Config;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, OpenOptions};
 use crate::server::{accept_unix, bind_unix, hybrid_path};
 use crate::service::{Service, Vm};
 use crate::tpm_service::TpmService;
@@ -46,11 +46,13 @@ fn ensure_parent(p: &Path, key: &str) -> Result<()> {
 }
 
 /// Runs the daemon until a termination signal.
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
     let identity = enroll::load_identity(&cfg.state_dir)?;
     // Held until the daemon ends: no enroll command or second daemon meanwhile (lock.rs).
     let lock = crate::lock::acquire(&cfg.state_dir, crate::lock::Role::Daemon)?;
-    let ledger = Ledger::open(&cfg.state_dir.join(LEDGER_FILE))?;
+    let path = cfg.state_dir.join(LEDGER_FILE);
+    let ledger =
+        tokio::task::spawn_blocking(move || Ledger::open_with(&path, ledger_opts)).await??;
     let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone())?;
     let svc = Service::start(cfg.clone(), identity, ledger, tpm).await?;
     // --- libvirt hook: VM identity, assignments and lifecycle from libvirt (libvirt.rs) ---
@@ -155,19 +157,51 @@ pub async fn run(cfg: Config) -> Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+    shut_down(&svc, tasks, usage, libvirt, &cfg).await;
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    drop(lock);
+    Ok(())
+}
+
+/// The orderly end: stop accepting (listeners, admin socket, periodic tasks), answer the
+/// requests in progress within `[shutdown] drain_timeout`, stop issuing tokens, and seal the
+/// usage log last, so every token a guest received is in it.
+async fn shut_down(
+    svc: &Arc<Service>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    usage: Option<Arc<crate::usage::UsageLog>>,
+    libvirt: Option<impl Sized>,
+    cfg: &Config,
+) {
+    let started = std::time::Instant::now();
     for t in tasks {
         t.abort();
     }
+    drop(libvirt);
+    let left = svc.drain(cfg.shutdown.drain_timeout.0).await;
+    if left > 0 {
+        tracing::warn!(
+            "{left} agent connections still had a request in progress after {:?} ([shutdown] drain_timeout); closing them",
+            cfg.shutdown.drain_timeout.0
+        );
+    }
+    let svc2 = svc.clone();
+    let _ = tokio::task::spawn_blocking(move || svc2.close_issue()).await;
+    let issued = svc
+        .counters
+        .tokens_issued
+        .load(std::sync::atomic::Ordering::Relaxed);
     if let Some(u) = usage {
         // seals what is buffered; what cannot be sealed is kept on disk for the next start
         if let Err(e) = u.close().await {
             tracing::error!("usage log: could not seal or keep the last records (the next start names the gap): {e}");
         }
     }
-    drop(libvirt);
-    for s in sockets {
-        let _ = std::fs::remove_file(s);
-    }
-    drop(lock);
-    Ok(())
+    tracing::info!(
+        tokens_issued = issued,
+        "stopped accepting, drained and sealed the usage log in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
 }

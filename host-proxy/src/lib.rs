@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod libvirt;
 pub mod lock;
 pub mod metrics;
+pub mod ratelog;
 pub mod server;
 pub mod service;
 pub mod tpm;

@@ -45,7 +45,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon.
-    Run,
+    Run {
+        /// Begin an empty seat ledger: the current one (if any) is moved aside to
+        /// `ledger.redb.reset-<time>`. Needed once when the ledger of an enrolled host is lost or
+        /// damaged beyond use; licenses in the licenses dir are added again, guests request new
+        /// leases. Without it the daemon refuses to start on a missing or damaged ledger.
+        #[arg(long)]
+        reset_ledger: bool,
+    },
     /// Enroll this host with the vendor, by file exchange.
     ///
     /// Enrollment uses the TPM: it refuses to run while the daemon runs (stop it first), and
@@ -468,6 +475,30 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// `status`'s ledger line: durable, or degraded since when and why.
+fn ledger_status_line(l: &hostbind_proxy::ledger::LedgerHealth, now: u64) -> String {
+    let history = match (l.recoveries_total, l.last_degraded_secs) {
+        (0, _) => String::new(),
+        (n, Some(s)) => format!("; degraded {n} times since start (the last for {s:.1}s)"),
+        (n, None) => format!("; degraded {n} times since start"),
+    };
+    if l.durable {
+        return format!(
+            "durable ({} failed writes since start{history})",
+            l.commit_failures_total
+        );
+    }
+    format!(
+        "DEGRADED since {} ({}s): {}; leases renew from memory only ({} changes not yet on disk), new leases refused ({} so far); retrying by itself ({} attempts){history}",
+        l.degraded_since.map(fmt_time).unwrap_or_default(),
+        l.degraded_since.map(|t| now.saturating_sub(t)).unwrap_or(0),
+        l.reason.as_deref().unwrap_or("unknown"),
+        l.changes_not_durable,
+        l.grants_refused,
+        l.heal_attempts,
+    )
+}
+
 /// A license as JSON in the encodings of the rest of the admin API: host ids and the metering
 /// key in hex (not arrays of bytes).
 fn license_json(l: &License) -> Result<serde_json::Value> {
@@ -556,6 +587,9 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                     .as_deref()
                     .unwrap_or("off ([metrics] listen in the config)")
             );
+            if let Some(l) = &s.ledger {
+                println!("ledger:         {}", ledger_status_line(l, now));
+            }
             // --- fault hook (issue 16) ---
             for line in fault_status_lines(&s, now) {
                 println!("{line}");
@@ -729,7 +763,7 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
             println!("clock accepted: the host's time is the new reference; token key certified");
         }
-        Cmd::Run | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => {}
+        Cmd::Run { .. } | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => {}
     }
     Ok(())
 }
@@ -747,9 +781,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<()> {
     let cfg = Config::load(&cli.config)?;
     match cli.cmd {
-        Cmd::Run => {
+        Cmd::Run { reset_ledger } => {
             init_logging(cfg.log_level.as_str());
-            runtime()?.block_on(hostbind_proxy::daemon::run(cfg))?;
+            let opts = hostbind_proxy::ledger::OpenOptions {
+                reset: reset_ledger,
+            };
+            runtime()?.block_on(hostbind_proxy::daemon::run(cfg, opts))?;
         }
         c @ (Cmd::Status
         | Cmd::License(_)
@@ -917,7 +954,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let daemon = matches!(cli.cmd, Cmd::Run);
+    let daemon = matches!(cli.cmd, Cmd::Run { .. });
     if let Err(e) = run(cli) {
         let msg = hostbind_fsutil::error_report(e.as_ref());
         hostbind_cli::logging::report_fatal(daemon, "error: ", &msg);

@@ -5,8 +5,9 @@
 //!
 //! Served: tokens issued (by product), requests refused (by error code), leases expired, live
 //! leases (by product and scope), seats and seats in use (by product and license), license and
-//! token key expiry, connected agents, configured VMs, TPM quote latency and errors; with
-//! `[libvirt]` on, the libvirt connection's health and the age of the domain cache.
+//! token key expiry, connected agents, configured VMs, TPM quote latency and errors, whether the
+//! seat ledger can write (and its failed writes and recoveries); with `[libvirt]` on, the
+//! libvirt connection's health and the age of the domain cache.
 
 use crate::server::bind_unix;
 use crate::service::{unix_now, Service};
@@ -484,6 +485,29 @@ pub fn render(svc: &Service) -> Result<String, String> {
         "gauge",
         "Unix time the current TPM-certified token key expires.",
         &[(String::new(), svc.key_not_after() as f64)],
+    );
+
+    let lh = svc.ledger().health();
+    family(
+        &mut out,
+        "hostbind_ledger_degraded",
+        "gauge",
+        "1 while the seat ledger cannot write (changes kept in memory only, new leases refused), else 0.",
+        &[(String::new(), f64::from(u8::from(!lh.durable)))],
+    );
+    family(
+        &mut out,
+        "hostbind_ledger_commit_failures_total",
+        "counter",
+        "Seat ledger writes that failed since start (commits and attempts to write the in-memory state back).",
+        &[(String::new(), lh.commit_failures_total as f64)],
+    );
+    family(
+        &mut out,
+        "hostbind_ledger_recoveries_total",
+        "counter",
+        "Times the seat ledger could write again after a degraded period, since start.",
+        &[(String::new(), lh.recoveries_total as f64)],
     );
 
     // --- libvirt hook: connection health and the age of the domain cache (libvirt.rs) ---

@@ -68,9 +68,9 @@ pub async fn accept_unix(
                 tracing::debug!(vm = %vm.name, transport = what, "agent connected");
                 match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let (svc, vm) = (svc.clone(), vm.clone());
-                        tokio::spawn(async move {
-                            serve_connection(svc, stream, vm).await;
+                        let (svc2, vm) = (svc.clone(), vm.clone());
+                        svc.spawn_connection(async move {
+                            serve_connection(svc2, stream, vm).await;
                             drop(permit);
                         });
                     }
@@ -105,7 +105,8 @@ fn error_frame(id: u64, code: ErrorCode, message: String) -> Message<Body> {
 }
 
 /// Runs the protocol with one agent: Hello first, then pipelined requests; pushed events go out
-/// through the same writer. A bad frame gets an Error frame and the connection is closed.
+/// through the same writer. A bad frame gets an Error frame and the connection is closed. At
+/// shutdown the connection stops reading: the request in progress is answered, then it closes.
 pub async fn serve_connection<S>(svc: Arc<Service>, stream: S, vm: Arc<Vm>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -127,7 +128,19 @@ where
     let started = std::time::Instant::now();
     let mut agent_version = String::new();
     let mut ended = "the agent closed the connection".to_string();
-    while let Some(item) = reader.next().await {
+    let shutdown = svc.shutdown_token().clone();
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                ended = "the proxy is shutting down".into();
+                break;
+            }
+            item = reader.next() => match item {
+                Some(item) => item,
+                None => break,
+            },
+        };
         let msg = match item {
             Ok(m) => m,
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -182,12 +195,24 @@ where
                         name: vm.name.clone(),
                     },
                     lease_ttl_secs: svc.config().leases.ttl.0.as_secs() as u32,
+                    lease_query: true,
                 })
             }
             _ if conn_id.is_none() => Body::Error(ErrorBody {
                 code: ErrorCode::UnexpectedMessage,
                 message: "send Hello first".into(),
             }),
+            Body::LeaseQuery(q) => {
+                let (svc2, vm2) = (svc.clone(), vm.clone());
+                match tokio::task::spawn_blocking(move || svc2.vm_leases(&vm2, q.offset)).await {
+                    Ok(Ok(l)) => Body::LeaseList(l),
+                    Ok(Err(e)) => Body::Error(e),
+                    Err(e) => Body::Error(ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: format!("request handler failed: {e}"),
+                    }),
+                }
+            }
             body @ (Body::TokenRequest(_) | Body::Renew(_) | Body::Release(_)) => {
                 let fresh = match &body {
                     Body::TokenRequest(r) => {

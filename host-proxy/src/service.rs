@@ -12,15 +12,18 @@ use hostbind_attest::token::{
 };
 use hostbind_attest::tpm as tpmparse;
 use hostbind_attest::wire::{
-    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope,
-    TokenRequest, TokenResponse,
+    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, HeldLease, LeaseList, Message,
+    Renew, Scope, TokenRequest, TokenResponse,
 };
 pub use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A VM as identified by the transport its connection arrived on (never by what the guest says).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +164,55 @@ pub struct Counters {
     pub metrics: crate::metrics::MetricsState,
 }
 
+/// Token issue stays open until shutdown closes it ([`Service::close_issue`]): signing a token
+/// and recording it in the usage log happen inside one [`Signing`] section, and closing waits
+/// for the sections in progress, so no token is issued after the final usage-log flush.
+#[derive(Default)]
+struct IssueGate {
+    closed: AtomicBool,
+    signing: AtomicUsize,
+}
+
+/// One token being signed and metered (see [`IssueGate`]).
+struct Signing<'a>(&'a IssueGate);
+
+impl Drop for Signing<'_> {
+    fn drop(&mut self) {
+        self.0.signing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl IssueGate {
+    fn enter(&self) -> Option<Signing<'_>> {
+        self.signing.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.signing.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Signing(self))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// A token response and the section it was signed in (metered before the section ends).
+struct Issued<'a> {
+    resp: TokenResponse,
+    _signing: Signing<'a>,
+}
+
+/// Splits a result into the response and the signing section to end after metering.
+fn split(
+    r: Result<Issued<'_>, ErrorBody>,
+) -> (Result<TokenResponse, ErrorBody>, Option<Signing<'_>>) {
+    match r {
+        Ok(i) => (Ok(i.resp), Some(i._signing)),
+        Err(e) => (Err(e), None),
+    }
+}
+
 /// The proxy's state and logic, shared by all connections.
 pub struct Service {
     cfg: Config,
@@ -181,6 +233,11 @@ pub struct Service {
     libvirt: std::sync::OnceLock<Arc<crate::libvirt::LibvirtVms>>,
     // --- usage hook: the usage log, when [usage] is enabled (usage.rs) ---
     usage: std::sync::OnceLock<Arc<crate::usage::UsageLog>>,
+    issue_gate: IssueGate,
+    /// Cancelled at shutdown: connections stop reading new requests.
+    shutdown: CancellationToken,
+    /// Connection tasks, waited for (with a deadline) at shutdown.
+    connections: TaskTracker,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -277,6 +334,9 @@ impl Service {
             counters: Counters::default(),
             libvirt: std::sync::OnceLock::new(),
             usage: std::sync::OnceLock::new(),
+            issue_gate: IssueGate::default(),
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
         });
         for rec in svc.ledger.licenses()? {
             match svc.check_license(&rec.bytes) {
@@ -864,7 +924,8 @@ impl Service {
         nonce: Option<&ByteBuf>,
         chain_head: Option<Vec<u8>>,
         fresh: Option<FreshEvidence>,
-    ) -> Result<TokenResponse, ErrorBody> {
+    ) -> Result<Issued<'_>, ErrorBody> {
+        let signing = self.issue_gate.enter().ok_or_else(Self::shutting_down)?;
         let now = unix_now();
         let signer = self.usable_signer(now)?;
         let ev = signer.evidence();
@@ -924,13 +985,23 @@ impl Service {
         })?;
         self.counters.tokens_issued.fetch_add(1, Ordering::Relaxed);
         self.counters.metrics.issued_by_product.inc(&lease.product);
-        Ok(TokenResponse {
-            lease_id: lease.id.clone(),
-            token: ByteBuf::from(token),
-            token_expires_at: exp,
-            lease_expires_at: lease.expires_at,
-            grace_secs: lic.license.grace_secs,
+        Ok(Issued {
+            resp: TokenResponse {
+                lease_id: lease.id.clone(),
+                token: ByteBuf::from(token),
+                token_expires_at: exp,
+                lease_expires_at: lease.expires_at,
+                grace_secs: lic.license.grace_secs,
+            },
+            _signing: signing,
         })
+    }
+
+    fn shutting_down() -> ErrorBody {
+        err(
+            ErrorCode::Unavailable,
+            "the host proxy is shutting down and issues no more tokens; retry when it is back (the agent reconnects by itself)",
+        )
     }
 
     fn refused(&self, e: ErrorBody) -> ErrorBody {
@@ -942,13 +1013,28 @@ impl Service {
     }
 
     fn ledger_err(e: LedgerError) -> ErrorBody {
+        static LOG: crate::ratelog::RateLimit =
+            crate::ratelog::RateLimit::new(Duration::from_secs(10));
         match e {
             LedgerError::SeatsExhausted { .. } => err(ErrorCode::SeatsExhausted, e.to_string()),
             LedgerError::UnknownLease { .. } => err(ErrorCode::UnknownLease, e.to_string()),
+            // The ledger logged the fault once when it happened; status shows it.
+            LedgerError::Degraded { .. } => {
+                if let Some(n) = LOG.check() {
+                    tracing::warn!("refusing new leases: {e}{}", crate::ratelog::held_back(n));
+                }
+                err(ErrorCode::Unavailable, e.to_string())
+            }
             other => {
-                tracing::error!("ledger: {other}");
+                if let Some(n) = LOG.check() {
+                    tracing::error!("ledger: {other}{}", crate::ratelog::held_back(n));
+                }
                 err(
-                    ErrorCode::Internal,
+                    if other.is_storage() {
+                        ErrorCode::Unavailable
+                    } else {
+                        ErrorCode::Internal
+                    },
                     format!("the host's seat ledger failed: {other}"),
                 )
             }
@@ -1005,12 +1091,13 @@ impl Service {
         req: &TokenRequest,
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
-        let r = self.token_unmetered(vm, req, fresh);
+        let (r, signing) = split(self.token_unmetered(vm, req, fresh));
         let scope = match req.scope {
             Scope::Vm => "vm",
             Scope::Process => "process",
         };
         self.meter_token(vm, &req.product, &r, Some(scope));
+        drop(signing);
         r
     }
 
@@ -1019,7 +1106,10 @@ impl Service {
         vm: &Vm,
         req: &TokenRequest,
         fresh: Option<FreshEvidence>,
-    ) -> Result<TokenResponse, ErrorBody> {
+    ) -> Result<Issued<'_>, ErrorBody> {
+        if self.issue_gate.is_closed() {
+            return Err(Self::shutting_down());
+        }
         check_nonce(req.nonce.as_ref()).map_err(|e| self.refused(e))?;
         let active = self
             .license_for(&req.product)
@@ -1066,6 +1156,7 @@ impl Service {
                 features: &req.features,
                 scope,
                 pid,
+                pid_start: pid.and(req.pid_start),
                 ttl_secs: self.cfg.leases.ttl.0.as_secs(),
                 now,
                 seats,
@@ -1088,6 +1179,14 @@ impl Service {
             req.chain.last().map(|c| c.to_vec()),
             fresh,
         )
+        .inspect_err(|e| {
+            // No token, no seat: the guest never learns this lease.
+            let _ = self.ledger.release(
+                &lease.id,
+                &format!("no token was issued: {}", e.message),
+                unix_now(),
+            );
+        })
     }
 
     fn own_lease(&self, vm: &Vm, id: &str) -> Result<Lease, ErrorBody> {
@@ -1119,7 +1218,7 @@ impl Service {
             .get()
             .and_then(|_| self.ledger.lease(&r.lease_id).ok().flatten())
             .filter(|l| l.vm_uuid == vm.uuid);
-        let res = self.renew_unmetered(vm, r, fresh);
+        let (res, signing) = split(self.renew_unmetered(vm, r, fresh));
         if let (Err(_), Some(l)) = (&res, &before) {
             if !matches!(self.ledger.lease(&l.id), Ok(Some(_))) {
                 let now = unix_now();
@@ -1133,6 +1232,7 @@ impl Service {
         }
         let product = before.map(|l| l.product).unwrap_or_default();
         self.meter_token(vm, &product, &res, None);
+        drop(signing);
         res
     }
 
@@ -1141,7 +1241,10 @@ impl Service {
         vm: &Vm,
         r: &Renew,
         fresh: Option<FreshEvidence>,
-    ) -> Result<TokenResponse, ErrorBody> {
+    ) -> Result<Issued<'_>, ErrorBody> {
+        if self.issue_gate.is_closed() {
+            return Err(Self::shutting_down());
+        }
         check_nonce(r.nonce.as_ref()).map_err(|e| self.refused(e))?;
         let lease = self.own_lease(vm, &r.lease_id)?;
         // The license may have been replaced since the lease began: the new one must still
@@ -1191,6 +1294,74 @@ impl Service {
         self.meter_end(&l, "released by the guest", unix_now());
         tracing::info!(vm = %vm.name, lease = %lease_id, "lease released by guest");
         Ok(())
+    }
+
+    /// One page of the live leases `vm` holds, oldest first (answer to a `lease_query`).
+    pub fn vm_leases(&self, vm: &Vm, offset: u32) -> Result<LeaseList, ErrorBody> {
+        let all: Vec<Lease> = self
+            .ledger
+            .leases()
+            .map_err(Self::ledger_err)?
+            .into_iter()
+            .filter(|l| l.vm_uuid == vm.uuid && l.expires_at > unix_now())
+            .collect();
+        let page = hostbind_attest::wire::LEASE_PAGE;
+        let start = (offset as usize).min(all.len());
+        let end = (start + page).min(all.len());
+        Ok(LeaseList {
+            more: end < all.len(),
+            leases: all[start..end]
+                .iter()
+                .map(|l| HeldLease {
+                    lease_id: l.id.clone(),
+                    product: l.product.clone(),
+                    features: l.features.clone(),
+                    scope: match l.scope {
+                        LeaseScope::Vm => Scope::Vm,
+                        LeaseScope::Process => Scope::Process,
+                    },
+                    pid: l.pid,
+                    pid_start: l.pid_start,
+                    lease_expires_at: l.expires_at,
+                })
+                .collect(),
+        })
+    }
+
+    /// Cancelled when the daemon shuts down: connections stop reading new requests.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Runs a connection task so that shutdown can wait for it ([`Service::drain`]).
+    pub fn spawn_connection<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.connections.spawn(fut);
+    }
+
+    /// Shutdown, step 1: stop reading new requests and wait up to `deadline` for the requests
+    /// in progress to be answered. Returns the connections still running at the deadline.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.shutdown.cancel();
+        self.connections.close();
+        if tokio::time::timeout(deadline, self.connections.wait())
+            .await
+            .is_err()
+        {
+            return self.connections.len();
+        }
+        0
+    }
+
+    /// Shutdown, step 2 (blocking; run on a blocking thread): no token is issued from now on;
+    /// returns once every token being signed is also metered.
+    pub fn close_issue(&self) {
+        self.issue_gate.closed.store(true, Ordering::SeqCst);
+        while self.issue_gate.signing.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Admin: releases any lease and tells its VM.

@@ -63,7 +63,7 @@ pub async fn serve(svc: Arc<Service>, port: u32) -> std::io::Result<()> {
                 continue;
             }
         };
-        tokio::spawn(serve_peer(svc.clone(), stream, peer.cid()));
+        svc.spawn_connection(serve_peer(svc.clone(), stream, peer.cid()));
     }
 }
 

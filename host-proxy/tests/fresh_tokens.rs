@@ -158,6 +158,7 @@ fn fresh_req(nonce: &[u8], fresh: bool) -> Body {
         nonce: Some(nonce.to_vec().into()),
         scope: Scope::Vm,
         pid: None,
+        pid_start: None,
         chain: vec![],
         tpm_fresh: fresh,
     })
@@ -233,6 +234,7 @@ async fn proxy_batches_concurrent_fresh_requests_under_few_quotes() {
             nonce: None,
             scope: Scope::Vm,
             pid: None,
+            pid_start: None,
             chain: vec![],
             tpm_fresh: true,
         }))

@@ -14,6 +14,7 @@ fn req<'a>(vm: &'a str, product: &'a str, seats: u32, now: u64) -> AcquireReques
     AcquireRequest {
         scope: LeaseScope::Vm,
         pid: None,
+        pid_start: None,
         ..ledger_common::req(vm, product, CountMode::Access, seats, now)
     }
 }

@@ -91,13 +91,10 @@ fn corrupt_lease_record_names_table_and_key() {
     let e = Ledger::open(&p)
         .err()
         .expect("a corrupt lease must not open");
-    assert!(
-        matches!(&e, LedgerError::Corrupt { table: "leases", key, .. } if key == "feedface"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, LedgerError::Open { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(
-        msg.contains("leases/feedface") && msg.contains("restore"),
+        msg.contains("leases/feedface") && msg.contains("restore") && msg.contains("l.redb"),
         "{msg}"
     );
 }
@@ -109,11 +106,12 @@ fn corrupt_history_record_is_an_error_from_history_not_a_panic() {
     {
         let l = Ledger::open(&p).unwrap();
         l.put_license("L1", "cad", b"x", 1).unwrap();
+        l.put_license("L2", "sim", b"y", 1).unwrap();
     }
     {
         let db = Database::open(&p).unwrap();
         let tx = db.begin_write().unwrap();
-        // valid CBOR, wrong shape
+        // the second entry is replaced: valid CBOR, wrong shape
         tx.open_table(HISTORY)
             .unwrap()
             .insert(2u64, &[0x01u8][..])
@@ -132,7 +130,7 @@ fn corrupt_history_record_is_an_error_from_history_not_a_panic() {
         "{e:?}"
     );
     // the next entry gets a fresh sequence number after the bad one, nothing is overwritten
-    l.put_license("L2", "sim", b"y", 2).unwrap();
+    l.put_license("L3", "net", b"z", 2).unwrap();
     assert_eq!(l.history(3, 10).unwrap()[0].seq, 3);
 }
 

@@ -115,6 +115,19 @@ fn commented_clones_example_is_valid_and_the_defaults_when_uncommented() {
     assert_eq!(c.clones.live_window.0.as_secs(), 300);
 }
 
+#[test]
+fn commented_shutdown_example_is_valid_and_the_default_when_uncommented() {
+    let text = uncomment(&["[shutdown]", "drain_timeout ="]);
+    assert!(text.lines().any(|l| l.starts_with("[shutdown]")), "{text}");
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let d = hostbind_proxy::config::ShutdownConfig::default();
+    assert_eq!(c.shutdown.drain_timeout, d.drain_timeout);
+    assert_eq!(c.shutdown.drain_timeout.0.as_secs(), 10);
+    // the unit gives the drain and the final seal of the usage log time to finish
+    let unit = include_str!("../../packaging/systemd/hostbind-proxy.service");
+    assert!(unit.contains("TimeoutStopSec=20s"), "{unit}");
+}
+
 /// `hostbind-proxy generate-docs` into a temp dir.
 fn generated_docs() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();

@@ -243,6 +243,7 @@ fn fresh_request(nonce: &[u8]) -> Body {
         nonce: Some(nonce.to_vec().into()),
         scope: Scope::Vm,
         pid: None,
+        pid_start: None,
         chain: vec![],
         tpm_fresh: true,
     })

@@ -322,6 +322,7 @@ async fn send_token(
         nonce: None,
         scope: Scope::Vm,
         pid: None,
+        pid_start: None,
         chain: vec![],
         tpm_fresh: false,
     });

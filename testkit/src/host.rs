@@ -360,18 +360,35 @@ impl Host {
 
     /// Starts `hostbind-proxy run` and waits until it serves its sockets.
     pub fn start_proxy(&mut self) -> Result<(), TestkitError> {
-        self.start_proxy_env(&[])
+        self.start_proxy_with(&[])
+    }
+
+    /// Like [`Host::start_proxy`], with `extra` arguments for `run` (e.g. `--reset-ledger`).
+    pub fn start_proxy_with(&mut self, extra: &[&str]) -> Result<(), TestkitError> {
+        self.start_proxy_full(extra, &[])
     }
 
     /// Like [`Host::start_proxy`], with extra environment variables for the proxy process
     /// (e.g. libfaketime's `LD_PRELOAD` and `FAKETIME` to shift its clock).
     pub fn start_proxy_env(&mut self, env: &[(&str, &str)]) -> Result<(), TestkitError> {
+        self.start_proxy_full(&[], env)
+    }
+
+    /// Like [`Host::start_proxy`], with `extra` arguments for `run` and environment variables.
+    pub fn start_proxy_full(
+        &mut self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(), TestkitError> {
         let cfg = p(&self.config());
-        show("hostbind-proxy", &["--config", &cfg, "run"], true);
+        let mut shown = vec!["--config", &cfg, "run"];
+        shown.extend_from_slice(extra);
+        show("hostbind-proxy", &shown, true);
         let mut cmd = Command::new(bin("hostbind-proxy")?);
         cmd.arg("--config")
             .arg(&cfg)
             .arg("run")
+            .args(extra)
             .env("TSS2_LOG", "all+none")
             .envs(env.iter().copied());
         let log = self.dir().join(format!(

@@ -237,6 +237,7 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
                     nonce: fresh.then(|| mix.next().to_be_bytes().repeat(4).into()),
                     scope: Scope::Vm,
                     pid: None,
+                    pid_start: None,
                     chain: vec![],
                     tpm_fresh: fresh,
                 })

@@ -125,6 +125,7 @@ fn token_request(product: &str) -> Body {
         nonce: None,
         scope: Scope::Vm,
         pid: None,
+        pid_start: None,
         chain: vec![],
         tpm_fresh: false,
     })

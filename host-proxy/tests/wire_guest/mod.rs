@@ -97,6 +97,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WireGuest<S> {
                 nonce: nonce.map(|n| n.to_vec().into()),
                 scope,
                 pid,
+                pid_start: None,
                 chain: vec![],
                 tpm_fresh: false,
             }))
