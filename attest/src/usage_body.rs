@@ -71,7 +71,14 @@ enum WireRecord {
         d: String,
     },
     #[serde(rename = "d")]
-    RecordsDropped { a: u64, c: u64 },
+    RecordsDropped {
+        a: u64,
+        c: u64,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        r: String,
+    },
+    #[serde(rename = "u")]
+    UncleanStop { a: u64, s: u64, f: u64 },
 }
 
 /// The body as written: tables, then records.
@@ -327,9 +334,20 @@ impl BodyBuilder {
                 f: *refused,
                 d: detail.clone(),
             },
-            UsageRecord::RecordsDropped { at, count } => {
-                WireRecord::RecordsDropped { a: *at, c: *count }
-            }
+            UsageRecord::RecordsDropped { at, count, reason } => WireRecord::RecordsDropped {
+                a: *at,
+                c: *count,
+                r: reason.clone(),
+            },
+            UsageRecord::UncleanStop {
+                at,
+                since,
+                flush_secs,
+            } => WireRecord::UncleanStop {
+                a: *at,
+                s: *since,
+                f: *flush_secs,
+            },
         }
     }
 }
@@ -422,9 +440,16 @@ impl TryFrom<WireBody> for BlockBody {
                         detail: d.clone(),
                     }
                 }
-                WireRecord::RecordsDropped { a, c } => {
-                    UsageRecord::RecordsDropped { at: *a, count: *c }
-                }
+                WireRecord::RecordsDropped { a, c, r } => UsageRecord::RecordsDropped {
+                    at: *a,
+                    count: *c,
+                    reason: r.clone(),
+                },
+                WireRecord::UncleanStop { a, s, f } => UsageRecord::UncleanStop {
+                    at: *a,
+                    since: *s,
+                    flush_secs: *f,
+                },
             });
         }
         Ok(BlockBody {
@@ -599,8 +624,23 @@ mod tests {
                         detail,
                     }
                 }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(at, count)| UsageRecord::RecordsDropped { at, count }),
+            (any::<u64>(), any::<u64>()).prop_map(|(at, count)| UsageRecord::RecordsDropped {
+                at,
+                count,
+                reason: String::new()
+            }),
+            (any::<u64>(), s()).prop_map(|(at, reason)| UsageRecord::RecordsDropped {
+                at,
+                count: 1,
+                reason
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(at, since, flush_secs)| {
+                UsageRecord::UncleanStop {
+                    at,
+                    since,
+                    flush_secs,
+                }
+            }),
         ]
     }
 

@@ -891,6 +891,15 @@ pub enum ErrorCode {
     /// The host cannot serve this request now (its state disk is full, or it is shutting
     /// down); leases already granted keep working; retry later.
     Unavailable,
+    /// The host's TPM is unreachable (the proxy is reconnecting) and its token key ran out:
+    /// no token that would verify can be issued; retry later.
+    TpmUnavailable,
+    /// The host's clock disagrees with its TPM clock (or its certificate's validity): no
+    /// token key is certified on it, so no token is issued; the host admin must act.
+    ClockSkew,
+    /// A code this version does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
 }
 
 #[cfg(feature = "codec")]

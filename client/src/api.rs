@@ -267,6 +267,15 @@ pub enum ErrorCode {
     /// The host cannot serve this now (its state disk is full, or its proxy is shutting down);
     /// leases already granted keep working; retry later.
     Unavailable,
+    /// The host's TPM is unreachable (its proxy is reconnecting) and no token that would verify
+    /// can be issued; retry later.
+    TpmUnavailable,
+    /// The host's clock is off (against its TPM clock or its certificate): no token is issued
+    /// until the host admin fixes it.
+    ClockSkew,
+    /// The host answered with a token that had already expired (or was about to): it is not
+    /// handed out; the host's clock or TPM is in trouble.
+    TokenExpired,
     /// The agent has no session with a host proxy right now.
     NotConnected,
     /// The host proxy did not answer in time.
@@ -299,6 +308,9 @@ impl From<wire::ErrorCode> for ErrorCode {
             W::Busy => ErrorCode::Busy,
             W::Internal => ErrorCode::Internal,
             W::Unavailable => ErrorCode::Unavailable,
+            W::TpmUnavailable => ErrorCode::TpmUnavailable,
+            W::ClockSkew => ErrorCode::ClockSkew,
+            W::Unknown => ErrorCode::Unknown,
         }
     }
 }
@@ -320,8 +332,13 @@ impl ErrorCode {
             | ErrorCode::FrameTooLarge
             | ErrorCode::UnexpectedMessage
             | ErrorCode::Internal
+            | ErrorCode::TokenExpired
             | ErrorCode::Unknown => 502,
-            ErrorCode::Busy | ErrorCode::NotConnected | ErrorCode::Unavailable => 503,
+            ErrorCode::Busy
+            | ErrorCode::NotConnected
+            | ErrorCode::Unavailable
+            | ErrorCode::TpmUnavailable
+            | ErrorCode::ClockSkew => 503,
             ErrorCode::Timeout => 504,
         }
     }
@@ -355,6 +372,9 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::TpmUnavailable => "tpm_unavailable",
+            ErrorCode::ClockSkew => "clock_skew",
+            ErrorCode::TokenExpired => "token_expired",
             ErrorCode::NotConnected => "not_connected",
             ErrorCode::Timeout => "timeout",
             ErrorCode::BadRequest => "bad_request",

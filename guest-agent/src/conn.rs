@@ -53,6 +53,8 @@ pub(crate) enum CallError {
     Refused(ErrorBody),
     /// The proxy answered with something that is not an answer to this request.
     Unexpected(String),
+    /// The proxy answered with a token that had already expired by this VM's clock.
+    Expired(String),
 }
 
 impl CallError {
@@ -77,6 +79,10 @@ impl CallError {
             CallError::Refused(e) => api::ApiError {
                 code: e.code.into(),
                 message: e.message.clone(),
+            },
+            CallError::Expired(m) => api::ApiError {
+                code: api::ErrorCode::TokenExpired,
+                message: m.clone(),
             },
             CallError::Unexpected(m) => api::ApiError {
                 code: api::ErrorCode::UnexpectedMessage,

@@ -220,6 +220,18 @@ fn token_response(reply: Reply) -> Result<(TokenResponse, Reply), CallError> {
     }
 }
 
+/// The failure for a token the proxy sent that expired at `expires_at` (by this VM's clock, at
+/// `now`); `None` while it is still valid.
+fn expired(product: &str, expires_at: u64, now: u64) -> Option<CallError> {
+    (expires_at <= now).then(|| {
+        CallError::Expired(format!(
+            "the host proxy answered with a token for '{product}' that expired at unix time \
+             {expires_at} (now {now}); it is not handed out: the host's TPM or clock is in \
+             trouble, or this VM's clock is ahead — retry later"
+        ))
+    })
+}
+
 /// Gets a token for `key`: from cache (no nonce), by renewing the key's lease, or by creating
 /// a lease.
 pub(crate) async fn obtain(
@@ -287,6 +299,8 @@ async fn create(
     });
     let (t, from) = token_response(shared.call(body).await?)?;
     let ttl = session_ttl(shared);
+    // an expired token is not handed out, but its lease is kept (renewed, released) as held
+    let stale = expired(&key.product, t.token_expires_at, unix_now());
     let lease = Lease {
         key: key.clone(),
         lease_id: t.lease_id.clone(),
@@ -295,7 +309,7 @@ async fn create(
         token_expires_at: t.token_expires_at,
         lease_expires_at: t.lease_expires_at,
         acquired_at: unix_now(),
-        cached: nonce.is_none().then(|| CachedToken {
+        cached: (nonce.is_none() && stale.is_none()).then(|| CachedToken {
             token: t.token.to_vec(),
             expires_at: t.token_expires_at,
         }),
@@ -317,6 +331,10 @@ async fn create(
         pid = ?key.pid,
         "lease acquired"
     );
+    if let Some(e) = stale {
+        tracing::warn!(lease = %reply.lease_id, "{}", e.to_api().message);
+        return Err(e);
+    }
     Ok((reply, replaced))
 }
 
@@ -340,6 +358,7 @@ async fn renew(
     match result {
         Ok((t, from)) => {
             let ttl = session_ttl(shared);
+            let stale = expired(&key.product, t.token_expires_at, unix_now());
             let mut st = shared.lock();
             match st.leases.get_mut(key).filter(|l| l.lease_id == id) {
                 Some(lease) => {
@@ -349,6 +368,10 @@ async fn renew(
                     lease.grace_secs = t.grace_secs;
                     // Back on a host that grants it (e.g. the VM migrated back).
                     lease.grace_until = None;
+                    if let Some(e) = stale {
+                        lease.cached = None;
+                        return Err(e);
+                    }
                     if nonce.is_none() {
                         lease.cached = Some(CachedToken {
                             token: t.token.to_vec(),
@@ -357,19 +380,22 @@ async fn renew(
                     }
                     Ok(lease.reply(t.token.into_vec(), t.token_expires_at, false, nonce.clone()))
                 }
-                // Released or replaced meanwhile: still answer with what the proxy gave.
-                None => Ok(TokenReply {
-                    token: t.token.into_vec(),
-                    lease_id: t.lease_id,
-                    host_id: hex::encode(from.host_id),
-                    vm: api::VmInfo::from(&from.vm),
-                    product: key.product.clone(),
-                    scope: key.scope,
-                    expires_at: t.token_expires_at,
-                    lease_expires_at: t.lease_expires_at,
-                    cached: false,
-                    nonce: nonce.clone(),
-                }),
+                None => match stale {
+                    Some(e) => Err(e),
+                    // Released or replaced meanwhile: still answer with what the proxy gave.
+                    None => Ok(TokenReply {
+                        token: t.token.into_vec(),
+                        lease_id: t.lease_id,
+                        host_id: hex::encode(from.host_id),
+                        vm: api::VmInfo::from(&from.vm),
+                        product: key.product.clone(),
+                        scope: key.scope,
+                        expires_at: t.token_expires_at,
+                        lease_expires_at: t.lease_expires_at,
+                        cached: false,
+                        nonce: nonce.clone(),
+                    }),
+                },
             }
         }
         Err(CallError::Refused(e)) if e.code == ErrorCode::UnknownLease => {

@@ -160,6 +160,9 @@ pub struct Config {
     /// How long the ledger keeps its history.
     #[serde(default)]
     pub history: HistoryConfig,
+    /// How far the host clock may move against the TPM clock (see clock.rs).
+    #[serde(default)]
+    pub clock: crate::clock::ClockConfig,
     /// What happens on SIGTERM.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
@@ -549,6 +552,8 @@ pub const KEYS: &[KeyDoc] = &[
         "Directory of the usage log. Unset: <state_dir>/usage."),
     key("usage", "nv_index", Some("0x01004862"), "0x01004863",
         "The TPM NV index of the usage log's counter (owner hierarchy), defined at first start."),
+    key("clock", "max_skew", Some("\"60s\""), "\"2m\"",
+        "How far the host clock may be off against the TPM clock (which nobody can set), plus 0.5 % of the TPM time since the last check; checked at start and before each token key is certified. Beyond it the proxy warns (log, status, metrics) and certifies no token key until the clock is right or hostbind-proxy clock accept confirms it."),
     key("clones", "live_window", Some("\"5m\""), "\"10m\"",
         "Both sides of a fork of an agent's id chain seen alive within this of each other make a clone (keep it above ttl/2)."),
     key("clones", "retention", Some("\"7d\""), "\"30d\"",
@@ -642,6 +647,7 @@ pub fn man_page(source: &str) -> String {
         ("vm", "[[vm]]: one entry per VM (a guest is identified by where its connection arrives, never by what it says)"),
         ("metrics", "[metrics]: Prometheus endpoint"),
         ("usage", "[usage]: usage log (metering)"),
+        ("clock", "[clock]: host clock against the TPM clock"),
         ("clones", "[clones]: clone detection"),
         ("limits", "[limits]: what one VM may cost the host (see the threat model's list of bounds)"),
         ("history", "[history]: retention of the ledger's history"),

@@ -10,7 +10,6 @@ use crate::{admin, enroll};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// File name of the ledger in the state dir.
@@ -136,17 +135,7 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
         }));
     }
 
-    let svc2 = svc.clone();
-    let epoch = cfg.leases.key_epoch.0;
-    tasks.push(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(epoch).await;
-            while let Err(e) = svc2.rotate_key().await {
-                tracing::error!("token key rotation failed, retrying in 5s: {e}");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    }));
+    tasks.push(tokio::spawn(svc.clone().run_key_rotation()));
     let svc2 = svc.clone();
     let sweep = cfg.leases.sweep_interval.0;
     tasks.push(tokio::spawn(async move {
@@ -210,8 +199,9 @@ async fn shut_down(
         .tokens_issued
         .load(std::sync::atomic::Ordering::Relaxed);
     if let Some(u) = usage {
-        if let Err(e) = u.flush().await {
-            tracing::error!("usage log: could not seal the last records: {e}");
+        // seals what is buffered; what cannot be sealed is kept on disk for the next start
+        if let Err(e) = u.close().await {
+            tracing::error!("usage log: could not seal or keep the last records (the next start names the gap): {e}");
         }
     }
     tracing::info!(

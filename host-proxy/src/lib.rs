@@ -1,5 +1,6 @@
 //! hostbind-proxy library: TPM access, enrollment, ledger and server.
 pub mod admin;
+pub mod clock;
 pub mod clones;
 pub mod config;
 pub mod coverage;
@@ -18,4 +19,5 @@ pub mod service;
 pub mod tpm;
 pub mod tpm_service;
 pub mod usage;
+pub mod usage_spill;
 pub mod vsock;

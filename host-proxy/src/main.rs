@@ -82,6 +82,17 @@ enum Cmd {
     /// The usage log (metering) for the vendor.
     #[command(subcommand)]
     Usage(UsageCmd),
+    /// The host clock against the TPM clock.
+    #[command(subcommand)]
+    Clock(ClockCmd),
+}
+
+/// `clock` commands.
+#[derive(Subcommand)]
+enum ClockCmd {
+    /// The host clock is right as it is now: after `status` reported a jump against the TPM
+    /// clock, make it the new reference and certify a token key on it again.
+    Accept,
 }
 
 // --- usage hook: `usage` commands (usage.rs) ---
@@ -294,6 +305,66 @@ fn libvirt_status_lines(l: &hostbind_proxy::libvirt::LibvirtStatus) -> Vec<Strin
     v
 }
 // --- end libvirt hook ---
+
+// --- fault hook (issue 16) ---
+/// `status` lines about the TPM connection, the token key, the clock and the usage log; the
+/// healthy states take one line each.
+fn fault_status_lines(s: &hostbind_proxy::admin::Status, now: u64) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(h) = s.tpm_health.as_ref().map(|h| &h.connection) {
+        v.push(if h.state == "connected" {
+            format!(
+                "TPM health:     connected since {}; {} reconnects, {} key reloads{}",
+                fmt_time(h.since),
+                h.reconnects_total,
+                h.key_reloads_total,
+                match (&h.last_error, h.reconnects_total + h.key_reloads_total) {
+                    (Some(e), n) if n > 0 => format!(" (last trouble: {e})"),
+                    _ => String::new(),
+                }
+            )
+        } else {
+            format!(
+                "TPM health:     RECONNECTING since {}: {}; {} failures in a row, {}",
+                fmt_time(h.since),
+                h.last_error.as_deref().unwrap_or("connection lost"),
+                h.consecutive_failures,
+                match h.next_retry_secs {
+                    Some(n) => format!("next attempt in {n}s"),
+                    None => "trying now".into(),
+                }
+            )
+        });
+    }
+    if let Some(k) = &s.token_key {
+        if k.rotation_failures > 0 {
+            v.push(format!(
+                "token key:      ROTATION FAILING {} times since {}{}: {}",
+                k.rotation_failures,
+                k.failing_since.map(fmt_time).unwrap_or_default(),
+                if k.not_after <= now {
+                    "; the key has run out: token requests are refused".to_string()
+                } else {
+                    format!("; the key runs out at {}", fmt_time(k.not_after))
+                },
+                k.last_error.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    if let Some(c) = &s.clock {
+        v.push(match (&c.warning, c.state.as_str()) {
+            (Some(w), _) => format!("clock:          JUMPED: {w}"),
+            (None, "ok") => format!(
+                "clock:          in step with the TPM clock ({} s off at {})",
+                c.skew_secs.unwrap_or(0),
+                c.checked_at.map(fmt_time).unwrap_or_default()
+            ),
+            _ => "clock:          not compared with the TPM clock yet".into(),
+        });
+    }
+    v
+}
+// --- end fault hook ---
 
 #[derive(Subcommand)]
 enum LicenseCmd {
@@ -519,22 +590,39 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             if let Some(l) = &s.ledger {
                 println!("ledger:         {}", ledger_status_line(l, now));
             }
+            // --- fault hook (issue 16) ---
+            for line in fault_status_lines(&s, now) {
+                println!("{line}");
+            }
+            // --- end fault hook ---
             if let Some(u) = &s.usage {
+                let dropped = |n: u64| {
+                    if n > 0 {
+                        format!("; {n} records dropped (named in the log)")
+                    } else {
+                        String::new()
+                    }
+                };
                 match &u.failing {
                     Some(f) => println!(
-                        "usage log:      SEALING FAILS since {} ({} failed attempts): {}; {} records wait in memory",
+                        "usage log:      SEALING FAILS since {} ({} failed attempts): {}; {} records wait in memory, {} in the spill file ({} bytes){}",
                         fmt_time(f.since),
                         u.seal_failures,
                         f.error,
-                        u.pending
+                        u.log.pending_records,
+                        u.log.spilled_records,
+                        u.log.spill_bytes,
+                        dropped(u.log.dropped_total)
                     ),
                     None if !u.metering => println!(
                         "usage log:      no license carries a metering key: nothing is metered"
                     ),
                     None => println!(
-                        "usage log:      ok, last sealed {}; {} records waiting",
+                        "usage log:      ok, last sealed {}; {} records wait in memory, {} in the spill file{}",
                         fmt_time(u.last_sealed),
-                        u.pending
+                        u.log.pending_records,
+                        u.log.spilled_records,
+                        dropped(u.log.dropped_total)
                     ),
                 }
             }
@@ -666,6 +754,15 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
             hostbind_proxy::clones::print_forks(&forks, total);
         }
+        Cmd::Clock(ClockCmd::Accept) => {
+            let AdminResponse::ClockAccepted(c) = c.call(AdminRequest::ClockAccept).await? else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
+            if json {
+                return print_json(&c);
+            }
+            println!("clock accepted: the host's time is the new reference; token key certified");
+        }
         Cmd::Run { .. } | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => {}
     }
     Ok(())
@@ -691,7 +788,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             runtime()?.block_on(hostbind_proxy::daemon::run(cfg, opts))?;
         }
-        c @ (Cmd::Status | Cmd::License(_) | Cmd::Leases | Cmd::Release { .. } | Cmd::Clones) => {
+        c @ (Cmd::Status
+        | Cmd::License(_)
+        | Cmd::Leases
+        | Cmd::Release { .. }
+        | Cmd::Clones
+        | Cmd::Clock(_)) => {
             runtime()?.block_on(admin(&cfg, cli.json, c))?;
         }
         Cmd::Vm(c) => vm_cmd(&cfg, cli.json, c)?,

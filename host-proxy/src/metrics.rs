@@ -557,14 +557,8 @@ pub fn render(svc: &Service) -> Result<String, String> {
         "TPM quotes that failed since start.",
         &[(String::new(), q.errors.load(Ordering::Relaxed) as f64)],
     );
-    let health = svc.tpm().health();
-    family(
-        &mut out,
-        "hostbind_tpm_up",
-        "gauge",
-        "1 when the daemon's last TPM operation succeeded, 0 when it failed (see hostbind-proxy status for the error).",
-        &[(String::new(), if health.up() { 1.0 } else { 0.0 })],
-    );
+    fault_families(&mut out, svc);
+    let health = svc.tpm().op_health();
     let failures: Vec<(String, f64)> = health
         .failures
         .snapshot()
@@ -590,20 +584,6 @@ pub fn render(svc: &Service) -> Result<String, String> {
         let st = u.seal_stats();
         family(
             &mut out,
-            "hostbind_usage_seal_failures_total",
-            "counter",
-            "Attempts to seal buffered usage records into the usage log that failed since start (TPM or disk); the records wait in memory.",
-            &[(String::new(), st.failures as f64)],
-        );
-        family(
-            &mut out,
-            "hostbind_usage_records_pending",
-            "gauge",
-            "Usage records buffered in memory, not yet sealed into the usage log.",
-            &[(String::new(), u.pending() as f64)],
-        );
-        family(
-            &mut out,
             "hostbind_usage_last_seal_timestamp_seconds",
             "gauge",
             "Unix time blocks were last sealed into the usage log (the daemon's start time until then).",
@@ -613,6 +593,95 @@ pub fn render(svc: &Service) -> Result<String, String> {
     // --- end usage hook ---
     Ok(out)
 }
+
+// --- fault hook (issue 16): TPM connection, token key, clock, usage log ---
+/// The health of the TPM connection, the token key's renewal, the clock and the usage log.
+fn fault_families(out: &mut String, svc: &Service) {
+    let one = |v: f64| [(String::new(), v)];
+    let h = svc.tpm().health().snapshot();
+    family(
+        out,
+        "hostbind_tpm_up",
+        "gauge",
+        "1 while the TPM answers and its last operation succeeded, 0 while the proxy reconnects to it or it fails (see hostbind-proxy status for the error).",
+        &one(if h.state == "connected" && svc.tpm().op_health().up() {
+            1.0
+        } else {
+            0.0
+        }),
+    );
+    family(
+        out,
+        "hostbind_tpm_reconnects_total",
+        "counter",
+        "Times the TPM connection was opened again after it was lost.",
+        &one(h.reconnects_total as f64),
+    );
+    family(
+        out,
+        "hostbind_tpm_key_reloads_total",
+        "counter",
+        "Times the EK and AK were loaded again after they vanished from the TPM (flushed by another client, TPM reset).",
+        &one(h.key_reloads_total as f64),
+    );
+    family(
+        out,
+        "hostbind_tpm_consecutive_failures",
+        "gauge",
+        "Failed TPM commands and reconnect attempts in a row (0 when healthy).",
+        &one(h.consecutive_failures as f64),
+    );
+    let k = svc.key_status();
+    family(
+        out,
+        "hostbind_token_key_rotation_failures",
+        "gauge",
+        "Failed token key rotations in a row (0 when the last one worked); tokens are refused once the key runs out.",
+        &one(k.rotation_failures as f64),
+    );
+    let c = svc.clock_status();
+    family(
+        out,
+        "hostbind_clock_skew_seconds",
+        "gauge",
+        "Host time minus the time the TPM clock gives since the reference, at the last check (positive: host ahead).",
+        &one(c.skew_secs.unwrap_or(0) as f64),
+    );
+    family(
+        out,
+        "hostbind_clock_jumped",
+        "gauge",
+        "1 while the host clock is off against the TPM clock beyond [clock] max_skew (no token key is certified).",
+        &one(if c.state == "jumped" { 1.0 } else { 0.0 }),
+    );
+    if let Some(u) = svc.usage().map(|u| u.status()) {
+        family(
+            out,
+            "hostbind_usage_unsealed_records",
+            "gauge",
+            "Usage records not sealed yet: waiting in memory for the next flush, or kept in the spill file while the TPM is unreachable.",
+            &[
+                (labels(&[("where", "memory")]), u.pending_records as f64),
+                (labels(&[("where", "spill_file")]), u.spilled_records as f64),
+            ],
+        );
+        family(
+            out,
+            "hostbind_usage_seal_failures_total",
+            "counter",
+            "Usage log flushes that could not seal their records (they are kept in the spill file).",
+            &one(u.seal_failures_total as f64),
+        );
+        family(
+            out,
+            "hostbind_usage_dropped_records_total",
+            "counter",
+            "Usage records dropped because memory or the spill file was full (each drop is named in the log).",
+            &one(u.dropped_total as f64),
+        );
+    }
+}
+// --- end fault hook ---
 
 // --- libvirt hook ---
 /// The libvirt families, when `[libvirt] enabled = true`.

@@ -63,6 +63,12 @@ pub enum ServiceError {
     /// The TPM's AK is not the enrolled one.
     #[error("the TPM's attestation key does not match the installed host certificate ({0}); the state dir or host certificate belongs to another TPM: enroll this host again")]
     AkMismatch(String),
+    /// The host clock moved against the TPM clock: no token key is certified on it.
+    #[error(transparent)]
+    Clock(#[from] crate::clock::ClockJump),
+    /// A token key certified now would lie outside the host certificate's validity.
+    #[error("{0}")]
+    HostCertificateWindow(String),
     /// The configured key epoch makes a longer token-key window than the host certificate allows.
     #[error(
         "[leases] key_epoch = {key_epoch_secs} s makes each token key valid for 2 x key_epoch = \
@@ -81,6 +87,51 @@ pub enum ServiceError {
         /// The largest epoch that fits.
         max_epoch_secs: u64,
     },
+}
+
+impl ServiceError {
+    /// The wire code a token request gets while the token key cannot be renewed for this
+    /// reason.
+    pub fn key_error_code(&self) -> ErrorCode {
+        match self {
+            ServiceError::Tpm(e) if e.is_unavailable() => ErrorCode::TpmUnavailable,
+            ServiceError::Clock(_) | ServiceError::HostCertificateWindow(_) => ErrorCode::ClockSkew,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// A token must stay valid at least this long after it is issued (less when the lease TTL is
+/// short: half the TTL); a token key that cannot give that is not used.
+pub const MIN_TOKEN_VALIDITY_SECS: u64 = 10;
+/// How often a failed token key rotation is tried again.
+pub const ROTATION_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+/// At most one ERROR line per this while the token key rotation keeps failing.
+pub const ROTATION_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The token key's renewal, for `status` and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyStatus {
+    /// The current key's end of validity (0: no key).
+    pub not_after: u64,
+    /// Failed rotations in a row (0 when the last one worked).
+    pub rotation_failures: u64,
+    /// Since when rotations fail (Unix seconds).
+    pub failing_since: Option<u64>,
+    /// Why the last rotation failed.
+    pub last_error: Option<String>,
+}
+
+/// The token key and how its renewal goes, under one lock so that a request sees the key
+/// and the reason it was not renewed together.
+#[derive(Default)]
+struct KeyHolder {
+    signer: Option<Arc<TokenSigner>>,
+    /// Failed rotations in a row.
+    failures: u64,
+    since: u64,
+    last_error: Option<(ErrorCode, String)>,
+    last_logged: Option<std::time::Instant>,
 }
 
 impl From<SignedError> for ServiceError {
@@ -170,7 +221,9 @@ pub struct Service {
     ledger: Ledger,
     tpm: TpmService,
     fresh: crate::fresh::FreshBatcher,
-    signer: RwLock<Arc<TokenSigner>>,
+    key: RwLock<KeyHolder>,
+    clock: Arc<crate::clock::ClockGuard>,
+    rotate_now: tokio::sync::Notify,
     licenses: RwLock<HashMap<String, ActiveLicense>>,
     conns: Mutex<HashMap<u64, Conn>>,
     next_conn: AtomicU64,
@@ -248,7 +301,25 @@ impl Service {
         tpm: TpmService,
     ) -> Result<Arc<Service>, ServiceError> {
         check_key_window(&cfg, &identity)?;
-        let signer = Self::make_signer(&cfg, &identity, &tpm).await?;
+        let clock = Arc::new(crate::clock::ClockGuard::open(&cfg.state_dir, &cfg.clock));
+        let key = match Self::make_signer(&cfg, &identity, &tpm, &clock).await {
+            Ok(s) => KeyHolder {
+                signer: Some(Arc::new(s)),
+                ..KeyHolder::default()
+            },
+            Err(e @ (ServiceError::Clock(_) | ServiceError::HostCertificateWindow(_))) => {
+                // serve anyway (status, leases, renewals of what is held), without a token key
+                tracing::error!("no token key at start: {e}");
+                KeyHolder {
+                    signer: None,
+                    failures: 1,
+                    since: unix_now(),
+                    last_error: Some((e.key_error_code(), e.to_string())),
+                    last_logged: Some(std::time::Instant::now()),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let fresh = crate::fresh::FreshBatcher::start(&cfg.fresh_nonces, tpm.clone());
         let limits = crate::limits::Limits::new(cfg.limits.clone());
         let svc = Arc::new(Service {
@@ -257,7 +328,9 @@ impl Service {
             ledger,
             tpm,
             fresh,
-            signer: RwLock::new(Arc::new(signer)),
+            key: RwLock::new(key),
+            clock,
+            rotate_now: tokio::sync::Notify::new(),
             licenses: RwLock::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -363,14 +436,40 @@ impl Service {
         }
     }
 
+    /// Makes a token key and has the TPM certify it, after checking that the host clock
+    /// agrees with the TPM clock and that the key's window lies inside the host certificate's
+    /// validity (tokens dated otherwise would not verify).
     async fn make_signer(
         cfg: &Config,
         identity: &HostIdentity,
         tpm: &TpmService,
+        clock: &Arc<crate::clock::ClockGuard>,
     ) -> Result<TokenSigner, ServiceError> {
-        let key = TokenKey::generate()?;
+        let ci = tpm.clock_info().await?;
         let nb = unix_now();
-        let na = nb + 2 * cfg.leases.key_epoch.0.as_secs();
+        let reference = clock.check(nb, &ci)?;
+        let guard = clock.clone();
+        match tokio::task::spawn_blocking(move || guard.store(&reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot store the clock reference: {e}"),
+            Err(e) => tracing::warn!("cannot store the clock reference: {e}"),
+        }
+        let cert = &identity.cert.validity;
+        let min_life = Self::min_token_validity(cfg);
+        if cert.check(nb) != Window::Valid || cert.not_after < nb.saturating_add(min_life) {
+            return Err(ServiceError::HostCertificateWindow(format!(
+                "the host certificate is valid from {} to {} but the host clock says {}: a token \
+                 key certified now would not verify; fix the host clock, or enroll the host again \
+                 if the certificate ran out",
+                fmt_time(cert.not_before),
+                fmt_time(cert.not_after),
+                fmt_time(nb)
+            )));
+        }
+        let key = TokenKey::generate()?;
+        let na = nb
+            .saturating_add(2 * cfg.leases.key_epoch.0.as_secs())
+            .min(cert.not_after);
         let public_key = key.public_sec1();
         let q = tpm.quote(key_binding(&public_key, nb, na).to_vec()).await?;
         // Check our own evidence: catches a state dir or certificate from another TPM early.
@@ -388,18 +487,193 @@ impl Service {
         Ok(TokenSigner::new(key, ev, identity.cert_bytes.clone())?)
     }
 
-    /// Replaces the token key with a fresh one certified by a new quote.
+    /// Replaces the token key with a fresh one certified by a new quote. A failure is
+    /// recorded for `status`, the metrics and the answers to token requests, and logged at
+    /// ERROR at most once per [`ROTATION_LOG_EVERY`].
     pub async fn rotate_key(&self) -> Result<(), ServiceError> {
-        let s = Self::make_signer(&self.cfg, &self.identity, &self.tpm).await?;
-        tracing::info!(not_after = %fmt_time(s.evidence().not_after), "token key rotated");
-        if let Ok(mut g) = self.signer.write() {
-            *g = Arc::new(s);
+        match Self::make_signer(&self.cfg, &self.identity, &self.tpm, &self.clock).await {
+            Ok(s) => {
+                let not_after = s.evidence().not_after;
+                let failed = self
+                    .key
+                    .write()
+                    .map(|mut k| {
+                        std::mem::replace(
+                            &mut *k,
+                            KeyHolder {
+                                signer: Some(Arc::new(s)),
+                                ..KeyHolder::default()
+                            },
+                        )
+                    })
+                    .unwrap_or_default();
+                if failed.failures > 0 {
+                    tracing::info!(
+                        not_after = %fmt_time(not_after),
+                        "token key rotated again after {} failed attempt(s) since {}",
+                        failed.failures,
+                        fmt_time(failed.since)
+                    );
+                } else {
+                    tracing::info!(not_after = %fmt_time(not_after), "token key rotated");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let now = unix_now();
+                let key_not_after = self.key_not_after();
+                if let Ok(mut k) = self.key.write() {
+                    if k.failures == 0 {
+                        k.since = now;
+                    }
+                    k.failures += 1;
+                    k.last_error = Some((e.key_error_code(), e.to_string()));
+                    let due = k
+                        .last_logged
+                        .is_none_or(|t| t.elapsed() >= ROTATION_LOG_EVERY);
+                    if due {
+                        k.last_logged = Some(std::time::Instant::now());
+                        tracing::error!(
+                            key_not_after = %fmt_time(key_not_after),
+                            "token key rotation failed ({} attempt(s) since {}), retrying every {:?}: {e}",
+                            k.failures,
+                            fmt_time(k.since),
+                            ROTATION_RETRY
+                        );
+                    }
+                }
+                Err(e)
+            }
         }
-        Ok(())
+    }
+
+    /// Rotates the token key every `[leases] key_epoch`, retries a failed rotation every
+    /// [`ROTATION_RETRY`], and at once when the TPM is back or a request found the key too
+    /// short-lived. Runs until the task is dropped.
+    pub async fn run_key_rotation(self: Arc<Self>) {
+        let epoch = self.cfg.leases.key_epoch.0;
+        let mut recovered = self.tpm.health().recovered();
+        let mut next = tokio::time::Instant::now() + epoch;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.rotate_now.notified() => {}
+                r = recovered.changed() => {
+                    if r.is_err() {
+                        // the TPM thread is gone: only the timer is left
+                        recovered = self.tpm.health().recovered();
+                    }
+                }
+            }
+            let failing = self.key_status().rotation_failures > 0;
+            let short =
+                self.key_not_after() < unix_now().saturating_add(self.cfg.leases.ttl.0.as_secs());
+            if tokio::time::Instant::now() < next && !failing && !short {
+                continue;
+            }
+            next = tokio::time::Instant::now()
+                + match self.rotate_key().await {
+                    Ok(()) => epoch,
+                    Err(_) => ROTATION_RETRY,
+                };
+        }
+    }
+
+    /// The token key's state (for `status` and the metrics).
+    pub fn key_status(&self) -> KeyStatus {
+        let k = self.key.read();
+        let (failures, since, last, not_after) = match &k {
+            Ok(k) => (
+                k.failures,
+                k.since,
+                k.last_error.clone(),
+                k.signer.as_ref().map_or(0, |s| s.evidence().not_after),
+            ),
+            Err(_) => (0, 0, None, 0),
+        };
+        KeyStatus {
+            not_after,
+            rotation_failures: failures,
+            failing_since: (failures > 0).then_some(since),
+            last_error: last.map(|(_, m)| m),
+        }
+    }
+
+    /// The host clock against the TPM clock (for `status` and the metrics).
+    pub fn clock_status(&self) -> crate::clock::ClockStatus {
+        self.clock.status()
+    }
+
+    /// Takes the host clock as right now (`hostbind-proxy clock accept`): the clock reference
+    /// moves to now and a token key is certified at once.
+    pub async fn accept_clock(&self) -> Result<crate::clock::ClockStatus, ServiceError> {
+        let ci = self.tpm.clock_info().await?;
+        let r = self.clock.accept(unix_now(), &ci);
+        let guard = self.clock.clone();
+        match tokio::task::spawn_blocking(move || guard.store(&r)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot store the clock reference: {e}"),
+            Err(e) => tracing::warn!("cannot store the clock reference: {e}"),
+        }
+        self.rotate_key().await?;
+        Ok(self.clock.status())
+    }
+
+    /// The shortest validity a token may be issued with.
+    fn min_token_validity(cfg: &Config) -> u64 {
+        MIN_TOKEN_VALIDITY_SECS.min(cfg.leases.ttl.0.as_secs() / 2)
     }
 
     fn current_signer(&self) -> Option<Arc<TokenSigner>> {
-        self.signer.read().ok().map(|g| g.clone())
+        self.key.read().ok().and_then(|k| k.signer.clone())
+    }
+
+    /// The answer when the token key cannot sign a token that verifies now: why it was not
+    /// renewed (`trouble`: TPM outage, clock), and a rotation is asked for at once.
+    fn key_unavailable(
+        &self,
+        not_after: Option<u64>,
+        trouble: Option<(ErrorCode, String)>,
+        now: u64,
+    ) -> ErrorBody {
+        self.rotate_now.notify_one();
+        let what = match not_after {
+            Some(na) if na <= now => format!("the host's token key expired at {}", fmt_time(na)),
+            Some(na) => format!(
+                "the host's token key is valid only until {} (now {})",
+                fmt_time(na),
+                fmt_time(now)
+            ),
+            None => "the host has no token key".to_string(),
+        };
+        let (code, why) = match trouble {
+            Some((code, why)) => (code, why),
+            None if !self.tpm.health().is_up() => (
+                ErrorCode::TpmUnavailable,
+                format!(
+                    "TPM unavailable: {}",
+                    self.tpm
+                        .health()
+                        .snapshot()
+                        .last_error
+                        .unwrap_or_else(|| "connection lost".into())
+                ),
+            ),
+            None => match self.clock.jumped() {
+                Some(w) => (ErrorCode::ClockSkew, w),
+                None => (
+                    ErrorCode::ClockSkew,
+                    format!(
+                        "the host clock reads {}, outside the key's validity: the clock was set; it is being checked against the TPM clock and a new key certified if it agrees",
+                        fmt_time(now)
+                    ),
+                ),
+            },
+        };
+        self.refused(err(
+            code,
+            format!("{what} and could not be renewed: {why}; no token is issued that would not verify — retry once the host is healthy (see `hostbind-proxy status` on the host)"),
+        ))
     }
 
     /// The configuration.
@@ -686,6 +960,26 @@ impl Service {
         }
     }
 
+    /// The token key, when it can sign a token that verifies now and stays valid for at least
+    /// the minimum validity; else the refusal that says why it was not renewed.
+    fn usable_signer(&self, now: u64) -> Result<Arc<TokenSigner>, ErrorBody> {
+        // the key and why it was not renewed, seen together
+        let (signer, trouble) = self
+            .key
+            .read()
+            .map(|k| (k.signer.clone(), k.last_error.clone()))
+            .unwrap_or_default();
+        let signer = signer.ok_or_else(|| self.key_unavailable(None, trouble.clone(), now))?;
+        let ev = signer.evidence();
+        // never a token that is expired or about to be, nor one dated before its key
+        if ev.not_after <= now.saturating_add(Self::min_token_validity(&self.cfg))
+            || now.saturating_add(hostbind_attest::verify::CLOCK_SKEW_SECS) < ev.not_before
+        {
+            return Err(self.key_unavailable(Some(ev.not_after), trouble, now));
+        }
+        Ok(signer)
+    }
+
     /// Signs a token for `lease` under the license `lic` (whose bytes the token carries). The
     /// token commits to `chain_head` (the newest id of the agent's chain) but never carries it:
     /// a chain id is a capability anyone could replay from another VM.
@@ -699,18 +993,39 @@ impl Service {
         fresh: Option<FreshEvidence>,
     ) -> Result<Issued<'_>, ErrorBody> {
         let signing = self.issue_gate.enter().ok_or_else(Self::shutting_down)?;
-        let signer = self.current_signer().ok_or_else(|| {
-            err(
-                ErrorCode::Internal,
-                "token key unavailable; see the proxy log",
-            )
-        })?;
         let now = unix_now();
+        let signer = self.usable_signer(now)?;
+        let ev = signer.evidence();
         // Never past the token key's window nor the license's validity (verifiers check both).
         let exp = lease
             .expires_at
-            .min(signer.evidence().not_after)
+            .min(ev.not_after)
             .min(lic.license.validity.not_after);
+        let min_end = now.saturating_add(Self::min_token_validity(&self.cfg));
+        // `exp - iat >= min validity` (docs/protocol.md); strict, so that a commit crossing a
+        // second boundary does not refuse a lease granted a moment ago
+        if exp < min_end && lic.license.validity.not_after < min_end {
+            return Err(self.refused(err(
+                ErrorCode::LicenseNotValid,
+                format!(
+                    "license {} for '{}' ends at {}, too soon for a useful token; ask the vendor for a renewed license",
+                    lic.license.id,
+                    lease.product,
+                    fmt_time(lic.license.validity.not_after)
+                ),
+            )));
+        }
+        if exp < min_end {
+            // the lease was granted so long ago (a slow ledger commit) that it is about to end
+            return Err(self.refused(err(
+                ErrorCode::Busy,
+                format!(
+                    "lease {} ends at {}, too soon for a useful token: the host is overloaded (its seat ledger took long to commit); retry",
+                    lease.id,
+                    fmt_time(lease.expires_at)
+                ),
+            )));
+        }
         let claims = TokenClaims {
             host_id: self.identity.cert.host_id.to_vec(),
             vm_uuid: vm.uuid.clone(),
@@ -815,11 +1130,19 @@ impl Service {
             .await
             .map(Some)
             .map_err(|e| {
-                tracing::error!("TPM-fresh nonce: {e}");
-                err(
-                    ErrorCode::Internal,
-                    format!("the host's TPM could not cover the nonce: {e}"),
-                )
+                if self.tpm.health().is_up() {
+                    tracing::error!("TPM-fresh nonce: {e}");
+                    err(
+                        ErrorCode::Internal,
+                        format!("the host's TPM could not cover the nonce: {e}"),
+                    )
+                } else {
+                    // the TPM thread logs the outage once; no ERROR line per request
+                    self.refused(err(
+                        ErrorCode::TpmUnavailable,
+                        format!("the host's TPM could not cover the nonce: {e}; retry once the host's TPM is back"),
+                    ))
+                }
             })
     }
 
@@ -877,6 +1200,9 @@ impl Service {
                 }
             },
         };
+        // no new lease (and seat) for a request that cannot get a token: a TPM outage or a clock
+        // problem would fill the seats with leases nobody knows about
+        self.usable_signer(unix_now())?;
         // --- libvirt hook: assignment in the domain metadata, seat reservations (libvirt.rs) ---
         let admission = match self.libvirt.get() {
             Some(lv) => Some(

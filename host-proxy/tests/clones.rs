@@ -44,14 +44,15 @@ fn clones(h: &Host) -> Vec<serde_json::Value> {
 }
 
 fn setup(policy: &str) -> (Vendor, Host) {
+    setup_with(policy, "")
+}
+
+/// `setup` with more config (`extra`: whole TOML sections).
+fn setup_with(policy: &str, extra: &str) -> (Vendor, Host) {
     let v = Vendor::new().unwrap();
     // A short usage-log flush so the clone report reaches the vendor's usage report quickly.
-    let mut h = Host::enrolled(
-        &v,
-        &["vm-a", "vm-b"],
-        "[usage]\nflush_interval = \"200ms\"\n",
-    )
-    .unwrap();
+    let cfg = format!("[usage]\nflush_interval = \"200ms\"\n{extra}");
+    let mut h = Host::enrolled(&v, &["vm-a", "vm-b"], &cfg).unwrap();
     h.start_proxy().unwrap();
     let lic = h
         .issue_license(&v, "cad", 4, "vm", &["--clone-policy", policy])
@@ -259,8 +260,14 @@ fn replayed_chain_head_from_a_token_cannot_make_its_vm_a_clone() {
     // Issue 15's reproduction: a 4-seat enforce license; VM-B gets a token; VM-A, which saw
     // that token (a log, a license server the app reports to), sends what it found as an id
     // followed by ids of its own, extending it before VM-B's next append. With a chain id in
-    // the token, VM-B became the later fork and was refused as a clone.
-    let (_v, h) = setup("enforce");
+    // the token, VM-B became the later fork and was refused as a clone. The neighbour sends
+    // more Hellos and new ids than the per-VM rates allow (tested in hostile_guests.rs):
+    // this test is about what the ids mean, so the rates are raised.
+    let (_v, h) = setup_with(
+        "enforce",
+        "[limits]\nhellos_per_minute = 6000\nhello_burst = 1000\n\
+         new_chain_ids_per_minute = 6000\nnew_chain_id_burst = 1000\n",
+    );
     let victim = Agent::start_with(&h.vm("vm-b").unwrap().socket, None, CHAIN_ARGS).unwrap();
     let t = token(&victim, "cad", 1).unwrap();
     let reply: hostbind_client::api::TokenReply = serde_json::from_value(t).unwrap();

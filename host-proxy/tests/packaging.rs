@@ -95,6 +95,16 @@ fn shipped_usage_section_has_the_defaults() {
 }
 
 #[test]
+fn commented_clock_example_is_valid_and_the_default_when_uncommented() {
+    let text = uncomment(&["[clock]", "max_skew ="]);
+    assert!(text.contains("\n[clock]\nmax_skew = \"60s\"\n"), "{text}");
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let d = hostbind_proxy::clock::ClockConfig::default();
+    assert_eq!(c.clock.max_skew, d.max_skew);
+    assert_eq!(c.clock.max_skew.0.as_secs(), 60);
+}
+
+#[test]
 fn commented_clones_example_is_valid_and_the_defaults_when_uncommented() {
     let text = uncomment(&["[clones]", "live_window =", "retention ="]);
     assert!(text.contains("\n[clones]\n"), "{text}");

@@ -3,6 +3,7 @@
 //! during appends always leaves a log that verifies.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use hostbind_attest::usage::BLOCK_SIZE;
 use hostbind_attest::wire::{Body, ErrorCode, Release, Renew, Scope};
 use hostbind_testkit::host::{Host, Vendor};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -274,9 +275,15 @@ async fn kill9_during_appends_leaves_a_log_that_verifies() {
         h.kill_proxy();
         let n = load.await.unwrap();
         assert!(n > 0, "round {round}: no token was served");
-        // the log verifies as it is, without the proxy repairing it first
+        // the log verifies as it is, without the proxy repairing it first; the kills before
+        // this one are named by the starts after them
         let (code, r) = report(&v, &export(&h, "crash.usage"));
-        assert_eq!(code, 0, "round {round}: {r:#}");
+        assert_eq!(code, if round == 0 { 0 } else { 3 }, "round {round}: {r:#}");
+        assert_eq!(
+            anomaly_kinds(&r),
+            vec!["unclean_stop"; round],
+            "round {round}: {r:#}"
+        );
         let blocks = r["blocks"].as_u64().unwrap();
         assert!(
             blocks >= last_blocks,
@@ -284,12 +291,14 @@ async fn kill9_during_appends_leaves_a_log_that_verifies() {
         );
         last_blocks = blocks;
     }
-    // and after the proxy repaired the tail and caught its counter up, still clean
+    // after the proxy repaired the tail and caught its counter up, the log verifies, and
+    // each kill is named: records buffered when it came are lost, and the log says when
     h.start_proxy().unwrap();
     some_tokens(&h, 2).await;
     h.stop_proxy();
     let (code, r) = report(&v, &export(&h, "end.usage"));
-    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(code, 3, "{r:#}");
+    assert_eq!(anomaly_kinds(&r), vec!["unclean_stop"; 6], "{r:#}");
     assert!(r["blocks"].as_u64().unwrap() > last_blocks, "{r:#}");
     assert!(r["records"].as_u64().unwrap() > 0);
     // what the kills hit (random; shown for the record)
@@ -343,9 +352,7 @@ async fn send_token(
 async fn torn_tail_and_lagging_counter_are_repaired_on_start() {
     use hostbind_attest::files::VendorKeyFile;
     use hostbind_attest::signed::from_cbor;
-    use hostbind_attest::usage::{
-        block_hash, seal_block, BlockBody, BlockHeader, MeteringSecret, BLOCK_SIZE,
-    };
+    use hostbind_attest::usage::{block_hash, seal_block, BlockBody, BlockHeader, MeteringSecret};
     let v = Vendor::new().unwrap();
     let mut h = Host::enrolled(&v, &["vm-a"], FAST).unwrap();
     h.start_proxy().unwrap();
@@ -390,8 +397,8 @@ async fn torn_tail_and_lagging_counter_are_repaired_on_start() {
     assert!(logs.contains("caught the TPM counter up"), "{logs}");
 
     // 3. a group of two blocks whose first did not all reach the disk while the second did
-    //    (writeback order is the disk's; the group's counter step never happened) is cut off
-    //    from the torn block on
+    //    (writeback order is the disk's; the group's counter step never happened): the block
+    //    that verifies is kept, and so is the damaged one before it, which the report names
     let bytes = std::fs::read(&log).unwrap();
     let m = bytes.len() / BLOCK_SIZE;
     let last = &bytes[(m - 1) * BLOCK_SIZE..];
@@ -414,8 +421,118 @@ async fn torn_tail_and_lagging_counter_are_repaired_on_start() {
     some_tokens(&h, 1).await;
     h.stop_proxy();
     let (code, r) = report(&v, &export(&h, "repaired2.usage"));
-    assert_eq!(code, 0, "{r:#}");
-    assert_eq!(r["blocks"].as_u64().unwrap(), m as u64 + 1, "{r:#}");
+    assert_eq!(code, 3, "{r:#}");
+    assert_eq!(r["blocks"].as_u64().unwrap(), m as u64 + 3, "{r:#}");
+    assert_eq!(
+        anomaly_kinds(&r),
+        vec!["altered_block", "missing_blocks"],
+        "{r:#}"
+    );
+    assert_eq!(r["anomalies"][0]["index"], m as u64, "{r:#}");
     let logs = proxy_logs(&h);
-    assert!(logs.contains("whose checksum does not match"), "{logs}");
+    assert!(logs.contains("later blocks do"), "{logs}");
+}
+
+/// Several sealed groups; a byte changed in block 1 (damage or tampering in place, not a
+/// torn write): the proxy keeps every block, and the vendor's report names block 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_log_altered_middle_block_is_kept_and_reported() {
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], FAST).unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 0, "none", &[]);
+    for _ in 0..4 {
+        some_tokens(&h, 2).await;
+    }
+    h.stop_proxy();
+    let log = h.dir().join("state/usage/usage.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let n = bytes.len() / BLOCK_SIZE;
+    assert!(n >= 4, "{n} blocks");
+    bytes[BLOCK_SIZE + 2000] ^= 0x10;
+    std::fs::write(&log, &bytes).unwrap();
+
+    h.start_proxy().unwrap();
+    some_tokens(&h, 2).await;
+    h.stop_proxy();
+    let after = std::fs::read(&log).unwrap();
+    assert!(after.len() > bytes.len(), "blocks were cut");
+    assert_eq!(
+        &after[..bytes.len()],
+        &bytes[..],
+        "sealed blocks were changed or removed"
+    );
+    let (code, r) = report(&v, &export(&h, "altered.usage"));
+    assert_eq!(code, 3, "{r:#}");
+    let altered: Vec<&serde_json::Value> = r["anomalies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "altered_block")
+        .collect();
+    assert_eq!(altered.len(), 1, "{r:#}");
+    assert_eq!(altered[0]["index"], 1, "{r:#}");
+    // nothing else is wrong: its number shows as missing, every later block is read
+    assert!(
+        anomaly_kinds(&r)
+            .iter()
+            .all(|k| k == "altered_block" || k == "missing_blocks"),
+        "{r:#}"
+    );
+    assert_eq!(
+        r["blocks_opened"].as_u64().unwrap(),
+        r["blocks"].as_u64().unwrap() - 1,
+        "{r:#}"
+    );
+    let logs = proxy_logs(&h);
+    assert!(
+        logs.contains("block 1 does not match its checksum"),
+        "{logs}"
+    );
+}
+
+/// kill -9 loses what was buffered since the last flush (at most one flush interval), and the
+/// next start writes the gap into the log: the report names it with its times.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_gap_is_named_by_the_reader_on_the_next_start() {
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "[usage]\nflush_interval = \"2s\"\n").unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 0, "none", &[]);
+    let mut g = connect(&h.vm("vm-a").unwrap().socket).await;
+    for _ in 0..3 {
+        g.token("cad").await.unwrap();
+    }
+    // past a flush: these three are sealed
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let before_kill = now();
+    for _ in 0..4 {
+        g.token("cad").await.unwrap();
+    }
+    // killed before the next flush: these four were only in memory
+    h.kill_proxy();
+    let killed_at = now();
+    h.start_proxy().unwrap();
+    let mut g = connect(&h.vm("vm-a").unwrap().socket).await;
+    g.token("cad").await.unwrap();
+    h.stop_proxy();
+    let (code, r) = report(&v, &export(&h, "gap.usage"));
+    assert_eq!(code, 3, "{r:#}");
+    assert_eq!(anomaly_kinds(&r), vec!["unclean_stop"], "{r:#}");
+    let detail = r["anomalies"][0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("at most one flush interval, 2 s"),
+        "{detail}"
+    );
+    // the gap starts before the unsealed tokens and ends after the kill
+    let times: Vec<u64> = (before_kill - 30..killed_at + 60)
+        .filter(|t| detail.contains(&hostbind_attest::signed::fmt_time(*t)))
+        .collect();
+    // (both may fall in the same second)
+    assert!(!times.is_empty() && times.len() <= 2, "{detail}");
+    assert!(times[0] <= before_kill, "{detail}");
+    assert!(times[times.len() - 1] >= killed_at, "{detail}");
+    // what was sealed is counted; what was lost is inside the named gap
+    let tokens = sum(&rows(&r, "vm-a", "cad"), "tokens");
+    assert_eq!(tokens, 3 + 1, "{r:#}");
 }

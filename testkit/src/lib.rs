@@ -279,6 +279,9 @@ pub struct Swtpm {
     ca: Arc<LocalCa>,
     state: PathBuf,
     log: PathBuf,
+    /// While killed: the two ports, bound (not listening) so that no other test's server
+    /// takes them before [`Swtpm::start_again`]; clients get "connection refused" meanwhile.
+    reserved: Vec<socket2::Socket>,
     // Last field: removed after the child is killed in Drop.
     _dir: TempDir,
 }
@@ -321,6 +324,7 @@ impl Swtpm {
             ca,
             state,
             log: root.join("swtpm.log"),
+            reserved: Vec::new(),
             _dir: dir,
         };
         tpm.spawn()?;
@@ -396,6 +400,52 @@ impl Swtpm {
     pub fn restart_unorderly(&mut self) -> Result<(), TestkitError> {
         self.stop()?;
         self.spawn()
+    }
+
+    /// Kills swtpm (SIGKILL, like a crash of the simulator or the TPM going away) and leaves
+    /// it stopped; [`Swtpm::start_again`] brings it back on the same ports and state.
+    pub fn kill(&mut self) -> Result<(), TestkitError> {
+        self.stop()?;
+        // best effort: a port that still has connections in TIME_WAIT cannot be bound without
+        // SO_REUSEADDR (which would let others bind it too); swtpm itself can
+        self.reserved = [self.port, self.port + 1]
+            .iter()
+            .filter_map(|p| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .ok()?;
+                s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, *p)).into())
+                    .ok()?;
+                Some(s)
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Starts swtpm again after [`Swtpm::kill`], on the same ports and state dir, as a
+    /// restarted simulator or a TPM that came back: clients that reconnect to the same TCTI
+    /// find it (with its transient objects gone).
+    pub fn start_again(&mut self) -> Result<(), TestkitError> {
+        self.reserved.clear();
+        let mut reason = String::from("no attempt made");
+        for attempt in 1..=PORT_ATTEMPTS {
+            match self.try_spawn(self.port) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                Err(SpawnFailure::Fatal(e)) => return Err(e),
+                Err(SpawnFailure::Retry(why)) => {
+                    reason = format!("attempt {attempt} on port {}: {why}", self.port);
+                    sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        Err(TestkitError::Startup {
+            reason,
+            attempts: PORT_ATTEMPTS,
+            log: self.log.clone(),
+            tail: log_tail(&self.log),
+        })
     }
 
     /// Sends TPM2_Shutdown(TPM_SU_CLEAR) on the command port, raw over swtpm's TCP protocol.
