@@ -14,7 +14,7 @@ use hostbind_attest::signed::{from_cbor, open, parse_sign1, HostCertificate, Obj
 use hostbind_attest::token::{KeyEvidence, HDR_KEY_EVIDENCE};
 use hostbind_attest::wire::{
     self, Ack, Body, ErrorBody, ErrorCode, Event, EventKind, HeldLease, Hello, HelloAck, LeaseList,
-    LeaseQuery, Message, Release, Renew, Scope, TokenRequest, TokenResponse, VmIdentity,
+    LeaseQuery, Message, Ping, Release, Renew, Scope, TokenRequest, TokenResponse, VmIdentity,
 };
 use hostbind_fuzz_harness::PRODUCT;
 use hostbind_testkit::host::{Agent, Host, Vendor};
@@ -199,6 +199,7 @@ fn main() {
             },
             lease_ttl_secs: 60,
             lease_query: true,
+            idle_timeout_secs: Some(300),
         }),
         Body::TokenRequest(TokenRequest {
             product: PRODUCT.into(),
@@ -227,6 +228,7 @@ fn main() {
             lease_id: "lease-1".into(),
         }),
         Body::Ack(Ack {}),
+        Body::Ping(Ping {}),
         Body::LeaseQuery(LeaseQuery { offset: 100 }),
         Body::LeaseList(LeaseList {
             leases: vec![
