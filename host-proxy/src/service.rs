@@ -793,6 +793,7 @@ impl Service {
     /// Verifies and adds a license (replacing the previous license of its product).
     pub fn add_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
         let l = self.check_license(bytes)?;
+        self.check_not_early(&l, unix_now())?;
         let stored = self.ledger.licenses()?;
         if stored.iter().any(|r| r.id == l.id && r.bytes == bytes) {
             self.activate(l.clone(), bytes.to_vec());
@@ -808,6 +809,37 @@ impl Service {
         self.activate(l.clone(), bytes.to_vec());
         self.apply_license(&l)?;
         Ok(l)
+    }
+
+    /// Refuses a license that is not valid yet while the installed license of its product
+    /// still is: replacing it would end every lease of the product until the new one starts
+    /// (a renewal the vendor sent early). The admin adds it again once it is valid.
+    fn check_not_early(&self, l: &License, now: u64) -> Result<(), ServiceError> {
+        if l.validity.check(now) != Window::NotYetValid {
+            return Ok(());
+        }
+        let current = self
+            .licenses
+            .read()
+            .ok()
+            .and_then(|m| m.get(&l.product).map(|a| a.license.clone()))
+            .filter(|c| c.id != l.id && c.validity.check(now) == Window::Valid);
+        match current {
+            None => Ok(()),
+            Some(c) => Err(ServiceError::License(format!(
+                "license {} for '{}' is valid only from {}, and the installed license {} is valid until {}: \
+                 replacing it now would end every lease of '{}'; add the new license again on or after {} \
+                 (or remove {} first to switch at once)",
+                l.id,
+                l.product,
+                fmt_time(l.validity.not_before),
+                c.id,
+                fmt_time(c.validity.not_after),
+                l.product,
+                fmt_time(l.validity.not_before),
+                c.id
+            ))),
+        }
     }
 
     /// Ends at once the leases of `lic`'s product that `lic` does not cover (after it replaced

@@ -620,3 +620,43 @@ async fn hostile_vm_flood_leaves_a_neighbours_p99_and_the_state_dir_bounded() {
     );
     h.stop_proxy();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_license_sent_early_is_refused_and_ends_no_lease() {
+    // The vendor sends next year's license before this one ends; adding it must not replace
+    // the valid one (every lease of the product would end until the new one starts).
+    let (v, h) = setup(&["vm-a"], "");
+    add_license(&h, &v, 2, "vm", &[]);
+    let mut w = guest(&h, "vm-a").await;
+    w.hello().await.unwrap();
+    let t = match w.call(request("cad", Scope::Vm, None, None)).await {
+        Body::TokenResponse(t) => t,
+        o => panic!("{o:?}"),
+    };
+    let later = (hostbind_fsutil::unix_now() + 86_400).to_string();
+    let lic = h
+        .issue_license(&v, "cad", 2, "vm", &["--not-before", &later])
+        .unwrap();
+    let out = h
+        .proxy_cmd(&["license", "add", &lic.to_string_lossy()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an early renewal was accepted: {err}"
+    );
+    assert!(
+        err.contains("valid only from") && err.contains("again on or after"),
+        "{err}"
+    );
+    assert_eq!(leases_of(&h, "vm-a"), 1);
+    let renewed = w
+        .call(Body::Renew(Renew {
+            lease_id: t.lease_id.clone(),
+            nonce: None,
+            chain: vec![],
+            tpm_fresh: false,
+        }))
+        .await;
+    assert!(matches!(renewed, Body::TokenResponse(_)), "{renewed:?}");
+}
