@@ -202,7 +202,8 @@ pub struct LeaseInfo {
     /// The process holding a process-scoped lease.
     pub pid: Option<u32>,
     /// The local user (uid) the lease belongs to: the user of the app that asked for it. Only
-    /// that user and root see and release it.
+    /// that user and root see and release it. `None` for a lease a restarted agent adopted from
+    /// the host that no user has asked for again yet (the host does not know who asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
     /// The host the lease is held on (hex).

@@ -35,6 +35,12 @@ pub(crate) struct LeaseKey {
     pub pid_start: Option<u64>,
     /// The owning user (SO_PEERCRED uid of the app that asked).
     pub uid: u32,
+    /// Set while the lease has no known owner: a restarted agent adopted it from the host,
+    /// which does not know which local user asked (`uid` is then only a guess: root for a VM
+    /// lease, the process's owner for a process lease). The id of the adopted lease, which
+    /// keeps several such leases for otherwise equal keys apart. The first request whose key
+    /// matches apart from the owner takes the lease over ([`claim`]).
+    pub adopted: Option<String>,
 }
 
 impl LeaseKey {
@@ -58,15 +64,17 @@ impl LeaseKey {
             pid: pid.filter(|_| process),
             pid_start: pid_start.filter(|_| process && pid.is_some()),
             uid,
+            adopted: None,
         }
     }
 }
 
 impl LeaseKey {
-    /// Whether `other` is the same key but perhaps for another user.
+    /// Whether `other` is the same key but perhaps for another (or no known) user.
     pub fn same_but_owner(&self, other: &LeaseKey) -> bool {
         LeaseKey {
             uid: other.uid,
+            adopted: other.adopted.clone(),
             ..self.clone()
         } == *other
     }
@@ -118,7 +126,8 @@ impl Lease {
             features: self.key.features.clone(),
             scope: self.key.scope,
             pid: self.key.pid,
-            uid: Some(self.key.uid),
+            // An adopted lease nobody has claimed yet has no known owner.
+            uid: self.key.adopted.is_none().then_some(self.key.uid),
             host_id: hex::encode(self.host_id),
             expires_at: self.token_expires_at,
             lease_expires_at: self.lease_expires_at,
@@ -253,8 +262,9 @@ pub(crate) async fn obtain(
         }
         let lock = shared.key_lock(key);
         let _guard = lock.lock().await;
-        if current_lease_id(shared, key).is_some() {
-            // Created by another request while this one waited; use it.
+        if current_lease_id(shared, key).is_some() || claim(shared, key) {
+            // Created by another request while this one waited, or an adopted lease of this
+            // key now taken over: use it.
             continue;
         }
         return match create(shared, key, &ask).await {
@@ -276,6 +286,39 @@ pub(crate) async fn obtain(
     Err(CallError::Unexpected(
         "the lease kept changing while the token was requested; retry".into(),
     ))
+}
+
+/// Hands an adopted lease nobody has claimed, held on the current host for a key equal to
+/// `key` apart from the owner, over to `key`'s user instead of creating a second lease (the
+/// caller holds the key lock). Whether one was taken over.
+fn claim(shared: &Shared, key: &LeaseKey) -> bool {
+    let mut st = shared.lock();
+    let Some(host) = st.session.as_ref().map(|s| s.host_id) else {
+        return false;
+    };
+    if st.leases.contains_key(key) {
+        return false;
+    }
+    let Some(from) = st
+        .leases
+        .iter()
+        .find(|(k, l)| k.adopted.is_some() && k.same_but_owner(key) && l.host_id == host)
+        .map(|(k, _)| k.clone())
+    else {
+        return false;
+    };
+    let Some(mut lease) = st.leases.remove(&from) else {
+        return false;
+    };
+    tracing::info!(
+        lease = %lease.lease_id,
+        product = %key.product,
+        uid = key.uid,
+        "an adopted lease is taken over by the user who asks for it again"
+    );
+    lease.key = key.clone();
+    st.leases.insert(key.clone(), lease);
+    true
 }
 
 /// Asks the proxy for a new lease for `key` and records it (the caller holds the key lock).
@@ -319,11 +362,14 @@ async fn create(
         grace_until: None,
     };
     let reply = lease.reply(t.token.into_vec(), t.token_expires_at, false, nonce.clone());
-    let replaced = shared
-        .lock()
-        .leases
-        .insert(key.clone(), lease)
-        .map(|old| old.lease_id);
+    let replaced = {
+        let mut st = shared.lock();
+        // The agent may have adopted this very lease from the host's list while the grant was
+        // in flight: it is this key's now, not an unowned second entry.
+        st.leases
+            .retain(|k, l| k.adopted.is_none() || l.lease_id != lease.lease_id);
+        st.leases.insert(key.clone(), lease).map(|old| old.lease_id)
+    };
     tracing::info!(
         lease = %reply.lease_id,
         product = %key.product,
@@ -716,8 +762,11 @@ fn same_process(pid: Option<u32>, start: Option<u64>) -> Option<(u32, ProcessWat
 /// After Hello: settles the leases the host holds for this VM that the agent does not know
 /// (it was restarted, e.g. after kill -9, or the answer to a grant was lost). A VM-scoped lease,
 /// or a process-scoped one whose process (pid and start time) still runs, is adopted: renewed
-/// from now on and handed out for its key. Any other is released, as is a second lease for a
-/// key the agent already holds. So no process or VM holds two seats after the agent restarts.
+/// from now on, with no known owner until the first request for its key (apart from the
+/// owner) takes it over. Any other is released, as is one for a key the agent already holds
+/// for a known user (asked for again since the restart). Host leases are never duplicates of
+/// each other here: their owners cannot be known (two users may each hold one). So no process
+/// or VM holds two seats after the agent restarts.
 async fn settle_host_leases(shared: &Arc<Shared>, generation: u64) -> Result<(), CallError> {
     let (host, vm, supported) = {
         let st = shared.lock();
@@ -735,22 +784,33 @@ async fn settle_host_leases(shared: &Arc<Shared>, generation: u64) -> Result<(),
         if holds(shared, &h.lease_id) {
             continue;
         }
-        // The host does not know which local user asked: a process-scoped lease belongs to the
-        // user its process runs as, a VM-scoped one to root (its user can no longer see or
-        // release it; root can, and it is renewed for the VM as before).
+        // The host does not know which local user asked: the lease has no known owner until
+        // its user asks again (claim). Meanwhile root sees and may release it, or, for a
+        // process-scoped one, the user its process runs as (a guess: not for a non-dumpable
+        // process), and it is renewed for the VM as before.
         let uid = match h.scope {
             Scope::Vm => 0,
             Scope::Process => h.pid.and_then(crate::procwatch::owner_uid).unwrap_or(0),
         };
-        let key = LeaseKey::new(&h.product, &h.features, h.scope, h.pid, h.pid_start, uid);
-        // A grant for this key still in flight records its lease under this lock.
-        let lock = shared.key_lock(&key);
+        let guess = LeaseKey::new(&h.product, &h.features, h.scope, h.pid, h.pid_start, uid);
+        let key = LeaseKey {
+            adopted: Some(h.lease_id.clone()),
+            ..guess.clone()
+        };
+        // A grant for the guessed key still in flight records its lease under this lock (for
+        // another user's, `create` drops the adopted entry of its lease).
+        let lock = shared.key_lock(&guess);
         let _guard = lock.lock().await;
         if holds(shared, &h.lease_id) {
             continue;
         }
-        // A lease for the same key held for any user (e.g. asked for again since the restart).
-        let duplicate = shared.lock().leases.keys().any(|k| k.same_but_owner(&key));
+        // A lease for the same key held for a known user (asked for again since the restart);
+        // other adopted leases are not: their owners are unknown.
+        let duplicate = shared
+            .lock()
+            .leases
+            .keys()
+            .any(|k| k.adopted.is_none() && k.same_but_owner(&key));
         let owner = match h.scope {
             Scope::Vm => Some(None),
             Scope::Process => same_process(h.pid, h.pid_start).map(Some),
@@ -772,7 +832,13 @@ async fn settle_host_leases(shared: &Arc<Shared>, generation: u64) -> Result<(),
                     grace_secs: 0,
                     grace_until: None,
                 };
-                shared.lock().leases.insert(key.clone(), lease);
+                {
+                    let mut st = shared.lock();
+                    if st.leases.values().any(|l| l.lease_id == h.lease_id) {
+                        continue;
+                    }
+                    st.leases.insert(key.clone(), lease);
+                }
                 if let Some((pid, w)) = watch {
                     watch_process(shared, pid, w);
                 }
@@ -787,7 +853,7 @@ async fn settle_host_leases(shared: &Arc<Shared>, generation: u64) -> Result<(),
             }
             (duplicate, _) => {
                 let why = if duplicate {
-                    "a second lease for the same key"
+                    "the agent holds a lease for the same key"
                 } else {
                     "its process is gone"
                 };

@@ -616,3 +616,97 @@ fn idle_api_connections_are_closed_and_give_their_slot_back() {
     // The slots are free again: the same user is served.
     assert!(a.cmd(&["status", "--json"]).unwrap().status.success());
 }
+
+#[test]
+fn agent_kill9_restart_hands_users_vm_leases_back_instead_of_taking_second_seats() {
+    // Issue 15b (leases owned by the caller's uid) met 16b (a restarted agent adopts the VM's
+    // host leases): adopted VM leases became root's, so when their users asked again the agent
+    // took new host leases (two seats each, the adopted ones renewed for nobody), and of two
+    // users' leases for the same product the second was released as a "duplicate". Now an
+    // adopted lease has no known owner until the first matching request takes it over.
+    if !hostbind_testkit::can_switch_users("agent_kill9_restart_hands_users") {
+        return;
+    }
+    let [alice, mallory] = hostbind_testkit::OTHER_USERS;
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 10, "access");
+    let sock = h.vm("vm-a").unwrap().socket.clone();
+    let mut a = Agent::start(&sock).unwrap();
+    open_to_all_users(&a);
+    let token_as = |a: &Agent, uid| {
+        json_of(&agent_cli_as(
+            a,
+            uid,
+            &["token", "--product", "cad", "--json"],
+        ))["lease_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let held: std::collections::BTreeSet<String> =
+        [token_as(&a, alice), token_as(&a, mallory)].into();
+    assert_eq!(held.len(), 2);
+    let host_ids = |h: &Host| -> std::collections::BTreeSet<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&h.proxy_ok(&["--json", "leases"]).unwrap()).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(host_ids(&h), held);
+
+    // kill -9 and a new agent on the same state dir: it settles the host's leases.
+    let state_dir = a.state_dir.clone();
+    a.proc_.kill9();
+    let a = Agent::start_with(&sock, Some(&state_dir), &[]).unwrap();
+    open_to_all_users(&a);
+    let root_view = || {
+        let st = json_of(&a.cmd(&["status", "--json"]).unwrap());
+        st["leases"].as_array().unwrap().clone()
+    };
+    let t = Instant::now();
+    loop {
+        let mine: std::collections::BTreeSet<String> = root_view()
+            .iter()
+            .map(|l| l["lease_id"].as_str().unwrap().to_string())
+            .collect();
+        if !mine.is_empty() && mine == host_ids(&h) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the restarted agent did not settle the VM's leases: it holds {mine:?}, the host {:?}",
+            host_ids(&h)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Both users' leases were adopted (none released as the other's duplicate), owner unknown.
+    let unclaimed = root_view();
+    assert_eq!(host_ids(&h), held, "{unclaimed:?}");
+    assert!(
+        unclaimed.iter().all(|l| l["uid"].is_null()),
+        "{unclaimed:?}"
+    );
+
+    // Each user asks again: each takes over one adopted lease; the host still holds exactly
+    // the two leases it held before the restart (which user gets which is unknowable).
+    let again: std::collections::BTreeSet<String> =
+        [token_as(&a, alice), token_as(&a, mallory)].into();
+    assert_eq!(
+        again, held,
+        "a user got a new lease instead of an adopted one"
+    );
+    assert_eq!(host_ids(&h), held, "{}", proxy_leases(&h));
+    // Asked once more, each gets the same lease (now its own), still no third seat.
+    let alice_lease = token_as(&a, alice);
+    assert_eq!(token_as(&a, alice), alice_lease);
+    let st = json_of(&agent_cli_as(&a, alice, &["status", "--json"]));
+    assert_eq!(st["leases"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["leases"][0]["lease_id"], alice_lease.as_str(), "{st}");
+    assert_eq!(st["leases"][0]["uid"], alice, "{st}");
+    assert_eq!(host_ids(&h), held, "{}", proxy_leases(&h));
+}
