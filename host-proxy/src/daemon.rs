@@ -11,6 +11,7 @@ use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 /// File name of the ledger in the state dir.
 pub const LEDGER_FILE: &str = "ledger.redb";
@@ -63,6 +64,10 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
     // --- end libvirt hook ---
     let mut sockets: Vec<PathBuf> = Vec::new();
     let mut tasks = Vec::new();
+    // Tasks that end by themselves at `stop` and are awaited, never aborted: the usage flush
+    // loop and the lease sweep (their blocking work cannot be cancelled midway).
+    let stop = CancellationToken::new();
+    let mut stopping = Vec::new();
     // --- usage hook: the usage log (usage.rs) ---
     let usage = if cfg.usage.enabled {
         let u = crate::usage::UsageLog::open(
@@ -72,8 +77,11 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
             svc.tpm().clone(),
         )
         .await?;
+        // also meters the leases a license in licenses_dir ended at start
         svc.set_usage(u.clone());
-        tasks.push(tokio::spawn(u.clone().run(cfg.usage.flush_interval.0)));
+        stopping.push(tokio::spawn(
+            u.clone().run(cfg.usage.flush_interval.0, stop.clone()),
+        ));
         Some(u)
     } else {
         tracing::info!("usage log off ([usage] enabled = false)");
@@ -138,9 +146,13 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
     tasks.push(tokio::spawn(svc.clone().run_key_rotation()));
     let svc2 = svc.clone();
     let sweep = cfg.leases.sweep_interval.0;
-    tasks.push(tokio::spawn(async move {
+    let stop2 = stop.clone();
+    stopping.push(tokio::spawn(async move {
         loop {
-            tokio::time::sleep(sweep).await;
+            tokio::select! {
+                _ = stop2.cancelled() => return,
+                _ = tokio::time::sleep(sweep) => {}
+            }
             let s = svc2.clone();
             match tokio::task::spawn_blocking(move || s.sweep()).await {
                 Ok(Err(e)) => tracing::error!("lease sweep failed: {e}"),
@@ -157,7 +169,8 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    shut_down(&svc, tasks, usage, libvirt, &cfg).await;
+    stop.cancel();
+    shut_down(&svc, tasks, stopping, usage, libvirt, &cfg).await;
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }
@@ -167,25 +180,32 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
 
 /// The orderly end: stop accepting (listeners, admin socket, periodic tasks), answer the
 /// requests in progress within `[shutdown] drain_timeout`, stop issuing tokens, and seal the
-/// usage log last, so every token a guest received is in it.
+/// usage log last, so every token a guest received is in it. `stopping` (the usage flush loop
+/// and the lease sweep, already told to stop) finish what they are doing and are awaited
+/// before the last seal.
 async fn shut_down(
     svc: &Arc<Service>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    stopping: Vec<tokio::task::JoinHandle<()>>,
     usage: Option<Arc<crate::usage::UsageLog>>,
-    libvirt: Option<impl Sized>,
+    libvirt: Option<impl Send + 'static>,
     cfg: &Config,
 ) {
     let started = std::time::Instant::now();
     for t in tasks {
         t.abort();
     }
-    drop(libvirt);
+    // the watcher's drop waits for its thread (up to call_timeout + 1 s)
+    let _ = tokio::task::spawn_blocking(move || drop(libvirt)).await;
     let left = svc.drain(cfg.shutdown.drain_timeout.0).await;
     if left > 0 {
         tracing::warn!(
             "{left} agent connections still had a request in progress after {:?} ([shutdown] drain_timeout); closing them",
             cfg.shutdown.drain_timeout.0
         );
+    }
+    for t in stopping {
+        let _ = t.await;
     }
     let svc2 = svc.clone();
     let _ = tokio::task::spawn_blocking(move || svc2.close_issue()).await;

@@ -234,6 +234,11 @@ pub struct Service {
     libvirt: std::sync::OnceLock<Arc<crate::libvirt::LibvirtVms>>,
     // --- usage hook: the usage log, when [usage] is enabled (usage.rs) ---
     usage: std::sync::OnceLock<Arc<crate::usage::UsageLog>>,
+    /// Leases a license in `licenses_dir` ended during [`Service::start`], before the usage
+    /// log could be attached: metered by [`Service::set_usage`].
+    ended_at_start: Mutex<Vec<(Lease, String, u64)>>,
+    /// True while [`Service::start`] adds the licenses (leases ended then are kept above).
+    starting: std::sync::atomic::AtomicBool,
     // --- limits hook: what one VM may cost the host (limits.rs) ---
     limits: Arc<crate::limits::Limits>,
     issue_gate: IssueGate,
@@ -338,6 +343,8 @@ impl Service {
             counters: Counters::default(),
             libvirt: std::sync::OnceLock::new(),
             usage: std::sync::OnceLock::new(),
+            ended_at_start: Mutex::new(Vec::new()),
+            starting: std::sync::atomic::AtomicBool::new(true),
             limits,
             issue_gate: IssueGate::default(),
             shutdown: CancellationToken::new(),
@@ -350,6 +357,10 @@ impl Service {
             }
         }
         svc.load_licenses_dir();
+        svc.starting.store(false, Ordering::Relaxed);
+        if !svc.cfg.usage.enabled {
+            svc.take_ended_at_start();
+        }
         Ok(svc)
     }
 
@@ -1584,9 +1595,22 @@ impl Service {
 // --- usage hook: metering into the usage log (usage.rs) ---
 impl Service {
     /// Starts metering into `log` (its key comes from the licenses' metering key).
+    /// The leases ended while the licenses of `licenses_dir` were added at start go into it
+    /// now (the log is attached after [`Service::start`]).
     pub fn set_usage(&self, log: Arc<crate::usage::UsageLog>) {
         let _ = self.usage.set(log);
         self.update_metering_key();
+        for (l, why, at) in self.take_ended_at_start() {
+            self.meter_end(&l, &why, at);
+        }
+    }
+
+    /// The leases ended at start, waiting for the usage log.
+    fn take_ended_at_start(&self) -> Vec<(Lease, String, u64)> {
+        self.ended_at_start
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
     }
 
     /// The usage log, when metering runs.
@@ -1622,7 +1646,15 @@ impl Service {
     }
 
     fn meter_end(&self, l: &Lease, reason: &str, at: u64) {
-        let Some(u) = self.usage.get() else { return };
+        let Some(u) = self.usage.get() else {
+            // during start: kept for set_usage
+            if self.starting.load(Ordering::Relaxed) {
+                if let Ok(mut e) = self.ended_at_start.lock() {
+                    e.push((l.clone(), reason.to_string(), at));
+                }
+            }
+            return;
+        };
         if let Some(lic) = self.metered_license(&l.product) {
             u.record(hostbind_attest::usage::UsageRecord::LeaseEnd {
                 at,

@@ -37,6 +37,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// File name of the log in the usage dir.
 pub const LOG_FILE: &str = "usage.log";
@@ -219,6 +220,9 @@ struct Pending {
     tokens: HashMap<(String, u64), usize>,
     /// Leases with a start or renewal in `records`.
     renewed: HashSet<String>,
+    /// Set by [`UsageLog::close`] when it takes the last records: the time everything
+    /// recorded before is sealed or on disk. Records after it are lost (and named).
+    closed_at: Option<u64>,
 }
 
 impl Pending {
@@ -324,6 +328,9 @@ pub struct UsageLog {
     spill: Arc<Mutex<Spill>>,
     full: tokio::sync::Notify,
     stats: UsageStats,
+    /// A record came after [`UsageLog::close`]: the run marker stays so the next start
+    /// names the loss.
+    late: std::sync::atomic::AtomicBool,
     seal: Mutex<SealStats>,
 }
 
@@ -574,6 +581,7 @@ impl UsageLog {
             spill: Arc::new(Mutex::new(o.spill)),
             full: tokio::sync::Notify::new(),
             stats: UsageStats::default(),
+            late: std::sync::atomic::AtomicBool::new(false),
             seal: Mutex::new(SealStats {
                 last_ok: unix_now(),
                 ..SealStats::default()
@@ -614,6 +622,20 @@ impl UsageLog {
         let Ok(mut p) = self.pending.lock() else {
             return;
         };
+        if let Some(at) = p.closed_at {
+            drop(p);
+            self.stats
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !self.late.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tracing::error!(
+                    "usage log: usage recorded after the log was sealed at shutdown is lost (a request or admin command finished past the drain); the next start names the gap"
+                );
+                // once, at shutdown: the marker makes the next start name the gap
+                let _ = std::fs::write(self.marker_path(), self.marker_bytes(at));
+            }
+            return;
+        }
         if !p.add(r) {
             self.stats
                 .dropped
@@ -690,18 +712,20 @@ impl UsageLog {
 
     /// The final flush at shutdown: seals what is buffered, keeps what cannot be sealed in
     /// the spill file, and marks the log cleanly closed when nothing was lost (else the next
-    /// start names the gap).
+    /// start names the gap). Records that come after it are dropped and counted, and the run
+    /// marker stays, so the next start names them as lost.
     pub async fn close(&self) -> Result<(), UsageLogError> {
         let sealed = self.flush_blocks(false).await;
         let mut w = self.writer.lock().await;
+        let closed_at = unix_now();
+        if let Ok(mut p) = self.pending.lock() {
+            p.closed_at = Some(closed_at);
+        }
         // what is still in memory (metering off, or the flush failed and could not spill)
         self.spill_pending(&mut w).await?;
         drop(w);
-        let marker = self
-            .path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(RUN_MARKER);
+        let (marker, m) = (self.marker_path(), self.marker_path());
+        let bytes = self.marker_bytes(closed_at);
         blocking(move || {
             match std::fs::remove_file(&marker) {
                 Ok(()) => {}
@@ -714,6 +738,10 @@ impl UsageLog {
             Ok(())
         })
         .await?;
+        if self.late.load(std::sync::atomic::Ordering::SeqCst) {
+            // a record came while the marker was removed: put it back
+            blocking(move || std::fs::write(&m, bytes).map_err(io(&m, "write"))).await?;
+        }
         if let Err(e) = sealed {
             tracing::warn!(
                 "usage log: the last records could not be sealed ({e}); they are kept in the spill file and sealed at the next start"
@@ -722,21 +750,29 @@ impl UsageLog {
         Ok(())
     }
 
-    /// Notes in the run marker that everything recorded before `at` is sealed or on disk.
-    async fn mark_flushed(&self, at: u64) {
-        let marker = self
-            .path
+    fn marker_path(&self) -> PathBuf {
+        self.path
             .parent()
             .unwrap_or(Path::new("."))
-            .join(RUN_MARKER);
+            .join(RUN_MARKER)
+    }
+
+    /// The run marker saying everything recorded before `at` is sealed or on disk.
+    fn marker_bytes(&self, at: u64) -> Vec<u8> {
         let m = RunMarker {
             pid: std::process::id(),
             started_at: self.started_at,
             flushed_at: at,
             flush_secs: self.flush_secs,
         };
+        serde_json::to_vec(&m).unwrap_or_default()
+    }
+
+    /// Notes in the run marker that everything recorded before `at` is sealed or on disk.
+    async fn mark_flushed(&self, at: u64) {
+        let marker = self.marker_path();
         // not fsynced: an older time after a power loss only widens the gap named
-        let bytes = serde_json::to_vec(&m).unwrap_or_default();
+        let bytes = self.marker_bytes(at);
         let _ =
             blocking(move || std::fs::write(&marker, bytes).map_err(io(&marker, "write"))).await;
     }
@@ -1074,14 +1110,18 @@ impl UsageLog {
 
     /// Runs the flush loop: every `interval`, when [`EARLY_FLUSH_BYTES`] of records wait, and
     /// as soon as the TPM is back while records wait in the spill file (also right at start).
-    pub async fn run(self: Arc<Self>, interval: Duration) {
+    /// Ends when `stop` is cancelled, never in the middle of a flush: await it before
+    /// [`UsageLog::close`] (aborting it could leave a group written but not counted, which
+    /// `close` would seal again).
+    pub async fn run(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         let mut recovered = self.tpm.health().recovered();
         let mut first = true;
-        loop {
+        while !stop.is_cancelled() {
             let full_only = if std::mem::take(&mut first) && self.spilled() > 0 {
                 false
             } else {
                 tokio::select! {
+                    _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(interval) => false,
                     _ = self.full.notified() => true,
                     r = recovered.changed() => {

@@ -536,3 +536,31 @@ async fn kill9_gap_is_named_by_the_reader_on_the_next_start() {
     let tokens = sum(&rows(&r, "vm-a", "cad"), "tokens");
     assert_eq!(tokens, 3 + 1, "{r:#}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_ended_by_a_narrower_license_in_licenses_dir_at_start_is_metered() {
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a", "vm-b"], FAST).unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 2, "access", &[]);
+    let mut a = connect(&h.vm("vm-a").unwrap().socket).await;
+    a.token("cad").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // vm-a's lease is the older one
+    let mut b = connect(&h.vm("vm-b").unwrap().socket).await;
+    b.token("cad").await.unwrap();
+    h.stop_proxy();
+    // a newer license with one seat is dropped into licenses_dir while the proxy is down:
+    // the next start ends vm-b's lease, and the usage log must say so
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let narrow = h.issue_license(&v, "cad", 1, "access", &[]).unwrap();
+    let dir = h.dir().join("licenses");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&narrow, dir.join("cad.license")).unwrap();
+    h.start_proxy().unwrap();
+    h.stop_proxy();
+    let (code, r) = report(&v, &export(&h, "narrowed.usage"));
+    assert_eq!(code, 0, "{r:#}");
+    assert!(anomaly_kinds(&r).is_empty(), "{r:#}");
+    assert_eq!(r["open_leases"], 1, "{r:#}");
+    assert_eq!(sum(&rows(&r, "vm-b", "cad"), "leases"), 1, "{r:#}");
+}
