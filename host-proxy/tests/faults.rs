@@ -62,19 +62,6 @@ fn metric(h: &Host, name: &str) -> f64 {
         .unwrap()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
 /// Everything the proxies of `h` logged so far.
 fn proxy_logs(h: &Host) -> String {
     std::fs::read_dir(h.dir())
@@ -130,7 +117,7 @@ async fn disk_full_state_dir_degrades_and_heals_without_a_restart() {
     let Some(fs) = tmpfs::Tmpfs::mount(&state, 8 * 1024 * 1024) else {
         return;
     };
-    copy_dir(&orig, &state);
+    hostbind_testkit::copy_dir(&orig, &state).unwrap();
     h.start_proxy().unwrap();
     add_license(&h, &v, "cad", 1000, "access", &[]);
 

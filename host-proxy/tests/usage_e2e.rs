@@ -174,19 +174,6 @@ fn proxy_logs(h: &Host) -> String {
         .collect()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
-        }
-    }
-}
-
 async fn some_tokens(h: &Host, n: usize) {
     let mut g = connect(&h.vm("vm-a").unwrap().socket).await;
     for _ in 0..n {
@@ -205,7 +192,7 @@ async fn restored_state_dir_is_reported_as_rollback() {
     h.stop_proxy();
     let state = h.dir().join("state");
     let backup = h.dir().join("state-backup");
-    copy_dir(&state, &backup);
+    hostbind_testkit::copy_dir(&state, &backup).unwrap();
 
     h.start_proxy().unwrap();
     some_tokens(&h, 3).await;
@@ -215,7 +202,7 @@ async fn restored_state_dir_is_reported_as_rollback() {
 
     // the admin restores the backup and carries on
     std::fs::remove_dir_all(&state).unwrap();
-    copy_dir(&backup, &state);
+    hostbind_testkit::copy_dir(&backup, &state).unwrap();
     h.start_proxy().unwrap();
     some_tokens(&h, 2).await;
     h.stop_proxy();

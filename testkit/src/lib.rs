@@ -617,6 +617,22 @@ fn free_port_pair() -> Result<u16, TestkitError> {
     })
 }
 
+/// Copies the directory `from` into `to` (created), subdirectories included: a backup or a
+/// restore of a state dir, as an admin would make with `cp -r`.
+pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let t = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &t)?;
+        } else {
+            fs::copy(e.path(), &t)?;
+        }
+    }
+    Ok(())
+}
+
 /// Two unprivileged uids (and their same-numbered gids) for tests of what one local user can
 /// do to another: `nobody` and the uid below it. They need no passwd entry: a root test process
 /// runs children as them with `Command::uid`/`gid`.
