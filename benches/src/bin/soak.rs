@@ -23,6 +23,7 @@ use hostbind_attest::keys::VendorPublicKey;
 use hostbind_attest::usage::{read_log, AnomalyKind, MeteringSecret, DEFAULT_CLOCK_TOLERANCE_SECS};
 use hostbind_attest::verify::{verify_token, Expectation};
 use hostbind_attest::wire::{Body, FrameCodec, Hello, Message, Release, Scope, TokenRequest};
+use hostbind_benches::proxy_leases;
 use hostbind_testkit::host::{Agent, Host, Vendor};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -290,29 +291,6 @@ async fn recovery(sock: &PathBuf) -> f64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     f64::INFINITY
-}
-
-/// Live leases of the proxy: (lease id, vm name, product).
-fn proxy_leases(h: &Host) -> Result<Vec<(String, String, String)>> {
-    let out = h
-        .proxy_ok(&["--json", "leases"])
-        .context("hostbind-proxy leases")?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("leases JSON")?;
-    Ok(v.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|l| {
-                    let s = |k: &str| {
-                        l.get(k)
-                            .and_then(|x| x.as_str())
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    (s("id"), s("vm_name"), s("product"))
-                })
-                .collect()
-        })
-        .unwrap_or_default())
 }
 
 /// Seat leases per agent VM.
