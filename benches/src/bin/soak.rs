@@ -279,12 +279,15 @@ struct FaultRun {
     recovery_secs: f64,
 }
 
-/// Seconds until a fresh guest on `sock` gets a token (at most 120 s).
-async fn recovery(sock: &PathBuf) -> f64 {
+/// Seconds until a fresh guest on `sock` gets a token (at most 120 s). The probe is a load
+/// guest like the others: its answers count in `stats` (its token is metered, so it must count
+/// as received).
+async fn recovery(sock: &PathBuf, stats: &Mutex<LoadStats>, vp: &VendorPublicKey) -> f64 {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(120) {
         if let Some(mut f) = connect(sock).await {
-            if let Some(Body::TokenResponse(_)) = roundtrip(&mut f, 2, token_request("cad")).await {
+            let reply = roundtrip(&mut f, 2, token_request("cad")).await;
+            if reply.is_some() && record(stats, reply, vp).is_some() {
                 return t.elapsed().as_secs_f64();
             }
         }
@@ -470,7 +473,7 @@ async fn main() -> Result<()> {
                 }
             }
         }
-        let recovery_secs = recovery(&probe).await;
+        let recovery_secs = recovery(&probe, &load, &vp).await;
         eprintln!("soak:        recovered in {recovery_secs:.2} s");
         faults.push(FaultRun {
             fault,
