@@ -29,7 +29,8 @@ pub mod token;
 pub mod tpm;
 #[cfg(feature = "std")]
 pub mod usage;
+/// The compact body form of the usage log under its older path (it lives in `usage/body.rs`).
 #[cfg(feature = "std")]
-pub mod usage_body;
+pub use usage::body as usage_body;
 pub mod verify;
 pub mod wire;

@@ -1,12 +1,31 @@
-//! Compact CBOR form of a usage block's body: VMs, (product, license, customer) triples and
+//! A usage block's plaintext, [`BlockBody`], and its compact CBOR form: VMs, (product, license, customer) triples and
 //! leases are written once per block in tables, records refer to them by index and use
 //! one-letter keys. A lease that starts, gets a token and ends within one block costs its
 //! identity once, not three times. [`BodyBuilder`] fills a body up to a size limit and knows
 //! its exact encoded size without encoding the whole body again for every record.
 
-use crate::usage::{is_one, one, BlockBody, LeaseRef, UsageRecord, VmRef};
+use super::record::{is_one, one};
+use super::{to_cbor, LeaseRef, UsageError, UsageRecord, VmRef};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+
+/// The encrypted content of one block (written in the compact form below: tables of VMs,
+/// parties and leases, records by index).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "WireBody", try_from = "WireBody")]
+pub struct BlockBody {
+    /// Host id (SHA-256 of the EK public area), hex.
+    pub host_id: String,
+    /// Records in the order they happened.
+    pub records: Vec<UsageRecord>,
+}
+
+impl BlockBody {
+    /// CBOR size of this body.
+    pub fn encoded_len(&self) -> Result<usize, UsageError> {
+        Ok(to_cbor(self)?.len())
+    }
+}
 
 /// Product, license id and customer, as one table entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
