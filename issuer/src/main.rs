@@ -1,21 +1,15 @@
 //! hostbind-issuer: the vendor's offline tool (keys, enrollment, licenses, verification).
+//!
+//! This file holds the command line (clap definitions) and the dispatch; each subcommand's
+//! work is in its module under `cmd/`.
 
-use anyhow::{anyhow, bail, Context, Result};
+mod cmd;
+
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use hostbind_attest::enroll::{self, EnrollAnswer, EnrollRequest};
-use hostbind_attest::files::{self, VendorKeyFile, VendorPublicKeyFile};
-use hostbind_attest::keys::{VendorKey, VendorPublicKey};
-use hostbind_attest::signed::{
-    fmt_time, from_cbor, open, sign, to_cbor, ClonePolicy, CountMode, HostCertificate, License,
-    ObjectKind, Validity,
-};
-use hostbind_attest::usage::{read_log, MeteringSecret};
-use hostbind_attest::verify::Expectation;
-use hostbind_fsutil::{read, write_new};
-use hostbind_issuer::describe;
-use hostbind_issuer::registry::{self, Finding, Registry};
-use serde_bytes::ByteBuf;
-use std::path::{Path, PathBuf};
+use hostbind_attest::enroll;
+use hostbind_attest::signed::{ClonePolicy, CountMode};
+use std::path::PathBuf;
 
 /// hostbind vendor tool: create vendor keys, enroll hosts, issue licenses, verify tokens. Works offline.
 #[derive(Parser)]
@@ -42,18 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a vendor signing key (Ed25519) and its public key file.
-    Keygen {
-        /// Private key file to write (mode 0600).
-        #[arg(long, default_value = "vendor.key")]
-        out: PathBuf,
-        /// Public key file to write (default: <out> with extension .pub).
-        #[arg(long)]
-        public_out: Option<PathBuf>,
-        /// Overwrite the key files if they exist (the old key is lost: licenses and host
-        /// certificates signed with it no longer verify against the new one).
-        #[arg(long)]
-        force: bool,
-    },
+    Keygen(KeygenArgs),
     /// Host enrollment: challenge a request, then finish with the answer.
     #[command(subcommand)]
     Enroll(EnrollCmd),
@@ -61,41 +44,12 @@ enum Cmd {
     #[command(subcommand)]
     License(LicenseCmd),
     /// Verify a token offline for a product and print its claims; says exactly which link fails.
-    Verify {
-        /// Token file (raw COSE bytes) or '-' for stdin; hex or base64 text is accepted too.
-        token: PathBuf,
-        #[command(flatten)]
-        vendor: VendorPubArg,
-        /// The product the token must be for (and its license must be for).
-        #[arg(long)]
-        product: String,
-        /// A feature the token must grant and its license hold (repeatable).
-        #[arg(long = "feature", value_name = "F")]
-        features: Vec<String>,
-        /// Expected nonce (hex, 8 to 64 bytes).
-        #[arg(long)]
-        nonce: Option<String>,
-        /// Require TPM freshness evidence: the host's TPM quoted the nonce (needs --nonce).
-        #[arg(long, requires = "nonce")]
-        require_fresh: bool,
-        /// Refuse tokens issued longer ago than this (e.g. 30s, 5m).
-        #[arg(long)]
-        max_age: Option<humantime::Duration>,
-        /// Verify as of this Unix time instead of now.
-        #[arg(long)]
-        at: Option<u64>,
-    },
+    Verify(VerifyArgs),
     /// Usage logs exported by hosts (`hostbind-proxy usage export`).
     #[command(subcommand)]
     Usage(UsageCmd),
     /// Print any hostbind file (keys, enrollment files, host certificates, licenses, tokens).
-    Inspect {
-        /// The file.
-        file: PathBuf,
-        /// Vendor public key to verify signed files with (hex, or a .pub/.key file).
-        #[arg(long)]
-        vendor_pub: Option<String>,
-    },
+    Inspect(InspectArgs),
 }
 
 #[derive(Args)]
@@ -132,58 +86,9 @@ impl EkPolicyArg {
 #[derive(Subcommand)]
 enum EnrollCmd {
     /// Check an enrollment request (EK certificate chain, AK) and write a MakeCredential challenge.
-    Challenge {
-        /// Request file from `hostbind-proxy enroll request`.
-        request: PathBuf,
-        /// TPM manufacturer CA certificate(s) to trust (PEM or DER; repeat for several).
-        #[arg(long = "tpm-ca", required = true)]
-        tpm_ca: Vec<PathBuf>,
-        #[command(flatten)]
-        key: KeyArg,
-        #[command(flatten)]
-        ek: EkPolicyArg,
-        /// How long the challenge may be answered (e.g. 1h, 7d).
-        #[arg(long, default_value = "7d")]
-        valid_for: humantime::Duration,
-        /// Challenge file to write.
-        #[arg(long)]
-        out: PathBuf,
-        /// Overwrite the --out file if it exists (it is replaced atomically).
-        #[arg(long)]
-        force: bool,
-    },
+    Challenge(ChallengeArgs),
     /// Verify the host's answer and sign its host certificate.
-    Finish {
-        /// Answer file from `hostbind-proxy enroll answer`.
-        answer: PathBuf,
-        /// TPM manufacturer CA certificate(s) to trust (the same as for `challenge`).
-        #[arg(long = "tpm-ca", required = true)]
-        tpm_ca: Vec<PathBuf>,
-        #[command(flatten)]
-        key: KeyArg,
-        #[command(flatten)]
-        ek: EkPolicyArg,
-        /// Certificate validity (e.g. 3650d).
-        #[arg(long, default_value = "3650d")]
-        valid_for: humantime::Duration,
-        /// Longest token-key window verifiers accept from this host (the proxy's 2 x key_epoch
-        /// must fit): one TPM quote certifies a token key for at most this long.
-        #[arg(long, default_value = "1h")]
-        max_key_window: humantime::Duration,
-        /// The enrollment registry this issuer keeps (default: enrollments.json next to --key).
-        #[arg(long)]
-        registry: Option<PathBuf>,
-        /// Sign even when the registry shows this TPM's EK certificate or key enrolled under
-        /// another host id (e.g. after a hostbind upgrade changed how host ids are derived).
-        #[arg(long)]
-        allow_new_host_id: bool,
-        /// Host certificate file to write.
-        #[arg(long)]
-        out: PathBuf,
-        /// Overwrite the --out file if it exists (it is replaced atomically).
-        #[arg(long)]
-        force: bool,
-    },
+    Finish(FinishArgs),
 }
 
 #[derive(Subcommand)]
@@ -191,19 +96,7 @@ enum UsageCmd {
     /// Decrypt and verify a usage log; report lease-seconds, leases, tokens and refusals per
     /// day, customer, product, host and VM, and every anomaly. Exit code 3 when there are
     /// anomalies.
-    Report {
-        /// Usage log file from `hostbind-proxy usage export`.
-        file: PathBuf,
-        #[command(flatten)]
-        key: KeyArg,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "table")]
-        format: hostbind_issuer::report::Format,
-        /// How far the host's wall clock may drift from its TPM clock between two blocks
-        /// before a clock jump is reported (e.g. 2m).
-        #[arg(long, default_value = "2m")]
-        clock_tolerance: humantime::Duration,
-    },
+    Report(ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -260,379 +153,141 @@ struct IssueArgs {
     force: bool,
 }
 
-fn load_vendor_key(path: &Path) -> Result<VendorKey> {
-    let bytes = read(path)?;
-    let f: VendorKeyFile = from_cbor("vendor key", &bytes).with_context(|| {
-        format!(
-            "{} is not a vendor key file (make one with `hostbind-issuer keygen`)",
-            path.display()
-        )
-    })?;
-    if f.kind != files::KIND_VENDOR_KEY {
-        bail!(
-            "{} is a '{}', not a vendor private key",
-            path.display(),
-            f.kind
-        );
-    }
-    Ok(f.key()?)
+// The arguments of `keygen` (its help text is the doc comment of its variant above).
+#[derive(Args)]
+struct KeygenArgs {
+    /// Private key file to write (mode 0600).
+    #[arg(long, default_value = "vendor.key")]
+    out: PathBuf,
+    /// Public key file to write (default: <out> with extension .pub).
+    #[arg(long)]
+    public_out: Option<PathBuf>,
+    /// Overwrite the key files if they exist (the old key is lost: licenses and host
+    /// certificates signed with it no longer verify against the new one).
+    #[arg(long)]
+    force: bool,
 }
 
-/// Loads a vendor public key from hex, a .pub file or a .key file.
-fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
-    let bytes = hostbind_fsutil::vendor_public_arg(arg)?;
-    files::parse_vendor_public(&bytes).map_err(|e| anyhow!("{arg}: {e}"))
+// The arguments of `verify` (its help text is the doc comment of its variant above).
+#[derive(Args)]
+struct VerifyArgs {
+    /// Token file (raw COSE bytes) or '-' for stdin; hex or base64 text is accepted too.
+    token: PathBuf,
+    #[command(flatten)]
+    vendor: VendorPubArg,
+    /// The product the token must be for (and its license must be for).
+    #[arg(long)]
+    product: String,
+    /// A feature the token must grant and its license hold (repeatable).
+    #[arg(long = "feature", value_name = "F")]
+    features: Vec<String>,
+    /// Expected nonce (hex, 8 to 64 bytes).
+    #[arg(long)]
+    nonce: Option<String>,
+    /// Require TPM freshness evidence: the host's TPM quoted the nonce (needs --nonce).
+    #[arg(long, requires = "nonce")]
+    require_fresh: bool,
+    /// Refuse tokens issued longer ago than this (e.g. 30s, 5m).
+    #[arg(long)]
+    max_age: Option<humantime::Duration>,
+    /// Verify as of this Unix time instead of now.
+    #[arg(long)]
+    at: Option<u64>,
 }
 
-fn load_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    for p in paths {
-        let bytes = read(p)?;
-        out.extend(enroll::parse_ca_certs(&bytes).with_context(|| format!("in {}", p.display()))?);
-    }
-    Ok(out)
+// The arguments of `inspect` (its help text is the doc comment of its variant above).
+#[derive(Args)]
+struct InspectArgs {
+    /// The file.
+    file: PathBuf,
+    /// Vendor public key to verify signed files with (hex, or a .pub/.key file).
+    #[arg(long)]
+    vendor_pub: Option<String>,
 }
 
-/// Reads token bytes from a file or stdin; accepts raw, hex or base64 (URL-safe or standard).
-fn read_token(path: &Path) -> Result<Vec<u8>> {
-    let raw = if path == Path::new("-") {
-        let mut b = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
-            .context("reading the token from stdin")?;
-        b
-    } else {
-        read(path)?
-    };
-    let text = String::from_utf8_lossy(&raw);
-    let t = text.trim();
-    if !t.is_empty() && t.chars().all(|c| c.is_ascii_hexdigit()) && t.len().is_multiple_of(2) {
-        return Ok(hex::decode(t)?);
-    }
-    if !t.is_empty()
-        && t.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_+/=".contains(c))
-    {
-        use base64::Engine;
-        let t = t.trim_end_matches('=');
-        for engine in [
-            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-            &base64::engine::general_purpose::STANDARD_NO_PAD,
-        ] {
-            if let Ok(b) = engine.decode(t) {
-                return Ok(b);
-            }
-        }
-    }
-    Ok(raw)
+// The arguments of `enroll challenge` (its help text is the doc comment of its variant above).
+#[derive(Args)]
+struct ChallengeArgs {
+    /// Request file from `hostbind-proxy enroll request`.
+    request: PathBuf,
+    /// TPM manufacturer CA certificate(s) to trust (PEM or DER; repeat for several).
+    #[arg(long = "tpm-ca", required = true)]
+    tpm_ca: Vec<PathBuf>,
+    #[command(flatten)]
+    key: KeyArg,
+    #[command(flatten)]
+    ek: EkPolicyArg,
+    /// How long the challenge may be answered (e.g. 1h, 7d).
+    #[arg(long, default_value = "7d")]
+    valid_for: humantime::Duration,
+    /// Challenge file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Overwrite the --out file if it exists (it is replaced atomically).
+    #[arg(long)]
+    force: bool,
 }
 
-fn print(json: bool, v: &serde_json::Value) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(v)?);
-    } else {
-        print!("{}", describe::to_text(v));
-    }
-    Ok(())
+// The arguments of `enroll finish` (its help text is the doc comment of its variant above).
+#[derive(Args)]
+struct FinishArgs {
+    /// Answer file from `hostbind-proxy enroll answer`.
+    answer: PathBuf,
+    /// TPM manufacturer CA certificate(s) to trust (the same as for `challenge`).
+    #[arg(long = "tpm-ca", required = true)]
+    tpm_ca: Vec<PathBuf>,
+    #[command(flatten)]
+    key: KeyArg,
+    #[command(flatten)]
+    ek: EkPolicyArg,
+    /// Certificate validity (e.g. 3650d).
+    #[arg(long, default_value = "3650d")]
+    valid_for: humantime::Duration,
+    /// Longest token-key window verifiers accept from this host (the proxy's 2 x key_epoch
+    /// must fit): one TPM quote certifies a token key for at most this long.
+    #[arg(long, default_value = "1h")]
+    max_key_window: humantime::Duration,
+    /// The enrollment registry this issuer keeps (default: enrollments.json next to --key).
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    /// Sign even when the registry shows this TPM's EK certificate or key enrolled under
+    /// another host id (e.g. after a hostbind upgrade changed how host ids are derived).
+    #[arg(long)]
+    allow_new_host_id: bool,
+    /// Host certificate file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Overwrite the --out file if it exists (it is replaced atomically).
+    #[arg(long)]
+    force: bool,
 }
 
-fn host_ids(args: &[String], vendor: &VendorKey) -> Result<Vec<ByteBuf>> {
-    args.iter()
-        .map(|h| {
-            if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Ok(ByteBuf::from(hex::decode(h)?));
-            }
-            let bytes = read(Path::new(h)).context(
-                "--host is neither a 64-hex host id nor a readable host certificate file",
-            )?;
-            let c: HostCertificate = open(ObjectKind::HostCertificate, &bytes, &vendor.public())
-                .with_context(|| {
-                    format!("{h} is not a host certificate signed by this vendor key")
-                })?;
-            Ok(c.host_id)
-        })
-        .collect()
+// The arguments of `usage report` (its help text is the doc comment of its variant above).
+#[derive(Args)]
+struct ReportArgs {
+    /// Usage log file from `hostbind-proxy usage export`.
+    file: PathBuf,
+    #[command(flatten)]
+    key: KeyArg,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: hostbind_issuer::report::Format,
+    /// How far the host's wall clock may drift from its TPM clock between two blocks
+    /// before a clock jump is reported (e.g. 2m).
+    #[arg(long, default_value = "2m")]
+    clock_tolerance: humantime::Duration,
 }
 
 fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     match cli.cmd {
-        Cmd::Keygen {
-            out,
-            public_out,
-            force,
-        } => {
-            let key = VendorKey::generate()?;
-            let pub_path = public_out.unwrap_or_else(|| out.with_extension("pub"));
-            write_new(
-                &out,
-                &to_cbor("vendor key", &VendorKeyFile::new(&key))?,
-                0o600,
-                force,
-            )?;
-            write_new(
-                &pub_path,
-                &to_cbor(
-                    "vendor public key",
-                    &VendorPublicKeyFile::new(&key.public()),
-                )?,
-                0o644,
-                force,
-            )?;
-            print(
-                json,
-                &serde_json::json!({
-                    "private_key_file": out.display().to_string(),
-                    "public_key_file": pub_path.display().to_string(),
-                    "public_key": key.public().to_string(),
-                    "note": "keep the private key offline; embed the public key in your application",
-                }),
-            )
-        }
-        Cmd::Enroll(EnrollCmd::Challenge {
-            request,
-            tpm_ca,
-            key,
-            ek,
-            valid_for,
-            out,
-            force,
-        }) => {
-            let vendor = load_vendor_key(&key.key)?;
-            let req: EnrollRequest = from_cbor("enrollment request", &read(&request)?)
-                .with_context(|| format!("{} is not an enrollment request", request.display()))?;
-            let cas = load_cas(&tpm_ca)?;
-            let chal = enroll::create_challenge(
-                &req,
-                &cas,
-                &vendor,
-                hostbind_fsutil::unix_now(),
-                valid_for.as_secs(),
-                &ek.policy(),
-            )
-            .context("enrollment request rejected")?;
-            write_new(&out, &to_cbor("enrollment challenge", &chal)?, 0o644, force)?;
-            print(
-                json,
-                &serde_json::json!({
-                    "host_id": hex::encode(&chal.host_id),
-                    "ek_certificate": "chains to a trusted TPM manufacturer CA and certifies the EK",
-                    "ek_public": "the TCG EK Credential Profile template of its type",
-                    "challenge_file": out.display().to_string(),
-                    "answer_by": describe::time(chal.expires_at),
-                    "next": format!("on the host: hostbind-proxy enroll answer {}", out.display()),
-                }),
-            )
-        }
-        Cmd::Enroll(EnrollCmd::Finish {
-            answer,
-            tpm_ca,
-            key,
-            ek,
-            valid_for,
-            max_key_window,
-            registry,
-            allow_new_host_id,
-            out,
-            force,
-        }) => {
-            let vendor = load_vendor_key(&key.key)?;
-            let ans: EnrollAnswer = from_cbor("enrollment answer", &read(&answer)?)
-                .with_context(|| format!("{} is not an enrollment answer", answer.display()))?;
-            let cas = load_cas(&tpm_ca)?;
-            // Checked before signing too, so that a refused write leaves the registry untouched.
-            if out.exists() && !force {
-                bail!(
-                    "{} already exists; pass --force to overwrite it",
-                    out.display()
-                );
-            }
-            let done = enroll::finish(
-                &ans,
-                &cas,
-                &vendor,
-                hostbind_fsutil::unix_now(),
-                &ek.policy(),
-                &enroll::CertTerms {
-                    validity_secs: valid_for.as_secs(),
-                    max_key_window_secs: max_key_window.as_secs(),
-                },
-            )
-            .context("enrollment answer rejected")?;
-            let registry_path =
-                registry.unwrap_or_else(|| key.key.with_file_name(registry::REGISTRY_FILE));
-            let mut reg = Registry::load(&registry_path)?;
-            let entry = registry::Entry::new(&done);
-            let mut warnings = Vec::new();
-            for f in reg.check(&entry) {
-                match f {
-                    Finding::OtherHostId { .. } if !allow_new_host_id => bail!(
-                        "enrollment refused: {f} (registry {}); one TPM must be one host. If this                          is intended (e.g. host ids changed with a hostbind upgrade), run again                          with --allow-new-host-id",
-                        registry_path.display()
-                    ),
-                    f => warnings.push(f.to_string()),
-                }
-            }
-            for w in &warnings {
-                eprintln!("warning: {w}");
-            }
-            reg.enrollments.push(entry);
-            reg.save(&registry_path)?;
-            write_new(&out, &done.bytes, 0o644, force)?;
-            let mut d = describe::host_cert(&done.cert);
-            d["ek_template"] = serde_json::json!(done.ek_template);
-            d["registry"] = serde_json::json!(registry_path.display().to_string());
-            if !warnings.is_empty() {
-                d["warnings"] = serde_json::json!(warnings);
-            }
-            d["certificate_file"] = serde_json::json!(out.display().to_string());
-            // The host needs the vendor's public key too: the .pub file `keygen` wrote next
-            // to the key, else the key itself in hex (which --vendor-pub also accepts).
-            let pub_file = key.key.with_extension("pub");
-            let vendor_pub = if pub_file.is_file() {
-                pub_file.display().to_string()
-            } else {
-                vendor.public().to_string()
-            };
-            d["next"] = serde_json::json!(format!(
-                "send {} and {vendor_pub} to the host; there, as the proxy's user: hostbind-proxy enroll install {} --vendor-pub {vendor_pub}",
-                out.display(),
-                out.display()
-            ));
-            print(json, &d)
-        }
-        Cmd::License(LicenseCmd::Issue(a)) => {
-            let vendor = load_vendor_key(&a.key.key)?;
-            if a.seats == 0 && a.count_mode != CountMode::None {
-                bail!("--seats must be at least 1 (or use --count-mode none)");
-            }
-            let issued_at = hostbind_fsutil::unix_now();
-            let nb = a.not_before.unwrap_or(issued_at);
-            let id = match a.id {
-                Some(id) => id,
-                None => {
-                    let mut r = [0u8; 8];
-                    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r)
-                        .map_err(|_| anyhow!("the system random number generator failed"))?;
-                    format!("lic-{}", hex::encode(r))
-                }
-            };
-            let lic = License {
-                id,
-                customer: a.customer,
-                product: a.product,
-                features: a.features,
-                hosts: host_ids(&a.hosts, &vendor)?,
-                seats: a.seats,
-                count_mode: a.count_mode,
-                clone_policy: a.clone_policy,
-                grace_secs: a.grace.as_secs(),
-                issued_at,
-                validity: Validity {
-                    not_before: nb,
-                    not_after: nb.saturating_add(a.valid_for.as_secs()),
-                },
-                metering_key: (!a.no_metering).then(|| {
-                    ByteBuf::from(
-                        MeteringSecret::from_vendor(&vendor)
-                            .public()
-                            .to_bytes()
-                            .to_vec(),
-                    )
-                }),
-            };
-            lic.check_names().map_err(|e| {
-                let flag = match e.what {
-                    "license id" => "--id",
-                    "feature" => "--feature",
-                    "customer" => "--customer",
-                    _ => "--product",
-                };
-                anyhow!("{e}; give {flag} another value (nothing was written)")
-            })?;
-            write_new(
-                &a.out,
-                &sign(ObjectKind::License, &lic, &vendor)?,
-                0o644,
-                a.force,
-            )?;
-            let mut d = describe::license(&lic);
-            d["license_file"] = serde_json::json!(a.out.display().to_string());
-            print(json, &d)
-        }
-        Cmd::Verify {
-            token,
-            vendor,
-            product,
-            features,
-            nonce,
-            require_fresh,
-            max_age,
-            at,
-        } => {
-            let vendor = load_vendor_pub(&vendor.vendor_pub)?;
-            let bytes = read_token(&token)?;
-            let mut expect = Expectation::product(product).features(features);
-            if let Some(n) = nonce {
-                expect = expect.nonce(hex::decode(n.trim()).context("--nonce must be hex")?);
-            }
-            if require_fresh {
-                expect = expect.require_tpm_fresh();
-            }
-            if let Some(age) = max_age {
-                expect = expect.max_age(age.into());
-            }
-            let when = at.unwrap_or_else(hostbind_fsutil::unix_now);
-            match hostbind_attest::verify::verify_token(&bytes, &vendor, when, &expect) {
-                Ok(v) => print(json, &describe::verified_token(&v)),
-                Err(e) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&serde_json::json!({
-                                "verified": false, "error": e.to_string(), "at": describe::time(when),
-                            }))?
-                        );
-                    }
-                    Err(anyhow!("token NOT valid (as of {}): {e}", fmt_time(when)))
-                }
-            }
-        }
-        Cmd::Usage(UsageCmd::Report {
-            file,
-            key,
-            format,
-            clock_tolerance,
-        }) => {
-            let vendor = load_vendor_key(&key.key)?;
-            let bytes = read(&file)?;
-            let secret = MeteringSecret::from_vendor(&vendor);
-            let r = read_log(&bytes, &secret, clock_tolerance.as_secs());
-            let format = if json {
-                hostbind_issuer::report::Format::Json
-            } else {
-                format
-            };
-            print!("{}", hostbind_issuer::report::render(&r, format)?);
-            if !r.anomalies.is_empty() {
-                use std::io::Write as _;
-                let _ = std::io::stdout().flush();
-                eprintln!(
-                    "{} anomal{} found in {} (exit code 3)",
-                    r.anomalies.len(),
-                    if r.anomalies.len() == 1 { "y" } else { "ies" },
-                    file.display()
-                );
-                std::process::exit(3);
-            }
-            Ok(())
-        }
-        Cmd::Inspect { file, vendor_pub } => {
-            let vendor = vendor_pub.as_deref().map(load_vendor_pub).transpose()?;
-            let bytes = read(&file)?;
-            let (_, v) = describe::any(&bytes, vendor.as_ref())
-                .with_context(|| format!("cannot describe {}", file.display()))?;
-            print(json, &v)
-        }
+        Cmd::Keygen(a) => cmd::keygen::run(json, a),
+        Cmd::Enroll(EnrollCmd::Challenge(a)) => cmd::enroll::challenge(json, a),
+        Cmd::Enroll(EnrollCmd::Finish(a)) => cmd::enroll::finish(json, a),
+        Cmd::License(LicenseCmd::Issue(a)) => cmd::license::issue(json, a),
+        Cmd::Verify(a) => cmd::verify::run(json, a),
+        Cmd::Usage(UsageCmd::Report(a)) => cmd::usage::report(json, a),
+        Cmd::Inspect(a) => cmd::inspect::run(json, a),
     }
 }
 
