@@ -308,15 +308,10 @@ fn check_order_and_chain(parsed: &[Parsed], anomalies: &mut Vec<Anomaly>) {
 /// The parsed blocks in block-number order, the first occurrence in the file of each number
 /// (a duplicate counts once).
 fn in_block_order(parsed: &[Parsed]) -> Vec<&Parsed> {
-    let mut ordered: Vec<&Parsed> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut v: Vec<&Parsed> = parsed.iter().collect();
-    v.sort_by_key(|p| p.header.seq);
-    for p in v {
-        if seen.insert(p.header.seq) {
-            ordered.push(p);
-        }
-    }
+    let mut ordered: Vec<&Parsed> = parsed.iter().collect();
+    // a stable sort: of blocks with one number, the first in the file stays first
+    ordered.sort_by_key(|p| p.header.seq);
+    ordered.dedup_by_key(|p| p.header.seq);
     ordered
 }
 

@@ -16,6 +16,7 @@ impl From<VmSides> for hostbind_proxy::libvirt::vmcmd::Sides {
     }
 }
 
+/// One domain as `vm` commands print it: name, UUID, state, CID and its assignment(s).
 fn vm_line(v: &hostbind_proxy::libvirt::vmcmd::VmInfo, policy: &str) -> String {
     let stored = |a: &Option<hostbind_proxy::libvirt::Assignment>, e: &Option<String>| match (a, e)
     {

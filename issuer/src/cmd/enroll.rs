@@ -128,6 +128,7 @@ pub(crate) fn finish(json: bool, a: FinishArgs) -> Result<()> {
     print(json, &d)
 }
 
+/// Loads the TPM manufacturer CA certificates of `--tpm-ca` (PEM or DER, several per file).
 fn load_cas(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for p in paths {

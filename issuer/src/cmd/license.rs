@@ -74,6 +74,7 @@ pub(crate) fn issue(json: bool, a: IssueArgs) -> Result<()> {
     print(json, &d)
 }
 
+/// The host ids of `--host`: 64 hex characters each, or a host certificate signed by `vendor`.
 fn host_ids(args: &[String], vendor: &VendorKey) -> Result<Vec<ByteBuf>> {
     args.iter()
         .map(|h| {

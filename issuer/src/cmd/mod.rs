@@ -16,6 +16,7 @@ use hostbind_fsutil::read;
 use hostbind_issuer::describe;
 use std::path::Path;
 
+/// Loads the vendor private key file at `path`.
 pub(crate) fn load_vendor_key(path: &Path) -> Result<VendorKey> {
     let bytes = read(path)?;
     let f: VendorKeyFile = from_cbor("vendor key", &bytes).with_context(|| {
@@ -40,6 +41,7 @@ pub(crate) fn load_vendor_pub(arg: &str) -> Result<VendorPublicKey> {
     files::parse_vendor_public(&bytes).map_err(|e| anyhow!("{arg}: {e}"))
 }
 
+/// Prints `v` as pretty JSON with `--json`, else as text.
 pub(crate) fn print(json: bool, v: &serde_json::Value) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(v)?);
