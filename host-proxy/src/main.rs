@@ -90,6 +90,7 @@ enum ClockCmd {
     Accept,
 }
 
+/// `usage` commands (cmd/usage.rs).
 #[derive(Subcommand)]
 enum UsageCmd {
     /// Write the usage log for the vendor (encrypted to the vendor; works while the daemon runs).
@@ -106,6 +107,7 @@ enum UsageCmd {
     },
 }
 
+/// `vm` commands (cmd/vm.rs).
 #[derive(Subcommand)]
 enum VmCmd {
     /// Allow a domain to use a product, optionally reserving seats for it on this host.
