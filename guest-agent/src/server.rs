@@ -21,10 +21,10 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::broadcast;
 
-use crate::agent::Shared;
 use crate::leases::{self, LeaseKey};
 use crate::procwatch::{ProcessWatch, WatchError};
 use crate::requests::{self, bad_request};
+use crate::shared::Shared;
 
 /// The body type of every answer.
 type ApiBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -377,7 +377,7 @@ fn events(shared: &Arc<Shared>, caller: Caller) -> Response<ApiBody> {
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     break AgentEvent {
                         kind: EventKind::Lagged { missed },
-                        at: crate::agent::unix_now(),
+                        at: hostbind_fsutil::unix_now(),
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
