@@ -195,10 +195,8 @@ async fn on_connected(shared: &Shared, ack: &HelloAck) -> u64 {
     // HelloAck::validate checked the length; copy defensively anyway.
     let n = ack.host_id.len().min(host_id.len());
     host_id[..n].copy_from_slice(&ack.host_id[..n]);
-    let (generation, old_host, changed) = {
+    let (old_host, changed) = {
         let mut st = shared.lock();
-        st.generation += 1;
-        let generation = st.generation;
         let old_host = st.last_host.replace(host_id);
         let changed = old_host != Some(host_id);
         if changed {
@@ -209,6 +207,16 @@ async fn on_connected(shared: &Shared, ack: &HelloAck) -> u64 {
                 }
             }
         }
+        (old_host, changed)
+    };
+    if changed {
+        // Written on a blocking thread, in the order of the sessions; failures are logged.
+        let _ = store_last_host(&shared.last_host_file, &host_id).await;
+    }
+    let generation = {
+        let mut st = shared.lock();
+        st.generation += 1;
+        let generation = st.generation;
         st.session = Some(Session {
             host_id,
             vm: ack.vm.clone(),
@@ -220,12 +228,8 @@ async fn on_connected(shared: &Shared, ack: &HelloAck) -> u64 {
             lease_query: ack.lease_query,
         });
         st.last_error = None;
-        (generation, old_host, changed)
+        generation
     };
-    if changed {
-        // Written on a blocking thread, in the order of the sessions; failures are logged.
-        let _ = store_last_host(&shared.last_host_file, &host_id).await;
-    }
     tracing::info!(
         host = %hex::encode(host_id),
         vm = %ack.vm.name,
