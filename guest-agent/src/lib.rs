@@ -17,7 +17,7 @@ pub mod agent;
 pub mod backoff;
 mod call;
 pub mod chain;
-pub mod config;
+mod config;
 mod conn;
 mod lease;
 mod leases;
@@ -26,7 +26,7 @@ pub mod requests;
 mod server;
 mod session;
 mod shared;
-pub mod statefile;
+mod statefile;
 pub mod transport;
 
 pub use agent::{run, Agent, AgentConfig, AgentError, Timing, AGENT_VERSION};

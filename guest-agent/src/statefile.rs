@@ -18,7 +18,7 @@ use crate::session::HostId;
 
 /// One state file and the order of its writes.
 #[derive(Debug)]
-pub struct StateFile {
+pub(crate) struct StateFile {
     path: PathBuf,
     mode: u32,
     /// The sequence number of the next write asked for.
@@ -30,7 +30,7 @@ pub struct StateFile {
 
 /// How a write ended.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Written {
+pub(crate) enum Written {
     /// The contents are on disk.
     Done,
     /// A later write was on disk already; this one was dropped (the later state supersedes it).
@@ -49,6 +49,7 @@ impl StateFile {
     }
 
     /// Its path.
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
