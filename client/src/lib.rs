@@ -132,22 +132,27 @@ impl std::fmt::Debug for Kept {
 }
 
 impl Kept {
-    /// Sends one request and reads its whole answer, driving the connection meanwhile.
+    /// Sends one request and reads its whole answer, driving the connection meanwhile. A
+    /// failure says whether the answer had begun (only a request that got no answer at all is
+    /// sent again on a new connection).
     async fn exchange(
         &mut self,
         method: Method,
         path: &str,
         body: Bytes,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<(StatusCode, Bytes), (ClientError, bool)> {
         let Kept { sender, conn } = self;
         let work = async {
             sender
                 .ready()
                 .await
-                .map_err(|e| ClientError::Http(e.to_string()))?;
-            let resp = request(sender, method, path, body).await?;
+                .map_err(|e| (ClientError::Http(e.to_string()), false))?;
+            let resp = request(sender, method, path, body)
+                .await
+                .map_err(|e| (e, false))?;
             let status = resp.status();
-            Ok((status, collect(resp.into_body()).await?))
+            let bytes = collect(resp.into_body()).await.map_err(|e| (e, true))?;
+            Ok((status, bytes))
         };
         tokio::pin!(work);
         if let Some(c) = conn.as_mut() {
@@ -284,11 +289,11 @@ impl Client {
             };
             let (status, bytes) = match k.exchange(method.clone(), path, body.clone()).await {
                 Ok(r) => r,
-                Err(_) if reused => {
+                Err((_, false)) if reused => {
                     k = self.open().await?;
-                    k.exchange(method, path, body).await?
+                    k.exchange(method, path, body).await.map_err(|(e, _)| e)?
                 }
-                Err(e) => return Err(e),
+                Err((e, _)) => return Err(e),
             };
             self.put_idle(k);
             if !status.is_success() {
