@@ -28,10 +28,11 @@ pub struct AppDeveloperGuide;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
+use hostbind_fsutil::unix_now;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -107,7 +108,65 @@ impl ClientError {
 pub struct Client {
     socket: PathBuf,
     timeout: Duration,
-    idle: Arc<Mutex<Option<Pooled>>>,
+    idle: Arc<Mutex<Option<Kept>>>,
+}
+
+/// The HTTP/1.1 connection state machine of a kept-alive connection.
+type Conn = hyper::client::conn::http1::Connection<TokioIo<UnixStream>, Full<Bytes>>;
+
+/// A kept-alive connection for calls. It has no task of its own: the call using it drives it
+/// (request, answer and connection in one task), so a call costs no hand-off between tasks
+/// or threads, and an idle connection costs nothing.
+struct Kept {
+    sender: SendRequest<Full<Bytes>>,
+    /// `None` once the connection ended.
+    conn: Option<Pin<Box<Conn>>>,
+}
+
+impl std::fmt::Debug for Kept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kept")
+            .field("open", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl Kept {
+    /// Sends one request and reads its whole answer, driving the connection meanwhile. A
+    /// failure says whether the answer had begun (only a request that got no answer at all is
+    /// sent again on a new connection).
+    async fn exchange(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), (ClientError, bool)> {
+        let Kept { sender, conn } = self;
+        let work = async {
+            sender
+                .ready()
+                .await
+                .map_err(|e| (ClientError::Http(e.to_string()), false))?;
+            let resp = request(sender, method, path, body)
+                .await
+                .map_err(|e| (e, false))?;
+            let status = resp.status();
+            let bytes = collect(resp.into_body()).await.map_err(|e| (e, true))?;
+            Ok((status, bytes))
+        };
+        tokio::pin!(work);
+        if let Some(c) = conn.as_mut() {
+            tokio::select! {
+                biased;
+                r = &mut work => return r,
+                // Closed or broken; the exchange's own error says which.
+                _ = c.as_mut() => {}
+            }
+        }
+        // The connection ended: dropping it ends whatever of the exchange was still waiting.
+        *conn = None;
+        work.await
+    }
 }
 
 /// An HTTP/1.1 connection to the agent and the task driving it (stopped when dropped).
@@ -224,21 +283,19 @@ impl Client {
         let work = async {
             // Reuse the kept-alive connection when there is one; a stale one (the agent closed
             // it) gets the request once more on a new connection.
-            let (mut p, reused) = match self.take_idle().await {
-                Some(p) => (p, true),
-                None => (self.connect().await?, false),
+            let (mut k, reused) = match self.take_idle() {
+                Some(k) => (k, true),
+                None => (self.open().await?, false),
             };
-            let resp = match request(&mut p.sender, method.clone(), path, body.clone()).await {
+            let (status, bytes) = match k.exchange(method.clone(), path, body.clone()).await {
                 Ok(r) => r,
-                Err(_) if reused => {
-                    p = self.connect().await?;
-                    request(&mut p.sender, method, path, body).await?
+                Err((_, false)) if reused => {
+                    k = self.open().await?;
+                    k.exchange(method, path, body).await.map_err(|(e, _)| e)?
                 }
-                Err(e) => return Err(e),
+                Err((e, _)) => return Err(e),
             };
-            let status = resp.status();
-            let bytes = collect(resp.into_body()).await?;
-            self.put_idle(p);
+            self.put_idle(k);
             if !status.is_success() {
                 return Err(api_error(status, &bytes));
             }
@@ -253,27 +310,36 @@ impl Client {
             .map_err(|_| ClientError::Timeout(self.timeout))?
     }
 
-    /// The idle kept-alive connection, if it is still usable.
-    async fn take_idle(&self) -> Option<Pooled> {
-        let p = self.idle.lock().ok()?.take();
-        let mut p = p?;
-        if p.sender.is_closed() || p.sender.ready().await.is_err() {
-            return None;
-        }
-        Some(p)
+    /// The idle kept-alive connection, unless it is known to be closed (one the agent closed
+    /// meanwhile fails its next exchange, which the caller then retries on a new connection).
+    fn take_idle(&self) -> Option<Kept> {
+        let k = self.idle.lock().ok()?.take()?;
+        (k.conn.is_some() && !k.sender.is_closed()).then_some(k)
     }
 
-    /// Keeps `p` for the next call (unless another connection is already kept).
-    fn put_idle(&self, p: Pooled) {
+    /// Keeps `k` for the next call (unless another connection is already kept).
+    fn put_idle(&self, k: Kept) {
+        if k.conn.is_none() {
+            return;
+        }
         if let Ok(mut g) = self.idle.lock() {
             if g.is_none() {
-                *g = Some(p);
+                *g = Some(k);
             }
         }
     }
 
-    /// Opens a connection to the agent.
-    async fn connect(&self) -> Result<Pooled, ClientError> {
+    /// Opens a connection for calls (driven by the calls, see [`Kept`]).
+    async fn open(&self) -> Result<Kept, ClientError> {
+        let (sender, conn) = self.handshake().await?;
+        Ok(Kept {
+            sender,
+            conn: Some(Box::pin(conn)),
+        })
+    }
+
+    /// Connects to the agent and sets up HTTP/1.1 on the connection.
+    async fn handshake(&self) -> Result<(SendRequest<Full<Bytes>>, Conn), ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -281,9 +347,15 @@ impl Client {
                     socket: self.socket.display().to_string(),
                     source,
                 })?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+            .map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    /// Opens a connection to the agent driven by a task of its own (for the event stream,
+    /// which is read without a call driving it).
+    async fn connect(&self) -> Result<Pooled, ClientError> {
+        let (sender, conn) = self.handshake().await?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -427,13 +499,6 @@ impl Stream for EventStream {
             }
         }
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Fails a reply whose token expired at or before `now`.

@@ -7,14 +7,19 @@
 //! file is replaced atomically (tmp + fsync + rename + dir fsync) *before* the new id is sent:
 //! an id the proxy saw is never lost by a crash, so a restarted agent never re-forks its own
 //! chain. If the file cannot be written, no id is appended (the message carries the chain as
-//! it is).
+//! it is). The file is written on a blocking thread ([`crate::statefile`]); the chain's lock is
+//! a tokio lock held across that write, so appends stay in order and no tokio worker waits for
+//! an fsync.
 
 use hostbind_attest::chain::SUFFIX_LEN;
 use hostbind_attest::wire::{Body, EphemeralId, MAX_CHAIN};
 use rand_core::{OsRng, RngCore};
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use crate::statefile::{StateFile, Written};
 
 /// Name of the chain file in the agent's state dir.
 pub const CHAIN_FILE: &str = "chain";
@@ -22,7 +27,7 @@ pub const CHAIN_FILE: &str = "chain";
 /// The chain and its append rule.
 #[derive(Debug)]
 pub struct Chain {
-    path: PathBuf,
+    file: StateFile,
     interval: Duration,
     every: u32,
     inner: Mutex<Inner>,
@@ -81,7 +86,7 @@ impl Chain {
             }
         };
         Chain {
-            path,
+            file: StateFile::new(path, 0o600),
             interval,
             every: every.max(1),
             inner: Mutex::new(Inner {
@@ -92,18 +97,14 @@ impl Chain {
     }
 
     /// The chain's ids, newest last (at most [`MAX_CHAIN`]).
-    pub fn ids(&self) -> Vec<EphemeralId> {
-        self.lock().ids.clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    pub async fn ids(&self) -> Vec<EphemeralId> {
+        self.inner.lock().await.ids.clone()
     }
 
     /// The suffix to send with the next message, appending (and persisting) a fresh id first
     /// when one is due.
-    pub fn next_suffix(&self) -> Vec<EphemeralId> {
-        let mut g = self.lock();
+    pub async fn next_suffix(&self) -> Vec<EphemeralId> {
+        let mut g = self.inner.lock().await;
         let due = g.ids.is_empty()
             || g.since >= self.every
             || !matches!(g.last_append, Some(t) if t.elapsed() < self.interval);
@@ -114,12 +115,19 @@ impl Chain {
             next.push(id);
             let skip = next.len().saturating_sub(MAX_CHAIN);
             next.drain(..skip);
-            match hostbind_fsutil::write_atomic(&self.path, render(&next).as_bytes(), 0o600) {
-                Ok(()) => {
+            // Cancelled here, the write still completes on its thread, but the id is not taken
+            // into the chain in memory: the next append builds on the old chain, and its write
+            // comes later in the file's order, so the file ends up as the memory says.
+            match self.file.write(render(&next).into_bytes()).await {
+                Ok(Written::Done) => {
                     g.ids = next;
                     g.last_append = Some(Instant::now());
                     g.since = 0;
                 }
+                // Not while this lock is held (every later write is asked for under it).
+                Ok(Written::Superseded) => tracing::warn!(
+                    "the clone-detection chain was saved by a later write; sending without a new id"
+                ),
                 Err(e) => tracing::warn!(
                     "cannot save the clone-detection chain ({e}); sending without a new id"
                 ),
@@ -131,11 +139,11 @@ impl Chain {
     }
 
     /// Puts the chain suffix into a request that carries one (Hello, TokenRequest, Renew).
-    pub fn stamp(&self, body: &mut Body) {
+    pub async fn stamp(&self, body: &mut Body) {
         match body {
-            Body::Hello(h) => h.chain = self.next_suffix(),
-            Body::TokenRequest(r) => r.chain = self.next_suffix(),
-            Body::Renew(r) => r.chain = self.next_suffix(),
+            Body::Hello(h) => h.chain = self.next_suffix().await,
+            Body::TokenRequest(r) => r.chain = self.next_suffix().await,
+            Body::Renew(r) => r.chain = self.next_suffix().await,
             _ => {}
         }
     }
@@ -145,54 +153,76 @@ impl Chain {
 mod tests {
     use super::*;
 
-    #[test]
-    fn appends_by_messages_and_time_and_persists_first() {
+    #[tokio::test]
+    async fn appends_by_messages_and_time_and_persists_first() {
         let dir = tempfile::tempdir().unwrap();
         let c = Chain::load(dir.path(), Duration::from_secs(3600), 3);
-        let s1 = c.next_suffix();
+        let s1 = c.next_suffix().await;
         assert_eq!(s1.len(), 1);
         // Not due: same chain for the next two messages.
-        assert_eq!(c.next_suffix(), s1);
-        assert_eq!(c.next_suffix(), s1);
+        assert_eq!(c.next_suffix().await, s1);
+        assert_eq!(c.next_suffix().await, s1);
         // Third message since the append: a new id.
-        let s2 = c.next_suffix();
+        let s2 = c.next_suffix().await;
         assert_eq!(s2.len(), 2);
         assert_eq!(s2[0], s1[0]);
         // The file holds what was sent.
         let again = Chain::load(dir.path(), Duration::from_secs(3600), 3);
-        assert_eq!(again.ids(), s2);
+        assert_eq!(again.ids().await, s2);
         // A restart resumes the chain and appends on its first send.
-        let s3 = again.next_suffix();
+        let s3 = again.next_suffix().await;
         assert_eq!(&s3[..2], &s2[..]);
         assert_eq!(s3.len(), 3);
 
         let t = Chain::load(dir.path(), Duration::from_millis(20), 1000);
-        let a = t.next_suffix();
-        assert_eq!(t.next_suffix(), a);
-        std::thread::sleep(Duration::from_millis(30));
-        assert_ne!(t.next_suffix(), a);
+        let a = t.next_suffix().await;
+        assert_eq!(t.next_suffix().await, a);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_ne!(t.next_suffix().await, a);
     }
 
-    #[test]
-    fn sends_at_most_the_suffix_and_keeps_max_chain() {
+    #[tokio::test]
+    async fn sends_at_most_the_suffix_and_keeps_max_chain() {
         let dir = tempfile::tempdir().unwrap();
         let c = Chain::load(dir.path(), Duration::ZERO, 1);
         let mut last = Vec::new();
         for _ in 0..40 {
-            last = c.next_suffix();
+            last = c.next_suffix().await;
             assert!(last.len() <= SUFFIX_LEN);
         }
-        assert_eq!(c.ids().len(), MAX_CHAIN);
-        assert_eq!(&c.ids()[MAX_CHAIN - SUFFIX_LEN..], &last[..]);
+        assert_eq!(c.ids().await.len(), MAX_CHAIN);
+        assert_eq!(&c.ids().await[MAX_CHAIN - SUFFIX_LEN..], &last[..]);
     }
 
-    #[test]
-    fn corrupt_file_is_moved_aside() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_file_holds_the_newest_chain_after_concurrent_and_cancelled_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = std::sync::Arc::new(Chain::load(dir.path(), Duration::ZERO, 1));
+        // An append cancelled while its write runs: its id is not taken, and its write, done
+        // later or not, never replaces the newer chain below.
+        let _ = tokio::time::timeout(Duration::ZERO, c.next_suffix()).await;
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.next_suffix().await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // The cancelled write, if it had not run yet, is skipped: a later one is on disk.
+        let ids = c.ids().await;
+        assert_eq!(Chain::load(dir.path(), Duration::ZERO, 1).ids().await, ids);
+        assert_eq!(ids.len(), MAX_CHAIN);
+    }
+
+    #[tokio::test]
+    async fn corrupt_file_is_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CHAIN_FILE), "not hex\n").unwrap();
         let c = Chain::load(dir.path(), Duration::ZERO, 1);
-        assert!(c.ids().is_empty());
+        assert!(c.ids().await.is_empty());
         assert!(dir.path().join("chain.corrupt").exists());
-        assert_eq!(c.next_suffix().len(), 1);
+        assert_eq!(c.next_suffix().await.len(), 1);
     }
 }

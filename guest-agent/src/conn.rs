@@ -1,5 +1,7 @@
 //! The connection manager: one task that keeps ONE connection to the host proxy, runs Hello on
-//! every (re)connect, pipelines requests by id and dispatches pushed events.
+//! every (re)connect and pipelines requests by id. It publishes what happens to the session
+//! (connected, disconnected, events the proxy pushed) as [`SessionEvent`]s; the lease manager
+//! follows them. It knows nothing of leases.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,93 +9,25 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use hostbind_attest::wire::FrameCodec;
-use hostbind_attest::wire::{
-    Body, ErrorBody, Event, EventKind as WireEventKind, Hello, HelloAck, Message, Ping, VmIdentity,
-};
-use hostbind_client::api::{self, EventKind, LossReason};
+use hostbind_attest::wire::{Body, Hello, HelloAck, Message, Ping, VmIdentity};
+use hostbind_client::api::{self, EventKind};
+use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 
-use crate::agent::{store_last_host, unix_now, HostId, Session, Shared, AGENT_VERSION};
 use crate::backoff::Backoff;
+use crate::call::{CallError, Outgoing, Reply};
+use crate::config::AGENT_VERSION;
+use crate::session::{HostId, Session, SessionEvent};
+use crate::shared::Shared;
+use crate::statefile::store_last_host;
 use crate::transport::BoxedStream;
 
 /// Id of the Hello request on every connection; later requests count up from here.
 const HELLO_ID: u64 = 1;
 /// Most requests written before one flush.
 const MAX_BATCH: usize = 64;
-
-/// A request for the proxy, queued to the connection task.
-pub(crate) struct Outgoing {
-    pub body: Body,
-    pub reply: oneshot::Sender<Result<Reply, CallError>>,
-}
-
-/// A successful answer and the session it came from.
-#[derive(Debug)]
-pub(crate) struct Reply {
-    pub body: Body,
-    pub host_id: HostId,
-    pub vm: VmIdentity,
-    #[allow(dead_code)]
-    pub generation: u64,
-}
-
-/// Why a request to the proxy failed.
-#[derive(Debug, Clone)]
-pub(crate) enum CallError {
-    /// No session right now (message says what to check).
-    NotConnected(String),
-    /// The session ended before the answer came.
-    Lost(String),
-    /// The proxy did not answer in time (the session is dropped and re-established).
-    TimedOut(String),
-    /// The proxy answered with an error.
-    Refused(ErrorBody),
-    /// The proxy answered with something that is not an answer to this request.
-    Unexpected(String),
-    /// The proxy answered with a token that had already expired by this VM's clock.
-    Expired(String),
-}
-
-impl CallError {
-    /// The local API error for this failure.
-    pub fn to_api(&self) -> api::ApiError {
-        match self {
-            CallError::NotConnected(m) => api::ApiError {
-                code: api::ErrorCode::NotConnected,
-                message: m.clone(),
-            },
-            CallError::TimedOut(m) => api::ApiError {
-                code: api::ErrorCode::Timeout,
-                message: format!("{m}; the agent is reconnecting, retry in a moment"),
-            },
-            CallError::Lost(m) => api::ApiError {
-                code: api::ErrorCode::NotConnected,
-                message: format!(
-                    "the connection to the host proxy was lost before it answered ({m}); retry \
-                     in a moment, the agent is reconnecting"
-                ),
-            },
-            CallError::Refused(e) => api::ApiError {
-                code: e.code.into(),
-                message: e.message.clone(),
-            },
-            CallError::Expired(m) => api::ApiError {
-                code: api::ErrorCode::TokenExpired,
-                message: m.clone(),
-            },
-            CallError::Unexpected(m) => api::ApiError {
-                code: api::ErrorCode::UnexpectedMessage,
-                message: format!(
-                    "the host proxy answered unexpectedly ({m}); agent and proxy versions may not \
-                     match"
-                ),
-            },
-        }
-    }
-}
 
 /// Runs the connection manager until shutdown.
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
@@ -120,8 +54,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<Outgoing>) {
         match result {
             Ok((framed, ack)) => {
                 backoff.reset();
-                let (generation, old_host) = on_connected(&shared, &ack);
-                tokio::spawn(crate::leases::resync(shared.clone(), generation, old_host));
+                let generation = on_connected(&shared, &ack).await;
                 let reason = serve(&shared, framed, &mut rx, generation).await;
                 let Some(reason) = reason else { return };
                 on_disconnected(&shared, &reason);
@@ -202,7 +135,7 @@ async fn connect_and_hello(shared: &Shared) -> Result<(Conn, HelloAck), Failed> 
         let known_host = shared.lock().last_host.map(|h| ByteBuf::from(h.to_vec()));
         let hello = Hello {
             agent_version: AGENT_VERSION.to_string(),
-            chain: shared.chain.next_suffix(),
+            chain: shared.chain.next_suffix().await,
             facts: shared.cfg.facts.clone(),
             known_host,
         };
@@ -229,7 +162,7 @@ async fn connect_and_hello(shared: &Shared) -> Result<(Conn, HelloAck), Failed> 
                         e.message
                     ))
                 }
-                (0, Body::Event(ev)) => on_proxy_event(shared, ev),
+                (0, Body::Event(ev)) => publish(shared, SessionEvent::Proxy(ev)),
                 (id, body) => {
                     return Err(format!(
                         "the host proxy answered Hello with '{}' (id {id}); agent and proxy \
@@ -249,16 +182,21 @@ async fn connect_and_hello(shared: &Shared) -> Result<(Conn, HelloAck), Failed> 
     }
 }
 
-/// Records a new session; returns its generation and the host of the session before.
-fn on_connected(shared: &Shared, ack: &HelloAck) -> (u64, Option<HostId>) {
+/// Hands a session event to the lease manager.
+fn publish(shared: &Shared, ev: SessionEvent) {
+    // No receiver only while the agent shuts down.
+    let _ = shared.sessions.send(ev);
+}
+
+/// Records a new session and publishes it; returns its generation. A new host is on disk
+/// before anyone hears of the session.
+async fn on_connected(shared: &Shared, ack: &HelloAck) -> u64 {
     let mut host_id: HostId = [0; 32];
     // HelloAck::validate checked the length; copy defensively anyway.
     let n = ack.host_id.len().min(host_id.len());
     host_id[..n].copy_from_slice(&ack.host_id[..n]);
-    let (generation, old_host, changed) = {
+    let (old_host, changed) = {
         let mut st = shared.lock();
-        st.generation += 1;
-        let generation = st.generation;
         let old_host = st.last_host.replace(host_id);
         let changed = old_host != Some(host_id);
         if changed {
@@ -269,6 +207,16 @@ fn on_connected(shared: &Shared, ack: &HelloAck) -> (u64, Option<HostId>) {
                 }
             }
         }
+        (old_host, changed)
+    };
+    if changed {
+        // Written on a blocking thread, in the order of the sessions; failures are logged.
+        let _ = store_last_host(&shared.last_host_file, &host_id).await;
+    }
+    let generation = {
+        let mut st = shared.lock();
+        st.generation += 1;
+        let generation = st.generation;
         st.session = Some(Session {
             host_id,
             vm: ack.vm.clone(),
@@ -280,11 +228,8 @@ fn on_connected(shared: &Shared, ack: &HelloAck) -> (u64, Option<HostId>) {
             lease_query: ack.lease_query,
         });
         st.last_error = None;
-        (generation, old_host, changed)
+        generation
     };
-    if changed {
-        store_last_host(&shared.last_host_path(), &host_id);
-    }
     tracing::info!(
         host = %hex::encode(host_id),
         vm = %ack.vm.name,
@@ -296,7 +241,15 @@ fn on_connected(shared: &Shared, ack: &HelloAck) -> (u64, Option<HostId>) {
         host_id: hex::encode(host_id),
         vm: api::VmInfo::from(&ack.vm),
     });
-    (generation, old_host)
+    publish(
+        shared,
+        SessionEvent::Connected {
+            generation,
+            host_id,
+            old_host,
+        },
+    );
+    generation
 }
 
 /// Records the end of a session.
@@ -310,6 +263,12 @@ fn on_disconnected(shared: &Shared, reason: &str) {
     shared.emit(EventKind::Disconnected {
         message: reason.to_string(),
     });
+    publish(
+        shared,
+        SessionEvent::Disconnected {
+            reason: reason.to_string(),
+        },
+    );
 }
 
 /// A request waiting for its answer.
@@ -377,7 +336,7 @@ async fn serve(
                     next_id += 1;
                     tracing::debug!(id, kind = o.body.kind(), "request to the host proxy");
                     let mut body = o.body;
-                    shared.chain.stamp(&mut body);
+                    shared.chain.stamp(&mut body).await;
                     match framed.feed(Message::new(id, body)).await {
                         Ok(()) => {
                             pending.insert(id, Pending { reply: o.reply, sent: Instant::now() });
@@ -455,7 +414,7 @@ fn dispatch(
     if msg.id == 0 {
         return match msg.body {
             Body::Event(ev) => {
-                on_proxy_event(shared, ev);
+                publish(shared, SessionEvent::Proxy(ev));
                 Ok(())
             }
             Body::Error(e) => Err(format!(
@@ -498,55 +457,4 @@ fn dispatch(
     };
     let _ = p.reply.send(result);
     Ok(())
-}
-
-/// Turns an event pushed by the proxy into lease bookkeeping and an app event.
-pub(crate) fn on_proxy_event(shared: &Shared, ev: Event) {
-    let kind = serde_json::to_value(ev.kind).ok();
-    tracing::info!(
-        kind = kind.as_ref().and_then(|k| k.as_str()),
-        lease = ev.lease_id.as_deref(),
-        "event from the host proxy: {}",
-        ev.message
-    );
-    if ev.kind == WireEventKind::CloneDetected {
-        shared.emit(EventKind::CloneDetected {
-            message: ev.message,
-        });
-        return;
-    }
-    let removed = ev
-        .lease_id
-        .as_deref()
-        .and_then(|id| crate::leases::remove_by_id(shared, id));
-    let lease_id = ev.lease_id.clone().unwrap_or_default();
-    let product = removed
-        .as_ref()
-        .map(|l| l.key.product.clone())
-        .or(ev.product.clone())
-        .unwrap_or_default();
-    let kind = match ev.kind {
-        WireEventKind::LeaseExpired => EventKind::LeaseExpired {
-            lease_id,
-            product,
-            message: ev.message,
-        },
-        WireEventKind::LeaseRevoked | WireEventKind::LicenseRemoved => EventKind::LeaseLost {
-            lease_id,
-            product,
-            reason: if ev.kind == WireEventKind::LeaseRevoked {
-                LossReason::Revoked
-            } else {
-                LossReason::LicenseRemoved
-            },
-            new_lease_id: None,
-            message: ev.message,
-        },
-        WireEventKind::CloneDetected => return,
-    };
-    // The lease's owner sees it; a lease no local user holds, only root.
-    match removed {
-        Some(l) => shared.emit_to(l.key.uid, kind),
-        None => shared.emit_for(crate::agent::Audience::Root, kind, Vec::new()),
-    }
 }

@@ -1,170 +1,31 @@
-//! Leases and their tokens: the cache, acquisition, renewal at half the TTL, release, process
-//! exit, and re-attestation after a move to another host.
+//! The lease manager: the token cache, acquisition, renewal at half the TTL, release, process
+//! exit, and re-attestation after a move to another host. It follows the session events the
+//! connection task publishes ([`run`]) and asks the proxy through [`Shared::call`]; the local
+//! API asks it for tokens.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hostbind_attest::wire::{
-    self, Body, ErrorCode, HeldLease, LeaseQuery, Release, Renew, Scope, TokenResponse,
+    self, Body, ErrorCode, Event, EventKind as WireEventKind, HeldLease, LeaseQuery, Release,
+    Renew, Scope, TokenResponse,
 };
-use hostbind_client::api::{self, EventKind, LeaseInfo, LossReason, TokenReply};
+use hostbind_client::api::{self, EventKind, LossReason, TokenReply};
+use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
+use tokio::sync::broadcast;
 
-use crate::agent::{unix_now, Audience, HostId, Shared};
-use crate::conn::{CallError, Reply};
+use crate::call::{CallError, Reply};
+pub(crate) use crate::lease::{Ask, LeaseKey};
+use crate::lease::{CachedToken, Lease, Orphan};
 use crate::procwatch::ProcessWatch;
+use crate::session::{HostId, SessionEvent};
+use crate::shared::{Audience, Shared};
 
 /// Most releases kept for sending after a reconnect.
 const MAX_ORPHANS: usize = 4096;
 /// Most leases read from the host's list after a reconnect (pages of `wire::LEASE_PAGE`).
 const MAX_HELD: usize = 65_536;
-
-/// What identifies a lease for the cache: one lease per key. Leases belong to the local user
-/// (uid) who asked for them: users never share a lease (nor its cached token, whose `cti` is
-/// the lease id), and only its owner (or root) sees and releases it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct LeaseKey {
-    pub product: String,
-    /// Sorted and without duplicates.
-    pub features: Vec<String>,
-    pub scope: Scope,
-    /// The owning process, for process-scoped leases.
-    pub pid: Option<u32>,
-    /// Its start time (clock ticks since boot), when it could be read: with the pid it names
-    /// the process, also for a restarted agent.
-    pub pid_start: Option<u64>,
-    /// The owning user (SO_PEERCRED uid of the app that asked).
-    pub uid: u32,
-    /// Set while the lease has no known owner: a restarted agent adopted it from the host,
-    /// which does not know which local user asked (`uid` is then only a guess: root for a VM
-    /// lease, the process's owner for a process lease). The id of the adopted lease, which
-    /// keeps several such leases for otherwise equal keys apart. The first request whose key
-    /// matches apart from the owner takes the lease over ([`claim`]).
-    pub adopted: Option<String>,
-}
-
-impl LeaseKey {
-    /// A key with normalized features for user `uid`.
-    pub fn new(
-        product: &str,
-        features: &[String],
-        scope: Scope,
-        pid: Option<u32>,
-        pid_start: Option<u64>,
-        uid: u32,
-    ) -> LeaseKey {
-        let mut features = features.to_vec();
-        features.sort();
-        features.dedup();
-        let process = scope == Scope::Process;
-        LeaseKey {
-            product: product.to_string(),
-            features,
-            scope,
-            pid: pid.filter(|_| process),
-            pid_start: pid_start.filter(|_| process && pid.is_some()),
-            uid,
-            adopted: None,
-        }
-    }
-}
-
-impl LeaseKey {
-    /// Whether `other` is the same key but perhaps for another (or no known) user.
-    pub fn same_but_owner(&self, other: &LeaseKey) -> bool {
-        LeaseKey {
-            uid: other.uid,
-            adopted: other.adopted.clone(),
-            ..self.clone()
-        } == *other
-    }
-}
-
-/// What an app asks of the token beyond its lease key: a nonce to bind and TPM freshness.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Ask {
-    /// The app's nonce (8 to 64 bytes), bound into the token's eat_nonce.
-    pub nonce: Option<Vec<u8>>,
-    /// Have the host's TPM quote over the nonce.
-    pub tpm_fresh: bool,
-}
-
-/// The newest token of a lease that was issued without a nonce (the one handed out from cache).
-#[derive(Debug, Clone)]
-pub(crate) struct CachedToken {
-    pub token: Vec<u8>,
-    pub expires_at: u64,
-}
-
-/// A lease the agent holds.
-#[derive(Debug, Clone)]
-pub(crate) struct Lease {
-    pub key: LeaseKey,
-    pub lease_id: String,
-    pub host_id: HostId,
-    pub vm: wire::VmIdentity,
-    pub token_expires_at: u64,
-    pub lease_expires_at: u64,
-    pub acquired_at: u64,
-    pub cached: Option<CachedToken>,
-    /// When the renewal is due (half the TTL after the last grant, by the local clock); for a
-    /// lease in grace, when the next re-acquisition attempt is due.
-    pub renew_at: Instant,
-    pub renewing: bool,
-    /// The license's grace after a move to a host that refuses the product, seconds.
-    pub grace_secs: u64,
-    /// Set when a host refused the lease after a move: the end of its grace, unix seconds.
-    pub grace_until: Option<u64>,
-}
-
-impl Lease {
-    /// The lease for `GET /v1/status`.
-    pub fn info(&self) -> LeaseInfo {
-        LeaseInfo {
-            lease_id: self.lease_id.clone(),
-            product: self.key.product.clone(),
-            features: self.key.features.clone(),
-            scope: self.key.scope,
-            pid: self.key.pid,
-            // An adopted lease nobody has claimed yet has no known owner.
-            uid: self.key.adopted.is_none().then_some(self.key.uid),
-            host_id: hex::encode(self.host_id),
-            expires_at: self.token_expires_at,
-            lease_expires_at: self.lease_expires_at,
-            acquired_at: self.acquired_at,
-            grace_until: self.grace_until,
-        }
-    }
-
-    /// The app's answer for a token of this lease (bound to `nonce`, if any).
-    fn reply(
-        &self,
-        token: Vec<u8>,
-        expires_at: u64,
-        cached: bool,
-        nonce: Option<Vec<u8>>,
-    ) -> TokenReply {
-        TokenReply {
-            token,
-            lease_id: self.lease_id.clone(),
-            host_id: hex::encode(self.host_id),
-            vm: api::VmInfo::from(&self.vm),
-            product: self.key.product.clone(),
-            scope: self.key.scope,
-            expires_at,
-            lease_expires_at: self.lease_expires_at,
-            cached,
-            nonce,
-        }
-    }
-}
-
-/// A release to send to `host_id` when the agent is connected to it again.
-#[derive(Debug, Clone)]
-pub(crate) struct Orphan {
-    pub host_id: HostId,
-    pub lease_id: String,
-}
 
 /// The renew instant for a grant received now, given the session's TTL.
 fn renew_deadline(ttl_secs: u32) -> Instant {
@@ -629,7 +490,7 @@ async fn reacquire(
 /// After every Hello: sends pending releases, re-acquires leases held on another host (the VM
 /// moved: `rebound` event), and renews those held on this host (an unknown lease is
 /// re-acquired).
-pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Option<HostId>) {
+async fn resync(shared: Arc<Shared>, generation: u64, old_host: Option<HostId>) {
     let (host, vm, stale, current, orphans) = {
         let mut st = shared.lock();
         let Some(s) = st.session.clone() else { return };
@@ -889,14 +750,31 @@ async fn renew_due(shared: &Arc<Shared>, key: &LeaseKey, id: &str) {
     }
 }
 
-/// Renews leases at about half their TTL, while connected.
-pub(crate) async fn renew_loop(shared: Arc<Shared>) {
+/// The lease manager's task until shutdown: follows the session events of the connection task
+/// (resync after every Hello, bookkeeping of the events the proxy pushes) and renews leases at
+/// about half their TTL while connected.
+pub(crate) async fn run(shared: Arc<Shared>, mut sessions: broadcast::Receiver<SessionEvent>) {
     let mut tick = tokio::time::interval(shared.cfg.timing.renew_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = shared.shutdown.clone();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            ev = sessions.recv() => {
+                match ev {
+                    Ok(ev) => on_session_event(&shared, ev),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // Some events were lost: settle with the host from scratch.
+                        tracing::warn!(missed, "the lease manager fell behind the session events; resynchronizing");
+                        let generation = shared.lock().session.as_ref().map(|s| s.generation);
+                        if let Some(generation) = generation {
+                            tokio::spawn(resync(shared.clone(), generation, None));
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                continue;
+            }
             _ = shutdown.changed() => return,
         }
         expire_graces(&shared);
@@ -931,6 +809,25 @@ pub(crate) async fn renew_loop(shared: Arc<Shared>) {
                 }
             });
         }
+    }
+}
+
+/// Acts on one session event of the connection task.
+fn on_session_event(shared: &Arc<Shared>, ev: SessionEvent) {
+    match ev {
+        SessionEvent::Connected {
+            generation,
+            host_id,
+            old_host,
+        } => {
+            tracing::debug!(host = %hex::encode(host_id), generation, "resyncing the leases");
+            tokio::spawn(resync(shared.clone(), generation, old_host));
+        }
+        // Renewals pause by themselves (no session); the next Connected resyncs.
+        SessionEvent::Disconnected { reason } => {
+            tracing::debug!("renewals wait for the next session ({reason})");
+        }
+        SessionEvent::Proxy(ev) => on_proxy_event(shared, ev),
     }
 }
 
@@ -1134,33 +1031,53 @@ pub(crate) fn is_watched(shared: &Shared, pid: u32) -> bool {
     shared.lock().watched.contains(&pid)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_normalize_features_and_ignore_pid_for_vm_scope() {
-        let a = LeaseKey::new(
-            "p",
-            &["b".into(), "a".into(), "b".into()],
-            Scope::Vm,
-            Some(5),
-            Some(77),
-            1000,
-        );
-        let b = LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None, None, 1000);
-        assert_eq!(a, b);
-        assert_eq!((a.pid, a.pid_start), (None, None));
-        let c = LeaseKey::new("p", &[], Scope::Process, Some(5), Some(77), 1000);
-        let d = LeaseKey::new("p", &[], Scope::Process, Some(6), Some(77), 1000);
-        assert_ne!(c, d);
-        // the same pid started at another time is another process
-        let e = LeaseKey::new("p", &[], Scope::Process, Some(5), Some(78), 1000);
-        assert_ne!(c, e);
-        // Users never share a lease, not even a VM-scoped one.
-        assert_ne!(
-            b,
-            LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None, None, 1001)
-        );
+/// Turns an event pushed by the proxy into lease bookkeeping and an app event.
+fn on_proxy_event(shared: &Shared, ev: Event) {
+    let kind = serde_json::to_value(ev.kind).ok();
+    tracing::info!(
+        kind = kind.as_ref().and_then(|k| k.as_str()),
+        lease = ev.lease_id.as_deref(),
+        "event from the host proxy: {}",
+        ev.message
+    );
+    if ev.kind == WireEventKind::CloneDetected {
+        shared.emit(EventKind::CloneDetected {
+            message: ev.message,
+        });
+        return;
+    }
+    let removed = ev
+        .lease_id
+        .as_deref()
+        .and_then(|id| remove_by_id(shared, id));
+    let lease_id = ev.lease_id.clone().unwrap_or_default();
+    let product = removed
+        .as_ref()
+        .map(|l| l.key.product.clone())
+        .or(ev.product.clone())
+        .unwrap_or_default();
+    let kind = match ev.kind {
+        WireEventKind::LeaseExpired => EventKind::LeaseExpired {
+            lease_id,
+            product,
+            message: ev.message,
+        },
+        WireEventKind::LeaseRevoked | WireEventKind::LicenseRemoved => EventKind::LeaseLost {
+            lease_id,
+            product,
+            reason: if ev.kind == WireEventKind::LeaseRevoked {
+                LossReason::Revoked
+            } else {
+                LossReason::LicenseRemoved
+            },
+            new_lease_id: None,
+            message: ev.message,
+        },
+        WireEventKind::CloneDetected => return,
+    };
+    // The lease's owner sees it; a lease no local user holds, only root.
+    match removed {
+        Some(l) => shared.emit_to(l.key.uid, kind),
+        None => shared.emit_for(Audience::Root, kind, Vec::new()),
     }
 }

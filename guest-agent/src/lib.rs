@@ -6,14 +6,27 @@
 //! a local HTTP/1.1 + JSON API on a Unix socket (see docs/agent-api.yaml). Apps use the
 //! `hostbind-client` library, which also defines the API's JSON types.
 
+//!
+//! Modules, top down (imports only go downward): `agent` starts the tasks; `conn` (the
+//! connection to the proxy), `server` (the local API) and `leases` (the lease manager) run
+//! them; `shared` is the state they share, `session` the session events `conn` publishes for
+//! `leases`, `call` a request to the proxy, `lease` the lease data; `config`, `chain`,
+//! `statefile`, `transport`, `procwatch`, `backoff` and `requests` are leaves.
+
 pub mod agent;
 pub mod backoff;
+mod call;
 pub mod chain;
+mod config;
 mod conn;
+mod lease;
 mod leases;
 pub mod procwatch;
 pub mod requests;
 mod server;
+mod session;
+mod shared;
+mod statefile;
 pub mod transport;
 
 pub use agent::{run, Agent, AgentConfig, AgentError, Timing, AGENT_VERSION};

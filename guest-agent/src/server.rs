@@ -21,10 +21,10 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::broadcast;
 
-use crate::agent::Shared;
 use crate::leases::{self, LeaseKey};
 use crate::procwatch::{ProcessWatch, WatchError};
 use crate::requests::{self, bad_request};
+use crate::shared::Shared;
 
 /// The body type of every answer.
 type ApiBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -44,6 +44,9 @@ pub(crate) struct Caller {
     pub uid: u32,
     /// Its pid (none when it lives in another pid namespace).
     pub pid: Option<u32>,
+    /// The start time of that process, read once when the connection is accepted: with the
+    /// pid it names the process (also for a restarted agent) in process-scoped lease keys.
+    pub pid_start: Option<u64>,
 }
 
 impl Caller {
@@ -138,6 +141,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
                     .pid()
                     .and_then(|p| u32::try_from(p).ok())
                     .filter(|p| *p > 0),
+                pid_start: None,
             },
             Err(e) => {
                 tracing::warn!("closing an API connection whose peer is unknown: {e}");
@@ -160,6 +164,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
         let shared = shared.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
+            // Read here, not per request: a kept-alive connection's cached-token requests do
+            // not read /proc each time.
+            let caller = Caller {
+                pid_start: caller.pid.and_then(crate::procwatch::start_time),
+                ..caller
+            };
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(shared, caller, req).await) }
@@ -290,7 +300,7 @@ async fn token(
         })?),
     };
     // With its start time the pid names this process also for a restarted agent.
-    let pid_start = pid.and_then(crate::procwatch::start_time);
+    let pid_start = pid.and(caller.pid_start);
     let key = LeaseKey::new(
         &req.product,
         &req.features,
@@ -305,9 +315,15 @@ async fn token(
             return Ok(json(StatusCode::OK, &r));
         }
     }
-    // Watch the calling process before asking the proxy, while it is known to be alive.
+    // Watch the calling process before asking the proxy, while it is known to be alive: the
+    // process that connected, not one that got its pid since (opened first, then compared).
     let watch = match pid {
         Some(p) if !leases::is_watched(shared, p) => match ProcessWatch::open(p) {
+            Ok(_) if crate::procwatch::start_time(p) != pid_start => {
+                return Err(bad_request(format!(
+                    "process {p} exited before its token was issued"
+                )))
+            }
             Ok(w) => Some((p, w)),
             Err(WatchError::Gone(_)) => {
                 return Err(bad_request(format!(
@@ -377,7 +393,7 @@ fn events(shared: &Arc<Shared>, caller: Caller) -> Response<ApiBody> {
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     break AgentEvent {
                         kind: EventKind::Lagged { missed },
-                        at: crate::agent::unix_now(),
+                        at: hostbind_fsutil::unix_now(),
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,

@@ -964,3 +964,40 @@ async fn old_host_tokens_are_dropped_as_soon_as_the_new_host_answers() {
     }
     agent.abort().await;
 }
+
+/// The client keeps one connection alive and drives it from the calls themselves (no task of
+/// its own): sequential calls reuse it, clones calling at once open their own, and a kept
+/// connection the agent closed meanwhile (here: the agent restarted) is replaced on the next
+/// call instead of failing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_serves_repeat_calls_and_is_replaced_after_an_agent_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ScriptedProxy::start(&dir.path().join("proxy.sock"), 0xb7, 60);
+    let (agent, client) = start_agent(dir.path(), &proxy.path).await;
+    wait_connected(&client, None).await;
+    let req = vm_req("cad");
+    let first = client.token(&req).await.unwrap();
+    assert!(!first.cached);
+    for _ in 0..50 {
+        let t = client.token(&req).await.unwrap();
+        assert!(t.cached);
+        assert_eq!(t.token, first.token);
+    }
+    let calls = (0..8).map(|_| {
+        let (c, req) = (client.clone(), req.clone());
+        async move { c.token(&req).await }
+    });
+    for r in futures::future::join_all(calls).await {
+        assert_eq!(r.unwrap().token, first.token);
+    }
+
+    agent.shutdown().await;
+    let (agent, _) = start_agent(dir.path(), &proxy.path).await;
+    // The first call after the restart goes out on the connection the old agent closed.
+    let st = client.status().await.unwrap();
+    assert!(st.leases.is_empty());
+    wait_connected(&client, None).await;
+    let again = client.token(&req).await.unwrap();
+    assert!(!again.cached);
+    agent.shutdown().await;
+}
