@@ -17,8 +17,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::de::{self, Deserializer};
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -41,47 +39,7 @@ pub const QUOTE_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// The `[metrics]` table of proxy.toml.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Where to serve `GET /metrics`; no endpoint when absent.
-    pub listen: Option<MetricsListen>,
-}
-
-/// Where the metrics endpoint listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetricsListen {
-    /// A loopback address and port ("127.0.0.1:9464", "[::1]:9464"; port 0 picks a free one).
-    Tcp(SocketAddr),
-    /// A Unix socket path (absolute).
-    Unix(PathBuf),
-}
-
-impl MetricsListen {
-    /// Parses a `listen` value: a loopback `address:port` or an absolute Unix socket path.
-    pub fn parse(s: &str) -> Result<MetricsListen, String> {
-        if s.starts_with('/') {
-            return Ok(MetricsListen::Unix(PathBuf::from(s)));
-        }
-        let addr: SocketAddr = s.parse().map_err(|e| {
-            format!("metrics.listen = '{s}' is neither address:port ({e}) nor an absolute Unix socket path; write e.g. \"127.0.0.1:9464\" or \"/run/hostbind/metrics.sock\"")
-        })?;
-        if !addr.ip().is_loopback() {
-            return Err(format!(
-                "metrics.listen = '{s}' is not a loopback address; metrics are served on loopback (127.0.0.1, ::1) or a Unix socket only: to scrape from another machine, put a TLS reverse proxy in front"
-            ));
-        }
-        Ok(MetricsListen::Tcp(addr))
-    }
-}
-
-impl<'de> Deserialize<'de> for MetricsListen {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        MetricsListen::parse(&s).map_err(de::Error::custom)
-    }
-}
+pub use crate::config::{MetricsConfig, MetricsListen};
 
 /// Counts by a label value (product, error code).
 #[derive(Debug, Default)]
@@ -896,46 +854,6 @@ impl MetricsListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listen_accepts_loopback_and_unix_paths_only() {
-        assert_eq!(
-            MetricsListen::parse("127.0.0.1:9464").unwrap(),
-            MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap())
-        );
-        assert!(matches!(
-            MetricsListen::parse("[::1]:0").unwrap(),
-            MetricsListen::Tcp(_)
-        ));
-        assert_eq!(
-            MetricsListen::parse("/run/hostbind/metrics.sock").unwrap(),
-            MetricsListen::Unix("/run/hostbind/metrics.sock".into())
-        );
-        let e = MetricsListen::parse("0.0.0.0:9464").unwrap_err();
-        assert!(e.contains("not a loopback address"), "{e}");
-        let e = MetricsListen::parse("localhost:9464").unwrap_err();
-        assert!(e.contains("neither address:port"), "{e}");
-        let e = MetricsListen::parse("metrics.sock").unwrap_err();
-        assert!(e.contains("absolute Unix socket path"), "{e}");
-    }
-
-    #[test]
-    fn config_table_is_strict() {
-        #[derive(Deserialize)]
-        struct T {
-            metrics: MetricsConfig,
-        }
-        let t: T = toml::from_str("[metrics]\nlisten = \"127.0.0.1:9464\"\n").unwrap();
-        assert!(t.metrics.listen.is_some());
-        let t: T = toml::from_str("[metrics]\n").unwrap();
-        assert!(t.metrics.listen.is_none());
-        assert!(toml::from_str::<T>("[metrics]\nport = 1\n").is_err());
-        let e = toml::from_str::<T>("[metrics]\nlisten = \"10.0.0.1:9464\"\n")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("not a loopback address"), "{e}");
-    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

@@ -20,7 +20,6 @@
 //! vendor key gives one metering key, so a host keeps one log; a license without a metering
 //! key, or with one that differs from the log's key, is not metered.
 
-use crate::config::Dur;
 use crate::ledger::Lease;
 use crate::tpm_service::{NvCounterOp, TpmService, TpmServiceError};
 use crate::usage_spill::{Spill, MAX_SPILL_BYTES};
@@ -30,7 +29,6 @@ use hostbind_attest::usage::{
 };
 use hostbind_attest::usage_body::BodyBuilder;
 use hostbind_fsutil::unix_now;
-use serde::Deserialize;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -39,10 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// File name of the log in the usage dir.
-pub const LOG_FILE: &str = "usage.log";
-/// Default NV index of the usage counter (owner range; "Hb" in the low bytes).
-pub const DEFAULT_NV_INDEX: u32 = 0x0100_4862;
+pub use crate::config::{UsageConfig, DEFAULT_NV_INDEX, LOG_FILE};
 /// Records kept in memory at most while blocks cannot be sealed (TPM or disk trouble).
 pub const MAX_PENDING: usize = 100_000;
 /// Buffered records are sealed before `flush_interval` when they take this many bytes, counted
@@ -51,55 +46,6 @@ pub const MAX_PENDING: usize = 100_000;
 pub const EARLY_FLUSH_BYTES: usize = 16 * MAX_BODY;
 /// Blocks sealed together at most, under one TPM clock reading and one NV counter step.
 pub const MAX_GROUP: usize = 64;
-
-fn default_true() -> bool {
-    true
-}
-fn default_flush() -> Dur {
-    Dur(Duration::from_secs(60))
-}
-fn default_nv_index() -> u32 {
-    DEFAULT_NV_INDEX
-}
-
-/// `[usage]`: the usage log.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsageConfig {
-    /// Keep a usage log (default true; metering also needs licenses with a metering key).
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// How often buffered records are sealed into blocks (sooner when a few hundred wait).
-    #[serde(default = "default_flush")]
-    pub flush_interval: Dur,
-    /// Directory of the log (default: `<state_dir>/usage`).
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-    /// TPM NV index of the usage counter.
-    #[serde(default = "default_nv_index")]
-    pub nv_index: u32,
-}
-
-impl Default for UsageConfig {
-    fn default() -> Self {
-        UsageConfig {
-            enabled: true,
-            flush_interval: default_flush(),
-            dir: None,
-            nv_index: DEFAULT_NV_INDEX,
-        }
-    }
-}
-
-impl UsageConfig {
-    /// The log file for a proxy whose state dir is `state_dir`.
-    pub fn log_path(&self, state_dir: &Path) -> PathBuf {
-        self.dir
-            .clone()
-            .unwrap_or_else(|| state_dir.join("usage"))
-            .join(LOG_FILE)
-    }
-}
 
 /// Errors of the usage log.
 #[derive(Debug, thiserror::Error)]
