@@ -7,6 +7,7 @@
 //! says when. Lease and license ids may be given by a unique prefix, like git's.
 
 use crate::ledger::Lease;
+use crate::ratelog::{accept_failed, RateLimit, ACCEPT_LOG_INTERVAL};
 use crate::server::bind_unix;
 use crate::service::{unix_now, Service};
 use futures::{SinkExt, StreamExt};
@@ -509,9 +510,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, crate::server::ListenError> {
 
 /// Serves admin connections until the task is dropped.
 pub async fn serve(svc: Arc<Service>, listener: UnixListener) {
+    let accept_log = RateLimit::new(ACCEPT_LOG_INTERVAL);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_failed(&accept_log, "admin socket", &e).await;
+                continue;
+            }
         };
         let svc = svc.clone();
         let peer = Arc::new(Peer::of(&stream));

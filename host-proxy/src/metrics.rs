@@ -9,6 +9,7 @@
 //! seat ledger can write (and its failed writes and recoveries); with `[libvirt]` on, the
 //! libvirt connection's health and the age of the domain cache.
 
+use crate::ratelog::{accept_failed, RateLimit, ACCEPT_LOG_INTERVAL};
 use crate::server::bind_unix;
 use crate::service::{unix_now, Service};
 use bytes::Bytes;
@@ -833,6 +834,7 @@ impl MetricsListener {
         let endpoint = self.endpoint();
         let _ = svc.counters.metrics.endpoint.set(endpoint.clone());
         tracing::info!(endpoint = %endpoint, "serving Prometheus metrics");
+        let accept_log = RateLimit::new(ACCEPT_LOG_INTERVAL);
         loop {
             let accepted = match &self {
                 MetricsListener::Tcp(l) => l.accept().await.map(|(s, _)| {
@@ -843,9 +845,7 @@ impl MetricsListener {
                 }),
             };
             if let Err(e) = accepted {
-                // Typically EMFILE: wait instead of spinning.
-                tracing::warn!("accepting a metrics connection failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                accept_failed(&accept_log, "metrics endpoint", &e).await;
             }
         }
     }
