@@ -350,18 +350,24 @@ impl Service {
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
         });
-        for rec in svc.ledger.licenses()? {
-            match svc.check_license(&rec.bytes) {
-                Ok(l) => svc.activate(l, rec.bytes),
-                Err(e) => tracing::warn!(license = %rec.id, "stored license not usable: {e}"),
+        // Reading the ledger and the licenses dir and adding its licenses (ledger commits) run
+        // on a blocking thread, not on an async worker.
+        tokio::task::spawn_blocking(move || {
+            for rec in svc.ledger.licenses()? {
+                match svc.check_license(&rec.bytes) {
+                    Ok(l) => svc.activate(l, rec.bytes),
+                    Err(e) => tracing::warn!(license = %rec.id, "stored license not usable: {e}"),
+                }
             }
-        }
-        svc.load_licenses_dir();
-        svc.starting.store(false, Ordering::Relaxed);
-        if !svc.cfg.usage.enabled {
-            svc.take_ended_at_start();
-        }
-        Ok(svc)
+            svc.load_licenses_dir();
+            svc.starting.store(false, Ordering::Relaxed);
+            if !svc.cfg.usage.enabled {
+                svc.take_ended_at_start();
+            }
+            Ok(svc)
+        })
+        .await
+        .map_err(|e| ServiceError::License(format!("loading the licenses at start failed: {e}")))?
     }
 
     /// The licenses in `licenses_dir` that would be added at start: (file, bytes, license) of

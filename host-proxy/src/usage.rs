@@ -577,7 +577,9 @@ impl UsageLog {
                 tracing::error!(
                     "usage log: usage recorded after the log was sealed at shutdown is lost (a request or admin command finished past the drain); the next start names the gap"
                 );
-                // once, at shutdown: the marker makes the next start name the gap
+                // once, at shutdown: the marker makes the next start name the gap. Written
+                // here and now (no fsync; once per process): handed to a blocking thread, it
+                // could be dropped with the runtime as the process exits.
                 let _ = std::fs::write(self.marker_path(), self.marker_bytes(at));
             }
             return;
@@ -994,7 +996,7 @@ impl UsageLog {
             }
         };
         let clock = self.tpm.clock_info().await?;
-        let mut header = BlockHeader {
+        let first = BlockHeader {
             seq: w.next_seq,
             prev: w.prev,
             nv: counter + 1,
@@ -1006,22 +1008,27 @@ impl UsageLog {
             wall: unix_now(),
             key_id: key.key_id(),
         };
-        let mut bytes = Vec::with_capacity(bodies.len() * BLOCK_SIZE);
-        for body in bodies.iter() {
-            let block = seal_block(&header, body, key, &mut rand_core::OsRng)?;
-            header.seq += 1;
-            header.prev = block_hash(&block);
-            bytes.extend_from_slice(&block);
-        }
+        // Encrypting the group (an X25519 agreement per block), the append and its fsync run on
+        // a blocking thread, never on an async worker. The bodies are copied in: on any failure
+        // the caller still has them (to spill them).
         let (file, path) = (w.file.clone(), self.path.clone());
-        blocking(move || {
+        let (group, key) = (bodies.clone(), key.clone());
+        let header = blocking(move || {
+            let mut header = first;
+            let mut bytes = Vec::with_capacity(group.len() * BLOCK_SIZE);
+            for body in &group {
+                let block = seal_block(&header, body, &key, &mut rand_core::OsRng)?;
+                header.seq += 1;
+                header.prev = block_hash(&block);
+                bytes.extend_from_slice(&block);
+            }
             let len = file.metadata().map_err(io(&path, "stat"))?.len();
             if let Err(e) = (&*file).write_all(&bytes).and_then(|()| file.sync_data()) {
                 // leave no partial group behind for the next append to follow
                 let _ = file.set_len(len);
                 return Err(io(&path, "append")(e));
             }
-            Ok(())
+            Ok(header)
         })
         .await?;
         w.next_seq = header.seq;
