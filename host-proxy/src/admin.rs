@@ -284,7 +284,7 @@ fn status(svc: &Service) -> Result<Status, String> {
         expired: svc.counters.expired.load(Ordering::Relaxed),
         tpm_quotes: quotes.count,
         tpm_quote_mean_ms: quotes.mean_secs() * 1000.0,
-        tpm_quote_errors: svc.tpm().quote_stats().errors.load(Ordering::Relaxed),
+        tpm_quote_errors: svc.tpm().quote_stats().errors.get(),
         metrics: svc.counters.metrics.endpoint.get().cloned(),
         libvirt: svc.libvirt().map(|l| l.status()),
         clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),

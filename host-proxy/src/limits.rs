@@ -158,7 +158,7 @@ pub struct Limits {
     /// Refusals waiting to be written (see [`crate::refusals`]).
     pub refusals: crate::refusals::Refusals,
     /// What each limit refused since start, for the metrics.
-    pub hits: crate::metrics::LabelCounts,
+    pub hits: crate::telemetry::LabelCounts,
 }
 
 /// A connection slot; given back when dropped.
@@ -198,7 +198,7 @@ fn retry_in(d: Duration) -> String {
 impl Limits {
     /// Limits as configured.
     pub fn new(cfg: LimitsConfig) -> Arc<Limits> {
-        let hits = crate::metrics::LabelCounts::default();
+        let hits = crate::telemetry::LabelCounts::new("limit");
         hits.init(LIMIT_LABELS);
         Arc::new(Limits {
             refusals: crate::refusals::Refusals::default(),

@@ -162,7 +162,7 @@ pub struct Counters {
     /// Leases that lapsed.
     pub expired: AtomicU64,
     /// Counts by product and error code, and the endpoint, for `[metrics]`.
-    pub metrics: crate::metrics::MetricsState,
+    pub metrics: crate::telemetry::MetricsState,
 }
 
 /// Token issue stays open until shutdown closes it ([`Service::close_issue`]): signing a token
