@@ -120,7 +120,6 @@ pub struct Status {
     /// The Prometheus metrics endpoint, when `[metrics] listen` is set.
     #[serde(default)]
     pub metrics: Option<String>,
-    // --- libvirt hook ---
     /// libvirt connection and domains, when `[libvirt] enabled = true`.
     #[serde(default)]
     pub libvirt: Option<crate::libvirt::LibvirtStatus>,
@@ -130,7 +129,6 @@ pub struct Status {
     /// Whether the seat ledger can write (false: changes are kept in memory only).
     #[serde(default)]
     pub ledger: Option<crate::ledger::LedgerHealth>,
-    // --- fault hook (issue 16): TPM connection, token key, clock, usage log ---
     /// The token key's renewal: failures in a row and why.
     #[serde(default)]
     pub token_key: Option<crate::service::KeyStatus>,
