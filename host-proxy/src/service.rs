@@ -35,6 +35,16 @@ pub struct Vm {
     pub uuid: String,
 }
 
+/// The VM as the usage log names it.
+impl From<&Vm> for hostbind_attest::usage::VmRef {
+    fn from(vm: &Vm) -> Self {
+        hostbind_attest::usage::VmRef {
+            uuid: vm.uuid.clone(),
+            name: vm.name.clone(),
+        }
+    }
+}
+
 /// Errors starting the service or handling admin requests.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {

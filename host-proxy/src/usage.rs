@@ -1172,17 +1172,14 @@ pub fn metering_keys<'a>(
 /// its scope, else a renewal, then the token). Refusals are counted instead, see
 /// [`crate::refusals`].
 pub fn token_records(
-    vm: &crate::service::Vm,
+    vm: impl Into<VmRef>,
     product: &str,
     license: Option<&hostbind_attest::signed::License>,
     t: &hostbind_attest::wire::TokenResponse,
     new_lease: Option<&str>,
     now: u64,
 ) -> Vec<UsageRecord> {
-    let vm = VmRef {
-        uuid: vm.uuid.clone(),
-        name: vm.name.clone(),
-    };
+    let vm = vm.into();
     let (license_id, customer) = license
         .map(|l| (l.id.clone(), l.customer.clone()))
         .unwrap_or_default();
