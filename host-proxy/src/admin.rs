@@ -7,6 +7,7 @@
 //! says when. Lease and license ids may be given by a unique prefix, like git's.
 
 use crate::ledger::Lease;
+use crate::ratelog::{accept_failed, RateLimit, ACCEPT_LOG_INTERVAL};
 use crate::server::bind_unix;
 use crate::service::{unix_now, Service};
 use futures::{SinkExt, StreamExt};
@@ -119,7 +120,6 @@ pub struct Status {
     /// The Prometheus metrics endpoint, when `[metrics] listen` is set.
     #[serde(default)]
     pub metrics: Option<String>,
-    // --- libvirt hook ---
     /// libvirt connection and domains, when `[libvirt] enabled = true`.
     #[serde(default)]
     pub libvirt: Option<crate::libvirt::LibvirtStatus>,
@@ -129,7 +129,6 @@ pub struct Status {
     /// Whether the seat ledger can write (false: changes are kept in memory only).
     #[serde(default)]
     pub ledger: Option<crate::ledger::LedgerHealth>,
-    // --- fault hook (issue 16): TPM connection, token key, clock, usage log ---
     /// The token key's renewal: failures in a row and why.
     #[serde(default)]
     pub token_key: Option<crate::service::KeyStatus>,
@@ -283,7 +282,7 @@ fn status(svc: &Service) -> Result<Status, String> {
         expired: svc.counters.expired.load(Ordering::Relaxed),
         tpm_quotes: quotes.count,
         tpm_quote_mean_ms: quotes.mean_secs() * 1000.0,
-        tpm_quote_errors: svc.tpm().quote_stats().errors.load(Ordering::Relaxed),
+        tpm_quote_errors: svc.tpm().quote_stats().errors.get(),
         metrics: svc.counters.metrics.endpoint.get().cloned(),
         libvirt: svc.libvirt().map(|l| l.status()),
         clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),
@@ -509,9 +508,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, crate::server::ListenError> {
 
 /// Serves admin connections until the task is dropped.
 pub async fn serve(svc: Arc<Service>, listener: UnixListener) {
+    let accept_log = RateLimit::new(ACCEPT_LOG_INTERVAL);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_failed(&accept_log, "admin socket", &e).await;
+                continue;
+            }
         };
         let svc = svc.clone();
         let peer = Arc::new(Peer::of(&stream));

@@ -14,40 +14,18 @@
 //! warning stays until the clock is right again or the admin confirms the new time with
 //! `hostbind-proxy clock accept`. A check that passes moves the reference to now.
 
-use crate::config::Dur;
 use crate::tpm::ClockInfo;
 use hostbind_attest::signed::fmt_time;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
 /// File name of the clock reference in the state dir.
 pub const CLOCK_FILE: &str = "clock.json";
 /// Drift allowed between host and TPM clock, per mille of the TPM time since the reference.
 pub const DRIFT_PER_MILLE: u64 = 5;
 
-fn default_max_skew() -> Dur {
-    Dur(Duration::from_secs(60))
-}
-
-/// `[clock]`: how far the host clock may move against the TPM clock.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClockConfig {
-    /// Largest difference between host time and TPM-derived time before the proxy warns and
-    /// stops certifying token keys (default 60 s, the verifier's tolerance for clocks).
-    #[serde(default = "default_max_skew")]
-    pub max_skew: Dur,
-}
-
-impl Default for ClockConfig {
-    fn default() -> Self {
-        ClockConfig {
-            max_skew: default_max_skew(),
-        }
-    }
-}
+pub use crate::config::ClockConfig;
 
 /// A host time and the TPM clock read at that time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,22 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod clock;
+pub mod clones;
+pub mod fresh;
+pub mod libvirt;
+pub mod limits;
+pub mod metrics;
+pub mod usage;
+
+pub use clock::ClockConfig;
+pub use clones::CloneConfig;
+pub use fresh::FreshConfig;
+pub use libvirt::{LibvirtConfig, UnassignedPolicy};
+pub use limits::LimitsConfig;
+pub use metrics::{MetricsConfig, MetricsListen};
+pub use usage::{UsageConfig, DEFAULT_NV_INDEX, LOG_FILE};
+
 /// Default config file location.
 pub const DEFAULT_CONFIG: &str = "/etc/hostbind/proxy.toml";
 /// Default vsock port the agents connect to.
@@ -144,29 +160,28 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// Prometheus metrics endpoint (off unless `listen` is set).
     #[serde(default)]
-    pub metrics: crate::metrics::MetricsConfig,
+    pub metrics: MetricsConfig,
     /// Usage log (metering) settings.
     #[serde(default)]
-    pub usage: crate::usage::UsageConfig,
+    pub usage: UsageConfig,
     /// Clone detection (chains of ephemeral ids): live window and retention.
     #[serde(default)]
-    pub clones: crate::clones::CloneConfig,
+    pub clones: CloneConfig,
     /// Batching of TPM-fresh nonces (see fresh.rs).
     #[serde(default)]
-    pub fresh_nonces: crate::fresh::FreshConfig,
+    pub fresh_nonces: FreshConfig,
     /// What one VM may cost the host: connections, timeouts, rates, leases (see limits.rs).
     #[serde(default)]
-    pub limits: crate::limits::LimitsConfig,
+    pub limits: LimitsConfig,
     /// How long the ledger keeps its history.
     #[serde(default)]
     pub history: HistoryConfig,
     /// How far the host clock may move against the TPM clock (see clock.rs).
     #[serde(default)]
-    pub clock: crate::clock::ClockConfig,
+    pub clock: ClockConfig,
     /// What happens on SIGTERM.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
-    // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]
     pub libvirt: LibvirtConfig,
@@ -205,54 +220,6 @@ impl HistoryConfig {
         Ok(())
     }
 }
-
-// --- libvirt hook (see libvirt.rs) ---
-/// What a libvirt domain without a hostbind assignment in its metadata may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UnassignedPolicy {
-    /// Every product this host has a license for (seats permitting).
-    Allow,
-    /// Nothing, until `hostbind-proxy vm assign` names products for it.
-    Deny,
-}
-
-impl UnassignedPolicy {
-    /// As written in the config.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UnassignedPolicy::Allow => "allow",
-            UnassignedPolicy::Deny => "deny",
-        }
-    }
-}
-
-/// `[libvirt]`: take VM identity, assignments and lifecycle from libvirt (KVM nodes).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LibvirtConfig {
-    /// On: vsock CIDs are looked up in libvirt's running domains (`[[vm]] cid` is not allowed).
-    pub enabled: bool,
-    /// libvirt connection URI (`qemu:///system` on KVM nodes).
-    pub uri: String,
-    /// Policy for domains without a hostbind assignment: "allow" (default) or "deny".
-    pub unassigned: UnassignedPolicy,
-    /// How long the proxy waits for any one libvirt call (connect, list, read a domain, the
-    /// liveness check) before it treats libvirt as hung and reconnects.
-    pub call_timeout: Dur,
-}
-
-impl Default for LibvirtConfig {
-    fn default() -> Self {
-        LibvirtConfig {
-            enabled: false,
-            uri: "qemu:///system".into(),
-            unassigned: UnassignedPolicy::Allow,
-            call_timeout: Dur(Duration::from_secs(5)),
-        }
-    }
-}
-// --- end libvirt hook ---
 
 /// Lease and token timing.
 #[derive(Debug, Clone, Deserialize)]
@@ -444,7 +411,7 @@ impl Config {
                 }
             }
         }
-        // --- libvirt hook: with libvirt on, CIDs come from the domains' XML ---
+        // With libvirt on, CIDs come from the domains' XML.
         if self.libvirt.enabled {
             if self.libvirt.uri.trim().is_empty() {
                 return Err("libvirt.uri is empty; use \"qemu:///system\"".into());
@@ -460,7 +427,6 @@ impl Config {
                 return Err(format!("vm '{}' sets cid, but with [libvirt] enabled = true CIDs are read from libvirt's domain XML; remove cid from this [[vm]]", vm.name));
             }
         }
-        // --- end libvirt hook ---
         if self.listen.af_vsock
             && !self.libvirt.enabled
             && !self.vms.iter().any(|v| v.cid.is_some())
@@ -765,7 +731,6 @@ vhost_uds = "/tmp/b.vsock"
         assert!(e.contains("not a TCTI"), "{e}");
     }
 
-    // --- libvirt hook tests ---
     #[test]
     fn libvirt_table_defaults_and_checks() {
         let c = Config::parse(GOOD, "p.toml").unwrap();

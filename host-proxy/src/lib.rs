@@ -16,6 +16,7 @@ pub mod ratelog;
 pub mod refusals;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod tpm;
 pub mod tpm_service;
 pub mod usage;

@@ -48,6 +48,32 @@ pub fn held_back(n: u64) -> String {
     }
 }
 
+/// How long an accept loop waits after a failed accept. Out of file descriptors (EMFILE,
+/// ENFILE) the listener stays readable while connections wait in its backlog, so retrying at
+/// once would spin on a core until a descriptor is freed.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How often a failing accept loop logs.
+pub const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// After a failed accept on `what` (e.g. "admin socket"): logs it through `limit` (one line per
+/// interval, naming how many were held back) and waits [`ACCEPT_BACKOFF`].
+pub async fn accept_failed(limit: &RateLimit, what: &str, e: &std::io::Error) {
+    if let Some(n) = limit.check() {
+        let hint = match e.raw_os_error() {
+            Some(libc::EMFILE) => "; the proxy is out of file descriptors: raise LimitNOFILE in its unit or close idle connections",
+            Some(libc::ENFILE) => "; the host is out of file descriptors (fs.file-max)",
+            _ => "",
+        };
+        tracing::warn!(
+            "accepting a connection on the {what} failed: {e}{hint}; retrying every {} ms{}",
+            ACCEPT_BACKOFF.as_millis(),
+            held_back(n)
+        );
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

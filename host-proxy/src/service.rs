@@ -35,6 +35,16 @@ pub struct Vm {
     pub uuid: String,
 }
 
+/// The VM as the usage log names it.
+impl From<&Vm> for hostbind_attest::usage::VmRef {
+    fn from(vm: &Vm) -> Self {
+        hostbind_attest::usage::VmRef {
+            uuid: vm.uuid.clone(),
+            name: vm.name.clone(),
+        }
+    }
+}
+
 /// Errors starting the service or handling admin requests.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -162,7 +172,7 @@ pub struct Counters {
     /// Leases that lapsed.
     pub expired: AtomicU64,
     /// Counts by product and error code, and the endpoint, for `[metrics]`.
-    pub metrics: crate::metrics::MetricsState,
+    pub metrics: crate::telemetry::MetricsState,
 }
 
 /// Token issue stays open until shutdown closes it ([`Service::close_issue`]): signing a token
@@ -350,18 +360,24 @@ impl Service {
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
         });
-        for rec in svc.ledger.licenses()? {
-            match svc.check_license(&rec.bytes) {
-                Ok(l) => svc.activate(l, rec.bytes),
-                Err(e) => tracing::warn!(license = %rec.id, "stored license not usable: {e}"),
+        // Reading the ledger and the licenses dir and adding its licenses (ledger commits) run
+        // on a blocking thread, not on an async worker.
+        tokio::task::spawn_blocking(move || {
+            for rec in svc.ledger.licenses()? {
+                match svc.check_license(&rec.bytes) {
+                    Ok(l) => svc.activate(l, rec.bytes),
+                    Err(e) => tracing::warn!(license = %rec.id, "stored license not usable: {e}"),
+                }
             }
-        }
-        svc.load_licenses_dir();
-        svc.starting.store(false, Ordering::Relaxed);
-        if !svc.cfg.usage.enabled {
-            svc.take_ended_at_start();
-        }
-        Ok(svc)
+            svc.load_licenses_dir();
+            svc.starting.store(false, Ordering::Relaxed);
+            if !svc.cfg.usage.enabled {
+                svc.take_ended_at_start();
+            }
+            Ok(svc)
+        })
+        .await
+        .map_err(|e| ServiceError::License(format!("loading the licenses at start failed: {e}")))?
     }
 
     /// The licenses in `licenses_dir` that would be added at start: (file, bytes, license) of

@@ -1093,7 +1093,7 @@ impl Tpm {
     }
 }
 
-// --- usage hook: the usage log's NV counter (usage.rs) ---
+// The usage log's NV counter (usage.rs).
 const HINT_OWNER: &str = "hostbind defines and increments its usage-log NV counter with owner \
      authorization and needs the owner hierarchy enabled with an empty password (check \
      tpm2_getcap properties-variable), or set [usage] enabled = false";
@@ -1203,7 +1203,6 @@ impl Tpm {
         self.nv_counter_read(index)
     }
 }
-// --- end usage hook ---
 
 /// A public key as comparable bytes.
 #[derive(Debug, PartialEq, Eq)]

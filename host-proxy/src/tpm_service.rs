@@ -14,7 +14,7 @@
 //! at once with [`TpmError::Unavailable`] (they do not queue), and [`TpmHealth`] says so for
 //! `status` and the metrics. When idle, the thread checks the TPM every [`PROBE_INTERVAL`].
 
-use crate::metrics::{QuoteStats, TpmHealth as OpHealth};
+use crate::telemetry::{QuoteStats, TpmHealth as OpHealth};
 use crate::tpm::{AkInfo, ClockInfo, Endorsement, Fault, QuoteEvidence, Tpm, TpmError};
 use hostbind_attest::signed::fmt_time;
 use hostbind_fsutil::unix_now;
@@ -412,7 +412,7 @@ impl Worker {
                 match &q {
                     Ok(_) => self.stats.latency.observe(started.elapsed()),
                     Err(_) => {
-                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        self.stats.errors.inc();
                     }
                 }
                 let _ = reply.send(q);

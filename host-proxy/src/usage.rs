@@ -20,7 +20,6 @@
 //! vendor key gives one metering key, so a host keeps one log; a license without a metering
 //! key, or with one that differs from the log's key, is not metered.
 
-use crate::config::Dur;
 use crate::ledger::Lease;
 use crate::tpm_service::{NvCounterOp, TpmService, TpmServiceError};
 use crate::usage_spill::{Spill, MAX_SPILL_BYTES};
@@ -30,7 +29,6 @@ use hostbind_attest::usage::{
 };
 use hostbind_attest::usage_body::BodyBuilder;
 use hostbind_fsutil::unix_now;
-use serde::Deserialize;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -39,10 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// File name of the log in the usage dir.
-pub const LOG_FILE: &str = "usage.log";
-/// Default NV index of the usage counter (owner range; "Hb" in the low bytes).
-pub const DEFAULT_NV_INDEX: u32 = 0x0100_4862;
+pub use crate::config::{UsageConfig, DEFAULT_NV_INDEX, LOG_FILE};
 /// Records kept in memory at most while blocks cannot be sealed (TPM or disk trouble).
 pub const MAX_PENDING: usize = 100_000;
 /// Buffered records are sealed before `flush_interval` when they take this many bytes, counted
@@ -51,55 +46,6 @@ pub const MAX_PENDING: usize = 100_000;
 pub const EARLY_FLUSH_BYTES: usize = 16 * MAX_BODY;
 /// Blocks sealed together at most, under one TPM clock reading and one NV counter step.
 pub const MAX_GROUP: usize = 64;
-
-fn default_true() -> bool {
-    true
-}
-fn default_flush() -> Dur {
-    Dur(Duration::from_secs(60))
-}
-fn default_nv_index() -> u32 {
-    DEFAULT_NV_INDEX
-}
-
-/// `[usage]`: the usage log.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsageConfig {
-    /// Keep a usage log (default true; metering also needs licenses with a metering key).
-    #[serde(default = "default_true")]
-    pub enabled: bool,
-    /// How often buffered records are sealed into blocks (sooner when a few hundred wait).
-    #[serde(default = "default_flush")]
-    pub flush_interval: Dur,
-    /// Directory of the log (default: `<state_dir>/usage`).
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-    /// TPM NV index of the usage counter.
-    #[serde(default = "default_nv_index")]
-    pub nv_index: u32,
-}
-
-impl Default for UsageConfig {
-    fn default() -> Self {
-        UsageConfig {
-            enabled: true,
-            flush_interval: default_flush(),
-            dir: None,
-            nv_index: DEFAULT_NV_INDEX,
-        }
-    }
-}
-
-impl UsageConfig {
-    /// The log file for a proxy whose state dir is `state_dir`.
-    pub fn log_path(&self, state_dir: &Path) -> PathBuf {
-        self.dir
-            .clone()
-            .unwrap_or_else(|| state_dir.join("usage"))
-            .join(LOG_FILE)
-    }
-}
 
 /// Errors of the usage log.
 #[derive(Debug, thiserror::Error)]
@@ -631,7 +577,9 @@ impl UsageLog {
                 tracing::error!(
                     "usage log: usage recorded after the log was sealed at shutdown is lost (a request or admin command finished past the drain); the next start names the gap"
                 );
-                // once, at shutdown: the marker makes the next start name the gap
+                // once, at shutdown: the marker makes the next start name the gap. Written
+                // here and now (no fsync; once per process): handed to a blocking thread, it
+                // could be dropped with the runtime as the process exits.
                 let _ = std::fs::write(self.marker_path(), self.marker_bytes(at));
             }
             return;
@@ -1048,7 +996,7 @@ impl UsageLog {
             }
         };
         let clock = self.tpm.clock_info().await?;
-        let mut header = BlockHeader {
+        let first = BlockHeader {
             seq: w.next_seq,
             prev: w.prev,
             nv: counter + 1,
@@ -1060,22 +1008,27 @@ impl UsageLog {
             wall: unix_now(),
             key_id: key.key_id(),
         };
-        let mut bytes = Vec::with_capacity(bodies.len() * BLOCK_SIZE);
-        for body in bodies.iter() {
-            let block = seal_block(&header, body, key, &mut rand_core::OsRng)?;
-            header.seq += 1;
-            header.prev = block_hash(&block);
-            bytes.extend_from_slice(&block);
-        }
+        // Encrypting the group (an X25519 agreement per block), the append and its fsync run on
+        // a blocking thread, never on an async worker. The bodies are copied in: on any failure
+        // the caller still has them (to spill them).
         let (file, path) = (w.file.clone(), self.path.clone());
-        blocking(move || {
+        let (group, key) = (bodies.clone(), key.clone());
+        let header = blocking(move || {
+            let mut header = first;
+            let mut bytes = Vec::with_capacity(group.len() * BLOCK_SIZE);
+            for body in &group {
+                let block = seal_block(&header, body, &key, &mut rand_core::OsRng)?;
+                header.seq += 1;
+                header.prev = block_hash(&block);
+                bytes.extend_from_slice(&block);
+            }
             let len = file.metadata().map_err(io(&path, "stat"))?.len();
             if let Err(e) = (&*file).write_all(&bytes).and_then(|()| file.sync_data()) {
                 // leave no partial group behind for the next append to follow
                 let _ = file.set_len(len);
                 return Err(io(&path, "append")(e));
             }
-            Ok(())
+            Ok(header)
         })
         .await?;
         w.next_seq = header.seq;
@@ -1219,17 +1172,14 @@ pub fn metering_keys<'a>(
 /// its scope, else a renewal, then the token). Refusals are counted instead, see
 /// [`crate::refusals`].
 pub fn token_records(
-    vm: &crate::service::Vm,
+    vm: impl Into<VmRef>,
     product: &str,
     license: Option<&hostbind_attest::signed::License>,
     t: &hostbind_attest::wire::TokenResponse,
     new_lease: Option<&str>,
     now: u64,
 ) -> Vec<UsageRecord> {
-    let vm = VmRef {
-        uuid: vm.uuid.clone(),
-        name: vm.name.clone(),
-    };
+    let vm = vm.into();
     let (license_id, customer) = license
         .map(|l| (l.id.clone(), l.customer.clone()))
         .unwrap_or_default();

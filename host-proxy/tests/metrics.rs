@@ -82,7 +82,10 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
             && !n.starts_with(|c: char| c.is_ascii_digit())
     };
-    for line in text.lines() {
+    let body = text
+        .strip_suffix("# EOF\n")
+        .unwrap_or_else(|| panic!("no `# EOF` at the end:\n{text}"));
+    for line in body.lines() {
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, help) = rest.split_once(' ').unwrap();
             assert!(name_ok(name) && !help.is_empty(), "bad HELP: {line}");
@@ -122,13 +125,19 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
                 }
             }
         }
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| {
-                name.strip_suffix(s)
-                    .filter(|f| typed.get(*f).map(String::as_str) == Some("histogram"))
-            })
-            .unwrap_or(name);
+        // OpenMetrics: a counter family `x` has the samples `x_total`.
+        let family = [
+            ("_bucket", "histogram"),
+            ("_sum", "histogram"),
+            ("_count", "histogram"),
+            ("_total", "counter"),
+        ]
+        .iter()
+        .find_map(|(s, kind)| {
+            name.strip_suffix(s)
+                .filter(|f| typed.get(*f).map(String::as_str) == Some(*kind))
+        })
+        .unwrap_or(name);
         assert!(typed.contains_key(family), "sample without TYPE: {line}");
         assert!(
             samples.insert(series.to_string(), value).is_none(),
@@ -136,6 +145,40 @@ fn parse_exposition(text: &str) -> BTreeMap<String, f64> {
         );
     }
     samples
+}
+
+/// The families of an exposition as dashboards see them (a counter by its `_total` samples'
+/// name) -> their type.
+fn served_families(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .map(|(name, kind)| match kind {
+            "counter" => (format!("{name}_total"), kind.to_string()),
+            _ => (name.to_string(), kind.to_string()),
+        })
+        .collect()
+}
+
+/// The metric table of docs/admin.md (what dashboards and alerts were built on): name -> type.
+fn documented_families() -> BTreeMap<String, String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/admin.md")).unwrap();
+    let mut out = BTreeMap::new();
+    for row in doc.lines().filter(|l| l.starts_with("| `hostbind_")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        for name in cells[1].split(',') {
+            out.insert(
+                name.trim().trim_matches('`').to_string(),
+                cells[2].to_string(),
+            );
+        }
+    }
+    assert!(
+        out.len() > 30,
+        "the metric table of docs/admin.md was not found"
+    );
+    out
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -186,10 +229,25 @@ async fn scrape_a_real_proxy_over_loopback_tcp() {
     let (status, headers, body) = http(&mut s, "GET", "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     assert!(
-        headers.contains("content-type: text/plain; version=0.0.4"),
+        headers.contains("content-type: application/openmetrics-text; version=1.0.0"),
         "{headers}"
     );
     let m = parse_exposition(&body);
+    // Every documented family is served under its name and type (libvirt's need [libvirt]),
+    // and every served family is documented.
+    let served = served_families(&body);
+    let documented = documented_families();
+    for (name, kind) in &documented {
+        if !name.starts_with("hostbind_libvirt_") {
+            assert_eq!(served.get(name), Some(kind), "{name} ({kind}) in:\n{body}");
+        }
+    }
+    for name in served.keys() {
+        assert!(
+            documented.contains_key(name),
+            "{name} is not in docs/admin.md"
+        );
+    }
     let get = |k: &str| {
         *m.get(k)
             .unwrap_or_else(|| panic!("no series {k} in:\n{body}"))
