@@ -35,7 +35,6 @@ pub use watcher::{start, start_with, WatcherHandle, MAX_BACKOFF, MIN_BACKOFF};
 pub use xml::{Assignment, DomainFacts, XmlError, ASSIGNMENT_NS};
 
 use crate::config::{Config, UnassignedPolicy};
-use crate::ledger::Lease;
 use crate::service::{unix_now, Vm};
 use hostbind_attest::signed::CountMode;
 use hostbind_attest::wire::{ErrorBody, ErrorCode};
@@ -273,18 +272,17 @@ pub struct LibvirtStatus {
 }
 
 /// What [`LibvirtVms::admit`] grants: the seat limit for this request and the reservations
-/// behind it. Holds a lock while reservations are in play, so hold it until the lease is taken.
-pub struct Admission<'a> {
+/// behind it.
+pub struct Admission {
     /// Seats this VM may count against (the license's seats less others' unused reservations).
     pub seats: u32,
     /// Seats reserved for other running domains and not in use by them.
     pub reserved_for_others: u32,
     /// Who holds those reservations ("name (n)").
     pub reserved_by: Vec<String>,
-    _guard: Option<MutexGuard<'a, ()>>,
 }
 
-impl Admission<'_> {
+impl Admission {
     /// Adds the reservations to a seats-exhausted refusal so the guest's user sees why.
     pub fn explain(&self, e: &mut ErrorBody, license_seats: u32) {
         if self.reserved_for_others > 0 && e.code == ErrorCode::SeatsExhausted {
@@ -315,7 +313,6 @@ pub struct LibvirtVms {
     workers: Arc<call::Workers>,
     /// The watcher's read-write connection, shared with tests only ([`Access::ReadWrite`]).
     conn: Mutex<Option<Connect>>,
-    grant: Mutex<()>,
 }
 
 fn unknown_vm(message: String) -> ErrorBody {
@@ -345,7 +342,6 @@ impl LibvirtVms {
             state: Mutex::new(ConnState::default()),
             workers: Arc::new(call::Workers::default()),
             conn: Mutex::new(None),
-            grant: Mutex::new(()),
         })
     }
 
@@ -484,16 +480,23 @@ impl LibvirtVms {
     }
 
     /// Admits a token request of `vm` for `product`: checks the assignment and works out the
-    /// seat limit left after other running domains' unused reservations. `leases` is called
-    /// only when reservations are in play. Answers from the cache.
+    /// seat limit left after other running domains' unused reservations. `live_leases` counts
+    /// the live leases of `product` each of the given VMs holds; it is called only when
+    /// reservations are in play. Answers from the cache.
+    ///
+    /// No lock is held from here to the ledger's grant: admissions only ever add leases, and
+    /// a lease a reserving domain takes only shrinks its unused reservation, so a limit worked
+    /// out before a concurrent grant is never above the one after it; the ledger checks the
+    /// seat count and takes the seat atomically. Two VMs therefore never both get the last
+    /// seat, reserved or not (a release or expiry racing an admission is no admission).
     pub fn admit(
         &self,
         vm: &Vm,
         product: &str,
         seats: u32,
         mode: CountMode,
-        leases: impl FnOnce() -> Vec<Lease>,
-    ) -> Result<Admission<'_>, ErrorBody> {
+        live_leases: impl FnOnce(&[&str]) -> Vec<usize>,
+    ) -> Result<Admission, ErrorBody> {
         self.check_assignment(vm, product)?;
         let reservations: Vec<(String, String, u32)> = {
             let s = self.read();
@@ -513,21 +516,16 @@ impl LibvirtVms {
                 seats,
                 reserved_for_others: 0,
                 reserved_by: Vec::new(),
-                _guard: None,
             });
         }
-        let guard = lock(&self.grant);
-        let now = unix_now();
-        let leases = leases();
+        let uuids: Vec<&str> = reservations.iter().map(|(u, _, _)| u.as_str()).collect();
+        let held = live_leases(&uuids);
         let mut reserved = 0u32;
         let mut by = Vec::new();
-        for (uuid, name, r) in reservations {
-            let mine = leases
-                .iter()
-                .filter(|l| l.vm_uuid == uuid && l.product == product && l.expires_at > now);
+        for ((_, name, r), n) in reservations.iter().zip(held) {
             let used = match mode {
-                CountMode::Vm => u32::from(mine.count() > 0),
-                _ => mine.count() as u32,
+                CountMode::Vm => u32::from(n > 0),
+                _ => u32::try_from(n).unwrap_or(u32::MAX),
             };
             let free = r.saturating_sub(used);
             if free > 0 {
@@ -539,7 +537,6 @@ impl LibvirtVms {
             seats: seats.saturating_sub(reserved),
             reserved_for_others: reserved,
             reserved_by: by,
-            _guard: Some(guard),
         })
     }
 

@@ -49,6 +49,11 @@ pub struct LimitsConfig {
     pub requests_per_minute: u32,
     /// Token requests, renewals and releases one VM may send at once.
     pub request_burst: u32,
+    /// Requests one connection may have in progress at once; the proxy reads no further
+    /// message from it until one is answered.
+    pub requests_per_connection: u32,
+    /// Requests one VM may have in progress at once, over all its connections.
+    pub requests_per_vm: u32,
     /// Live leases one VM may hold, all products together.
     pub leases_per_vm: u32,
     /// Live leases one VM may hold for one product.
@@ -73,6 +78,8 @@ impl Default for LimitsConfig {
             tpm_fresh_burst: 100,
             requests_per_minute: 1200,
             request_burst: 200,
+            requests_per_connection: 32,
+            requests_per_vm: 64,
             leases_per_vm: 1024,
             leases_per_vm_product: 256,
             refusal_interval: Dur(Duration::from_secs(60)),
@@ -94,6 +101,8 @@ impl LimitsConfig {
             ("tpm_fresh_burst", self.tpm_fresh_burst),
             ("requests_per_minute", self.requests_per_minute),
             ("request_burst", self.request_burst),
+            ("requests_per_connection", self.requests_per_connection),
+            ("requests_per_vm", self.requests_per_vm),
             ("leases_per_vm", self.leases_per_vm),
             ("leases_per_vm_product", self.leases_per_vm_product),
         ];
@@ -236,6 +245,8 @@ pub const LIMIT_LABELS: [&str; 8] = [
 struct VmState {
     conns: u32,
     buckets: [Bucket; 4],
+    /// Requests in progress (`[limits] requests_per_vm`).
+    requests: Arc<tokio::sync::Semaphore>,
 }
 
 fn slot(c: Charge) -> usize {
@@ -281,6 +292,15 @@ pub struct Limits {
 pub struct ConnPermit {
     limits: Arc<Limits>,
     vm: String,
+    requests: Arc<tokio::sync::Semaphore>,
+}
+
+impl ConnPermit {
+    /// The VM's slots for requests in progress (`[limits] requests_per_vm`), shared by all
+    /// its connections.
+    pub fn vm_requests(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.requests
+    }
 }
 
 impl Drop for ConnPermit {
@@ -372,10 +392,12 @@ impl Limits {
             ));
         }
         v.conns += 1;
+        let requests = v.requests.clone();
         st.total += 1;
         Ok(ConnPermit {
             limits: self.clone(),
             vm: vm.to_string(),
+            requests,
         })
     }
 
@@ -389,6 +411,9 @@ impl Limits {
                 b(Charge::TpmFresh),
                 b(Charge::Request),
             ],
+            requests: Arc::new(tokio::sync::Semaphore::new(
+                self.cfg.requests_per_vm as usize,
+            )),
         }
     }
 

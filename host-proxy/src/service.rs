@@ -4,6 +4,7 @@
 use crate::config::Config;
 use crate::enroll::HostIdentity;
 use crate::ledger::{AcquireRequest, Lease, LeaseScope, Ledger, LedgerError, LicenseRecord};
+use crate::limits::Charge;
 use crate::tpm_service::{TpmService, TpmServiceError};
 use hostbind_attest::keys::{KeyError, TokenKey};
 use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, Window};
@@ -13,8 +14,8 @@ use hostbind_attest::token::{
 };
 use hostbind_attest::tpm as tpmparse;
 use hostbind_attest::wire::{
-    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, HeldLease, LeaseList, Message,
-    Renew, Scope, TokenRequest, TokenResponse,
+    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, HeldLease, Hello, HelloAck,
+    LeaseList, Message, Renew, Scope, TokenRequest, TokenResponse, VmIdentity,
 };
 pub use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
@@ -1249,8 +1250,8 @@ impl Service {
         // --- libvirt hook: assignment in the domain metadata, seat reservations (libvirt.rs) ---
         let admission = match self.libvirt.get() {
             Some(lv) => Some(
-                lv.admit(vm, &req.product, lic.seats, lic.count_mode, || {
-                    self.ledger.leases().unwrap_or_default()
+                lv.admit(vm, &req.product, lic.seats, lic.count_mode, |vms| {
+                    self.ledger.live_leases_of(vms, &req.product, unix_now())
                 })
                 .map_err(|e| self.refused(e))?,
             ),
@@ -1282,7 +1283,6 @@ impl Service {
                 }
                 self.refused(b)
             })?;
-        drop(admission);
         tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
         // Clone-graph eviction keeps the head a live lease was served with.
         self.limits.note_head(&lease.id, req.chain.last());
@@ -1416,6 +1416,110 @@ impl Service {
             r.chain.last().map(|c| c.to_vec()),
             fresh,
         )
+    }
+
+    /// Answers a Hello of `vm`: the VM's Hello rate, then its chain into the clone graph (no
+    /// product, so refused only over the VM's rate of new ids; an inconsistent chain is
+    /// answered at the next request). A refusal is counted; the connection closes on it.
+    pub async fn hello(self: &Arc<Self>, vm: &Vm, h: &Hello) -> Result<HelloAck, ErrorBody> {
+        tracing::info!(vm = %vm.name, agent = %h.agent_version, "agent hello");
+        let admitted = match self.limits.charge(&vm.uuid, Charge::Hello, 1) {
+            Ok(()) => {
+                let (svc, vm2, chain) = (self.clone(), vm.clone(), h.chain.clone());
+                // a chain write is a ledger commit: off the runtime's workers
+                tokio::task::spawn_blocking(move || match svc.check_chain(&vm2, &chain, None) {
+                    Err(e) if e.code == ErrorCode::Busy => Err(e),
+                    _ => Ok(()),
+                })
+                .await
+                .unwrap_or(Ok(()))
+            }
+            Err(e) => Err(e),
+        };
+        admitted.map_err(|e| self.refuse_request(vm, "", e))?;
+        Ok(HelloAck {
+            proxy_version: env!("CARGO_PKG_VERSION").into(),
+            host_id: self.identity.cert.host_id.clone(),
+            host_cert: ByteBuf::from(self.identity.cert_bytes.clone()),
+            vm: VmIdentity {
+                uuid: vm.uuid.clone(),
+                name: vm.name.clone(),
+            },
+            lease_ttl_secs: self.cfg.leases.ttl.0.as_secs() as u32,
+            idle_timeout_secs: Some(
+                u32::try_from(self.cfg.limits.idle_timeout.0.as_secs()).unwrap_or(u32::MAX),
+            ),
+            lease_query: true,
+        })
+    }
+
+    /// Answers one request of `vm` after its Hello, the whole sequence: the VM's request
+    /// rate; for a TPM-fresh request everything that would refuse it before the TPM quotes
+    /// (an unlicensed flood costs no quote), then the TPM's evidence over its nonce (batched,
+    /// fresh.rs); then admission, the lease in the ledger, the signed token and its usage
+    /// records ([`Service::token_with`], [`Service::renew_with`]) on a blocking thread, as a
+    /// ledger commit may wait for an fsync. Never fails: a refusal is the Error answer.
+    pub async fn handle(self: &Arc<Self>, vm: &Vm, body: Body) -> Body {
+        let product = match &body {
+            Body::TokenRequest(r) => r.product.as_str(),
+            Body::Renew(_) | Body::Release(_) | Body::LeaseQuery(_) => "",
+            Body::Ping(_) => return Body::Ack(Default::default()),
+            other => {
+                return Body::Error(err(
+                    ErrorCode::UnexpectedMessage,
+                    format!("a {} is not a request the proxy serves", other.kind()),
+                ))
+            }
+        };
+        if let Err(e) = self.limits.charge(&vm.uuid, Charge::Request, 1) {
+            return Body::Error(self.refuse_request(vm, product, e));
+        }
+        // memory only: answered here
+        if let Body::LeaseQuery(q) = &body {
+            return match self.vm_leases(vm, q.offset) {
+                Ok(l) => Body::LeaseList(l),
+                Err(e) => Body::Error(e),
+            };
+        }
+        let fresh = match &body {
+            Body::TokenRequest(r) if r.tpm_fresh => Some(r.nonce.as_ref()),
+            Body::Renew(r) if r.tpm_fresh => Some(r.nonce.as_ref()),
+            _ => None,
+        };
+        let fresh = match fresh {
+            None => None,
+            Some(nonce) => {
+                // memory lookups only: no hand-off to a blocking thread
+                if let Err(e) = self.admit_fresh(vm, &body) {
+                    return Body::Error(e);
+                }
+                match self.fresh_evidence(nonce, true).await {
+                    Ok(f) => f,
+                    Err(e) => return Body::Error(e),
+                }
+            }
+        };
+        let (svc, vm) = (self.clone(), vm.clone());
+        let res = tokio::task::spawn_blocking(move || match body {
+            Body::TokenRequest(r) => svc.token_with(&vm, &r, fresh).map(Body::TokenResponse),
+            Body::Renew(r) => svc.renew_with(&vm, &r, fresh).map(Body::TokenResponse),
+            Body::Release(r) => svc
+                .release(&vm, &r.lease_id)
+                .map(|_| Body::Ack(Default::default())),
+            other => Err(err(
+                ErrorCode::UnexpectedMessage,
+                format!("a {} is not a request the proxy serves", other.kind()),
+            )),
+        })
+        .await;
+        match res {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => Body::Error(e),
+            Err(e) => Body::Error(err(
+                ErrorCode::Internal,
+                format!("request handler failed: {e}"),
+            )),
+        }
     }
 
     /// Releases a lease of `vm`.
@@ -1851,8 +1955,8 @@ impl Service {
         // --- libvirt hook: the assignment and the seats other domains' reservations leave ---
         let seats = match self.libvirt.get() {
             Some(lv) => {
-                lv.admit(vm, &r.product, lic.seats, lic.count_mode, || {
-                    self.ledger.leases().unwrap_or_default()
+                lv.admit(vm, &r.product, lic.seats, lic.count_mode, |vms| {
+                    self.ledger.live_leases_of(vms, &r.product, unix_now())
                 })?
                 .seats
             }
