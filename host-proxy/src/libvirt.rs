@@ -35,9 +35,10 @@ pub use watcher::{start, start_with, WatcherHandle, MAX_BACKOFF, MIN_BACKOFF};
 pub use xml::{Assignment, DomainFacts, XmlError, ASSIGNMENT_NS};
 
 use crate::config::{Config, UnassignedPolicy};
-use crate::service::{unix_now, Vm};
+use crate::ports::{Admission, Admitted, Vm};
 use hostbind_attest::signed::CountMode;
 use hostbind_attest::wire::{ErrorBody, ErrorCode};
+use hostbind_fsutil::unix_now;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -271,31 +272,6 @@ pub struct LibvirtStatus {
     pub call_timeouts: u64,
 }
 
-/// What [`LibvirtVms::admit`] grants: the seat limit for this request and the reservations
-/// behind it.
-pub struct Admission {
-    /// Seats this VM may count against (the license's seats less others' unused reservations).
-    pub seats: u32,
-    /// Seats reserved for other running domains and not in use by them.
-    pub reserved_for_others: u32,
-    /// Who holds those reservations ("name (n)").
-    pub reserved_by: Vec<String>,
-}
-
-impl Admission {
-    /// Adds the reservations to a seats-exhausted refusal so the guest's user sees why.
-    pub fn explain(&self, e: &mut ErrorBody, license_seats: u32) {
-        if self.reserved_for_others > 0 && e.code == ErrorCode::SeatsExhausted {
-            e.message = format!(
-                "{}; {} of the license's {license_seats} seats are reserved for other VMs by their libvirt assignment ({})",
-                e.message,
-                self.reserved_for_others,
-                self.reserved_by.join(", ")
-            );
-        }
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -496,7 +472,7 @@ impl LibvirtVms {
         seats: u32,
         mode: CountMode,
         live_leases: impl FnOnce(&[&str]) -> Vec<usize>,
-    ) -> Result<Admission, ErrorBody> {
+    ) -> Result<Admitted, ErrorBody> {
         self.check_assignment(vm, product)?;
         let reservations: Vec<(String, String, u32)> = {
             let s = self.read();
@@ -512,11 +488,7 @@ impl LibvirtVms {
                 .collect()
         };
         if reservations.is_empty() || mode == CountMode::None {
-            return Ok(Admission {
-                seats,
-                reserved_for_others: 0,
-                reserved_by: Vec::new(),
-            });
+            return Ok(Admitted::all(seats));
         }
         let uuids: Vec<&str> = reservations.iter().map(|(u, _, _)| u.as_str()).collect();
         let held = live_leases(&uuids);
@@ -533,7 +505,7 @@ impl LibvirtVms {
                 by.push(format!("{name} ({free})"));
             }
         }
-        Ok(Admission {
+        Ok(Admitted {
             seats: seats.saturating_sub(reserved),
             reserved_for_others: reserved,
             reserved_by: by,
@@ -628,4 +600,32 @@ impl LibvirtVms {
     fn confirm(&self) {
         lock(&self.fresh).confirmed = Some(Instant::now());
     }
+}
+
+/// libvirt as the service's admission port: assignments and reservations in the domains'
+/// metadata, VMs by vsock CID from the running domains.
+impl Admission for LibvirtVms {
+    fn admit(
+        &self,
+        vm: &Vm,
+        product: &str,
+        seats: u32,
+        mode: CountMode,
+        live_leases: &dyn Fn(&[&str]) -> Vec<usize>,
+    ) -> Result<Admitted, ErrorBody> {
+        LibvirtVms::admit(self, vm, product, seats, mode, live_leases)
+    }
+
+    fn vm_for_cid(&self, cid: u32) -> Option<Result<Vm, ErrorBody>> {
+        Some(LibvirtVms::vm_for_cid(self, cid))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The libvirt state of the service, when libvirt is in use (for status views).
+pub fn of(svc: &crate::service::Service) -> Option<&LibvirtVms> {
+    svc.admission().as_any().downcast_ref::<LibvirtVms>()
 }

@@ -1,14 +1,15 @@
 //! Bounds on what one VM can make the host spend: connections (per VM and in total, on every
 //! listener), handshake and idle timeouts, and per-VM token buckets for Hellos, new chain ids,
-//! TPM-fresh requests and lease requests (token requests, renewals, releases). The `[limits]`
+//! TPM-fresh requests and lease requests (token requests, renewals, releases), and how many
+//! requests one connection and one VM may have in progress. The `[limits]`
 //! table of proxy.toml configures them; docs/threat-model.md lists every bound.
 //!
 //! The transports call [`Limits::connect`] for each accepted connection (the Unix and hybrid
-//! vsock listeners and the AF_VSOCK listener share [`crate::server::serve_limited`]); the
+//! vsock listeners and the AF_VSOCK listener share `serve_limited` in server.rs); the
 //! service charges the buckets. A refused request gets `busy` with the limit and when to retry,
 //! and costs no disk write and no TPM operation.
 //!
-//! Also kept here, for the periodic maintenance (see [`crate::service::Service::maintain`]):
+//! Also kept here, for the periodic maintenance (see `Service::maintain` in service.rs):
 //! the chain head each live lease was last served with (clone-graph eviction never removes
 //! those ids) and the refusal counters ([`crate::refusals`]).
 
@@ -264,7 +265,7 @@ struct State {
     vms: HashMap<String, VmState>,
 }
 
-/// Periodic work of [`crate::service::Service::maintain`].
+/// Periodic work of `Service::maintain` (service.rs).
 #[derive(Debug, Clone, Copy)]
 pub enum Chore {
     /// Writing the refusal counts.
@@ -292,15 +293,6 @@ pub struct Limits {
 pub struct ConnPermit {
     limits: Arc<Limits>,
     vm: String,
-    requests: Arc<tokio::sync::Semaphore>,
-}
-
-impl ConnPermit {
-    /// The VM's slots for requests in progress (`[limits] requests_per_vm`), shared by all
-    /// its connections.
-    pub fn vm_requests(&self) -> &Arc<tokio::sync::Semaphore> {
-        &self.requests
-    }
 }
 
 impl Drop for ConnPermit {
@@ -392,13 +384,22 @@ impl Limits {
             ));
         }
         v.conns += 1;
-        let requests = v.requests.clone();
         st.total += 1;
         Ok(ConnPermit {
             limits: self.clone(),
             vm: vm.to_string(),
-            requests,
         })
+    }
+
+    /// `vm`'s slots for requests in progress (`[limits] requests_per_vm`), shared by all its
+    /// connections (kept while it has one).
+    pub fn vm_requests(&self, vm: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut st = self.state();
+        st.vms
+            .entry(vm.to_string())
+            .or_insert_with(|| self.fresh_vm(Instant::now()))
+            .requests
+            .clone()
     }
 
     fn fresh_vm(&self, now: Instant) -> VmState {
@@ -513,7 +514,7 @@ impl Limits {
                 .iter_mut()
                 .zip(&rates)
                 .all(|(b, (pm, burst))| b.is_full(*burst, *pm, now));
-            v.conns > 0 || !full
+            v.conns > 0 || Arc::strong_count(&v.requests) > 1 || !full
         });
     }
 

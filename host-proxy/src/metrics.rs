@@ -531,7 +531,7 @@ pub fn render(svc: &Service) -> Result<String, String> {
     );
 
     // --- libvirt hook: connection health and the age of the domain cache (libvirt.rs) ---
-    if let Some(lv) = svc.libvirt() {
+    if let Some(lv) = crate::libvirt::of(svc) {
         libvirt_families(&mut out, &lv.status());
     }
     // --- end libvirt hook ---
@@ -580,7 +580,7 @@ pub fn render(svc: &Service) -> Result<String, String> {
         &[(String::new(), health.last_ok.load(Ordering::Relaxed) as f64)],
     );
     // --- usage hook: the usage log's sealing, while metering runs ---
-    if let Some(u) = svc.usage() {
+    if let Some(u) = crate::usage::of(svc) {
         let st = u.seal_stats();
         family(
             &mut out,
@@ -654,7 +654,7 @@ fn fault_families(out: &mut String, svc: &Service) {
         "1 while the host clock is off against the TPM clock beyond [clock] max_skew (no token key is certified).",
         &one(if c.state == "jumped" { 1.0 } else { 0.0 }),
     );
-    if let Some(u) = svc.usage().map(|u| u.status()) {
+    if let Some(u) = crate::usage::of(svc).map(|u| u.status()) {
         family(
             out,
             "hostbind_usage_unsealed_records",

@@ -84,8 +84,7 @@ where
 {
     match svc.limits().connect(&vm.uuid) {
         Ok(permit) => {
-            let vm_requests = permit.vm_requests().clone();
-            serve_connection(svc, stream, vm, vm_requests).await;
+            serve_connection(svc, stream, vm).await;
             drop(permit);
         }
         Err(e) => refuse(stream, e.code, e.message).await,
@@ -112,18 +111,14 @@ fn error_frame(id: u64, code: ErrorCode, message: String) -> Message<Body> {
 
 /// Runs the protocol with one agent: Hello first (within `[limits] handshake_timeout`), then
 /// requests, handled concurrently and answered by id ([`Service::handle`]) up to `[limits]
-/// requests_per_connection` in progress on this connection and `requests_per_vm` (the slots of
-/// `vm_requests`) over the VM's connections; at either bound nothing more is read until one is
+/// requests_per_connection` in progress on this connection and `requests_per_vm` over the VM's
+/// connections; at either bound nothing more is read until one is
 /// answered. Pushed events go out through the same writer. A bad frame gets an Error frame and
 /// the connection is closed, as does a connection without a complete message for `[limits]
 /// idle_timeout` (agents ping before). At shutdown the connection stops reading: the requests
 /// in progress are answered, then it closes.
-pub async fn serve_connection<S>(
-    svc: Arc<Service>,
-    stream: S,
-    vm: Arc<Vm>,
-    vm_requests: Arc<Semaphore>,
-) where
+pub async fn serve_connection<S>(svc: Arc<Service>, stream: S, vm: Arc<Vm>)
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
@@ -131,6 +126,7 @@ pub async fn serve_connection<S>(
     let mut writer = FramedWrite::new(wr, FrameCodec::<Body>::new());
     let limits = svc.config().limits.clone();
     let conn_requests = Arc::new(Semaphore::new(limits.requests_per_connection as usize));
+    let vm_requests = svc.limits().vm_requests(&vm.uuid);
     let (tx, mut rx) = mpsc::channel::<Message<Body>>(64);
     let writer_task = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
