@@ -355,3 +355,50 @@ async fn slow_tpm_quote_does_not_stall_renewals_pipelined_behind_it() {
     .unwrap();
     h.stop_proxy();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_at_its_request_bound_is_not_read_until_an_answer() {
+    use futures::{SinkExt, StreamExt};
+    use hostbind_attest::wire::{Message, Renew};
+    // One request in progress per connection: nothing behind it is read (or buffered).
+    let (_v, mut h, _vp) = daemon("[limits]\nrequests_per_connection = 1\n");
+    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
+        .await
+        .unwrap();
+    let mut w = WireGuest::new(s);
+    w.hello().await.unwrap();
+    let Body::TokenResponse(lease) = w.call(fresh_req(b"plain-nonce", false)).await else {
+        panic!("refused")
+    };
+    let frozen = FrozenTpm::freeze(h.tpm.pid());
+    w.f.send(Message::new(100, fresh_req(b"stalled-nonce", true)))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let renew = Body::Renew(Renew {
+            lease_id: lease.lease_id.clone(),
+            nonce: None,
+            chain: vec![],
+            tpm_fresh: false,
+        });
+        w.f.send(Message::new(101 + i, renew)).await.unwrap();
+    }
+    // The renewals wait unread behind the fresh request until its quote comes.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop(frozen);
+    let mut order = Vec::new();
+    while order.len() < 4 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(60), w.f.next())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        match m.body {
+            Body::TokenResponse(_) => order.push(m.id),
+            Body::Event(_) => {}
+            other => panic!("request {} refused: {other:?}", m.id),
+        }
+    }
+    assert_eq!(order, vec![100, 101, 102, 103]);
+    h.stop_proxy();
+}
