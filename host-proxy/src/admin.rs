@@ -284,7 +284,7 @@ fn status(svc: &Service) -> Result<Status, String> {
         tpm_quote_mean_ms: quotes.mean_secs() * 1000.0,
         tpm_quote_errors: svc.tpm().quote_stats().errors.get(),
         metrics: svc.counters.metrics.endpoint.get().cloned(),
-        libvirt: svc.libvirt().map(|l| l.status()),
+        libvirt: crate::libvirt::of(svc).map(|l| l.status()),
         clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),
         ledger: Some(svc.ledger().health()),
         tpm_health: {
@@ -300,7 +300,7 @@ fn status(svc: &Service) -> Result<Status, String> {
         },
         token_key: Some(svc.key_status()),
         clock: Some(svc.clock_status()),
-        usage: svc.usage().map(|u| {
+        usage: crate::usage::of(svc).map(|u| {
             let st = u.seal_stats();
             let log = u.status();
             UsageStatus {

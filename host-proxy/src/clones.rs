@@ -21,9 +21,9 @@
 //! seen first but never the chain heads of live leases ([`prune`]).
 
 use crate::ledger::Ledger;
-use hostbind_attest::chain::{self, ChainError, ChainStore, ForkChange, ForkReport, Lineage, Node};
-use hostbind_attest::signed::ClonePolicy;
-use hostbind_attest::wire::{EphemeralId, ErrorBody, ErrorCode, EventKind};
+use crate::ports::{ChainRefused, CloneGuard};
+use hostbind_attest::chain::{self, ChainError, ChainStore, ForkReport, Lineage, Node};
+use hostbind_attest::wire::{EphemeralId, ErrorBody};
 use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -94,26 +94,7 @@ fn dec<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// A change of a fork, as the service reports it: logged, pushed to the agents of both
-/// sides, counted in metrics, and the record the usage log (metering) stores.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CloneReport {
-    /// What happened.
-    pub change: ForkChange,
-    /// The fork.
-    pub fork: ForkReport,
-    /// Unix seconds of the report.
-    pub at: u64,
-}
-
-/// The result of feeding one request's chain to the graph.
-#[derive(Debug, Clone, Default)]
-pub struct ChainOutcome {
-    /// Forks that appeared or became clones.
-    pub reports: Vec<CloneReport>,
-    /// Set when the sender is the later side of a clone.
-    pub cloned_by: Option<ForkReport>,
-}
+pub use crate::ports::{ChainOutcome, CloneReport};
 
 /// The graph inside one redb write transaction.
 struct TxStore<'a> {
@@ -501,137 +482,39 @@ pub fn id_count(ledger: &Ledger) -> Result<u64, CloneError> {
     })
 }
 
-/// The message a refused later fork gets.
-pub fn refusal_message(product: &str, by: &ForkReport) -> String {
-    format!(
-        "cloned instance: this VM's agent state is a copy of another running instance, detected \
-         at {}; under the '{product}' license's enforce clone policy only the earlier instance \
-         (VM {}) keeps the seat. Stop this copy, or give it its own identity (delete the \
-         hostbind-agent state dir in the copy and restart the agent) if it is meant to run as a \
-         separate VM",
-        hostbind_attest::signed::fmt_time(by.clone_at.unwrap_or(by.detected_at)),
-        by.kept_vm,
-    )
+/// Clone detection as the service's [`CloneGuard`]: the graph in the ledger file under the
+/// `[clones]` bounds.
+#[derive(Debug, Clone)]
+pub struct ChainGraph {
+    cfg: CloneConfig,
 }
 
-/// The service side: feed chains, push events, count, refuse under `enforce`.
-impl crate::service::Service {
-    /// Feeds the chain of a request from `vm` into the graph. `product` is the product the
-    /// request is for and its license's clone policy (none for Hello). Returns the refusal
-    /// for a later fork of a clone under `enforce`, or `busy` when the chain carries more new
-    /// ids than the VM may add now (`[limits] new_chain_ids_per_minute`; nothing is written).
-    /// Storage trouble is logged and never blocks licensing; an inconsistent chain is refused
-    /// as malformed.
-    pub fn check_chain(
+impl ChainGraph {
+    /// The graph under `cfg`.
+    pub fn new(cfg: CloneConfig) -> ChainGraph {
+        ChainGraph { cfg }
+    }
+}
+
+impl CloneGuard for ChainGraph {
+    fn observe(
         &self,
-        vm: &crate::service::Vm,
+        ledger: &Ledger,
         suffix: &[EphemeralId],
-        product: Option<(&str, ClonePolicy)>,
-    ) -> Result<(), ErrorBody> {
-        let now = crate::service::unix_now();
-        let cfg = &self.config().clones;
-        let limits = self.limits();
-        let out = match observe(
-            self.ledger(),
-            cfg,
-            suffix,
-            &vm.uuid,
-            product.map(|p| p.0),
-            now,
-            |n| {
-                let n = u32::try_from(n).unwrap_or(u32::MAX);
-                limits.charge(&vm.uuid, crate::limits::Charge::NewChainIds, n)
-            },
-        ) {
-            Ok(o) => o,
-            Err(CloneError::OverBudget(e)) => return Err(e),
-            Err(CloneError::Inconsistent(m)) => {
-                tracing::warn!(vm = %vm.name, "refusing an inconsistent id chain: {m}");
-                return Err(ErrorBody {
-                    code: ErrorCode::Malformed,
-                    message: m,
-                });
-            }
-            Err(e) => {
-                // Every request would log this while the ledger cannot write (a full disk).
-                static LOG: crate::ratelog::RateLimit =
-                    crate::ratelog::RateLimit::new(Duration::from_secs(30));
-                if let Some(n) = LOG.check() {
-                    tracing::error!(vm = %vm.name, "clone detection skipped: {e}{}", crate::ratelog::held_back(n));
-                }
-                return Ok(());
-            }
-        };
-        let refused = matches!(
-            (&out.cloned_by, product),
-            (Some(_), Some((_, ClonePolicy::Enforce)))
-        );
-        for r in &out.reports {
-            self.report_clone(r);
-            self.meter_clone(vm, product.map(|p| p.0), r, refused, now);
-        }
-        match (out.cloned_by, product) {
-            (Some(by), Some((p, ClonePolicy::Enforce))) => {
-                tracing::warn!(vm = %vm.name, product = %p, kept = %by.kept_vm, "refusing a cloned instance");
-                Err(ErrorBody {
-                    code: ErrorCode::CloneRefused,
-                    message: refusal_message(p, &by),
-                })
-            }
-            _ => Ok(()),
-        }
+        vm_uuid: &str,
+        product: Option<&str>,
+        now: u64,
+        budget: &mut dyn FnMut(usize) -> Result<(), ErrorBody>,
+    ) -> Result<ChainOutcome, ChainRefused> {
+        observe(ledger, &self.cfg, suffix, vm_uuid, product, now, budget).map_err(|e| match e {
+            CloneError::OverBudget(b) => ChainRefused::OverBudget(b),
+            CloneError::Inconsistent(m) => ChainRefused::Inconsistent(m),
+            other => ChainRefused::Storage(other.to_string()),
+        })
     }
 
-    /// Logs a clone report, counts it and tells the agents of both sides.
-    fn report_clone(&self, r: &CloneReport) {
-        let f = &r.fork;
-        let what = match (r.change, f.kind) {
-            (ForkChange::Detected, _) => "a fork of an agent's id chain appeared (a VM was cloned or restored from a snapshot; it is a clone once both copies are seen running)",
-            (ForkChange::BecameClone, _) => "two copies of one VM instance are running at the same time (clone)",
-        };
-        tracing::warn!(
-            kind = f.kind.as_str(),
-            kept_vm = %f.kept_vm,
-            fork_vm = %f.fork_vm,
-            fork_point = %f.fork_point,
-            "{what}"
-        );
-        self.counters.metrics.clone_reports.inc(match r.change {
-            ForkChange::Detected => "detected",
-            ForkChange::BecameClone => "clone",
-        });
-        let message = format!(
-            "the host saw this VM's license id chain fork ({}, detected {}): the VM state was \
-             copied; kept instance: VM {}, later copy: VM {}",
-            f.kind.as_str(),
-            hostbind_attest::signed::fmt_time(f.detected_at),
-            f.kept_vm,
-            f.fork_vm
-        );
-        let mut vms = vec![
-            f.kept_vm.as_str(),
-            f.fork_vm.as_str(),
-            f.fork_last_vm.as_str(),
-        ];
-        vms.sort_unstable();
-        vms.dedup();
-        for vm in vms {
-            self.push(vm, EventKind::CloneDetected, None, message.clone());
-        }
-    }
-
-    /// Forgets old chain entries and evicts over the caps, sparing the chain heads of live
-    /// leases (called by [`crate::service::Service::maintain`]).
-    pub fn prune_chains(&self, now: u64) {
-        let live: HashSet<String> = self
-            .ledger()
-            .leases()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|l| l.id)
-            .collect();
-        let keep = self.limits().live_heads(&live);
-        match prune(self.ledger(), &self.config().clones, &keep, now) {
+    fn prune(&self, ledger: &Ledger, keep: &HashSet<EphemeralId>, now: u64) {
+        match prune(ledger, &self.cfg, keep, now) {
             Ok(p) if p == Pruned::default() => {}
             Ok(p) if p.evicted > 0 => tracing::warn!(
                 expired = p.expired,
@@ -685,7 +568,9 @@ pub fn print_forks(forks: &[ForkReport], total: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hostbind_attest::chain::ForkChange;
     use hostbind_attest::chain::ForkKind;
+    use hostbind_attest::wire::ErrorCode;
 
     fn id(n: u8) -> EphemeralId {
         [n; 16]

@@ -3,8 +3,9 @@
 
 use crate::config::Config;
 use crate::ledger::{Ledger, OpenOptions};
+use crate::ports::{Admission, ConfiguredVms, Metering, NoMetering};
 use crate::server::{accept_unix, bind_unix, hybrid_path};
-use crate::service::{Service, Vm};
+use crate::service::{Service, ServiceParts, Vm};
 use crate::tpm_service::TpmService;
 use crate::{admin, enroll};
 use anyhow::Result;
@@ -48,6 +49,10 @@ fn ensure_parent(p: &Path, key: &str) -> Result<()> {
 
 /// Runs the daemon until a termination signal.
 pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
+    // Caught from the start: a stop while the daemon starts (e.g. right after its sockets
+    // appear) is an orderly shutdown that seals the usage log, not the default death.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let identity = enroll::load_identity(&cfg.state_dir)?;
     // Held until the daemon ends: no enroll command or second daemon meanwhile (lock.rs).
     let lock = crate::lock::acquire(&cfg.state_dir, crate::lock::Role::Daemon)?;
@@ -55,39 +60,56 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
     let ledger =
         tokio::task::spawn_blocking(move || Ledger::open_with(&path, ledger_opts)).await??;
     let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone())?;
-    let svc = Service::start(cfg.clone(), identity, ledger, tpm).await?;
-    // --- libvirt hook: VM identity, assignments and lifecycle from libvirt (libvirt.rs) ---
-    let libvirt = cfg.libvirt.enabled.then(|| {
+    // The ports: admission (libvirt or the configured VMs), metering (the usage log or
+    // nothing), clone detection.
+    let libvirt_vms = cfg.libvirt.enabled.then(|| {
         tracing::info!(uri = %cfg.libvirt.uri, unassigned = ?cfg.libvirt.unassigned, "taking VM identity from libvirt");
-        crate::libvirt::start(&svc)
+        crate::libvirt::LibvirtVms::new(&cfg)
     });
-    // --- end libvirt hook ---
+    let admission: Arc<dyn Admission> = match &libvirt_vms {
+        Some(v) => v.clone(),
+        None => Arc::new(ConfiguredVms),
+    };
+    let usage = if cfg.usage.enabled {
+        Some(
+            crate::usage::UsageLog::open(
+                &cfg.usage,
+                &cfg.state_dir,
+                identity.cert.host_id_hex(),
+                tpm.clone(),
+            )
+            .await?,
+        )
+    } else {
+        tracing::info!("usage log off ([usage] enabled = false)");
+        None
+    };
+    let metering: Arc<dyn Metering> = match &usage {
+        Some(u) => u.clone(),
+        None => Arc::new(NoMetering),
+    };
+    let svc = Service::new(ServiceParts {
+        cfg: cfg.clone(),
+        identity,
+        ledger,
+        tpm,
+        admission,
+        metering,
+        clones: Arc::new(crate::clones::ChainGraph::new(cfg.clones.clone())),
+    })
+    .await?;
+    let libvirt = libvirt_vms.map(|v| crate::libvirt::start(&svc, v));
     let mut sockets: Vec<PathBuf> = Vec::new();
     let mut tasks = Vec::new();
     // Tasks that end by themselves at `stop` and are awaited, never aborted: the usage flush
     // loop and the lease sweep (their blocking work cannot be cancelled midway).
     let stop = CancellationToken::new();
     let mut stopping = Vec::new();
-    // --- usage hook: the usage log (usage.rs) ---
-    let usage = if cfg.usage.enabled {
-        let u = crate::usage::UsageLog::open(
-            &cfg.usage,
-            &cfg.state_dir,
-            svc.identity().cert.host_id_hex(),
-            svc.tpm().clone(),
-        )
-        .await?;
-        // also meters the leases a license in licenses_dir ended at start
-        svc.set_usage(u.clone());
+    if let Some(u) = &usage {
         stopping.push(tokio::spawn(
             u.clone().run(cfg.usage.flush_interval.0, stop.clone()),
         ));
-        Some(u)
-    } else {
-        tracing::info!("usage log off ([usage] enabled = false)");
-        None
-    };
-    // --- end usage hook ---
+    }
 
     ensure_parent(&cfg.admin_socket, "admin_socket")?;
     let l = admin::bind(&cfg.admin_socket)?;
@@ -163,8 +185,6 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
     }));
 
     tracing::info!(host_id = %svc.identity().cert.host_id_hex(), vms = cfg.vms.len(), "hostbind-proxy ready");
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
@@ -209,11 +229,10 @@ async fn shut_down(
     }
     let svc2 = svc.clone();
     let _ = tokio::task::spawn_blocking(move || svc2.close_issue()).await;
-    // --- limits hook: the refusal counts of the last interval go into the history and the
-    // usage log before it is sealed (refusals.rs) ---
+    // the refusal counts of the last interval go into the history and the usage log before it
+    // is sealed (refusals.rs)
     let svc2 = svc.clone();
     let _ = tokio::task::spawn_blocking(move || svc2.flush_refusals()).await;
-    // --- end limits hook ---
     let issued = svc
         .counters
         .tokens_issued

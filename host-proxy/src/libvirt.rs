@@ -35,10 +35,10 @@ pub use watcher::{start, start_with, WatcherHandle, MAX_BACKOFF, MIN_BACKOFF};
 pub use xml::{Assignment, DomainFacts, XmlError, ASSIGNMENT_NS};
 
 use crate::config::{Config, UnassignedPolicy};
-use crate::ledger::Lease;
-use crate::service::{unix_now, Vm};
+use crate::ports::{Admission, Admitted, Vm};
 use hostbind_attest::signed::CountMode;
 use hostbind_attest::wire::{ErrorBody, ErrorCode};
+use hostbind_fsutil::unix_now;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -272,32 +272,6 @@ pub struct LibvirtStatus {
     pub call_timeouts: u64,
 }
 
-/// What [`LibvirtVms::admit`] grants: the seat limit for this request and the reservations
-/// behind it. Holds a lock while reservations are in play, so hold it until the lease is taken.
-pub struct Admission<'a> {
-    /// Seats this VM may count against (the license's seats less others' unused reservations).
-    pub seats: u32,
-    /// Seats reserved for other running domains and not in use by them.
-    pub reserved_for_others: u32,
-    /// Who holds those reservations ("name (n)").
-    pub reserved_by: Vec<String>,
-    _guard: Option<MutexGuard<'a, ()>>,
-}
-
-impl Admission<'_> {
-    /// Adds the reservations to a seats-exhausted refusal so the guest's user sees why.
-    pub fn explain(&self, e: &mut ErrorBody, license_seats: u32) {
-        if self.reserved_for_others > 0 && e.code == ErrorCode::SeatsExhausted {
-            e.message = format!(
-                "{}; {} of the license's {license_seats} seats are reserved for other VMs by their libvirt assignment ({})",
-                e.message,
-                self.reserved_for_others,
-                self.reserved_by.join(", ")
-            );
-        }
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -315,7 +289,6 @@ pub struct LibvirtVms {
     workers: Arc<call::Workers>,
     /// The watcher's read-write connection, shared with tests only ([`Access::ReadWrite`]).
     conn: Mutex<Option<Connect>>,
-    grant: Mutex<()>,
 }
 
 fn unknown_vm(message: String) -> ErrorBody {
@@ -345,7 +318,6 @@ impl LibvirtVms {
             state: Mutex::new(ConnState::default()),
             workers: Arc::new(call::Workers::default()),
             conn: Mutex::new(None),
-            grant: Mutex::new(()),
         })
     }
 
@@ -484,16 +456,23 @@ impl LibvirtVms {
     }
 
     /// Admits a token request of `vm` for `product`: checks the assignment and works out the
-    /// seat limit left after other running domains' unused reservations. `leases` is called
-    /// only when reservations are in play. Answers from the cache.
+    /// seat limit left after other running domains' unused reservations. `live_leases` counts
+    /// the live leases of `product` each of the given VMs holds; it is called only when
+    /// reservations are in play. Answers from the cache.
+    ///
+    /// No lock is held from here to the ledger's grant: admissions only ever add leases, and
+    /// a lease a reserving domain takes only shrinks its unused reservation, so a limit worked
+    /// out before a concurrent grant is never above the one after it; the ledger checks the
+    /// seat count and takes the seat atomically. Two VMs therefore never both get the last
+    /// seat, reserved or not (a release or expiry racing an admission is no admission).
     pub fn admit(
         &self,
         vm: &Vm,
         product: &str,
         seats: u32,
         mode: CountMode,
-        leases: impl FnOnce() -> Vec<Lease>,
-    ) -> Result<Admission<'_>, ErrorBody> {
+        live_leases: impl FnOnce(&[&str]) -> Vec<usize>,
+    ) -> Result<Admitted, ErrorBody> {
         self.check_assignment(vm, product)?;
         let reservations: Vec<(String, String, u32)> = {
             let s = self.read();
@@ -509,25 +488,16 @@ impl LibvirtVms {
                 .collect()
         };
         if reservations.is_empty() || mode == CountMode::None {
-            return Ok(Admission {
-                seats,
-                reserved_for_others: 0,
-                reserved_by: Vec::new(),
-                _guard: None,
-            });
+            return Ok(Admitted::all(seats));
         }
-        let guard = lock(&self.grant);
-        let now = unix_now();
-        let leases = leases();
+        let uuids: Vec<&str> = reservations.iter().map(|(u, _, _)| u.as_str()).collect();
+        let held = live_leases(&uuids);
         let mut reserved = 0u32;
         let mut by = Vec::new();
-        for (uuid, name, r) in reservations {
-            let mine = leases
-                .iter()
-                .filter(|l| l.vm_uuid == uuid && l.product == product && l.expires_at > now);
+        for ((_, name, r), n) in reservations.iter().zip(held) {
             let used = match mode {
-                CountMode::Vm => u32::from(mine.count() > 0),
-                _ => mine.count() as u32,
+                CountMode::Vm => u32::from(n > 0),
+                _ => u32::try_from(n).unwrap_or(u32::MAX),
             };
             let free = r.saturating_sub(used);
             if free > 0 {
@@ -535,11 +505,10 @@ impl LibvirtVms {
                 by.push(format!("{name} ({free})"));
             }
         }
-        Ok(Admission {
+        Ok(Admitted {
             seats: seats.saturating_sub(reserved),
             reserved_for_others: reserved,
             reserved_by: by,
-            _guard: Some(guard),
         })
     }
 
@@ -631,4 +600,32 @@ impl LibvirtVms {
     fn confirm(&self) {
         lock(&self.fresh).confirmed = Some(Instant::now());
     }
+}
+
+/// libvirt as the service's admission port: assignments and reservations in the domains'
+/// metadata, VMs by vsock CID from the running domains.
+impl Admission for LibvirtVms {
+    fn admit(
+        &self,
+        vm: &Vm,
+        product: &str,
+        seats: u32,
+        mode: CountMode,
+        live_leases: &dyn Fn(&[&str]) -> Vec<usize>,
+    ) -> Result<Admitted, ErrorBody> {
+        LibvirtVms::admit(self, vm, product, seats, mode, live_leases)
+    }
+
+    fn vm_for_cid(&self, cid: u32) -> Option<Result<Vm, ErrorBody>> {
+        Some(LibvirtVms::vm_for_cid(self, cid))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The libvirt state of the service, when libvirt is in use (for status views).
+pub fn of(svc: &crate::service::Service) -> Option<&LibvirtVms> {
+    svc.admission().as_any().downcast_ref::<LibvirtVms>()
 }

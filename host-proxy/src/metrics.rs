@@ -207,7 +207,7 @@ pub fn render(svc: &Service) -> Result<String, String> {
     );
 
     // connection health and the age of the domain cache (libvirt.rs)
-    if let Some(lv) = svc.libvirt() {
+    if let Some(lv) = crate::libvirt::of(svc) {
         libvirt_families(&mut out, &lv.status());
     }
 
@@ -236,7 +236,7 @@ pub fn render(svc: &Service) -> Result<String, String> {
         int(health.last_ok.load(Ordering::Relaxed)),
     );
     // the usage log's sealing, while metering runs
-    if let Some(u) = svc.usage() {
+    if let Some(u) = crate::usage::of(svc) {
         out.gauge(
             "hostbind_usage_last_seal_timestamp_seconds",
             "Unix time blocks were last sealed into the usage log (the daemon's start time until then).",
@@ -288,7 +288,7 @@ fn fault_families(out: &mut Exposition, svc: &Service) {
         "1 while the host clock is off against the TPM clock beyond [clock] max_skew (no token key is certified).",
         i64::from(c.state == "jumped"),
     );
-    if let Some(u) = svc.usage().map(|u| u.status()) {
+    if let Some(u) = crate::usage::of(svc).map(|u| u.status()) {
         out.gauges(
             "hostbind_usage_unsealed_records",
             "Usage records not sealed yet: waiting in memory for the next flush, or kept in the spill file while the TPM is unreachable.",

@@ -7,6 +7,7 @@
 //! recorded as [`UNLICENSED`] (never the name the guest sent), and messages are cut to
 //! [`MAX_MESSAGE`] characters with control characters replaced.
 
+use hostbind_attest::usage::{UsageRecord, VmRef};
 use hostbind_attest::wire::ErrorBody;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -155,6 +156,23 @@ impl Refusals {
 }
 
 impl RefusalCount {
+    /// Its usage record.
+    pub fn usage_record(&self) -> UsageRecord {
+        UsageRecord::Refusal {
+            at: self.first,
+            product: self.product.clone(),
+            license_id: self.license_id.clone(),
+            customer: self.customer.clone(),
+            vm: VmRef {
+                uuid: self.vm_uuid.clone(),
+                name: self.vm_name.clone(),
+            },
+            code: self.code.clone(),
+            message: self.message.clone(),
+            count: self.count,
+        }
+    }
+
     /// The history entry's detail.
     pub fn detail(&self) -> String {
         let what = if self.product.is_empty() {

@@ -1,20 +1,18 @@
-//! Transports and the per-connection protocol loop: plain Unix sockets, hybrid vsock
-//! (vhost-device-vsock's `<uds>_<port>` sockets) and, opt-in, real AF_VSOCK.
+//! Transports and the per-connection framing: plain Unix sockets, hybrid vsock
+//! (vhost-device-vsock's `<uds>_<port>` sockets) and, opt-in, real AF_VSOCK; connection
+//! limits, timeouts and backpressure. What a request means is [`Service::handle`]'s business.
 
-use crate::limits::Charge;
 use crate::service::{Service, Vm};
 use futures::{SinkExt, StreamExt};
-use hostbind_attest::wire::{
-    Body, ErrorBody, ErrorCode, FrameCodec, HelloAck, Message, VmIdentity, WireError,
-};
-use serde_bytes::ByteBuf;
+use hostbind_attest::wire::{Body, ErrorBody, ErrorCode, FrameCodec, Message, WireError};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 /// Errors setting up listeners.
@@ -112,11 +110,13 @@ fn error_frame(id: u64, code: ErrorCode, message: String) -> Message<Body> {
 }
 
 /// Runs the protocol with one agent: Hello first (within `[limits] handshake_timeout`), then
-/// pipelined requests; pushed events go out through the same writer. A bad frame gets an
-/// Error frame and the connection is closed, as does a connection without a complete message
-/// for `[limits] idle_timeout` (agents ping before). Hellos, new chain ids, requests and
-/// TPM-fresh requests are charged to the VM's limits. At
-/// shutdown the connection stops reading: the request in progress is answered, then it closes.
+/// requests, handled concurrently and answered by id ([`Service::handle`]) up to `[limits]
+/// requests_per_connection` in progress on this connection and `requests_per_vm` over the VM's
+/// connections; at either bound nothing more is read until one is
+/// answered. Pushed events go out through the same writer. A bad frame gets an Error frame and
+/// the connection is closed, as does a connection without a complete message for `[limits]
+/// idle_timeout` (agents ping before). At shutdown the connection stops reading: the requests
+/// in progress are answered, then it closes.
 pub async fn serve_connection<S>(svc: Arc<Service>, stream: S, vm: Arc<Vm>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -124,6 +124,9 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let mut reader = FramedRead::new(rd, FrameCodec::<Body>::new());
     let mut writer = FramedWrite::new(wr, FrameCodec::<Body>::new());
+    let limits = svc.config().limits.clone();
+    let conn_requests = Arc::new(Semaphore::new(limits.requests_per_connection as usize));
+    let vm_requests = svc.limits().vm_requests(&vm.uuid);
     let (tx, mut rx) = mpsc::channel::<Message<Body>>(64);
     let writer_task = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -134,14 +137,26 @@ where
         }
         let _ = writer.close().await;
     });
+    let mut in_progress = JoinSet::new();
     let mut conn_id = None;
     let started = std::time::Instant::now();
     let mut agent_version = String::new();
     let mut ended = "the agent closed the connection".to_string();
-    let limits = svc.config().limits.clone();
     let handshake_end = tokio::time::Instant::now() + limits.handshake_timeout.0;
     let shutdown = svc.shutdown_token().clone();
     loop {
+        while in_progress.try_join_next().is_some() {}
+        // Backpressure: a slot on this connection and one of the VM's before reading the next
+        // message (a connection at its bound is not read, so nothing piles up unanswered).
+        let slots = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                ended = "the proxy is shutting down".into();
+                break;
+            }
+            s = slots(&conn_requests, &vm_requests) => s,
+        };
+        let Some(slots) = slots else { break };
         // Until Hello, a deadline from the connection's start; then an idle timeout per
         // complete message (a half-sent one does not reset it).
         let wait = match conn_id {
@@ -213,150 +228,44 @@ where
         };
         let id = msg.id;
         let reply = match msg.body {
-            Body::Hello(h) => {
-                tracing::info!(vm = %vm.name, agent = %h.agent_version, "agent hello");
-                // Clone detection: Hello carries the chain too (no product, so refused only
-                // over the VM's rate of new ids; an inconsistent chain is answered at the next
-                // request).
-                let (svc2, vm2) = (svc.clone(), vm.clone());
-                let admitted = match svc.limits().charge(&vm.uuid, Charge::Hello, 1) {
-                    Ok(()) => tokio::task::spawn_blocking(move || {
-                        match svc2.check_chain(&vm2, &h.chain, None) {
-                            Err(e) if e.code == ErrorCode::Busy => Err(e),
-                            _ => Ok(()),
-                        }
-                    })
-                    .await
-                    .unwrap_or(Ok(())),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = admitted {
+            Body::Hello(h) => match svc.hello(&vm, &h).await {
+                Ok(ack) => {
+                    agent_version = h.agent_version.clone();
+                    if conn_id.is_none() {
+                        conn_id = Some(svc.register(&vm, tx.clone()));
+                    }
+                    Body::HelloAck(ack)
+                }
+                Err(e) => {
                     // Refused Hellos close the connection: the agent backs off and reconnects.
                     ended = format!("Hello refused: {}", e.message);
-                    let e = svc.refuse_request(&vm, "", e);
                     let _ = tx.send(Message::new(id, Body::Error(e))).await;
                     break;
                 }
-                agent_version = h.agent_version.clone();
-                if conn_id.is_none() {
-                    conn_id = Some(svc.register(&vm, tx.clone()));
-                }
-                Body::HelloAck(HelloAck {
-                    proxy_version: env!("CARGO_PKG_VERSION").into(),
-                    host_id: svc.identity().cert.host_id.clone(),
-                    host_cert: ByteBuf::from(svc.identity().cert_bytes.clone()),
-                    vm: VmIdentity {
-                        uuid: vm.uuid.clone(),
-                        name: vm.name.clone(),
-                    },
-                    lease_ttl_secs: svc.config().leases.ttl.0.as_secs() as u32,
-                    idle_timeout_secs: Some(
-                        u32::try_from(limits.idle_timeout.0.as_secs()).unwrap_or(u32::MAX),
-                    ),
-                    lease_query: true,
-                })
-            }
+            },
             _ if conn_id.is_none() => Body::Error(ErrorBody {
                 code: ErrorCode::UnexpectedMessage,
                 message: "send Hello first".into(),
             }),
             Body::Ping(_) => Body::Ack(Default::default()),
-            Body::LeaseQuery(q) => {
-                let (svc2, vm2) = (svc.clone(), vm.clone());
-                if let Err(e) = svc.limits().charge(&vm.uuid, Charge::Request, 1) {
-                    let e = svc.refuse_request(&vm, "", e);
-                    if tx.send(Message::new(id, Body::Error(e))).await.is_err() {
-                        ended = "the connection's writer stopped".into();
-                        break;
-                    }
-                    continue;
-                }
-                match tokio::task::spawn_blocking(move || svc2.vm_leases(&vm2, q.offset)).await {
-                    Ok(Ok(l)) => Body::LeaseList(l),
-                    Ok(Err(e)) => Body::Error(e),
-                    Err(e) => Body::Error(ErrorBody {
-                        code: ErrorCode::Internal,
-                        message: format!("request handler failed: {e}"),
-                    }),
-                }
+            body => {
+                // Answered when done, in any order: the agent matches answers by id.
+                let (svc, vm, tx) = (svc.clone(), vm.clone(), tx.clone());
+                in_progress.spawn(async move {
+                    let reply = svc.handle(&vm, body).await;
+                    let _ = tx.send(Message::new(id, reply)).await;
+                    drop(slots);
+                });
+                continue;
             }
-            body @ (Body::TokenRequest(_) | Body::Renew(_) | Body::Release(_)) => {
-                // The VM's request rate, then, for a TPM-fresh one, everything that would
-                // refuse it before the TPM quotes (an unlicensed flood costs no quote).
-                let (svc2, vm2) = (svc.clone(), vm.clone());
-                let admitted = match svc.limits().charge(&vm.uuid, Charge::Request, 1) {
-                    Err(e) => {
-                        let product = match &body {
-                            Body::TokenRequest(r) => r.product.as_str(),
-                            _ => "",
-                        };
-                        Err(svc.refuse_request(&vm, product, e))
-                    }
-                    Ok(()) if is_fresh(&body) => tokio::task::spawn_blocking(move || {
-                        let r = svc2.admit_fresh(&vm2, &body);
-                        (r, body)
-                    })
-                    .await
-                    .map_err(|e| ErrorBody {
-                        code: ErrorCode::Internal,
-                        message: format!("request handler failed: {e}"),
-                    })
-                    .and_then(|(r, body)| r.map(|()| body)),
-                    Ok(()) => Ok(body),
-                };
-                let body = match admitted {
-                    Ok(b) => b,
-                    Err(e) => {
-                        if tx.send(Message::new(id, Body::Error(e))).await.is_err() {
-                            ended = "the connection's writer stopped".into();
-                            break;
-                        }
-                        continue;
-                    }
-                };
-                let fresh = match &body {
-                    Body::TokenRequest(r) => {
-                        svc.fresh_evidence(r.nonce.as_ref(), r.tpm_fresh).await
-                    }
-                    Body::Renew(r) => svc.fresh_evidence(r.nonce.as_ref(), r.tpm_fresh).await,
-                    _ => Ok(None),
-                };
-                let (svc2, vm2) = (svc.clone(), vm.clone());
-                let res = tokio::task::spawn_blocking(move || match body {
-                    Body::TokenRequest(r) => fresh
-                        .and_then(|f| svc2.token_with(&vm2, &r, f))
-                        .map(Body::TokenResponse),
-                    Body::Renew(r) => fresh
-                        .and_then(|f| svc2.renew_with(&vm2, &r, f))
-                        .map(Body::TokenResponse),
-                    Body::Release(r) => svc2
-                        .release(&vm2, &r.lease_id)
-                        .map(|_| Body::Ack(Default::default())),
-                    _ => Err(ErrorBody {
-                        code: ErrorCode::Internal,
-                        message: "unreachable".into(),
-                    }),
-                })
-                .await;
-                match res {
-                    Ok(Ok(b)) => b,
-                    Ok(Err(e)) => Body::Error(e),
-                    Err(e) => Body::Error(ErrorBody {
-                        code: ErrorCode::Internal,
-                        message: format!("request handler failed: {e}"),
-                    }),
-                }
-            }
-            other => Body::Error(ErrorBody {
-                code: ErrorCode::UnexpectedMessage,
-                message: format!("a {} is not a request the proxy serves", other.kind()),
-            }),
         };
         if tx.send(Message::new(id, reply)).await.is_err() {
             ended = "the connection's writer stopped".into();
             break;
         }
     }
+    // The requests in progress are answered before the connection closes.
+    while in_progress.join_next().await.is_some() {}
     if let Some(c) = conn_id {
         svc.unregister(c);
         tracing::info!(
@@ -370,11 +279,13 @@ where
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
 }
 
-/// Whether a request asks the TPM to quote over its nonce.
-fn is_fresh(body: &Body) -> bool {
-    match body {
-        Body::TokenRequest(r) => r.tpm_fresh,
-        Body::Renew(r) => r.tpm_fresh,
-        _ => false,
-    }
+/// A request slot on the connection and one of the VM's (None: the semaphores are closed,
+/// which they never are).
+async fn slots(
+    conn: &Arc<Semaphore>,
+    vm: &Arc<Semaphore>,
+) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    let c = conn.clone().acquire_owned().await.ok()?;
+    let v = vm.clone().acquire_owned().await.ok()?;
+    Some((c, v))
 }

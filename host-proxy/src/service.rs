@@ -4,17 +4,22 @@
 use crate::config::Config;
 use crate::enroll::HostIdentity;
 use crate::ledger::{AcquireRequest, Lease, LeaseScope, Ledger, LedgerError, LicenseRecord};
+use crate::limits::Charge;
+use crate::ports::{Admission, Admitted, ChainRefused, CloneGuard, CloneReport, Metering};
 use crate::tpm_service::{TpmService, TpmServiceError};
+use hostbind_attest::chain::{ForkChange, ForkReport};
 use hostbind_attest::keys::{KeyError, TokenKey};
+use hostbind_attest::signed::ClonePolicy;
 use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, Window};
 use hostbind_attest::token::{
     chain_commitment, key_binding, license_hash, FreshEvidence, KeyEvidence, TokenClaims,
     TokenError, TokenSigner,
 };
 use hostbind_attest::tpm as tpmparse;
+use hostbind_attest::wire::EphemeralId;
 use hostbind_attest::wire::{
-    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, HeldLease, LeaseList, Message,
-    Renew, Scope, TokenRequest, TokenResponse,
+    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, HeldLease, Hello, HelloAck,
+    LeaseList, Message, Renew, Scope, TokenRequest, TokenResponse, VmIdentity,
 };
 pub use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
@@ -26,23 +31,26 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// A VM as identified by the transport its connection arrived on (never by what the guest says).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Vm {
-    /// Name from the host's configuration.
-    pub name: String,
-    /// UUID from the host's configuration.
-    pub uuid: String,
-}
+pub use crate::ports::Vm;
 
-/// The VM as the usage log names it.
-impl From<&Vm> for hostbind_attest::usage::VmRef {
-    fn from(vm: &Vm) -> Self {
-        hostbind_attest::usage::VmRef {
-            uuid: vm.uuid.clone(),
-            name: vm.name.clone(),
-        }
-    }
+/// What the service is built from: the core's parts and the feature ports `daemon.rs`
+/// composes (each with its "feature off" implementation in [`crate::ports`] where a feature
+/// can be off).
+pub struct ServiceParts {
+    /// The configuration.
+    pub cfg: Config,
+    /// The enrolled host identity.
+    pub identity: HostIdentity,
+    /// The seat ledger.
+    pub ledger: Ledger,
+    /// The TPM thread.
+    pub tpm: TpmService,
+    /// Which VM may take which product against how many seats (libvirt, or the configured VMs).
+    pub admission: Arc<dyn Admission>,
+    /// Where tokens and lease ends are recorded (the usage log, or nothing).
+    pub metering: Arc<dyn Metering>,
+    /// Clone detection over the agents' id chains.
+    pub clones: Arc<dyn CloneGuard>,
 }
 
 /// Errors starting the service or handling admin requests.
@@ -240,22 +248,29 @@ pub struct Service {
     started_at: u64,
     /// Counters.
     pub counters: Counters,
-    // --- libvirt hook: set when [libvirt] is enabled (see libvirt.rs) ---
-    libvirt: std::sync::OnceLock<Arc<crate::libvirt::LibvirtVms>>,
-    // --- usage hook: the usage log, when [usage] is enabled (usage.rs) ---
-    usage: std::sync::OnceLock<Arc<crate::usage::UsageLog>>,
-    /// Leases a license in `licenses_dir` ended during [`Service::start`], before the usage
-    /// log could be attached: metered by [`Service::set_usage`].
-    ended_at_start: Mutex<Vec<(Lease, String, u64)>>,
-    /// True while [`Service::start`] adds the licenses (leases ended then are kept above).
-    starting: std::sync::atomic::AtomicBool,
-    // --- limits hook: what one VM may cost the host (limits.rs) ---
+    admission: Arc<dyn Admission>,
+    metering: Arc<dyn Metering>,
+    clones: Arc<dyn CloneGuard>,
+    /// What one VM may cost the host (limits.rs).
     limits: Arc<crate::limits::Limits>,
     issue_gate: IssueGate,
     /// Cancelled at shutdown: connections stop reading new requests.
     shutdown: CancellationToken,
     /// Connection tasks, waited for (with a deadline) at shutdown.
     connections: TaskTracker,
+}
+
+/// The message a refused later fork gets.
+fn refusal_message(product: &str, by: &ForkReport) -> String {
+    format!(
+        "cloned instance: this VM's agent state is a copy of another running instance, detected \
+         at {}; under the '{product}' license's enforce clone policy only the earlier instance \
+         (VM {}) keeps the seat. Stop this copy, or give it its own identity (delete the \
+         hostbind-agent state dir in the copy and restart the agent) if it is meant to run as a \
+         separate VM",
+        hostbind_attest::signed::fmt_time(by.clone_at.unwrap_or(by.detected_at)),
+        by.kept_vm,
+    )
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -307,14 +322,19 @@ fn check_key_window(cfg: &Config, identity: &HostIdentity) -> Result<(), Service
 }
 
 impl Service {
-    /// Starts the service: checks the TPM's AK against the host certificate with a first quote,
-    /// loads licenses from the ledger and the licenses dir.
-    pub async fn start(
-        cfg: Config,
-        identity: HostIdentity,
-        ledger: Ledger,
-        tpm: TpmService,
-    ) -> Result<Arc<Service>, ServiceError> {
+    /// Starts the service from its parts: checks the TPM's AK against the host certificate with
+    /// a first quote, loads licenses from the ledger and the licenses dir (leases a license
+    /// there ends are metered at once).
+    pub async fn new(parts: ServiceParts) -> Result<Arc<Service>, ServiceError> {
+        let ServiceParts {
+            cfg,
+            identity,
+            ledger,
+            tpm,
+            admission,
+            metering,
+            clones,
+        } = parts;
         check_key_window(&cfg, &identity)?;
         let clock = Arc::new(crate::clock::ClockGuard::open(&cfg.state_dir, &cfg.clock));
         let key = match Self::make_signer(&cfg, &identity, &tpm, &clock).await {
@@ -351,10 +371,9 @@ impl Service {
             next_conn: AtomicU64::new(1),
             started_at: unix_now(),
             counters: Counters::default(),
-            libvirt: std::sync::OnceLock::new(),
-            usage: std::sync::OnceLock::new(),
-            ended_at_start: Mutex::new(Vec::new()),
-            starting: std::sync::atomic::AtomicBool::new(true),
+            admission,
+            metering,
+            clones,
             limits,
             issue_gate: IssueGate::default(),
             shutdown: CancellationToken::new(),
@@ -370,10 +389,6 @@ impl Service {
                 }
             }
             svc.load_licenses_dir();
-            svc.starting.store(false, Ordering::Relaxed);
-            if !svc.cfg.usage.enabled {
-                svc.take_ended_at_start();
-            }
             Ok(svc)
         })
         .await
@@ -723,15 +738,14 @@ impl Service {
         &self.limits
     }
 
-    // --- libvirt hook (see libvirt.rs) ---
-    /// Makes the service take VM identity, assignments and reservations from libvirt.
-    pub fn set_libvirt(&self, vms: Arc<crate::libvirt::LibvirtVms>) {
-        let _ = self.libvirt.set(vms);
+    /// The admission port (libvirt, or the configured VMs).
+    pub fn admission(&self) -> &dyn Admission {
+        self.admission.as_ref()
     }
 
-    /// The libvirt state, when libvirt is in use.
-    pub fn libvirt(&self) -> Option<&Arc<crate::libvirt::LibvirtVms>> {
-        self.libvirt.get()
+    /// The metering port (the usage log, or nothing).
+    pub fn metering(&self) -> &dyn Metering {
+        self.metering.as_ref()
     }
 
     /// Releases every lease matching `pred` (with `reason` in the history) and tells the VMs.
@@ -752,7 +766,6 @@ impl Service {
         }
         Ok(released)
     }
-    // --- end libvirt hook ---
 
     /// Unix time the service started.
     pub fn started_at(&self) -> u64 {
@@ -1262,18 +1275,10 @@ impl Service {
         // no new lease (and seat) for a request that cannot get a token: a TPM outage or a clock
         // problem would fill the seats with leases nobody knows about
         self.usable_signer(unix_now())?;
-        // --- libvirt hook: assignment in the domain metadata, seat reservations (libvirt.rs) ---
-        let admission = match self.libvirt.get() {
-            Some(lv) => Some(
-                lv.admit(vm, &req.product, lic.seats, lic.count_mode, || {
-                    self.ledger.leases().unwrap_or_default()
-                })
-                .map_err(|e| self.refused(e))?,
-            ),
-            None => None,
-        };
-        let seats = admission.as_ref().map_or(lic.seats, |a| a.seats);
-        // --- end libvirt hook ---
+        let admission = self
+            .admit(vm, &req.product, lic)
+            .map_err(|e| self.refused(e))?;
+        let seats = admission.seats;
         let now = unix_now();
         let lease = self
             .ledger
@@ -1293,12 +1298,9 @@ impl Service {
             })
             .map_err(|e| {
                 let mut b = Self::ledger_err(e);
-                if let Some(a) = &admission {
-                    a.explain(&mut b, lic.seats);
-                }
+                admission.explain(&mut b, lic.seats);
                 self.refused(b)
             })?;
-        drop(admission);
         tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
         // Clone-graph eviction keeps the head a live lease was served with.
         self.limits.note_head(&lease.id, req.chain.last());
@@ -1432,6 +1434,111 @@ impl Service {
             r.chain.last().map(|c| c.to_vec()),
             fresh,
         )
+    }
+
+    /// Answers a Hello of `vm`: the VM's Hello rate, then its chain into the clone graph (no
+    /// product, so refused only over the VM's rate of new ids; an inconsistent chain is
+    /// answered at the next request). A refusal is counted; the connection closes on it.
+    pub async fn hello(self: &Arc<Self>, vm: &Vm, h: &Hello) -> Result<HelloAck, ErrorBody> {
+        tracing::info!(vm = %vm.name, agent = %h.agent_version, "agent hello");
+        let admitted = match self.limits.charge(&vm.uuid, Charge::Hello, 1) {
+            Ok(()) if h.chain.is_empty() => Ok(()),
+            Ok(()) => {
+                let (svc, vm2, chain) = (self.clone(), vm.clone(), h.chain.clone());
+                // a chain write is a ledger commit: off the runtime's workers
+                tokio::task::spawn_blocking(move || match svc.check_chain(&vm2, &chain, None) {
+                    Err(e) if e.code == ErrorCode::Busy => Err(e),
+                    _ => Ok(()),
+                })
+                .await
+                .unwrap_or(Ok(()))
+            }
+            Err(e) => Err(e),
+        };
+        admitted.map_err(|e| self.refuse_request(vm, "", e))?;
+        Ok(HelloAck {
+            proxy_version: env!("CARGO_PKG_VERSION").into(),
+            host_id: self.identity.cert.host_id.clone(),
+            host_cert: ByteBuf::from(self.identity.cert_bytes.clone()),
+            vm: VmIdentity {
+                uuid: vm.uuid.clone(),
+                name: vm.name.clone(),
+            },
+            lease_ttl_secs: self.cfg.leases.ttl.0.as_secs() as u32,
+            idle_timeout_secs: Some(
+                u32::try_from(self.cfg.limits.idle_timeout.0.as_secs()).unwrap_or(u32::MAX),
+            ),
+            lease_query: true,
+        })
+    }
+
+    /// Answers one request of `vm` after its Hello, the whole sequence: the VM's request
+    /// rate; for a TPM-fresh request everything that would refuse it before the TPM quotes
+    /// (an unlicensed flood costs no quote), then the TPM's evidence over its nonce (batched,
+    /// fresh.rs); then admission, the lease in the ledger, the signed token and its usage
+    /// records ([`Service::token_with`], [`Service::renew_with`]) on a blocking thread, as a
+    /// ledger commit may wait for an fsync. Never fails: a refusal is the Error answer.
+    pub async fn handle(self: &Arc<Self>, vm: &Vm, body: Body) -> Body {
+        let product = match &body {
+            Body::TokenRequest(r) => r.product.as_str(),
+            Body::Renew(_) | Body::Release(_) | Body::LeaseQuery(_) => "",
+            Body::Ping(_) => return Body::Ack(Default::default()),
+            other => {
+                return Body::Error(err(
+                    ErrorCode::UnexpectedMessage,
+                    format!("a {} is not a request the proxy serves", other.kind()),
+                ))
+            }
+        };
+        if let Err(e) = self.limits.charge(&vm.uuid, Charge::Request, 1) {
+            return Body::Error(self.refuse_request(vm, product, e));
+        }
+        // memory only: answered here
+        if let Body::LeaseQuery(q) = &body {
+            return match self.vm_leases(vm, q.offset) {
+                Ok(l) => Body::LeaseList(l),
+                Err(e) => Body::Error(e),
+            };
+        }
+        let fresh = match &body {
+            Body::TokenRequest(r) if r.tpm_fresh => Some(r.nonce.as_ref()),
+            Body::Renew(r) if r.tpm_fresh => Some(r.nonce.as_ref()),
+            _ => None,
+        };
+        let fresh = match fresh {
+            None => None,
+            Some(nonce) => {
+                // memory lookups only: no hand-off to a blocking thread
+                if let Err(e) = self.admit_fresh(vm, &body) {
+                    return Body::Error(e);
+                }
+                match self.fresh_evidence(nonce, true).await {
+                    Ok(f) => f,
+                    Err(e) => return Body::Error(e),
+                }
+            }
+        };
+        let (svc, vm) = (self.clone(), vm.clone());
+        let res = tokio::task::spawn_blocking(move || match body {
+            Body::TokenRequest(r) => svc.token_with(&vm, &r, fresh).map(Body::TokenResponse),
+            Body::Renew(r) => svc.renew_with(&vm, &r, fresh).map(Body::TokenResponse),
+            Body::Release(r) => svc
+                .release(&vm, &r.lease_id)
+                .map(|_| Body::Ack(Default::default())),
+            other => Err(err(
+                ErrorCode::UnexpectedMessage,
+                format!("a {} is not a request the proxy serves", other.kind()),
+            )),
+        })
+        .await;
+        match res {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => Body::Error(e),
+            Err(e) => Body::Error(err(
+                ErrorCode::Internal,
+                format!("request handler failed: {e}"),
+            )),
+        }
     }
 
     /// Releases a lease of `vm`.
@@ -1608,75 +1715,28 @@ impl Service {
     }
 }
 
-// --- usage hook: metering into the usage log (usage.rs) ---
+// Metering (the Metering port: the usage log, or nothing)
 impl Service {
-    /// Starts metering into `log` (its key comes from the licenses' metering key).
-    /// The leases ended while the licenses of `licenses_dir` were added at start go into it
-    /// now (the log is attached after [`Service::start`]).
-    pub fn set_usage(&self, log: Arc<crate::usage::UsageLog>) {
-        let _ = self.usage.set(log);
-        self.update_metering_key();
-        for (l, why, at) in self.take_ended_at_start() {
-            self.meter_end(&l, &why, at);
-        }
-    }
-
-    /// The leases ended at start, waiting for the usage log.
-    fn take_ended_at_start(&self) -> Vec<(Lease, String, u64)> {
-        self.ended_at_start
-            .lock()
-            .map(|mut e| std::mem::take(&mut *e))
-            .unwrap_or_default()
-    }
-
-    /// The usage log, when metering runs.
-    pub fn usage(&self) -> Option<&Arc<crate::usage::UsageLog>> {
-        self.usage.get()
-    }
-
-    /// Appends a record to the usage log, e.g. a clone report
-    /// (`svc.record_usage(UsageRecord::CloneReport { .. })`); a no-op while metering is off.
-    pub fn record_usage(&self, r: hostbind_attest::usage::UsageRecord) {
-        if let Some(u) = self.usage.get() {
-            u.record(r);
-        }
-    }
-
     fn update_metering_key(&self) {
-        let Some(u) = self.usage.get() else { return };
-        let keys = self
-            .licenses
-            .read()
-            .map(|m| crate::usage::metering_keys(m.values().map(|a| &a.license)))
-            .unwrap_or_default();
-        u.set_key(keys);
+        if let Ok(m) = self.licenses.read() {
+            self.metering
+                .use_licenses(&mut m.values().map(|a| &a.license));
+        }
     }
 
     /// The license of `product` when its usage is metered (it carries the log's key).
     fn metered_license(&self, product: &str) -> Option<License> {
-        let key = self.usage.get()?.key()?;
+        if !self.metering.is_on() {
+            return None;
+        }
         let m = self.licenses.read().ok()?;
         let l = &m.get(product)?.license;
-        (l.metering_key.as_ref().map(|k| k.as_slice()) == Some(&key.to_bytes()[..]))
-            .then(|| l.clone())
+        self.metering.meters(l).then(|| l.clone())
     }
 
     fn meter_end(&self, l: &Lease, reason: &str, at: u64) {
-        let Some(u) = self.usage.get() else {
-            // during start: kept for set_usage
-            if self.starting.load(Ordering::Relaxed) {
-                if let Ok(mut e) = self.ended_at_start.lock() {
-                    e.push((l.clone(), reason.to_string(), at));
-                }
-            }
-            return;
-        };
         if let Some(lic) = self.metered_license(&l.product) {
-            u.record(hostbind_attest::usage::UsageRecord::LeaseEnd {
-                at,
-                lease: crate::usage::lease_ref(l, &lic.customer),
-                reason: reason.to_string(),
-            });
+            self.metering.lease_end(l, &lic.customer, reason, at);
         }
     }
 
@@ -1686,11 +1746,13 @@ impl Service {
         &self,
         vm: &Vm,
         product: Option<&str>,
-        r: &crate::clones::CloneReport,
+        r: &CloneReport,
         refused: bool,
         at: u64,
     ) {
-        let Some(u) = self.usage.get() else { return };
+        if !self.metering.is_on() {
+            return;
+        }
         let lic = product.and_then(|p| self.metered_license(p));
         let f = &r.fork;
         let other = if f.kept_vm == vm.uuid {
@@ -1698,31 +1760,32 @@ impl Service {
         } else {
             &f.kept_vm
         };
-        u.record(hostbind_attest::usage::UsageRecord::CloneReport {
-            at,
-            product: product.unwrap_or_default().to_string(),
-            customer: lic.map(|l| l.customer).unwrap_or_default(),
-            vm: hostbind_attest::usage::VmRef {
-                uuid: vm.uuid.clone(),
-                name: vm.name.clone(),
-            },
-            other_vm: (other != &vm.uuid).then(|| hostbind_attest::usage::VmRef {
-                uuid: other.clone(),
-                name: String::new(),
-            }),
-            refused,
-            detail: format!(
-                "{} ({}), fork point {}, kept VM {}, later copy VM {}",
-                f.kind.as_str(),
-                match r.change {
-                    hostbind_attest::chain::ForkChange::Detected => "fork appeared",
-                    hostbind_attest::chain::ForkChange::BecameClone => "both copies running",
+        self.metering
+            .record(hostbind_attest::usage::UsageRecord::CloneReport {
+                at,
+                product: product.unwrap_or_default().to_string(),
+                customer: lic.map(|l| l.customer).unwrap_or_default(),
+                vm: hostbind_attest::usage::VmRef {
+                    uuid: vm.uuid.clone(),
+                    name: vm.name.clone(),
                 },
-                f.fork_point,
-                f.kept_vm,
-                f.fork_last_vm
-            ),
-        });
+                other_vm: (other != &vm.uuid).then(|| hostbind_attest::usage::VmRef {
+                    uuid: other.clone(),
+                    name: String::new(),
+                }),
+                refused,
+                detail: format!(
+                    "{} ({}), fork point {}, kept VM {}, later copy VM {}",
+                    f.kind.as_str(),
+                    match r.change {
+                        hostbind_attest::chain::ForkChange::Detected => "fork appeared",
+                        hostbind_attest::chain::ForkChange::BecameClone => "both copies running",
+                    },
+                    f.fork_point,
+                    f.kept_vm,
+                    f.fork_last_vm
+                ),
+            });
     }
 
     fn meter_token(
@@ -1736,7 +1799,9 @@ impl Service {
             Ok(t) => t,
             Err(e) => return self.count_refusal(vm, product, e),
         };
-        let Some(u) = self.usage.get() else { return };
+        if !self.metering.is_on() {
+            return;
+        }
         let lic = self.metered_license(product);
         let has_license = self
             .licenses
@@ -1746,16 +1811,143 @@ impl Service {
         if lic.is_none() && has_license {
             return; // that product's license is not metered
         }
-        let now = unix_now();
-        for r in crate::usage::token_records(vm, product, lic.as_ref(), t, new_lease, now) {
-            u.record(r);
-        }
+        self.metering
+            .token(vm, product, lic.as_ref(), t, new_lease, unix_now());
     }
 }
-// --- end usage hook ---
 
-// --- limits hook: what one VM may cost the host (limits.rs, refusals.rs, coverage.rs) ---
+// Clone detection (the CloneGuard port)
 impl Service {
+    /// Feeds the chain of a request from `vm` into the graph. `product` is the product the
+    /// request is for and its license's clone policy (none for Hello). Returns the refusal
+    /// for a later fork of a clone under `enforce`, or `busy` when the chain carries more new
+    /// ids than the VM may add now (`[limits] new_chain_ids_per_minute`; nothing is written).
+    /// Storage trouble is logged and never blocks licensing; an inconsistent chain is refused
+    /// as malformed.
+    pub fn check_chain(
+        &self,
+        vm: &Vm,
+        suffix: &[EphemeralId],
+        product: Option<(&str, ClonePolicy)>,
+    ) -> Result<(), ErrorBody> {
+        if suffix.is_empty() {
+            return Ok(());
+        }
+        let now = unix_now();
+        let limits = &self.limits;
+        let out = match self.clones.observe(
+            &self.ledger,
+            suffix,
+            &vm.uuid,
+            product.map(|p| p.0),
+            now,
+            &mut |n| {
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                limits.charge(&vm.uuid, Charge::NewChainIds, n)
+            },
+        ) {
+            Ok(o) => o,
+            Err(ChainRefused::OverBudget(e)) => return Err(e),
+            Err(ChainRefused::Inconsistent(m)) => {
+                tracing::warn!(vm = %vm.name, "refusing an inconsistent id chain: {m}");
+                return Err(ErrorBody {
+                    code: ErrorCode::Malformed,
+                    message: m,
+                });
+            }
+            Err(e) => {
+                // Every request would log this while the ledger cannot write (a full disk).
+                static LOG: crate::ratelog::RateLimit =
+                    crate::ratelog::RateLimit::new(Duration::from_secs(30));
+                if let Some(n) = LOG.check() {
+                    tracing::error!(vm = %vm.name, "clone detection skipped: {e}{}", crate::ratelog::held_back(n));
+                }
+                return Ok(());
+            }
+        };
+        let refused = matches!(
+            (&out.cloned_by, product),
+            (Some(_), Some((_, ClonePolicy::Enforce)))
+        );
+        for r in &out.reports {
+            self.report_clone(r);
+            self.meter_clone(vm, product.map(|p| p.0), r, refused, now);
+        }
+        match (out.cloned_by, product) {
+            (Some(by), Some((p, ClonePolicy::Enforce))) => {
+                tracing::warn!(vm = %vm.name, product = %p, kept = %by.kept_vm, "refusing a cloned instance");
+                Err(ErrorBody {
+                    code: ErrorCode::CloneRefused,
+                    message: refusal_message(p, &by),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Logs a clone report, counts it and tells the agents of both sides.
+    fn report_clone(&self, r: &CloneReport) {
+        let f = &r.fork;
+        let what = match (r.change, f.kind) {
+            (ForkChange::Detected, _) => "a fork of an agent's id chain appeared (a VM was cloned or restored from a snapshot; it is a clone once both copies are seen running)",
+            (ForkChange::BecameClone, _) => "two copies of one VM instance are running at the same time (clone)",
+        };
+        tracing::warn!(
+            kind = f.kind.as_str(),
+            kept_vm = %f.kept_vm,
+            fork_vm = %f.fork_vm,
+            fork_point = %f.fork_point,
+            "{what}"
+        );
+        self.counters.metrics.clone_reports.inc(match r.change {
+            ForkChange::Detected => "detected",
+            ForkChange::BecameClone => "clone",
+        });
+        let message = format!(
+            "the host saw this VM's license id chain fork ({}, detected {}): the VM state was \
+             copied; kept instance: VM {}, later copy: VM {}",
+            f.kind.as_str(),
+            hostbind_attest::signed::fmt_time(f.detected_at),
+            f.kept_vm,
+            f.fork_vm
+        );
+        let mut vms = vec![
+            f.kept_vm.as_str(),
+            f.fork_vm.as_str(),
+            f.fork_last_vm.as_str(),
+        ];
+        vms.sort_unstable();
+        vms.dedup();
+        for vm in vms {
+            self.push(vm, EventKind::CloneDetected, None, message.clone());
+        }
+    }
+
+    /// Forgets old chain entries and evicts over the caps, sparing the chain heads of live
+    /// leases (called by [`crate::service::Service::maintain`]).
+    pub fn prune_chains(&self, now: u64) {
+        let live: std::collections::HashSet<String> = self
+            .ledger
+            .leases()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        let keep = self.limits.live_heads(&live);
+        self.clones.prune(&self.ledger, &keep, now);
+    }
+}
+
+// Admission and what one VM may cost the host (limits.rs, refusals.rs, coverage.rs)
+impl Service {
+    /// The admission port's verdict on a new lease of `vm` for `product` under `lic`.
+    fn admit(&self, vm: &Vm, product: &str, lic: &License) -> Result<Admitted, ErrorBody> {
+        self.admission
+            .admit(vm, product, lic.seats, lic.count_mode, &|vms| {
+                self.ledger.live_leases_of(vms, product, unix_now())
+            })
+    }
+
     /// Refuses a new lease for `product` when `vm` holds as many live leases as
     /// `[limits] leases_per_vm` / `leases_per_vm_product` allow.
     fn check_lease_caps(&self, vm: &Vm, product: &str) -> Result<(), ErrorBody> {
@@ -1864,17 +2056,7 @@ impl Service {
         let lic = &active.license;
         check_features(&r.product, &r.features, lic)?;
         self.check_lease_caps(vm, &r.product)?;
-        // --- libvirt hook: the assignment and the seats other domains' reservations leave ---
-        let seats = match self.libvirt.get() {
-            Some(lv) => {
-                lv.admit(vm, &r.product, lic.seats, lic.count_mode, || {
-                    self.ledger.leases().unwrap_or_default()
-                })?
-                .seats
-            }
-            None => lic.seats,
-        };
-        // --- end libvirt hook ---
+        let seats = self.admit(vm, &r.product, lic)?.seats;
         let (in_use, holders) = self
             .ledger
             .seats_in_use(&r.product, lic.count_mode, unix_now())
@@ -1928,12 +2110,12 @@ impl Service {
         if let Err(e) = self.ledger.append_history(hist, unix_now()) {
             tracing::error!("could not write the refusal counts to the ledger history: {e}");
         }
-        if let Some(u) = self.usage.get() {
+        if self.metering.is_on() {
             for c in &counts {
                 let metered = c.product == crate::refusals::UNLICENSED
                     || (!c.product.is_empty() && self.metered_license(&c.product).is_some());
                 if metered {
-                    u.record(crate::usage::refusal_record(c));
+                    self.metering.record(c.usage_record());
                 }
             }
         }
@@ -1964,4 +2146,3 @@ impl Service {
         self.limits.forget_idle();
     }
 }
-// --- end limits hook ---

@@ -1204,21 +1204,50 @@ pub fn token_records(
     vec![first, UsageRecord::token(now, lease)]
 }
 
-/// The usage record of a refusal count.
-pub fn refusal_record(c: &crate::refusals::RefusalCount) -> UsageRecord {
-    UsageRecord::Refusal {
-        at: c.first,
-        product: c.product.clone(),
-        license_id: c.license_id.clone(),
-        customer: c.customer.clone(),
-        vm: VmRef {
-            uuid: c.vm_uuid.clone(),
-            name: c.vm_name.clone(),
-        },
-        code: c.code.clone(),
-        message: c.message.clone(),
-        count: c.count,
+/// The usage log as the service's metering port.
+impl crate::ports::Metering for UsageLog {
+    fn is_on(&self) -> bool {
+        true
     }
+    fn use_licenses(&self, licenses: &mut dyn Iterator<Item = &hostbind_attest::signed::License>) {
+        self.set_key(metering_keys(licenses));
+    }
+    fn meters(&self, lic: &hostbind_attest::signed::License) -> bool {
+        self.key().is_some_and(|k| {
+            lic.metering_key.as_ref().map(|m| m.as_slice()) == Some(&k.to_bytes()[..])
+        })
+    }
+    fn lease_end(&self, lease: &Lease, customer: &str, reason: &str, at: u64) {
+        self.record(UsageRecord::LeaseEnd {
+            at,
+            lease: lease_ref(lease, customer),
+            reason: reason.to_string(),
+        });
+    }
+    fn token(
+        &self,
+        vm: &crate::ports::Vm,
+        product: &str,
+        lic: Option<&hostbind_attest::signed::License>,
+        t: &hostbind_attest::wire::TokenResponse,
+        new_lease: Option<&str>,
+        now: u64,
+    ) {
+        for r in token_records(vm, product, lic, t, new_lease, now) {
+            self.record(r);
+        }
+    }
+    fn record(&self, r: UsageRecord) {
+        UsageLog::record(self, r);
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The usage log of the service, when metering runs (for status views).
+pub fn of(svc: &crate::service::Service) -> Option<&UsageLog> {
+    svc.metering().as_any().downcast_ref::<UsageLog>()
 }
 
 #[cfg(test)]

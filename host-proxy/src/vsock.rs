@@ -25,14 +25,12 @@ pub fn vm_for_cid(cfg: &Config, cid: u32) -> Result<Vm, ErrorBody> {
         })
 }
 
-// --- libvirt hook: with [libvirt] enabled, CIDs are looked up in libvirt (libvirt.rs) ---
-/// The VM of a connection from guest `cid`: from libvirt's running domains when libvirt is in
-/// use, else from the static `[[vm]]` map.
+/// The VM of a connection from guest `cid`: from the admission port when it knows VMs by CID
+/// (libvirt's running domains), else from the static `[[vm]]` map.
 pub fn resolve_cid(svc: &Service, cid: u32) -> Result<Vm, ErrorBody> {
-    match svc.libvirt() {
-        Some(lv) => lv.vm_for_cid(cid),
-        None => vm_for_cid(svc.config(), cid),
-    }
+    svc.admission()
+        .vm_for_cid(cid)
+        .unwrap_or_else(|| vm_for_cid(svc.config(), cid))
 }
 
 /// Serves one accepted connection from guest `cid` within the connection limits (the same
@@ -49,7 +47,6 @@ where
         }
     }
 }
-// --- end libvirt hook ---
 
 /// Binds AF_VSOCK on `port` for any CID and serves agents until the task is dropped.
 pub async fn serve(svc: Arc<Service>, port: u32) -> std::io::Result<()> {

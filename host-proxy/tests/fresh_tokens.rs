@@ -257,3 +257,148 @@ async fn batching_off_quotes_every_request() {
     assert_eq!(quotes, 4 * 4 * 3);
     h.stop_proxy();
 }
+
+/// Stops the host's swtpm (SIGSTOP) until dropped (SIGCONT): a TPM that takes as long as the
+/// test likes to quote. Signals only the swtpm this test started, by its pid.
+struct FrozenTpm(u32);
+
+impl FrozenTpm {
+    fn freeze(pid: u32) -> FrozenTpm {
+        let ok = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "could not stop swtpm {pid}");
+        FrozenTpm(pid)
+    }
+}
+
+impl Drop for FrozenTpm {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_tpm_quote_does_not_stall_renewals_pipelined_behind_it() {
+    use futures::{SinkExt, StreamExt};
+    use hostbind_attest::wire::{Message, Renew};
+    let (_v, mut h, vp) = daemon("");
+    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
+        .await
+        .unwrap();
+    let mut w = WireGuest::new(s);
+    w.hello().await.unwrap();
+    let Body::TokenResponse(lease) = w.call(fresh_req(b"plain-nonce", false)).await else {
+        panic!("refused")
+    };
+    // The TPM hangs: the fresh request waits for its quote; the renewals need no TPM.
+    let frozen = FrozenTpm::freeze(h.tpm.pid());
+    w.f.send(Message::new(100, fresh_req(b"stalled-nonce", true)))
+        .await
+        .unwrap();
+    const RENEWALS: u64 = 8;
+    for i in 0..RENEWALS {
+        let renew = Body::Renew(Renew {
+            lease_id: lease.lease_id.clone(),
+            nonce: None,
+            chain: vec![],
+            tpm_fresh: false,
+        });
+        w.f.send(Message::new(101 + i, renew)).await.unwrap();
+    }
+    let mut renewed = BTreeSet::new();
+    while (renewed.len() as u64) < RENEWALS {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(15), w.f.next())
+            .await
+            .expect(
+                "the renewals behind a TPM-fresh request waiting for its quote were not answered",
+            )
+            .unwrap()
+            .unwrap();
+        assert_ne!(
+            m.id, 100,
+            "the fresh request answered while the TPM was stopped"
+        );
+        match m.body {
+            Body::TokenResponse(t) => assert_eq!(t.lease_id, lease.lease_id),
+            Body::Event(_) => continue,
+            other => panic!("renewal {} refused: {other:?}", m.id),
+        }
+        renewed.insert(m.id);
+    }
+    assert_eq!(renewed, (101..101 + RENEWALS).collect());
+    // The TPM is back: the fresh request gets its token.
+    drop(frozen);
+    let m = loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(60), w.f.next())
+            .await
+            .expect("the fresh request was never answered")
+            .unwrap()
+            .unwrap();
+        if m.id == 100 {
+            break m;
+        }
+    };
+    let Body::TokenResponse(t) = m.body else {
+        panic!("fresh request refused: {:?}", m.body)
+    };
+    verify_token(
+        &t.token,
+        &vp,
+        t.token_expires_at - 1,
+        &fresh(b"stalled-nonce"),
+    )
+    .unwrap();
+    h.stop_proxy();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_at_its_request_bound_is_not_read_until_an_answer() {
+    use futures::{SinkExt, StreamExt};
+    use hostbind_attest::wire::{Message, Renew};
+    // One request in progress per connection: nothing behind it is read (or buffered).
+    let (_v, mut h, _vp) = daemon("[limits]\nrequests_per_connection = 1\n");
+    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
+        .await
+        .unwrap();
+    let mut w = WireGuest::new(s);
+    w.hello().await.unwrap();
+    let Body::TokenResponse(lease) = w.call(fresh_req(b"plain-nonce", false)).await else {
+        panic!("refused")
+    };
+    let frozen = FrozenTpm::freeze(h.tpm.pid());
+    w.f.send(Message::new(100, fresh_req(b"stalled-nonce", true)))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let renew = Body::Renew(Renew {
+            lease_id: lease.lease_id.clone(),
+            nonce: None,
+            chain: vec![],
+            tpm_fresh: false,
+        });
+        w.f.send(Message::new(101 + i, renew)).await.unwrap();
+    }
+    // The renewals wait unread behind the fresh request until its quote comes.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    drop(frozen);
+    let mut order = Vec::new();
+    while order.len() < 4 {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(60), w.f.next())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        match m.body {
+            Body::TokenResponse(_) => order.push(m.id),
+            Body::Event(_) => {}
+            other => panic!("request {} refused: {other:?}", m.id),
+        }
+    }
+    assert_eq!(order, vec![100, 101, 102, 103]);
+    h.stop_proxy();
+}

@@ -33,6 +33,11 @@ pub struct LimitsConfig {
     pub requests_per_minute: u32,
     /// Token requests, renewals and releases one VM may send at once.
     pub request_burst: u32,
+    /// Requests one connection may have in progress at once; the proxy reads no further
+    /// message from it until one is answered.
+    pub requests_per_connection: u32,
+    /// Requests one VM may have in progress at once, over all its connections.
+    pub requests_per_vm: u32,
     /// Live leases one VM may hold, all products together.
     pub leases_per_vm: u32,
     /// Live leases one VM may hold for one product.
@@ -57,6 +62,8 @@ impl Default for LimitsConfig {
             tpm_fresh_burst: 100,
             requests_per_minute: 1200,
             request_burst: 200,
+            requests_per_connection: 16,
+            requests_per_vm: 16,
             leases_per_vm: 1024,
             leases_per_vm_product: 256,
             refusal_interval: Dur(Duration::from_secs(60)),
@@ -78,6 +85,8 @@ impl LimitsConfig {
             ("tpm_fresh_burst", self.tpm_fresh_burst),
             ("requests_per_minute", self.requests_per_minute),
             ("request_burst", self.request_burst),
+            ("requests_per_connection", self.requests_per_connection),
+            ("requests_per_vm", self.requests_per_vm),
             ("leases_per_vm", self.leases_per_vm),
             ("leases_per_vm_product", self.leases_per_vm_product),
         ];

@@ -28,6 +28,7 @@
 //! History is written as part of the same transactions (group commit ops and [`Core::write_now`]);
 //! its retention is a separate concern of the history table.
 
+mod counts;
 mod group;
 mod init;
 mod record;

@@ -55,22 +55,19 @@ impl Drop for WatcherHandle {
     }
 }
 
-/// Starts the libvirt watcher for `svc`: read-only connection, libvirt's own events (the daemon).
-pub fn start(svc: &Arc<Service>) -> WatcherHandle {
-    start_with(svc, events::LibvirtEvents, Access::ReadOnly)
+/// Starts the libvirt watcher keeping `vms` (the service's admission port) current for `svc`:
+/// read-only connection, libvirt's own events (the daemon).
+pub fn start(svc: &Arc<Service>, vms: Arc<LibvirtVms>) -> WatcherHandle {
+    start_with(svc, vms, events::LibvirtEvents, Access::ReadOnly)
 }
 
-/// Starts the libvirt watcher for `svc` with events from `source`, and makes the service use
-/// libvirt for CIDs and assignments (if it does not already).
-pub fn start_with(svc: &Arc<Service>, source: impl EventSource, access: Access) -> WatcherHandle {
-    let vms = match svc.libvirt() {
-        Some(v) => v.clone(),
-        None => {
-            let v = LibvirtVms::new(svc.config());
-            svc.set_libvirt(v.clone());
-            v
-        }
-    };
+/// Starts the libvirt watcher keeping `vms` current for `svc`, with events from `source`.
+pub fn start_with(
+    svc: &Arc<Service>,
+    vms: Arc<LibvirtVms>,
+    source: impl EventSource,
+    access: Access,
+) -> WatcherHandle {
     events::ensure_event_loop();
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done) = mpsc::channel();

@@ -9,12 +9,14 @@ mod wire_guest;
 pub use wire_guest::WireGuest;
 
 use hostbind_attest::wire::HelloAck;
+use hostbind_proxy::clones::ChainGraph;
 use hostbind_proxy::config::Config;
 use hostbind_proxy::daemon::LEDGER_FILE;
 use hostbind_proxy::enroll::load_identity;
 use hostbind_proxy::ledger::{HistoryEntry, Lease, Ledger};
 use hostbind_proxy::libvirt::{self, EventSource, WatcherHandle};
-use hostbind_proxy::service::Service;
+use hostbind_proxy::ports::NoMetering;
+use hostbind_proxy::service::{Service, ServiceParts};
 use hostbind_proxy::tpm_service::TpmService;
 use hostbind_testkit::host::{Host, Vendor};
 use std::path::PathBuf;
@@ -43,6 +45,8 @@ pub struct Rig {
     pub host: Host,
     pub svc: Arc<Service>,
     pub watcher: Option<WatcherHandle>,
+    /// The service's admission port the watcher keeps current.
+    pub vms: Arc<libvirt::LibvirtVms>,
 }
 
 /// Appends `[libvirt]` to the host's proxy config and returns it.
@@ -96,13 +100,26 @@ pub async fn rig_full(
     let identity = load_identity(&cfg.state_dir).unwrap();
     let ledger = Ledger::open(&cfg.state_dir.join(LEDGER_FILE)).unwrap();
     let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone()).unwrap();
-    let svc = Service::start(cfg, identity, ledger, tpm).await.unwrap();
-    let watcher = libvirt::start_with(&svc, source, access);
+    let vms = libvirt::LibvirtVms::new(&cfg);
+    let clones = Arc::new(ChainGraph::new(cfg.clones.clone()));
+    let svc = Service::new(ServiceParts {
+        cfg,
+        identity,
+        ledger,
+        tpm,
+        admission: vms.clone(),
+        metering: Arc::new(NoMetering),
+        clones,
+    })
+    .await
+    .unwrap();
+    let watcher = libvirt::start_with(&svc, vms.clone(), source, access);
     let r = Rig {
         vendor,
         host,
         svc,
         watcher: Some(watcher),
+        vms,
     };
     if wait {
         r.wait_for("libvirt connected", || r.lv().status().connected)
@@ -113,7 +130,7 @@ pub async fn rig_full(
 
 impl Rig {
     pub fn lv(&self) -> &Arc<libvirt::LibvirtVms> {
-        self.svc.libvirt().unwrap()
+        &self.vms
     }
 
     /// The watcher's own connection (the test driver gives every open its own node copy).
