@@ -148,6 +148,30 @@ struct RunResult {
     first_error: Option<String>,
 }
 
+impl RunResult {
+    /// What went wrong in this run (errors, lost or leaked leases, ERROR lines in the proxy's
+    /// log), for `--strict`; None when nothing did.
+    fn failure(&self) -> Option<String> {
+        let clean = self.errors == 0
+            && self.lost_leases == 0
+            && self.leaked_leases == 0
+            && self.proxy_log_errors == 0;
+        (!clean).then(|| {
+            format!(
+                "{} @ {} guests: {} errors, {} lost leases, {} leaked leases, {} ERROR lines in the proxy log; first error: {}; first proxy ERROR line: {}",
+                self.label,
+                self.guests,
+                self.errors,
+                self.lost_leases,
+                self.leaked_leases,
+                self.proxy_log_errors,
+                self.first_error.as_deref().unwrap_or("-"),
+                self.first_log_error.as_deref().unwrap_or("-")
+            )
+        })
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Op {
     Plain,
@@ -824,25 +848,10 @@ async fn main() -> Result<()> {
         println!("plot written to {}", p.display());
     }
     if a.strict {
-        let bad: Vec<&RunResult> = results
-            .iter()
-            .filter(|r| {
-                r.errors > 0 || r.lost_leases > 0 || r.leaked_leases > 0 || r.proxy_log_errors > 0
-            })
-            .collect();
+        let bad: Vec<String> = results.iter().filter_map(RunResult::failure).collect();
         if !bad.is_empty() {
-            for r in bad {
-                eprintln!(
-                    "FAIL {} @ {} guests: {} errors, {} lost leases, {} leaked leases, {} ERROR lines in the proxy log; first error: {}; first proxy ERROR line: {}",
-                    r.label,
-                    r.guests,
-                    r.errors,
-                    r.lost_leases,
-                    r.leaked_leases,
-                    r.proxy_log_errors,
-                    r.first_error.as_deref().unwrap_or("-"),
-                    r.first_log_error.as_deref().unwrap_or("-")
-                );
+            for b in bad {
+                eprintln!("FAIL {b}");
             }
             bail!("the load run had errors or lost leases");
         }

@@ -318,18 +318,7 @@ pub(crate) async fn run_all(a: &Arc<Args>, vendor: &Vendor) -> Result<()> {
 fn strict_checks(runs: &[RunResult], checks: &[HostCheck], a: &Args) -> Result<()> {
     let mut bad = Vec::new();
     for r in runs {
-        if r.errors > 0 || r.lost_leases > 0 || r.leaked_leases > 0 || r.proxy_log_errors > 0 {
-            bad.push(format!(
-                "{}: {} errors, {} lost, {} leaked leases, {} ERROR lines; first error: {}; first ERROR line: {}",
-                r.label,
-                r.errors,
-                r.lost_leases,
-                r.leaked_leases,
-                r.proxy_log_errors,
-                r.first_error.as_deref().unwrap_or("-"),
-                r.first_log_error.as_deref().unwrap_or("-")
-            ));
-        }
+        bad.extend(r.failure());
         if r.tokens == 0 {
             bad.push(format!("{}: no token", r.label));
         }
