@@ -32,8 +32,15 @@ mod targets;
 
 /// VMs on the simulated host; guests are spread over them (the proxy takes 64 connections per VM).
 const VMS: usize = 32;
-/// Connections per VM the proxy accepts.
+/// Connections per VM the load generator opens at most (and sets as the proxy's limit).
 const PER_VM_CAP: usize = 64;
+/// The proxy's per-VM flood limits (issue 15) raised out of the way: a load run measures the
+/// request path, not the limits, and puts hundreds of guests' load on each of its 32 VMs. (A
+/// `--proxy-toml` with a `[limits]` table of its own conflicts with this one.)
+const LIMITS_TOML: &str = "[limits]\nconnections_per_vm = 64\nconnections_total = 4096\n\
+hellos_per_minute = 1000000\nhello_burst = 1000000\ntpm_fresh_per_minute = 100000000\n\
+tpm_fresh_burst = 1000000\nrequests_per_minute = 100000000\nrequest_burst = 1000000\n\
+leases_per_vm = 1000000\nleases_per_vm_product = 1000000\n";
 /// Hard upper bound on any run's duration, whatever the flags say.
 const MAX_DURATION: Duration = Duration::from_secs(600);
 /// Hard upper bound on requests per run.
@@ -464,6 +471,8 @@ fn start_host(vendor: &Vendor, extra_toml: &str, quote_latency: Option<Duration>
         }
         None => None,
     };
+    cfg.push('\n');
+    cfg.push_str(LIMITS_TOML);
     cfg.push('\n');
     cfg.push_str(extra_toml);
     cfg.push('\n');
