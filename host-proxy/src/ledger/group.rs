@@ -2,7 +2,8 @@
 //!
 //! Lease mutations update the in-memory mirror and hand their writes to [`Core::submit`] while
 //! holding the mirror's lock, so the queue's order is the mirror's order. Whichever waiter finds
-//! no commit running commits everything queued so far in one durable transaction.
+//! no commit running commits everything queued so far in one durable transaction; renewals do
+//! not wait, and the ledger's writer thread (mod.rs) commits what they queued the same way.
 //!
 //! When a commit fails (disk full, I/O error, a panic inside redb), the ledger becomes
 //! *degraded*: the failed batch and everything still queued are settled as "not durable", and
