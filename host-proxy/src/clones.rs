@@ -27,7 +27,7 @@ use hostbind_attest::wire::{EphemeralId, ErrorBody};
 use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+
 
 const NODES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chain_nodes");
 const LINEAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("chain_lineages");

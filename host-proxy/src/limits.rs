@@ -1,14 +1,15 @@
 //! Bounds on what one VM can make the host spend: connections (per VM and in total, on every
 //! listener), handshake and idle timeouts, and per-VM token buckets for Hellos, new chain ids,
-//! TPM-fresh requests and lease requests (token requests, renewals, releases). The `[limits]`
+//! TPM-fresh requests and lease requests (token requests, renewals, releases), and how many
+//! requests one connection and one VM may have in progress. The `[limits]`
 //! table of proxy.toml configures them; docs/threat-model.md lists every bound.
 //!
 //! The transports call [`Limits::connect`] for each accepted connection (the Unix and hybrid
-//! vsock listeners and the AF_VSOCK listener share [`crate::server::serve_limited`]); the
+//! vsock listeners and the AF_VSOCK listener share `serve_limited` in server.rs); the
 //! service charges the buckets. A refused request gets `busy` with the limit and when to retry,
 //! and costs no disk write and no TPM operation.
 //!
-//! Also kept here, for the periodic maintenance (see [`crate::service::Service::maintain`]):
+//! Also kept here, for the periodic maintenance (see `Service::maintain` in service.rs):
 //! the chain head each live lease was last served with (clone-graph eviction never removes
 //! those ids) and the refusal counters ([`crate::refusals`]).
 
@@ -121,6 +122,8 @@ pub const LIMIT_LABELS: [&str; 8] = [
 struct VmState {
     conns: u32,
     buckets: [Bucket; 4],
+    /// Requests in progress (`[limits] requests_per_vm`).
+    requests: Arc<tokio::sync::Semaphore>,
 }
 
 fn slot(c: Charge) -> usize {
@@ -138,7 +141,7 @@ struct State {
     vms: HashMap<String, VmState>,
 }
 
-/// Periodic work of [`crate::service::Service::maintain`].
+/// Periodic work of `Service::maintain` (service.rs).
 #[derive(Debug, Clone, Copy)]
 pub enum Chore {
     /// Writing the refusal counts.
@@ -264,6 +267,17 @@ impl Limits {
         })
     }
 
+    /// `vm`'s slots for requests in progress (`[limits] requests_per_vm`), shared by all its
+    /// connections (kept while it has one).
+    pub fn vm_requests(&self, vm: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut st = self.state();
+        st.vms
+            .entry(vm.to_string())
+            .or_insert_with(|| self.fresh_vm(Instant::now()))
+            .requests
+            .clone()
+    }
+
     fn fresh_vm(&self, now: Instant) -> VmState {
         let b = |c: Charge| Bucket::full(self.rate(c).1, now);
         VmState {
@@ -274,6 +288,9 @@ impl Limits {
                 b(Charge::TpmFresh),
                 b(Charge::Request),
             ],
+            requests: Arc::new(tokio::sync::Semaphore::new(
+                self.cfg.requests_per_vm as usize,
+            )),
         }
     }
 
@@ -373,7 +390,7 @@ impl Limits {
                 .iter_mut()
                 .zip(&rates)
                 .all(|(b, (pm, burst))| b.is_full(*burst, *pm, now));
-            v.conns > 0 || !full
+            v.conns > 0 || Arc::strong_count(&v.requests) > 1 || !full
         });
     }
 

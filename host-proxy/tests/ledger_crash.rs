@@ -4,6 +4,10 @@
 //! kill the ledger must open cleanly, hold every lease whose start was printed (unless its release
 //! was printed too), hold none whose release was printed, and have gap-free, readable history.
 //! While the child runs, a second opener is refused with a clear message.
+//!
+//! A renewal returns before its new expiry is durable (group commit in the background): after a
+//! kill -9 right in a renewal storm every lease must still be there, each with the expiry of its
+//! grant or of one of its renewals, never a later one than was asked for.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hostbind_attest::signed::CountMode;
@@ -210,4 +214,143 @@ fn kill9_at_random_moments_loses_no_committed_lease() {
         drop(l);
     }
     assert!(acquired.len() >= rounds * 5);
+}
+
+const LEASES: usize = 20;
+const TTL: u64 = 1_000_000;
+
+/// Runs only when re-executed by `kill9_in_a_renewal_storm_keeps_every_seat_and_no_later_expiry`:
+/// takes LEASES leases (durable), then renews them round-robin until killed, printing each
+/// expiry before it asks for it.
+#[test]
+fn renew_storm_child() {
+    let Some(path) = std::env::var_os(RENEW_CHILD_ENV) else {
+        return;
+    };
+    let l = Ledger::open(Path::new(&path)).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..LEASES {
+        let vm = format!("vm-{i}");
+        let lease = l
+            .acquire(&AcquireRequest {
+                vm_uuid: &vm,
+                vm_name: &vm,
+                product: "cad",
+                license_id: "L1",
+                features: &[],
+                scope: LeaseScope::Vm,
+                pid: None,
+                pid_start: None,
+                ttl_secs: TTL,
+                now: 1_000,
+                seats: 0,
+                mode: CountMode::None,
+            })
+            .unwrap();
+        println!("ACQ {} {}", lease.id, lease.expires_at);
+        ids.push(lease.id);
+    }
+    for i in 0u64.. {
+        let id = &ids[i as usize % LEASES];
+        let now = 1_001 + i;
+        println!("TRY {id} {}", now + TTL);
+        let l2 = l.renew(id, TTL, now).unwrap();
+        println!("REN {id} {}", l2.expires_at);
+    }
+}
+
+const RENEW_CHILD_ENV: &str = "HOSTBIND_LEDGER_RENEW_CRASH_CHILD";
+
+#[test]
+fn kill9_in_a_renewal_storm_keeps_every_seat_and_no_later_expiry() {
+    if std::env::var_os(CHILD_ENV).is_some() || std::env::var_os(RENEW_CHILD_ENV).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let db: PathBuf = dir.path().join("ledger.redb");
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "renew_storm_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(RENEW_CHILD_ENV, &db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let mut child = KillOnDrop(Some(child));
+    // lease -> (granted expiry, every expiry a renewal asked for)
+    let mut asked: std::collections::HashMap<String, (u64, Vec<u64>)> = Default::default();
+    let mut renewed = 0;
+    let want = 500 + rand_u32() % 2_000;
+    let mut lines = out.lines();
+    while renewed < want {
+        let line = lines.next().expect("the child died").unwrap();
+        // (The test harness prints lines of its own, and "test renew_storm_child ... " without
+        // a newline before the child's first line.)
+        let f: Vec<&str> = line.split(' ').collect();
+        let [.., kind, id, exp] = f[..] else { continue };
+        let Ok(exp) = exp.parse::<u64>() else {
+            continue;
+        };
+        match kind {
+            "ACQ" => {
+                asked.insert(id.to_string(), (exp, Vec::new()));
+            }
+            "TRY" => asked.get_mut(id).unwrap().1.push(exp),
+            "REN" => renewed += 1,
+            _ => {}
+        }
+    }
+    // Right in the storm: the last renewals are applied in memory, queued, maybe mid-commit.
+    child.kill9();
+    // What the child printed before it died (the pipe holds it).
+    for line in lines.map_while(Result::ok) {
+        if let Some((id, exp)) = line.strip_prefix("TRY ").and_then(|r| r.split_once(' ')) {
+            if let (Some(a), Ok(exp)) = (asked.get_mut(id), exp.parse()) {
+                a.1.push(exp);
+            }
+        }
+    }
+    assert_eq!(asked.len(), LEASES);
+    let l = Ledger::open(&db).unwrap();
+    let leases = l.leases().unwrap();
+    assert_eq!(leases.len(), LEASES, "a seat was lost");
+    let mut kept_renewals = 0;
+    for lease in leases {
+        let (granted, tries) = asked
+            .get(&lease.id)
+            .unwrap_or_else(|| panic!("unknown lease {} after the crash", lease.id));
+        let latest = tries.iter().copied().max().unwrap_or(*granted);
+        assert!(
+            lease.expires_at <= latest,
+            "lease {} expires at {} after the crash, later than any renewal promised ({latest})",
+            lease.id,
+            lease.expires_at
+        );
+        assert!(
+            lease.expires_at == *granted || tries.contains(&lease.expires_at),
+            "lease {} has expiry {} that was never asked for",
+            lease.id,
+            lease.expires_at
+        );
+        if lease.expires_at != *granted {
+            kept_renewals += 1;
+        }
+    }
+    // The renewals are committed in the background, not dropped: most reached the disk.
+    assert!(
+        kept_renewals > 0,
+        "no renewal reached the disk before the kill"
+    );
+    // Gap-free, readable history.
+    let h = l.history(0, 1_000_000).unwrap();
+    for (i, e) in h.iter().enumerate() {
+        assert_eq!(e.seq, h[0].seq + i as u64, "history gap at {i}");
+    }
 }

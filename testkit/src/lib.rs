@@ -25,6 +25,7 @@ use tempfile::TempDir;
 pub mod host;
 pub mod libvirtd;
 pub mod process;
+pub mod tpm_relay;
 
 /// How long to wait for swtpm to listen after spawning it.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);

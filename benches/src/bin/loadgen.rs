@@ -6,6 +6,8 @@
 //! log metered every token the guests received. `--baseline quote-per-request` runs the same
 //! load against a second proxy+swtpm with `[fresh_nonces] batching = false` and prints the
 //! ratio; `--sweep` runs several guest counts and `--plot` draws throughput and p99 per count.
+//! `--targets` runs every performance target of issue 19 side by side, each on its own proxy
+//! (see [`targets`]), and prints target / measured / met.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
@@ -14,19 +16,31 @@ use hostbind_attest::wire::{
     Body, FrameCodec, Hello, Message, Release, Renew, Scope, TokenRequest,
 };
 use hostbind_testkit::host::{Host, Vendor};
+use hostbind_testkit::tpm_relay::TpmRelay;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
+use tokio::sync::Barrier;
 use tokio_util::codec::Framed;
+
+#[path = "loadgen/targets.rs"]
+mod targets;
 
 /// VMs on the simulated host; guests are spread over them (the proxy takes 64 connections per VM).
 const VMS: usize = 32;
-/// Connections per VM the proxy accepts.
+/// Connections per VM the load generator opens at most (and sets as the proxy's limit).
 const PER_VM_CAP: usize = 64;
+/// The proxy's per-VM flood limits (issue 15) raised out of the way: a load run measures the
+/// request path, not the limits, and puts hundreds of guests' load on each of its 32 VMs. (A
+/// `--proxy-toml` with a `[limits]` table of its own conflicts with this one.)
+const LIMITS_TOML: &str = "[limits]\nconnections_per_vm = 64\nconnections_total = 4096\n\
+hellos_per_minute = 1000000\nhello_burst = 1000000\ntpm_fresh_per_minute = 100000000\n\
+tpm_fresh_burst = 1000000\nrequests_per_minute = 100000000\nrequest_burst = 1000000\n\
+leases_per_vm = 1000000\nleases_per_vm_product = 1000000\n";
 /// Hard upper bound on any run's duration, whatever the flags say.
 const MAX_DURATION: Duration = Duration::from_secs(600);
 /// Hard upper bound on requests per run.
@@ -39,7 +53,7 @@ enum Baseline {
 }
 
 /// Load generator for hostbind-proxy (see docs/benchmarks.md).
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "hostbind-loadgen", version)]
 struct Args {
     /// Simulated guests (concurrent connections, one request in flight each).
@@ -89,6 +103,28 @@ struct Args {
     /// Exit non-zero on any error or lost lease (for CI).
     #[arg(long)]
     strict: bool,
+    /// Each guest takes this many leases before the clock starts (not timed; metered).
+    #[arg(long, default_value_t = 0)]
+    warm_leases: usize,
+    /// Seconds a guest waits for one answer before it counts the run as failed.
+    #[arg(long, default_value_t = 30)]
+    answer_timeout: u64,
+    /// Run every target of issue 19 side by side, each with its own proxy(s): renewals and new
+    /// leases at --target-guests, TPM-fresh batched against quote-per-request at swtpm speed
+    /// and through a TPM relay adding --tpm-quote-latency-ms per TPM2_Quote, the proxy's RSS
+    /// with --live-leases leases, and the agent (cached token p50 over --agent-calls, RSS).
+    /// Uses --duration and --requests per run; the mix flags are ignored.
+    #[arg(long)]
+    targets: bool,
+    /// Guests for the --targets runs.
+    #[arg(long, default_value_t = 1000)]
+    target_guests: usize,
+    /// Live leases for the --targets RSS run (taken by 100 guests, or fewer when smaller).
+    #[arg(long, default_value_t = 10_000)]
+    live_leases: usize,
+    /// Simulated hardware-TPM quote latency for the --targets relay runs (0: skip them).
+    #[arg(long, default_value_t = 30)]
+    tpm_quote_latency_ms: u64,
 }
 
 /// What one run measured.
@@ -104,7 +140,10 @@ struct RunResult {
     p99_us: u64,
     p999_us: u64,
     by_op: BTreeMap<String, u64>,
+    /// Tokens the guests received, warm-up included (what the usage log must meter).
     tokens: u64,
+    /// Tokens received in the timed part, per second.
+    tokens_per_s: f64,
     live_leases_held: usize,
     proxy_leases: usize,
     lost_leases: usize,
@@ -114,6 +153,30 @@ struct RunResult {
     /// The first ERROR line of the proxy's log, if any.
     first_log_error: Option<String>,
     first_error: Option<String>,
+}
+
+impl RunResult {
+    /// What went wrong in this run (errors, lost or leaked leases, ERROR lines in the proxy's
+    /// log), for `--strict`; None when nothing did.
+    fn failure(&self) -> Option<String> {
+        let clean = self.errors == 0
+            && self.lost_leases == 0
+            && self.leaked_leases == 0
+            && self.proxy_log_errors == 0;
+        (!clean).then(|| {
+            format!(
+                "{} @ {} guests: {} errors, {} lost leases, {} leaked leases, {} ERROR lines in the proxy log; first error: {}; first proxy ERROR line: {}",
+                self.label,
+                self.guests,
+                self.errors,
+                self.lost_leases,
+                self.leaked_leases,
+                self.proxy_log_errors,
+                self.first_error.as_deref().unwrap_or("-"),
+                self.first_log_error.as_deref().unwrap_or("-")
+            )
+        })
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -177,7 +240,17 @@ impl Mix {
 struct Shared {
     issued: AtomicU64,
     budget: u64,
-    deadline: Instant,
+    duration: Duration,
+    /// Every guest is connected and warmed up: the clock starts (set by the first guest
+    /// past the barrier).
+    ready: Barrier,
+    start: OnceLock<Instant>,
+}
+
+impl Shared {
+    fn start(&self) -> Instant {
+        *self.start.get_or_init(Instant::now)
+    }
 }
 
 struct GuestOut {
@@ -187,13 +260,55 @@ struct GuestOut {
     held: Vec<String>,
     by_op: BTreeMap<&'static str, u64>,
     tokens: u64,
+    tokens_timed: u64,
 }
 
-async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> Result<GuestOut> {
-    let s = UnixStream::connect(&sock)
+fn plain_request(fresh: Option<Vec<u8>>) -> Body {
+    Body::TokenRequest(TokenRequest {
+        product: "cad".into(),
+        features: vec![],
+        tpm_fresh: fresh.is_some(),
+        nonce: fresh.map(Into::into),
+        scope: Scope::Vm,
+        pid: None,
+        pid_start: None,
+        chain: vec![],
+    })
+}
+
+type Conn = Framed<UnixStream, FrameCodec<Body>>;
+
+/// Connects, says hello and takes the warm-up leases.
+async fn guest_setup(sock: &PathBuf, a: &Args, out: &mut GuestOut, id: &mut u64) -> Result<Conn> {
+    let s = UnixStream::connect(sock)
         .await
         .with_context(|| format!("connect {}", sock.display()))?;
     let mut f = Framed::new(s, FrameCodec::<Body>::new());
+    *id += 1;
+    let hello = Body::Hello(Hello {
+        agent_version: "loadgen".into(),
+        chain: vec![],
+        facts: BTreeMap::new(),
+        known_host: None,
+    });
+    match roundtrip(&mut f, (*id, hello), a.answer_timeout).await? {
+        Body::HelloAck(_) => {}
+        other => bail!("hello refused: {other:?}"),
+    }
+    for _ in 0..a.warm_leases {
+        *id += 1;
+        match roundtrip(&mut f, (*id, plain_request(None)), a.answer_timeout).await? {
+            Body::TokenResponse(r) => {
+                out.tokens += 1;
+                out.held.push(r.lease_id);
+            }
+            other => bail!("warm-up lease refused: {other:?}"),
+        }
+    }
+    Ok(f)
+}
+
+async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> Result<GuestOut> {
     let mut out = GuestOut {
         lat_us: Vec::new(),
         errors: 0,
@@ -201,25 +316,22 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
         held: Vec::new(),
         by_op: BTreeMap::new(),
         tokens: 0,
+        tokens_timed: 0,
     };
     let mut id = 0u64;
+    let setup = guest_setup(&sock, &a, &mut out, &mut id).await;
+    // Every guest reaches the barrier, also after a failed setup (or the others would wait).
+    shared.ready.wait().await;
+    let deadline = shared.start() + shared.duration;
+    let mut f = setup?;
     let mut call = |body: Body| {
         id += 1;
         (id, body)
     };
-    let hello = call(Body::Hello(Hello {
-        agent_version: "loadgen".into(),
-        chain: vec![],
-        facts: BTreeMap::new(),
-        known_host: None,
-    }));
-    match roundtrip(&mut f, hello).await? {
-        Body::HelloAck(_) => {}
-        other => bail!("hello refused: {other:?}"),
-    }
+    let timeout = a.answer_timeout;
     let mut mix = Mix::new(seed, &a);
     loop {
-        if Instant::now() >= shared.deadline
+        if Instant::now() >= deadline
             || shared.issued.fetch_add(1, Ordering::Relaxed) >= shared.budget
         {
             break;
@@ -229,19 +341,8 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
             op = Op::Plain;
         }
         let body = match op {
-            Op::Plain | Op::Fresh => {
-                let fresh = matches!(op, Op::Fresh);
-                Body::TokenRequest(TokenRequest {
-                    product: "cad".into(),
-                    features: vec![],
-                    nonce: fresh.then(|| mix.next().to_be_bytes().repeat(4).into()),
-                    scope: Scope::Vm,
-                    pid: None,
-                    pid_start: None,
-                    chain: vec![],
-                    tpm_fresh: fresh,
-                })
-            }
+            Op::Plain => plain_request(None),
+            Op::Fresh => plain_request(Some(mix.next().to_be_bytes().repeat(4))),
             Op::Renew => {
                 let i = (mix.next() as usize) % out.held.len();
                 Body::Renew(Renew {
@@ -256,12 +357,13 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
             }),
         };
         let t = Instant::now();
-        let reply = roundtrip(&mut f, call(body)).await?;
+        let reply = roundtrip(&mut f, call(body), timeout).await?;
         out.lat_us
             .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
         *out.by_op.entry(op.name()).or_default() += 1;
         if matches!(reply, Body::TokenResponse(_)) {
             out.tokens += 1;
+            out.tokens_timed += 1;
         }
         match reply {
             Body::TokenResponse(r) if matches!(op, Op::Plain | Op::Fresh) => {
@@ -269,8 +371,12 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
                 if a.hold > 0 && out.held.len() > a.hold {
                     let old = out.held.remove(0);
                     let t = Instant::now();
-                    let r =
-                        roundtrip(&mut f, call(Body::Release(Release { lease_id: old }))).await?;
+                    let r = roundtrip(
+                        &mut f,
+                        call(Body::Release(Release { lease_id: old })),
+                        timeout,
+                    )
+                    .await?;
                     out.lat_us
                         .push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                     *out.by_op.entry("release").or_default() += 1;
@@ -301,15 +407,12 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
     Ok(out)
 }
 
-async fn roundtrip(
-    f: &mut Framed<UnixStream, FrameCodec<Body>>,
-    (id, body): (u64, Body),
-) -> Result<Body> {
+async fn roundtrip(f: &mut Conn, (id, body): (u64, Body), timeout_secs: u64) -> Result<Body> {
     f.send(Message::new(id, body)).await.context("send")?;
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(30), f.next())
+        let m = tokio::time::timeout(Duration::from_secs(timeout_secs), f.next())
             .await
-            .context("no answer within 30 s")?
+            .with_context(|| format!("no answer within {timeout_secs} s"))?
             .context("connection closed by the proxy")?
             .context("bad frame from the proxy")?;
         if m.id == id || m.id == 0 && matches!(m.body, Body::Error(_)) {
@@ -339,14 +442,37 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// An enrolled host with a running proxy and a license for "cad" with seats to spare.
-fn start_host(vendor: &Vendor, extra_toml: &str) -> Result<Host> {
+/// A simulated host with its running proxy, and the TPM relay the proxy talks to when the run
+/// simulates a hardware TPM's quote latency (dropped after the host, so after the proxy).
+struct Rig {
+    h: Host,
+    relay: Option<TpmRelay>,
+}
+
+/// An enrolled host with a running proxy and a license for "cad" with seats to spare; with
+/// `quote_latency`, the proxy reaches its swtpm through a [`TpmRelay`] adding it to each quote
+/// (enrollment talks to swtpm directly).
+fn start_host(vendor: &Vendor, extra_toml: &str, quote_latency: Option<Duration>) -> Result<Rig> {
     let names: Vec<String> = (0..VMS).map(|i| format!("vm-{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut h = Host::enrolled(vendor, &refs, "").context("enroll a simulated host")?;
     // Load runs measure the proxy, not its debug logging.
     let cfg = std::fs::read_to_string(h.config())?;
     let mut cfg = cfg.replace("log_level = \"debug\"", "log_level = \"warn\"");
+    let relay = match quote_latency {
+        Some(l) => {
+            let r = TpmRelay::start(h.tpm.port(), l).context("start the TPM relay")?;
+            let direct = format!("tpm = \"{}\"", h.tpm.tcti());
+            if !cfg.contains(&direct) {
+                bail!("the proxy config has no `{direct}` line to point at the TPM relay");
+            }
+            cfg = cfg.replace(&direct, &format!("tpm = \"{}\"", r.tcti()));
+            Some(r)
+        }
+        None => None,
+    };
+    cfg.push('\n');
+    cfg.push_str(LIMITS_TOML);
     cfg.push('\n');
     cfg.push_str(extra_toml);
     cfg.push('\n');
@@ -357,7 +483,7 @@ fn start_host(vendor: &Vendor, extra_toml: &str) -> Result<Host> {
         .context("issue license")?;
     h.proxy_ok(&["license", "add", &lic.to_string_lossy()])
         .context("add license")?;
-    Ok(h)
+    Ok(Rig { h, relay })
 }
 
 async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<RunResult> {
@@ -377,9 +503,10 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
     let shared = Arc::new(Shared {
         issued: AtomicU64::new(0),
         budget: a.requests.min(MAX_REQUESTS),
-        deadline: Instant::now() + dur,
+        duration: dur,
+        ready: Barrier::new(guests),
+        start: OnceLock::new(),
     });
-    let start = Instant::now();
     let mut tasks = Vec::with_capacity(guests);
     for g in 0..guests {
         let sock = h.vms[g % VMS].socket.clone();
@@ -393,12 +520,13 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
     let mut lat = Vec::new();
     let (mut errors, mut held, mut first_error) = (0u64, BTreeSet::new(), None);
     let mut by_op = BTreeMap::new();
-    let mut tokens = 0;
+    let (mut tokens, mut tokens_timed) = (0, 0);
     for t in tasks {
         match t.await {
             Ok(Ok(o)) => {
                 lat.extend(o.lat_us);
                 tokens += o.tokens;
+                tokens_timed += o.tokens_timed;
                 errors += o.errors;
                 held.extend(o.held);
                 if first_error.is_none() {
@@ -418,7 +546,7 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
             }
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = shared.start().elapsed().as_secs_f64();
     // Before the admin `leases` query below, whose JSON answer would inflate the peak.
     let peak_rss = vm_hwm_kib(pid);
     lat.sort_unstable();
@@ -445,6 +573,7 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
         p999_us: percentile(&lat, 0.999),
         by_op,
         tokens,
+        tokens_per_s: tokens_timed as f64 / seconds.max(1e-9),
         live_leases_held: held.len(),
         proxy_leases: now.len(),
         lost_leases: lost,
@@ -653,24 +782,28 @@ async fn main() -> Result<()> {
         );
     }
     let vendor = Vendor::new().context("vendor")?;
+    if a.targets {
+        return targets::run_all(&a, &vendor).await;
+    }
     let mut results = Vec::new();
     let counts = if a.sweep.is_empty() {
         vec![a.guests]
     } else {
         a.sweep.clone()
     };
-    let mut h = start_host(&vendor, &a.proxy_toml)?;
+    let mut rig = start_host(&vendor, &a.proxy_toml, None)?;
+    let h = &mut rig.h;
     for &g in &counts {
-        let r = run(&mut h, "hostbind", g, &a).await?;
+        let r = run(h, "hostbind", g, &a).await?;
         results.push(r);
     }
     let agent = if a.agent_calls > 0 {
-        Some(agent_bench(&h, a.agent_calls).await?)
+        Some(agent_bench(h, a.agent_calls).await?)
     } else {
         None
     };
     h.stop_proxy(); // SIGTERM: the proxy seals what it has buffered
-    let usage = usage_check(&h, &vendor, results.iter().map(|r| r.tokens).sum())?;
+    let usage = usage_check(h, &vendor, results.iter().map(|r| r.tokens).sum())?;
     if let Some(u) = &usage {
         println!(
             "usage log: {} blocks, {} records, {} of {} tokens metered, {} anomalies{}",
@@ -686,12 +819,12 @@ async fn main() -> Result<()> {
         );
     }
     if a.baseline == Some(Baseline::QuotePerRequest) {
-        let mut b = start_host(&vendor, "[fresh_nonces]\nbatching = false\n")?;
+        let mut b = start_host(&vendor, "[fresh_nonces]\nbatching = false\n", None)?;
         for &g in &counts {
-            let r = run(&mut b, "baseline-quote-per-req", g, &a).await?;
+            let r = run(&mut b.h, "baseline-quote-per-req", g, &a).await?;
             results.push(r);
         }
-        b.stop_proxy();
+        b.h.stop_proxy();
     }
     print_table(&results);
     let ratios: Vec<(usize, f64)> = counts
@@ -724,25 +857,10 @@ async fn main() -> Result<()> {
         println!("plot written to {}", p.display());
     }
     if a.strict {
-        let bad: Vec<&RunResult> = results
-            .iter()
-            .filter(|r| {
-                r.errors > 0 || r.lost_leases > 0 || r.leaked_leases > 0 || r.proxy_log_errors > 0
-            })
-            .collect();
+        let bad: Vec<String> = results.iter().filter_map(RunResult::failure).collect();
         if !bad.is_empty() {
-            for r in bad {
-                eprintln!(
-                    "FAIL {} @ {} guests: {} errors, {} lost leases, {} leaked leases, {} ERROR lines in the proxy log; first error: {}; first proxy ERROR line: {}",
-                    r.label,
-                    r.guests,
-                    r.errors,
-                    r.lost_leases,
-                    r.leaked_leases,
-                    r.proxy_log_errors,
-                    r.first_error.as_deref().unwrap_or("-"),
-                    r.first_log_error.as_deref().unwrap_or("-")
-                );
+            for b in bad {
+                eprintln!("FAIL {b}");
             }
             bail!("the load run had errors or lost leases");
         }

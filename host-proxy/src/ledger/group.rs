@@ -2,7 +2,8 @@
 //!
 //! Lease mutations update the in-memory mirror and hand their writes to [`Core::submit`] while
 //! holding the mirror's lock, so the queue's order is the mirror's order. Whichever waiter finds
-//! no commit running commits everything queued so far in one durable transaction.
+//! no commit running commits everything queued so far in one durable transaction; renewals do
+//! not wait, and the ledger's writer thread (mod.rs) commits what they queued the same way.
 //!
 //! When a commit fails (disk full, I/O error, a panic inside redb), the ledger becomes
 //! *degraded*: the failed batch and everything still queued are settled as "not durable", and
@@ -72,6 +73,17 @@ pub(super) struct Group {
     backlog: Vec<HistoryEntry>,
     /// The lowest sequence number handed out to a change that is not durable.
     backlog_start: Option<u64>,
+}
+
+/// Test-only control over commits (unit tests in tests.rs): while `hold` is set every commit
+/// waits before it starts (`held` counts the waiting ones); `fail` makes the next commit fail
+/// like a storage error without touching the file.
+#[cfg(test)]
+#[derive(Default)]
+pub(super) struct TestHook {
+    pub hold: bool,
+    pub held: u64,
+    pub fail: Option<LedgerError>,
 }
 
 /// Where a mutation's writes went.
@@ -196,6 +208,35 @@ impl Core {
         }
     }
 
+    /// One durable transaction of a batch (`ops`, then `f`); see [`commit_ops`].
+    fn commit_batch<R>(
+        &self,
+        ops: &[Op],
+        f: impl FnOnce(&WriteTransaction) -> Result<R, LedgerError>,
+    ) -> Result<R, LedgerError> {
+        #[cfg(test)]
+        if let Some(e) = self.test_hook() {
+            return Err(e);
+        }
+        self.store.with(|db| commit_ops(db, ops, f))
+    }
+
+    /// Test-only: waits while commits are held back; the failure to inject, if any.
+    #[cfg(test)]
+    fn test_hook(&self) -> Option<LedgerError> {
+        let (m, cv) = &self.hook;
+        let mut h = m.lock().unwrap_or_else(|e| e.into_inner());
+        if h.hold {
+            h.held += 1;
+            cv.notify_all();
+            while h.hold {
+                h = cv.wait(h).unwrap_or_else(|e| e.into_inner());
+            }
+            h.held -= 1;
+        }
+        h.fail.take()
+    }
+
     /// Waits until the writes are durable; an error means they are not (and will only reach
     /// the disk with the healer's write-back).
     pub(super) fn wait(&self, p: Pending) -> Result<(), LedgerError> {
@@ -224,7 +265,7 @@ impl Core {
                 let (lo, hi) = (g.settled + 1, g.enqueued);
                 g.committing = true;
                 drop(g);
-                let res = self.store.with(|db| commit_ops(db, &ops, |_| Ok(())));
+                let res = self.commit_batch(&ops, |_| Ok(()));
                 g = self.group();
                 self.settle(&mut g, lo, hi, res.err(), ops);
                 continue;
@@ -304,7 +345,7 @@ impl Core {
         let (lo, hi) = (g.settled + 1, g.enqueued);
         g.committing = true;
         drop(g);
-        let res = self.store.with(|db| commit_ops(db, &ops, f));
+        let res = self.commit_batch(&ops, f);
         // Only a storage failure loses the queued ops; `f`'s own refusals do not.
         let lost = match &res {
             Err(e) if e.is_storage() => Some(e.clone()),

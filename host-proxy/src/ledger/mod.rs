@@ -13,6 +13,19 @@
 //! always a prefix of the in-memory history, and a new lease is granted (a token sent) only
 //! after its writes are durable.
 //!
+//! What is durable when a call returns:
+//! - a new lease (acquire), a release, an expiry and every license change: yes — the call waits
+//!   for the commit holding it (a seat is never granted, nor freed for another VM, on a write
+//!   that a crash could undo);
+//! - a renewal (a new expiry of an existing lease, no new seat): not yet — it is applied to the
+//!   mirror and queued, and the writer thread commits it with the next group commit without the
+//!   caller waiting for the fsync. A crash before that commit loses only the new expiry: the
+//!   lease comes back with the expiry of an earlier renewal (never a later one than promised)
+//!   and the agent renews it again anyway; the seat itself was durable since its grant. Queue
+//!   order keeps a renewal queued before a release from bringing the lease back after the
+//!   release commits, and a failed background commit degrades the ledger like any failed
+//!   commit (the renewal is then counted with the degraded renewals, see group.rs).
+//!
 //! Faults (see docs/reliability.md):
 //! - A failed write (disk full, I/O error) makes the ledger *degraded*: renewals, releases and
 //!   expiries go on in the mirror (not durable; `status` says so), new leases and license
@@ -34,6 +47,8 @@ mod init;
 mod record;
 mod retention;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use group::Op;
 use hostbind_attest::signed::CountMode;
@@ -341,6 +356,11 @@ struct Core {
     heal_log: crate::ratelog::RateLimit,
     /// Set to stop the healer; its condvar wakes it.
     healer: (Mutex<HealerCtl>, Condvar),
+    /// Wakes the writer thread, which commits queued writes nobody waits for (renewals).
+    writer: (Mutex<HealerCtl>, Condvar),
+    /// Test-only: holds back or fails commits (group.rs).
+    #[cfg(test)]
+    hook: (Mutex<group::TestHook>, Condvar),
 }
 
 #[derive(Default)]
@@ -368,26 +388,55 @@ impl Core {
     }
 
     fn wake_healer(&self) {
-        let (m, cv) = &self.healer;
-        m.lock().unwrap_or_else(|e| e.into_inner()).wake = true;
-        cv.notify_all();
+        wake(&self.healer);
     }
 
-    /// Sleeps until woken, stopped or `timeout`; returns false when stopped.
-    fn healer_wait(&self, timeout: Option<Duration>) -> bool {
-        let (m, cv) = &self.healer;
-        let mut c = m.lock().unwrap_or_else(|e| e.into_inner());
-        if !c.stop && !c.wake {
-            c = match timeout {
-                Some(t) => cv
-                    .wait_timeout(c, t)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0),
-                None => cv.wait(c).unwrap_or_else(|e| e.into_inner()),
-            };
+    /// Asks the writer thread to commit what is queued (for writes no caller waits for).
+    fn wake_writer(&self) {
+        wake(&self.writer);
+    }
+}
+
+/// Wakes the thread behind `ctl`.
+fn wake((m, cv): &(Mutex<HealerCtl>, Condvar)) {
+    m.lock().unwrap_or_else(|e| e.into_inner()).wake = true;
+    cv.notify_all();
+}
+
+/// Stops the thread behind `ctl`.
+fn stop((m, cv): &(Mutex<HealerCtl>, Condvar)) {
+    m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+    cv.notify_all();
+}
+
+/// Sleeps until the thread behind `ctl` is woken, stopped or `timeout`; returns false when
+/// stopped.
+fn ctl_wait((m, cv): &(Mutex<HealerCtl>, Condvar), timeout: Option<Duration>) -> bool {
+    let mut c = m.lock().unwrap_or_else(|e| e.into_inner());
+    if !c.stop && !c.wake {
+        c = match timeout {
+            Some(t) => cv
+                .wait_timeout(c, t)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0),
+            None => cv.wait(c).unwrap_or_else(|e| e.into_inner()),
+        };
+    }
+    c.wake = false;
+    !c.stop
+}
+
+/// The writer thread: commits the queue when woken (renewals queue their writes and return
+/// without waiting); on stop it commits what is left, so a clean shutdown loses no renewal.
+fn run_writer(core: std::sync::Weak<Core>) {
+    loop {
+        let Some(c) = core.upgrade() else { return };
+        let more = ctl_wait(&c.writer, None);
+        // A failure degrades the ledger and is logged there; nobody waits for this ticket.
+        c.flush();
+        if !more {
+            return;
         }
-        c.wake = false;
-        !c.stop
     }
 }
 
@@ -396,7 +445,7 @@ fn run_healer(core: std::sync::Weak<Core>) {
     let mut delay = None;
     loop {
         let Some(c) = core.upgrade() else { return };
-        if !c.healer_wait(delay) {
+        if !ctl_wait(&c.healer, delay) {
             return;
         }
         let degraded = c.group().degraded.is_some();
@@ -412,15 +461,17 @@ fn run_healer(core: std::sync::Weak<Core>) {
 pub struct Ledger {
     core: Arc<Core>,
     healer: Option<std::thread::JoinHandle<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Ledger {
     fn drop(&mut self) {
-        {
-            let (m, cv) = &self.core.healer;
-            m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
-            cv.notify_all();
+        // The writer first: it commits the renewals still queued.
+        stop(&self.core.writer);
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
         }
+        stop(&self.core.healer);
         if let Some(h) = self.healer.take() {
             let _ = h.join();
         }
@@ -651,18 +702,33 @@ impl Ledger {
             stats: Stats::default(),
             heal_log: crate::ratelog::RateLimit::new(Duration::from_secs(30)),
             healer: (Mutex::new(HealerCtl::default()), Condvar::new()),
+            writer: (Mutex::new(HealerCtl::default()), Condvar::new()),
+            #[cfg(test)]
+            hook: (Mutex::new(group::TestHook::default()), Condvar::new()),
         });
-        let weak = Arc::downgrade(&core);
-        let healer = std::thread::Builder::new()
-            .name("ledger-healer".into())
-            .spawn(move || run_healer(weak))
-            .map_err(|e| LedgerError::Open {
-                path: path.display().to_string(),
-                reason: format!("cannot start its healer thread: {e}"),
-            })?;
+        let spawn = |name: &str, f: fn(std::sync::Weak<Core>)| {
+            let weak = Arc::downgrade(&core);
+            std::thread::Builder::new()
+                .name(format!("ledger-{name}"))
+                .spawn(move || f(weak))
+                .map_err(|e| LedgerError::Open {
+                    path: path.display().to_string(),
+                    reason: format!("cannot start its {name} thread: {e}"),
+                })
+        };
+        let healer = spawn("healer", run_healer)?;
+        let writer = match spawn("writer", run_writer) {
+            Ok(w) => w,
+            Err(e) => {
+                stop(&core.healer);
+                let _ = healer.join();
+                return Err(e);
+            }
+        };
         let ledger = Ledger {
             core,
             healer: Some(healer),
+            writer: Some(writer),
         };
         if opts.reset {
             let detail = match kept {
@@ -981,8 +1047,10 @@ impl Ledger {
         Ok(lease)
     }
 
-    /// Extends a live lease by `ttl_secs` from `now`. While the ledger cannot write, the
-    /// renewal is kept in memory only (see [`Ledger::health`]).
+    /// Extends a live lease by `ttl_secs` from `now`. Returns once the new expiry is in the
+    /// mirror and queued for the next group commit, without waiting for its fsync (see the
+    /// module documentation: losing it in a crash only shortens the lease). While the ledger
+    /// cannot write, the renewal is kept in memory only (see [`Ledger::health`]).
     pub fn renew(&self, lease_id: &str, ttl_secs: u64, now: u64) -> Result<Lease, LedgerError> {
         let mut mem = self.lock();
         let Some(old) = mem.leases.get(lease_id).cloned() else {
@@ -1021,8 +1089,12 @@ impl Ledger {
         let p = self.core.submit(&mut mem, ops);
         mem.leases.insert(l.id.clone(), l.clone());
         drop(mem);
-        // Not durable while degraded: the lease lives on in memory (the point of the mirror).
-        let _ = self.core.wait(p);
+        // No wait for the fsync: the writer thread commits it (queue order keeps it before any
+        // later release of this lease). Not durable while degraded: the lease lives on in
+        // memory (the point of the mirror), counted with the degraded renewals.
+        if let group::Pending::Ticket(_) = p {
+            self.core.wake_writer();
+        }
         Ok(l)
     }
 
