@@ -45,6 +45,10 @@ pub const CLAIM_FRESH: i64 = -65544;
 /// Private claim: SHA-256 of the license bytes carried in header [`HDR_LICENSE`].
 pub const CLAIM_LICENSE_HASH: i64 = -65545;
 
+/// Private claim: id of the seat pool the token's seat came from (text); only in tokens issued
+/// under a pool license, whose pool it must name.
+pub const CLAIM_POOL: i64 = -65546;
+
 /// SHA-256 of a license's COSE_Sign1 bytes, as claim [`CLAIM_LICENSE_HASH`] carries it.
 pub fn license_hash(license: &[u8]) -> [u8; 32] {
     Sha256::digest(license).into()
@@ -131,6 +135,10 @@ pub struct TokenClaims {
     /// TPM evidence that the nonce is fresh, for a TPM-fresh request.
     #[serde(default)]
     pub fresh: Option<FreshEvidence>,
+    /// The seat pool the seat came from (a pool license's pool id); `None` for a seat counted
+    /// on the host alone.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 /// Errors issuing a token.
@@ -201,6 +209,9 @@ impl TokenClaims {
                 rest.push((ClaimName::PrivateUse(CLAIM_FRESH), Value::Bytes(b)));
             }
         }
+        if let Some(p) = &self.pool {
+            rest.push((ClaimName::PrivateUse(CLAIM_POOL), Value::Text(p.clone())));
+        }
         if let Some(c) = &self.chain_head {
             rest.push((
                 ClaimName::PrivateUse(CLAIM_CHAIN_HEAD),
@@ -233,6 +244,11 @@ impl TokenClaims {
         let text = |id: i64, name: &str| match find(ClaimName::PrivateUse(id)) {
             Some(Value::Text(t)) => Ok(t.clone()),
             _ => Err(format!("claim {name} ({id}) is missing or not text")),
+        };
+        let text_opt = |id: i64, name: &str| match find(ClaimName::PrivateUse(id)) {
+            None => Ok(None),
+            Some(Value::Text(t)) => Ok(Some(t.clone())),
+            Some(_) => Err(format!("claim {name} ({id}) is not text")),
         };
         let bytes_opt = |n: ClaimName, name: &str| match find(n) {
             None => Ok(None),
@@ -280,6 +296,7 @@ impl TokenClaims {
                         .map_err(|e| format!("claim fresh ({CLAIM_FRESH}) is malformed: {e}"))
                 })
                 .transpose()?,
+            pool: text_opt(CLAIM_POOL, "pool")?,
         })
     }
 }

@@ -136,6 +136,7 @@ fn bench(c: &mut Criterion) {
         chain_head: Some(vec![1u8; 16]),
         quote_ref: s.quote_ref().to_vec(),
         fresh: None,
+        pool: None,
     };
     let token = s.issue(&claims, &lic).unwrap();
     let expect = Expectation::product("cad")

@@ -7,7 +7,7 @@ use hostbind_attest::files::{self, VendorKeyFile, VendorPublicKeyFile};
 use hostbind_attest::keys::{VendorKey, VendorPublicKey};
 use hostbind_attest::signed::{
     fmt_time, from_cbor, open, sign, to_cbor, ClonePolicy, CountMode, HostCertificate, License,
-    ObjectKind, Validity,
+    ObjectKind, Pool, Validity,
 };
 use hostbind_attest::usage::{read_log, MeteringSecret};
 use hostbind_attest::verify::Expectation;
@@ -222,7 +222,8 @@ struct IssueArgs {
     /// Customer name.
     #[arg(long)]
     customer: String,
-    /// Host the license is valid on: a host id (64 hex) or a host certificate file. Repeat for a pool.
+    /// Host the license is valid on: a host id (64 hex) or a host certificate file. Repeat for
+    /// several hosts (with --pool: every enrolled host of the pool).
     #[arg(long = "host", required = true)]
     hosts: Vec<String>,
     /// Product name.
@@ -231,9 +232,26 @@ struct IssueArgs {
     /// Feature to unlock (repeatable).
     #[arg(long = "feature")]
     features: Vec<String>,
-    /// Seats per host.
-    #[arg(long)]
-    seats: u32,
+    /// Seats per host (not with --pool: a pool's seats are --pool-seats).
+    #[arg(long, required_unless_present = "pool", conflicts_with = "pool")]
+    seats: Option<u32>,
+    /// Make a pool license: its seats float across all its --host hosts, counted together in
+    /// the customer's etcd cluster. The pool id names the pool in tokens and in etcd.
+    #[arg(long, value_name = "ID", requires = "pool_seats")]
+    pool: Option<String>,
+    /// Seats of the whole pool (with --pool).
+    #[arg(long, value_name = "N", requires = "pool", conflicts_with = "seats")]
+    pool_seats: Option<u32>,
+    /// Seats each host of the pool may grant alone while it cannot reach the pool's etcd
+    /// (counted and reported afterwards); 0: new pool seats are refused then (with --pool).
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "pool",
+        conflicts_with = "seats",
+        default_value_t = 0
+    )]
+    fallback_seats: u32,
     /// How seats are counted: vm, access or none.
     #[arg(long, default_value = "vm")]
     count_mode: CountMode,
@@ -351,6 +369,37 @@ fn host_ids(args: &[String], vendor: &VendorKey) -> Result<Vec<ByteBuf>> {
             Ok(c.host_id)
         })
         .collect()
+}
+
+/// The license's per-host seats and pool from `license issue`'s flags: `--seats` for a per-host
+/// license; for a pool license `--pool-seats` for the pool and the per-host fallback share.
+fn license_seats(a: &IssueArgs) -> Result<(u32, Option<Pool>)> {
+    let counted = a.count_mode != CountMode::None;
+    let Some(id) = &a.pool else {
+        let seats = a.seats.unwrap_or(0);
+        if seats == 0 && counted {
+            bail!("--seats must be at least 1 (or use --count-mode none)");
+        }
+        return Ok((seats, None));
+    };
+    let pool_seats = a.pool_seats.unwrap_or(0);
+    if pool_seats == 0 && counted {
+        bail!("--pool-seats must be at least 1 (or use --count-mode none)");
+    }
+    if a.fallback_seats > pool_seats {
+        bail!(
+            "--fallback-seats {} is more than the pool's {pool_seats} seats: a host cut off \
+             from the pool may grant at most what the pool holds",
+            a.fallback_seats
+        );
+    }
+    Ok((
+        a.fallback_seats,
+        Some(Pool {
+            id: id.clone(),
+            seats: pool_seats,
+        }),
+    ))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -502,9 +551,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::License(LicenseCmd::Issue(a)) => {
             let vendor = load_vendor_key(&a.key.key)?;
-            if a.seats == 0 && a.count_mode != CountMode::None {
-                bail!("--seats must be at least 1 (or use --count-mode none)");
-            }
+            let (seats, pool) = license_seats(&a)?;
             let issued_at = hostbind_fsutil::unix_now();
             let nb = a.not_before.unwrap_or(issued_at);
             let id = match a.id {
@@ -522,7 +569,7 @@ fn run(cli: Cli) -> Result<()> {
                 product: a.product,
                 features: a.features,
                 hosts: host_ids(&a.hosts, &vendor)?,
-                seats: a.seats,
+                seats,
                 count_mode: a.count_mode,
                 clone_policy: a.clone_policy,
                 grace_secs: a.grace.as_secs(),
@@ -539,10 +586,12 @@ fn run(cli: Cli) -> Result<()> {
                             .to_vec(),
                     )
                 }),
+                pool,
             };
             lic.check_names().map_err(|e| {
                 let flag = match e.what {
                     "license id" => "--id",
+                    "pool id" => "--pool",
                     "feature" => "--feature",
                     "customer" => "--customer",
                     _ => "--product",
@@ -655,6 +704,7 @@ fn man_extras() -> hostbind_cli::docs::Extras {
                     Entry::new("hostbind-issuer enroll challenge req.cbor --tpm-ca maker-ca.pem --out chal.cbor", "Check a host's enrollment request against the TPM maker's CA and write the challenge its TPM must answer."),
                     Entry::new("hostbind-issuer enroll finish ans.cbor --tpm-ca maker-ca.pem --out host.cert", "Check the answer and sign the host certificate; send host.cert and vendor.pub to the host."),
                     Entry::new("hostbind-issuer license issue --customer ACME --host host.cert --product cad --seats 2 --out acme-cad.license", "Issue a 2-seat license of product cad for that host, valid for a year."),
+                    Entry::new("hostbind-issuer license issue --customer ACME --host n1.cert --host n2.cert --host n3.cert --product cad --pool acme-kvm --pool-seats 40 --fallback-seats 1 --out acme-cad-pool.license", "Issue a pool license: 40 seats of cad floating across three enrolled KVM nodes (counted in the customer's etcd), each node may grant 1 seat alone while etcd is unreachable."),
                     Entry::new("hostbind-issuer verify token.b64", "Verify a license token offline and print its claims."),
                     Entry::new("hostbind-issuer usage report host1.usage --key vendor.key", "Decrypt and check a host's usage log; exit status 3 when it shows anomalies."),
                 ],
