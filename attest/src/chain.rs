@@ -29,6 +29,7 @@
 //! The graph is stored through [`ChainStore`] so the proxy can keep it in its ledger;
 //! [`MemStore`] keeps it in memory.
 
+use crate::token::chain_commitment;
 use crate::wire::EphemeralId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -122,7 +123,8 @@ pub struct ForkReport {
     pub lineage: u64,
     /// The kept (earlier) lineage.
     pub kept_lineage: u64,
-    /// The common ancestor id (hex).
+    /// The common ancestor, as the hex of its [`crate::token::chain_commitment`]: the id itself
+    /// never leaves the proxy (whoever knows an id can make its owner look like a clone).
     pub fork_point: String,
     /// Classification.
     pub kind: ForkKind,
@@ -151,7 +153,7 @@ impl ForkReport {
         Some(ForkReport {
             lineage: l.id,
             kept_lineage: f.parent,
-            fork_point: hex::encode(f.fork_point),
+            fork_point: hex::encode(chain_commitment(&f.fork_point)),
             kind: f.kind,
             kept_vm: f.kept_vm.clone(),
             fork_vm: l.first_vm.clone(),
@@ -219,6 +221,12 @@ pub trait ChainStore {
     fn next_lineage_id(&mut self) -> Result<u64, Self::Error>;
 }
 
+/// How messages name an id: the first 8 bytes of its commitment (hex, after `#`). Messages
+/// reach the guest's apps and logs, and a chain id must not (see [`chain_commitment`]).
+fn shown(id: &EphemeralId) -> String {
+    format!("#{}", hex::encode(&chain_commitment(id)[..8]))
+}
+
 /// Records one suffix (oldest first, newest last) sent by `vm`, optionally for `product`, at
 /// `now`, and reports forks. `live_window` is in seconds. On error nothing was recorded by
 /// this function (a store that writes in a transaction must abort it).
@@ -237,7 +245,7 @@ pub fn observe<S: ChainStore>(
     if let Some(dup) = suffix.iter().find(|id| !seen.insert(**id)) {
         return Err(ChainError::Inconsistent(format!(
             "id {} appears twice",
-            hex::encode(dup)
+            shown(dup)
         )));
     }
     let st = |e| ChainError::Store(e);
@@ -254,9 +262,10 @@ pub fn observe<S: ChainStore>(
             if n.parent != Some(suffix[j - 1]) {
                 return Err(ChainError::Inconsistent(format!(
                     "id {} follows {} in this request but followed {} before",
-                    hex::encode(suffix[j]),
-                    hex::encode(suffix[j - 1]),
-                    n.parent.map_or_else(|| "nothing".to_string(), hex::encode)
+                    shown(&suffix[j]),
+                    shown(&suffix[j - 1]),
+                    n.parent
+                        .map_or_else(|| "nothing".to_string(), |p| shown(&p))
                 )));
             }
         }

@@ -33,8 +33,10 @@ pub const CLAIM_FEATURES: i64 = -65538;
 pub const CLAIM_SCOPE: i64 = -65539;
 /// Private claim: license id.
 pub const CLAIM_LICENSE: i64 = -65540;
-/// Private claim: head of the agent's ephemeral-ID chain (bytes).
-pub const CLAIM_CHAIN_HEAD: i64 = -65541;
+/// Retired private claim (never reuse the number): until issue 15 it carried the agent's newest
+/// ephemeral chain id in clear, and anyone who saw a token could replay that id from another VM
+/// and make the victim the later fork of a clone. Tokens carry [`CLAIM_CHAIN_COMMITMENT`] instead.
+pub const RETIRED_CLAIM_CHAIN_HEAD: i64 = -65541;
 /// Private claim: SHA-256 of the TPMS_ATTEST that certifies the token key.
 pub const CLAIM_QUOTE_REF: i64 = -65542;
 /// Private claim: VM name as configured on the host.
@@ -44,10 +46,52 @@ pub const CLAIM_VM_NAME: i64 = -65543;
 pub const CLAIM_FRESH: i64 = -65544;
 /// Private claim: SHA-256 of the license bytes carried in header [`HDR_LICENSE`].
 pub const CLAIM_LICENSE_HASH: i64 = -65545;
-
+/// Private claim: [`chain_commitment`] of the newest ephemeral id of the agent's chain (32
+/// bytes). A commitment, not the id: chain ids are capabilities the proxy accepts from any VM,
+/// so they travel only between agent and proxy.
+pub const CLAIM_CHAIN_COMMITMENT: i64 = -65546;
 /// Private claim: id of the seat pool the token's seat came from (text); only in tokens issued
 /// under a pool license, whose pool it must name.
-pub const CLAIM_POOL: i64 = -65546;
+pub const CLAIM_POOL: i64 = -65547;
+
+/// Every private claim number hostbind tokens use or once used, with its name: the one place
+/// claim numbers are allotted. A new claim takes a number not listed here (the test
+/// `private_claim_numbers_are_allotted_once` fails on a second use of a number).
+pub const PRIVATE_CLAIMS: &[(i64, &str)] = &[
+    (CLAIM_PRODUCT, "product"),
+    (CLAIM_FEATURES, "features"),
+    (CLAIM_SCOPE, "scope"),
+    (CLAIM_LICENSE, "license"),
+    (RETIRED_CLAIM_CHAIN_HEAD, "chain_head (retired)"),
+    (CLAIM_QUOTE_REF, "quote_ref"),
+    (CLAIM_VM_NAME, "vm_name"),
+    (CLAIM_FRESH, "fresh"),
+    (CLAIM_LICENSE_HASH, "license_hash"),
+    (CLAIM_CHAIN_COMMITMENT, "chain_commitment"),
+    (CLAIM_POOL, "pool"),
+];
+
+/// Every private unprotected header label of a token, with its name (allotted here only, like
+/// [`PRIVATE_CLAIMS`]; headers and claims are separate number spaces).
+pub const PRIVATE_HEADERS: &[(i64, &str)] = &[
+    (HDR_HOST_CERT, "host_cert"),
+    (HDR_KEY_EVIDENCE, "key_evidence"),
+    (HDR_LICENSE, "license"),
+];
+
+/// Domain separation label of [`chain_commitment`].
+pub const CHAIN_COMMITMENT_LABEL: &[u8] = b"hostbind-chain-commitment-v1";
+
+/// The commitment to an ephemeral chain id that tokens, admin listings and usage logs show in
+/// its place: `SHA-256("hostbind-chain-commitment-v1" 0x00 ‖ id)`. It names the id (the proxy
+/// and an admin can match it) without revealing it (ids are 128 random bits).
+pub fn chain_commitment(id: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(CHAIN_COMMITMENT_LABEL);
+    h.update([0u8]);
+    h.update(id);
+    h.finalize().into()
+}
 
 /// SHA-256 of a license's COSE_Sign1 bytes, as claim [`CLAIM_LICENSE_HASH`] carries it.
 pub fn license_hash(license: &[u8]) -> [u8; 32] {
@@ -128,8 +172,8 @@ pub struct TokenClaims {
     pub expires_at: u64,
     /// `eat_nonce`, when the app asked for one.
     pub nonce: Option<Vec<u8>>,
-    /// Head of the agent's ephemeral-ID chain.
-    pub chain_head: Option<Vec<u8>>,
+    /// [`chain_commitment`] of the newest id of the agent's chain (never the id itself).
+    pub chain_commitment: Option<Vec<u8>>,
     /// SHA-256 of the quote (TPMS_ATTEST) certifying the token key.
     pub quote_ref: Vec<u8>,
     /// TPM evidence that the nonce is fresh, for a TPM-fresh request.
@@ -212,9 +256,9 @@ impl TokenClaims {
         if let Some(p) = &self.pool {
             rest.push((ClaimName::PrivateUse(CLAIM_POOL), Value::Text(p.clone())));
         }
-        if let Some(c) = &self.chain_head {
+        if let Some(c) = &self.chain_commitment {
             rest.push((
-                ClaimName::PrivateUse(CLAIM_CHAIN_HEAD),
+                ClaimName::PrivateUse(CLAIM_CHAIN_COMMITMENT),
                 Value::Bytes(c.clone()),
             ));
         }
@@ -285,7 +329,18 @@ impl TokenClaims {
             issued_at: secs(&c.issued_at, "iat")?,
             expires_at: secs(&c.expiration_time, "exp")?,
             nonce: bytes_opt(ClaimName::Assigned(iana::CwtClaimName::Nonce), "eat_nonce")?,
-            chain_head: bytes_opt(ClaimName::PrivateUse(CLAIM_CHAIN_HEAD), "chain_head")?,
+            chain_commitment: match bytes_opt(
+                ClaimName::PrivateUse(CLAIM_CHAIN_COMMITMENT),
+                "chain_commitment",
+            )? {
+                Some(c) if c.len() != 32 => {
+                    return Err(format!(
+                        "claim chain_commitment ({CLAIM_CHAIN_COMMITMENT}) is {} bytes, not 32",
+                        c.len()
+                    ))
+                }
+                c => c,
+            },
             license_hash: bytes_opt(ClaimName::PrivateUse(CLAIM_LICENSE_HASH), "license_hash")?
                 .ok_or("claim license_hash is missing")?,
             quote_ref: bytes_opt(ClaimName::PrivateUse(CLAIM_QUOTE_REF), "quote_ref")?
@@ -388,4 +443,96 @@ pub(crate) fn header_bytes(h: &coset::Header, label: i64) -> Option<&[u8]> {
         (Label::Int(i), Value::Bytes(b)) if *i == label => Some(b.as_slice()),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> TokenClaims {
+        TokenClaims {
+            host_id: vec![7; 32],
+            vm_uuid: "6f1c1c8e-0a1d-4d4e-9a53-0c5e1f1d2a01".into(),
+            vm_name: "vm-a".into(),
+            product: "cad".into(),
+            features: vec![],
+            scope: "vm".into(),
+            license_id: "L-1".into(),
+            license_hash: vec![1; 32],
+            lease_id: "lease-1".into(),
+            issued_at: 100,
+            expires_at: 160,
+            nonce: None,
+            chain_commitment: Some(chain_commitment(&[9; 16]).to_vec()),
+            quote_ref: vec![2; 32],
+            fresh: None,
+            pool: None,
+        }
+    }
+
+    #[test]
+    fn the_chain_commitment_is_a_labelled_hash_never_the_id() {
+        let id = [9u8; 16];
+        let c = chain_commitment(&id);
+        let mut h = Sha256::new();
+        h.update(b"hostbind-chain-commitment-v1\x00");
+        h.update(id);
+        assert_eq!(c, <[u8; 32]>::from(h.finalize()));
+        assert_ne!(chain_commitment(&[8u8; 16]), c);
+        // The encoded claims hold the commitment and nowhere the id itself.
+        let set = claims().to_claims_set();
+        let bytes = coset::CborSerializable::to_vec(set.clone()).unwrap();
+        assert!(!bytes.windows(16).any(|w| w == id), "the id leaks");
+        assert!(!set
+            .rest
+            .iter()
+            .any(|(k, _)| *k == ClaimName::PrivateUse(RETIRED_CLAIM_CHAIN_HEAD)));
+        let back = TokenClaims::from_claims_set(&set).unwrap();
+        assert_eq!(back, claims());
+    }
+
+    #[test]
+    fn private_claim_numbers_are_allotted_once() {
+        for table in [PRIVATE_CLAIMS, PRIVATE_HEADERS] {
+            let mut seen = std::collections::BTreeMap::new();
+            for (n, name) in table {
+                if let Some(other) = seen.insert(*n, *name) {
+                    panic!("private number {n} is allotted twice: {other} and {name}");
+                }
+            }
+        }
+        // Every claim a token carries is in the table.
+        let mut c = claims();
+        c.nonce = Some(vec![3; 8]);
+        c.pool = Some("acme-kvm".into());
+        c.fresh = Some(FreshEvidence {
+            attest: ByteBuf::from(vec![1]),
+            signature: ByteBuf::from(vec![2]),
+            proof: crate::merkle::InclusionProof {
+                index: 0,
+                leaves: 1,
+                path: vec![],
+            },
+        });
+        for (k, _) in c.to_claims_set().rest {
+            let ClaimName::PrivateUse(n) = k else {
+                continue;
+            };
+            assert!(
+                PRIVATE_CLAIMS.iter().any(|(m, _)| *m == n),
+                "claim {n} is not in PRIVATE_CLAIMS"
+            );
+        }
+    }
+
+    #[test]
+    fn a_chain_commitment_of_the_wrong_length_is_refused() {
+        let mut c = claims();
+        c.chain_commitment = Some(vec![9; 16]);
+        let e = TokenClaims::from_claims_set(&c.to_claims_set()).unwrap_err();
+        assert!(
+            e.contains("chain_commitment") && e.contains("16 bytes"),
+            "{e}"
+        );
+    }
 }

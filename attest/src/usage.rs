@@ -70,6 +70,10 @@ pub const MAGIC: &[u8; 8] = b"HBUSAGE1";
 pub const VERSION: u16 = 2;
 const HPKE_INFO: &[u8] = b"hostbind usage log v1";
 const METERING_LABEL: &str = "hostbind usage metering key v1";
+/// How far the TPM clock may step back across a TPM reset without that being an anomaly: a TPM
+/// saves its clock to NV at least every 2^22 ms (TPM 2.0 library, NV_CLOCK_UPDATE_INTERVAL)
+/// and restarts from the saved value after an unorderly shutdown.
+pub const MAX_CLOCK_LOSS_ON_RESET_MS: u64 = 1 << 22;
 /// Default tolerance between wall-clock and TPM-clock progress before a jump is reported.
 pub const DEFAULT_CLOCK_TOLERANCE_SECS: u64 = 120;
 
@@ -166,9 +170,10 @@ pub enum UsageRecord {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last: Option<u64>,
     },
-    /// A request was refused.
+    /// Requests were refused: `count` of them (1 when absent) of one VM, product and code in
+    /// one interval of the proxy's `[limits] refusal_interval`, the first at `at`.
     Refusal {
-        /// Unix seconds.
+        /// Unix seconds (of the first, when several).
         at: u64,
         /// Product asked for.
         product: String,
@@ -182,8 +187,11 @@ pub enum UsageRecord {
         vm: VmRef,
         /// Error code (as on the wire).
         code: String,
-        /// The message the VM got.
+        /// The message the VM got (the last one's, when several; bounded by the proxy).
         message: String,
+        /// How many requests.
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        count: u64,
     },
     /// Clone detection reported a cloned instance.
     CloneReport {
@@ -212,6 +220,21 @@ pub enum UsageRecord {
         at: u64,
         /// Number of records dropped.
         count: u64,
+        /// Why, when the proxy knows more than the count (e.g. its spill file was full).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    /// The proxy stopped without sealing its buffered records (killed, crashed, power lost):
+    /// records made after `since` and before it stopped are not in the log. Written by the
+    /// next start.
+    UncleanStop {
+        /// Unix seconds the proxy started again.
+        at: u64,
+        /// Unix seconds up to which everything was sealed or kept on disk before the stop.
+        since: u64,
+        /// The flush interval of the run that stopped, seconds: it stopped within about this
+        /// long after `since`, unless it was idle.
+        flush_secs: u64,
     },
 }
 
@@ -250,7 +273,8 @@ impl UsageRecord {
             | UsageRecord::TokenIssued { at, .. }
             | UsageRecord::Refusal { at, .. }
             | UsageRecord::CloneReport { at, .. }
-            | UsageRecord::RecordsDropped { at, .. } => *at,
+            | UsageRecord::RecordsDropped { at, .. }
+            | UsageRecord::UncleanStop { at, .. } => *at,
         }
     }
 }
@@ -566,6 +590,9 @@ pub enum AnomalyKind {
     WrongKey,
     /// The proxy dropped records.
     RecordsDropped,
+    /// The proxy stopped without sealing its buffered records: usage in a named interval is
+    /// missing.
+    UncleanStop,
     /// Clone detection reported a cloned instance.
     Clone,
 }
@@ -838,7 +865,15 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
                 a.seq, b.seq, ta.reset_count, tb.reset_count, ta.restart_count, tb.restart_count
             ));
         }
-        if tb.clock < ta.clock {
+        let back = ta.clock.saturating_sub(tb.clock);
+        if back > 0 && tb.reset_count > ta.reset_count && back <= MAX_CLOCK_LOSS_ON_RESET_MS {
+            // after an unorderly shutdown (power loss, killed TPM) the TPM restores its clock
+            // from the value it last saved to NV, so it may step back a little across a reset
+            notes.push(format!(
+                "the TPM clock went back {back} ms across the TPM reset between blocks {} and {} (an unorderly shutdown: the TPM restarts its clock from the value it last saved)",
+                a.seq, b.seq
+            ));
+        } else if tb.clock < ta.clock {
             anomalies.push(Anomaly {
                 kind: AnomalyKind::ClockBackwards,
                 seq: Some(b.seq),
@@ -975,9 +1010,11 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
                     product,
                     customer,
                     vm,
+                    count,
                     ..
                 } => {
-                    row(&mut acc, *at, customer, product, host, vm).refusals += 1;
+                    let r = row(&mut acc, *at, customer, product, host, vm);
+                    r.refusals = r.refusals.saturating_add(*count);
                 }
                 UsageRecord::CloneReport {
                     at,
@@ -1012,13 +1049,32 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
                         if *refused { ", refused" } else { ", reported" }
                     ),
                 }),
-                UsageRecord::RecordsDropped { at, count } => anomalies.push(Anomaly {
+                UsageRecord::RecordsDropped { at, count, reason } => anomalies.push(Anomaly {
                     kind: AnomalyKind::RecordsDropped,
                     seq: Some(p.header.seq),
                     index: Some(p.index),
                     detail: format!(
-                        "{}: the proxy dropped {count} usage record(s) it could not seal in time (TPM or disk trouble on the host)",
-                        fmt_time(*at)
+                        "{}: the proxy dropped {count} usage record(s) it could not seal or keep ({}) on host {host}",
+                        fmt_time(*at),
+                        if reason.is_empty() {
+                            "TPM or disk trouble on the host"
+                        } else {
+                            reason.as_str()
+                        }
+                    ),
+                }),
+                UsageRecord::UncleanStop {
+                    at,
+                    since,
+                    flush_secs,
+                } => anomalies.push(Anomaly {
+                    kind: AnomalyKind::UncleanStop,
+                    seq: Some(p.header.seq),
+                    index: Some(p.index),
+                    detail: format!(
+                        "the proxy on host {host} stopped without sealing its buffered records (killed, crashed or power lost) and started again at {}: usage recorded after {} and before it stopped (at most one flush interval, {flush_secs} s, unless it was idle) is missing from this log",
+                        fmt_time(*at),
+                        fmt_time(*since)
                     ),
                 }),
             }
@@ -1186,6 +1242,7 @@ mod tests {
                     },
                     code: "seats_exhausted".into(),
                     message: "no seat".into(),
+                    count: 1,
                 },
             ],
         );
@@ -1468,6 +1525,53 @@ mod tests {
     }
 
     #[test]
+    fn tpm_clock_stepping_back_across_an_unorderly_reset_is_a_note() {
+        let mut w = workload();
+        let last = BlockHeader::decode(w.out.last().unwrap()).unwrap();
+        let body = BlockBody {
+            host_id: "aa".repeat(32),
+            records: vec![],
+        };
+        let prev = block_hash(w.out.last().unwrap());
+        let next = |back: u64, reset: u32| {
+            let mut h = last;
+            h.seq += 1;
+            h.prev = prev;
+            h.nv += 1;
+            h.tpm.clock -= back;
+            h.tpm.reset_count = reset;
+            h.wall += 60;
+            seal_block(&h, &body, secret().public(), &mut OsRng).unwrap()
+        };
+        // swtpm killed and started again: its clock restarts from its last save
+        let b = next(400, last.tpm.reset_count + 1);
+        w.out.push(b);
+        let r = read_log(&w.bytes(), &secret(), 60);
+        assert!(r.anomalies.is_empty(), "{:#?}", r.anomalies);
+        assert_eq!(r.notes.len(), 2, "{:?}", r.notes);
+        // but not by more than a TPM can lose, and never without a reset
+        let mut w2 = workload();
+        w2.out.push(next(
+            MAX_CLOCK_LOSS_ON_RESET_MS + 1,
+            last.tpm.reset_count + 1,
+        ));
+        let r = read_log(&w2.bytes(), &secret(), 60);
+        assert!(
+            kinds(&r).contains(&AnomalyKind::ClockBackwards),
+            "{:#?}",
+            r.anomalies
+        );
+        let mut w3 = workload();
+        w3.out.push(next(400, last.tpm.reset_count));
+        let r = read_log(&w3.bytes(), &secret(), 60);
+        assert!(
+            kinds(&r).contains(&AnomalyKind::ClockBackwards),
+            "{:#?}",
+            r.anomalies
+        );
+    }
+
+    #[test]
     fn reboot_is_a_note_not_an_anomaly() {
         let mut w = workload();
         // host powered off for an hour: TPM clock stood still, resetCount went up
@@ -1547,6 +1651,7 @@ mod tests {
                 UsageRecord::RecordsDropped {
                     at: T0 + 1040,
                     count: 3,
+                    reason: String::new(),
                 },
             ],
         );
@@ -1558,6 +1663,32 @@ mod tests {
             r.anomalies
         );
         assert!(r.anomalies[0].detail.contains("vm9"));
+    }
+
+    #[test]
+    fn unclean_stop_is_named_with_its_window() {
+        let mut w = workload();
+        w.seal(
+            T0 + 1080,
+            vec![UsageRecord::UncleanStop {
+                at: T0 + 1070,
+                since: T0 + 1000,
+                flush_secs: 60,
+            }],
+        );
+        let r = read_log(&w.bytes(), &secret(), 60);
+        assert_eq!(
+            kinds(&r),
+            vec![AnomalyKind::UncleanStop],
+            "{:#?}",
+            r.anomalies
+        );
+        let d = &r.anomalies[0].detail;
+        assert!(
+            d.contains(&fmt_time(T0 + 1000)) && d.contains(&fmt_time(T0 + 1070)),
+            "{d}"
+        );
+        assert!(d.contains("60 s"), "{d}");
     }
 
     #[test]
@@ -1641,6 +1772,7 @@ mod tests {
             vm: VmRef::default(),
             code: String::new(),
             message: String::new(),
+            count: 1,
         };
         let h = BlockHeader::decode(&workload().out[0]).unwrap();
         let body = BlockBody {

@@ -56,6 +56,8 @@ enum WireRecord {
         v: u32,
         c: String,
         m: String,
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        n: u64,
     },
     #[serde(rename = "c")]
     CloneReport {
@@ -69,7 +71,14 @@ enum WireRecord {
         d: String,
     },
     #[serde(rename = "d")]
-    RecordsDropped { a: u64, c: u64 },
+    RecordsDropped {
+        a: u64,
+        c: u64,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        r: String,
+    },
+    #[serde(rename = "u")]
+    UncleanStop { a: u64, s: u64, f: u64 },
 }
 
 /// The body as written: tables, then records.
@@ -300,12 +309,14 @@ impl BodyBuilder {
                 vm,
                 code,
                 message,
+                count,
             } => WireRecord::Refusal {
                 a: *at,
                 p: self.party(product, license_id, customer),
                 v: self.vm(vm),
                 c: code.clone(),
                 m: message.clone(),
+                n: *count,
             },
             UsageRecord::CloneReport {
                 at,
@@ -323,9 +334,20 @@ impl BodyBuilder {
                 f: *refused,
                 d: detail.clone(),
             },
-            UsageRecord::RecordsDropped { at, count } => {
-                WireRecord::RecordsDropped { a: *at, c: *count }
-            }
+            UsageRecord::RecordsDropped { at, count, reason } => WireRecord::RecordsDropped {
+                a: *at,
+                c: *count,
+                r: reason.clone(),
+            },
+            UsageRecord::UncleanStop {
+                at,
+                since,
+                flush_secs,
+            } => WireRecord::UncleanStop {
+                a: *at,
+                s: *since,
+                f: *flush_secs,
+            },
         }
     }
 }
@@ -393,7 +415,7 @@ impl TryFrom<WireBody> for BlockBody {
                     count: *c,
                     last: *z,
                 },
-                WireRecord::Refusal { a, p, v, c, m } => {
+                WireRecord::Refusal { a, p, v, c, m, n } => {
                     let p = party(*p)?;
                     UsageRecord::Refusal {
                         at: *a,
@@ -403,6 +425,7 @@ impl TryFrom<WireBody> for BlockBody {
                         vm: vm(*v)?,
                         code: c.clone(),
                         message: m.clone(),
+                        count: *n,
                     }
                 }
                 WireRecord::CloneReport { a, p, v, o, f, d } => {
@@ -417,9 +440,16 @@ impl TryFrom<WireBody> for BlockBody {
                         detail: d.clone(),
                     }
                 }
-                WireRecord::RecordsDropped { a, c } => {
-                    UsageRecord::RecordsDropped { at: *a, count: *c }
-                }
+                WireRecord::RecordsDropped { a, c, r } => UsageRecord::RecordsDropped {
+                    at: *a,
+                    count: *c,
+                    reason: r.clone(),
+                },
+                WireRecord::UncleanStop { a, s, f } => UsageRecord::UncleanStop {
+                    at: *a,
+                    since: *s,
+                    flush_secs: *f,
+                },
             });
         }
         Ok(BlockBody {
@@ -551,17 +581,29 @@ mod tests {
                     last
                 }
             ),
-            (any::<u64>(), s(), s(), s(), vm.clone(), s(), s()).prop_map(
-                |(at, product, license_id, customer, vm, code, message)| UsageRecord::Refusal {
-                    at,
-                    product,
-                    license_id,
-                    customer,
-                    vm,
-                    code,
-                    message
-                }
-            ),
+            (
+                any::<u64>(),
+                s(),
+                s(),
+                s(),
+                vm.clone(),
+                (s(), s()),
+                1u64..1_000_000
+            )
+                .prop_map(
+                    |(at, product, license_id, customer, vm, (code, message), count)| {
+                        UsageRecord::Refusal {
+                            at,
+                            product,
+                            license_id,
+                            customer,
+                            vm,
+                            code,
+                            message,
+                            count,
+                        }
+                    }
+                ),
             (
                 any::<u64>(),
                 s(),
@@ -582,8 +624,23 @@ mod tests {
                         detail,
                     }
                 }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(at, count)| UsageRecord::RecordsDropped { at, count }),
+            (any::<u64>(), any::<u64>()).prop_map(|(at, count)| UsageRecord::RecordsDropped {
+                at,
+                count,
+                reason: String::new()
+            }),
+            (any::<u64>(), s()).prop_map(|(at, reason)| UsageRecord::RecordsDropped {
+                at,
+                count: 1,
+                reason
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(at, since, flush_secs)| {
+                UsageRecord::UncleanStop {
+                    at,
+                    since,
+                    flush_secs,
+                }
+            }),
         ]
     }
 

@@ -61,6 +61,8 @@ pub fn check_eat_nonce(nonce: &[u8]) -> Result<(), NonceLengthError> {
 }
 /// Most entries in [`Hello::facts`].
 pub const MAX_FACTS: usize = 32;
+/// Most leases in one [`LeaseList`] page.
+pub const LEASE_PAGE: usize = 100;
 /// Length of a host id (a SHA-256 digest), in bytes.
 pub const HOST_ID_LEN: usize = 32;
 
@@ -495,10 +497,18 @@ pub enum Body {
     Renew(Renew),
     /// Proxy -> agent, success answer without data (to [`Release`]).
     Ack(Ack),
+    /// Agent -> proxy, asks for the live leases the host holds for this VM (one page);
+    /// answered by [`LeaseList`]. Only sent to proxies whose [`HelloAck::lease_query`] is set.
+    LeaseQuery(LeaseQuery),
+    /// Proxy -> agent, answer to [`LeaseQuery`].
+    LeaseList(LeaseList),
     /// Proxy -> agent, unsolicited notice (message id 0).
     Event(Event),
     /// Either direction, the request with this id failed (or the frame could not be read).
     Error(ErrorBody),
+    /// Agent -> proxy, keeps a quiet connection open; answered by [`Ack`]. Sent only to a
+    /// proxy whose [`HelloAck`] names an idle timeout.
+    Ping(Ping),
 }
 
 impl Body {
@@ -512,8 +522,11 @@ impl Body {
             Body::Release(_) => "release",
             Body::Renew(_) => "renew",
             Body::Ack(_) => "ack",
+            Body::LeaseQuery(_) => "lease_query",
+            Body::LeaseList(_) => "lease_list",
             Body::Event(_) => "event",
             Body::Error(_) => "error",
+            Body::Ping(_) => "ping",
         }
     }
 }
@@ -527,7 +540,8 @@ impl Validate for Body {
             Body::TokenResponse(b) => b.validate(),
             Body::Release(b) => b.validate(),
             Body::Renew(b) => b.validate(),
-            Body::Ack(_) | Body::Error(_) => Ok(()),
+            Body::Ack(_) | Body::Error(_) | Body::Ping(_) | Body::LeaseQuery(_) => Ok(()),
+            Body::LeaseList(b) => b.validate(),
             Body::Event(b) => b.validate(),
         }
     }
@@ -582,6 +596,18 @@ pub struct HelloAck {
     pub vm: VmIdentity,
     /// How long a lease lives without renewal, in seconds.
     pub lease_ttl_secs: u32,
+    /// The proxy closes a connection on which no complete message arrived for this many
+    /// seconds; an agent that has nothing else to send sends a [`Ping`] well before. Absent
+    /// from proxies without an idle timeout (they do not know `ping` either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u32>,
+    /// The proxy answers [`LeaseQuery`] (absent from older proxies: false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub lease_query: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Validate for HelloAck {
@@ -631,6 +657,11 @@ pub struct TokenRequest {
     pub scope: Scope,
     /// The process id in the guest, for [`Scope::Process`].
     pub pid: Option<u32>,
+    /// The process's start time in the guest (clock ticks since boot, field 22 of
+    /// /proc/PID/stat), for [`Scope::Process`]: with the pid it names the process across a
+    /// restart of the agent. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
     /// The agent's current chain.
     #[serde(with = "ephemeral_ids")]
     pub chain: Vec<EphemeralId>,
@@ -719,6 +750,73 @@ impl Validate for Renew {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ack {}
 
+/// Agent -> proxy: nothing to ask, the connection is still wanted (answered by [`Ack`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Ping {}
+/// Agent -> proxy: which leases does the host hold for this VM? A restarted agent asks after
+/// Hello and adopts or releases what it finds (see docs/protocol.md); answered by [`LeaseList`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LeaseQuery {
+    /// Index of the first lease of the page (leases are listed oldest first).
+    pub offset: u32,
+}
+
+/// Proxy -> agent: one page of the live leases the host holds for the VM on this connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseList {
+    /// At most [`LEASE_PAGE`] leases.
+    pub leases: Vec<HeldLease>,
+    /// Another page follows (ask with `offset` advanced by this page's length).
+    pub more: bool,
+}
+
+impl Validate for LeaseList {
+    fn validate(&self) -> Result<(), WireError> {
+        if self.leases.len() > LEASE_PAGE {
+            return Err(WireError::malformed(format!(
+                "a lease list page holds {} leases, over the limit of {LEASE_PAGE}",
+                self.leases.len()
+            )));
+        }
+        self.leases.iter().try_for_each(Validate::validate)
+    }
+}
+
+/// A live lease as [`LeaseList`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLease {
+    /// The lease id.
+    pub lease_id: String,
+    /// Product.
+    pub product: String,
+    /// Features granted.
+    pub features: Vec<String>,
+    /// Whole VM or single process.
+    pub scope: Scope,
+    /// The process id in the guest, for [`Scope::Process`].
+    pub pid: Option<u32>,
+    /// The process's start time in the guest, when the agent sent it.
+    pub pid_start: Option<u64>,
+    /// When the lease ends unless renewed, unix seconds.
+    pub lease_expires_at: u64,
+}
+
+impl Validate for HeldLease {
+    fn validate(&self) -> Result<(), WireError> {
+        check_str("lease_id", &self.lease_id)?;
+        check_str("product", &self.product)?;
+        if self.features.len() > MAX_FEATURES {
+            return Err(WireError::malformed(format!(
+                "a lease lists {} features, over the limit of {MAX_FEATURES}",
+                self.features.len()
+            )));
+        }
+        self.features
+            .iter()
+            .try_for_each(|f| check_str("a feature", f))
+    }
+}
+
 /// Proxy -> agent: something happened to a lease or license without the agent asking.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -790,6 +888,18 @@ pub enum ErrorCode {
     Busy,
     /// The proxy failed internally.
     Internal,
+    /// The host cannot serve this request now (its state disk is full, or it is shutting
+    /// down); leases already granted keep working; retry later.
+    Unavailable,
+    /// The host's TPM is unreachable (the proxy is reconnecting) and its token key ran out:
+    /// no token that would verify can be issued; retry later.
+    TpmUnavailable,
+    /// The host's clock disagrees with its TPM clock (or its certificate's validity): no
+    /// token key is certified on it, so no token is issued; the host admin must act.
+    ClockSkew,
+    /// A code this version does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
 }
 
 #[cfg(feature = "codec")]

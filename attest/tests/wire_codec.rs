@@ -25,6 +25,7 @@ fn request(id: u64) -> Message {
             nonce: Some(ByteBuf::from(vec![id as u8; 32])),
             scope: Scope::Process,
             pid: Some(100 + id as u32),
+            pid_start: None,
             chain: vec![[id as u8; 16]],
             tpm_fresh: false,
         }),

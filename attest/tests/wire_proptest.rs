@@ -50,14 +50,29 @@ fn arb_hello_ack() -> impl Strategy<Value = HelloAck> {
         short_string(),
         short_string(),
         any::<u32>(),
+        option::of(any::<u32>()),
+        any::<bool>(),
     )
         .prop_map(
-            |(proxy_version, host_id, host_cert, uuid, name, lease_ttl_secs)| HelloAck {
+            |(
                 proxy_version,
                 host_id,
                 host_cert,
-                vm: VmIdentity { uuid, name },
+                uuid,
+                name,
                 lease_ttl_secs,
+                idle_timeout_secs,
+                lease_query,
+            )| {
+                HelloAck {
+                    proxy_version,
+                    host_id,
+                    host_cert,
+                    vm: VmIdentity { uuid, name },
+                    lease_ttl_secs,
+                    idle_timeout_secs,
+                    lease_query,
+                }
             },
         )
 }
@@ -73,15 +88,17 @@ fn arb_token_request() -> impl Strategy<Value = TokenRequest> {
         option::of(bytes(MAX_NONCE_LEN)),
         arb_scope(),
         option::of(any::<u32>()),
+        option::of(any::<u64>()),
         chain(),
     )
         .prop_map(
-            |(product, features, nonce, scope, pid, chain)| TokenRequest {
+            |(product, features, nonce, scope, pid, pid_start, chain)| TokenRequest {
                 product,
                 features,
                 nonce,
                 scope,
                 pid,
+                pid_start,
                 chain,
                 tpm_fresh: false,
             },
@@ -123,6 +140,7 @@ fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::CloneRefused),
         Just(ErrorCode::Busy),
         Just(ErrorCode::Internal),
+        Just(ErrorCode::Unavailable),
     ]
 }
 
@@ -146,6 +164,37 @@ fn arb_body() -> impl Strategy<Value = Body> {
                 tpm_fresh,
             })),
         Just(Body::Ack(Ack {})),
+        Just(Body::Ping(Ping {})),
+        any::<u32>().prop_map(|offset| Body::LeaseQuery(LeaseQuery { offset })),
+        (
+            vec(
+                (
+                    short_string(),
+                    short_string(),
+                    vec(short_string(), 0..4),
+                    arb_scope(),
+                    option::of(any::<u32>()),
+                    option::of(any::<u64>()),
+                    any::<u64>(),
+                )
+                    .prop_map(
+                        |(lease_id, product, features, scope, pid, pid_start, lease_expires_at)| {
+                            HeldLease {
+                                lease_id,
+                                product,
+                                features,
+                                scope,
+                                pid,
+                                pid_start,
+                                lease_expires_at,
+                            }
+                        }
+                    ),
+                0..4
+            ),
+            any::<bool>()
+        )
+            .prop_map(|(leases, more)| Body::LeaseList(LeaseList { leases, more })),
         (
             arb_event_kind(),
             option::of(short_string()),
@@ -351,6 +400,7 @@ proptest! {
             nonce: None,
             scope: Scope::Vm,
             pid: None,
+            pid_start: None,
             chain: vec![],
             tpm_fresh: false,
         }));

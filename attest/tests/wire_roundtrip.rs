@@ -58,6 +58,8 @@ pub fn samples() -> Vec<Body> {
                 name: "web-1".into(),
             },
             lease_ttl_secs: 300,
+            idle_timeout_secs: Some(300),
+            lease_query: true,
         }),
         Body::TokenRequest(TokenRequest {
             product: "cad-pro".into(),
@@ -65,6 +67,7 @@ pub fn samples() -> Vec<Body> {
             nonce: Some(ByteBuf::from(vec![0xaa; 32])),
             scope: Scope::Process,
             pid: Some(4242),
+            pid_start: None,
             chain: vec![[3; 16]],
             tpm_fresh: false,
         }),
@@ -74,6 +77,7 @@ pub fn samples() -> Vec<Body> {
             nonce: None,
             scope: Scope::Vm,
             pid: None,
+            pid_start: None,
             chain: vec![],
             tpm_fresh: false,
         }),
@@ -94,6 +98,31 @@ pub fn samples() -> Vec<Body> {
             tpm_fresh: false,
         }),
         Body::Ack(Ack {}),
+        Body::Ping(Ping {}),
+        Body::LeaseQuery(LeaseQuery { offset: 100 }),
+        Body::LeaseList(LeaseList {
+            leases: vec![
+                HeldLease {
+                    lease_id: "lease-1".into(),
+                    product: "cad".into(),
+                    features: vec!["pro".into()],
+                    scope: Scope::Process,
+                    pid: Some(4242),
+                    pid_start: Some(987_654),
+                    lease_expires_at: 1_700_000_060,
+                },
+                HeldLease {
+                    lease_id: "lease-2".into(),
+                    product: "cad".into(),
+                    features: vec![],
+                    scope: Scope::Vm,
+                    pid: None,
+                    pid_start: None,
+                    lease_expires_at: 1_700_000_061,
+                },
+            ],
+            more: false,
+        }),
         Body::Event(Event {
             kind: EventKind::LeaseRevoked,
             lease_id: Some("lease-1".into()),
@@ -125,7 +154,7 @@ fn every_variant_round_trips() {
         assert_eq!(back, msg);
         assert_eq!(back.v, PROTOCOL_VERSION);
     }
-    assert_eq!(kinds.len(), 9, "every Body variant is covered: {kinds:?}");
+    assert_eq!(kinds.len(), 12, "every Body variant is covered: {kinds:?}");
 }
 
 #[test]
@@ -143,6 +172,7 @@ fn all_error_codes_and_event_kinds_round_trip() {
         ErrorCode::CloneRefused,
         ErrorCode::Busy,
         ErrorCode::Internal,
+        ErrorCode::Unavailable,
     ];
     for code in codes {
         let msg = Message::new(
@@ -185,6 +215,7 @@ fn wire_shape_is_snake_case_with_byte_strings() {
             nonce: Some(ByteBuf::from(vec![1, 2])),
             scope: Scope::Process,
             pid: Some(1),
+            pid_start: None,
             chain: vec![[0xee; 16]],
             tpm_fresh: false,
         }),
@@ -523,6 +554,7 @@ fn request(f: impl FnOnce(&mut TokenRequest)) -> Body {
         nonce: None,
         scope: Scope::Vm,
         pid: None,
+        pid_start: None,
         chain: vec![],
         tpm_fresh: false,
     };
@@ -585,6 +617,8 @@ fn content_limits_are_enforced() {
                 name: s(name),
             },
             lease_ttl_secs: 1,
+            idle_timeout_secs: None,
+            lease_query: false,
         })
     };
     assert_eq!(limit_err(ack(32, 256)), None);

@@ -2,9 +2,10 @@
 //! TokenRequest, and the offline verification of the token with the embedded vendor key.
 //!
 //! Everything on the wire and the whole verifier come from `hostbind-attest` (built `no_std`):
-//! this module only moves its frames over a [`VsockConnectionManager`] and waits with a
-//! deadline. It keeps no lease alive: there is no renewal (one token per call; a guest that
-//! runs for longer calls [`Client::renew`] itself before the lease ends).
+//! this module only moves its frames over a [`Vsock`] device and waits with a deadline (each
+//! step gets `timeout_us`; the driver bounds every wait on the device by it too). It keeps no
+//! lease alive: there is no renewal (one token per call; a guest that runs for longer calls
+//! [`Client::renew`] itself before the lease ends).
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -19,38 +20,33 @@ use hostbind_attest::wire::{
     Scope, TokenRequest, TokenResponse, WireError,
 };
 use serde_bytes::ByteBuf;
-use virtio_drivers::device::socket::{
-    SocketError, VsockAddr, VsockConnectionManager, VsockEventType,
-};
 use virtio_drivers::transport::Transport;
-use virtio_drivers::{Error as VirtioError, Hal};
+use virtio_drivers::Hal;
+
+pub use crate::vsock::Clock;
+use crate::vsock::{Notifications, Vsock, VsockAddr, VsockError};
 
 /// The host's vsock CID.
-pub const HOST_CID: u64 = 2;
+pub const HOST_CID: u64 = virtio_drivers::device::socket::VMADDR_CID_HOST;
 /// The proxy's default vsock port.
 pub const DEFAULT_PORT: u32 = 9999;
-/// Receive buffer per connection: one largest frame (length prefix + 64 KiB body).
-pub const RX_CAPACITY: u32 = 4 + hostbind_attest::wire::MAX_FRAME_BODY as u32;
-/// Size of each receive virtqueue buffer.
-pub const RX_BUFFER_SIZE: usize = 4096;
-
-/// A monotonic clock in microseconds, for deadlines.
-pub trait Clock {
-    /// Microseconds since a fixed point.
-    fn micros(&self) -> u64;
-}
 
 /// Why talking to the proxy failed (before any answer about the license).
 #[derive(Debug)]
 pub enum ClientError {
-    /// The vsock device failed.
-    Vsock(VirtioError),
+    /// The vsock device failed, or did not take a packet in time.
+    Vsock(VsockError),
     /// A frame could not be encoded or the proxy's could not be decoded.
     Wire(WireError),
     /// The proxy closed the connection or refused it.
     Closed(&'static str),
     /// Nothing came in time.
-    Timeout(&'static str),
+    Timeout {
+        /// What was waited for.
+        what: &'static str,
+        /// For how long, ms.
+        waited_ms: u64,
+    },
     /// The proxy answered something else than the protocol says.
     Unexpected(String),
 }
@@ -58,22 +54,31 @@ pub enum ClientError {
 impl core::fmt::Display for ClientError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            ClientError::Vsock(e) => write!(f, "virtio-vsock device error: {e}"),
+            ClientError::Vsock(e) => write!(f, "{e}"),
             ClientError::Wire(e) => write!(f, "{e}"),
             ClientError::Closed(when) => write!(
                 f,
                 "the host closed the vsock connection {when}; is hostbind-proxy running and \
                  configured for this VM?"
             ),
-            ClientError::Timeout(what) => write!(f, "no {what} from the host proxy in time"),
+            ClientError::Timeout { what, waited_ms } => write!(
+                f,
+                "no {what} from the host proxy within {waited_ms} ms; is hostbind-proxy \
+                 running and configured for this VM?"
+            ),
             ClientError::Unexpected(what) => write!(f, "unexpected answer from the proxy: {what}"),
         }
     }
 }
 
-impl From<VirtioError> for ClientError {
-    fn from(e: VirtioError) -> Self {
-        ClientError::Vsock(e)
+impl ClientError {
+    /// The driver's error, with `when` saying what the client was doing if the host closed.
+    fn from_vsock(e: VsockError, when: &'static str) -> ClientError {
+        match e {
+            VsockError::Refused | VsockError::Closed => ClientError::Closed(when),
+            VsockError::Timeout { what, waited_ms } => ClientError::Timeout { what, waited_ms },
+            other => ClientError::Vsock(other),
+        }
     }
 }
 
@@ -155,10 +160,7 @@ fn expectation(product: &str, features: &[String], nonce: Option<&[u8; 32]>) -> 
 
 /// A session with the host proxy over one vsock connection.
 pub struct Client<'c, H: Hal, T: Transport, C: Clock> {
-    vsock: VsockConnectionManager<H, T, RX_BUFFER_SIZE>,
-    peer: VsockAddr,
-    local_port: u32,
-    clock: &'c C,
+    vsock: Vsock<'c, H, T, C>,
     timeout_us: u64,
     rx: Vec<u8>,
     next_id: u64,
@@ -172,49 +174,34 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
     /// each step within `timeout_us`. `chain_id` is this boot's ephemeral id (a guest that
     /// keeps no state between boots starts a new clone-detection chain each boot).
     pub fn connect(
-        mut vsock: VsockConnectionManager<H, T, RX_BUFFER_SIZE>,
+        mut vsock: Vsock<'c, H, T, C>,
         port: u32,
         local_port: u32,
         chain_id: EphemeralId,
-        clock: &'c C,
         timeout_us: u64,
     ) -> Result<Self, ClientError> {
         let peer = VsockAddr {
             cid: HOST_CID,
             port,
         };
-        vsock.connect(peer, local_port)?;
-        let deadline = clock.micros().saturating_add(timeout_us);
-        loop {
-            match vsock.poll()? {
-                Some(e) if e.source == peer && e.destination.port == local_port => {
-                    match e.event_type {
-                        VsockEventType::Connected => break,
-                        VsockEventType::Disconnected { .. } => {
-                            return Err(ClientError::Closed("while connecting"))
-                        }
-                        _ => {}
-                    }
-                }
-                Some(_) => {}
-                None => core::hint::spin_loop(),
-            }
-            // Checked whatever arrives, so a chatty peer cannot hold the guest here.
-            if clock.micros() > deadline {
-                return Err(ClientError::Timeout("connection"));
-            }
-        }
+        let deadline = vsock.deadline(timeout_us);
+        vsock
+            .connect(peer, local_port, deadline)
+            .map_err(|e| ClientError::from_vsock(e, "while connecting"))?;
         Ok(Client {
             vsock,
-            peer,
-            local_port,
-            clock,
             timeout_us,
             rx: Vec::new(),
             next_id: 1,
             chain: alloc::vec![chain_id],
             events: Vec::new(),
         })
+    }
+
+    /// How often the driver notified the device so far (and how often again, for a device
+    /// that had not taken a packet or sent anything yet).
+    pub fn notifications(&self) -> Notifications {
+        self.vsock.notifications()
     }
 
     /// Sends Hello; returns the proxy's HelloAck (which host and VM this is).
@@ -251,6 +238,7 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
             nonce: req.nonce.map(|n| ByteBuf::from(n.to_vec())),
             scope: Scope::Vm,
             pid: None,
+            pid_start: None,
             chain: self.chain.clone(),
             tpm_fresh: false,
         });
@@ -310,7 +298,8 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
 
     /// Closes the connection (the lease stays until its TTL runs out or it is renewed).
     pub fn close(mut self) {
-        let _ = self.vsock.shutdown(self.peer, self.local_port);
+        let deadline = self.vsock.deadline(self.timeout_us);
+        let _ = self.vsock.shutdown(deadline);
     }
 
     /// Sends one request and waits for the answer with its id; events are kept in `events`.
@@ -318,8 +307,10 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
         let id = self.next_id;
         self.next_id += 1;
         let frame = encode_frame(&Message::new(id, body))?;
-        self.send(&frame)?;
-        let deadline = self.clock.micros().saturating_add(self.timeout_us);
+        let deadline = self.vsock.deadline(self.timeout_us);
+        self.vsock
+            .send(&frame, deadline)
+            .map_err(|e| ClientError::from_vsock(e, "before the request was sent"))?;
         loop {
             if let Some((msg, used)) = decode_frame::<Body>(&self.rx)? {
                 self.rx.drain(..used);
@@ -332,56 +323,16 @@ impl<'c, H: Hal, T: Transport, C: Clock> Client<'c, H, T, C> {
                 }
                 continue;
             }
-            if self.clock.micros() > deadline {
-                return Err(ClientError::Timeout("answer"));
+            // Checked whatever arrives, so a chatty peer cannot hold the guest here.
+            if self.vsock.expired(deadline) {
+                return Err(ClientError::Timeout {
+                    what: "answer",
+                    waited_ms: deadline.budget_ms(),
+                });
             }
-            self.receive()?;
+            self.vsock
+                .recv(&mut self.rx, "answer", deadline)
+                .map_err(|e| ClientError::from_vsock(e, "before answering"))?;
         }
-    }
-
-    /// Sends all of `data`, waiting for the peer's credit when its buffer is full.
-    fn send(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        let deadline = self.clock.micros().saturating_add(self.timeout_us);
-        loop {
-            match self.vsock.send(self.peer, self.local_port, data) {
-                Ok(()) => return Ok(()),
-                Err(VirtioError::SocketDeviceError(SocketError::InsufficientBufferSpaceInPeer))
-                    if self.clock.micros() <= deadline =>
-                {
-                    self.receive()?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    /// Polls the device once; appends received bytes to `rx`.
-    fn receive(&mut self) -> Result<(), ClientError> {
-        let Some(event) = self.vsock.poll()? else {
-            core::hint::spin_loop();
-            return Ok(());
-        };
-        if event.source != self.peer || event.destination.port != self.local_port {
-            return Ok(());
-        }
-        match event.event_type {
-            VsockEventType::Received { .. } => {
-                let mut buf = [0u8; 2048];
-                loop {
-                    let n = self.vsock.recv(self.peer, self.local_port, &mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    self.rx.extend_from_slice(&buf[..n]);
-                }
-                // Tell the proxy the buffer is free again.
-                let _ = self.vsock.update_credit(self.peer, self.local_port);
-            }
-            VsockEventType::Disconnected { .. } => {
-                return Err(ClientError::Closed("before answering"))
-            }
-            _ => {}
-        }
-        Ok(())
     }
 }

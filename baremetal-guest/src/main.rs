@@ -30,14 +30,12 @@ use hostbind_attest::signed::fmt_time;
 use hostbind_attest::token::TokenClaims;
 use hostbind_attest::verify::{verify_token, Expectation, VerifiedToken, VerifyError};
 use hostbind_attest::wire::TokenResponse;
-use hostbind_baremetal::client::{
-    Client, ClientError, Clock, Outcome, Request, DEFAULT_PORT, RX_BUFFER_SIZE, RX_CAPACITY,
-};
+use hostbind_baremetal::client::{Client, ClientError, Clock, Outcome, Request, DEFAULT_PORT};
 use hostbind_baremetal::hal::IdentityHal;
 use hostbind_baremetal::pc::{self, Hpet, PortCam};
+use hostbind_baremetal::vsock::Vsock;
 use linked_list_allocator::LockedHeap;
 use serde_json::{json, Value};
-use virtio_drivers::device::socket::{VirtIOSocket, VsockConnectionManager};
 use virtio_drivers::transport::pci::bus::{BarInfo, Command, PciRoot};
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::DeviceType;
@@ -169,27 +167,22 @@ fn run(start_info: u32) -> u32 {
     }
     let local_port = 49152 + u32::from(u16::from_le_bytes(port_bytes) % 16384);
 
-    let vsock = match find_vsock() {
+    let vsock = match find_vsock(&time) {
         Ok(v) => v,
         Err(e) => return failed("device", &e),
     };
     let timeout_us = settings.timeout_secs.saturating_mul(1_000_000);
     let t_connect = time.micros();
-    let mut client = match Client::connect(
-        vsock,
-        settings.port,
-        local_port,
-        chain_id,
-        &time,
-        timeout_us,
-    ) {
+    let mut client = match Client::connect(vsock, settings.port, local_port, chain_id, timeout_us) {
         Ok(c) => c,
         Err(e) => return failed("connect", &e.to_string()),
     };
     let connect_us = time.micros().saturating_sub(t_connect);
+    let n = client.notifications();
     emit(
         &json!({"msg": "connected", "host_cid": 2, "port": settings.port,
-                 "local_port": local_port, "connect_us": micros(&time, connect_us)}),
+                 "local_port": local_port, "connect_us": micros(&time, connect_us),
+                 "notifications": {"tx": n.tx, "tx_again": n.tx_again, "rx_again": n.rx_again}}),
     );
 
     let mut facts = BTreeMap::new();
@@ -394,8 +387,7 @@ fn failed(step: &str, why: &str) -> u32 {
 }
 
 /// Finds the virtio-vsock PCI device on bus 0 and brings up its driver.
-fn find_vsock() -> Result<VsockConnectionManager<IdentityHal, PciTransport, RX_BUFFER_SIZE>, String>
-{
+fn find_vsock(time: &Time) -> Result<Vsock<'_, IdentityHal, PciTransport, Time>, String> {
     // SAFETY: the only configuration-space user; interrupts are off.
     let mut root = PciRoot::new(unsafe { PortCam::new() });
     let found = root
@@ -421,17 +413,14 @@ fn find_vsock() -> Result<VsockConnectionManager<IdentityHal, PciTransport, RX_B
     root.set_command(df, Command::MEMORY_SPACE | Command::BUS_MASTER);
     let transport = PciTransport::new::<IdentityHal, _>(&mut root, df)
         .map_err(|e| alloc::format!("virtio PCI transport of {df}: {e}"))?;
-    let socket = VirtIOSocket::<IdentityHal, _, RX_BUFFER_SIZE>::new(transport)
-        .map_err(|e| alloc::format!("virtio-vsock driver: {e}"))?;
+    let vsock =
+        Vsock::new(transport, time).map_err(|e| alloc::format!("virtio-vsock driver: {e}"))?;
     say(format_args!(
         "hostbind: virtio-vsock at {df}, guest CID {}",
-        socket.guest_cid()
+        vsock.guest_cid()
     ));
-    emit(&json!({"msg": "device", "pci": alloc::format!("{df}"), "guest_cid": socket.guest_cid()}));
-    Ok(VsockConnectionManager::new_with_capacity(
-        socket,
-        RX_CAPACITY,
-    ))
+    emit(&json!({"msg": "device", "pci": alloc::format!("{df}"), "guest_cid": vsock.guest_cid()}));
+    Ok(vsock)
 }
 
 /// The kernel command line from the PVH start info (`hvm_start_info`), or "" without one.

@@ -18,6 +18,7 @@ fn req(vm: &str) -> AcquireRequest<'_> {
         features: &[],
         scope: LeaseScope::Vm,
         pid: None,
+        pid_start: None,
         ttl_secs: 600,
         now: 1_800_000_000,
         seats: 1_000_000,

@@ -133,7 +133,7 @@ fn bench(c: &mut Criterion) {
         issued_at: now,
         expires_at: now + 60,
         nonce: Some(vec![7u8; 32]),
-        chain_head: Some(vec![1u8; 16]),
+        chain_commitment: Some(vec![1u8; 32]),
         quote_ref: s.quote_ref().to_vec(),
         fresh: None,
         pool: None,

@@ -19,6 +19,7 @@ fn token_request() -> Message {
             nonce: Some(ByteBuf::from(vec![0xa5; 32])),
             scope: Scope::Process,
             pid: Some(31337),
+            pid_start: None,
             chain: vec![[0x11; 16], [0x22; 16], [0x33; 16]],
             tpm_fresh: false,
         }),

@@ -12,6 +12,12 @@ pub use hostbind_attest::wire::Scope;
 pub const DEFAULT_SOCKET: &str = "/run/hostbind/agent.sock";
 /// Largest request body the agent accepts, in bytes.
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
+/// Most API connections one local user (uid) may hold open to the agent at once; each
+/// `GET /v1/events` subscription holds one for as long as it runs. More are answered `busy`.
+pub const MAX_CONNECTIONS_PER_USER: usize = 64;
+/// Most API connections all local users other than root may hold open together (root has its
+/// own [`MAX_CONNECTIONS_PER_USER`] on top, so an admin can always look).
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// `POST /v1/token` request: a token for `product` with `features`, optionally bound to `nonce`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +201,11 @@ pub struct LeaseInfo {
     pub scope: Scope,
     /// The process holding a process-scoped lease.
     pub pid: Option<u32>,
+    /// The local user (uid) the lease belongs to: the user of the app that asked for it. Only
+    /// that user and root see and release it. `None` for a lease a restarted agent adopted from
+    /// the host that no user has asked for again yet (the host does not know who asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     /// The host the lease is held on (hex).
     pub host_id: String,
     /// When the newest token of the lease expires, unix seconds.
@@ -254,6 +265,18 @@ pub enum ErrorCode {
     Busy,
     /// The proxy failed internally.
     Internal,
+    /// The host cannot serve this now (its state disk is full, or its proxy is shutting down);
+    /// leases already granted keep working; retry later.
+    Unavailable,
+    /// The host's TPM is unreachable (its proxy is reconnecting) and no token that would verify
+    /// can be issued; retry later.
+    TpmUnavailable,
+    /// The host's clock is off (against its TPM clock or its certificate): no token is issued
+    /// until the host admin fixes it.
+    ClockSkew,
+    /// The host answered with a token that had already expired (or was about to): it is not
+    /// handed out; the host's clock or TPM is in trouble.
+    TokenExpired,
     /// The agent has no session with a host proxy right now.
     NotConnected,
     /// The host proxy did not answer in time.
@@ -285,6 +308,10 @@ impl From<wire::ErrorCode> for ErrorCode {
             W::CloneRefused => ErrorCode::CloneRefused,
             W::Busy => ErrorCode::Busy,
             W::Internal => ErrorCode::Internal,
+            W::Unavailable => ErrorCode::Unavailable,
+            W::TpmUnavailable => ErrorCode::TpmUnavailable,
+            W::ClockSkew => ErrorCode::ClockSkew,
+            W::Unknown => ErrorCode::Unknown,
         }
     }
 }
@@ -306,8 +333,13 @@ impl ErrorCode {
             | ErrorCode::FrameTooLarge
             | ErrorCode::UnexpectedMessage
             | ErrorCode::Internal
+            | ErrorCode::TokenExpired
             | ErrorCode::Unknown => 502,
-            ErrorCode::Busy | ErrorCode::NotConnected => 503,
+            ErrorCode::Busy
+            | ErrorCode::NotConnected
+            | ErrorCode::Unavailable
+            | ErrorCode::TpmUnavailable
+            | ErrorCode::ClockSkew => 503,
             ErrorCode::Timeout => 504,
         }
     }
@@ -340,6 +372,10 @@ impl ErrorCode {
             ErrorCode::CloneRefused => "clone_refused",
             ErrorCode::Busy => "busy",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::TpmUnavailable => "tpm_unavailable",
+            ErrorCode::ClockSkew => "clock_skew",
+            ErrorCode::TokenExpired => "token_expired",
             ErrorCode::NotConnected => "not_connected",
             ErrorCode::Timeout => "timeout",
             ErrorCode::BadRequest => "bad_request",

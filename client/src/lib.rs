@@ -152,7 +152,9 @@ impl Client {
 
     /// Asks for a token (`POST /v1/token`). A TPM-fresh request without a nonce gets a random
     /// 32-byte one made here, in the app's process (never by the agent); the reply's `nonce`
-    /// carries it, for [`Expectation::nonce`].
+    /// carries it, for [`Expectation::nonce`]. A token that has already expired by this
+    /// machine's clock is never returned as a success: it fails with
+    /// [`ErrorCode::TokenExpired`].
     pub async fn token(&self, req: &TokenRequest) -> Result<TokenReply, ClientError> {
         let mut req = req.clone();
         if req.tpm_fresh && req.nonce.is_none() {
@@ -162,7 +164,10 @@ impl Client {
             hostbind_attest::wire::check_eat_nonce(n)
                 .map_err(|e| ClientError::InvalidRequest(e.to_string()))?;
         }
-        self.call_json(Method::POST, "/v1/token", Some(&req)).await
+        let reply: TokenReply = self
+            .call_json(Method::POST, "/v1/token", Some(&req))
+            .await?;
+        check_not_expired(reply, unix_now())
     }
 
     /// Releases a lease (`POST /v1/release`).
@@ -424,6 +429,30 @@ impl Stream for EventStream {
     }
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Fails a reply whose token expired at or before `now`.
+fn check_not_expired(reply: TokenReply, now: u64) -> Result<TokenReply, ClientError> {
+    if reply.expires_at > now {
+        return Ok(reply);
+    }
+    Err(ClientError::Api {
+        status: ErrorCode::TokenExpired.http_status(),
+        code: ErrorCode::TokenExpired,
+        message: format!(
+            "the agent answered with a token for '{}' that expired at unix time {} (now {now}): \
+             the host's TPM or clock is in trouble, or this VM's clock is ahead; retry later and \
+             check `hostbind-agent status`",
+            reply.product, reply.expires_at
+        ),
+    })
+}
+
 /// 32 random bytes from the OS, for a TPM-fresh request without an app nonce.
 fn random_nonce() -> Result<Vec<u8>, ClientError> {
     use rand_core::{OsRng, RngCore};
@@ -445,11 +474,7 @@ pub fn verify(
     vendor: &VendorPublicKey,
     expect: &Expectation,
 ) -> Result<VerifiedToken, VerifyError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    hostbind_attest::verify::verify_token(token, vendor, now, expect)
+    hostbind_attest::verify::verify_token(token, vendor, unix_now(), expect)
 }
 
 #[cfg(test)]
@@ -463,6 +488,35 @@ mod tests {
             verify(b"not a token", &vendor, &Expectation::product("cad")),
             Err(VerifyError::Malformed(_))
         ));
+    }
+
+    fn reply(expires_at: u64) -> TokenReply {
+        TokenReply {
+            token: vec![1, 2, 3],
+            lease_id: "L".into(),
+            host_id: "00".repeat(32),
+            vm: api::VmInfo {
+                uuid: "u".into(),
+                name: "n".into(),
+            },
+            product: "cad".into(),
+            scope: api::Scope::Vm,
+            expires_at,
+            lease_expires_at: expires_at,
+            cached: false,
+            nonce: None,
+        }
+    }
+
+    #[test]
+    fn an_expired_token_is_a_failure_not_a_success() {
+        let now = 1_800_000_000;
+        assert!(check_not_expired(reply(now + 1), now).is_ok());
+        for exp in [now, now - 39] {
+            let e = check_not_expired(reply(exp), now).unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::TokenExpired));
+            assert!(e.to_string().contains("expired at"), "{e}");
+        }
     }
 
     #[tokio::test]

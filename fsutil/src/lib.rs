@@ -1,9 +1,13 @@
-//! hostbind-fsutil: careful file writing (atomic replace with fsync and explicit permissions), reading with the path in every error, and error reports for the binaries.
+//! hostbind-fsutil: careful file writing (atomic replace through an exclusively created random
+//! temporary file, fsync, explicit permissions), Unix sockets bound with their mode, reading
+//! with the path in every error, and error reports for the binaries.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// Errors reading or writing hostbind files. Each says what the OS error means for the admin:
 /// a permission problem (with the user this process runs as), a full disk, a missing file.
@@ -106,47 +110,109 @@ pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
 
 /// Writes `bytes` to `path` atomically with `mode` (e.g. 0o600 for secrets): the file is either
 /// the old one or the complete new one, never half-written.
+///
+/// The data goes to a temporary file with a random name in the target's directory, created
+/// exclusively (`O_CREAT|O_EXCL`: never a file or symlink someone else put there) with `mode`
+/// from its creation (narrowed by the umask), then fsynced and renamed over `path`, and the
+/// directory fsynced. So a directory other users may write to (`--out` into `/tmp`, a shared
+/// vendor directory) cannot hand this process a file they own or point it elsewhere.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
+    replace(path, bytes, mode, true)
+}
+
+/// Like [`write_atomic`] but refuses to replace an existing file unless `force`. Without
+/// `force` the new file is linked in only if nothing is at `path` at that moment (no window
+/// between the check and the write).
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<(), FileError> {
+    if !force && exists(path)? {
+        return Err(FileError::Exists(path.display().to_string()));
+    }
+    replace(path, bytes, mode, force)
+}
+
+/// The directory a file at `path` lives in.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// [`write_atomic`]; `clobber` false refuses to replace an existing file.
+fn replace(path: &Path, bytes: &[u8], mode: u32, clobber: bool) -> Result<(), FileError> {
     let err = |source| FileError::Write {
         path: path.display().to_string(),
         source,
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => Path::new(".").to_path_buf(),
-    };
+    let dir = parent_dir(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(&dir) {
-            d.sync_all()?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(err)?;
+    tmp.as_file_mut().write_all(bytes).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    // On error the temporary file is removed when `tmp` (or the error holding it) drops.
+    let persisted = if clobber {
+        tmp.persist(path)
+    } else {
+        tmp.persist_noclobber(path)
+    };
+    match persisted {
+        Ok(_) => {}
+        Err(e) if !clobber && e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(FileError::Exists(path.display().to_string()))
         }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        Err(e) => return Err(err(e.error)),
     }
-    result.map_err(err)
+    if let Ok(d) = fs::File::open(dir) {
+        d.sync_all().map_err(err)?;
+    }
+    Ok(())
 }
 
-/// Like [`write_atomic`] but refuses to replace an existing file unless `force`.
-pub fn write_new(path: &Path, bytes: &[u8], mode: u32, force: bool) -> Result<(), FileError> {
-    if !force && path.exists() {
-        return Err(FileError::Exists(path.display().to_string()));
+/// Binds a Unix stream socket at `path` whose file has `mode` from the moment it exists: it is
+/// bound under the umask `!mode`, not chmod-ed after `bind` (which leaves a window in which a
+/// socket made under a looser umask accepts anyone). The umask is changed only in a short-lived
+/// thread with its own file-system context (`unshare(CLONE_FS)`), so no other thread's files
+/// are created under it; where `unshare` is refused, the process umask is set and restored
+/// around the `bind` under a lock. Nothing may be at `path` (callers remove a stale socket).
+/// The listener is non-blocking, ready for `tokio::net::UnixListener::from_std`.
+pub fn bind_unix_listener(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    let l = std::thread::scope(|s| {
+        s.spawn(|| bind_under_umask(path, mode))
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the socket-binding thread panicked")))
+    })?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// The `bind` of [`bind_unix_listener`], run in its own thread.
+fn bind_under_umask(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use nix::sys::stat::{umask, Mode};
+    if nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).is_ok() {
+        // This thread's umask only; it ends with the thread.
+        umask(Mode::from_bits_truncate(!mode & 0o777));
+        return UnixListener::bind(path);
     }
-    write_atomic(path, bytes, mode)
+    bind_under_process_umask(path, mode)
+}
+
+/// The fallback of [`bind_under_umask`]: the process umask, set and restored around `bind`.
+fn bind_under_process_umask(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use nix::sys::stat::{umask, Mode};
+    static PROCESS_UMASK: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = PROCESS_UMASK.lock().unwrap_or_else(|e| e.into_inner());
+    let old = umask(Mode::from_bits_truncate(!mode & 0o777));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    bound
 }
 
 /// Renders an error and its causes for a person, one `: `-separated line, skipping causes whose
@@ -184,7 +250,6 @@ pub fn vendor_public_arg(arg: &str) -> Result<Vec<u8>, FileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn errors_name_their_cause() {
@@ -246,5 +311,104 @@ mod tests {
             1,
             "no temp file left"
         );
+    }
+
+    #[test]
+    fn temp_file_pre_creation_by_a_symlink_or_a_planted_file_is_harmless() {
+        // Until issue 15 the temporary file was `.NAME.tmpPID`, opened without O_EXCL: a
+        // symlink planted there made the writer write through it, and a file planted there (by
+        // another user, world-writable) became the result.
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let p = d.path().join("k");
+        let planted = d.path().join(format!(".k.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        write_atomic(&p, b"secret", 0o600).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        let md = fs::symlink_metadata(&p).unwrap();
+        assert!(md.file_type().is_file(), "{md:?}");
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        assert_eq!(read(&p).unwrap(), b"secret");
+
+        fs::remove_file(&planted).unwrap();
+        fs::write(&planted, b"").unwrap();
+        fs::set_permissions(&planted, fs::Permissions::from_mode(0o666)).unwrap();
+        write_new(&p, b"secret2", 0o600, true).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_ne!(
+            fs::metadata(&p).unwrap().ino(),
+            fs::metadata(&planted).unwrap().ino()
+        );
+        assert_eq!(
+            fs::read(&planted).unwrap(),
+            b"",
+            "the planted file got the data"
+        );
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Only the planted file and the victim are left besides the result.
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn write_new_refuses_what_appears_meanwhile_and_a_dangling_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        std::os::unix::fs::symlink(d.path().join("nowhere"), &p).unwrap();
+        assert!(matches!(
+            write_new(&p, b"x", 0o600, false),
+            Err(FileError::Exists(_))
+        ));
+        assert!(!d.path().join("nowhere").exists());
+        // The no-clobber link itself refuses an existing file (the check before it passed).
+        fs::remove_file(&p).unwrap();
+        fs::write(&p, b"old").unwrap();
+        assert!(matches!(
+            replace(&p, b"new", 0o600, false),
+            Err(FileError::Exists(_))
+        ));
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn sockets_are_bound_with_their_mode_under_the_loosest_umask() {
+        use nix::sys::stat::{umask, Mode};
+        let d = tempfile::tempdir().unwrap();
+        // Under umask 0 a socket chmod-ed after bind exists as 0777 for a moment.
+        let old = umask(Mode::empty());
+        let modes = [0o600, 0o660, 0o666, 0o640];
+        let bound: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let p = d.path().join(format!("s{i}"));
+                    let mode = modes[i % modes.len()];
+                    s.spawn(move || {
+                        let l = if i < 4 {
+                            bind_unix_listener(&p, mode)
+                        } else {
+                            bind_under_process_umask(&p, mode)
+                        };
+                        (p, mode, l.unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let now = umask(old);
+        assert_eq!(now, Mode::empty(), "the process umask changed");
+        for (p, mode, _l) in &bound {
+            let got = fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(got, *mode, "{}", p.display());
+        }
+        // A path in use is refused, not replaced.
+        assert!(bind_unix_listener(&bound[0].0, 0o600).is_err());
     }
 }

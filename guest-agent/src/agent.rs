@@ -1,7 +1,7 @@
 //! The agent as a whole: configuration, shared state, start and shutdown.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -136,8 +136,12 @@ pub(crate) struct Session {
     pub vm: VmIdentity,
     pub proxy_version: String,
     pub lease_ttl_secs: u32,
+    /// The proxy closes connections quiet for this long (from its Hello answer).
+    pub idle_timeout_secs: Option<u32>,
     pub since: u64,
     pub generation: u64,
+    /// The proxy answers `lease_query` (it lists the leases it holds for this VM).
+    pub lease_query: bool,
 }
 
 /// Everything behind the agent's mutex.
@@ -155,11 +159,55 @@ pub(crate) struct State {
     pub generation: u64,
 }
 
+/// Which subscribers of `GET /v1/events` see an event: events about a lease go to the user it
+/// belongs to (and root), others to everyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Every subscriber (connection state, migration, clone detection).
+    Everyone,
+    /// The user with this uid, and root.
+    User(u32),
+    /// Root only (a lease no local user holds).
+    Root,
+}
+
+/// An event as the agent emits it, with who may see it.
+#[derive(Debug, Clone)]
+pub struct Emitted {
+    /// The event, in full.
+    pub event: AgentEvent,
+    /// Who may see it.
+    pub audience: Audience,
+    /// For `rebound`: the owner of each entry of its `leases`, in order (each subscriber sees
+    /// the entries of its own leases).
+    pub lease_owners: Vec<u32>,
+}
+
+impl Emitted {
+    /// The event as the subscriber with `uid` sees it, if at all (root sees everything).
+    pub fn view_for(&self, uid: u32) -> Option<AgentEvent> {
+        if uid == 0 {
+            return Some(self.event.clone());
+        }
+        match self.audience {
+            Audience::Everyone => {}
+            Audience::User(u) if u == uid => {}
+            Audience::User(_) | Audience::Root => return None,
+        }
+        let mut ev = self.event.clone();
+        if let EventKind::Rebound { leases, .. } = &mut ev.kind {
+            let mut owners = self.lease_owners.iter();
+            leases.retain(|_| owners.next() == Some(&uid));
+        }
+        Some(ev)
+    }
+}
+
 /// State shared by the agent's tasks.
 pub(crate) struct Shared {
     pub cfg: AgentConfig,
     state: Mutex<State>,
-    pub events: broadcast::Sender<AgentEvent>,
+    pub events: broadcast::Sender<Emitted>,
     pub requests: mpsc::Sender<Outgoing>,
     key_locks: Mutex<HashMap<LeaseKey, Weak<tokio::sync::Mutex<()>>>>,
     pub shutdown: watch::Receiver<bool>,
@@ -185,8 +233,18 @@ impl Shared {
         l
     }
 
-    /// Broadcasts an event to subscribed apps and logs it.
+    /// Broadcasts an event for every subscriber and logs it.
     pub fn emit(&self, kind: EventKind) {
+        self.emit_for(Audience::Everyone, kind, Vec::new());
+    }
+
+    /// Broadcasts an event about a lease of user `uid` (seen by that user and root).
+    pub fn emit_to(&self, uid: u32, kind: EventKind) {
+        self.emit_for(Audience::User(uid), kind, Vec::new());
+    }
+
+    /// Broadcasts an event to `audience` and logs it; `lease_owners` as in [`Emitted`].
+    pub fn emit_for(&self, audience: Audience, kind: EventKind, lease_owners: Vec<u32>) {
         let ev = AgentEvent {
             kind,
             at: unix_now(),
@@ -195,7 +253,11 @@ impl Shared {
             Ok(line) => tracing::info!(event = %line, "event"),
             Err(e) => tracing::warn!("event not loggable: {e}"),
         }
-        let _ = self.events.send(ev);
+        let _ = self.events.send(Emitted {
+            event: ev,
+            audience,
+            lease_owners,
+        });
     }
 
     /// Sends a request to the proxy through the connection task and waits for the answer.
@@ -240,10 +302,16 @@ impl Shared {
         conn::CallError::NotConnected(not_connected_message(&self.cfg.host, last.as_deref()))
     }
 
-    /// The agent's state for `GET /v1/status`.
-    pub fn status(&self) -> Status {
+    /// The agent's state for `GET /v1/status`, as user `uid` may see it: its own leases, or
+    /// all of them for root.
+    pub fn status(&self, uid: u32) -> Status {
         let st = self.lock();
-        let mut leases: Vec<LeaseInfo> = st.leases.values().map(Lease::info).collect();
+        let mut leases: Vec<LeaseInfo> = st
+            .leases
+            .values()
+            .filter(|l| uid == 0 || l.key.uid == uid)
+            .map(Lease::info)
+            .collect();
         leases.sort_by(|a, b| a.lease_id.cmp(&b.lease_id));
         Status {
             connected: st.session.is_some(),
@@ -363,13 +431,13 @@ impl Agent {
         &self.shared.cfg.socket
     }
 
-    /// The agent's state, as `GET /v1/status` shows it.
+    /// The agent's state, as `GET /v1/status` shows it to root (every lease).
     pub fn status(&self) -> Status {
-        self.shared.status()
+        self.shared.status(0)
     }
 
-    /// Subscribes to the agent's events.
-    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+    /// Subscribes to the agent's events (all of them, with their audience).
+    pub fn subscribe(&self) -> broadcast::Receiver<Emitted> {
         self.shared.events.subscribe()
     }
 
@@ -452,8 +520,9 @@ pub(crate) fn store_last_host(path: &Path, id: &HostId) {
     }
 }
 
-/// Binds the API socket with `mode`, atomically: bound under a temporary name, given its mode,
-/// then renamed into place, so it is never reachable with looser permissions.
+/// Binds the API socket with `mode` from its creation (under a restrictive umask, see
+/// [`hostbind_fsutil::bind_unix_listener`]): it never accepts a connection its mode refuses.
+/// A stale socket (nobody listening) is replaced; a live one or another kind of file is not.
 fn bind_api_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
     let sock_err = |source| AgentError::Socket {
         path: path.display().to_string(),
@@ -478,20 +547,8 @@ fn bind_api_socket(path: &Path, mode: u32) -> Result<UnixListener, AgentError> {
         Ok(_) => return Err(AgentError::NotASocket(path.display().to_string())),
         Err(_) => {}
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "agent.sock".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(sock_err)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(sock_err(e));
-    }
-    Ok(listener)
+    let listener = hostbind_fsutil::bind_unix_listener(path, mode).map_err(sock_err)?;
+    UnixListener::from_std(listener).map_err(sock_err)
 }
 
 /// Facts about this guest for Hello: hostname, os, kernel, arch.
@@ -537,6 +594,7 @@ fn truncate_utf8(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn facts_have_hostname_and_os_within_wire_limits() {
@@ -584,5 +642,67 @@ mod tests {
             bind_api_socket(&f, 0o660),
             Err(AgentError::NotASocket(_))
         ));
+    }
+
+    #[test]
+    fn events_about_a_lease_reach_only_its_user_and_root() {
+        use hostbind_client::api::{LossReason, ReboundLease};
+        let at = 1;
+        let lost = Emitted {
+            event: AgentEvent {
+                kind: EventKind::LeaseLost {
+                    lease_id: "l1".into(),
+                    product: "cad".into(),
+                    reason: LossReason::Revoked,
+                    new_lease_id: None,
+                    message: "revoked".into(),
+                },
+                at,
+            },
+            audience: Audience::User(1000),
+            lease_owners: vec![],
+        };
+        assert!(lost.view_for(1000).is_some());
+        assert!(lost.view_for(1001).is_none());
+        assert!(lost.view_for(0).is_some());
+        let nobodys = Emitted {
+            audience: Audience::Root,
+            ..lost.clone()
+        };
+        assert!(nobodys.view_for(1000).is_none());
+        assert!(nobodys.view_for(0).is_some());
+        // A move: everyone learns of it, each user sees only its own leases in it.
+        let lease = |id: &str| ReboundLease {
+            old_lease_id: id.into(),
+            new_lease_id: format!("{id}-new"),
+            product: "cad".into(),
+        };
+        let moved = Emitted {
+            event: AgentEvent {
+                kind: EventKind::Rebound {
+                    old_host: "aa".into(),
+                    new_host: "bb".into(),
+                    vm: api::VmInfo {
+                        uuid: "u".into(),
+                        name: "n".into(),
+                    },
+                    leases: vec![lease("a"), lease("b"), lease("c")],
+                },
+                at,
+            },
+            audience: Audience::Everyone,
+            lease_owners: vec![1000, 1001, 1000],
+        };
+        let ids = |uid| match moved.view_for(uid).map(|e| e.kind) {
+            Some(EventKind::Rebound { leases, .. }) => leases
+                .into_iter()
+                .map(|l| l.old_lease_id)
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(ids(1000), ["a", "c"]);
+        assert_eq!(ids(1001), ["b"]);
+        assert!(ids(1002).is_empty());
+        assert_eq!(ids(0), ["a", "b", "c"]);
     }
 }

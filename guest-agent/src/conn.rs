@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use hostbind_attest::wire::FrameCodec;
 use hostbind_attest::wire::{
-    Body, ErrorBody, Event, EventKind as WireEventKind, Hello, HelloAck, Message, VmIdentity,
+    Body, ErrorBody, Event, EventKind as WireEventKind, Hello, HelloAck, Message, Ping, VmIdentity,
 };
 use hostbind_client::api::{self, EventKind, LossReason};
 use serde_bytes::ByteBuf;
@@ -53,6 +53,8 @@ pub(crate) enum CallError {
     Refused(ErrorBody),
     /// The proxy answered with something that is not an answer to this request.
     Unexpected(String),
+    /// The proxy answered with a token that had already expired by this VM's clock.
+    Expired(String),
 }
 
 impl CallError {
@@ -77,6 +79,10 @@ impl CallError {
             CallError::Refused(e) => api::ApiError {
                 code: e.code.into(),
                 message: e.message.clone(),
+            },
+            CallError::Expired(m) => api::ApiError {
+                code: api::ErrorCode::TokenExpired,
+                message: m.clone(),
             },
             CallError::Unexpected(m) => api::ApiError {
                 code: api::ErrorCode::UnexpectedMessage,
@@ -268,8 +274,10 @@ fn on_connected(shared: &Shared, ack: &HelloAck) -> (u64, Option<HostId>) {
             vm: ack.vm.clone(),
             proxy_version: ack.proxy_version.clone(),
             lease_ttl_secs: ack.lease_ttl_secs,
+            idle_timeout_secs: ack.idle_timeout_secs,
             since: unix_now(),
             generation,
+            lease_query: ack.lease_query,
         });
         st.last_error = None;
         (generation, old_host, changed)
@@ -317,10 +325,15 @@ async fn serve(
     rx: &mut mpsc::Receiver<Outgoing>,
     generation: u64,
 ) -> Option<String> {
-    let (host_id, vm) = match shared.lock().session.as_ref() {
-        Some(s) => (s.host_id, s.vm.clone()),
+    let (host_id, vm, idle) = match shared.lock().session.as_ref() {
+        Some(s) => (s.host_id, s.vm.clone(), s.idle_timeout_secs),
         None => return Some("session vanished".into()),
     };
+    // A proxy that closes quiet connections gets a ping at a third of its idle timeout when
+    // nothing else was sent; its answer also shows the connection is alive.
+    let keepalive = idle.map(|s| Duration::from_secs(u64::from(s.max(3)) / 3));
+    let mut last_sent = Instant::now();
+    let mut _ping: Option<oneshot::Receiver<Result<Reply, CallError>>> = None;
     let timeout = shared.cfg.timing.request_timeout;
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut next_id = HELLO_ID + 1;
@@ -385,6 +398,7 @@ async fn serve(
                         failed = Some(format!("writing to the host proxy failed: {e}"));
                     }
                 }
+                last_sent = Instant::now();
                 if let Some(reason) = failed {
                     break reason;
                 }
@@ -394,6 +408,18 @@ async fn serve(
                     break "the connection to the host proxy was reset (vsock transport reset, \
                            e.g. after a live migration)"
                         .to_string();
+                }
+                if keepalive.is_some_and(|k| last_sent.elapsed() >= k) {
+                    let id = next_id;
+                    next_id += 1;
+                    let (tx, rx) = oneshot::channel();
+                    if let Err(e) = framed.send(Message::new(id, Body::Ping(Ping {}))).await {
+                        break format!("writing to the host proxy failed: {e}");
+                    }
+                    tracing::debug!(id, "ping to the host proxy");
+                    pending.insert(id, Pending { reply: tx, sent: Instant::now() });
+                    _ping = Some(rx);
+                    last_sent = Instant::now();
                 }
                 pending.retain(|_, p| !p.reply.is_closed());
                 if pending.values().any(|p| p.sent.elapsed() > timeout) {
@@ -518,5 +544,9 @@ pub(crate) fn on_proxy_event(shared: &Shared, ev: Event) {
         },
         WireEventKind::CloneDetected => return,
     };
-    shared.emit(kind);
+    // The lease's owner sees it; a lease no local user holds, only root.
+    match removed {
+        Some(l) => shared.emit_to(l.key.uid, kind),
+        None => shared.emit_for(crate::agent::Audience::Root, kind, Vec::new()),
+    }
 }

@@ -4,18 +4,24 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hostbind_attest::wire::{self, Body, ErrorCode, Release, Renew, Scope, TokenResponse};
+use hostbind_attest::wire::{
+    self, Body, ErrorCode, HeldLease, LeaseQuery, Release, Renew, Scope, TokenResponse,
+};
 use hostbind_client::api::{self, EventKind, LeaseInfo, LossReason, TokenReply};
 use serde_bytes::ByteBuf;
 
-use crate::agent::{unix_now, HostId, Shared};
+use crate::agent::{unix_now, Audience, HostId, Shared};
 use crate::conn::{CallError, Reply};
 use crate::procwatch::ProcessWatch;
 
 /// Most releases kept for sending after a reconnect.
 const MAX_ORPHANS: usize = 4096;
+/// Most leases read from the host's list after a reconnect (pages of `wire::LEASE_PAGE`).
+const MAX_HELD: usize = 65_536;
 
-/// What identifies a lease for the cache: one lease per key.
+/// What identifies a lease for the cache: one lease per key. Leases belong to the local user
+/// (uid) who asked for them: users never share a lease (nor its cached token, whose `cti` is
+/// the lease id), and only its owner (or root) sees and releases it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct LeaseKey {
     pub product: String,
@@ -24,20 +30,53 @@ pub(crate) struct LeaseKey {
     pub scope: Scope,
     /// The owning process, for process-scoped leases.
     pub pid: Option<u32>,
+    /// Its start time (clock ticks since boot), when it could be read: with the pid it names
+    /// the process, also for a restarted agent.
+    pub pid_start: Option<u64>,
+    /// The owning user (SO_PEERCRED uid of the app that asked).
+    pub uid: u32,
+    /// Set while the lease has no known owner: a restarted agent adopted it from the host,
+    /// which does not know which local user asked (`uid` is then only a guess: root for a VM
+    /// lease, the process's owner for a process lease). The id of the adopted lease, which
+    /// keeps several such leases for otherwise equal keys apart. The first request whose key
+    /// matches apart from the owner takes the lease over ([`claim`]).
+    pub adopted: Option<String>,
 }
 
 impl LeaseKey {
-    /// A key with normalized features.
-    pub fn new(product: &str, features: &[String], scope: Scope, pid: Option<u32>) -> LeaseKey {
+    /// A key with normalized features for user `uid`.
+    pub fn new(
+        product: &str,
+        features: &[String],
+        scope: Scope,
+        pid: Option<u32>,
+        pid_start: Option<u64>,
+        uid: u32,
+    ) -> LeaseKey {
         let mut features = features.to_vec();
         features.sort();
         features.dedup();
+        let process = scope == Scope::Process;
         LeaseKey {
             product: product.to_string(),
             features,
             scope,
-            pid: if scope == Scope::Process { pid } else { None },
+            pid: pid.filter(|_| process),
+            pid_start: pid_start.filter(|_| process && pid.is_some()),
+            uid,
+            adopted: None,
         }
+    }
+}
+
+impl LeaseKey {
+    /// Whether `other` is the same key but perhaps for another (or no known) user.
+    pub fn same_but_owner(&self, other: &LeaseKey) -> bool {
+        LeaseKey {
+            uid: other.uid,
+            adopted: other.adopted.clone(),
+            ..self.clone()
+        } == *other
     }
 }
 
@@ -87,6 +126,8 @@ impl Lease {
             features: self.key.features.clone(),
             scope: self.key.scope,
             pid: self.key.pid,
+            // An adopted lease nobody has claimed yet has no known owner.
+            uid: self.key.adopted.is_none().then_some(self.key.uid),
             host_id: hex::encode(self.host_id),
             expires_at: self.token_expires_at,
             lease_expires_at: self.lease_expires_at,
@@ -188,6 +229,18 @@ fn token_response(reply: Reply) -> Result<(TokenResponse, Reply), CallError> {
     }
 }
 
+/// The failure for a token the proxy sent that expired at `expires_at` (by this VM's clock, at
+/// `now`); `None` while it is still valid.
+fn expired(product: &str, expires_at: u64, now: u64) -> Option<CallError> {
+    (expires_at <= now).then(|| {
+        CallError::Expired(format!(
+            "the host proxy answered with a token for '{product}' that expired at unix time \
+             {expires_at} (now {now}); it is not handed out: the host's TPM or clock is in \
+             trouble, or this VM's clock is ahead — retry later"
+        ))
+    })
+}
+
 /// Gets a token for `key`: from cache (no nonce), by renewing the key's lease, or by creating
 /// a lease.
 pub(crate) async fn obtain(
@@ -209,8 +262,9 @@ pub(crate) async fn obtain(
         }
         let lock = shared.key_lock(key);
         let _guard = lock.lock().await;
-        if current_lease_id(shared, key).is_some() {
-            // Created by another request while this one waited; use it.
+        if current_lease_id(shared, key).is_some() || claim(shared, key) {
+            // Created by another request while this one waited, or an adopted lease of this
+            // key now taken over: use it.
             continue;
         }
         return match create(shared, key, &ask).await {
@@ -234,6 +288,39 @@ pub(crate) async fn obtain(
     ))
 }
 
+/// Hands an adopted lease nobody has claimed, held on the current host for a key equal to
+/// `key` apart from the owner, over to `key`'s user instead of creating a second lease (the
+/// caller holds the key lock). Whether one was taken over.
+fn claim(shared: &Shared, key: &LeaseKey) -> bool {
+    let mut st = shared.lock();
+    let Some(host) = st.session.as_ref().map(|s| s.host_id) else {
+        return false;
+    };
+    if st.leases.contains_key(key) {
+        return false;
+    }
+    let Some(from) = st
+        .leases
+        .iter()
+        .find(|(k, l)| k.adopted.is_some() && k.same_but_owner(key) && l.host_id == host)
+        .map(|(k, _)| k.clone())
+    else {
+        return false;
+    };
+    let Some(mut lease) = st.leases.remove(&from) else {
+        return false;
+    };
+    tracing::info!(
+        lease = %lease.lease_id,
+        product = %key.product,
+        uid = key.uid,
+        "an adopted lease is taken over by the user who asks for it again"
+    );
+    lease.key = key.clone();
+    st.leases.insert(key.clone(), lease);
+    true
+}
+
 /// Asks the proxy for a new lease for `key` and records it (the caller holds the key lock).
 /// Returns the reply and the id of the lease it replaced, if any.
 async fn create(
@@ -248,12 +335,15 @@ async fn create(
         nonce: nonce.clone().map(ByteBuf::from),
         scope: key.scope,
         pid: key.pid,
+        pid_start: key.pid_start,
         // Filled in when sent (chain.rs).
         chain: Vec::new(),
         tpm_fresh: ask.tpm_fresh,
     });
     let (t, from) = token_response(shared.call(body).await?)?;
     let ttl = session_ttl(shared);
+    // an expired token is not handed out, but its lease is kept (renewed, released) as held
+    let stale = expired(&key.product, t.token_expires_at, unix_now());
     let lease = Lease {
         key: key.clone(),
         lease_id: t.lease_id.clone(),
@@ -262,7 +352,7 @@ async fn create(
         token_expires_at: t.token_expires_at,
         lease_expires_at: t.lease_expires_at,
         acquired_at: unix_now(),
-        cached: nonce.is_none().then(|| CachedToken {
+        cached: (nonce.is_none() && stale.is_none()).then(|| CachedToken {
             token: t.token.to_vec(),
             expires_at: t.token_expires_at,
         }),
@@ -272,11 +362,14 @@ async fn create(
         grace_until: None,
     };
     let reply = lease.reply(t.token.into_vec(), t.token_expires_at, false, nonce.clone());
-    let replaced = shared
-        .lock()
-        .leases
-        .insert(key.clone(), lease)
-        .map(|old| old.lease_id);
+    let replaced = {
+        let mut st = shared.lock();
+        // The agent may have adopted this very lease from the host's list while the grant was
+        // in flight: it is this key's now, not an unowned second entry.
+        st.leases
+            .retain(|k, l| k.adopted.is_none() || l.lease_id != lease.lease_id);
+        st.leases.insert(key.clone(), lease).map(|old| old.lease_id)
+    };
     tracing::info!(
         lease = %reply.lease_id,
         product = %key.product,
@@ -284,6 +377,10 @@ async fn create(
         pid = ?key.pid,
         "lease acquired"
     );
+    if let Some(e) = stale {
+        tracing::warn!(lease = %reply.lease_id, "{}", e.to_api().message);
+        return Err(e);
+    }
     Ok((reply, replaced))
 }
 
@@ -307,6 +404,7 @@ async fn renew(
     match result {
         Ok((t, from)) => {
             let ttl = session_ttl(shared);
+            let stale = expired(&key.product, t.token_expires_at, unix_now());
             let mut st = shared.lock();
             match st.leases.get_mut(key).filter(|l| l.lease_id == id) {
                 Some(lease) => {
@@ -316,6 +414,10 @@ async fn renew(
                     lease.grace_secs = t.grace_secs;
                     // Back on a host that grants it (e.g. the VM migrated back).
                     lease.grace_until = None;
+                    if let Some(e) = stale {
+                        lease.cached = None;
+                        return Err(e);
+                    }
                     if nonce.is_none() {
                         lease.cached = Some(CachedToken {
                             token: t.token.to_vec(),
@@ -324,19 +426,22 @@ async fn renew(
                     }
                     Ok(lease.reply(t.token.into_vec(), t.token_expires_at, false, nonce.clone()))
                 }
-                // Released or replaced meanwhile: still answer with what the proxy gave.
-                None => Ok(TokenReply {
-                    token: t.token.into_vec(),
-                    lease_id: t.lease_id,
-                    host_id: hex::encode(from.host_id),
-                    vm: api::VmInfo::from(&from.vm),
-                    product: key.product.clone(),
-                    scope: key.scope,
-                    expires_at: t.token_expires_at,
-                    lease_expires_at: t.lease_expires_at,
-                    cached: false,
-                    nonce: nonce.clone(),
-                }),
+                None => match stale {
+                    Some(e) => Err(e),
+                    // Released or replaced meanwhile: still answer with what the proxy gave.
+                    None => Ok(TokenReply {
+                        token: t.token.into_vec(),
+                        lease_id: t.lease_id,
+                        host_id: hex::encode(from.host_id),
+                        vm: api::VmInfo::from(&from.vm),
+                        product: key.product.clone(),
+                        scope: key.scope,
+                        expires_at: t.token_expires_at,
+                        lease_expires_at: t.lease_expires_at,
+                        cached: false,
+                        nonce: nonce.clone(),
+                    }),
+                },
             }
         }
         Err(CallError::Refused(e)) if e.code == ErrorCode::UnknownLease => {
@@ -344,13 +449,16 @@ async fn renew(
         }
         Err(CallError::Refused(e)) if api::ErrorCode::from(e.code).is_license_refusal() => {
             if remove_if(shared, key, id).is_some() {
-                shared.emit(EventKind::LicenseRefused {
-                    product: key.product.clone(),
-                    lease_id: Some(id.to_string()),
-                    code: e.code.into(),
-                    message: e.message.clone(),
-                    grace_until: None,
-                });
+                shared.emit_to(
+                    key.uid,
+                    EventKind::LicenseRefused {
+                        product: key.product.clone(),
+                        lease_id: Some(id.to_string()),
+                        code: e.code.into(),
+                        message: e.message.clone(),
+                        grace_until: None,
+                    },
+                );
             }
             Err(CallError::Refused(e))
         }
@@ -387,6 +495,15 @@ fn enter_grace(shared: &Shared, key: &LeaseKey, id: &str) -> Option<Option<u64>>
             Some(Some(until))
         }
     }
+}
+
+/// Whether the agent holds lease `id` for user `uid`.
+pub(crate) fn held_by(shared: &Shared, id: &str, uid: u32) -> bool {
+    shared
+        .lock()
+        .leases
+        .values()
+        .any(|l| l.lease_id == id && l.key.uid == uid)
 }
 
 /// Removes the lease with id `id`, whatever its key.
@@ -434,17 +551,20 @@ async fn reacquire(
     match create(shared, key, &Ask::default()).await {
         Ok((reply, _)) => {
             if why == Why::UnknownToHost {
-                shared.emit(EventKind::LeaseLost {
-                    lease_id: old_id.to_string(),
-                    product: key.product.clone(),
-                    reason: LossReason::UnknownToHost,
-                    new_lease_id: Some(reply.lease_id.clone()),
-                    message: format!(
+                shared.emit_to(
+                    key.uid,
+                    EventKind::LeaseLost {
+                        lease_id: old_id.to_string(),
+                        product: key.product.clone(),
+                        reason: LossReason::UnknownToHost,
+                        new_lease_id: Some(reply.lease_id.clone()),
+                        message: format!(
                         "the host no longer knew lease {old_id}; the agent acquired lease {} in \
                          its place",
                         reply.lease_id
                     ),
-                });
+                    },
+                );
             }
             Ok(Some(reply.lease_id))
         }
@@ -459,37 +579,46 @@ async fn reacquire(
                             "this host refused the lease ({}); in grace until {until}",
                             e.message
                         );
-                        shared.emit(EventKind::LicenseRefused {
-                            product: key.product.clone(),
-                            lease_id: Some(old_id.to_string()),
-                            code,
-                            message: e.message.clone(),
-                            grace_until: Some(until),
-                        });
+                        shared.emit_to(
+                            key.uid,
+                            EventKind::LicenseRefused {
+                                product: key.product.clone(),
+                                lease_id: Some(old_id.to_string()),
+                                code,
+                                message: e.message.clone(),
+                                grace_until: Some(until),
+                            },
+                        );
                     }
                     return Err(CallError::Refused(e));
                 }
             }
             remove_if(shared, key, old_id);
             if code.is_license_refusal() {
-                shared.emit(EventKind::LicenseRefused {
-                    product: key.product.clone(),
-                    lease_id: Some(old_id.to_string()),
-                    code,
-                    message: e.message.clone(),
-                    grace_until: None,
-                });
-            } else {
-                shared.emit(EventKind::LeaseLost {
-                    lease_id: old_id.to_string(),
-                    product: key.product.clone(),
-                    reason: match why {
-                        Why::Rebound => LossReason::NotReacquired,
-                        Why::UnknownToHost => LossReason::UnknownToHost,
+                shared.emit_to(
+                    key.uid,
+                    EventKind::LicenseRefused {
+                        product: key.product.clone(),
+                        lease_id: Some(old_id.to_string()),
+                        code,
+                        message: e.message.clone(),
+                        grace_until: None,
                     },
-                    new_lease_id: None,
-                    message: e.message.clone(),
-                });
+                );
+            } else {
+                shared.emit_to(
+                    key.uid,
+                    EventKind::LeaseLost {
+                        lease_id: old_id.to_string(),
+                        product: key.product.clone(),
+                        reason: match why {
+                            Why::Rebound => LossReason::NotReacquired,
+                            Why::UnknownToHost => LossReason::UnknownToHost,
+                        },
+                        new_lease_id: None,
+                        message: e.message.clone(),
+                    },
+                );
             }
             Err(CallError::Refused(e))
         }
@@ -535,18 +664,27 @@ pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Optio
             tracing::warn!(lease = %o.lease_id, "pending release failed: {}", e.to_api().message);
         }
     }
+    if let Err(e) = settle_host_leases(&shared, generation).await {
+        tracing::warn!(
+            "could not settle the leases the host holds for this VM: {}",
+            e.to_api().message
+        );
+    }
 
-    let mut mapping = vec![];
+    let (mut mapping, mut owners) = (vec![], vec![]);
     for (key, old_id, _) in &stale {
         if !still_current(&shared) {
             return;
         }
         match reacquire(&shared, key, old_id, Why::Rebound).await {
-            Ok(Some(new_id)) => mapping.push(api::ReboundLease {
-                old_lease_id: old_id.clone(),
-                new_lease_id: new_id,
-                product: key.product.clone(),
-            }),
+            Ok(Some(new_id)) => {
+                mapping.push(api::ReboundLease {
+                    old_lease_id: old_id.clone(),
+                    new_lease_id: new_id,
+                    product: key.product.clone(),
+                });
+                owners.push(key.uid);
+            }
             Ok(None) => {}
             Err(CallError::Refused(_)) => {}
             Err(e) => {
@@ -561,12 +699,17 @@ pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Optio
         .filter(|o| *o != host)
         .or_else(|| stale.first().map(|(_, _, h)| *h));
     if let Some(old) = moved_from {
-        shared.emit(EventKind::Rebound {
-            old_host: hex::encode(old),
-            new_host: hex::encode(host),
-            vm: api::VmInfo::from(&vm),
-            leases: mapping,
-        });
+        // Everyone learns of the move; each user sees its own leases in it.
+        shared.emit_for(
+            Audience::Everyone,
+            EventKind::Rebound {
+                old_host: hex::encode(old),
+                new_host: hex::encode(host),
+                vm: api::VmInfo::from(&vm),
+                leases: mapping,
+            },
+            owners,
+        );
     }
 
     for (key, id) in current {
@@ -575,6 +718,157 @@ pub(crate) async fn resync(shared: Arc<Shared>, generation: u64, old_host: Optio
         }
         renew_due(&shared, &key, &id).await;
     }
+}
+
+/// The leases the host holds for this VM (all pages of `lease_query`).
+async fn host_leases(shared: &Arc<Shared>) -> Result<Vec<HeldLease>, CallError> {
+    let mut held = Vec::new();
+    while held.len() < MAX_HELD {
+        let offset = u32::try_from(held.len()).unwrap_or(u32::MAX);
+        let reply = shared.call(Body::LeaseQuery(LeaseQuery { offset })).await?;
+        match reply.body {
+            Body::LeaseList(l) => {
+                let n = l.leases.len();
+                held.extend(l.leases);
+                if !l.more || n == 0 {
+                    break;
+                }
+            }
+            other => {
+                return Err(CallError::Unexpected(format!(
+                    "expected a lease_list, got '{}'",
+                    other.kind()
+                )))
+            }
+        }
+    }
+    Ok(held)
+}
+
+/// Whether the agent holds lease `id`.
+fn holds(shared: &Shared, id: &str) -> bool {
+    shared.lock().leases.values().any(|l| l.lease_id == id)
+}
+
+/// A watch on the process a process-scoped lease was granted to, if that process (same pid,
+/// same start time) still runs.
+fn same_process(pid: Option<u32>, start: Option<u64>) -> Option<(u32, ProcessWatch)> {
+    let (pid, start) = (pid?, start?);
+    // Opened first, then compared: a pid reused after the open has another start time.
+    let watch = ProcessWatch::open(pid).ok()?;
+    (crate::procwatch::start_time(pid) == Some(start)).then_some((pid, watch))
+}
+
+/// After Hello: settles the leases the host holds for this VM that the agent does not know
+/// (it was restarted, e.g. after kill -9, or the answer to a grant was lost). A VM-scoped lease,
+/// or a process-scoped one whose process (pid and start time) still runs, is adopted: renewed
+/// from now on, with no known owner until the first request for its key (apart from the
+/// owner) takes it over. Any other is released, as is one for a key the agent already holds
+/// for a known user (asked for again since the restart). Host leases are never duplicates of
+/// each other here: their owners cannot be known (two users may each hold one). So no process
+/// or VM holds two seats after the agent restarts.
+async fn settle_host_leases(shared: &Arc<Shared>, generation: u64) -> Result<(), CallError> {
+    let (host, vm, supported) = {
+        let st = shared.lock();
+        match st.session.as_ref().filter(|s| s.generation == generation) {
+            Some(s) => (s.host_id, s.vm.clone(), s.lease_query),
+            None => return Ok(()),
+        }
+    };
+    if !supported {
+        return Ok(());
+    }
+    let held = host_leases(shared).await?;
+    let (mut adopted, mut released) = (0, 0);
+    for h in held {
+        if holds(shared, &h.lease_id) {
+            continue;
+        }
+        // The host does not know which local user asked: the lease has no known owner until
+        // its user asks again (claim). Meanwhile root sees and may release it, or, for a
+        // process-scoped one, the user its process runs as (a guess: not for a non-dumpable
+        // process), and it is renewed for the VM as before.
+        let uid = match h.scope {
+            Scope::Vm => 0,
+            Scope::Process => h.pid.and_then(crate::procwatch::owner_uid).unwrap_or(0),
+        };
+        let guess = LeaseKey::new(&h.product, &h.features, h.scope, h.pid, h.pid_start, uid);
+        let key = LeaseKey {
+            adopted: Some(h.lease_id.clone()),
+            ..guess.clone()
+        };
+        // A grant for the guessed key still in flight records its lease under this lock (for
+        // another user's, `create` drops the adopted entry of its lease).
+        let lock = shared.key_lock(&guess);
+        let _guard = lock.lock().await;
+        if holds(shared, &h.lease_id) {
+            continue;
+        }
+        // A lease for the same key held for a known user (asked for again since the restart);
+        // other adopted leases are not: their owners are unknown.
+        let duplicate = shared
+            .lock()
+            .leases
+            .keys()
+            .any(|k| k.adopted.is_none() && k.same_but_owner(&key));
+        let owner = match h.scope {
+            Scope::Vm => Some(None),
+            Scope::Process => same_process(h.pid, h.pid_start).map(Some),
+        };
+        match (duplicate, owner) {
+            (false, Some(watch)) => {
+                let lease = Lease {
+                    key: key.clone(),
+                    lease_id: h.lease_id.clone(),
+                    host_id: host,
+                    vm: vm.clone(),
+                    token_expires_at: 0,
+                    lease_expires_at: h.lease_expires_at,
+                    acquired_at: unix_now(),
+                    cached: None,
+                    // Renewed at the next tick: that fetches a token and the license's grace.
+                    renew_at: Instant::now(),
+                    renewing: false,
+                    grace_secs: 0,
+                    grace_until: None,
+                };
+                {
+                    let mut st = shared.lock();
+                    if st.leases.values().any(|l| l.lease_id == h.lease_id) {
+                        continue;
+                    }
+                    st.leases.insert(key.clone(), lease);
+                }
+                if let Some((pid, w)) = watch {
+                    watch_process(shared, pid, w);
+                }
+                adopted += 1;
+                tracing::info!(
+                    lease = %h.lease_id,
+                    product = %h.product,
+                    scope = ?h.scope,
+                    pid = ?h.pid,
+                    "adopted a lease the host holds for this VM"
+                );
+            }
+            (duplicate, _) => {
+                let why = if duplicate {
+                    "the agent holds a lease for the same key"
+                } else {
+                    "its process is gone"
+                };
+                tracing::info!(lease = %h.lease_id, product = %h.product, pid = ?h.pid, "releasing a lease the host holds for this VM: {why}");
+                match release_on_host(shared, &host, &h.lease_id).await {
+                    Ok(_) | Err(CallError::Refused(_)) => released += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    if adopted + released > 0 {
+        tracing::info!(adopted, released, "settled the host's leases for this VM");
+    }
+    Ok(())
 }
 
 /// Renews one lease for the renewal timer or after a reconnect.
@@ -655,18 +949,21 @@ fn expire_graces(shared: &Shared) {
     };
     for l in ended {
         tracing::warn!(lease = %l.lease_id, product = %l.key.product, "the lease's grace ran out");
-        shared.emit(EventKind::LeaseLost {
-            lease_id: l.lease_id.clone(),
-            product: l.key.product.clone(),
-            reason: LossReason::GraceExpired,
-            new_lease_id: None,
-            message: format!(
-                "the grace for '{}' after moving to a host without a usable license ran out; \
+        shared.emit_to(
+            l.key.uid,
+            EventKind::LeaseLost {
+                lease_id: l.lease_id.clone(),
+                product: l.key.product.clone(),
+                reason: LossReason::GraceExpired,
+                new_lease_id: None,
+                message: format!(
+                    "the grace for '{}' after moving to a host without a usable license ran out; \
                  the app must stop using the product until the VM runs on a licensed host \
                  (or this host gets a license)",
-                l.key.product
-            ),
-        });
+                    l.key.product
+                ),
+            },
+        );
     }
 }
 
@@ -681,16 +978,20 @@ async fn retry_in_grace(shared: &Arc<Shared>, key: &LeaseKey, id: &str, old_host
         Ok(Some(new_id)) => {
             tracing::info!(lease = %new_id, product = %key.product, "re-acquired during grace");
             if let Some((host, vm)) = session {
-                shared.emit(EventKind::Rebound {
-                    old_host: hex::encode(old_host),
-                    new_host: hex::encode(host),
-                    vm: api::VmInfo::from(&vm),
-                    leases: vec![api::ReboundLease {
-                        old_lease_id: id.to_string(),
-                        new_lease_id: new_id,
-                        product: key.product.clone(),
-                    }],
-                });
+                shared.emit_for(
+                    Audience::Everyone,
+                    EventKind::Rebound {
+                        old_host: hex::encode(old_host),
+                        new_host: hex::encode(host),
+                        vm: api::VmInfo::from(&vm),
+                        leases: vec![api::ReboundLease {
+                            old_lease_id: id.to_string(),
+                            new_lease_id: new_id,
+                            product: key.product.clone(),
+                        }],
+                    },
+                    vec![key.uid],
+                );
             }
         }
         Ok(None) | Err(CallError::Refused(_)) => {}
@@ -844,12 +1145,22 @@ mod tests {
             &["b".into(), "a".into(), "b".into()],
             Scope::Vm,
             Some(5),
+            Some(77),
+            1000,
         );
-        let b = LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None);
+        let b = LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None, None, 1000);
         assert_eq!(a, b);
-        assert_eq!(a.pid, None);
-        let c = LeaseKey::new("p", &[], Scope::Process, Some(5));
-        let d = LeaseKey::new("p", &[], Scope::Process, Some(6));
+        assert_eq!((a.pid, a.pid_start), (None, None));
+        let c = LeaseKey::new("p", &[], Scope::Process, Some(5), Some(77), 1000);
+        let d = LeaseKey::new("p", &[], Scope::Process, Some(6), Some(77), 1000);
         assert_ne!(c, d);
+        // the same pid started at another time is another process
+        let e = LeaseKey::new("p", &[], Scope::Process, Some(5), Some(78), 1000);
+        assert_ne!(c, e);
+        // Users never share a lease, not even a VM-scoped one.
+        assert_ne!(
+            b,
+            LeaseKey::new("p", &["a".into(), "b".into()], Scope::Vm, None, None, 1001)
+        );
     }
 }

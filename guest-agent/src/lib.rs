@@ -12,6 +12,7 @@ pub mod chain;
 mod conn;
 mod leases;
 pub mod procwatch;
+pub mod requests;
 mod server;
 pub mod transport;
 

@@ -15,8 +15,9 @@ use hostbind_client::api::{self, EventKind, Scope, DEFAULT_SOCKET};
 use hostbind_client::{Client, ClientError, ErrorCode, TokenRequest};
 
 const EXIT_CODES: &str = "\
-Exit codes: 0 success; 1 error; 2 bad command line; 3 the agent or the host proxy is unreachable;
-4 the host refused (no license, license not valid, seats exhausted, clone refused).";
+Exit codes: 0 success; 1 error (including a token that had already expired); 2 bad command line;
+3 the agent, the host proxy or the host's TPM is unreachable; 4 the host refused (no license,
+license not valid, seats exhausted, clone refused).";
 
 /// The hostbind guest agent: license tokens for apps in this VM, bound to the physical host.
 #[derive(Debug, Parser)]
@@ -129,7 +130,7 @@ impl From<ClientError> for Failure {
             ClientError::Connect { .. } | ClientError::Timeout(_) => 3,
             ClientError::Api { code, .. } if code.is_license_refusal() => 4,
             ClientError::Api {
-                code: ErrorCode::NotConnected | ErrorCode::Timeout,
+                code: ErrorCode::NotConnected | ErrorCode::Timeout | ErrorCode::TpmUnavailable,
                 ..
             } => 3,
             _ => 1,

@@ -113,9 +113,18 @@ impl ProcessWatch {
     }
 }
 
-/// The start time of `pid`, if it exists.
-fn start_time(pid: u32) -> Option<u64> {
+/// The start time of `pid` (clock ticks since boot, field 22 of /proc/PID/stat), if it exists.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     start_time_and_state(pid).map(|(t, _)| t)
+}
+
+/// The user `pid` runs as (the owner of /proc/PID: its effective uid, root for a process that
+/// is not dumpable), if it runs.
+pub(crate) fn owner_uid(pid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
 }
 
 /// Start time and state letter of `pid` from /proc/PID/stat.

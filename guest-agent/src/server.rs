@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use hostbind_attest::wire::{self, Scope};
-use hostbind_client::api::{self, AgentEvent, ApiError, ErrorCode, ErrorReply, EventKind};
+use hostbind_attest::wire::Scope;
+use hostbind_client::api::{
+    self, AgentEvent, ApiError, ErrorCode, ErrorReply, EventKind, MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_USER,
+};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -21,16 +24,97 @@ use tokio::sync::broadcast;
 use crate::agent::Shared;
 use crate::leases::{self, LeaseKey};
 use crate::procwatch::{ProcessWatch, WatchError};
+use crate::requests::{self, bad_request};
 
 /// The body type of every answer.
 type ApiBody = UnsyncBoxBody<Bytes, Infallible>;
 
-/// How long an app may take to send a request's headers or body.
+/// How long an app may take to send a request's headers or body; also how long a connection
+/// may sit idle between requests.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most connections answered "too many connections" at the same time; beyond that, refused
+/// connections are closed without an answer.
+const MAX_REFUSALS: usize = 64;
+
+/// Who is calling, from SO_PEERCRED of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Caller {
+    /// The user of the process that connected.
+    pub uid: u32,
+    /// Its pid (none when it lives in another pid namespace).
+    pub pid: Option<u32>,
+}
+
+impl Caller {
+    /// Root sees and releases every lease; everyone else only their own.
+    fn sees_all(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// Open API connections, per user.
+#[derive(Debug, Default)]
+struct Slots {
+    open: std::sync::Mutex<(std::collections::HashMap<u32, usize>, usize)>,
+}
+
+/// One open connection of `uid`; dropping it frees the slot.
+struct Slot {
+    slots: Arc<Slots>,
+    uid: u32,
+}
+
+impl Slots {
+    /// A slot for a connection of `uid`, or why there is none.
+    fn take(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
+        let mut g = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (per_user, others) = &mut *g;
+        let mine = per_user.get(&uid).copied().unwrap_or(0);
+        if mine >= MAX_CONNECTIONS_PER_USER {
+            return Err(format!(
+                "uid {uid} already has {mine} connections open to the hostbind agent, the limit \
+                 per user; close some (each /v1/events subscription holds one) and retry"
+            ));
+        }
+        if uid != 0 && *others >= MAX_CONNECTIONS {
+            return Err(format!(
+                "the hostbind agent has {MAX_CONNECTIONS} connections open from local users, its \
+                 limit; retry later"
+            ));
+        }
+        per_user.insert(uid, mine + 1);
+        if uid != 0 {
+            *others += 1;
+        }
+        Ok(Slot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (per_user, others) = &mut *g;
+        if let Some(n) = per_user.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_user.remove(&self.uid);
+            }
+        }
+        if self.uid != 0 {
+            *others = others.saturating_sub(1);
+        }
+    }
+}
 
 /// Accepts API connections until shutdown.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
     let mut shutdown = shared.shutdown.clone();
+    let slots = Arc::new(Slots::default());
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -45,20 +129,40 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
                 continue;
             }
         };
-        // SO_PEERCRED: the pid of the process that connected (0 or none when it lives in
-        // another pid namespace).
-        let pid = stream
-            .peer_cred()
-            .ok()
-            .and_then(|c| c.pid())
-            .and_then(|p| u32::try_from(p).ok())
-            .filter(|p| *p > 0);
+        // SO_PEERCRED: the user and pid of the process that connected (the pid is 0 or none
+        // when it lives in another pid namespace).
+        let caller = match stream.peer_cred() {
+            Ok(c) => Caller {
+                uid: c.uid(),
+                pid: c
+                    .pid()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .filter(|p| *p > 0),
+            },
+            Err(e) => {
+                tracing::warn!("closing an API connection whose peer is unknown: {e}");
+                continue;
+            }
+        };
+        let slot = match slots.take(caller.uid) {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::warn!(uid = caller.uid, "refusing an API connection: {why}");
+                if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(stream, why).await;
+                        drop(permit);
+                    });
+                }
+                continue;
+            }
+        };
         let shared = shared.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(shared, pid, req).await) }
+                async move { Ok::<_, Infallible>(handle(shared, caller, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -73,23 +177,37 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: UnixListener) {
                 }
                 _ = shutdown.changed() => {}
             }
+            drop(slot);
         });
     }
 }
 
+/// Answers every request on a connection over the limits with `busy` (HTTP 503) and closes it.
+async fn refuse(stream: tokio::net::UnixStream, why: String) {
+    let svc = service_fn(move |_req| {
+        let e = ApiError {
+            code: ErrorCode::Busy,
+            message: why.clone(),
+        };
+        async move { Ok::<_, Infallible>(error_response(e)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    let _ = tokio::time::timeout(READ_TIMEOUT * 2, conn).await;
+}
+
 /// Routes one request.
-async fn handle(
-    shared: Arc<Shared>,
-    pid: Option<u32>,
-    req: Request<Incoming>,
-) -> Response<ApiBody> {
+async fn handle(shared: Arc<Shared>, caller: Caller, req: Request<Incoming>) -> Response<ApiBody> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let result = match (path.as_str(), &method) {
-        ("/v1/token", &Method::POST) => token(&shared, pid, req).await,
-        ("/v1/release", &Method::POST) => release(&shared, req).await,
-        ("/v1/status", &Method::GET) => Ok(json(StatusCode::OK, &shared.status())),
-        ("/v1/events", &Method::GET) => Ok(events(&shared)),
+        ("/v1/token", &Method::POST) => token(&shared, caller, req).await,
+        ("/v1/release", &Method::POST) => release(&shared, caller, req).await,
+        ("/v1/status", &Method::GET) => Ok(json(StatusCode::OK, &shared.status(caller.uid))),
+        ("/v1/events", &Method::GET) => Ok(events(&shared, caller)),
         ("/v1/token" | "/v1/release" | "/v1/status" | "/v1/events", _) => Err(ApiError {
             code: ErrorCode::MethodNotAllowed,
             message: format!("{path} does not take {method}; see docs/agent-api.yaml"),
@@ -134,16 +252,11 @@ fn error_response(e: ApiError) -> Response<ApiBody> {
     json(status, &ErrorReply { error: e })
 }
 
-/// A `bad_request` error.
-fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError {
-        code: ErrorCode::BadRequest,
-        message: message.into(),
-    }
-}
-
-/// Reads and parses a JSON request body (bounded in size and time).
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+/// Reads a request body (bounded in size and time) and decodes it with `decode`.
+async fn read_body<T>(
+    req: Request<Incoming>,
+    decode: fn(&[u8]) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
     let limited = http_body_util::Limited::new(req.into_body(), api::MAX_REQUEST_BODY);
     let bytes = match tokio::time::timeout(READ_TIMEOUT, limited.collect()).await {
         Err(_) => return Err(bad_request("the request body did not arrive in time")),
@@ -155,60 +268,17 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         }
         Ok(Ok(c)) => c.to_bytes(),
     };
-    serde_json::from_slice(&bytes).map_err(|e| {
-        bad_request(format!(
-            "the request body is not valid JSON for this call: {e}"
-        ))
-    })
-}
-
-/// Checks a token request against the protocol's limits before it goes to the proxy.
-fn validate(req: &api::TokenRequest) -> Result<(), ApiError> {
-    let check = |what: &str, s: &str| {
-        if s.is_empty() {
-            Err(bad_request(format!("{what} is empty")))
-        } else if s.len() > wire::MAX_STRING_LEN {
-            Err(bad_request(format!(
-                "{what} is {} bytes long, over the {}-byte limit",
-                s.len(),
-                wire::MAX_STRING_LEN
-            )))
-        } else {
-            Ok(())
-        }
-    };
-    check("product", &req.product)?;
-    if req.features.len() > wire::MAX_FEATURES {
-        return Err(bad_request(format!(
-            "{} features requested, over the limit of {}",
-            req.features.len(),
-            wire::MAX_FEATURES
-        )));
-    }
-    for f in &req.features {
-        check("a feature name", f)?;
-    }
-    if let Some(n) = &req.nonce {
-        wire::check_eat_nonce(n).map_err(|e| bad_request(format!("{e} (hex-encoded)")))?;
-    }
-    if req.tpm_fresh && req.nonce.is_none() {
-        // The agent never makes one up: a nonce the verifier did not choose proves nothing.
-        return Err(bad_request(
-            "tpm_fresh needs a nonce chosen by whoever verifies the token (8 to 64 bytes, hex); \
-             the client library makes a random one when the app gives none",
-        ));
-    }
-    Ok(())
+    decode(&bytes)
 }
 
 /// `POST /v1/token`.
 async fn token(
     shared: &Arc<Shared>,
-    pid: Option<u32>,
+    caller: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: api::TokenRequest = read_json(req).await?;
-    validate(&req)?;
+    let pid = caller.pid;
+    let req = read_body(req, requests::token_request).await?;
     let pid = match req.scope {
         Scope::Vm => None,
         Scope::Process => Some(pid.ok_or_else(|| {
@@ -219,7 +289,16 @@ async fn token(
             )
         })?),
     };
-    let key = LeaseKey::new(&req.product, &req.features, req.scope, pid);
+    // With its start time the pid names this process also for a restarted agent.
+    let pid_start = pid.and_then(crate::procwatch::start_time);
+    let key = LeaseKey::new(
+        &req.product,
+        &req.features,
+        req.scope,
+        pid,
+        pid_start,
+        caller.uid,
+    );
     // Fast path: a cached token, no proxy round trip.
     if req.nonce.is_none() {
         if let Some(r) = leases::cached_token(shared, &key) {
@@ -260,14 +339,23 @@ async fn token(
     Ok(json(StatusCode::OK, &reply))
 }
 
-/// `POST /v1/release`.
+/// `POST /v1/release`: a user releases only its own leases (root any, also one the agent does
+/// not hold). Another user's lease is answered like one that does not exist.
 async fn release(
     shared: &Arc<Shared>,
+    caller: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<ApiBody>, ApiError> {
-    let req: api::ReleaseRequest = read_json(req).await?;
-    if req.lease_id.is_empty() || req.lease_id.len() > wire::MAX_STRING_LEN {
-        return Err(bad_request("lease_id must be 1 to 256 bytes long"));
+    let req = read_body(req, requests::release_request).await?;
+    if !caller.sees_all() && !leases::held_by(shared, &req.lease_id, caller.uid) {
+        return Err(ApiError {
+            code: ErrorCode::UnknownLease,
+            message: format!(
+                "this agent holds no lease {} for uid {}; `hostbind-agent status` lists yours \
+                 (a user sees and releases only its own leases; root all)",
+                req.lease_id, caller.uid
+            ),
+        });
     }
     let reply = leases::release(shared, &req.lease_id)
         .await
@@ -275,17 +363,25 @@ async fn release(
     Ok(json(StatusCode::OK, &reply))
 }
 
-/// `GET /v1/events`: newline-delimited JSON, one event per line, until the app hangs up.
-fn events(shared: &Arc<Shared>) -> Response<ApiBody> {
+/// `GET /v1/events`: newline-delimited JSON, one event per line, until the app hangs up. A user
+/// sees the events about its own leases and those about the VM (root sees all).
+fn events(shared: &Arc<Shared>, caller: Caller) -> Response<ApiBody> {
     let rx = shared.events.subscribe();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let ev = match rx.recv().await {
-            Ok(ev) => ev,
-            Err(broadcast::error::RecvError::Lagged(missed)) => AgentEvent {
-                kind: EventKind::Lagged { missed },
-                at: crate::agent::unix_now(),
-            },
-            Err(broadcast::error::RecvError::Closed) => return None,
+    let stream = futures::stream::unfold(rx, move |mut rx| async move {
+        let ev = loop {
+            match rx.recv().await {
+                Ok(e) => match e.view_for(caller.uid) {
+                    Some(ev) => break ev,
+                    None => continue,
+                },
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    break AgentEvent {
+                        kind: EventKind::Lagged { missed },
+                        at: crate::agent::unix_now(),
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
         };
         let mut line = serde_json::to_vec(&ev).unwrap_or_default();
         line.push(b'\n');
@@ -302,49 +398,4 @@ fn events(shared: &Arc<Shared>) -> Response<ApiBody> {
         header::HeaderValue::from_static("no-cache"),
     );
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn validation_names_the_broken_limit() {
-        let mut r = api::TokenRequest::new("");
-        assert!(validate(&r)
-            .unwrap_err()
-            .message
-            .contains("product is empty"));
-        r.product = "x".repeat(257);
-        assert!(validate(&r).unwrap_err().message.contains("257 bytes"));
-        r.product = "cad".into();
-        assert!(validate(&r).is_ok());
-        r.features = vec!["f".into(); 65];
-        assert!(validate(&r).unwrap_err().message.contains("65 features"));
-        r.features = vec![];
-        r.nonce = Some(vec![0; 65]);
-        assert!(validate(&r).unwrap_err().message.contains("65 bytes"));
-        r.nonce = Some(vec![]);
-        assert_eq!(validate(&r).unwrap_err().code, ErrorCode::BadRequest);
-    }
-
-    #[test]
-    fn short_nonce_and_fresh_without_nonce_are_bad_requests() {
-        let mut r = api::TokenRequest::new("cad").with_nonce(vec![7u8]);
-        let e = validate(&r).unwrap_err();
-        assert_eq!(e.code, ErrorCode::BadRequest);
-        assert!(
-            e.message.contains("1 bytes long") && e.message.contains("RFC 9711"),
-            "{}",
-            e.message
-        );
-        r.nonce = Some(vec![7u8; 8]);
-        assert!(validate(&r).is_ok());
-        let r = api::TokenRequest::new("cad").with_tpm_fresh();
-        assert!(validate(&r)
-            .unwrap_err()
-            .message
-            .contains("tpm_fresh needs a nonce"));
-        assert!(validate(&r.with_nonce(vec![1u8; 16])).is_ok());
-    }
 }

@@ -54,6 +54,8 @@ pub enum AdminRequest {
     /// Detected forks of agents' id chains (clones and snapshot restores), newest
     /// [`CLONE_PAGE`].
     Clones,
+    /// Take the host clock as right now (after a jump against the TPM clock was reported).
+    ClockAccept,
 }
 
 /// Most forks one `clones` answer lists (the newest; keeps the frame below the limit).
@@ -124,7 +126,18 @@ pub struct Status {
     /// Clone detection: live instances, forks and clones in the chain graph.
     #[serde(default)]
     pub clones: Option<crate::clones::CloneCounts>,
-    /// The TPM: whether its last operation succeeded, failures, the last error.
+    /// Whether the seat ledger can write (false: changes are kept in memory only).
+    #[serde(default)]
+    pub ledger: Option<crate::ledger::LedgerHealth>,
+    // --- fault hook (issue 16): TPM connection, token key, clock, usage log ---
+    /// The token key's renewal: failures in a row and why.
+    #[serde(default)]
+    pub token_key: Option<crate::service::KeyStatus>,
+    /// The host clock against the TPM clock.
+    #[serde(default)]
+    pub clock: Option<crate::clock::ClockStatus>,
+    /// The TPM: connected or reconnecting, whether its last operation succeeded, failures,
+    /// reconnects, the last error.
     #[serde(default)]
     pub tpm_health: Option<TpmHealthStatus>,
     /// The usage log's sealing, while metering runs.
@@ -135,7 +148,7 @@ pub struct Status {
 /// The TPM's health in [`Status`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TpmHealthStatus {
-    /// Whether the last TPM operation succeeded.
+    /// Whether the TPM is connected and its last operation succeeded.
     pub up: bool,
     /// Unix seconds of the last successful operation.
     pub last_ok: u64,
@@ -143,6 +156,9 @@ pub struct TpmHealthStatus {
     pub failures: u64,
     /// Since when the TPM fails and the last error, while it does.
     pub failing: Option<Failing>,
+    /// The connection: connected or reconnecting, reconnects, key reloads.
+    #[serde(flatten)]
+    pub connection: crate::tpm_service::TpmHealthSnapshot,
 }
 
 /// Something that fails: since when (unix seconds) and the last error.
@@ -165,7 +181,7 @@ impl From<(u64, String)> for Failing {
 pub struct UsageStatus {
     /// Whether a license carries a metering key (records are kept).
     pub metering: bool,
-    /// Records waiting to be sealed.
+    /// Records waiting to be sealed (in memory and in the spill file).
     pub pending: u64,
     /// Unix seconds blocks were last sealed (the daemon's start until then).
     pub last_sealed: u64,
@@ -173,6 +189,9 @@ pub struct UsageStatus {
     pub seal_failures: u64,
     /// Since when sealing fails and the last error, while it does.
     pub failing: Option<Failing>,
+    /// Where the records wait, what was dropped.
+    #[serde(flatten)]
+    pub log: crate::usage::UsageStatus,
 }
 
 /// A stored license as listed.
@@ -219,6 +238,8 @@ pub enum AdminResponse {
         /// All forks held.
         total: usize,
     },
+    /// The clock was accepted; its state now.
+    ClockAccepted(crate::clock::ClockStatus),
     /// The request failed.
     Error(String),
 }
@@ -266,23 +287,30 @@ fn status(svc: &Service) -> Result<Status, String> {
         metrics: svc.counters.metrics.endpoint.get().cloned(),
         libvirt: svc.libvirt().map(|l| l.status()),
         clones: crate::clones::counts(svc.ledger(), &svc.config().clones, now).ok(),
+        ledger: Some(svc.ledger().health()),
         tpm_health: {
-            let h = svc.tpm().health();
+            let h = svc.tpm().op_health();
+            let connection = svc.tpm().health().snapshot();
             Some(TpmHealthStatus {
-                up: h.up(),
+                up: connection.state == "connected" && h.up(),
                 last_ok: h.last_ok.load(Ordering::Relaxed),
                 failures: h.failures.snapshot().iter().map(|(_, n)| n).sum(),
                 failing: h.failing().map(Failing::from),
+                connection,
             })
         },
+        token_key: Some(svc.key_status()),
+        clock: Some(svc.clock_status()),
         usage: svc.usage().map(|u| {
             let st = u.seal_stats();
+            let log = u.status();
             UsageStatus {
                 metering: u.key().is_some(),
-                pending: u.pending() as u64,
+                pending: log.pending_records + log.spilled_records,
                 last_sealed: st.last_ok,
-                seal_failures: st.failures,
+                seal_failures: log.seal_failures_total,
                 failing: st.failing.map(Failing::from),
+                log,
             }
         }),
     })
@@ -464,6 +492,11 @@ fn handle(svc: &Service, peer: &Peer, req: AdminRequest) -> AdminResponse {
                 forks.drain(..total.saturating_sub(CLONE_PAGE));
                 AdminResponse::Clones { forks, total }
             })
+            .map_err(|e| e.to_string()),
+        // runs on a blocking thread (see serve): waiting for the TPM here is fine
+        AdminRequest::ClockAccept => tokio::runtime::Handle::current()
+            .block_on(svc.accept_clock())
+            .map(AdminResponse::ClockAccepted)
             .map_err(|e| e.to_string()),
     };
     r.unwrap_or_else(AdminResponse::Error)

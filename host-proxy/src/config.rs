@@ -154,10 +154,56 @@ pub struct Config {
     /// Batching of TPM-fresh nonces (see fresh.rs).
     #[serde(default)]
     pub fresh_nonces: crate::fresh::FreshConfig,
+    /// What one VM may cost the host: connections, timeouts, rates, leases (see limits.rs).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
+    /// How long the ledger keeps its history.
+    #[serde(default)]
+    pub history: HistoryConfig,
+    /// How far the host clock may move against the TPM clock (see clock.rs).
+    #[serde(default)]
+    pub clock: crate::clock::ClockConfig,
+    /// What happens on SIGTERM.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     // --- libvirt hook (see libvirt.rs) ---
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]
     pub libvirt: LibvirtConfig,
+}
+
+/// `[history]`: retention of the ledger's history (the usage log is the long-term record).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Entries older than this are deleted.
+    pub max_age: Dur,
+    /// At most this many entries are kept (the oldest go first).
+    pub max_entries: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_age: Dur(Duration::from_secs(30 * 86_400)),
+            max_entries: 200_000,
+        }
+    }
+}
+
+impl HistoryConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.max_entries < 1_000 {
+            return Err(format!(
+                "history.max_entries = {} is too small to follow what happened today; use at least 1000",
+                self.max_entries
+            ));
+        }
+        if self.max_age.0 < Duration::from_secs(3600) {
+            return Err("history.max_age must be at least 1h".into());
+        }
+        Ok(())
+    }
 }
 
 // --- libvirt hook (see libvirt.rs) ---
@@ -226,6 +272,23 @@ impl Default for LeaseConfig {
             ttl: Dur(Duration::from_secs(60)),
             key_epoch: Dur(Duration::from_secs(600)),
             sweep_interval: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// `[shutdown]`: on SIGTERM the proxy stops accepting, answers the requests in progress (for at
+/// most `drain_timeout`), then stops issuing tokens and seals the usage log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long requests in progress may take to be answered after SIGTERM.
+    pub drain_timeout: Dur,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Dur(Duration::from_secs(10)),
         }
     }
 }
@@ -305,6 +368,9 @@ impl Config {
 
     fn check(&self) -> Result<(), String> {
         self.fresh_nonces.check()?;
+        self.limits.check()?;
+        self.clones.check()?;
+        self.history.check()?;
         if !(self.tpm.starts_with("device:")
             || self.tpm.starts_with("swtpm:")
             || self.tpm.starts_with("mssim:")
@@ -486,10 +552,50 @@ pub const KEYS: &[KeyDoc] = &[
         "Directory of the usage log. Unset: <state_dir>/usage."),
     key("usage", "nv_index", Some("0x01004862"), "0x01004863",
         "The TPM NV index of the usage log's counter (owner hierarchy), defined at first start."),
+    key("clock", "max_skew", Some("\"60s\""), "\"2m\"",
+        "How far the host clock may be off against the TPM clock (which nobody can set), plus 0.5 % of the TPM time since the last check; checked at start and before each token key is certified. Beyond it the proxy warns (log, status, metrics) and certifies no token key until the clock is right or hostbind-proxy clock accept confirms it."),
     key("clones", "live_window", Some("\"5m\""), "\"10m\"",
         "Both sides of a fork of an agent's id chain seen alive within this of each other make a clone (keep it above ttl/2)."),
     key("clones", "retention", Some("\"7d\""), "\"30d\"",
         "Chain ids and forks not seen for this long are forgotten; a snapshot older than this is not recognised when started again."),
+    key("clones", "max_ids_per_vm", Some("32768"), "65536",
+        "Most chain ids kept for one VM (the VM that last sent their chain); over it, the least recently seen go first, never the chain head of a live lease. About 150 bytes each in the ledger; an agent adds about 2 a minute. At least 64."),
+    key("clones", "max_ids", Some("262144"), "1048576",
+        "Most chain ids kept in total, evicted like max_ids_per_vm. Bounds the clone graph in the ledger to about 40 MB by default. At least max_ids_per_vm."),
+    key("limits", "connections_per_vm", Some("16"), "8",
+        "Connections one VM may hold open at once, on every listener (Unix, hybrid vsock, AF_VSOCK); one agent needs one. More are refused with busy."),
+    key("limits", "connections_total", Some("4096"), "1024",
+        "Guest connections open at once on all listeners together. Keep it at least connections_per_vm times the number of VMs, so that no VM can lock another out."),
+    key("limits", "handshake_timeout", Some("\"10s\""), "\"5s\"",
+        "A connection must complete its Hello within this, or it is closed; 1s to 5m."),
+    key("limits", "idle_timeout", Some("\"5m\""), "\"10m\"",
+        "A connection on which no complete message arrives for this long is closed (a half-sent message holds no slot longer); agents send a ping at a third of it. 3s to 1d."),
+    key("limits", "hellos_per_minute", Some("60"), "30",
+        "Hellos one VM may send per minute, sustained (a token bucket); more are refused with busy and the connection closed."),
+    key("limits", "hello_burst", Some("32"), "16",
+        "Hellos one VM may send at once (the bucket's size)."),
+    key("limits", "new_chain_ids_per_minute", Some("300"), "120",
+        "Clone-detection chain ids the graph has not seen that one VM may add per minute; a message carrying more is refused with busy before anything is written. An agent adds at most one per 5 messages or 10 s."),
+    key("limits", "new_chain_id_burst", Some("64"), "32",
+        "New chain ids one VM may add at once (at least 16, what one message may carry)."),
+    key("limits", "tpm_fresh_per_minute", Some("600"), "120",
+        "TPM-fresh token requests and renewals one VM may send per minute. The license, features, lease caps and a free seat are checked before any TPM quote."),
+    key("limits", "tpm_fresh_burst", Some("100"), "20",
+        "TPM-fresh requests one VM may send at once."),
+    key("limits", "requests_per_minute", Some("1200"), "600",
+        "Token requests, renewals, releases and lease queries one VM may send per minute (each may cost a ledger commit); more are refused with busy."),
+    key("limits", "request_burst", Some("200"), "100",
+        "Token requests, renewals, releases and lease queries one VM may send at once."),
+    key("limits", "leases_per_vm", Some("1024"), "256",
+        "Live leases one VM may hold, all products together."),
+    key("limits", "leases_per_vm_product", Some("256"), "16",
+        "Live leases one VM may hold for one product (one per process for process-scoped leases; an agent keeps one VM-scoped lease per product and features)."),
+    key("limits", "refusal_interval", Some("\"1m\""), "\"5m\"",
+        "Refused requests are counted per VM, error code and product, and written as one history entry and one usage-log record each per interval; a product without a license is recorded as <unlicensed>."),
+    key("history", "max_age", Some("\"30d\""), "\"90d\"",
+        "Ledger history entries (lease starts, renewals, ends, license changes, refusal counts) older than this are deleted, at most once a minute. The usage log is the long-term record. At least 1h."),
+    key("history", "max_entries", Some("200000"), "1000000",
+        "At most this many history entries are kept (about 200 bytes each), the oldest deleted first. At least 1000."),
     key("fresh_nonces", "batching", Some("true"), "false",
         "Gather concurrent TPM-fresh token requests under one quote (true), or quote each one (false, a benchmark baseline)."),
     key("fresh_nonces", "max_window", Some("\"5ms\""), "\"2ms\"",
@@ -504,6 +610,8 @@ pub const KEYS: &[KeyDoc] = &[
         "What a domain without a hostbind assignment in its metadata may use: \"allow\" (every licensed product, seats permitting) or \"deny\" (nothing until `hostbind-proxy vm assign`)."),
     key("libvirt", "call_timeout", Some("\"5s\""), "\"2s\"",
         "Longest wait for any one libvirt call (connect, list, read a domain, the liveness check) before libvirt counts as hung and the proxy reconnects; 100ms to 5m. Token requests never wait on libvirt."),
+    key("shutdown", "drain_timeout", Some("\"10s\""), "\"5s\"",
+        "On SIGTERM the proxy stops accepting connections and requests, answers the requests in progress for at most this long, then stops issuing tokens and seals the usage log, so every token a guest received is metered. Keep it below the unit's TimeoutStopSec (20s)."),
 ];
 
 /// A full example proxy.toml for the man page.
@@ -539,9 +647,13 @@ pub fn man_page(source: &str) -> String {
         ("vm", "[[vm]]: one entry per VM (a guest is identified by where its connection arrives, never by what it says)"),
         ("metrics", "[metrics]: Prometheus endpoint"),
         ("usage", "[usage]: usage log (metering)"),
+        ("clock", "[clock]: host clock against the TPM clock"),
         ("clones", "[clones]: clone detection"),
+        ("limits", "[limits]: what one VM may cost the host (see the threat model's list of bounds)"),
+        ("history", "[history]: retention of the ledger's history"),
         ("fresh_nonces", "[fresh_nonces]: batching of TPM-fresh nonces"),
         ("libvirt", "[libvirt]: KVM nodes managed by libvirt"),
+        ("shutdown", "[shutdown]: orderly stop on SIGTERM"),
     ];
     for (table, title) in tables {
         let entries = KEYS

@@ -2,7 +2,7 @@
 //! together and runs until SIGTERM/SIGINT.
 
 use crate::config::Config;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, OpenOptions};
 use crate::server::{accept_unix, bind_unix, hybrid_path};
 use crate::service::{Service, Vm};
 use crate::tpm_service::TpmService;
@@ -10,8 +10,8 @@ use crate::{admin, enroll};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 /// File name of the ledger in the state dir.
 pub const LEDGER_FILE: &str = "ledger.redb";
@@ -47,11 +47,13 @@ fn ensure_parent(p: &Path, key: &str) -> Result<()> {
 }
 
 /// Runs the daemon until a termination signal.
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
     let identity = enroll::load_identity(&cfg.state_dir)?;
     // Held until the daemon ends: no enroll command or second daemon meanwhile (lock.rs).
     let lock = crate::lock::acquire(&cfg.state_dir, crate::lock::Role::Daemon)?;
-    let ledger = Ledger::open(&cfg.state_dir.join(LEDGER_FILE))?;
+    let path = cfg.state_dir.join(LEDGER_FILE);
+    let ledger =
+        tokio::task::spawn_blocking(move || Ledger::open_with(&path, ledger_opts)).await??;
     let (tpm, _) = TpmService::start(&cfg.tpm, cfg.state_dir.clone())?;
     let svc = Service::start(cfg.clone(), identity, ledger, tpm).await?;
     // --- libvirt hook: VM identity, assignments and lifecycle from libvirt (libvirt.rs) ---
@@ -62,6 +64,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     // --- end libvirt hook ---
     let mut sockets: Vec<PathBuf> = Vec::new();
     let mut tasks = Vec::new();
+    // Tasks that end by themselves at `stop` and are awaited, never aborted: the usage flush
+    // loop and the lease sweep (their blocking work cannot be cancelled midway).
+    let stop = CancellationToken::new();
+    let mut stopping = Vec::new();
     // --- usage hook: the usage log (usage.rs) ---
     let usage = if cfg.usage.enabled {
         let u = crate::usage::UsageLog::open(
@@ -71,8 +77,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             svc.tpm().clone(),
         )
         .await?;
+        // also meters the leases a license in licenses_dir ended at start
         svc.set_usage(u.clone());
-        tasks.push(tokio::spawn(u.clone().run(cfg.usage.flush_interval.0)));
+        stopping.push(tokio::spawn(
+            u.clone().run(cfg.usage.flush_interval.0, stop.clone()),
+        ));
         Some(u)
     } else {
         tracing::info!("usage log off ([usage] enabled = false)");
@@ -134,22 +143,16 @@ pub async fn run(cfg: Config) -> Result<()> {
         }));
     }
 
-    let svc2 = svc.clone();
-    let epoch = cfg.leases.key_epoch.0;
-    tasks.push(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(epoch).await;
-            while let Err(e) = svc2.rotate_key().await {
-                tracing::error!("token key rotation failed, retrying in 5s: {e}");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    }));
+    tasks.push(tokio::spawn(svc.clone().run_key_rotation()));
     let svc2 = svc.clone();
     let sweep = cfg.leases.sweep_interval.0;
-    tasks.push(tokio::spawn(async move {
+    let stop2 = stop.clone();
+    stopping.push(tokio::spawn(async move {
         loop {
-            tokio::time::sleep(sweep).await;
+            tokio::select! {
+                _ = stop2.cancelled() => return,
+                _ = tokio::time::sleep(sweep) => {}
+            }
             let s = svc2.clone();
             match tokio::task::spawn_blocking(move || s.sweep()).await {
                 Ok(Err(e)) => tracing::error!("lease sweep failed: {e}"),
@@ -166,18 +169,64 @@ pub async fn run(cfg: Config) -> Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    for t in tasks {
-        t.abort();
-    }
-    if let Some(u) = usage {
-        if let Err(e) = u.flush().await {
-            tracing::error!("usage log: could not seal the last records: {e}");
-        }
-    }
-    drop(libvirt);
+    stop.cancel();
+    shut_down(&svc, tasks, stopping, usage, libvirt, &cfg).await;
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }
     drop(lock);
     Ok(())
+}
+
+/// The orderly end: stop accepting (listeners, admin socket, periodic tasks), answer the
+/// requests in progress within `[shutdown] drain_timeout`, stop issuing tokens, and seal the
+/// usage log last, so every token a guest received is in it. `stopping` (the usage flush loop
+/// and the lease sweep, already told to stop) finish what they are doing and are awaited
+/// before the last seal.
+async fn shut_down(
+    svc: &Arc<Service>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stopping: Vec<tokio::task::JoinHandle<()>>,
+    usage: Option<Arc<crate::usage::UsageLog>>,
+    libvirt: Option<impl Send + 'static>,
+    cfg: &Config,
+) {
+    let started = std::time::Instant::now();
+    for t in tasks {
+        t.abort();
+    }
+    // the watcher's drop waits for its thread (up to call_timeout + 1 s)
+    let _ = tokio::task::spawn_blocking(move || drop(libvirt)).await;
+    let left = svc.drain(cfg.shutdown.drain_timeout.0).await;
+    if left > 0 {
+        tracing::warn!(
+            "{left} agent connections still had a request in progress after {:?} ([shutdown] drain_timeout); closing them",
+            cfg.shutdown.drain_timeout.0
+        );
+    }
+    for t in stopping {
+        let _ = t.await;
+    }
+    let svc2 = svc.clone();
+    let _ = tokio::task::spawn_blocking(move || svc2.close_issue()).await;
+    // --- limits hook: the refusal counts of the last interval go into the history and the
+    // usage log before it is sealed (refusals.rs) ---
+    let svc2 = svc.clone();
+    let _ = tokio::task::spawn_blocking(move || svc2.flush_refusals()).await;
+    // --- end limits hook ---
+    let issued = svc
+        .counters
+        .tokens_issued
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if let Some(u) = usage {
+        // seals what is buffered; what cannot be sealed is kept on disk for the next start
+        if let Err(e) = u.close().await {
+            tracing::error!("usage log: could not seal or keep the last records (the next start names the gap): {e}");
+        }
+    }
+    tracing::info!(
+        tokens_issued = issued,
+        "stopped accepting, drained and sealed the usage log in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
 }

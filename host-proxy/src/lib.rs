@@ -1,17 +1,23 @@
 //! hostbind-proxy library: TPM access, enrollment, ledger and server.
 pub mod admin;
+pub mod clock;
 pub mod clones;
 pub mod config;
+pub mod coverage;
 pub mod daemon;
 pub mod enroll;
 pub mod fresh;
 pub mod ledger;
 pub mod libvirt;
+pub mod limits;
 pub mod lock;
 pub mod metrics;
+pub mod ratelog;
+pub mod refusals;
 pub mod server;
 pub mod service;
 pub mod tpm;
 pub mod tpm_service;
 pub mod usage;
+pub mod usage_spill;
 pub mod vsock;

@@ -45,7 +45,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon.
-    Run,
+    Run {
+        /// Begin an empty seat ledger: the current one (if any) is moved aside to
+        /// `ledger.redb.reset-<time>`. Needed once when the ledger of an enrolled host is lost or
+        /// damaged beyond use; licenses in the licenses dir are added again, guests request new
+        /// leases. Without it the daemon refuses to start on a missing or damaged ledger.
+        #[arg(long)]
+        reset_ledger: bool,
+    },
     /// Enroll this host with the vendor, by file exchange.
     ///
     /// Enrollment uses the TPM: it refuses to run while the daemon runs (stop it first), and
@@ -75,6 +82,17 @@ enum Cmd {
     /// The usage log (metering) for the vendor.
     #[command(subcommand)]
     Usage(UsageCmd),
+    /// The host clock against the TPM clock.
+    #[command(subcommand)]
+    Clock(ClockCmd),
+}
+
+/// `clock` commands.
+#[derive(Subcommand)]
+enum ClockCmd {
+    /// The host clock is right as it is now: after `status` reported a jump against the TPM
+    /// clock, make it the new reference and certify a token key on it again.
+    Accept,
 }
 
 // --- usage hook: `usage` commands (usage.rs) ---
@@ -288,6 +306,66 @@ fn libvirt_status_lines(l: &hostbind_proxy::libvirt::LibvirtStatus) -> Vec<Strin
 }
 // --- end libvirt hook ---
 
+// --- fault hook (issue 16) ---
+/// `status` lines about the TPM connection, the token key, the clock and the usage log; the
+/// healthy states take one line each.
+fn fault_status_lines(s: &hostbind_proxy::admin::Status, now: u64) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(h) = s.tpm_health.as_ref().map(|h| &h.connection) {
+        v.push(if h.state == "connected" {
+            format!(
+                "TPM health:     connected since {}; {} reconnects, {} key reloads{}",
+                fmt_time(h.since),
+                h.reconnects_total,
+                h.key_reloads_total,
+                match (&h.last_error, h.reconnects_total + h.key_reloads_total) {
+                    (Some(e), n) if n > 0 => format!(" (last trouble: {e})"),
+                    _ => String::new(),
+                }
+            )
+        } else {
+            format!(
+                "TPM health:     RECONNECTING since {}: {}; {} failures in a row, {}",
+                fmt_time(h.since),
+                h.last_error.as_deref().unwrap_or("connection lost"),
+                h.consecutive_failures,
+                match h.next_retry_secs {
+                    Some(n) => format!("next attempt in {n}s"),
+                    None => "trying now".into(),
+                }
+            )
+        });
+    }
+    if let Some(k) = &s.token_key {
+        if k.rotation_failures > 0 {
+            v.push(format!(
+                "token key:      ROTATION FAILING {} times since {}{}: {}",
+                k.rotation_failures,
+                k.failing_since.map(fmt_time).unwrap_or_default(),
+                if k.not_after <= now {
+                    "; the key has run out: token requests are refused".to_string()
+                } else {
+                    format!("; the key runs out at {}", fmt_time(k.not_after))
+                },
+                k.last_error.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    if let Some(c) = &s.clock {
+        v.push(match (&c.warning, c.state.as_str()) {
+            (Some(w), _) => format!("clock:          JUMPED: {w}"),
+            (None, "ok") => format!(
+                "clock:          in step with the TPM clock ({} s off at {})",
+                c.skew_secs.unwrap_or(0),
+                c.checked_at.map(fmt_time).unwrap_or_default()
+            ),
+            _ => "clock:          not compared with the TPM clock yet".into(),
+        });
+    }
+    v
+}
+// --- end fault hook ---
+
 #[derive(Subcommand)]
 enum LicenseCmd {
     /// Verify and add a license file (replaces the previous license of the same product).
@@ -397,6 +475,30 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
+/// `status`'s ledger line: durable, or degraded since when and why.
+fn ledger_status_line(l: &hostbind_proxy::ledger::LedgerHealth, now: u64) -> String {
+    let history = match (l.recoveries_total, l.last_degraded_secs) {
+        (0, _) => String::new(),
+        (n, Some(s)) => format!("; degraded {n} times since start (the last for {s:.1}s)"),
+        (n, None) => format!("; degraded {n} times since start"),
+    };
+    if l.durable {
+        return format!(
+            "durable ({} failed writes since start{history})",
+            l.commit_failures_total
+        );
+    }
+    format!(
+        "DEGRADED since {} ({}s): {}; leases renew from memory only ({} changes not yet on disk), new leases refused ({} so far); retrying by itself ({} attempts){history}",
+        l.degraded_since.map(fmt_time).unwrap_or_default(),
+        l.degraded_since.map(|t| now.saturating_sub(t)).unwrap_or(0),
+        l.reason.as_deref().unwrap_or("unknown"),
+        l.changes_not_durable,
+        l.grants_refused,
+        l.heal_attempts,
+    )
+}
+
 /// A license as JSON in the encodings of the rest of the admin API: host ids and the metering
 /// key in hex (not arrays of bytes).
 fn license_json(l: &License) -> Result<serde_json::Value> {
@@ -485,22 +587,42 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
                     .as_deref()
                     .unwrap_or("off ([metrics] listen in the config)")
             );
+            if let Some(l) = &s.ledger {
+                println!("ledger:         {}", ledger_status_line(l, now));
+            }
+            // --- fault hook (issue 16) ---
+            for line in fault_status_lines(&s, now) {
+                println!("{line}");
+            }
+            // --- end fault hook ---
             if let Some(u) = &s.usage {
+                let dropped = |n: u64| {
+                    if n > 0 {
+                        format!("; {n} records dropped (named in the log)")
+                    } else {
+                        String::new()
+                    }
+                };
                 match &u.failing {
                     Some(f) => println!(
-                        "usage log:      SEALING FAILS since {} ({} failed attempts): {}; {} records wait in memory",
+                        "usage log:      SEALING FAILS since {} ({} failed attempts): {}; {} records wait in memory, {} in the spill file ({} bytes){}",
                         fmt_time(f.since),
                         u.seal_failures,
                         f.error,
-                        u.pending
+                        u.log.pending_records,
+                        u.log.spilled_records,
+                        u.log.spill_bytes,
+                        dropped(u.log.dropped_total)
                     ),
                     None if !u.metering => println!(
                         "usage log:      no license carries a metering key: nothing is metered"
                     ),
                     None => println!(
-                        "usage log:      ok, last sealed {}; {} records waiting",
+                        "usage log:      ok, last sealed {}; {} records wait in memory, {} in the spill file{}",
                         fmt_time(u.last_sealed),
-                        u.pending
+                        u.log.pending_records,
+                        u.log.spilled_records,
+                        dropped(u.log.dropped_total)
                     ),
                 }
             }
@@ -632,7 +754,16 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
             }
             hostbind_proxy::clones::print_forks(&forks, total);
         }
-        Cmd::Run | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => {}
+        Cmd::Clock(ClockCmd::Accept) => {
+            let AdminResponse::ClockAccepted(c) = c.call(AdminRequest::ClockAccept).await? else {
+                anyhow::bail!("unexpected answer from the proxy")
+            };
+            if json {
+                return print_json(&c);
+            }
+            println!("clock accepted: the host's time is the new reference; token key certified");
+        }
+        Cmd::Run { .. } | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => {}
     }
     Ok(())
 }
@@ -650,11 +781,19 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<()> {
     let cfg = Config::load(&cli.config)?;
     match cli.cmd {
-        Cmd::Run => {
+        Cmd::Run { reset_ledger } => {
             init_logging(cfg.log_level.as_str());
-            runtime()?.block_on(hostbind_proxy::daemon::run(cfg))?;
+            let opts = hostbind_proxy::ledger::OpenOptions {
+                reset: reset_ledger,
+            };
+            runtime()?.block_on(hostbind_proxy::daemon::run(cfg, opts))?;
         }
-        c @ (Cmd::Status | Cmd::License(_) | Cmd::Leases | Cmd::Release { .. } | Cmd::Clones) => {
+        c @ (Cmd::Status
+        | Cmd::License(_)
+        | Cmd::Leases
+        | Cmd::Release { .. }
+        | Cmd::Clones
+        | Cmd::Clock(_)) => {
             runtime()?.block_on(admin(&cfg, cli.json, c))?;
         }
         Cmd::Vm(c) => vm_cmd(&cfg, cli.json, c)?,
@@ -815,7 +954,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let daemon = matches!(cli.cmd, Cmd::Run);
+    let daemon = matches!(cli.cmd, Cmd::Run { .. });
     if let Err(e) = run(cli) {
         let msg = hostbind_fsutil::error_report(e.as_ref());
         hostbind_cli::logging::report_fatal(daemon, "error: ", &msg);

@@ -5,8 +5,9 @@
 //!
 //! Served: tokens issued (by product), requests refused (by error code), leases expired, live
 //! leases (by product and scope), seats and seats in use (by product and license), license and
-//! token key expiry, connected agents, configured VMs, TPM quote latency and errors; with
-//! `[libvirt]` on, the libvirt connection's health and the age of the domain cache.
+//! token key expiry, connected agents, configured VMs, TPM quote latency and errors, whether the
+//! seat ledger can write (and its failed writes and recoveries); with `[libvirt]` on, the
+//! libvirt connection's health and the age of the domain cache.
 
 use crate::server::bind_unix;
 use crate::service::{unix_now, Service};
@@ -278,8 +279,6 @@ pub struct MetricsState {
     pub refused_by_code: LabelCounts,
     /// Clone reports (fork detected, fork became a clone), by change.
     pub clone_reports: LabelCounts,
-    /// Unix seconds of the last chain prune.
-    pub last_chain_prune: AtomicU64,
     /// The endpoint's URL once it listens ("http://127.0.0.1:9464/metrics", "unix:/path").
     pub endpoint: OnceLock<String>,
 }
@@ -291,7 +290,6 @@ impl Default for MetricsState {
             issued_by_product: LabelCounts::default(),
             refused_by_code: LabelCounts::default(),
             clone_reports: LabelCounts::default(),
-            last_chain_prune: AtomicU64::new(0),
             endpoint: OnceLock::new(),
         };
         s.refused_by_code.init(REFUSAL_CODES);
@@ -403,6 +401,29 @@ pub fn render(svc: &Service) -> Result<String, String> {
         "Clone-detection reports since start: forks of an agent's id chain detected, and forks classified as clones.",
         &clones,
     );
+    // --- limits hook: what the per-VM bounds refused (limits.rs) ---
+    let limit_hits: Vec<(String, f64)> = svc
+        .limits()
+        .hits
+        .snapshot()
+        .into_iter()
+        .map(|(limit, n)| (labels(&[("limit", &limit)]), n as f64))
+        .collect();
+    family(
+        &mut out,
+        "hostbind_limit_refusals_total",
+        "counter",
+        "Connections and requests refused since start because a VM or the host reached a [limits] bound, by limit.",
+        &limit_hits,
+    );
+    family(
+        &mut out,
+        "hostbind_guest_connections",
+        "gauge",
+        "Guest connections open now on all listeners (bounded by limits.connections_total).",
+        &[(String::new(), f64::from(svc.limits().open_connections()))],
+    );
+    // --- end limits hook ---
     family(
         &mut out,
         "hostbind_leases_expired_total",
@@ -486,6 +507,29 @@ pub fn render(svc: &Service) -> Result<String, String> {
         &[(String::new(), svc.key_not_after() as f64)],
     );
 
+    let lh = svc.ledger().health();
+    family(
+        &mut out,
+        "hostbind_ledger_degraded",
+        "gauge",
+        "1 while the seat ledger cannot write (changes kept in memory only, new leases refused), else 0.",
+        &[(String::new(), f64::from(u8::from(!lh.durable)))],
+    );
+    family(
+        &mut out,
+        "hostbind_ledger_commit_failures_total",
+        "counter",
+        "Seat ledger writes that failed since start (commits and attempts to write the in-memory state back).",
+        &[(String::new(), lh.commit_failures_total as f64)],
+    );
+    family(
+        &mut out,
+        "hostbind_ledger_recoveries_total",
+        "counter",
+        "Times the seat ledger could write again after a degraded period, since start.",
+        &[(String::new(), lh.recoveries_total as f64)],
+    );
+
     // --- libvirt hook: connection health and the age of the domain cache (libvirt.rs) ---
     if let Some(lv) = svc.libvirt() {
         libvirt_families(&mut out, &lv.status());
@@ -513,14 +557,8 @@ pub fn render(svc: &Service) -> Result<String, String> {
         "TPM quotes that failed since start.",
         &[(String::new(), q.errors.load(Ordering::Relaxed) as f64)],
     );
-    let health = svc.tpm().health();
-    family(
-        &mut out,
-        "hostbind_tpm_up",
-        "gauge",
-        "1 when the daemon's last TPM operation succeeded, 0 when it failed (see hostbind-proxy status for the error).",
-        &[(String::new(), if health.up() { 1.0 } else { 0.0 })],
-    );
+    fault_families(&mut out, svc);
+    let health = svc.tpm().op_health();
     let failures: Vec<(String, f64)> = health
         .failures
         .snapshot()
@@ -546,20 +584,6 @@ pub fn render(svc: &Service) -> Result<String, String> {
         let st = u.seal_stats();
         family(
             &mut out,
-            "hostbind_usage_seal_failures_total",
-            "counter",
-            "Attempts to seal buffered usage records into the usage log that failed since start (TPM or disk); the records wait in memory.",
-            &[(String::new(), st.failures as f64)],
-        );
-        family(
-            &mut out,
-            "hostbind_usage_records_pending",
-            "gauge",
-            "Usage records buffered in memory, not yet sealed into the usage log.",
-            &[(String::new(), u.pending() as f64)],
-        );
-        family(
-            &mut out,
             "hostbind_usage_last_seal_timestamp_seconds",
             "gauge",
             "Unix time blocks were last sealed into the usage log (the daemon's start time until then).",
@@ -569,6 +593,95 @@ pub fn render(svc: &Service) -> Result<String, String> {
     // --- end usage hook ---
     Ok(out)
 }
+
+// --- fault hook (issue 16): TPM connection, token key, clock, usage log ---
+/// The health of the TPM connection, the token key's renewal, the clock and the usage log.
+fn fault_families(out: &mut String, svc: &Service) {
+    let one = |v: f64| [(String::new(), v)];
+    let h = svc.tpm().health().snapshot();
+    family(
+        out,
+        "hostbind_tpm_up",
+        "gauge",
+        "1 while the TPM answers and its last operation succeeded, 0 while the proxy reconnects to it or it fails (see hostbind-proxy status for the error).",
+        &one(if h.state == "connected" && svc.tpm().op_health().up() {
+            1.0
+        } else {
+            0.0
+        }),
+    );
+    family(
+        out,
+        "hostbind_tpm_reconnects_total",
+        "counter",
+        "Times the TPM connection was opened again after it was lost.",
+        &one(h.reconnects_total as f64),
+    );
+    family(
+        out,
+        "hostbind_tpm_key_reloads_total",
+        "counter",
+        "Times the EK and AK were loaded again after they vanished from the TPM (flushed by another client, TPM reset).",
+        &one(h.key_reloads_total as f64),
+    );
+    family(
+        out,
+        "hostbind_tpm_consecutive_failures",
+        "gauge",
+        "Failed TPM commands and reconnect attempts in a row (0 when healthy).",
+        &one(h.consecutive_failures as f64),
+    );
+    let k = svc.key_status();
+    family(
+        out,
+        "hostbind_token_key_rotation_failures",
+        "gauge",
+        "Failed token key rotations in a row (0 when the last one worked); tokens are refused once the key runs out.",
+        &one(k.rotation_failures as f64),
+    );
+    let c = svc.clock_status();
+    family(
+        out,
+        "hostbind_clock_skew_seconds",
+        "gauge",
+        "Host time minus the time the TPM clock gives since the reference, at the last check (positive: host ahead).",
+        &one(c.skew_secs.unwrap_or(0) as f64),
+    );
+    family(
+        out,
+        "hostbind_clock_jumped",
+        "gauge",
+        "1 while the host clock is off against the TPM clock beyond [clock] max_skew (no token key is certified).",
+        &one(if c.state == "jumped" { 1.0 } else { 0.0 }),
+    );
+    if let Some(u) = svc.usage().map(|u| u.status()) {
+        family(
+            out,
+            "hostbind_usage_unsealed_records",
+            "gauge",
+            "Usage records not sealed yet: waiting in memory for the next flush, or kept in the spill file while the TPM is unreachable.",
+            &[
+                (labels(&[("where", "memory")]), u.pending_records as f64),
+                (labels(&[("where", "spill_file")]), u.spilled_records as f64),
+            ],
+        );
+        family(
+            out,
+            "hostbind_usage_seal_failures_total",
+            "counter",
+            "Usage log flushes that could not seal their records (they are kept in the spill file).",
+            &one(u.seal_failures_total as f64),
+        );
+        family(
+            out,
+            "hostbind_usage_dropped_records_total",
+            "counter",
+            "Usage records dropped because memory or the spill file was full (each drop is named in the log).",
+            &one(u.dropped_total as f64),
+        );
+    }
+}
+// --- end fault hook ---
 
 // --- libvirt hook ---
 /// The libvirt families, when `[libvirt] enabled = true`.

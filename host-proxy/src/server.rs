@@ -1,13 +1,14 @@
 //! Transports and the per-connection protocol loop: plain Unix sockets, hybrid vsock
 //! (vhost-device-vsock's `<uds>_<port>` sockets) and, opt-in, real AF_VSOCK.
 
+use crate::limits::Charge;
 use crate::service::{Service, Vm};
 use futures::{SinkExt, StreamExt};
 use hostbind_attest::wire::{
     Body, ErrorBody, ErrorCode, FrameCodec, HelloAck, Message, VmIdentity, WireError,
 };
 use serde_bytes::ByteBuf;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,9 @@ pub enum ListenError {
     NotASocket(String),
 }
 
-/// Binds a Unix listener at `path`, replacing a stale socket file (never another kind of file).
+/// Binds a Unix listener at `path` with `mode`, replacing a stale socket file (never another
+/// kind of file). The socket has `mode` from its creation (bound under a restrictive umask, see
+/// [`hostbind_fsutil::bind_unix_listener`]), so it never accepts connections it should not.
 pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     if let Ok(md) = std::fs::symlink_metadata(path) {
         if !md.file_type().is_socket() {
@@ -42,9 +45,8 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
         path: path.display().to_string(),
         source,
     };
-    let l = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
-    Ok(l)
+    let l = hostbind_fsutil::bind_unix_listener(path, mode).map_err(bind_err)?;
+    UnixListener::from_std(l).map_err(bind_err)
 }
 
 /// The socket path vhost-device-vsock connects to for guest connections to `port`.
@@ -61,26 +63,11 @@ pub async fn accept_unix(
     vm: Arc<Vm>,
     what: &'static str,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_VM));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 tracing::debug!(vm = %vm.name, transport = what, "agent connected");
-                match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let (svc, vm) = (svc.clone(), vm.clone());
-                        tokio::spawn(async move {
-                            serve_connection(svc, stream, vm).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(_) => {
-                        tracing::warn!(vm = %vm.name, "refusing connection: {MAX_CONNECTIONS_PER_VM} connections already open");
-                        tokio::spawn(refuse(stream, ErrorCode::Busy, format!(
-                            "this VM already has {MAX_CONNECTIONS_PER_VM} connections to the host proxy; close some and retry"
-                        )));
-                    }
-                }
+                svc.spawn_connection(serve_limited(svc.clone(), stream, vm.clone()));
             }
             Err(e) => {
                 tracing::warn!(vm = %vm.name, "accept failed on {what} socket: {e}");
@@ -90,22 +77,46 @@ pub async fn accept_unix(
     }
 }
 
-/// Connections one VM may hold open at once (one agent needs one).
-pub const MAX_CONNECTIONS_PER_VM: usize = 64;
+/// Serves one accepted connection of `vm` within the connection limits (`[limits]
+/// connections_per_vm`, `connections_total`), or refuses it with `busy`. Every listener
+/// (Unix, hybrid vsock and AF_VSOCK) serves its connections through here.
+pub async fn serve_limited<S>(svc: Arc<Service>, stream: S, vm: Arc<Vm>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    match svc.limits().connect(&vm.uuid) {
+        Ok(permit) => {
+            serve_connection(svc, stream, vm).await;
+            drop(permit);
+        }
+        Err(e) => refuse(stream, e.code, e.message).await,
+    }
+}
 
-/// Sends one Error frame and closes the connection.
+/// How long sending a refusal may take before the connection is dropped anyway.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends one Error frame and closes the connection (within [`REFUSE_TIMEOUT`], so a peer that
+/// does not read holds nothing).
 pub async fn refuse<S: AsyncWrite + Unpin>(stream: S, code: ErrorCode, message: String) {
     let mut w = FramedWrite::new(stream, FrameCodec::<Body>::new());
-    let _ = w.send(error_frame(0, code, message)).await;
-    let _ = w.close().await;
+    let _ = tokio::time::timeout(REFUSE_TIMEOUT, async {
+        let _ = w.send(error_frame(0, code, message)).await;
+        let _ = w.close().await;
+    })
+    .await;
 }
 
 fn error_frame(id: u64, code: ErrorCode, message: String) -> Message<Body> {
     Message::new(id, Body::Error(ErrorBody { code, message }))
 }
 
-/// Runs the protocol with one agent: Hello first, then pipelined requests; pushed events go out
-/// through the same writer. A bad frame gets an Error frame and the connection is closed.
+/// Runs the protocol with one agent: Hello first (within `[limits] handshake_timeout`), then
+/// pipelined requests; pushed events go out through the same writer. A bad frame gets an
+/// Error frame and the connection is closed, as does a connection without a complete message
+/// for `[limits] idle_timeout` (agents ping before). Hellos, new chain ids, requests and
+/// TPM-fresh requests are charged to the VM's limits. At
+/// shutdown the connection stops reading: the request in progress is answered, then it closes.
 pub async fn serve_connection<S>(svc: Arc<Service>, stream: S, vm: Arc<Vm>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -127,7 +138,47 @@ where
     let started = std::time::Instant::now();
     let mut agent_version = String::new();
     let mut ended = "the agent closed the connection".to_string();
-    while let Some(item) = reader.next().await {
+    let limits = svc.config().limits.clone();
+    let handshake_end = tokio::time::Instant::now() + limits.handshake_timeout.0;
+    let shutdown = svc.shutdown_token().clone();
+    loop {
+        // Until Hello, a deadline from the connection's start; then an idle timeout per
+        // complete message (a half-sent one does not reset it).
+        let wait = match conn_id {
+            None => handshake_end,
+            Some(_) => tokio::time::Instant::now() + limits.idle_timeout.0,
+        };
+        let item = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                ended = "the proxy is shutting down".into();
+                break;
+            }
+            item = tokio::time::timeout_at(wait, reader.next()) => match item {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(_) => {
+                    let (what, d) = match conn_id {
+                        None => ("no Hello", limits.handshake_timeout.0),
+                        Some(_) => ("no complete message", limits.idle_timeout.0),
+                    };
+                    ended = format!("{what} within {}", humantime::format_duration(d));
+                    tracing::info!(vm = %vm.name, "closing a connection: {ended}");
+                    let _ = tx
+                        .send(error_frame(
+                            0,
+                            ErrorCode::Busy,
+                            format!(
+                                "{what} within {} (limits.{}): closing the connection; reconnect when there is something to send",
+                                humantime::format_duration(d),
+                                if conn_id.is_none() { "handshake_timeout" } else { "idle_timeout" }
+                            ),
+                        ))
+                        .await;
+                    break;
+                }
+            },
+        };
         let msg = match item {
             Ok(m) => m,
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -164,15 +215,32 @@ where
         let reply = match msg.body {
             Body::Hello(h) => {
                 tracing::info!(vm = %vm.name, agent = %h.agent_version, "agent hello");
+                // Clone detection: Hello carries the chain too (no product, so refused only
+                // over the VM's rate of new ids; an inconsistent chain is answered at the next
+                // request).
+                let (svc2, vm2) = (svc.clone(), vm.clone());
+                let admitted = match svc.limits().charge(&vm.uuid, Charge::Hello, 1) {
+                    Ok(()) => tokio::task::spawn_blocking(move || {
+                        match svc2.check_chain(&vm2, &h.chain, None) {
+                            Err(e) if e.code == ErrorCode::Busy => Err(e),
+                            _ => Ok(()),
+                        }
+                    })
+                    .await
+                    .unwrap_or(Ok(())),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = admitted {
+                    // Refused Hellos close the connection: the agent backs off and reconnects.
+                    ended = format!("Hello refused: {}", e.message);
+                    let e = svc.refuse_request(&vm, "", e);
+                    let _ = tx.send(Message::new(id, Body::Error(e))).await;
+                    break;
+                }
                 agent_version = h.agent_version.clone();
                 if conn_id.is_none() {
                     conn_id = Some(svc.register(&vm, tx.clone()));
                 }
-                // Clone detection: Hello carries the chain too (no product, so never refused
-                // here; an inconsistent chain is answered at the next request).
-                let (svc2, vm2) = (svc.clone(), vm.clone());
-                let _ = tokio::task::spawn_blocking(move || svc2.check_chain(&vm2, &h.chain, None))
-                    .await;
                 Body::HelloAck(HelloAck {
                     proxy_version: env!("CARGO_PKG_VERSION").into(),
                     host_id: svc.identity().cert.host_id.clone(),
@@ -182,13 +250,70 @@ where
                         name: vm.name.clone(),
                     },
                     lease_ttl_secs: svc.config().leases.ttl.0.as_secs() as u32,
+                    idle_timeout_secs: Some(
+                        u32::try_from(limits.idle_timeout.0.as_secs()).unwrap_or(u32::MAX),
+                    ),
+                    lease_query: true,
                 })
             }
             _ if conn_id.is_none() => Body::Error(ErrorBody {
                 code: ErrorCode::UnexpectedMessage,
                 message: "send Hello first".into(),
             }),
+            Body::Ping(_) => Body::Ack(Default::default()),
+            Body::LeaseQuery(q) => {
+                let (svc2, vm2) = (svc.clone(), vm.clone());
+                if let Err(e) = svc.limits().charge(&vm.uuid, Charge::Request, 1) {
+                    let e = svc.refuse_request(&vm, "", e);
+                    if tx.send(Message::new(id, Body::Error(e))).await.is_err() {
+                        ended = "the connection's writer stopped".into();
+                        break;
+                    }
+                    continue;
+                }
+                match tokio::task::spawn_blocking(move || svc2.vm_leases(&vm2, q.offset)).await {
+                    Ok(Ok(l)) => Body::LeaseList(l),
+                    Ok(Err(e)) => Body::Error(e),
+                    Err(e) => Body::Error(ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: format!("request handler failed: {e}"),
+                    }),
+                }
+            }
             body @ (Body::TokenRequest(_) | Body::Renew(_) | Body::Release(_)) => {
+                // The VM's request rate, then, for a TPM-fresh one, everything that would
+                // refuse it before the TPM quotes (an unlicensed flood costs no quote).
+                let (svc2, vm2) = (svc.clone(), vm.clone());
+                let admitted = match svc.limits().charge(&vm.uuid, Charge::Request, 1) {
+                    Err(e) => {
+                        let product = match &body {
+                            Body::TokenRequest(r) => r.product.as_str(),
+                            _ => "",
+                        };
+                        Err(svc.refuse_request(&vm, product, e))
+                    }
+                    Ok(()) if is_fresh(&body) => tokio::task::spawn_blocking(move || {
+                        let r = svc2.admit_fresh(&vm2, &body);
+                        (r, body)
+                    })
+                    .await
+                    .map_err(|e| ErrorBody {
+                        code: ErrorCode::Internal,
+                        message: format!("request handler failed: {e}"),
+                    })
+                    .and_then(|(r, body)| r.map(|()| body)),
+                    Ok(()) => Ok(body),
+                };
+                let body = match admitted {
+                    Ok(b) => b,
+                    Err(e) => {
+                        if tx.send(Message::new(id, Body::Error(e))).await.is_err() {
+                            ended = "the connection's writer stopped".into();
+                            break;
+                        }
+                        continue;
+                    }
+                };
                 let fresh = match &body {
                     Body::TokenRequest(r) => {
                         svc.fresh_evidence(r.nonce.as_ref(), r.tpm_fresh).await
@@ -243,4 +368,13 @@ where
     }
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+}
+
+/// Whether a request asks the TPM to quote over its nonce.
+fn is_fresh(body: &Body) -> bool {
+    match body {
+        Body::TokenRequest(r) => r.tpm_fresh,
+        Body::Renew(r) => r.tpm_fresh,
+        _ => false,
+    }
 }

@@ -8,19 +8,23 @@ use crate::tpm_service::{TpmService, TpmServiceError};
 use hostbind_attest::keys::{KeyError, TokenKey};
 use hostbind_attest::signed::{fmt_time, open, License, ObjectKind, SignedError, Window};
 use hostbind_attest::token::{
-    key_binding, license_hash, FreshEvidence, KeyEvidence, TokenClaims, TokenError, TokenSigner,
+    chain_commitment, key_binding, license_hash, FreshEvidence, KeyEvidence, TokenClaims,
+    TokenError, TokenSigner,
 };
 use hostbind_attest::tpm as tpmparse;
 use hostbind_attest::wire::{
-    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, Message, Renew, Scope,
-    TokenRequest, TokenResponse,
+    check_eat_nonce, Body, ErrorBody, ErrorCode, Event, EventKind, HeldLease, LeaseList, Message,
+    Renew, Scope, TokenRequest, TokenResponse,
 };
 pub use hostbind_fsutil::unix_now;
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A VM as identified by the transport its connection arrived on (never by what the guest says).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +63,12 @@ pub enum ServiceError {
     /// The TPM's AK is not the enrolled one.
     #[error("the TPM's attestation key does not match the installed host certificate ({0}); the state dir or host certificate belongs to another TPM: enroll this host again")]
     AkMismatch(String),
+    /// The host clock moved against the TPM clock: no token key is certified on it.
+    #[error(transparent)]
+    Clock(#[from] crate::clock::ClockJump),
+    /// A token key certified now would lie outside the host certificate's validity.
+    #[error("{0}")]
+    HostCertificateWindow(String),
     /// The configured key epoch makes a longer token-key window than the host certificate allows.
     #[error(
         "[leases] key_epoch = {key_epoch_secs} s makes each token key valid for 2 x key_epoch = \
@@ -77,6 +87,51 @@ pub enum ServiceError {
         /// The largest epoch that fits.
         max_epoch_secs: u64,
     },
+}
+
+impl ServiceError {
+    /// The wire code a token request gets while the token key cannot be renewed for this
+    /// reason.
+    pub fn key_error_code(&self) -> ErrorCode {
+        match self {
+            ServiceError::Tpm(e) if e.is_unavailable() => ErrorCode::TpmUnavailable,
+            ServiceError::Clock(_) | ServiceError::HostCertificateWindow(_) => ErrorCode::ClockSkew,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// A token must stay valid at least this long after it is issued (less when the lease TTL is
+/// short: half the TTL); a token key that cannot give that is not used.
+pub const MIN_TOKEN_VALIDITY_SECS: u64 = 10;
+/// How often a failed token key rotation is tried again.
+pub const ROTATION_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+/// At most one ERROR line per this while the token key rotation keeps failing.
+pub const ROTATION_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The token key's renewal, for `status` and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyStatus {
+    /// The current key's end of validity (0: no key).
+    pub not_after: u64,
+    /// Failed rotations in a row (0 when the last one worked).
+    pub rotation_failures: u64,
+    /// Since when rotations fail (Unix seconds).
+    pub failing_since: Option<u64>,
+    /// Why the last rotation failed.
+    pub last_error: Option<String>,
+}
+
+/// The token key and how its renewal goes, under one lock so that a request sees the key
+/// and the reason it was not renewed together.
+#[derive(Default)]
+struct KeyHolder {
+    signer: Option<Arc<TokenSigner>>,
+    /// Failed rotations in a row.
+    failures: u64,
+    since: u64,
+    last_error: Option<(ErrorCode, String)>,
+    last_logged: Option<std::time::Instant>,
 }
 
 impl From<SignedError> for ServiceError {
@@ -110,6 +165,55 @@ pub struct Counters {
     pub metrics: crate::metrics::MetricsState,
 }
 
+/// Token issue stays open until shutdown closes it ([`Service::close_issue`]): signing a token
+/// and recording it in the usage log happen inside one [`Signing`] section, and closing waits
+/// for the sections in progress, so no token is issued after the final usage-log flush.
+#[derive(Default)]
+struct IssueGate {
+    closed: AtomicBool,
+    signing: AtomicUsize,
+}
+
+/// One token being signed and metered (see [`IssueGate`]).
+struct Signing<'a>(&'a IssueGate);
+
+impl Drop for Signing<'_> {
+    fn drop(&mut self) {
+        self.0.signing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl IssueGate {
+    fn enter(&self) -> Option<Signing<'_>> {
+        self.signing.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.signing.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Signing(self))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// A token response and the section it was signed in (metered before the section ends).
+struct Issued<'a> {
+    resp: TokenResponse,
+    _signing: Signing<'a>,
+}
+
+/// Splits a result into the response and the signing section to end after metering.
+fn split(
+    r: Result<Issued<'_>, ErrorBody>,
+) -> (Result<TokenResponse, ErrorBody>, Option<Signing<'_>>) {
+    match r {
+        Ok(i) => (Ok(i.resp), Some(i._signing)),
+        Err(e) => (Err(e), None),
+    }
+}
+
 /// The proxy's state and logic, shared by all connections.
 pub struct Service {
     cfg: Config,
@@ -117,7 +221,9 @@ pub struct Service {
     ledger: Ledger,
     tpm: TpmService,
     fresh: crate::fresh::FreshBatcher,
-    signer: RwLock<Arc<TokenSigner>>,
+    key: RwLock<KeyHolder>,
+    clock: Arc<crate::clock::ClockGuard>,
+    rotate_now: tokio::sync::Notify,
     licenses: RwLock<HashMap<String, ActiveLicense>>,
     conns: Mutex<HashMap<u64, Conn>>,
     next_conn: AtomicU64,
@@ -128,6 +234,18 @@ pub struct Service {
     libvirt: std::sync::OnceLock<Arc<crate::libvirt::LibvirtVms>>,
     // --- usage hook: the usage log, when [usage] is enabled (usage.rs) ---
     usage: std::sync::OnceLock<Arc<crate::usage::UsageLog>>,
+    /// Leases a license in `licenses_dir` ended during [`Service::start`], before the usage
+    /// log could be attached: metered by [`Service::set_usage`].
+    ended_at_start: Mutex<Vec<(Lease, String, u64)>>,
+    /// True while [`Service::start`] adds the licenses (leases ended then are kept above).
+    starting: std::sync::atomic::AtomicBool,
+    // --- limits hook: what one VM may cost the host (limits.rs) ---
+    limits: Arc<crate::limits::Limits>,
+    issue_gate: IssueGate,
+    /// Cancelled at shutdown: connections stop reading new requests.
+    shutdown: CancellationToken,
+    /// Connection tasks, waited for (with a deadline) at shutdown.
+    connections: TaskTracker,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -188,15 +306,36 @@ impl Service {
         tpm: TpmService,
     ) -> Result<Arc<Service>, ServiceError> {
         check_key_window(&cfg, &identity)?;
-        let signer = Self::make_signer(&cfg, &identity, &tpm).await?;
+        let clock = Arc::new(crate::clock::ClockGuard::open(&cfg.state_dir, &cfg.clock));
+        let key = match Self::make_signer(&cfg, &identity, &tpm, &clock).await {
+            Ok(s) => KeyHolder {
+                signer: Some(Arc::new(s)),
+                ..KeyHolder::default()
+            },
+            Err(e @ (ServiceError::Clock(_) | ServiceError::HostCertificateWindow(_))) => {
+                // serve anyway (status, leases, renewals of what is held), without a token key
+                tracing::error!("no token key at start: {e}");
+                KeyHolder {
+                    signer: None,
+                    failures: 1,
+                    since: unix_now(),
+                    last_error: Some((e.key_error_code(), e.to_string())),
+                    last_logged: Some(std::time::Instant::now()),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let fresh = crate::fresh::FreshBatcher::start(&cfg.fresh_nonces, tpm.clone());
+        let limits = crate::limits::Limits::new(cfg.limits.clone());
         let svc = Arc::new(Service {
             cfg,
             identity,
             ledger,
             tpm,
             fresh,
-            signer: RwLock::new(Arc::new(signer)),
+            key: RwLock::new(key),
+            clock,
+            rotate_now: tokio::sync::Notify::new(),
             licenses: RwLock::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -204,6 +343,12 @@ impl Service {
             counters: Counters::default(),
             libvirt: std::sync::OnceLock::new(),
             usage: std::sync::OnceLock::new(),
+            ended_at_start: Mutex::new(Vec::new()),
+            starting: std::sync::atomic::AtomicBool::new(true),
+            limits,
+            issue_gate: IssueGate::default(),
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
         });
         for rec in svc.ledger.licenses()? {
             match svc.check_license(&rec.bytes) {
@@ -212,6 +357,10 @@ impl Service {
             }
         }
         svc.load_licenses_dir();
+        svc.starting.store(false, Ordering::Relaxed);
+        if !svc.cfg.usage.enabled {
+            svc.take_ended_at_start();
+        }
         Ok(svc)
     }
 
@@ -298,14 +447,40 @@ impl Service {
         }
     }
 
+    /// Makes a token key and has the TPM certify it, after checking that the host clock
+    /// agrees with the TPM clock and that the key's window lies inside the host certificate's
+    /// validity (tokens dated otherwise would not verify).
     async fn make_signer(
         cfg: &Config,
         identity: &HostIdentity,
         tpm: &TpmService,
+        clock: &Arc<crate::clock::ClockGuard>,
     ) -> Result<TokenSigner, ServiceError> {
-        let key = TokenKey::generate()?;
+        let ci = tpm.clock_info().await?;
         let nb = unix_now();
-        let na = nb + 2 * cfg.leases.key_epoch.0.as_secs();
+        let reference = clock.check(nb, &ci)?;
+        let guard = clock.clone();
+        match tokio::task::spawn_blocking(move || guard.store(&reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot store the clock reference: {e}"),
+            Err(e) => tracing::warn!("cannot store the clock reference: {e}"),
+        }
+        let cert = &identity.cert.validity;
+        let min_life = Self::min_token_validity(cfg);
+        if cert.check(nb) != Window::Valid || cert.not_after < nb.saturating_add(min_life) {
+            return Err(ServiceError::HostCertificateWindow(format!(
+                "the host certificate is valid from {} to {} but the host clock says {}: a token \
+                 key certified now would not verify; fix the host clock, or enroll the host again \
+                 if the certificate ran out",
+                fmt_time(cert.not_before),
+                fmt_time(cert.not_after),
+                fmt_time(nb)
+            )));
+        }
+        let key = TokenKey::generate()?;
+        let na = nb
+            .saturating_add(2 * cfg.leases.key_epoch.0.as_secs())
+            .min(cert.not_after);
         let public_key = key.public_sec1();
         let q = tpm.quote(key_binding(&public_key, nb, na).to_vec()).await?;
         // Check our own evidence: catches a state dir or certificate from another TPM early.
@@ -323,18 +498,193 @@ impl Service {
         Ok(TokenSigner::new(key, ev, identity.cert_bytes.clone())?)
     }
 
-    /// Replaces the token key with a fresh one certified by a new quote.
+    /// Replaces the token key with a fresh one certified by a new quote. A failure is
+    /// recorded for `status`, the metrics and the answers to token requests, and logged at
+    /// ERROR at most once per [`ROTATION_LOG_EVERY`].
     pub async fn rotate_key(&self) -> Result<(), ServiceError> {
-        let s = Self::make_signer(&self.cfg, &self.identity, &self.tpm).await?;
-        tracing::info!(not_after = %fmt_time(s.evidence().not_after), "token key rotated");
-        if let Ok(mut g) = self.signer.write() {
-            *g = Arc::new(s);
+        match Self::make_signer(&self.cfg, &self.identity, &self.tpm, &self.clock).await {
+            Ok(s) => {
+                let not_after = s.evidence().not_after;
+                let failed = self
+                    .key
+                    .write()
+                    .map(|mut k| {
+                        std::mem::replace(
+                            &mut *k,
+                            KeyHolder {
+                                signer: Some(Arc::new(s)),
+                                ..KeyHolder::default()
+                            },
+                        )
+                    })
+                    .unwrap_or_default();
+                if failed.failures > 0 {
+                    tracing::info!(
+                        not_after = %fmt_time(not_after),
+                        "token key rotated again after {} failed attempt(s) since {}",
+                        failed.failures,
+                        fmt_time(failed.since)
+                    );
+                } else {
+                    tracing::info!(not_after = %fmt_time(not_after), "token key rotated");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let now = unix_now();
+                let key_not_after = self.key_not_after();
+                if let Ok(mut k) = self.key.write() {
+                    if k.failures == 0 {
+                        k.since = now;
+                    }
+                    k.failures += 1;
+                    k.last_error = Some((e.key_error_code(), e.to_string()));
+                    let due = k
+                        .last_logged
+                        .is_none_or(|t| t.elapsed() >= ROTATION_LOG_EVERY);
+                    if due {
+                        k.last_logged = Some(std::time::Instant::now());
+                        tracing::error!(
+                            key_not_after = %fmt_time(key_not_after),
+                            "token key rotation failed ({} attempt(s) since {}), retrying every {:?}: {e}",
+                            k.failures,
+                            fmt_time(k.since),
+                            ROTATION_RETRY
+                        );
+                    }
+                }
+                Err(e)
+            }
         }
-        Ok(())
+    }
+
+    /// Rotates the token key every `[leases] key_epoch`, retries a failed rotation every
+    /// [`ROTATION_RETRY`], and at once when the TPM is back or a request found the key too
+    /// short-lived. Runs until the task is dropped.
+    pub async fn run_key_rotation(self: Arc<Self>) {
+        let epoch = self.cfg.leases.key_epoch.0;
+        let mut recovered = self.tpm.health().recovered();
+        let mut next = tokio::time::Instant::now() + epoch;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.rotate_now.notified() => {}
+                r = recovered.changed() => {
+                    if r.is_err() {
+                        // the TPM thread is gone: only the timer is left
+                        recovered = self.tpm.health().recovered();
+                    }
+                }
+            }
+            let failing = self.key_status().rotation_failures > 0;
+            let short =
+                self.key_not_after() < unix_now().saturating_add(self.cfg.leases.ttl.0.as_secs());
+            if tokio::time::Instant::now() < next && !failing && !short {
+                continue;
+            }
+            next = tokio::time::Instant::now()
+                + match self.rotate_key().await {
+                    Ok(()) => epoch,
+                    Err(_) => ROTATION_RETRY,
+                };
+        }
+    }
+
+    /// The token key's state (for `status` and the metrics).
+    pub fn key_status(&self) -> KeyStatus {
+        let k = self.key.read();
+        let (failures, since, last, not_after) = match &k {
+            Ok(k) => (
+                k.failures,
+                k.since,
+                k.last_error.clone(),
+                k.signer.as_ref().map_or(0, |s| s.evidence().not_after),
+            ),
+            Err(_) => (0, 0, None, 0),
+        };
+        KeyStatus {
+            not_after,
+            rotation_failures: failures,
+            failing_since: (failures > 0).then_some(since),
+            last_error: last.map(|(_, m)| m),
+        }
+    }
+
+    /// The host clock against the TPM clock (for `status` and the metrics).
+    pub fn clock_status(&self) -> crate::clock::ClockStatus {
+        self.clock.status()
+    }
+
+    /// Takes the host clock as right now (`hostbind-proxy clock accept`): the clock reference
+    /// moves to now and a token key is certified at once.
+    pub async fn accept_clock(&self) -> Result<crate::clock::ClockStatus, ServiceError> {
+        let ci = self.tpm.clock_info().await?;
+        let r = self.clock.accept(unix_now(), &ci);
+        let guard = self.clock.clone();
+        match tokio::task::spawn_blocking(move || guard.store(&r)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("cannot store the clock reference: {e}"),
+            Err(e) => tracing::warn!("cannot store the clock reference: {e}"),
+        }
+        self.rotate_key().await?;
+        Ok(self.clock.status())
+    }
+
+    /// The shortest validity a token may be issued with.
+    fn min_token_validity(cfg: &Config) -> u64 {
+        MIN_TOKEN_VALIDITY_SECS.min(cfg.leases.ttl.0.as_secs() / 2)
     }
 
     fn current_signer(&self) -> Option<Arc<TokenSigner>> {
-        self.signer.read().ok().map(|g| g.clone())
+        self.key.read().ok().and_then(|k| k.signer.clone())
+    }
+
+    /// The answer when the token key cannot sign a token that verifies now: why it was not
+    /// renewed (`trouble`: TPM outage, clock), and a rotation is asked for at once.
+    fn key_unavailable(
+        &self,
+        not_after: Option<u64>,
+        trouble: Option<(ErrorCode, String)>,
+        now: u64,
+    ) -> ErrorBody {
+        self.rotate_now.notify_one();
+        let what = match not_after {
+            Some(na) if na <= now => format!("the host's token key expired at {}", fmt_time(na)),
+            Some(na) => format!(
+                "the host's token key is valid only until {} (now {})",
+                fmt_time(na),
+                fmt_time(now)
+            ),
+            None => "the host has no token key".to_string(),
+        };
+        let (code, why) = match trouble {
+            Some((code, why)) => (code, why),
+            None if !self.tpm.health().is_up() => (
+                ErrorCode::TpmUnavailable,
+                format!(
+                    "TPM unavailable: {}",
+                    self.tpm
+                        .health()
+                        .snapshot()
+                        .last_error
+                        .unwrap_or_else(|| "connection lost".into())
+                ),
+            ),
+            None => match self.clock.jumped() {
+                Some(w) => (ErrorCode::ClockSkew, w),
+                None => (
+                    ErrorCode::ClockSkew,
+                    format!(
+                        "the host clock reads {}, outside the key's validity: the clock was set; it is being checked against the TPM clock and a new key certified if it agrees",
+                        fmt_time(now)
+                    ),
+                ),
+            },
+        };
+        self.refused(err(
+            code,
+            format!("{what} and could not be renewed: {why}; no token is issued that would not verify — retry once the host is healthy (see `hostbind-proxy status` on the host)"),
+        ))
     }
 
     /// The configuration.
@@ -350,6 +700,11 @@ impl Service {
     /// The ledger.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// The per-VM limits and their state.
+    pub fn limits(&self) -> &Arc<crate::limits::Limits> {
+        &self.limits
     }
 
     // --- libvirt hook (see libvirt.rs) ---
@@ -449,9 +804,11 @@ impl Service {
     /// Verifies and adds a license (replacing the previous license of its product).
     pub fn add_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
         let l = self.check_license(bytes)?;
+        self.check_not_early(&l, unix_now())?;
         let stored = self.ledger.licenses()?;
         if stored.iter().any(|r| r.id == l.id && r.bytes == bytes) {
             self.activate(l.clone(), bytes.to_vec());
+            self.apply_license(&l)?;
             return Ok(l);
         }
         let replaced = self
@@ -461,7 +818,92 @@ impl Service {
             tracing::info!(old = %old, new = %l.id, product = %l.product, "license replaced");
         }
         self.activate(l.clone(), bytes.to_vec());
+        self.apply_license(&l)?;
         Ok(l)
+    }
+
+    /// Refuses a license that is not valid yet while the installed license of its product
+    /// still is: replacing it would end every lease of the product until the new one starts
+    /// (a renewal the vendor sent early). The admin adds it again once it is valid.
+    fn check_not_early(&self, l: &License, now: u64) -> Result<(), ServiceError> {
+        if l.validity.check(now) != Window::NotYetValid {
+            return Ok(());
+        }
+        let current = self
+            .licenses
+            .read()
+            .ok()
+            .and_then(|m| m.get(&l.product).map(|a| a.license.clone()))
+            .filter(|c| c.id != l.id && c.validity.check(now) == Window::Valid);
+        match current {
+            None => Ok(()),
+            Some(c) => Err(ServiceError::License(format!(
+                "license {} for '{}' is valid only from {}, and the installed license {} is valid until {}: \
+                 replacing it now would end every lease of '{}'; add the new license again on or after {} \
+                 (or remove {} first to switch at once)",
+                l.id,
+                l.product,
+                fmt_time(l.validity.not_before),
+                c.id,
+                fmt_time(c.validity.not_after),
+                l.product,
+                fmt_time(l.validity.not_before),
+                c.id
+            ))),
+        }
+    }
+
+    /// Ends at once the leases of `lic`'s product that `lic` does not cover (after it replaced
+    /// a wider license, or when it stopped being valid): each in the history and the usage log
+    /// with the reason, and its VM told (`lease_revoked`). Returns them.
+    pub fn apply_license(&self, lic: &License) -> Result<Vec<Lease>, ServiceError> {
+        let now = unix_now();
+        let leases = self.ledger.leases()?;
+        let mut by_reason: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (l, why) in crate::coverage::uncovered(&leases, lic, now) {
+            by_reason.entry(why).or_default().push(l.id.clone());
+        }
+        let mut ended = Vec::new();
+        for (why, ids) in by_reason {
+            let gone = self
+                .ledger
+                .release_where(|l| ids.contains(&l.id), &why, now)?;
+            for l in &gone {
+                tracing::warn!(vm = %l.vm_name, lease = %l.id, product = %l.product, "lease ended: {why}");
+                self.meter_end(l, &why, now);
+                self.push(
+                    &l.vm_uuid,
+                    EventKind::LeaseRevoked,
+                    Some(l),
+                    format!("lease {} for '{}' ended: {why}", l.id, l.product),
+                );
+            }
+            ended.extend(gone);
+        }
+        Ok(ended)
+    }
+
+    /// Ends the leases whose product's license is no longer valid (called by the sweep, so a
+    /// lease never outlives its license by more than one sweep interval).
+    fn end_leases_past_their_license(&self, now: u64) {
+        let ended: Vec<License> = self
+            .licenses
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|a| a.license.validity.check(now) != Window::Valid)
+                    .map(|a| a.license.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for l in ended {
+            let has = self.ledger.lease_counts(None, &l.product).1 > 0;
+            if has {
+                if let Err(e) = self.apply_license(&l) {
+                    tracing::error!(product = %l.product, "ending the leases of an invalid license failed: {e}");
+                }
+            }
+        }
     }
 
     /// Removes a license; its leases end and their VMs are told. Refused while `licenses_dir`
@@ -561,7 +1003,29 @@ impl Service {
         }
     }
 
-    /// Signs a token for `lease` under the license `lic` (whose bytes the token carries).
+    /// The token key, when it can sign a token that verifies now and stays valid for at least
+    /// the minimum validity; else the refusal that says why it was not renewed.
+    fn usable_signer(&self, now: u64) -> Result<Arc<TokenSigner>, ErrorBody> {
+        // the key and why it was not renewed, seen together
+        let (signer, trouble) = self
+            .key
+            .read()
+            .map(|k| (k.signer.clone(), k.last_error.clone()))
+            .unwrap_or_default();
+        let signer = signer.ok_or_else(|| self.key_unavailable(None, trouble.clone(), now))?;
+        let ev = signer.evidence();
+        // never a token that is expired or about to be, nor one dated before its key
+        if ev.not_after <= now.saturating_add(Self::min_token_validity(&self.cfg))
+            || now.saturating_add(hostbind_attest::verify::CLOCK_SKEW_SECS) < ev.not_before
+        {
+            return Err(self.key_unavailable(Some(ev.not_after), trouble, now));
+        }
+        Ok(signer)
+    }
+
+    /// Signs a token for `lease` under the license `lic` (whose bytes the token carries). The
+    /// token commits to `chain_head` (the newest id of the agent's chain) but never carries it:
+    /// a chain id is a capability anyone could replay from another VM.
     fn issue(
         &self,
         vm: &Vm,
@@ -570,19 +1034,41 @@ impl Service {
         nonce: Option<&ByteBuf>,
         chain_head: Option<Vec<u8>>,
         fresh: Option<FreshEvidence>,
-    ) -> Result<TokenResponse, ErrorBody> {
-        let signer = self.current_signer().ok_or_else(|| {
-            err(
-                ErrorCode::Internal,
-                "token key unavailable; see the proxy log",
-            )
-        })?;
+    ) -> Result<Issued<'_>, ErrorBody> {
+        let signing = self.issue_gate.enter().ok_or_else(Self::shutting_down)?;
         let now = unix_now();
+        let signer = self.usable_signer(now)?;
+        let ev = signer.evidence();
         // Never past the token key's window nor the license's validity (verifiers check both).
         let exp = lease
             .expires_at
-            .min(signer.evidence().not_after)
+            .min(ev.not_after)
             .min(lic.license.validity.not_after);
+        let min_end = now.saturating_add(Self::min_token_validity(&self.cfg));
+        // `exp - iat >= min validity` (docs/protocol.md); strict, so that a commit crossing a
+        // second boundary does not refuse a lease granted a moment ago
+        if exp < min_end && lic.license.validity.not_after < min_end {
+            return Err(self.refused(err(
+                ErrorCode::LicenseNotValid,
+                format!(
+                    "license {} for '{}' ends at {}, too soon for a useful token; ask the vendor for a renewed license",
+                    lic.license.id,
+                    lease.product,
+                    fmt_time(lic.license.validity.not_after)
+                ),
+            )));
+        }
+        if exp < min_end {
+            // the lease was granted so long ago (a slow ledger commit) that it is about to end
+            return Err(self.refused(err(
+                ErrorCode::Busy,
+                format!(
+                    "lease {} ends at {}, too soon for a useful token: the host is overloaded (its seat ledger took long to commit); retry",
+                    lease.id,
+                    fmt_time(lease.expires_at)
+                ),
+            )));
+        }
         let claims = TokenClaims {
             host_id: self.identity.cert.host_id.to_vec(),
             vm_uuid: vm.uuid.clone(),
@@ -599,7 +1085,7 @@ impl Service {
             issued_at: now,
             expires_at: exp,
             nonce: nonce.map(|n| n.to_vec()),
-            chain_head,
+            chain_commitment: chain_head.map(|h| chain_commitment(&h).to_vec()),
             quote_ref: signer.quote_ref().to_vec(),
             fresh,
             // Seats are counted on this host alone until pool admission is wired in (issue 20).
@@ -611,13 +1097,23 @@ impl Service {
         })?;
         self.counters.tokens_issued.fetch_add(1, Ordering::Relaxed);
         self.counters.metrics.issued_by_product.inc(&lease.product);
-        Ok(TokenResponse {
-            lease_id: lease.id.clone(),
-            token: ByteBuf::from(token),
-            token_expires_at: exp,
-            lease_expires_at: lease.expires_at,
-            grace_secs: lic.license.grace_secs,
+        Ok(Issued {
+            resp: TokenResponse {
+                lease_id: lease.id.clone(),
+                token: ByteBuf::from(token),
+                token_expires_at: exp,
+                lease_expires_at: lease.expires_at,
+                grace_secs: lic.license.grace_secs,
+            },
+            _signing: signing,
         })
+    }
+
+    fn shutting_down() -> ErrorBody {
+        err(
+            ErrorCode::Unavailable,
+            "the host proxy is shutting down and issues no more tokens; retry when it is back (the agent reconnects by itself)",
+        )
     }
 
     fn refused(&self, e: ErrorBody) -> ErrorBody {
@@ -629,13 +1125,28 @@ impl Service {
     }
 
     fn ledger_err(e: LedgerError) -> ErrorBody {
+        static LOG: crate::ratelog::RateLimit =
+            crate::ratelog::RateLimit::new(Duration::from_secs(10));
         match e {
             LedgerError::SeatsExhausted { .. } => err(ErrorCode::SeatsExhausted, e.to_string()),
             LedgerError::UnknownLease { .. } => err(ErrorCode::UnknownLease, e.to_string()),
+            // The ledger logged the fault once when it happened; status shows it.
+            LedgerError::Degraded { .. } => {
+                if let Some(n) = LOG.check() {
+                    tracing::warn!("refusing new leases: {e}{}", crate::ratelog::held_back(n));
+                }
+                err(ErrorCode::Unavailable, e.to_string())
+            }
             other => {
-                tracing::error!("ledger: {other}");
+                if let Some(n) = LOG.check() {
+                    tracing::error!("ledger: {other}{}", crate::ratelog::held_back(n));
+                }
                 err(
-                    ErrorCode::Internal,
+                    if other.is_storage() {
+                        ErrorCode::Unavailable
+                    } else {
+                        ErrorCode::Internal
+                    },
                     format!("the host's seat ledger failed: {other}"),
                 )
             }
@@ -664,11 +1175,19 @@ impl Service {
             .await
             .map(Some)
             .map_err(|e| {
-                tracing::error!("TPM-fresh nonce: {e}");
-                err(
-                    ErrorCode::Internal,
-                    format!("the host's TPM could not cover the nonce: {e}"),
-                )
+                if self.tpm.health().is_up() {
+                    tracing::error!("TPM-fresh nonce: {e}");
+                    err(
+                        ErrorCode::Internal,
+                        format!("the host's TPM could not cover the nonce: {e}"),
+                    )
+                } else {
+                    // the TPM thread logs the outage once; no ERROR line per request
+                    self.refused(err(
+                        ErrorCode::TpmUnavailable,
+                        format!("the host's TPM could not cover the nonce: {e}; retry once the host's TPM is back"),
+                    ))
+                }
             })
     }
 
@@ -684,12 +1203,13 @@ impl Service {
         req: &TokenRequest,
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
-        let r = self.token_unmetered(vm, req, fresh);
+        let (r, signing) = split(self.token_unmetered(vm, req, fresh));
         let scope = match req.scope {
             Scope::Vm => "vm",
             Scope::Process => "process",
         };
         self.meter_token(vm, &req.product, &r, Some(scope));
+        drop(signing);
         r
     }
 
@@ -698,13 +1218,19 @@ impl Service {
         vm: &Vm,
         req: &TokenRequest,
         fresh: Option<FreshEvidence>,
-    ) -> Result<TokenResponse, ErrorBody> {
+    ) -> Result<Issued<'_>, ErrorBody> {
+        if self.issue_gate.is_closed() {
+            return Err(Self::shutting_down());
+        }
         check_nonce(req.nonce.as_ref()).map_err(|e| self.refused(e))?;
         let active = self
             .license_for(&req.product)
             .map_err(|e| self.refused(e))?;
         let lic = &active.license;
         check_features(&req.product, &req.features, lic).map_err(|e| self.refused(e))?;
+        // Before the chain write and the ledger: a VM over its lease caps costs nothing more.
+        self.check_lease_caps(vm, &req.product)
+            .map_err(|e| self.refused(e))?;
         self.check_chain(vm, &req.chain, Some((&req.product, lic.clone_policy)))
             .map_err(|e| self.refused(e))?;
         let (scope, pid) = match req.scope {
@@ -719,6 +1245,9 @@ impl Service {
                 }
             },
         };
+        // no new lease (and seat) for a request that cannot get a token: a TPM outage or a clock
+        // problem would fill the seats with leases nobody knows about
+        self.usable_signer(unix_now())?;
         // --- libvirt hook: assignment in the domain metadata, seat reservations (libvirt.rs) ---
         let admission = match self.libvirt.get() {
             Some(lv) => Some(
@@ -742,7 +1271,8 @@ impl Service {
                 features: &req.features,
                 scope,
                 pid,
-                ttl_secs: self.cfg.leases.ttl.0.as_secs(),
+                pid_start: pid.and(req.pid_start),
+                ttl_secs: self.ttl_until(lic, now),
                 now,
                 seats,
                 mode: lic.count_mode,
@@ -756,6 +1286,8 @@ impl Service {
             })?;
         drop(admission);
         tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
+        // Clone-graph eviction keeps the head a live lease was served with.
+        self.limits.note_head(&lease.id, req.chain.last());
         self.issue(
             vm,
             &lease,
@@ -764,6 +1296,14 @@ impl Service {
             req.chain.last().map(|c| c.to_vec()),
             fresh,
         )
+        .inspect_err(|e| {
+            // No token, no seat: the guest never learns this lease.
+            let _ = self.ledger.release(
+                &lease.id,
+                &format!("no token was issued: {}", e.message),
+                unix_now(),
+            );
+        })
     }
 
     fn own_lease(&self, vm: &Vm, id: &str) -> Result<Lease, ErrorBody> {
@@ -789,13 +1329,14 @@ impl Service {
         r: &Renew,
         fresh: Option<FreshEvidence>,
     ) -> Result<TokenResponse, ErrorBody> {
-        // The lease as it was, for its usage records; not looked up while metering is off.
+        // The lease as it was, for its usage records and the refusal count.
         let before = self
-            .usage
-            .get()
-            .and_then(|_| self.ledger.lease(&r.lease_id).ok().flatten())
+            .ledger
+            .lease(&r.lease_id)
+            .ok()
+            .flatten()
             .filter(|l| l.vm_uuid == vm.uuid);
-        let res = self.renew_unmetered(vm, r, fresh);
+        let (res, signing) = split(self.renew_unmetered(vm, r, fresh));
         if let (Err(_), Some(l)) = (&res, &before) {
             if !matches!(self.ledger.lease(&l.id), Ok(Some(_))) {
                 let now = unix_now();
@@ -809,6 +1350,7 @@ impl Service {
         }
         let product = before.map(|l| l.product).unwrap_or_default();
         self.meter_token(vm, &product, &res, None);
+        drop(signing);
         res
     }
 
@@ -817,7 +1359,10 @@ impl Service {
         vm: &Vm,
         r: &Renew,
         fresh: Option<FreshEvidence>,
-    ) -> Result<TokenResponse, ErrorBody> {
+    ) -> Result<Issued<'_>, ErrorBody> {
+        if self.issue_gate.is_closed() {
+            return Err(Self::shutting_down());
+        }
         check_nonce(r.nonce.as_ref()).map_err(|e| self.refused(e))?;
         let lease = self.own_lease(vm, &r.lease_id)?;
         // The license may have been replaced since the lease began: the new one must still
@@ -835,6 +1380,23 @@ impl Service {
             }
         };
         let lic = &active.license;
+        // ... and its seats, counted as the current license counts them (the oldest leases
+        // keep theirs).
+        let now = unix_now();
+        if self.beyond_seats(&lease.id, &lease.product, lic, now)? {
+            let why = format!(
+                "license {} for '{}' grants {} seats ({} count) and older leases hold them",
+                lic.id, lease.product, lic.seats, lic.count_mode
+            );
+            let _ = self.ledger.release(&lease.id, &why, now);
+            return Err(self.refused(err(
+                ErrorCode::SeatsExhausted,
+                format!(
+                    "lease {} ended: {why}; request a new token when a seat is free",
+                    lease.id
+                ),
+            )));
+        }
         if let Err(e) = self.check_chain(vm, &r.chain, Some((&lease.product, lic.clone_policy))) {
             if e.code == ErrorCode::CloneRefused {
                 let _ = self
@@ -845,8 +1407,9 @@ impl Service {
         }
         let lease = self
             .ledger
-            .renew(&r.lease_id, self.cfg.leases.ttl.0.as_secs(), unix_now())
+            .renew(&r.lease_id, self.ttl_until(lic, now), now)
             .map_err(Self::ledger_err)?;
+        self.limits.note_head(&lease.id, r.chain.last());
         self.issue(
             vm,
             &lease,
@@ -859,7 +1422,8 @@ impl Service {
 
     /// Releases a lease of `vm`.
     pub fn release(&self, vm: &Vm, lease_id: &str) -> Result<(), ErrorBody> {
-        self.own_lease(vm, lease_id)?;
+        self.own_lease(vm, lease_id)
+            .inspect_err(|e| self.count_refusal(vm, "", e))?;
         let l = self
             .ledger
             .release(lease_id, "released by the guest", unix_now())
@@ -867,6 +1431,74 @@ impl Service {
         self.meter_end(&l, "released by the guest", unix_now());
         tracing::info!(vm = %vm.name, lease = %lease_id, "lease released by guest");
         Ok(())
+    }
+
+    /// One page of the live leases `vm` holds, oldest first (answer to a `lease_query`).
+    pub fn vm_leases(&self, vm: &Vm, offset: u32) -> Result<LeaseList, ErrorBody> {
+        let all: Vec<Lease> = self
+            .ledger
+            .leases()
+            .map_err(Self::ledger_err)?
+            .into_iter()
+            .filter(|l| l.vm_uuid == vm.uuid && l.expires_at > unix_now())
+            .collect();
+        let page = hostbind_attest::wire::LEASE_PAGE;
+        let start = (offset as usize).min(all.len());
+        let end = (start + page).min(all.len());
+        Ok(LeaseList {
+            more: end < all.len(),
+            leases: all[start..end]
+                .iter()
+                .map(|l| HeldLease {
+                    lease_id: l.id.clone(),
+                    product: l.product.clone(),
+                    features: l.features.clone(),
+                    scope: match l.scope {
+                        LeaseScope::Vm => Scope::Vm,
+                        LeaseScope::Process => Scope::Process,
+                    },
+                    pid: l.pid,
+                    pid_start: l.pid_start,
+                    lease_expires_at: l.expires_at,
+                })
+                .collect(),
+        })
+    }
+
+    /// Cancelled when the daemon shuts down: connections stop reading new requests.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Runs a connection task so that shutdown can wait for it ([`Service::drain`]).
+    pub fn spawn_connection<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.connections.spawn(fut);
+    }
+
+    /// Shutdown, step 1: stop reading new requests and wait up to `deadline` for the requests
+    /// in progress to be answered. Returns the connections still running at the deadline.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.shutdown.cancel();
+        self.connections.close();
+        if tokio::time::timeout(deadline, self.connections.wait())
+            .await
+            .is_err()
+        {
+            return self.connections.len();
+        }
+        0
+    }
+
+    /// Shutdown, step 2 (blocking; run on a blocking thread): no token is issued from now on;
+    /// returns once every token being signed is also metered.
+    pub fn close_issue(&self) {
+        self.issue_gate.closed.store(true, Ordering::SeqCst);
+        while self.issue_gate.signing.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Admin: releases any lease and tells its VM.
@@ -893,7 +1525,8 @@ impl Service {
 
     /// Ends lapsed leases and tells their VMs.
     pub fn sweep(&self) -> Result<usize, ServiceError> {
-        self.prune_chains(unix_now());
+        self.maintain(unix_now());
+        self.end_leases_past_their_license(unix_now());
         let expired = self.ledger.expire(unix_now())?;
         for l in &expired {
             self.meter_end(l, "expired", l.expires_at.min(unix_now()));
@@ -964,9 +1597,22 @@ impl Service {
 // --- usage hook: metering into the usage log (usage.rs) ---
 impl Service {
     /// Starts metering into `log` (its key comes from the licenses' metering key).
+    /// The leases ended while the licenses of `licenses_dir` were added at start go into it
+    /// now (the log is attached after [`Service::start`]).
     pub fn set_usage(&self, log: Arc<crate::usage::UsageLog>) {
         let _ = self.usage.set(log);
         self.update_metering_key();
+        for (l, why, at) in self.take_ended_at_start() {
+            self.meter_end(&l, &why, at);
+        }
+    }
+
+    /// The leases ended at start, waiting for the usage log.
+    fn take_ended_at_start(&self) -> Vec<(Lease, String, u64)> {
+        self.ended_at_start
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
     }
 
     /// The usage log, when metering runs.
@@ -1002,7 +1648,15 @@ impl Service {
     }
 
     fn meter_end(&self, l: &Lease, reason: &str, at: u64) {
-        let Some(u) = self.usage.get() else { return };
+        let Some(u) = self.usage.get() else {
+            // during start: kept for set_usage
+            if self.starting.load(Ordering::Relaxed) {
+                if let Ok(mut e) = self.ended_at_start.lock() {
+                    e.push((l.clone(), reason.to_string(), at));
+                }
+            }
+            return;
+        };
         if let Some(lic) = self.metered_license(&l.product) {
             u.record(hostbind_attest::usage::UsageRecord::LeaseEnd {
                 at,
@@ -1064,6 +1718,10 @@ impl Service {
         res: &Result<TokenResponse, ErrorBody>,
         new_lease: Option<&str>,
     ) {
+        let t = match res {
+            Ok(t) => t,
+            Err(e) => return self.count_refusal(vm, product, e),
+        };
         let Some(u) = self.usage.get() else { return };
         let lic = self.metered_license(product);
         let has_license = self
@@ -1075,9 +1733,221 @@ impl Service {
             return; // that product's license is not metered
         }
         let now = unix_now();
-        for r in crate::usage::token_records(vm, product, lic.as_ref(), res, new_lease, now) {
+        for r in crate::usage::token_records(vm, product, lic.as_ref(), t, new_lease, now) {
             u.record(r);
         }
     }
 }
 // --- end usage hook ---
+
+// --- limits hook: what one VM may cost the host (limits.rs, refusals.rs, coverage.rs) ---
+impl Service {
+    /// Refuses a new lease for `product` when `vm` holds as many live leases as
+    /// `[limits] leases_per_vm` / `leases_per_vm_product` allow.
+    fn check_lease_caps(&self, vm: &Vm, product: &str) -> Result<(), ErrorBody> {
+        let (held, of_product) = self.ledger.lease_counts(Some(&vm.uuid), product);
+        self.limits
+            .check_leases(&vm.uuid, product, held, of_product)
+    }
+
+    /// Whether lease `id` of `product` is beyond the seats of `lic` (the oldest leases keep
+    /// theirs). Copies the leases only when the product is over its seats (after a license
+    /// with fewer seats replaced a wider one), not on every renewal.
+    fn beyond_seats(
+        &self,
+        id: &str,
+        product: &str,
+        lic: &License,
+        now: u64,
+    ) -> Result<bool, ErrorBody> {
+        let (in_use, _) = self
+            .ledger
+            .seats_in_use(product, lic.count_mode, now)
+            .map_err(Self::ledger_err)?;
+        if in_use <= lic.seats || lic.count_mode == hostbind_attest::signed::CountMode::None {
+            return Ok(false);
+        }
+        let all = self.ledger.leases().map_err(Self::ledger_err)?;
+        Ok(
+            crate::coverage::over_seats(&all, product, lic.seats, lic.count_mode, now)
+                .iter()
+                .any(|l| l.id == id),
+        )
+    }
+
+    /// The TTL of a lease of `lic` taken or renewed at `now`: the configured one, but never
+    /// past the license's end.
+    fn ttl_until(&self, lic: &License, now: u64) -> u64 {
+        self.cfg
+            .leases
+            .ttl
+            .0
+            .as_secs()
+            .min(lic.validity.not_after.saturating_sub(now))
+    }
+
+    /// Counts a refused request of `vm` for `product` (empty when it named none) for the
+    /// history and the usage log (refusals.rs): never the name of a product without a license.
+    pub(crate) fn count_refusal(&self, vm: &Vm, product: &str, e: &ErrorBody) {
+        use crate::refusals::Product;
+        let now = unix_now();
+        let m = self.licenses.read().ok();
+        let lic = m.as_ref().and_then(|m| m.get(product)).map(|a| &a.license);
+        let p = match lic {
+            _ if product.is_empty() => Product::None,
+            Some(l) => Product::Licensed {
+                name: product,
+                license_id: &l.id,
+                customer: &l.customer,
+            },
+            None => Product::Unlicensed,
+        };
+        self.limits.refusals.add((&vm.uuid, &vm.name), p, e, now);
+    }
+
+    /// Counts a request refused by the transport (e.g. a Hello over the VM's rate) like any
+    /// other refusal.
+    pub fn refuse_request(&self, vm: &Vm, product: &str, e: ErrorBody) -> ErrorBody {
+        let e = self.refused(e);
+        self.count_refusal(vm, product, &e);
+        e
+    }
+
+    /// For a TPM-fresh token request or renewal (other bodies pass): everything that would
+    /// refuse it, checked before the TPM is asked to quote: the VM's TPM-fresh rate, the nonce,
+    /// the license (exists, valid, grants the features), the lease caps and a free seat (a
+    /// token request) or the lease (a renewal). A refusal here is counted like any other.
+    pub fn admit_fresh(&self, vm: &Vm, body: &Body) -> Result<(), ErrorBody> {
+        let (product, res) = match body {
+            Body::TokenRequest(r) if r.tpm_fresh => {
+                (r.product.clone(), self.admit_fresh_token(vm, r))
+            }
+            Body::Renew(r) if r.tpm_fresh => {
+                let lease = self.own_lease(vm, &r.lease_id);
+                let product = lease
+                    .as_ref()
+                    .map(|l| l.product.clone())
+                    .unwrap_or_default();
+                let res = lease.and_then(|l| {
+                    self.limits
+                        .charge(&vm.uuid, crate::limits::Charge::TpmFresh, 1)?;
+                    check_nonce(r.nonce.as_ref())?;
+                    let a = self.license_for(&l.product)?;
+                    check_features(&l.product, &l.features, &a.license)
+                });
+                (product, res)
+            }
+            _ => return Ok(()),
+        };
+        res.map_err(|e| self.refuse_request(vm, &product, e))
+    }
+
+    fn admit_fresh_token(&self, vm: &Vm, r: &TokenRequest) -> Result<(), ErrorBody> {
+        self.limits
+            .charge(&vm.uuid, crate::limits::Charge::TpmFresh, 1)?;
+        check_nonce(r.nonce.as_ref())?;
+        let active = self.license_for(&r.product)?;
+        let lic = &active.license;
+        check_features(&r.product, &r.features, lic)?;
+        self.check_lease_caps(vm, &r.product)?;
+        // --- libvirt hook: the assignment and the seats other domains' reservations leave ---
+        let seats = match self.libvirt.get() {
+            Some(lv) => {
+                lv.admit(vm, &r.product, lic.seats, lic.count_mode, || {
+                    self.ledger.leases().unwrap_or_default()
+                })?
+                .seats
+            }
+            None => lic.seats,
+        };
+        // --- end libvirt hook ---
+        let (in_use, holders) = self
+            .ledger
+            .seats_in_use(&r.product, lic.count_mode, unix_now())
+            .map_err(Self::ledger_err)?;
+        let holds = self.ledger.lease_counts(Some(&vm.uuid), &r.product).1 > 0;
+        let full = match lic.count_mode {
+            hostbind_attest::signed::CountMode::None => false,
+            hostbind_attest::signed::CountMode::Access => in_use >= seats,
+            hostbind_attest::signed::CountMode::Vm => !holds && in_use >= seats,
+        };
+        if full {
+            return Err(Self::ledger_err(LedgerError::SeatsExhausted {
+                product: r.product.clone(),
+                seats,
+                in_use,
+                holders,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Writes the refusal counts of the interval: one history entry each, and a usage record
+    /// for those of a product without a license or with a metered one.
+    pub fn flush_refusals(&self) {
+        let (counts, uncounted) = self.limits.refusals.take();
+        if counts.is_empty() && uncounted == 0 {
+            return;
+        }
+        let mut hist: Vec<_> = counts
+            .iter()
+            .map(|c| {
+                (
+                    crate::ledger::HistoryEvent::Refused,
+                    Some(c.vm_uuid.clone()),
+                    (!c.product.is_empty()).then(|| c.product.clone()),
+                    c.detail(),
+                )
+            })
+            .collect();
+        if uncounted > 0 {
+            hist.push((
+                crate::ledger::HistoryEvent::Refused,
+                None,
+                None,
+                format!(
+                    "{uncounted} more requests refused (over {} VM, code and product counters in one interval)",
+                    crate::refusals::MAX_COUNTERS
+                ),
+            ));
+        }
+        if let Err(e) = self.ledger.append_history(hist, unix_now()) {
+            tracing::error!("could not write the refusal counts to the ledger history: {e}");
+        }
+        if let Some(u) = self.usage.get() {
+            for c in &counts {
+                let metered = c.product == crate::refusals::UNLICENSED
+                    || (!c.product.is_empty() && self.metered_license(&c.product).is_some());
+                if metered {
+                    u.record(crate::usage::refusal_record(c));
+                }
+            }
+        }
+    }
+
+    /// Periodic upkeep of the bounds, from the lease sweep (a blocking thread): the refusal
+    /// counts every `[limits] refusal_interval`; at most once a minute the clone graph's
+    /// retention and caps, the history's retention (`[history]`), and the limit state of
+    /// VMs gone quiet.
+    pub fn maintain(&self, now: u64) {
+        let every = self.cfg.limits.refusal_interval.0.as_secs().max(1);
+        if self.limits.due(crate::limits::Chore::Refusals, now, every) {
+            self.flush_refusals();
+        }
+        if !self.limits.due(crate::limits::Chore::Prune, now, 60) {
+            return;
+        }
+        self.prune_chains(now);
+        let h = &self.cfg.history;
+        match self
+            .ledger
+            .prune_history(h.max_age.0.as_secs(), h.max_entries, now)
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("pruned {n} history entries ([history] max_age, max_entries)"),
+            Err(e) => tracing::warn!("pruning the ledger history failed: {e}"),
+        }
+        self.limits.forget_idle();
+    }
+}
+// --- end limits hook ---

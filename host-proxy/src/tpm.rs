@@ -72,12 +72,14 @@ pub enum TpmError {
         tcti: String,
     },
     /// The TSS context could not be created (device missing, no permission, swtpm not running).
-    #[error("cannot open TPM via TCTI '{tcti}': {source} — {hint}")]
+    #[error("cannot open TPM via TCTI '{tcti}': {detail} — {hint}")]
     Open {
         /// The TCTI string.
         tcti: String,
         /// What to check.
         hint: String,
+        /// The TSS error in words.
+        detail: String,
         /// The TSS error.
         #[source]
         source: tss_esapi::Error,
@@ -92,6 +94,74 @@ pub enum TpmError {
         /// The TSS error.
         #[source]
         source: tss_esapi::Error,
+    },
+    /// The connection to the TPM failed (device gone, simulator stopped, transport error).
+    #[error(
+        "TPM connection lost during {op}: {detail} — the TPM behind the configured TCTI stopped \
+         answering (swtpm or the TPM device went away); hostbind-proxy reconnects by itself"
+    )]
+    ConnectionLost {
+        /// Which operation.
+        op: &'static str,
+        /// The TSS error in words.
+        detail: String,
+        /// The TSS error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// A key hostbind had loaded is no longer in the TPM (flushed by another client on a TPM
+    /// without resource manager, or the TPM was reset).
+    #[error(
+        "TPM {op} failed: {source} — a key hostbind-proxy had loaded is gone from the TPM \
+         (flushed by another TPM client, or the TPM was reset); hostbind-proxy reloads it"
+    )]
+    ObjectGone {
+        /// Which operation.
+        op: &'static str,
+        /// The TSS error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// The TPM was reset and waits for TPM2_Startup.
+    #[error(
+        "TPM {op} failed: {source} — the TPM was reset and not started again; hostbind-proxy \
+         sends TPM2_Startup and reloads its keys"
+    )]
+    NotStarted {
+        /// Which operation.
+        op: &'static str,
+        /// The TSS error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// The TPM is unreachable right now; the TPM thread is reconnecting.
+    #[error(
+        "TPM unavailable: connection lost at {since} ({last_error}); reconnecting ({attempts} \
+         attempts so far, next in {next_retry_secs}s) — check that the TPM behind '{tcti}' is up"
+    )]
+    Unavailable {
+        /// The TCTI.
+        tcti: String,
+        /// When the connection was lost (RFC 3339).
+        since: String,
+        /// Why it was lost, or why the last attempt failed.
+        last_error: String,
+        /// Reconnect attempts since then.
+        attempts: u64,
+        /// Seconds until the next attempt.
+        next_retry_secs: u64,
+    },
+    /// A key loaded again after a reconnect is not the one loaded at start.
+    #[error(
+        "the TPM behind '{tcti}' now holds a different {what} than when hostbind-proxy started \
+         — the TPM was replaced or its state restored from elsewhere; check the TPM and restart \
+         hostbind-proxy (enroll again if the TPM really changed)"
+    )]
+    Changed {
+        /// The TCTI.
+        tcti: String,
+        /// "endorsement key" or "attestation key".
+        what: &'static str,
     },
     /// No EK certificate from the TPM maker is in NV.
     #[error(
@@ -216,7 +286,121 @@ const HINT_EH: &str =
      tpm2_getcap properties-variable; reset it with tpm2_changeauth -c e)";
 
 fn cmd(op: &'static str, hint: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
-    move |source| TpmError::Command { op, hint, source }
+    move |source| match fault_of(&source) {
+        Fault::Connection => TpmError::ConnectionLost {
+            op,
+            detail: tss_detail(&source),
+            source,
+        },
+        Fault::ObjectGone => TpmError::ObjectGone { op, source },
+        Fault::NotStarted => TpmError::NotStarted { op, source },
+        Fault::Other => TpmError::Command { op, hint, source },
+    }
+}
+
+/// What a failed TPM command means for the connection (see [`TpmError::fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The transport failed or the TPM is in failure mode: open a new connection.
+    Connection,
+    /// A loaded object is gone (flushed by someone else, or the TPM was reset): load it again.
+    ObjectGone,
+    /// The TPM was reset and needs TPM2_Startup.
+    NotStarted,
+    /// Anything else: report it.
+    Other,
+}
+
+impl TpmError {
+    /// How the TPM thread should react to this error.
+    pub fn fault(&self) -> Fault {
+        match self {
+            TpmError::ConnectionLost { .. }
+            | TpmError::Open { .. }
+            | TpmError::Unavailable { .. } => Fault::Connection,
+            TpmError::ObjectGone { .. } => Fault::ObjectGone,
+            TpmError::NotStarted { .. } => Fault::NotStarted,
+            _ => Fault::Other,
+        }
+    }
+}
+
+/// The raw TSS2_RC of a TSS error (`None` for tss-esapi's own wrapper errors).
+fn raw_rc(e: &tss_esapi::Error) -> Option<u32> {
+    use tss_esapi::constants::response_code::Tss2ResponseCode as Rc;
+    let tss_esapi::Error::Tss2Error(rc) = e else {
+        return None;
+    };
+    // The response code types keep the raw value private; their Display shows it in hex.
+    let text = match rc {
+        Rc::Success => return Some(0),
+        Rc::FormatZero(z) => z.to_string(),
+        Rc::FormatOne(o) => o.to_string(),
+    };
+    let hex = text.rsplit("0x").next()?;
+    u32::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// A TSS error in words: tss-esapi names TPM response codes but not those of the TSS layers
+/// (TCTI, ESAPI), which are what a lost connection produces.
+fn tss_detail(e: &tss_esapi::Error) -> String {
+    let Some(rc) = raw_rc(e) else {
+        return e.to_string();
+    };
+    let layer = (rc >> 16) & 0xff;
+    let what = match (layer, rc & 0xffff) {
+        (LAYER_TCTI, 0x0a) => "I/O error: the TPM (or simulator) does not answer",
+        (LAYER_TCTI, 0x0b) => "bad value (the TCTI configuration is wrong)",
+        (LAYER_TCTI, 0x0c) => "the TPM (or simulator) is busy with another client",
+        (LAYER_TCTI, _) => "transport (TCTI) error",
+        (LAYER_ESAPI, 0x07) => "TSS out of sequence after an interrupted command",
+        (LAYER_ESAPI, 0x1a) => "malformed response from the TPM",
+        (LAYER_ESAPI, _) => "TSS (ESAPI) error",
+        (LAYER_SYS, _) => "TSS (SAPI) error",
+        _ => return format!("{e} (response code {rc:#x})"),
+    };
+    format!("{what} (TSS response code {rc:#x})")
+}
+
+// TSS2 response code layers (bits 16..23).
+const LAYER_TPM: u32 = 0;
+const LAYER_ESAPI: u32 = 7;
+const LAYER_SYS: u32 = 8;
+const LAYER_TCTI: u32 = 10;
+const LAYER_RESMGR_TPM: u32 = 12;
+
+/// Classifies a TSS error: transport and TSS-layer failures lose the connection; handle
+/// errors mean a loaded object vanished; TPM_RC_INITIALIZE means a reset TPM.
+fn fault_of(e: &tss_esapi::Error) -> Fault {
+    let Some(rc) = raw_rc(e) else {
+        return Fault::Other;
+    };
+    let layer = (rc >> 16) & 0xff;
+    if layer != LAYER_TPM && layer != LAYER_RESMGR_TPM {
+        // ESAPI, SYS, MU, TCTI or resource manager: the command did not reach the TPM or its
+        // answer did not come back whole.
+        return Fault::Connection;
+    }
+    let code = rc & 0xffff;
+    const TPM_RC_INITIALIZE: u32 = 0x100;
+    const TPM_RC_FAILURE: u32 = 0x101;
+    const TPM_RC_REBOOT: u32 = 0x130;
+    const TPM_RC_HANDLE: u32 = 0x0b;
+    const TPM_RC_REFERENCE_H0: u32 = 0x910;
+    const TPM_RC_REFERENCE_H6: u32 = 0x916;
+    if code & 0x80 != 0 {
+        // format one: error number in bits 0..5; bit 6 clear = about a handle
+        if code & 0x3f == TPM_RC_HANDLE && code & 0x40 == 0 {
+            return Fault::ObjectGone;
+        }
+        return Fault::Other;
+    }
+    match code {
+        TPM_RC_INITIALIZE | TPM_RC_REBOOT => Fault::NotStarted,
+        TPM_RC_FAILURE => Fault::Connection,
+        TPM_RC_REFERENCE_H0..=TPM_RC_REFERENCE_H6 => Fault::ObjectGone,
+        _ => Fault::Other,
+    }
 }
 
 /// AK template tweak: `noDA`. The AK has an empty password, so dictionary-attack protection
@@ -389,6 +573,7 @@ impl Tpm {
         let ctx = Context::new(conf).map_err(|source| TpmError::Open {
             tcti: tcti.to_owned(),
             hint: hint.to_owned(),
+            detail: tss_detail(&source),
             source,
         })?;
         let mut tpm = Tpm {
@@ -522,6 +707,15 @@ impl Tpm {
     /// Loads the AK from `state_dir/ak.{pub,priv}`, or creates one under the EK and persists it
     /// there (atomic writes, mode 0600). The AK stays loaded in this `Tpm`.
     pub fn load_or_create_ak(&mut self, state_dir: &Path) -> Result<AkInfo> {
+        self.load_ak_from(state_dir, true)
+    }
+
+    /// Loads the AK from `state_dir/ak.{pub,priv}` (never creates one). The AK stays loaded.
+    pub fn load_ak(&mut self, state_dir: &Path) -> Result<AkInfo> {
+        self.load_ak_from(state_dir, false)
+    }
+
+    fn load_ak_from(&mut self, state_dir: &Path, create: bool) -> Result<AkInfo> {
         if let Some(ak) = &self.ak {
             return Ok(ak.info.clone());
         }
@@ -542,6 +736,13 @@ impl Tpm {
         };
         let (public, private) = match (present(&pub_path)?, present(&priv_path)?) {
             (true, true) => read_ak_files(&pub_path, &priv_path)?,
+            (false, false) if !create => {
+                return Err(TpmError::StateIo {
+                    what: "cannot reload the AK: its blob is gone",
+                    path: pub_path,
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                })
+            }
             (false, false) => {
                 let created = ak::create_ak_2(
                     &mut self.ctx,
@@ -587,9 +788,12 @@ impl Tpm {
             reason,
         })?;
         let handle = ak::load_ak(&mut self.ctx, ek_handle, None, private, public.clone()).map_err(
-            |source| TpmError::AkForeign {
-                path: priv_path.clone(),
-                source,
+            |source| match fault_of(&source) {
+                Fault::Other => TpmError::AkForeign {
+                    path: priv_path.clone(),
+                    source,
+                },
+                _ => cmd("Load(AK)", HINT_GENERIC)(source),
             },
         )?;
         let name = match self.ctx.read_public(handle) {
@@ -618,6 +822,46 @@ impl Tpm {
             info: info.clone(),
         });
         Ok(info)
+    }
+
+    /// Loads the EK and AK again in this connection, after they vanished from the TPM
+    /// (flushed by another client, or a TPM reset). Handles of the old copies are flushed if
+    /// they still exist. Returns the endorsement and the AK, for the caller to check that they
+    /// are the ones it had.
+    pub fn reload_keys(&mut self, state_dir: &Path) -> Result<(Endorsement, AkInfo)> {
+        let old: Vec<KeyHandle> = self
+            .ak
+            .take()
+            .map(|a| a.handle)
+            .into_iter()
+            .chain(self.ek.take().map(|e| e.handle))
+            .collect();
+        for h in old {
+            let mut obj = h.into();
+            if self.ctx.flush_context(obj).is_err() {
+                // already gone from the TPM: only forget it in the TSS
+                let _ = self.ctx.tr_close(&mut obj);
+            }
+        }
+        let endorsement = self.endorsement()?;
+        let ak = self.load_ak(state_dir)?;
+        Ok((endorsement, ak))
+    }
+
+    /// Sends TPM2_Startup(CLEAR) to a TPM that was reset and waits for it.
+    pub fn startup(&mut self) -> Result<()> {
+        self.ctx
+            .startup(tss_esapi::constants::StartupType::Clear)
+            .map_err(cmd("Startup", HINT_GENERIC))
+    }
+
+    /// A cheap check that the TPM answers and still holds the AK (TPM2_ReadPublic of it).
+    pub fn probe(&mut self) -> Result<()> {
+        let ak = self.loaded_ak("probe")?;
+        self.ctx
+            .read_public(ak)
+            .map(|_| ())
+            .map_err(cmd("ReadPublic(AK)", HINT_GENERIC))
     }
 
     fn loaded_ak(&self, op: &'static str) -> Result<KeyHandle> {
@@ -1130,6 +1374,46 @@ mod tests {
         let err = Tpm::open("carrier-pigeon:host=1").unwrap_err();
         assert!(matches!(err, TpmError::BadTcti { .. }), "{err}");
         assert!(err.to_string().contains("device:/dev/tpmrm0"));
+    }
+
+    #[test]
+    fn faults_are_told_apart_by_layer_and_code() {
+        use tss_esapi::constants::response_code::Tss2ResponseCode;
+        let e = |rc: u32| tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(rc));
+        assert_eq!(raw_rc(&e(0x000a_000a)), Some(0x000a_000a));
+        // TCTI I/O error (swtpm gone), ESAPI bad sequence, TPM in failure mode
+        for rc in [0x000a_000a, 0x0007_0007, 0x101] {
+            assert_eq!(fault_of(&e(rc)), Fault::Connection, "{rc:#x}");
+        }
+        // TPM_RC_HANDLE for handle 1, TPM_RC_REFERENCE_H0: a loaded key is gone
+        for rc in [0x18b, 0x910] {
+            assert_eq!(fault_of(&e(rc)), Fault::ObjectGone, "{rc:#x}");
+        }
+        assert_eq!(fault_of(&e(0x100)), Fault::NotStarted);
+        // TPM_RC_VALUE of parameter 1, TPM_RC_HANDLE of a parameter, lockout: not the link
+        for rc in [0x1c4, 0x1cb, 0x921] {
+            assert_eq!(fault_of(&e(rc)), Fault::Other, "{rc:#x}");
+        }
+        assert_eq!(
+            fault_of(&tss_esapi::Error::WrapperError(
+                tss_esapi::WrapperErrorKind::InvalidParam
+            )),
+            Fault::Other
+        );
+    }
+
+    #[test]
+    fn a_lost_connection_is_not_blamed_on_pcr_banks() {
+        use tss_esapi::constants::response_code::Tss2ResponseCode;
+        let io = tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(0x000a_000a));
+        let m = cmd("Quote", "is the sha256 PCR bank active (tpm2_getcap pcrs)?")(io).to_string();
+        assert!(m.contains("connection lost") && !m.contains("PCR"), "{m}");
+        let gone = tss_esapi::Error::Tss2Error(Tss2ResponseCode::from(0x18b));
+        let m = cmd("GetTime", HINT_EH)(gone).to_string();
+        assert!(
+            m.contains("gone from the TPM") && !m.contains("password"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@
 use crate::config::Dur;
 use crate::ledger::Lease;
 use crate::tpm_service::{NvCounterOp, TpmService, TpmServiceError};
+use crate::usage_spill::{Spill, MAX_SPILL_BYTES};
 use hostbind_attest::usage::{
     block_hash, block_intact, seal_block, BlockBody, BlockHeader, LeaseRef, MeteringKey, TpmClock,
     UsageError, UsageRecord, VmRef, BLOCK_SIZE, MAX_BODY,
@@ -36,6 +37,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// File name of the log in the usage dir.
 pub const LOG_FILE: &str = "usage.log";
@@ -118,6 +120,9 @@ pub enum UsageLogError {
     /// Sealing failed.
     #[error(transparent)]
     Seal(#[from] UsageError),
+    /// The spill file of unsealed records failed.
+    #[error("usage log: {0}")]
+    Spill(String),
     /// The log has no blocks to export.
     #[error("usage log {0} does not exist or holds no sealed block yet (nothing metered so far, or metering is off: see `[usage]` and the licenses' metering key)")]
     Empty(String),
@@ -160,7 +165,7 @@ pub fn lease_ref(l: &Lease, customer: &str) -> LeaseRef {
 }
 
 struct Writer {
-    file: File,
+    file: Arc<File>,
     next_seq: u64,
     prev: [u8; 32],
     /// The counter value in the last block.
@@ -215,6 +220,9 @@ struct Pending {
     tokens: HashMap<(String, u64), usize>,
     /// Leases with a start or renewal in `records`.
     renewed: HashSet<String>,
+    /// Set by [`UsageLog::close`] when it takes the last records: the time everything
+    /// recorded before is sealed or on disk. Records after it are lost (and named).
+    closed_at: Option<u64>,
 }
 
 impl Pending {
@@ -310,19 +318,25 @@ pub struct UsageLog {
     path: PathBuf,
     host_id: String,
     nv_index: u32,
+    flush_secs: u64,
+    started_at: u64,
     tpm: TpmService,
     key: RwLock<Option<MeteringKey>>,
     pending: Mutex<Pending>,
     writer: tokio::sync::Mutex<Writer>,
+    /// Records that could not be sealed, on disk (used on blocking threads, under `writer`).
+    spill: Arc<Mutex<Spill>>,
     full: tokio::sync::Notify,
+    stats: UsageStats,
+    /// A record came after [`UsageLog::close`]: the run marker stays so the next start
+    /// names the loss.
+    late: std::sync::atomic::AtomicBool,
     seal: Mutex<SealStats>,
 }
 
 /// How sealing has gone since the daemon started (for `status` and the metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SealStats {
-    /// Flushes that failed.
-    pub failures: u64,
     /// Unix seconds blocks were last sealed (the log's opening until then).
     pub last_ok: u64,
     /// Since when sealing fails, and the last error, while it does.
@@ -330,14 +344,18 @@ pub struct SealStats {
 }
 
 /// Cuts a torn tail off the log file and returns the header and hash of the last block left.
-/// Only the last group can be torn (each group is fsynced before the next is written), so the
-/// last [`MAX_GROUP`] blocks are checked and the file is cut at the first whose checksum fails
-/// (the disk may have kept a later block of the group but not an earlier one), as well as at a
-/// partial block.
+///
+/// A torn tail is what an interrupted append leaves: a partial block at the end, and the
+/// blocks after the last one whose checksum matches, when there are at most [`MAX_GROUP`] of
+/// them (one group is one write; the disk may keep a later block of it but not an earlier
+/// one). A block whose checksum matches is never cut, and neither is a damaged block with an
+/// intact one after it (it was damaged or altered in place, not torn): it stays, a warning
+/// names it, and the vendor's report names it too.
 fn repair(path: &Path, file: &mut File) -> Result<Option<(BlockHeader, [u8; 32])>, UsageLogError> {
     let len = file.metadata().map_err(io(path, "stat"))?.len();
-    let mut whole = len / BLOCK_SIZE as u64;
-    let tail = len % BLOCK_SIZE as u64;
+    let bs = BLOCK_SIZE as u64;
+    let whole = len / bs;
+    let tail = len % bs;
     if tail > 0 {
         tracing::warn!(
             "usage log {}: cutting off a partial block of {} bytes (the proxy stopped while writing it)",
@@ -345,42 +363,160 @@ fn repair(path: &Path, file: &mut File) -> Result<Option<(BlockHeader, [u8; 32])
             tail
         );
     }
-    let window = whole.min(MAX_GROUP as u64);
     let mut b = vec![0u8; BLOCK_SIZE];
-    file.seek(SeekFrom::Start((whole - window) * BLOCK_SIZE as u64))
-        .map_err(io(path, "seek"))?;
+    let mut intact = |i: u64, b: &mut [u8]| -> Result<bool, UsageLogError> {
+        file.seek(SeekFrom::Start(i * bs))
+            .map_err(io(path, "seek"))?;
+        file.read_exact(b).map_err(io(path, "read"))?;
+        Ok(block_intact(b))
+    };
+    // the last block that verifies, from the end
     let mut last = None;
-    for i in whole - window..whole {
-        file.read_exact(&mut b).map_err(io(path, "read"))?;
-        if !block_intact(&b) {
-            tracing::warn!(
-                "usage log {}: cutting off blocks {}..{} from the first whose checksum does not match (torn write)",
-                path.display(),
-                i,
-                whole - 1
-            );
-            whole = i;
+    let mut i = whole;
+    while i > 0 {
+        i -= 1;
+        if intact(i, &mut b)? {
+            last = BlockHeader::decode(&b).ok().map(|h| (i, h, block_hash(&b)));
             break;
         }
-        last = BlockHeader::decode(&b).ok().map(|h| (h, block_hash(&b)));
     }
-    if whole > 0 && last.is_none() {
-        // the cut is at the window's first block: the last block left is the one before it
-        file.seek(SeekFrom::Start((whole - 1) * BLOCK_SIZE as u64))
-            .map_err(io(path, "seek"))?;
-        file.read_exact(&mut b).map_err(io(path, "read"))?;
-        last = BlockHeader::decode(&b).ok().map(|h| (h, block_hash(&b)));
+    let after_last = last.as_ref().map_or(0, |(i, _, _)| i + 1);
+    let trailing = whole - after_last;
+    let keep = if trailing == 0 {
+        whole
+    } else if trailing <= MAX_GROUP as u64 {
+        tracing::warn!(
+            "usage log {}: cutting off blocks {}..{} after the last block whose checksum matches (an append torn by a crash)",
+            path.display(),
+            after_last,
+            whole - 1
+        );
+        after_last
+    } else {
+        tracing::error!(
+            "usage log {}: the last {trailing} blocks do not match their checksum, more than one append can tear: the file was damaged; they are kept for the vendor's report to name, and new blocks follow block {}",
+            path.display(),
+            after_last.saturating_sub(1)
+        );
+        whole
+    };
+    // damaged blocks before the last intact one (in the last groups): kept, and named
+    for j in after_last.saturating_sub(MAX_GROUP as u64)..after_last.saturating_sub(1) {
+        if !intact(j, &mut b)? {
+            tracing::warn!(
+                "usage log {}: block {j} does not match its checksum but later blocks do: it was damaged or altered in place, not torn by a crash; it is kept, and the vendor's usage report names it",
+                path.display()
+            );
+        }
     }
-    if whole * BLOCK_SIZE as u64 != len {
-        file.set_len(whole * BLOCK_SIZE as u64)
-            .map_err(io(path, "truncate"))?;
+    if keep * bs != len {
+        file.set_len(keep * bs).map_err(io(path, "truncate"))?;
         file.sync_all().map_err(io(path, "fsync"))?;
     }
-    Ok(last)
+    Ok(last.map(|(_, h, hash)| (h, hash)))
+}
+
+/// File name of the marker that a proxy runs on the log: present from start to a clean stop.
+pub const RUN_MARKER: &str = "usage.running";
+
+/// The marker's content: what the next start needs to name a gap if this run is killed.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct RunMarker {
+    pid: u32,
+    started_at: u64,
+    /// Everything recorded before this time is sealed or in the spill file.
+    flushed_at: u64,
+    flush_secs: u64,
+}
+
+/// What `status` shows about the usage log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UsageStatus {
+    /// Records in memory waiting for the next flush.
+    pub pending_records: u64,
+    /// Records kept in the spill file because they could not be sealed.
+    pub spilled_records: u64,
+    /// Size of the spill file, bytes.
+    pub spill_bytes: u64,
+    /// Flushes that could not seal their records since start.
+    pub seal_failures_total: u64,
+    /// Records dropped since start (buffer or spill file full), each named in the log.
+    pub dropped_total: u64,
+    /// Why the last flush failed, while records wait unsealed.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct UsageStats {
+    seal_failures: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// What opening the log found on disk (read on a blocking thread).
+struct Opened {
+    file: File,
+    last: Option<(BlockHeader, [u8; 32])>,
+    spill: Spill,
+    /// A record naming a damaged spill file.
+    spill_lost: Option<UsageRecord>,
+    /// The marker of the run before, when it did not stop cleanly (`Some(None)`: unreadable).
+    unclean: Option<Option<RunMarker>>,
+}
+
+fn open_files(path: &Path, flush_secs: u64) -> Result<Opened, UsageLogError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(io(path, "open"))?;
+    let last = repair(path, &mut file)?;
+    let (spill, spill_lost) =
+        Spill::open(dir, MAX_SPILL_BYTES).map_err(|e| UsageLogError::Spill(e.to_string()))?;
+    let marker = dir.join(RUN_MARKER);
+    let unclean = match std::fs::read(&marker) {
+        Ok(b) => Some(serde_json::from_slice::<RunMarker>(&b).ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&marker, "read")(e)),
+    };
+    let now = unix_now();
+    let m = RunMarker {
+        pid: std::process::id(),
+        started_at: now,
+        flushed_at: now,
+        flush_secs,
+    };
+    let bytes = serde_json::to_vec(&m).unwrap_or_default();
+    hostbind_fsutil::write_atomic(&marker, &bytes, 0o600).map_err(|e| UsageLogError::Io {
+        path: marker.display().to_string(),
+        what: "write",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(Opened {
+        file,
+        last,
+        spill,
+        spill_lost,
+        unclean,
+    })
+}
+
+/// Runs blocking file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, UsageLogError> + Send + 'static,
+) -> Result<T, UsageLogError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| UsageLogError::Spill(format!("file task failed: {e}")))?
 }
 
 impl UsageLog {
     /// Opens (or creates) the log, repairs a torn tail and lines the TPM counter up with it.
+    /// Records kept in the spill file are sealed by the first flush; a run before that did not
+    /// stop cleanly is named by an `UncleanStop` record.
     pub async fn open(
         cfg: &UsageConfig,
         state_dir: &Path,
@@ -388,18 +524,12 @@ impl UsageLog {
         tpm: TpmService,
     ) -> Result<Arc<UsageLog>, UsageLogError> {
         let path = cfg.log_path(state_dir);
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(io(d, "create directory"))?;
-        }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(io(&path, "open"))?;
-        let last = repair(&path, &mut file)?;
+        let flush_secs = cfg.flush_interval.0.as_secs().max(1);
+        let p = path.clone();
+        let o = blocking(move || open_files(&p, flush_secs)).await?;
+        let last = o.last;
         let mut w = Writer {
-            file,
+            file: Arc::new(o.file),
             next_seq: last.map_or(0, |(h, _)| h.seq + 1),
             prev: last.map_or([0u8; 32], |(_, hash)| hash),
             last_block_nv: last.map(|(h, _)| h.nv),
@@ -409,16 +539,49 @@ impl UsageLog {
             .sync_counter(&tpm, cfg.nv_index, NvCounterOp::Open, &path)
             .await?;
         let next_seq = w.next_seq;
-        tracing::info!(path = %path.display(), next_block = next_seq, nv = counter, "usage log open");
+        let mut pending = Pending::default();
+        if let Some(prev) = o.unclean {
+            // the run before was killed or crashed: what it had not flushed is gone
+            let since = prev
+                .map(|m| m.flushed_at)
+                .or(last.map(|(h, _)| h.wall))
+                .unwrap_or(0);
+            let flush = prev.map_or(flush_secs, |m| m.flush_secs);
+            tracing::warn!(
+                "usage log {}: the proxy before did not stop cleanly (killed, crashed or power lost); usage recorded after {} and before it stopped is lost, and the log names the gap",
+                path.display(),
+                hostbind_attest::signed::fmt_time(since)
+            );
+            pending.add(UsageRecord::UncleanStop {
+                at: unix_now(),
+                since,
+                flush_secs: flush,
+            });
+        }
+        if let Some(r) = o.spill_lost {
+            pending.add(r);
+        }
+        tracing::info!(
+            path = %path.display(),
+            next_block = next_seq,
+            nv = counter,
+            spilled_records = o.spill.records(),
+            "usage log open"
+        );
         Ok(Arc::new(UsageLog {
             path,
             host_id,
             nv_index: cfg.nv_index,
+            flush_secs,
+            started_at: unix_now(),
             tpm,
             key: RwLock::new(None),
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(pending),
             writer: tokio::sync::Mutex::new(w),
+            spill: Arc::new(Mutex::new(o.spill)),
             full: tokio::sync::Notify::new(),
+            stats: UsageStats::default(),
+            late: std::sync::atomic::AtomicBool::new(false),
             seal: Mutex::new(SealStats {
                 last_ok: unix_now(),
                 ..SealStats::default()
@@ -459,15 +622,63 @@ impl UsageLog {
         let Ok(mut p) = self.pending.lock() else {
             return;
         };
-        p.add(r);
+        if let Some(at) = p.closed_at {
+            drop(p);
+            self.stats
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !self.late.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tracing::error!(
+                    "usage log: usage recorded after the log was sealed at shutdown is lost (a request or admin command finished past the drain); the next start names the gap"
+                );
+                // once, at shutdown: the marker makes the next start name the gap
+                let _ = std::fs::write(self.marker_path(), self.marker_bytes(at));
+            }
+            return;
+        }
+        if !p.add(r) {
+            self.stats
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if p.bytes >= EARLY_FLUSH_BYTES {
             self.full.notify_one();
         }
     }
 
-    /// Records waiting to be sealed.
+    /// Records waiting in memory to be sealed.
     pub fn pending(&self) -> usize {
         self.pending.lock().map(|p| p.records.len()).unwrap_or(0)
+    }
+
+    /// Records kept in the spill file, waiting to be sealed.
+    pub fn spilled(&self) -> u64 {
+        self.spill.lock().map(|s| s.records()).unwrap_or(0)
+    }
+
+    /// The state for `status` and the metrics.
+    pub fn status(&self) -> UsageStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (spilled_records, spill_bytes) = self
+            .spill
+            .lock()
+            .map(|s| (s.records(), s.bytes()))
+            .unwrap_or_default();
+        let waiting = spilled_records > 0 || self.pending() > 0;
+        UsageStatus {
+            pending_records: self.pending() as u64,
+            spilled_records,
+            spill_bytes,
+            seal_failures_total: self.stats.seal_failures.load(Relaxed),
+            dropped_total: self.stats.dropped.load(Relaxed),
+            last_error: self
+                .stats
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .filter(|_| waiting),
+        }
     }
 
     /// Seals all buffered records into blocks and appends them. Returns the blocks written.
@@ -491,7 +702,6 @@ impl UsageLog {
                     st.failing = None;
                 }
                 Err(e) => {
-                    st.failures += 1;
                     let since = st.failing.as_ref().map_or_else(unix_now, |(t, _)| *t);
                     st.failing = Some((since, e.to_string()));
                 }
@@ -500,15 +710,228 @@ impl UsageLog {
         r
     }
 
+    /// The final flush at shutdown: seals what is buffered, keeps what cannot be sealed in
+    /// the spill file, and marks the log cleanly closed when nothing was lost (else the next
+    /// start names the gap). Records that come after it are dropped and counted, and the run
+    /// marker stays, so the next start names them as lost.
+    pub async fn close(&self) -> Result<(), UsageLogError> {
+        let sealed = self.flush_blocks(false).await;
+        let mut w = self.writer.lock().await;
+        let closed_at = unix_now();
+        if let Ok(mut p) = self.pending.lock() {
+            p.closed_at = Some(closed_at);
+        }
+        // what is still in memory (metering off, or the flush failed and could not spill)
+        self.spill_pending(&mut w).await?;
+        drop(w);
+        let (marker, m) = (self.marker_path(), self.marker_path());
+        let bytes = self.marker_bytes(closed_at);
+        blocking(move || {
+            match std::fs::remove_file(&marker) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&marker, "remove")(e)),
+            }
+            if let Some(d) = marker.parent().and_then(|d| File::open(d).ok()) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })
+        .await?;
+        if self.late.load(std::sync::atomic::Ordering::SeqCst) {
+            // a record came while the marker was removed: put it back
+            blocking(move || std::fs::write(&m, bytes).map_err(io(&m, "write"))).await?;
+        }
+        if let Err(e) = sealed {
+            tracing::warn!(
+                "usage log: the last records could not be sealed ({e}); they are kept in the spill file and sealed at the next start"
+            );
+        }
+        Ok(())
+    }
+
+    fn marker_path(&self) -> PathBuf {
+        self.path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(RUN_MARKER)
+    }
+
+    /// The run marker saying everything recorded before `at` is sealed or on disk.
+    fn marker_bytes(&self, at: u64) -> Vec<u8> {
+        let m = RunMarker {
+            pid: std::process::id(),
+            started_at: self.started_at,
+            flushed_at: at,
+            flush_secs: self.flush_secs,
+        };
+        serde_json::to_vec(&m).unwrap_or_default()
+    }
+
+    /// Notes in the run marker that everything recorded before `at` is sealed or on disk.
+    async fn mark_flushed(&self, at: u64) {
+        let marker = self.marker_path();
+        // not fsynced: an older time after a power loss only widens the gap named
+        let bytes = self.marker_bytes(at);
+        let _ =
+            blocking(move || std::fs::write(&marker, bytes).map_err(io(&marker, "write"))).await;
+    }
+
+    /// Moves the records waiting in memory to the end of the spill file (durable, in order).
+    /// On failure they stay in memory.
+    async fn spill_pending(&self, _w: &mut Writer) -> Result<(), UsageLogError> {
+        let (mut records, dropped) = match self.pending.lock() {
+            Ok(mut p) => p.take(),
+            Err(_) => return Ok(()),
+        };
+        if dropped > 0 {
+            records.insert(
+                0,
+                UsageRecord::RecordsDropped {
+                    at: unix_now(),
+                    count: dropped,
+                    reason: format!(
+                        "more than {MAX_PENDING} records waited in memory to be sealed or kept on disk"
+                    ),
+                },
+            );
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let n = records.len();
+        let spill = self.spill.clone();
+        let back = records.clone();
+        let r = blocking(move || {
+            let mut s = spill
+                .lock()
+                .map_err(|_| UsageLogError::Spill("spill file lock poisoned".into()))?;
+            s.append(records)
+                .map_err(|e| UsageLogError::Spill(e.to_string()))
+        })
+        .await;
+        match r {
+            Ok(lost) => {
+                self.stats
+                    .dropped
+                    .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(records = n, "usage records kept in the spill file");
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.put_back(back);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn failed(&self, e: &UsageLogError) {
+        self.stats
+            .seal_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut l) = self.stats.last_error.lock() {
+            *l = Some(e.to_string());
+        }
+    }
+
     /// Seals buffered records; with `full_only`, only into full blocks (the rest waits).
-    /// Takes the buffer once and puts back once what it did not seal, so a large backlog
-    /// costs time linear in its size; [`BodyBuilder`] knows a body's size as it fills it.
-    /// Cancellation-safe: records not yet durable go back to the buffer (see [`Taken`]).
+    /// While the TPM is unreachable, or records wait in the spill file, records go to the
+    /// spill file first (in order) and are sealed from there. Records that cannot be sealed
+    /// are kept in the spill file.
     async fn flush_blocks(&self, full_only: bool) -> Result<usize, UsageLogError> {
         let mut w = self.writer.lock().await;
         let Some(key) = self.key() else {
             return Ok(0);
         };
+        let started = unix_now();
+        let spilled = self.spill.lock().map(|s| !s.is_empty()).unwrap_or(false);
+        let tpm_up = self.tpm.health().is_up();
+        if spilled || !tpm_up {
+            self.spill_pending(&mut w).await?;
+            self.mark_flushed(started).await;
+            if !tpm_up {
+                return Ok(0);
+            }
+            let r = self.seal_spill(&mut w, &key).await;
+            if let Err(e) = &r {
+                self.failed(e);
+            }
+            return r;
+        }
+        match self.seal_memory(&mut w, &key, full_only).await {
+            Ok(n) => {
+                if !full_only {
+                    self.mark_flushed(started).await;
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                // the records went back to memory: keep them on disk until the TPM answers
+                self.failed(&e);
+                match self.spill_pending(&mut w).await {
+                    Ok(()) => self.mark_flushed(started).await,
+                    Err(e2) => tracing::error!("usage log: cannot keep unsealed records: {e2}"),
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Fills block bodies from the front of `queue`, up to [`MAX_GROUP`] of them; returns them
+    /// and how many records they took from the queue (a record too large for any block is
+    /// dropped and counted as taken). With `full_only`, a last partial body goes back to the
+    /// queue and `true` says so.
+    fn fill_group(
+        &self,
+        queue: &mut VecDeque<UsageRecord>,
+        full_only: bool,
+    ) -> (Vec<BlockBody>, usize, bool) {
+        let mut bodies = Vec::new();
+        let mut taken = 0;
+        while !queue.is_empty() && bodies.len() < MAX_GROUP {
+            let mut body = BodyBuilder::new(&self.host_id);
+            let mut full = false;
+            let mut in_body = 0;
+            while let Some(r) = queue.pop_front() {
+                if let Err(r) = body.push(r, MAX_BODY) {
+                    if body.is_empty() {
+                        tracing::error!("usage record too large for a block, dropped: {r:?}");
+                        taken += 1;
+                        continue;
+                    }
+                    queue.push_front(*r);
+                    full = true;
+                    break;
+                }
+                in_body += 1;
+            }
+            if full_only && !full {
+                let back = body.into_records();
+                for r in back.into_iter().rev() {
+                    queue.push_front(r);
+                }
+                return (bodies, taken, true);
+            }
+            taken += in_body;
+            if !body.is_empty() {
+                bodies.push(body.finish());
+            }
+        }
+        (bodies, taken, false)
+    }
+
+    /// Seals the records waiting in memory. Takes the buffer once and puts back once what it
+    /// did not seal, so a large backlog costs time linear in its size; [`BodyBuilder`] knows
+    /// a body's size as it fills it. Cancellation-safe: records not yet durable go back to the
+    /// buffer (see [`Taken`]).
+    async fn seal_memory(
+        &self,
+        w: &mut Writer,
+        key: &MeteringKey,
+        full_only: bool,
+    ) -> Result<usize, UsageLogError> {
         let (records, dropped) = match self.pending.lock() {
             Ok(mut p) => p.take(),
             Err(_) => return Ok(0),
@@ -522,40 +945,88 @@ impl UsageLog {
             t.queue.push_front(UsageRecord::RecordsDropped {
                 at: unix_now(),
                 count: dropped,
+                reason: String::new(),
             });
         }
         let mut written = 0;
-        // with `full_only`, set once the records of a partial block were put back to wait
-        let mut rest_waits = false;
-        while !rest_waits && !t.queue.is_empty() {
-            // fill up to MAX_GROUP blocks, sealed under one TPM clock reading and counter step
-            while !t.queue.is_empty() && t.sealing.len() < MAX_GROUP {
-                let mut body = BodyBuilder::new(&self.host_id);
-                let mut full = false;
-                while let Some(r) = t.queue.pop_front() {
-                    if let Err(r) = body.push(r, MAX_BODY) {
-                        if body.is_empty() {
-                            tracing::error!("usage record too large for a block, dropped: {r:?}");
-                            continue;
-                        }
-                        t.queue.push_front(*r);
-                        full = true;
-                        break;
-                    }
-                }
-                if full_only && !full {
-                    t.queue.extend(body.into_records());
-                    rest_waits = true;
-                    break;
-                }
-                if !body.is_empty() {
-                    t.sealing.push(body.finish());
-                }
-            }
+        loop {
+            let (bodies, _, rest_waits) = self.fill_group(&mut t.queue, full_only);
+            t.sealing = bodies;
             if t.sealing.is_empty() {
                 break;
             }
-            written += self.seal_group(&mut w, &key, &mut t.sealing).await?;
+            written += self.seal_group(w, key, &mut t.sealing).await?;
+            if rest_waits || t.queue.is_empty() {
+                break;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Seals the records of the spill file in order, group by group, each group announced in
+    /// the file first so that a crash never seals a record twice; removes the file once all
+    /// are sealed. The records waiting in memory were appended to it before.
+    async fn seal_spill(&self, w: &mut Writer, key: &MeteringKey) -> Result<usize, UsageLogError> {
+        let spill = self.spill.clone();
+        let next_seq = w.next_seq;
+        // records are counted from the start of the file: those sealed before are still in it
+        let (records, already) = blocking(move || {
+            let mut s = spill
+                .lock()
+                .map_err(|_| UsageLogError::Spill("spill file lock poisoned".into()))?;
+            s.load(next_seq)
+                .map_err(|e| UsageLogError::Spill(e.to_string()))
+        })
+        .await?;
+        let total = records.len();
+        let mut queue: VecDeque<UsageRecord> = records.into();
+        let mut done = 0usize;
+        let mut written = 0;
+        while !queue.is_empty() {
+            let (mut bodies, taken, _) = self.fill_group(&mut queue, false);
+            if bodies.is_empty() {
+                done += taken;
+                continue;
+            }
+            let spill = self.spill.clone();
+            let (upto, at) = (already + (done + taken) as u64, w.next_seq);
+            blocking(move || {
+                let mut s = spill
+                    .lock()
+                    .map_err(|_| UsageLogError::Spill("spill file lock poisoned".into()))?;
+                s.mark_sealing(upto, at)
+                    .map_err(|e| UsageLogError::Spill(e.to_string()))
+            })
+            .await?;
+            let r = self.seal_group(w, key, &mut bodies).await;
+            if bodies.is_empty() {
+                // durable, even if the counter step after it failed
+                done += taken;
+            }
+            match r {
+                Ok(n) => written += n,
+                Err(e) => {
+                    if let Ok(mut s) = self.spill.lock() {
+                        s.set_pending((total - done) as u64);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let spill = self.spill.clone();
+        blocking(move || {
+            let mut s = spill
+                .lock()
+                .map_err(|_| UsageLogError::Spill("spill file lock poisoned".into()))?;
+            s.clear().map_err(|e| UsageLogError::Spill(e.to_string()))
+        })
+        .await?;
+        if total > 0 {
+            tracing::info!(
+                records = total,
+                blocks = written,
+                "usage log: records kept while they could not be sealed are sealed now"
+            );
         }
         Ok(written)
     }
@@ -596,12 +1067,17 @@ impl UsageLog {
             header.prev = block_hash(&block);
             bytes.extend_from_slice(&block);
         }
-        let len = w.file.metadata().map_err(io(&self.path, "stat"))?.len();
-        if let Err(e) = w.file.write_all(&bytes).and_then(|()| w.file.sync_data()) {
-            // leave no partial group behind for the next append to follow
-            let _ = w.file.set_len(len);
-            return Err(io(&self.path, "append")(e));
-        }
+        let (file, path) = (w.file.clone(), self.path.clone());
+        blocking(move || {
+            let len = file.metadata().map_err(io(&path, "stat"))?.len();
+            if let Err(e) = (&*file).write_all(&bytes).and_then(|()| file.sync_data()) {
+                // leave no partial group behind for the next append to follow
+                let _ = file.set_len(len);
+                return Err(io(&path, "append")(e));
+            }
+            Ok(())
+        })
+        .await?;
         w.next_seq = header.seq;
         w.prev = header.prev;
         w.last_block_nv = Some(header.nv);
@@ -632,12 +1108,32 @@ impl UsageLog {
         Ok(blocks)
     }
 
-    /// Runs the flush loop: every `interval`, and when [`EARLY_FLUSH_BYTES`] of records wait.
-    pub async fn run(self: Arc<Self>, interval: Duration) {
-        loop {
-            let full_only = tokio::select! {
-                _ = tokio::time::sleep(interval) => false,
-                _ = self.full.notified() => true,
+    /// Runs the flush loop: every `interval`, when [`EARLY_FLUSH_BYTES`] of records wait, and
+    /// as soon as the TPM is back while records wait in the spill file (also right at start).
+    /// Ends when `stop` is cancelled, never in the middle of a flush: await it before
+    /// [`UsageLog::close`] (aborting it could leave a group written but not counted, which
+    /// `close` would seal again).
+    pub async fn run(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let mut recovered = self.tpm.health().recovered();
+        let mut first = true;
+        while !stop.is_cancelled() {
+            let full_only = if std::mem::take(&mut first) && self.spilled() > 0 {
+                false
+            } else {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => false,
+                    _ = self.full.notified() => true,
+                    r = recovered.changed() => {
+                        if r.is_err() {
+                            recovered = self.tpm.health().recovered();
+                        }
+                        if self.spilled() == 0 {
+                            continue;
+                        }
+                        false
+                    }
+                }
             };
             if let Err(e) = self.flush_tracked(full_only).await {
                 tracing::error!(
@@ -660,8 +1156,8 @@ pub struct ExportSummary {
     pub bytes: u64,
 }
 
-/// Copies the whole, intact blocks of the log at `log` to `out` (temporary file, fsync,
-/// rename), also while the daemon appends to it.
+/// Copies the whole, intact blocks of the log at `log` to `out` (atomically, see
+/// [`hostbind_fsutil::write_new`]), also while the daemon appends to it.
 pub fn export(log: &Path, out: &Path, force: bool) -> Result<ExportSummary, UsageLogError> {
     let data = match std::fs::read(log) {
         Ok(d) => d,
@@ -678,37 +1174,18 @@ pub fn export(log: &Path, out: &Path, force: bool) -> Result<ExportSummary, Usag
     if whole == 0 {
         return Err(UsageLogError::Empty(log.display().to_string()));
     }
-    if out.exists() && !force {
-        return Err(UsageLogError::Io {
+    let bytes = &data[..whole * BLOCK_SIZE];
+    // The admin may export into a directory other users can write to: fsutil writes through
+    // an exclusively created random temporary file (never one someone else put there).
+    hostbind_fsutil::write_new(out, bytes, 0o644, force).map_err(|e| match e {
+        hostbind_fsutil::FileError::Exists(_) => UsageLogError::Io {
             path: out.display().to_string(),
             what: "refusing to overwrite (use --force)",
             source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-        });
-    }
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "usage".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let bytes = &data[..whole * BLOCK_SIZE];
-    let res = (|| -> Result<(), UsageLogError> {
-        let mut f = File::create(&tmp).map_err(io(&tmp, "create"))?;
-        f.write_all(bytes).map_err(io(&tmp, "write"))?;
-        f.sync_all().map_err(io(&tmp, "fsync"))?;
-        std::fs::rename(&tmp, out).map_err(io(out, "rename"))?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res?;
+        },
+        hostbind_fsutil::FileError::Write { source, .. } => io(out, "write")(source),
+        hostbind_fsutil::FileError::Read { source, .. } => io(out, "stat")(source),
+    })?;
     Ok(ExportSummary {
         out: out.display().to_string(),
         blocks: whole as u64,
@@ -738,13 +1215,14 @@ pub fn metering_keys<'a>(
     key
 }
 
-/// The records of a token request or renewal: lease start or renewal and token issue when it
-/// succeeded, a refusal when it did not.
+/// The records of a token issued to `vm` for `product` (a lease start when `new_lease` names
+/// its scope, else a renewal, then the token). Refusals are counted instead, see
+/// [`crate::refusals`].
 pub fn token_records(
     vm: &crate::service::Vm,
     product: &str,
     license: Option<&hostbind_attest::signed::License>,
-    res: &Result<hostbind_attest::wire::TokenResponse, hostbind_attest::wire::ErrorBody>,
+    t: &hostbind_attest::wire::TokenResponse,
     new_lease: Option<&str>,
     now: u64,
 ) -> Vec<UsageRecord> {
@@ -755,43 +1233,41 @@ pub fn token_records(
     let (license_id, customer) = license
         .map(|l| (l.id.clone(), l.customer.clone()))
         .unwrap_or_default();
-    match res {
-        Ok(t) => {
-            let lease = LeaseRef {
-                lease_id: t.lease_id.clone(),
-                product: product.to_string(),
-                license_id,
-                customer,
-                vm,
-            };
-            let first = match new_lease {
-                Some(scope) => UsageRecord::LeaseStart {
-                    at: now,
-                    lease: lease.clone(),
-                    scope: scope.to_string(),
-                },
-                None => UsageRecord::LeaseRenew {
-                    at: now,
-                    lease: lease.clone(),
-                },
-            };
-            vec![first, UsageRecord::token(now, lease)]
-        }
-        Err(e) => {
-            let code = serde_json::to_value(e.code)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| "other".into());
-            vec![UsageRecord::Refusal {
-                at: now,
-                product: product.to_string(),
-                license_id,
-                customer,
-                vm,
-                code,
-                message: e.message.chars().take(512).collect(),
-            }]
-        }
+    let lease = LeaseRef {
+        lease_id: t.lease_id.clone(),
+        product: product.to_string(),
+        license_id,
+        customer,
+        vm,
+    };
+    let first = match new_lease {
+        Some(scope) => UsageRecord::LeaseStart {
+            at: now,
+            lease: lease.clone(),
+            scope: scope.to_string(),
+        },
+        None => UsageRecord::LeaseRenew {
+            at: now,
+            lease: lease.clone(),
+        },
+    };
+    vec![first, UsageRecord::token(now, lease)]
+}
+
+/// The usage record of a refusal count.
+pub fn refusal_record(c: &crate::refusals::RefusalCount) -> UsageRecord {
+    UsageRecord::Refusal {
+        at: c.first,
+        product: c.product.clone(),
+        license_id: c.license_id.clone(),
+        customer: c.customer.clone(),
+        vm: VmRef {
+            uuid: c.vm_uuid.clone(),
+            name: c.vm_name.clone(),
+        },
+        code: c.code.clone(),
+        message: c.message.clone(),
+        count: c.count,
     }
 }
 
@@ -930,6 +1406,7 @@ mod tests {
                 vm: VmRef::default(),
                 code: "seats_exhausted".into(),
                 message: String::new(),
+                count: 1,
             }));
         }
         assert!(!p.add(UsageRecord::token(T, lease("a"))));

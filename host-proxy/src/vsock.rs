@@ -3,7 +3,7 @@
 //! vsock belongs to the infrastructure), and it is exercised inside QEMU guests' hosts only.
 
 use crate::config::Config;
-use crate::server::{refuse, serve_connection};
+use crate::server::{refuse, serve_limited};
 use crate::service::{Service, Vm};
 use hostbind_attest::wire::{ErrorBody, ErrorCode};
 use std::sync::Arc;
@@ -35,13 +35,14 @@ pub fn resolve_cid(svc: &Service, cid: u32) -> Result<Vm, ErrorBody> {
     }
 }
 
-/// Serves one accepted connection from guest `cid`, or refuses it when the CID is unknown.
+/// Serves one accepted connection from guest `cid` within the connection limits (the same
+/// [`serve_limited`] as the Unix listeners), or refuses it when the CID is unknown.
 pub async fn serve_peer<S>(svc: Arc<Service>, stream: S, cid: u32)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     match resolve_cid(&svc, cid) {
-        Ok(vm) => serve_connection(svc, stream, Arc::new(vm)).await,
+        Ok(vm) => serve_limited(svc, stream, Arc::new(vm)).await,
         Err(e) => {
             tracing::warn!(cid, "refused vsock connection: {}", e.message);
             refuse(stream, e.code, e.message).await;
@@ -63,7 +64,7 @@ pub async fn serve(svc: Arc<Service>, port: u32) -> std::io::Result<()> {
                 continue;
             }
         };
-        tokio::spawn(serve_peer(svc.clone(), stream, peer.cid()));
+        svc.spawn_connection(serve_peer(svc.clone(), stream, peer.cid()));
     }
 }
 

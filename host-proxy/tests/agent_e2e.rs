@@ -384,3 +384,329 @@ async fn move_to_unlicensed_host_gives_grace_then_rebinds_or_ends() {
     assert!(st.leases.iter().all(|l| l.grace_until.is_none()), "{st:?}");
     assert!(st.leases.iter().all(|l| l.lease_id != cam.lease_id));
 }
+
+/// Lets every local user of the "VM" reach agent `a` (packages give the socket to group
+/// hostbind; here everyone may connect, the worst case for what follows).
+fn open_to_all_users(a: &Agent) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(a.socket.parent().unwrap(), 0o755);
+    mode(&a.socket, 0o666);
+}
+
+/// Runs `hostbind-agent ARGS` against agent `a` as local user `uid` (a real process).
+fn agent_cli_as(a: &Agent, uid: u32, args: &[&str]) -> std::process::Output {
+    let bin = hostbind_testkit::bin_for_other_users("hostbind-agent").unwrap();
+    hostbind_testkit::command_as(uid, bin)
+        .arg(args[0])
+        .arg("--socket")
+        .arg(&a.socket)
+        .args(&args[1..])
+        .output()
+        .unwrap()
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn foreign_release_by_another_local_user_is_refused_and_the_lease_stays_hidden() {
+    // Issue 15: any local user who could reach the agent socket listed every lease id
+    // (`GET /v1/status`) and released other users' leases (`POST /v1/release` checked
+    // nothing). Now the agent reads each caller's uid (SO_PEERCRED): a user sees and releases
+    // only its own leases, root all of them.
+    if !hostbind_testkit::can_switch_users("foreign_release") {
+        return;
+    }
+    let [alice, mallory] = hostbind_testkit::OTHER_USERS;
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 1, "vm");
+    let a = Agent::start(&h.vm("vm-a").unwrap().socket).unwrap();
+    open_to_all_users(&a);
+    let t = json_of(&agent_cli_as(
+        &a,
+        alice,
+        &["token", "--product", "cad", "--json"],
+    ));
+    let lease = t["lease_id"].as_str().unwrap().to_string();
+
+    let st = json_of(&agent_cli_as(&a, mallory, &["status", "--json"]));
+    assert_eq!(st["leases"], serde_json::json!([]), "{st}");
+    let out = agent_cli_as(&a, mallory, &["release", &lease]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mallory released alice's lease");
+    assert!(
+        err.contains("holds no lease") && err.contains("unknown_lease"),
+        "{err}"
+    );
+    assert!(proxy_leases(&h).contains(&lease), "{}", proxy_leases(&h));
+    let st = json_of(&agent_cli_as(&a, alice, &["status", "--json"]));
+    assert_eq!(st["leases"][0]["lease_id"], lease.as_str(), "{st}");
+    assert_eq!(st["leases"][0]["uid"], alice, "{st}");
+
+    // Mallory's own token is a lease of her own (in vm count mode the VM's one seat serves
+    // both), which she may release.
+    let tm = json_of(&agent_cli_as(
+        &a,
+        mallory,
+        &["token", "--product", "cad", "--json"],
+    ));
+    let mine = tm["lease_id"].as_str().unwrap().to_string();
+    assert_ne!(mine, lease);
+    let out = agent_cli_as(&a, mallory, &["release", &mine]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Root sees every lease and may release any.
+    let st = json_of(&a.cmd(&["status", "--json"]).unwrap());
+    assert_eq!(st["leases"].as_array().unwrap().len(), 1, "{st}");
+    let out = a.cmd(&["release", &lease]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!proxy_leases(&h).contains(&lease));
+    let st = json_of(&agent_cli_as(&a, alice, &["status", "--json"]));
+    assert_eq!(st["leases"], serde_json::json!([]), "{st}");
+}
+
+#[test]
+fn connection_flood_by_one_local_user_leaves_other_users_served() {
+    // One user holds the most API connections a user may (event subscriptions never end by
+    // themselves); its next connection is answered `busy`, while another user and root are
+    // still served, and the slots come back when the flooding process exits.
+    if !hostbind_testkit::can_switch_users("connection_flood") {
+        return;
+    }
+    let [alice, mallory] = hostbind_testkit::OTHER_USERS;
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    let a = Agent::start(&h.vm("vm-a").unwrap().socket).unwrap();
+    open_to_all_users(&a);
+    let script = r#"
+import socket, sys, time
+held = []
+for i in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.sendall(b"GET /v1/events HTTP/1.1\r\nHost: agent\r\n\r\n")
+    held.append(s)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+data = b""
+while True:
+    c = s.recv(65536)
+    if not c:
+        break
+    data += c
+print(data.split(b"\r\n")[0].decode(), data.split(b"\r\n\r\n", 1)[-1].decode(), flush=True)
+time.sleep(60)
+"#;
+    let limit = hostbind_client::api::MAX_CONNECTIONS_PER_USER.to_string();
+    let mut hog = hostbind_testkit::command_as(mallory, "python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&a.socket)
+        .arg(&limit)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let hog = Kill(hog);
+    assert!(
+        line.starts_with("HTTP/1.1 503") && line.contains("\"busy\"") && line.contains("per user"),
+        "{line}"
+    );
+    // Everyone else is served meanwhile.
+    json_of(&agent_cli_as(&a, alice, &["status", "--json"]));
+    json_of(&a.cmd(&["status", "--json"]).unwrap());
+    let out = agent_cli_as(&a, mallory, &["status", "--json"]);
+    assert!(
+        !out.status.success(),
+        "a connection over the limit was served"
+    );
+    // The flooding process ends; its slots come back.
+    drop(hog);
+    let t0 = Instant::now();
+    while !agent_cli_as(&a, mallory, &["status", "--json"])
+        .status
+        .success()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the user's connection slots did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn idle_api_connections_are_closed_and_give_their_slot_back() {
+    // A local process that opens connections to the agent and sends nothing (or nothing more
+    // after one request) must not hold them: otherwise 64 silent connections lock its user out
+    // for good. Each is closed after the agent's read timeout (10 s).
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    let a = Agent::start(&h.vm("vm-a").unwrap().socket).unwrap();
+    use std::io::{Read, Write};
+    let open = || {
+        let s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    };
+    // All of this user's slots: the silent ones and a keep-alive one that asked once.
+    let silent: Vec<_> = (1..hostbind_client::api::MAX_CONNECTIONS_PER_USER)
+        .map(|_| open())
+        .collect();
+    // (Retried: the agent frees the slot of an earlier connection, e.g. testkit's readiness
+    // probe, a moment after that connection closed.)
+    let t0 = Instant::now();
+    let kept = loop {
+        let mut s = open();
+        s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: agent\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 200];
+        let n = s.read(&mut head).unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        if head.starts_with("HTTP/1.1 200") {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{head}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // They are held: the user's next connection is refused.
+    assert!(!a.cmd(&["status", "--json"]).unwrap().status.success());
+    let t0 = Instant::now();
+    for mut s in silent.into_iter().chain([kept]) {
+        let mut rest = Vec::new();
+        // EOF (the agent closed it) rather than the 30 s read timeout of this test.
+        s.read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("an idle connection stayed open: {e}"));
+    }
+    assert!(t0.elapsed() < Duration::from_secs(25), "{:?}", t0.elapsed());
+    // The slots are free again: the same user is served.
+    assert!(a.cmd(&["status", "--json"]).unwrap().status.success());
+}
+
+#[test]
+fn agent_kill9_restart_hands_users_vm_leases_back_instead_of_taking_second_seats() {
+    // Issue 15b (leases owned by the caller's uid) met 16b (a restarted agent adopts the VM's
+    // host leases): adopted VM leases became root's, so when their users asked again the agent
+    // took new host leases (two seats each, the adopted ones renewed for nobody), and of two
+    // users' leases for the same product the second was released as a "duplicate". Now an
+    // adopted lease has no known owner until the first matching request takes it over.
+    if !hostbind_testkit::can_switch_users("agent_kill9_restart_hands_users") {
+        return;
+    }
+    let [alice, mallory] = hostbind_testkit::OTHER_USERS;
+    let v = Vendor::new().unwrap();
+    let mut h = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    h.start_proxy().unwrap();
+    add_license(&h, &v, "cad", 10, "access");
+    let sock = h.vm("vm-a").unwrap().socket.clone();
+    let mut a = Agent::start(&sock).unwrap();
+    open_to_all_users(&a);
+    let token_as = |a: &Agent, uid| {
+        json_of(&agent_cli_as(
+            a,
+            uid,
+            &["token", "--product", "cad", "--json"],
+        ))["lease_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let held: std::collections::BTreeSet<String> =
+        [token_as(&a, alice), token_as(&a, mallory)].into();
+    assert_eq!(held.len(), 2);
+    let host_ids = |h: &Host| -> std::collections::BTreeSet<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&h.proxy_ok(&["--json", "leases"]).unwrap()).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(host_ids(&h), held);
+
+    // kill -9 and a new agent on the same state dir: it settles the host's leases.
+    let state_dir = a.state_dir.clone();
+    a.proc_.kill9();
+    let a = Agent::start_with(&sock, Some(&state_dir), &[]).unwrap();
+    open_to_all_users(&a);
+    let root_view = || {
+        let st = json_of(&a.cmd(&["status", "--json"]).unwrap());
+        st["leases"].as_array().unwrap().clone()
+    };
+    let t = Instant::now();
+    loop {
+        let mine: std::collections::BTreeSet<String> = root_view()
+            .iter()
+            .map(|l| l["lease_id"].as_str().unwrap().to_string())
+            .collect();
+        if !mine.is_empty() && mine == host_ids(&h) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the restarted agent did not settle the VM's leases: it holds {mine:?}, the host {:?}",
+            host_ids(&h)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Both users' leases were adopted (none released as the other's duplicate), owner unknown.
+    let unclaimed = root_view();
+    assert_eq!(host_ids(&h), held, "{unclaimed:?}");
+    assert!(
+        unclaimed.iter().all(|l| l["uid"].is_null()),
+        "{unclaimed:?}"
+    );
+
+    // Each user asks again: each takes over one adopted lease; the host still holds exactly
+    // the two leases it held before the restart (which user gets which is unknowable).
+    let again: std::collections::BTreeSet<String> =
+        [token_as(&a, alice), token_as(&a, mallory)].into();
+    assert_eq!(
+        again, held,
+        "a user got a new lease instead of an adopted one"
+    );
+    assert_eq!(host_ids(&h), held, "{}", proxy_leases(&h));
+    // Asked once more, each gets the same lease (now its own), still no third seat.
+    let alice_lease = token_as(&a, alice);
+    assert_eq!(token_as(&a, alice), alice_lease);
+    let st = json_of(&agent_cli_as(&a, alice, &["status", "--json"]));
+    assert_eq!(st["leases"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["leases"][0]["lease_id"], alice_lease.as_str(), "{st}");
+    assert_eq!(st["leases"][0]["uid"], alice, "{st}");
+    assert_eq!(host_ids(&h), held, "{}", proxy_leases(&h));
+}

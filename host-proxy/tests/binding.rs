@@ -180,7 +180,7 @@ fn minted(
         issued_at: t0() + 100,
         expires_at: t0() + 160,
         nonce: None,
-        chain_head: None,
+        chain_commitment: None,
         quote_ref: s.quote_ref().to_vec(),
         fresh: None,
         pool: None,

@@ -225,6 +225,7 @@ async fn short_nonce_is_refused_by_proxy_agent_and_client() {
             nonce: Some(nonce.clone().into()),
             scope: Scope::Vm,
             pid: None,
+            pid_start: None,
             chain: vec![],
             tpm_fresh: fresh,
         });

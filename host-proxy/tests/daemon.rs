@@ -371,6 +371,7 @@ async fn leases_survive_restart_and_kill9_under_load() {
                     nonce: None,
                     scope: Scope::Process,
                     pid: Some(id as u32),
+                    pid_start: None,
                     chain: vec![],
                     tpm_fresh: false,
                 });

@@ -38,7 +38,7 @@ fn claims(s: &TokenSigner, host_id: &[u8], lic: &[u8], nonce: Option<&[u8]>) -> 
         issued_at: t0() + 100,
         expires_at: t0() + 160,
         nonce: nonce.map(|n| n.to_vec()),
-        chain_head: None,
+        chain_commitment: None,
         quote_ref: s.quote_ref().to_vec(),
         fresh: None,
         pool: None,

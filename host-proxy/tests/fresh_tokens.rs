@@ -47,7 +47,7 @@ fn claims(
         issued_at: t0() + 100,
         expires_at: t0() + 160,
         nonce: Some(nonce.to_vec()),
-        chain_head: None,
+        chain_commitment: None,
         quote_ref: s.quote_ref().to_vec(),
         fresh: Some(fresh),
         pool: None,
@@ -159,6 +159,7 @@ fn fresh_req(nonce: &[u8], fresh: bool) -> Body {
         nonce: Some(nonce.to_vec().into()),
         scope: Scope::Vm,
         pid: None,
+        pid_start: None,
         chain: vec![],
         tpm_fresh: fresh,
     })
@@ -214,7 +215,8 @@ async fn storm(h: &TkHost, vp: &VendorPublicKey, per_vm: usize, rounds: usize) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_batches_concurrent_fresh_requests_under_few_quotes() {
-    let (_v, mut h, vp) = daemon("");
+    // 16 guests per VM plus the lone one: over the default 16 connections per VM.
+    let (_v, mut h, vp) = daemon("[limits]\nconnections_per_vm = 32\n");
     // A lone request is served at once with a batch of one.
     let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
         .await
@@ -234,6 +236,7 @@ async fn proxy_batches_concurrent_fresh_requests_under_few_quotes() {
             nonce: None,
             scope: Scope::Vm,
             pid: None,
+            pid_start: None,
             chain: vec![],
             tpm_fresh: true,
         }))

@@ -79,7 +79,8 @@ fn ledger_is_send_sync_and_usable_from_tokio() {
         .into_iter()
         .filter(|e| e.event == HistoryEvent::Refused)
         .count();
-    assert_eq!(refused, 4);
+    // refusals are not written one by one (the service counts them, refusals.rs)
+    assert_eq!(refused, 0);
 }
 
 #[test]
@@ -91,13 +92,10 @@ fn corrupt_lease_record_names_table_and_key() {
     let e = Ledger::open(&p)
         .err()
         .expect("a corrupt lease must not open");
-    assert!(
-        matches!(&e, LedgerError::Corrupt { table: "leases", key, .. } if key == "feedface"),
-        "{e:?}"
-    );
+    assert!(matches!(&e, LedgerError::Open { .. }), "{e:?}");
     let msg = e.to_string();
     assert!(
-        msg.contains("leases/feedface") && msg.contains("restore"),
+        msg.contains("leases/feedface") && msg.contains("restore") && msg.contains("l.redb"),
         "{msg}"
     );
 }
@@ -109,11 +107,12 @@ fn corrupt_history_record_is_an_error_from_history_not_a_panic() {
     {
         let l = Ledger::open(&p).unwrap();
         l.put_license("L1", "cad", b"x", 1).unwrap();
+        l.put_license("L2", "sim", b"y", 1).unwrap();
     }
     {
         let db = Database::open(&p).unwrap();
         let tx = db.begin_write().unwrap();
-        // valid CBOR, wrong shape
+        // the second entry is replaced: valid CBOR, wrong shape
         tx.open_table(HISTORY)
             .unwrap()
             .insert(2u64, &[0x01u8][..])
@@ -132,7 +131,7 @@ fn corrupt_history_record_is_an_error_from_history_not_a_panic() {
         "{e:?}"
     );
     // the next entry gets a fresh sequence number after the bad one, nothing is overwritten
-    l.put_license("L2", "sim", b"y", 2).unwrap();
+    l.put_license("L3", "net", b"z", 2).unwrap();
     assert_eq!(l.history(3, 10).unwrap()[0].seq, 3);
 }
 
@@ -259,6 +258,7 @@ fn replaced_license_keeps_leases_until_the_product_license_is_removed() {
 
 #[test]
 fn history_records_every_change_in_order() {
+    use HistoryEvent::*;
     let d = tempfile::tempdir().unwrap();
     let l = Ledger::open(&d.path().join("l.redb")).unwrap();
     l.put_license("L1", "cad", b"x", 1).unwrap();
@@ -267,6 +267,17 @@ fn history_records_every_change_in_order() {
         .unwrap();
     l.acquire(&req("vm-b", "cad", CountMode::Access, 1, 3))
         .unwrap_err();
+    // the service's count of that refusal
+    l.append_history(
+        vec![(
+            Refused,
+            Some("vm-b".into()),
+            Some("cad".into()),
+            "1 request for 'cad' refused (seats_exhausted)".into(),
+        )],
+        3,
+    )
+    .unwrap();
     l.renew(&a.id, 60, 4).unwrap();
     l.release(&a.id, "app exited", 5).unwrap();
     let b = l
@@ -283,7 +294,6 @@ fn history_records_every_change_in_order() {
         .iter()
         .map(|e| (e.seq, e.at, e.event.clone(), e.lease_id.as_deref()))
         .collect();
-    use HistoryEvent::*;
     assert_eq!(
         got,
         vec![
@@ -300,7 +310,7 @@ fn history_records_every_change_in_order() {
         ]
     );
     assert_eq!(h[2].vm_uuid.as_deref(), Some("vm-b"));
-    assert!(h[2].detail.contains("1 of 1 seats in use by vm-a"), "{h:?}");
+    assert!(h[2].detail.contains("refused (seats_exhausted)"), "{h:?}");
     assert_eq!(h[4].detail, "app exited");
     // paging
     let page = l.history(4, 3).unwrap();

@@ -219,6 +219,17 @@ async fn scrape_a_real_proxy_over_loopback_tcp() {
         quotes
     );
     assert!(get("hostbind_tpm_quote_duration_seconds_sum") > 0.0);
+    // a healthy TPM, key, clock and usage log
+    assert_eq!(get("hostbind_tpm_up"), 1.0);
+    assert_eq!(get("hostbind_tpm_reconnects_total"), 0.0);
+    assert_eq!(get("hostbind_tpm_consecutive_failures"), 0.0);
+    assert_eq!(get("hostbind_token_key_rotation_failures"), 0.0);
+    assert_eq!(get("hostbind_clock_jumped"), 0.0);
+    assert_eq!(
+        get("hostbind_usage_unsealed_records{where=\"spill_file\"}"),
+        0.0
+    );
+    assert_eq!(get("hostbind_usage_seal_failures_total"), 0.0);
     assert!(
         get("hostbind_token_key_expiry_timestamp_seconds") > get("hostbind_start_time_seconds")
     );
@@ -393,7 +404,13 @@ async fn a_tpm_lost_under_the_daemon_shows_in_status_and_metrics() {
         .map(|op| m[&format!("hostbind_tpm_operation_failures_total{{operation=\"{op}\"}}")])
         .sum();
     assert!(failed >= 1.0, "{m:?}");
-    assert!(m["hostbind_usage_records_pending"] >= 1.0, "{m:?}");
+    // kept in memory or, with the TPM unreachable, in the spill file
+    assert!(
+        m["hostbind_usage_unsealed_records{where=\"memory\"}"]
+            + m["hostbind_usage_unsealed_records{where=\"spill_file\"}"]
+            >= 1.0,
+        "{m:?}"
+    );
 
     let text = h.proxy_ok(&["status"]).unwrap();
     assert!(text.contains("FAILING since"), "{text}");

@@ -95,6 +95,16 @@ fn shipped_usage_section_has_the_defaults() {
 }
 
 #[test]
+fn commented_clock_example_is_valid_and_the_default_when_uncommented() {
+    let text = uncomment(&["[clock]", "max_skew ="]);
+    assert!(text.contains("\n[clock]\nmax_skew = \"60s\"\n"), "{text}");
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let d = hostbind_proxy::clock::ClockConfig::default();
+    assert_eq!(c.clock.max_skew, d.max_skew);
+    assert_eq!(c.clock.max_skew.0.as_secs(), 60);
+}
+
+#[test]
 fn commented_clones_example_is_valid_and_the_defaults_when_uncommented() {
     let text = uncomment(&["[clones]", "live_window =", "retention ="]);
     assert!(text.contains("\n[clones]\n"), "{text}");
@@ -103,6 +113,45 @@ fn commented_clones_example_is_valid_and_the_defaults_when_uncommented() {
     assert_eq!(c.clones.live_window, d.live_window);
     assert_eq!(c.clones.retention, d.retention);
     assert_eq!(c.clones.live_window.0.as_secs(), 300);
+}
+
+#[test]
+fn commented_limits_and_history_examples_are_the_defaults_when_uncommented() {
+    let keys: Vec<String> = hostbind_proxy::config::KEYS
+        .iter()
+        .filter(|k| ["limits", "history"].contains(&k.table) || k.key.starts_with("max_ids"))
+        .map(|k| format!("{} =", k.key))
+        .collect();
+    let mut want: Vec<&str> = vec!["[clones]", "[limits]", "[history]"];
+    want.extend(keys.iter().map(String::as_str));
+    let text = uncomment(&want);
+    for k in &keys {
+        assert!(
+            text.contains(&format!("\n{k}")),
+            "{k} missing from proxy.toml:\n{text}"
+        );
+    }
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(c.limits, hostbind_proxy::limits::LimitsConfig::default());
+    assert_eq!(c.history, hostbind_proxy::config::HistoryConfig::default());
+    let d = hostbind_proxy::clones::CloneConfig::default();
+    assert_eq!(
+        (c.clones.max_ids_per_vm, c.clones.max_ids),
+        (d.max_ids_per_vm, d.max_ids)
+    );
+}
+
+#[test]
+fn commented_shutdown_example_is_valid_and_the_default_when_uncommented() {
+    let text = uncomment(&["[shutdown]", "drain_timeout ="]);
+    assert!(text.lines().any(|l| l.starts_with("[shutdown]")), "{text}");
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let d = hostbind_proxy::config::ShutdownConfig::default();
+    assert_eq!(c.shutdown.drain_timeout, d.drain_timeout);
+    assert_eq!(c.shutdown.drain_timeout.0.as_secs(), 10);
+    // the unit gives the drain and the final seal of the usage log time to finish
+    let unit = include_str!("../../packaging/systemd/hostbind-proxy.service");
+    assert!(unit.contains("TimeoutStopSec=20s"), "{unit}");
 }
 
 /// `hostbind-proxy generate-docs` into a temp dir.

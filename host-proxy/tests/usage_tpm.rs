@@ -69,3 +69,39 @@ fn an_index_that_is_not_a_counter_is_refused() {
         "{e}"
     );
 }
+
+/// Usage recorded after the final seal at shutdown (a request or admin command that finished
+/// past the drain) cannot be sealed any more: it is counted as dropped and the run marker
+/// stays, so the next start names the gap instead of losing it silently.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_recorded_after_the_final_seal_is_named_not_silently_lost() {
+    use hostbind_attest::usage::{MeteringKey, UsageRecord};
+    use hostbind_proxy::usage::{UsageConfig, UsageLog, RUN_MARKER};
+    let swtpm = Swtpm::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (tpm, _) =
+        hostbind_proxy::tpm_service::TpmService::start(&swtpm.tcti(), dir.path().into()).unwrap();
+    let cfg = UsageConfig::default();
+    let log = UsageLog::open(&cfg, dir.path(), "host".into(), tpm)
+        .await
+        .unwrap();
+    log.set_key(Some(MeteringKey::from_bytes(&[9u8; 32]).unwrap()));
+    let marker = cfg.log_path(dir.path()).parent().unwrap().join(RUN_MARKER);
+    let late = || UsageRecord::RecordsDropped {
+        at: 1,
+        count: 1,
+        reason: "a record".into(),
+    };
+    log.record(late());
+    log.close().await.unwrap();
+    assert!(!marker.exists(), "a clean close removes the run marker");
+    assert_eq!(log.status().dropped_total, 0);
+    log.record(late());
+    assert_eq!(
+        log.pending(),
+        0,
+        "nothing waits for a seal that never comes"
+    );
+    assert_eq!(log.status().dropped_total, 1);
+    assert!(marker.exists(), "the next start must name the lost record");
+}

@@ -111,7 +111,7 @@ pub fn claims(c: &TokenClaims) -> Value {
         "iat": time(c.issued_at),
         "exp": time(c.expires_at),
         "nonce": c.nonce.as_ref().map(hex::encode),
-        "chain_head": c.chain_head.as_ref().map(hex::encode),
+        "chain_commitment": c.chain_commitment.as_ref().map(hex::encode),
         "quote_ref": hex::encode(&c.quote_ref),
     })
 }

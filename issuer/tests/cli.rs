@@ -205,3 +205,66 @@ fn pool_license_is_issued_inspected_and_refuses_inconsistent_seats() {
     let t = text(&o);
     assert!(t.contains("pool:\n  id: acme-kvm\n  seats: 40"), "{t}");
 }
+
+#[test]
+fn temp_file_pre_creation_by_another_user_does_not_get_the_vendor_key() {
+    // Issue 15: `keygen` into a directory other users may write to (a shared vendor directory,
+    // 0777). Another user plants world-writable files at the temporary names the issuer used
+    // until then (`.NAME.tmp<pid>`, with the pid of the very process about to run keygen): it
+    // opened them without O_EXCL, wrote the private key into the attacker's file and renamed
+    // that into place, so the vendor key belonged to, and was readable by, the attacker.
+    use hostbind_testkit::{can_switch_users, command_as, OTHER_USERS};
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::process::Stdio;
+    if !can_switch_users("temp_file_pre_creation_by_another_user_does_not_get_the_vendor_key") {
+        return;
+    }
+    let attacker = OTHER_USERS[0];
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let key = shared.join("vendor.key");
+    // The victim: a shell that waits for the go, then becomes keygen (same pid).
+    let mut victim = Command::new("sh")
+        .arg("-c")
+        .arg("read go && exec \"$0\" keygen --out \"$1\"")
+        .arg(BIN)
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = victim.id();
+    let planted: Vec<_> = ["vendor.key", "vendor.pub"]
+        .iter()
+        .map(|n| shared.join(format!(".{n}.tmp{pid}")))
+        .collect();
+    for p in &planted {
+        let made = command_as(attacker, "sh")
+            .arg("-c")
+            .arg("umask 0 && : > \"$0\"")
+            .arg(p)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert_eq!(std::fs::metadata(p).unwrap().uid(), attacker);
+    }
+    victim.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = victim.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let md = std::fs::metadata(&key).unwrap();
+    assert_eq!(md.uid(), 0, "the key file belongs to uid {}", md.uid());
+    assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    let stolen = command_as(attacker, "cat").arg(&key).output().unwrap();
+    assert!(
+        !stolen.status.success() && stolen.stdout.is_empty(),
+        "the other user read the vendor key"
+    );
+    for p in &planted {
+        assert_eq!(std::fs::read(p).unwrap(), b"", "{} got data", p.display());
+    }
+}

@@ -10,6 +10,8 @@
 //! - [`console`]: parses what the guest's test app (and the bare-metal guest) prints.
 //! - [`baremetal`]: builds the bare-metal guest kernel (`baremetal-guest/`, no OS) with a test
 //!   vendor's key embedded; it boots on the same harness with `-kernel` alone.
+//! - [`vhost_fault`]: a relay on the vhost-user socket that holds back or turns off a queue's
+//!   enable, for tests of guests whose notifications the backend misses.
 //!
 //! The simulated host itself (swtpm, enrolled proxy, licenses) is `hostbind_testkit::host`.
 //! Every process is stopped by PID when its owner is dropped; files live in temp dirs.
@@ -22,6 +24,7 @@ pub mod baremetal;
 pub mod console;
 pub mod image;
 pub mod qmp;
+pub mod vhost_fault;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

@@ -29,6 +29,7 @@ use tempfile::TempDir;
 use crate::console::{app_lines, metal_lines};
 use crate::image::GuestImage;
 use crate::qmp::Qmp;
+use crate::vhost_fault::{Tampered, VhostFault, VhostRelay};
 use crate::{io_err, require_program, tail, QemuTestError, Result};
 
 /// The vhost-device-vsock program (installed by `scripts/setup --test`).
@@ -73,6 +74,8 @@ pub struct VmOptions {
     pub debug_exit: bool,
     /// More kernel command line words, appended.
     pub kernel_args: Vec<String>,
+    /// Put a relay that applies this fault between QEMU and vhost-device-vsock.
+    pub vhost_fault: Option<VhostFault>,
 }
 
 impl VmOptions {
@@ -90,6 +93,7 @@ impl VmOptions {
             agent_log: "debug".into(),
             debug_exit: false,
             kernel_args: Vec::new(),
+            vhost_fault: None,
         }
     }
 
@@ -167,6 +171,7 @@ pub struct Qemu {
     opts: VmOptions,
     dir: TempDir,
     vhost: Option<Proc>,
+    relay: Option<VhostRelay>,
     qemu: Option<Proc>,
     qmp: Option<Qmp>,
     spawned_at: Instant,
@@ -231,6 +236,7 @@ impl Qemu {
             opts,
             dir,
             vhost: None,
+            relay: None,
             qemu: None,
             qmp: None,
             spawned_at: Instant::now(),
@@ -265,6 +271,16 @@ impl Qemu {
             std::thread::sleep(Duration::from_millis(10));
         }
         me.vhost = Some(vhost);
+        // QEMU talks to the backend directly, or through a relay that applies a fault.
+        let chardev_sock = match me.opts.vhost_fault {
+            Some(fault) => {
+                let relay = VhostRelay::start(&d.join("vhost-relay.sock"), &vhost_sock, fault)?;
+                let path = relay.path().to_path_buf();
+                me.relay = Some(relay);
+                path
+            }
+            None => vhost_sock.clone(),
+        };
 
         let mem = format!("{}M", me.opts.memory_mb);
         let mut cmd = Command::new(&qemu_bin);
@@ -276,7 +292,7 @@ impl Qemu {
             .arg("-chardev")
             .arg(format!(
                 "socket,id={VSOCK_CHARDEV_ID},path={}",
-                vhost_sock.display()
+                chardev_sock.display()
             ));
         if !incoming {
             cmd.arg("-device").arg(format!(
@@ -360,6 +376,14 @@ impl Qemu {
     /// Whether QEMU still runs.
     pub fn running(&mut self) -> bool {
         self.qemu.as_mut().is_some_and(Proc::running)
+    }
+
+    /// The vhost-user messages the fault relay changed (empty without [`VmOptions::vhost_fault`]).
+    pub fn vhost_tampered(&self) -> Vec<Tampered> {
+        self.relay
+            .as_ref()
+            .map(VhostRelay::tampered)
+            .unwrap_or_default()
     }
 
     /// Whether the guest has a vsock device right now.
@@ -585,6 +609,7 @@ impl Qemu {
         if let Some(mut p) = self.qemu.take() {
             p.stop(Duration::from_secs(5));
         }
+        self.relay = None;
         if let Some(mut p) = self.vhost.take() {
             p.stop(Duration::from_secs(2));
         }
@@ -600,6 +625,7 @@ impl Drop for Qemu {
         if let Some(mut p) = self.qemu.take() {
             p.stop(Duration::from_secs(3));
         }
+        self.relay = None;
         if let Some(mut p) = self.vhost.take() {
             p.stop(Duration::from_secs(2));
         }

@@ -360,13 +360,37 @@ impl Host {
 
     /// Starts `hostbind-proxy run` and waits until it serves its sockets.
     pub fn start_proxy(&mut self) -> Result<(), TestkitError> {
+        self.start_proxy_with(&[])
+    }
+
+    /// Like [`Host::start_proxy`], with `extra` arguments for `run` (e.g. `--reset-ledger`).
+    pub fn start_proxy_with(&mut self, extra: &[&str]) -> Result<(), TestkitError> {
+        self.start_proxy_full(extra, &[])
+    }
+
+    /// Like [`Host::start_proxy`], with extra environment variables for the proxy process
+    /// (e.g. libfaketime's `LD_PRELOAD` and `FAKETIME` to shift its clock).
+    pub fn start_proxy_env(&mut self, env: &[(&str, &str)]) -> Result<(), TestkitError> {
+        self.start_proxy_full(&[], env)
+    }
+
+    /// Like [`Host::start_proxy`], with `extra` arguments for `run` and environment variables.
+    pub fn start_proxy_full(
+        &mut self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(), TestkitError> {
         let cfg = p(&self.config());
-        show("hostbind-proxy", &["--config", &cfg, "run"], true);
+        let mut shown = vec!["--config", &cfg, "run"];
+        shown.extend_from_slice(extra);
+        show("hostbind-proxy", &shown, true);
         let mut cmd = Command::new(bin("hostbind-proxy")?);
         cmd.arg("--config")
             .arg(&cfg)
             .arg("run")
-            .env("TSS2_LOG", "all+none");
+            .args(extra)
+            .env("TSS2_LOG", "all+none")
+            .envs(env.iter().copied());
         let log = self.dir().join(format!(
             "proxy-{}.log",
             std::time::SystemTime::now()
@@ -429,6 +453,17 @@ impl Agent {
         state_dir: Option<&Path>,
         extra: &[&str],
     ) -> Result<Agent, TestkitError> {
+        Self::start_env(host_socket, state_dir, extra, &[])
+    }
+
+    /// Like [`Agent::start_with`], with extra environment variables for the agent process
+    /// (e.g. libfaketime's to shift the VM's clock).
+    pub fn start_env(
+        host_socket: &Path,
+        state_dir: Option<&Path>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Agent, TestkitError> {
         let dir = tempfile::Builder::new()
             .prefix("hostbind-agent-")
             .tempdir()
@@ -455,7 +490,9 @@ impl Agent {
         args.extend_from_slice(extra);
         show("hostbind-agent", &args, true);
         let mut cmd = Command::new(bin("hostbind-agent")?);
-        cmd.args(&args).env("RUST_LOG", "debug");
+        cmd.args(&args)
+            .env("RUST_LOG", "debug")
+            .envs(env.iter().copied());
         let mut proc_ = Proc::spawn("hostbind-agent", cmd, &dir.path().join("agent.log"))?;
         proc_.wait_for_socket(&socket, Duration::from_secs(10))?;
         Ok(Agent {

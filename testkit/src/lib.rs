@@ -290,6 +290,9 @@ pub struct Swtpm {
     ca: Arc<LocalCa>,
     state: PathBuf,
     log: PathBuf,
+    /// While killed: the two ports, bound (not listening) so that no other test's server
+    /// takes them before [`Swtpm::start_again`]; clients get "connection refused" meanwhile.
+    reserved: Vec<socket2::Socket>,
     // Last field: removed after the child is killed in Drop.
     _dir: TempDir,
 }
@@ -332,6 +335,7 @@ impl Swtpm {
             ca,
             state,
             log: root.join("swtpm.log"),
+            reserved: Vec::new(),
             _dir: dir,
         };
         tpm.spawn()?;
@@ -407,6 +411,52 @@ impl Swtpm {
     pub fn restart_unorderly(&mut self) -> Result<(), TestkitError> {
         self.stop()?;
         self.spawn()
+    }
+
+    /// Kills swtpm (SIGKILL, like a crash of the simulator or the TPM going away) and leaves
+    /// it stopped; [`Swtpm::start_again`] brings it back on the same ports and state.
+    pub fn kill(&mut self) -> Result<(), TestkitError> {
+        self.stop()?;
+        // best effort: a port that still has connections in TIME_WAIT cannot be bound without
+        // SO_REUSEADDR (which would let others bind it too); swtpm itself can
+        self.reserved = [self.port, self.port + 1]
+            .iter()
+            .filter_map(|p| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .ok()?;
+                s.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, *p)).into())
+                    .ok()?;
+                Some(s)
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Starts swtpm again after [`Swtpm::kill`], on the same ports and state dir, as a
+    /// restarted simulator or a TPM that came back: clients that reconnect to the same TCTI
+    /// find it (with its transient objects gone).
+    pub fn start_again(&mut self) -> Result<(), TestkitError> {
+        self.reserved.clear();
+        let mut reason = String::from("no attempt made");
+        for attempt in 1..=PORT_ATTEMPTS {
+            match self.try_spawn(self.port) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                Err(SpawnFailure::Fatal(e)) => return Err(e),
+                Err(SpawnFailure::Retry(why)) => {
+                    reason = format!("attempt {attempt} on port {}: {why}", self.port);
+                    sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        Err(TestkitError::Startup {
+            reason,
+            attempts: PORT_ATTEMPTS,
+            log: self.log.clone(),
+            tail: log_tail(&self.log),
+        })
     }
 
     /// Sends TPM2_Shutdown(TPM_SU_CLEAR) on the command port, raw over swtpm's TCP protocol.
@@ -576,6 +626,84 @@ fn free_port_pair() -> Result<u16, TestkitError> {
         what: "find two adjacent free TCP ports on 127.0.0.1".into(),
         source: io::Error::new(io::ErrorKind::AddrInUse, "64 candidates taken"),
     })
+}
+
+/// Copies the directory `from` into `to` (created), subdirectories included: a backup or a
+/// restore of a state dir, as an admin would make with `cp -r`.
+pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let t = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &t)?;
+        } else {
+            fs::copy(e.path(), &t)?;
+        }
+    }
+    Ok(())
+}
+
+/// Two unprivileged uids (and their same-numbered gids) for tests of what one local user can
+/// do to another: `nobody` and the uid below it. They need no passwd entry: a root test process
+/// runs children as them with `Command::uid`/`gid`.
+pub const OTHER_USERS: [u32; 2] = [65534, 65533];
+
+/// Whether this test may run processes as [`OTHER_USERS`] (it runs as root). Otherwise it
+/// skips with a message, unless `HOSTBIND_REQUIRE_SWTPM` is set (scripts/test and CI, which
+/// run as root): then it fails, so CI never skips it silently.
+pub fn can_switch_users(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("HOSTBIND_REQUIRE_SWTPM").is_none(),
+        "{test} runs processes as other users and needs root (HOSTBIND_REQUIRE_SWTPM is set)"
+    );
+    eprintln!("{test}: skipped: needs root to run processes as other users");
+    false
+}
+
+/// A copy of workspace binary `name` that [`OTHER_USERS`] may run (the target dir may lie in a
+/// directory only root can enter): in a directory of its own, mode 0755, kept for the test
+/// process's lifetime.
+pub fn bin_for_other_users(name: &str) -> Result<PathBuf, TestkitError> {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<TempDir> = std::sync::OnceLock::new();
+    static COPY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| TestkitError::Io { what, source }
+    };
+    let dir = match DIR.get() {
+        Some(d) => d,
+        None => {
+            let d = tempfile::Builder::new()
+                .prefix("hostbind-bin-")
+                .tempdir()
+                .map_err(io("create a directory for binaries"))?;
+            fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755))
+                .map_err(io("chmod the binaries' directory"))?;
+            DIR.get_or_init(|| d)
+        }
+    };
+    let _one = COPY.lock().unwrap_or_else(|e| e.into_inner());
+    let to = dir.path().join(name);
+    if !to.is_file() {
+        fs::copy(process::bin(name)?, &to).map_err(io("copy a binary for other users"))?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o755))
+            .map_err(io("chmod a binary for other users"))?;
+    }
+    Ok(to)
+}
+
+/// A command that runs as `uid` (and gid `uid`) without supplementary groups.
+pub fn command_as(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(program);
+    c.uid(uid).gid(uid);
+    c
 }
 
 /// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (or 0.0.0.0:`port`).

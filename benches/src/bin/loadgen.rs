@@ -237,6 +237,7 @@ async fn guest(sock: PathBuf, seed: u64, a: Arc<Args>, shared: Arc<Shared>) -> R
                     nonce: fresh.then(|| mix.next().to_be_bytes().repeat(4).into()),
                     scope: Scope::Vm,
                     pid: None,
+                    pid_start: None,
                     chain: vec![],
                     tpm_fresh: fresh,
                 })
@@ -371,7 +372,7 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
         .as_ref()
         .map(|p| p.pid())
         .context("proxy not running")?;
-    let before: BTreeSet<String> = proxy_leases(h)?;
+    let before: BTreeSet<String> = proxy_lease_ids(h)?;
     let dur = Duration::from_secs_f64(a.duration.max(0.1)).min(MAX_DURATION);
     let shared = Arc::new(Shared {
         issued: AtomicU64::new(0),
@@ -421,7 +422,7 @@ async fn run(h: &mut Host, label: &str, guests: usize, a: &Arc<Args>) -> Result<
     // Before the admin `leases` query below, whose JSON answer would inflate the peak.
     let peak_rss = vm_hwm_kib(pid);
     lat.sort_unstable();
-    let now: BTreeSet<String> = proxy_leases(h)?;
+    let now: BTreeSet<String> = proxy_lease_ids(h)?;
     let mine: BTreeSet<String> = now.difference(&before).cloned().collect();
     let lost = held.difference(&mine).count();
     let leaked = mine.difference(&held).count();
@@ -492,18 +493,13 @@ fn usage_check(h: &Host, vendor: &Vendor, tokens_issued: u64) -> Result<Option<U
     }))
 }
 
-fn proxy_leases(h: &Host) -> Result<BTreeSet<String>> {
-    let out = h
-        .proxy_ok(&["--json", "leases"])
-        .context("hostbind-proxy leases")?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("leases JSON")?;
-    Ok(v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|l| l.get("id").and_then(|i| i.as_str()).map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default())
+/// Ids of the proxy's live leases.
+fn proxy_lease_ids(h: &Host) -> Result<BTreeSet<String>> {
+    Ok(hostbind_benches::proxy_leases(h)?
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .filter(|id| !id.is_empty())
+        .collect())
 }
 
 fn print_table(rs: &[RunResult]) {

@@ -315,6 +315,8 @@ fn handle(inner: &Inner, msg: Message<Body>) -> Vec<Message<Body>> {
                 host_cert: ByteBuf::from(b"scripted host certificate".to_vec()),
                 vm: inner.vm.clone(),
                 lease_ttl_secs: inner.ttl,
+                idle_timeout_secs: None,
+                lease_query: false,
             }),
         )],
         Body::TokenRequest(req) => {

@@ -20,6 +20,7 @@ pub fn req<'a>(
         features: &[],
         scope: LeaseScope::Process,
         pid: Some(1),
+        pid_start: None,
         ttl_secs: 60,
         now,
         seats,

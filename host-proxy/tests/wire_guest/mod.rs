@@ -4,7 +4,7 @@
 
 use futures::{SinkExt, StreamExt};
 use hostbind_attest::wire::{
-    Body, ErrorCode, Event, FrameCodec, Hello, HelloAck, Message, Scope, TokenRequest,
+    Body, EphemeralId, ErrorCode, Event, FrameCodec, Hello, HelloAck, Message, Scope, TokenRequest,
     TokenResponse,
 };
 use std::collections::BTreeMap;
@@ -57,10 +57,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WireGuest<S> {
 
     /// Hello as agent `version`.
     pub async fn hello_as(&mut self, version: &str) -> Result<HelloAck, Refusal> {
+        self.hello_with(version, vec![]).await
+    }
+
+    /// Hello as a test agent whose id chain ends with `chain` (oldest first).
+    pub async fn hello_chain(&mut self, chain: Vec<EphemeralId>) -> Result<HelloAck, Refusal> {
+        self.hello_with("test", chain).await
+    }
+
+    async fn hello_with(
+        &mut self,
+        version: &str,
+        chain: Vec<EphemeralId>,
+    ) -> Result<HelloAck, Refusal> {
         match self
             .call(Body::Hello(Hello {
                 agent_version: version.into(),
-                chain: vec![],
+                chain,
                 facts: BTreeMap::new(),
                 known_host: None,
             }))
@@ -97,6 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WireGuest<S> {
                 nonce: nonce.map(|n| n.to_vec().into()),
                 scope,
                 pid,
+                pid_start: None,
                 chain: vec![],
                 tpm_fresh: false,
             }))
