@@ -48,20 +48,33 @@ impl TcpRelay {
                 source,
             }
         };
+        // Bound with std (no runtime entered here: `start` may be called from inside a tokio
+        // runtime, whose thread must not block on another one), served on the relay's own.
+        let std_listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(io("bind the relay's port"))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(io("make the relay's port non-blocking"))?;
+        let addr = std_listener
+            .local_addr()
+            .map_err(io("read the relay's port"))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(io("start the relay's runtime"))?;
-        let listener = rt
-            .block_on(TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-            .map_err(io("bind the relay's port"))?;
-        let addr = listener.local_addr().map_err(io("read the relay's port"))?;
         let (state, rx) = watch::channel(State::Open);
         let connections = Arc::new(AtomicU64::new(0));
         let count = Arc::clone(&connections);
         let thread = std::thread::Builder::new()
             .name(format!("relay-{}", addr.port()))
-            .spawn(move || rt.block_on(accept_loop(listener, targets, rx, count)))
+            .spawn(move || {
+                rt.block_on(async move {
+                    match TcpListener::from_std(std_listener) {
+                        Ok(listener) => accept_loop(listener, targets, rx, count).await,
+                        Err(e) => eprintln!("relay: cannot serve its port: {e}"),
+                    }
+                })
+            })
             .map_err(io("start the relay's thread"))?;
         Ok(TcpRelay {
             addr,
@@ -244,6 +257,24 @@ mod tests {
         let mut b = [0u8; 4];
         s.read_exact(&mut b)?;
         Ok(b.to_vec())
+    }
+
+    #[tokio::test]
+    async fn relay_starts_and_stops_inside_a_tokio_runtime() {
+        // It used to block_on its own runtime in `start`: a panic ("Cannot start a runtime
+        // from within a runtime") for every async test.
+        let r = TcpRelay::start(vec![echo()]).unwrap();
+        let mut c = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        c.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&b, b"ping");
+        // Drop joins the relay's thread; do it off the runtime's worker.
+        tokio::task::spawn_blocking(move || drop(r)).await.unwrap();
     }
 
     #[test]
