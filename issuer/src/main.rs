@@ -382,9 +382,15 @@ fn license_seats(a: &IssueArgs) -> Result<(u32, Option<Pool>)> {
         }
         return Ok((seats, None));
     };
+    if !counted {
+        bail!(
+            "--pool with --count-mode none: a pool shares counted seats and this license counts \
+             none; issue it without --pool (every host may use the product without a seat count)"
+        );
+    }
     let pool_seats = a.pool_seats.unwrap_or(0);
-    if pool_seats == 0 && counted {
-        bail!("--pool-seats must be at least 1 (or use --count-mode none)");
+    if pool_seats == 0 {
+        bail!("--pool-seats must be at least 1");
     }
     if a.fallback_seats > pool_seats {
         bail!(

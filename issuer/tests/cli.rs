@@ -152,6 +152,17 @@ fn pool_license_is_issued_inspected_and_refuses_inconsistent_seats() {
             &["--pool", "acme kvm", "--pool-seats", "4"][..],
             "give --pool another value",
         ),
+        (
+            &[
+                "--pool",
+                "acme-kvm",
+                "--pool-seats",
+                "4",
+                "--count-mode",
+                "none",
+            ][..],
+            "a pool shares counted seats",
+        ),
     ] {
         let mut args = extra.to_vec();
         args.extend(["--out", "p.license"]);
