@@ -75,6 +75,12 @@ struct Inner {
     ops: RwLock<()>,
     /// Serialises lease grants (one etcd lease per TTL class).
     grant: tokio::sync::Mutex<()>,
+    /// One counted acquire of this node at a time: concurrent acquires of one node would only
+    /// fail each other's prefix compare (measured: 14 acquires/s with 8 at once per node,
+    /// against ~100/s serialised; docs/benchmarks.md).
+    acquiring: tokio::sync::Mutex<()>,
+    /// etcd requests made (each attempt), for the load figures.
+    requests: std::sync::atomic::AtomicU64,
 }
 
 /// A node's seat pools on etcd; see the module doc. Dropping it stops its background task
@@ -189,6 +195,8 @@ impl Inner {
         let mut no_quorum = None;
         let r = loop {
             let left = deadline.saturating_duration_since(Instant::now());
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let e = match tokio::time::timeout(left, f(self.client.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => self.classify(&e),
@@ -430,6 +438,7 @@ impl Inner {
             return self.fallback(&req, e);
         }
         let _ops = self.ops.read().await;
+        let _one = self.acquiring.lock().await;
         match self.acquire_etcd(&req).await {
             Ok(s) => Ok(s),
             Err(e) => self.fallback(&req, e),
@@ -803,6 +812,8 @@ impl EtcdPool {
             state: Mutex::new(State::default()),
             ops: RwLock::new(()),
             grant: tokio::sync::Mutex::new(()),
+            acquiring: tokio::sync::Mutex::new(()),
+            requests: std::sync::atomic::AtomicU64::new(0),
         });
         for (req, mut seat) in held {
             seat.node = inner.node.clone();
@@ -825,6 +836,13 @@ impl EtcdPool {
     /// This node's host id (hex), as seats name it.
     pub fn node(&self) -> &str {
         &self.inner.node
+    }
+
+    /// etcd requests this node has made so far (every attempt; a keep-alive round counts one).
+    pub fn etcd_requests(&self) -> u64 {
+        self.inner
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The seats this node holds.
