@@ -129,7 +129,7 @@ async fn main() {
 
     // 2. Throughput: three nodes, 8 concurrent acquirers each, ample seats (contention on
     // the pool's count compare, not on a full pool).
-    let nodes = vec![
+    let nodes = [
         Arc::new(a),
         Arc::new(node(&c, 2).await),
         Arc::new(node(&c, 3).await),

@@ -273,6 +273,28 @@ impl Inner {
         Ok(r.id())
     }
 
+    /// `IF cmp THEN put(key, seat, lease)`; the revision it wrote, or `None` when the compare
+    /// failed.
+    async fn put_if(
+        &self,
+        cmp: Compare,
+        key: &str,
+        seat: &Seat,
+        lease: i64,
+    ) -> Result<Option<i64>, PoolError> {
+        let value = serde_json::to_vec(seat).map_err(|e| PoolError::Etcd {
+            detail: e.to_string(),
+        })?;
+        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+        let t = self.txn(txn).await?;
+        Ok(t.succeeded()
+            .then(|| t.header().map_or(0, |h| h.revision())))
+    }
+
     fn seat_of(&self, req: &SeatRequest, source: SeatSource) -> Seat {
         Seat {
             pool: req.terms.pool.clone(),
@@ -520,23 +542,8 @@ impl Inner {
             };
             let old = Self::decode(kv)?;
             let seat = self.seat_of(&req, SeatSource::Pool);
-            let value = serde_json::to_vec(&seat).map_err(|e| PoolError::Etcd {
-                detail: e.to_string(),
-            })?;
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([TxnOp::put(
-                    key.as_str(),
-                    value,
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            let t = self.txn(txn).await?;
-            if t.succeeded() {
-                let rev = t.header().map_or(0, |h| h.revision());
+            let cmp = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
+            if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
                 let seat = self.hold(&req, seat, rev);
                 return Ok(if old.node == self.node {
                     Rehomed::AlreadyHere(seat)
@@ -652,9 +659,6 @@ impl Inner {
             let lease = self.lease(h.ttl_secs).await?;
             let mut seat = h.seat.clone();
             seat.source = SeatSource::Pool;
-            let value = serde_json::to_vec(&seat).map_err(|e| PoolError::Etcd {
-                detail: e.to_string(),
-            })?;
             let cmp = match in_etcd.remove(&h.seat.seat) {
                 Some((s, _, _)) if s.node != self.node => {
                     // The VM migrated and its new node re-homed the seat.
@@ -682,14 +686,7 @@ impl Inner {
                     Compare::create_revision(key.as_str(), CompareOp::Equal, 0)
                 }
             };
-            let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
-                key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-            let t = self.txn(txn).await?;
-            if t.succeeded() {
-                let rev = t.header().map_or(0, |h| h.revision());
+            if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
                 self.mark(pool, &h.seat.seat, rev, seat);
             }
             // A lost race is settled by the next reconcile.

@@ -399,14 +399,19 @@ impl EtcdCluster {
     /// as `<name>.log.N`.
     pub fn restart(&mut self, i: usize) -> Result<(), TestkitError> {
         self.kill9(i);
+        self.respawn(i)?;
+        self.wait_healthy(&[i], HEALTHY_TIMEOUT)
+    }
+
+    /// Starts stopped member `i` again, keeping its old log as `<name>.log.N`.
+    fn respawn(&mut self, i: usize) -> Result<(), TestkitError> {
         let m = &self.members[i];
         let mut n = 1;
         while m.log.with_extension(format!("log.{n}")).exists() {
             n += 1;
         }
         let _ = fs::rename(&m.log, m.log.with_extension(format!("log.{n}")));
-        self.spawn(i)?;
-        self.wait_healthy(&[i], HEALTHY_TIMEOUT)
+        self.spawn(i)
     }
 
     /// Kills (SIGKILL) members until fewer than a quorum run; returns the ones killed (member 0
@@ -427,13 +432,7 @@ impl EtcdCluster {
             .filter(|&i| !self.running(i))
             .collect();
         for &i in &stopped {
-            let m = &self.members[i];
-            let mut n = 1;
-            while m.log.with_extension(format!("log.{n}")).exists() {
-                n += 1;
-            }
-            let _ = fs::rename(&m.log, m.log.with_extension(format!("log.{n}")));
-            self.spawn(i)?;
+            self.respawn(i)?;
         }
         let all: Vec<usize> = (0..self.members.len()).collect();
         self.wait_healthy(&all, HEALTHY_TIMEOUT)
