@@ -345,9 +345,11 @@ pub struct License {
     pub product: String,
     /// Features unlocked.
     pub features: Vec<String>,
-    /// Host ids (32 bytes each) the license is valid on; seats apply per host.
+    /// Host ids (32 bytes each) the license is valid on; seats apply per host. For a pool
+    /// license: the enrolled hosts of the pool.
     pub hosts: Vec<ByteBuf>,
-    /// Seats per host.
+    /// Seats per host. For a pool license: the per-host fallback share, the seats each host may
+    /// grant alone while the pool's coordinator is unreachable (0: none; see [`Pool`]).
     pub seats: u32,
     /// Counting mode.
     pub count_mode: CountMode,
@@ -363,12 +365,47 @@ pub struct License {
     /// absent: usage metering is off for this product.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metering_key: Option<ByteBuf>,
+    /// The seat pool: set, the license's seats are counted across all its hosts together (in
+    /// the customer's etcd cluster) instead of per host. Absent: a per-host license.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Pool>,
+}
+
+/// The pool form of a license: `seats` seats shared by every host the license names (its
+/// `hosts` are the pool's members, enrolled hosts each), counted cluster-wide with the license's
+/// count mode. The license's own per-host `seats` is then the fallback share: what each host may
+/// grant alone while it cannot reach the pool's coordinator (counted and reported afterwards).
+/// A proxy that predates pools ignores this field and reads the license as a per-host license of
+/// the fallback share, so it can never grant more than the vendor allowed for an outage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Pool id (an identifier, see [`check_identifier`]): names the pool in tokens and in the
+    /// coordinator's keys.
+    pub id: String,
+    /// Seats of the whole pool.
+    pub seats: u32,
 }
 
 impl License {
-    /// True when the license names this host.
+    /// True when the license names this host (for a pool license: the host is in the pool).
     pub fn covers_host(&self, host_id: &[u8]) -> bool {
         self.hosts.iter().any(|h| h.as_slice() == host_id)
+    }
+
+    /// The pool, when this is a pool license.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_ref()
+    }
+
+    /// True when this is a pool license and the host is one of the pool's members.
+    pub fn in_pool(&self, host_id: &[u8]) -> bool {
+        self.pool.is_some() && self.covers_host(host_id)
+    }
+
+    /// The seats each host may grant without the pool's coordinator: the per-host `seats` of a
+    /// pool license (the fallback share), `None` for a per-host license.
+    pub fn pool_fallback_seats(&self) -> Option<u32> {
+        self.pool.as_ref().map(|_| self.seats)
     }
 
     /// Checks the names in the license: id, product and features are identifiers
@@ -380,6 +417,9 @@ impl License {
         check_identifier("product", &self.product)?;
         for f in &self.features {
             check_identifier("feature", f)?;
+        }
+        if let Some(p) = &self.pool {
+            check_identifier("pool id", &p.id)?;
         }
         check_text("customer", &self.customer)
     }
@@ -508,7 +548,65 @@ mod tests {
                 not_after: 100,
             },
             metering_key: None,
+            pool: None,
         }
+    }
+
+    #[test]
+    fn pool_license_names_its_members_and_round_trips() {
+        let k = VendorKey::generate().unwrap();
+        let mut l = lic();
+        assert!(l.pool().is_none() && !l.in_pool(&[7u8; 32]));
+        assert_eq!(l.pool_fallback_seats(), None);
+        l.hosts.push(ByteBuf::from(vec![8u8; 32]));
+        l.seats = 1;
+        l.pool = Some(Pool {
+            id: "acme-kvm".into(),
+            seats: 40,
+        });
+        assert!(l.in_pool(&[7u8; 32]) && l.in_pool(&[8u8; 32]));
+        assert!(!l.in_pool(&[9u8; 32]));
+        assert_eq!(l.pool_fallback_seats(), Some(1));
+        let b = sign(ObjectKind::License, &l, &k).unwrap();
+        let back: License = open(ObjectKind::License, &b, &k.public()).unwrap();
+        assert_eq!(back, l);
+        l.pool = Some(Pool {
+            id: "two words".into(),
+            seats: 40,
+        });
+        assert_eq!(l.check_names().unwrap_err().what, "pool id");
+    }
+
+    #[test]
+    fn pool_license_read_by_a_proxy_without_pools_is_its_fallback_share() {
+        // What a proxy from before pools decodes (its License had no pool field; serde skips
+        // fields it does not know).
+        #[derive(Deserialize)]
+        struct PrePoolLicense {
+            hosts: Vec<ByteBuf>,
+            seats: u32,
+            count_mode: CountMode,
+        }
+        let mut l = lic();
+        l.seats = 1;
+        l.pool = Some(Pool {
+            id: "acme-kvm".into(),
+            seats: 40,
+        });
+        let old: PrePoolLicense = from_cbor("license", &to_cbor("license", &l).unwrap()).unwrap();
+        assert_eq!(
+            (old.hosts, old.seats, old.count_mode),
+            (l.hosts, 1, CountMode::Vm)
+        );
+        // A per-host license encodes without the field: its bytes (and hash) are as before.
+        let bytes = to_cbor("license", &lic()).unwrap();
+        let v: ciborium::Value = from_cbor("license", &bytes).unwrap();
+        let keys = v.as_map().unwrap().iter().filter_map(|(k, _)| k.as_text());
+        assert!(
+            keys.clone().all(|k| k != "pool"),
+            "{:?}",
+            keys.collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub const CLAIM_LICENSE_HASH: i64 = -65545;
 /// bytes). A commitment, not the id: chain ids are capabilities the proxy accepts from any VM,
 /// so they travel only between agent and proxy.
 pub const CLAIM_CHAIN_COMMITMENT: i64 = -65546;
+/// Private claim: id of the seat pool the token's seat came from (text); only in tokens issued
+/// under a pool license, whose pool it must name.
+pub const CLAIM_POOL: i64 = -65547;
 
 /// Every private claim number hostbind tokens use or once used, with its name: the one place
 /// claim numbers are allotted. A new claim takes a number not listed here (the test
@@ -65,6 +68,7 @@ pub const PRIVATE_CLAIMS: &[(i64, &str)] = &[
     (CLAIM_FRESH, "fresh"),
     (CLAIM_LICENSE_HASH, "license_hash"),
     (CLAIM_CHAIN_COMMITMENT, "chain_commitment"),
+    (CLAIM_POOL, "pool"),
 ];
 
 /// Every private unprotected header label of a token, with its name (allotted here only, like
@@ -175,6 +179,10 @@ pub struct TokenClaims {
     /// TPM evidence that the nonce is fresh, for a TPM-fresh request.
     #[serde(default)]
     pub fresh: Option<FreshEvidence>,
+    /// The seat pool the seat came from (a pool license's pool id); `None` for a seat counted
+    /// on the host alone.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 /// Errors issuing a token.
@@ -245,6 +253,9 @@ impl TokenClaims {
                 rest.push((ClaimName::PrivateUse(CLAIM_FRESH), Value::Bytes(b)));
             }
         }
+        if let Some(p) = &self.pool {
+            rest.push((ClaimName::PrivateUse(CLAIM_POOL), Value::Text(p.clone())));
+        }
         if let Some(c) = &self.chain_commitment {
             rest.push((
                 ClaimName::PrivateUse(CLAIM_CHAIN_COMMITMENT),
@@ -277,6 +288,11 @@ impl TokenClaims {
         let text = |id: i64, name: &str| match find(ClaimName::PrivateUse(id)) {
             Some(Value::Text(t)) => Ok(t.clone()),
             _ => Err(format!("claim {name} ({id}) is missing or not text")),
+        };
+        let text_opt = |id: i64, name: &str| match find(ClaimName::PrivateUse(id)) {
+            None => Ok(None),
+            Some(Value::Text(t)) => Ok(Some(t.clone())),
+            Some(_) => Err(format!("claim {name} ({id}) is not text")),
         };
         let bytes_opt = |n: ClaimName, name: &str| match find(n) {
             None => Ok(None),
@@ -335,6 +351,7 @@ impl TokenClaims {
                         .map_err(|e| format!("claim fresh ({CLAIM_FRESH}) is malformed: {e}"))
                 })
                 .transpose()?,
+            pool: text_opt(CLAIM_POOL, "pool")?,
         })
     }
 }
@@ -449,6 +466,7 @@ mod tests {
             chain_commitment: Some(chain_commitment(&[9; 16]).to_vec()),
             quote_ref: vec![2; 32],
             fresh: None,
+            pool: None,
         }
     }
 
@@ -486,6 +504,7 @@ mod tests {
         // Every claim a token carries is in the table.
         let mut c = claims();
         c.nonce = Some(vec![3; 8]);
+        c.pool = Some("acme-kvm".into());
         c.fresh = Some(FreshEvidence {
             attest: ByteBuf::from(vec![1]),
             signature: ByteBuf::from(vec![2]),

@@ -16,7 +16,7 @@
 use crate::keys::{verify_es256, VendorPublicKey};
 use crate::signed::{
     content_type, fmt_time, from_cbor, open, parse_sign1, HostCertificate, License, ObjectKind,
-    SignedError, Window, CT_TOKEN,
+    Pool, SignedError, Window, CT_TOKEN,
 };
 use crate::token::{
     header_bytes, key_binding, license_hash, token_key_id, KeyEvidence, TokenClaims, HDR_HOST_CERT,
@@ -24,6 +24,7 @@ use crate::token::{
 };
 use crate::tpm::{self, TpmError};
 use crate::wire::{check_eat_nonce, NonceLengthError};
+use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::time::Duration;
@@ -63,6 +64,14 @@ pub enum VerifyError {
     /// The license does not name the token's host.
     #[error("license {license} does not name host {host}: the token was not issued under a license for this host")]
     HostNotInLicense { license: String, host: String },
+    /// The token's pool claim is not the pool of the license it carries.
+    #[error("token says its seat came from pool '{claimed}' but its license {license} {licensed}: the token is forged or malformed")]
+    PoolMismatch {
+        claimed: String,
+        license: String,
+        /// "has no pool" or "is for pool 'X'".
+        licensed: String,
+    },
     /// The token is for another product than the app expects.
     #[error("token is for product '{token}', not the expected '{expected}'")]
     WrongProduct { token: String, expected: String },
@@ -304,6 +313,15 @@ pub struct VerifiedToken {
     pub fresh_quote: Option<tpm::Quote>,
 }
 
+impl VerifiedToken {
+    /// The seat pool the token's seat came from: its license's pool, when the token's pool
+    /// claim names it (the verifier checked that it does); `None` for a seat counted on the
+    /// host alone.
+    pub fn pool(&self) -> Option<&Pool> {
+        self.claims.pool.as_ref().and(self.license.pool())
+    }
+}
+
 fn check_window(license: &License, at: u64, window: Window) -> Result<(), VerifyError> {
     if window == Window::Valid {
         return Ok(());
@@ -429,6 +447,18 @@ pub fn verify_token(
             license: license.id.clone(),
             host: host.host_id_hex(),
         });
+    }
+    if let Some(claimed) = &claims.pool {
+        if license.pool().map(|p| &p.id) != Some(claimed) {
+            return Err(VerifyError::PoolMismatch {
+                claimed: claimed.clone(),
+                license: license.id.clone(),
+                licensed: match license.pool() {
+                    Some(p) => format!("is for pool '{}'", p.id),
+                    None => "has no pool".into(),
+                },
+            });
+        }
     }
     if claims.product != expect.product {
         return Err(VerifyError::WrongProduct {

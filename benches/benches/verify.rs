@@ -136,6 +136,7 @@ fn bench(c: &mut Criterion) {
         chain_commitment: Some(vec![1u8; 32]),
         quote_ref: s.quote_ref().to_vec(),
         fresh: None,
+        pool: None,
     };
     let token = s.issue(&claims, &lic).unwrap();
     let expect = Expectation::product("cad")

@@ -148,6 +148,7 @@ mod tests {
                 not_after: na,
             },
             metering_key: None,
+            pool: None,
         }
     }
 

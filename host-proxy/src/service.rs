@@ -1117,6 +1117,8 @@ impl Service {
             chain_commitment: chain_head.map(|h| chain_commitment(&h).to_vec()),
             quote_ref: signer.quote_ref().to_vec(),
             fresh,
+            // Seats are counted on this host alone until pool admission is wired in (issue 20).
+            pool: None,
         };
         let token = signer.issue(&claims, &lic.bytes).map_err(|e| {
             tracing::error!("token signing failed: {e}");

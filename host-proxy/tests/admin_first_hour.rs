@@ -393,6 +393,7 @@ async fn malformed_product_names_are_refused_where_licenses_are_made_and_read() 
             not_after: now + 3600,
         },
         metering_key: None,
+        pool: None,
     };
     let file = h.dir().join("nl.license");
     std::fs::write(&file, sign_raw(&v, &lic)).unwrap();

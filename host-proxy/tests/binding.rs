@@ -183,6 +183,7 @@ fn minted(
         chain_commitment: None,
         quote_ref: s.quote_ref().to_vec(),
         fresh: None,
+        pool: None,
     }
 }
 
@@ -388,4 +389,46 @@ fn short_nonce_in_a_token_is_refused() {
     )
     .unwrap_err();
     assert!(matches!(e, VerifyError::BadExpectation(_)), "{e}");
+}
+
+#[test]
+fn pool_claim_for_a_pool_the_license_does_not_have_is_refused() {
+    use hostbind_attest::signed::Pool;
+    let (vendor, mut h, cert, id) = enrolled(&TERMS);
+    let s = signer(&mut h, cert, t0(), t0() + 1200);
+    let vp = vendor.public();
+    let at = t0() + 120;
+    let cad = Expectation::product("cad");
+    let (mut l, per_host) = license(&vendor, &id, "cad", &[]);
+    l.pool = Some(Pool {
+        id: "acme-kvm".into(),
+        seats: 40,
+    });
+    let pooled = sign(ObjectKind::License, &l, &vendor).unwrap();
+
+    // a seat from the license's pool: the verifier shows the pool
+    let mut c = minted(&s, &id, "cad", &[], &pooled);
+    c.pool = Some("acme-kvm".into());
+    let v = verify_token(&s.issue(&c, &pooled).unwrap(), &vp, at, &cad).unwrap();
+    assert_eq!(v.claims.pool.as_deref(), Some("acme-kvm"));
+    assert_eq!(v.pool().map(|p| p.seats), Some(40));
+    // a seat counted on the host alone under the same license names no pool
+    let c = minted(&s, &id, "cad", &[], &pooled);
+    let v = verify_token(&s.issue(&c, &pooled).unwrap(), &vp, at, &cad).unwrap();
+    assert!(v.pool().is_none() && v.license.pool.is_some());
+
+    // root on the host claims another pool than the license's ...
+    let mut c = minted(&s, &id, "cad", &[], &pooled);
+    c.pool = Some("other-cluster".into());
+    let e = verify_token(&s.issue(&c, &pooled).unwrap(), &vp, at, &cad).unwrap_err();
+    assert!(
+        matches!(&e, VerifyError::PoolMismatch { claimed, .. } if claimed == "other-cluster"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("is for pool 'acme-kvm'"), "{e}");
+    // ... or a pool under a per-host license
+    let mut c = minted(&s, &id, "cad", &[], &per_host);
+    c.pool = Some("acme-kvm".into());
+    let e = verify_token(&s.issue(&c, &per_host).unwrap(), &vp, at, &cad).unwrap_err();
+    assert!(e.to_string().contains("has no pool"), "{e}");
 }

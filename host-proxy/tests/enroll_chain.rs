@@ -41,6 +41,7 @@ fn claims(s: &TokenSigner, host_id: &[u8], lic: &[u8], nonce: Option<&[u8]>) -> 
         chain_commitment: None,
         quote_ref: s.quote_ref().to_vec(),
         fresh: None,
+        pool: None,
     }
 }
 

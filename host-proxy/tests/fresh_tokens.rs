@@ -50,6 +50,7 @@ fn claims(
         chain_commitment: None,
         quote_ref: s.quote_ref().to_vec(),
         fresh: Some(fresh),
+        pool: None,
     }
 }
 

@@ -45,15 +45,28 @@ pub fn host_cert(c: &HostCertificate) -> Value {
     })
 }
 
-/// Describes a license payload.
+/// Describes a license payload. A pool license shows its pool (id, seats, the per-host
+/// fallback share) instead of seats per host.
 pub fn license(l: &License) -> Value {
-    json!({
+    let mut v = json!({
         "id": l.id,
         "customer": l.customer,
         "product": l.product,
         "features": l.features,
         "hosts": l.hosts.iter().map(hex::encode).collect::<Vec<_>>(),
-        "seats_per_host": l.seats,
+    });
+    match l.pool() {
+        Some(p) => {
+            v["pool"] = json!({
+                "id": p.id,
+                "seats": p.seats,
+                "hosts": l.hosts.len(),
+                "fallback_seats_per_host": l.seats,
+            })
+        }
+        None => v["seats_per_host"] = json!(l.seats),
+    }
+    let rest = json!({
         "count_mode": l.count_mode.to_string(),
         "clone_policy": l.clone_policy.to_string(),
         "grace_secs": l.grace_secs,
@@ -61,7 +74,11 @@ pub fn license(l: &License) -> Value {
         "not_before": time(l.validity.not_before),
         "not_after": time(l.validity.not_after),
         "metering_key": l.metering_key.as_ref().map(hex::encode),
-    })
+    });
+    if let (Value::Object(m), Value::Object(r)) = (&mut v, rest) {
+        m.extend(r);
+    }
+    v
 }
 
 fn tpm_public(raw: &[u8]) -> Value {
@@ -89,6 +106,7 @@ pub fn claims(c: &TokenClaims) -> Value {
         "scope": c.scope,
         "license_id": c.license_id,
         "license_hash": hex::encode(&c.license_hash),
+        "pool": c.pool,
         "lease_id": c.lease_id,
         "iat": time(c.issued_at),
         "exp": time(c.expires_at),

@@ -115,7 +115,8 @@ struct IssueArgs {
     /// Customer name.
     #[arg(long)]
     customer: String,
-    /// Host the license is valid on: a host id (64 hex) or a host certificate file. Repeat for a pool.
+    /// Host the license is valid on: a host id (64 hex) or a host certificate file. Repeat for
+    /// several hosts (with --pool: every enrolled host of the pool).
     #[arg(long = "host", required = true)]
     hosts: Vec<String>,
     /// Product name.
@@ -124,9 +125,26 @@ struct IssueArgs {
     /// Feature to unlock (repeatable).
     #[arg(long = "feature")]
     features: Vec<String>,
-    /// Seats per host.
-    #[arg(long)]
-    seats: u32,
+    /// Seats per host (not with --pool: a pool's seats are --pool-seats).
+    #[arg(long, required_unless_present = "pool", conflicts_with = "pool")]
+    seats: Option<u32>,
+    /// Make a pool license: its seats float across all its --host hosts, counted together in
+    /// the customer's etcd cluster. The pool id names the pool in tokens and in etcd.
+    #[arg(long, value_name = "ID", requires = "pool_seats")]
+    pool: Option<String>,
+    /// Seats of the whole pool (with --pool).
+    #[arg(long, value_name = "N", requires = "pool", conflicts_with = "seats")]
+    pool_seats: Option<u32>,
+    /// Seats each host of the pool may grant alone while it cannot reach the pool's etcd
+    /// (counted and reported afterwards); 0: new pool seats are refused then (with --pool).
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "pool",
+        conflicts_with = "seats",
+        default_value_t = 0
+    )]
+    fallback_seats: u32,
     /// How seats are counted: vm, access or none.
     #[arg(long, default_value = "vm")]
     count_mode: CountMode,
@@ -310,6 +328,7 @@ fn man_extras() -> hostbind_cli::docs::Extras {
                     Entry::new("hostbind-issuer enroll challenge req.cbor --tpm-ca maker-ca.pem --out chal.cbor", "Check a host's enrollment request against the TPM maker's CA and write the challenge its TPM must answer."),
                     Entry::new("hostbind-issuer enroll finish ans.cbor --tpm-ca maker-ca.pem --out host.cert", "Check the answer and sign the host certificate; send host.cert and vendor.pub to the host."),
                     Entry::new("hostbind-issuer license issue --customer ACME --host host.cert --product cad --seats 2 --out acme-cad.license", "Issue a 2-seat license of product cad for that host, valid for a year."),
+                    Entry::new("hostbind-issuer license issue --customer ACME --host n1.cert --host n2.cert --host n3.cert --product cad --pool acme-kvm --pool-seats 40 --fallback-seats 1 --out acme-cad-pool.license", "Issue a pool license: 40 seats of cad floating across three enrolled KVM nodes (counted in the customer's etcd), each node may grant 1 seat alone while etcd is unreachable."),
                     Entry::new("hostbind-issuer verify token.b64", "Verify a license token offline and print its claims."),
                     Entry::new("hostbind-issuer usage report host1.usage --key vendor.key", "Decrypt and check a host's usage log; exit status 3 when it shows anomalies."),
                 ],

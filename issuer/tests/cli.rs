@@ -97,6 +97,127 @@ fn bash_really_completes_issuer_subcommands() {
 }
 
 #[test]
+fn pool_license_is_issued_inspected_and_refuses_inconsistent_seats() {
+    let d = tempfile::tempdir().unwrap();
+    assert!(issuer(d.path(), &["keygen"]).status.success());
+    let (h1, h2, h3) = ("a1".repeat(32), "b2".repeat(32), "c3".repeat(32));
+    let base = [
+        "--json",
+        "license",
+        "issue",
+        "--customer",
+        "ACME",
+        "--product",
+        "cad",
+        "--host",
+        &h1,
+        "--host",
+        &h2,
+        "--host",
+        &h3,
+    ];
+    let issue = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        issuer(d.path(), &args)
+    };
+    // Refused before anything is signed: --seats with a pool, a fallback larger than the pool,
+    // a pool without seats, a pool id that is not an identifier.
+    for (extra, what) in [
+        (
+            &["--pool", "acme-kvm", "--pool-seats", "4", "--seats", "2"][..],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "--pool",
+                "acme-kvm",
+                "--pool-seats",
+                "2",
+                "--fallback-seats",
+                "3",
+            ][..],
+            "--fallback-seats 3 is more than the pool's 2 seats",
+        ),
+        (
+            &["--pool", "acme-kvm", "--pool-seats", "0"][..],
+            "--pool-seats must be at least 1",
+        ),
+        (&["--pool", "acme-kvm"][..], "--pool-seats"),
+        (
+            &["--pool-seats", "4", "--seats", "1"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--pool", "acme kvm", "--pool-seats", "4"][..],
+            "give --pool another value",
+        ),
+        (
+            &[
+                "--pool",
+                "acme-kvm",
+                "--pool-seats",
+                "4",
+                "--count-mode",
+                "none",
+            ][..],
+            "a pool shares counted seats",
+        ),
+    ] {
+        let mut args = extra.to_vec();
+        args.extend(["--out", "p.license"]);
+        let o = issue(&args);
+        let msg = text(&o);
+        assert!(
+            !o.status.success() && msg.contains(what),
+            "{extra:?}: {msg}"
+        );
+        assert!(!d.path().join("p.license").exists(), "{extra:?}");
+    }
+    let o = issue(&[
+        "--pool",
+        "acme-kvm",
+        "--pool-seats",
+        "40",
+        "--fallback-seats",
+        "1",
+        "--out",
+        "p.license",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let issued: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for v in [
+        issued,
+        serde_json::from_slice(
+            &issuer(
+                d.path(),
+                &[
+                    "--json",
+                    "inspect",
+                    "p.license",
+                    "--vendor-pub",
+                    "vendor.pub",
+                ],
+            )
+            .stdout,
+        )
+        .unwrap(),
+    ] {
+        assert_eq!(v["pool"]["id"], "acme-kvm", "{v}");
+        assert_eq!(v["pool"]["seats"], 40, "{v}");
+        assert_eq!(v["pool"]["hosts"], 3, "{v}");
+        assert_eq!(v["pool"]["fallback_seats_per_host"], 1, "{v}");
+        assert_eq!(v["hosts"].as_array().unwrap().len(), 3, "{v}");
+        // no per-host seat count that an admin could misread
+        assert!(v.get("seats_per_host").is_none(), "{v}");
+    }
+    // The text form names the pool too.
+    let o = issuer(d.path(), &["inspect", "p.license"]);
+    let t = text(&o);
+    assert!(t.contains("pool:\n  id: acme-kvm\n  seats: 40"), "{t}");
+}
+
+#[test]
 fn temp_file_pre_creation_by_another_user_does_not_get_the_vendor_key() {
     // Issue 15: `keygen` into a directory other users may write to (a shared vendor directory,
     // 0777). Another user plants world-writable files at the temporary names the issuer used

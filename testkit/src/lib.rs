@@ -5,6 +5,9 @@
 //! - [`Swtpm`]: a manufactured swtpm (EK certificates issued by a [`LocalCa`]) serving TCP on
 //!   127.0.0.1, owned as a child process and killed by PID on drop (also during a panic).
 //!
+//! - [`etcd::EtcdCluster`]: a real etcd cluster (three members for quorum tests) on loopback with
+//!   TLS client certificates, members killed and restarted by PID; [`relay::TcpRelay`]: a
+//!   loopback TCP relay a test cuts and restores to cut a node off from it.
 //! - [`libvirtd::Libvirtd`]: a real unprivileged session libvirtd with its own directories and
 //!   `host_uuid`, and tiny QEMU/TCG domains on it, all stopped and removed on drop.
 //!
@@ -22,10 +25,18 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod etcd;
 pub mod host;
 pub mod libvirtd;
 pub mod process;
+pub mod relay;
 pub mod tpm_relay;
+
+/// True when `prog` is an executable file in a directory of `PATH`.
+pub(crate) fn on_path(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+}
 
 /// How long to wait for swtpm to listen after spawning it.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);

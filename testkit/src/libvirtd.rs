@@ -56,12 +56,7 @@ fn err(reason: impl Into<String>) -> TestkitError {
 
 /// Whether libvirtd and QEMU are installed.
 pub fn installed() -> bool {
-    Path::new(LIBVIRTD).is_file() && Path::new(QEMU).is_file() && which("virsh")
-}
-
-fn which(prog: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+    Path::new(LIBVIRTD).is_file() && Path::new(QEMU).is_file() && crate::on_path("virsh")
 }
 
 /// Whether the real-libvirt tests must run: they may skip only when libvirtd is not installed

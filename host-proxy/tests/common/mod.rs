@@ -88,6 +88,7 @@ pub fn license(
             not_after: t0() + 86_400,
         },
         metering_key: None,
+        pool: None,
     };
     let b = sign(ObjectKind::License, &l, vendor).unwrap();
     (l, b)

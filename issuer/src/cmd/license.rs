@@ -5,7 +5,7 @@ use crate::IssueArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use hostbind_attest::keys::VendorKey;
 use hostbind_attest::signed::{
-    open, sign, CountMode, HostCertificate, License, ObjectKind, Validity,
+    open, sign, CountMode, HostCertificate, License, ObjectKind, Pool, Validity,
 };
 use hostbind_attest::usage::MeteringSecret;
 use hostbind_fsutil::{read, write_new};
@@ -16,9 +16,7 @@ use std::path::Path;
 /// Signs a license file and prints what it grants.
 pub(crate) fn issue(json: bool, a: IssueArgs) -> Result<()> {
     let vendor = load_vendor_key(&a.key.key)?;
-    if a.seats == 0 && a.count_mode != CountMode::None {
-        bail!("--seats must be at least 1 (or use --count-mode none)");
-    }
+    let (seats, pool) = license_seats(&a)?;
     let issued_at = hostbind_fsutil::unix_now();
     let nb = a.not_before.unwrap_or(issued_at);
     let id = match a.id {
@@ -36,7 +34,7 @@ pub(crate) fn issue(json: bool, a: IssueArgs) -> Result<()> {
         product: a.product,
         features: a.features,
         hosts: host_ids(&a.hosts, &vendor)?,
-        seats: a.seats,
+        seats,
         count_mode: a.count_mode,
         clone_policy: a.clone_policy,
         grace_secs: a.grace.as_secs(),
@@ -53,10 +51,12 @@ pub(crate) fn issue(json: bool, a: IssueArgs) -> Result<()> {
                     .to_vec(),
             )
         }),
+        pool,
     };
     lic.check_names().map_err(|e| {
         let flag = match e.what {
-            "license id" => "--id",
+"            "license id" => "--id",
+            "pool id" => "--pool",
             "feature" => "--feature",
             "customer" => "--customer",
             _ => "--product",
@@ -91,4 +91,41 @@ fn host_ids(args: &[String], vendor: &VendorKey) -> Result<Vec<ByteBuf>> {
             Ok(c.host_id)
         })
         .collect()
+}
+
+/// The license's per-host seats and pool from `license issue`'s flags: `--seats` for a per-host
+/// license; for a pool license `--pool-seats` for the pool and the per-host fallback share.
+fn license_seats(a: &IssueArgs) -> Result<(u32, Option<Pool>)> {
+    let counted = a.count_mode != CountMode::None;
+    let Some(id) = &a.pool else {
+        let seats = a.seats.unwrap_or(0);
+        if seats == 0 && counted {
+            bail!("--seats must be at least 1 (or use --count-mode none)");
+        }
+        return Ok((seats, None));
+    };
+    if !counted {
+        bail!(
+            "--pool with --count-mode none: a pool shares counted seats and this license counts \
+             none; issue it without --pool (every host may use the product without a seat count)"
+        );
+    }
+    let pool_seats = a.pool_seats.unwrap_or(0);
+    if pool_seats == 0 {
+        bail!("--pool-seats must be at least 1");
+    }
+    if a.fallback_seats > pool_seats {
+        bail!(
+            "--fallback-seats {} is more than the pool's {pool_seats} seats: a host cut off \
+             from the pool may grant at most what the pool holds",
+            a.fallback_seats
+        );
+    }
+    Ok((
+        a.fallback_seats,
+        Some(Pool {
+            id: id.clone(),
+            seats: pool_seats,
+        }),
+    ))
 }

@@ -1,0 +1,896 @@
+//! [`SeatPool`] on etcd's v3 API. Keys, transactions and fault behaviour: docs/pools.md.
+//!
+//! - A seat is `/hostbind/pools/<pool>/seats/<seat>` (JSON [`Seat`]), bound to this node's etcd
+//!   lease of the seat's TTL class (one etcd lease per node and TTL, kept alive by the node's
+//!   background task: no etcd write per token or renewal).
+//! - Acquire reads the pool's seat count at revision R (a linearizable count-only range) and
+//!   commits `IF no key under the pool's prefix was modified after R AND the seat key does not
+//!   exist THEN put it`: a seat created by any node after R fails the compare, so two nodes can
+//!   never both take the last seat (deletions only make the count stale upwards).
+//! - Re-home puts the existing key with the new node's value and lease `IF its mod_revision is
+//!   the one read`: the key is never deleted (never free) and never doubled.
+
+use crate::{
+    Cause, PoolConfig, PoolError, PoolFuture, PoolHealth, PoolTerms, ReconcileReport, Rehomed,
+    Seat, SeatPool, SeatRequest, SeatSource,
+};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, PutOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
+};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::RwLock;
+
+/// Root of every hostbind key in etcd.
+pub const ROOT: &str = "/hostbind/pools/";
+/// Attempts of one acquire against concurrent acquires of other nodes.
+const MAX_ATTEMPTS: u32 = 64;
+/// Pause before retrying a call another member may answer.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+fn seats_prefix(pool: &str) -> String {
+    format!("{ROOT}{pool}/seats/")
+}
+
+fn seat_key(pool: &str, seat: &str) -> String {
+    format!("{ROOT}{pool}/seats/{seat}")
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    seat: Seat,
+    terms: PoolTerms,
+    ttl_secs: i64,
+    /// mod_revision of the key as this node wrote it (0: not in etcd, a fallback seat).
+    mod_rev: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    held: HashMap<(String, String), Held>,
+    /// etcd lease id per TTL class (seconds).
+    leases: HashMap<i64, i64>,
+    /// Since when etcd is unavailable, why, and the last error.
+    unavailable: Option<(Cause, Instant, String)>,
+    /// What reconciles did since [`SeatPool::take_report`] was last called.
+    reports: ReconcileReport,
+}
+
+struct Inner {
+    client: Client,
+    node: String,
+    cfg: PoolConfig,
+    state: Mutex<State>,
+    /// Acquire/re-home/release take it shared, reconcile exclusively: a reconcile never sees
+    /// a seat half-acquired (in etcd but not yet held here) and deletes it as an orphan.
+    ops: RwLock<()>,
+    /// Serialises lease grants (one etcd lease per TTL class).
+    grant: tokio::sync::Mutex<()>,
+    /// One counted acquire of this node at a time: concurrent acquires of one node would only
+    /// fail each other's prefix compare (measured: 14 acquires/s with 8 at once per node,
+    /// against ~100/s serialised; docs/benchmarks.md).
+    acquiring: tokio::sync::Mutex<()>,
+    /// etcd requests made (each attempt), for the load figures.
+    requests: std::sync::atomic::AtomicU64,
+}
+
+/// A node's seat pools on etcd; see the module doc. Dropping it stops its background task
+/// without revoking its etcd leases (like a crash: its seats expire after their TTL unless a
+/// restarted node reconciles them first).
+pub struct EtcdPool {
+    inner: Arc<Inner>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EtcdPool {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The text of an error and its sources.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; the map is still consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn endpoints(&self) -> String {
+        self.cfg.endpoints.join(",")
+    }
+
+    /// Classifies an etcd client error. A TLS failure is a failed handshake (certificate not
+    /// trusted either way, no certificate); a connection closed under a request (a member
+    /// killed) is "unreachable" and retried on the other members.
+    fn classify(&self, e: &etcd_client::Error) -> PoolError {
+        let detail = chain(e);
+        let l = detail.to_lowercase();
+        // A connection closed mid-handshake ("tls handshake eof") is a cut path, not TLS.
+        let tls = !l.contains("close_notify")
+            && !l.contains("eof")
+            && [
+                "invalid peer certificate",
+                "certificate required",
+                "certificaterequired",
+                "badcertificate",
+                "unknownissuer",
+                "unknown ca",
+                "unknownca",
+                "received fatal alert",
+                "handshake",
+            ]
+            .iter()
+            .any(|w| l.contains(w));
+        let unreachable = || PoolError::Unreachable {
+            endpoints: self.endpoints(),
+            detail: detail.clone(),
+        };
+        match e {
+            etcd_client::Error::GRpcStatus(s) => {
+                let m = s.message().to_lowercase();
+                if m.contains("no leader")
+                    || m.contains("request timed out")
+                    || m.contains("leader changed")
+                    || m.contains("timed out due to")
+                {
+                    PoolError::NoQuorum { detail }
+                } else if tls {
+                    PoolError::Tls { detail }
+                } else if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                ) || m.contains("transport error")
+                {
+                    unreachable()
+                } else {
+                    PoolError::Etcd { detail }
+                }
+            }
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+                if tls {
+                    PoolError::Tls { detail }
+                } else {
+                    unreachable()
+                }
+            }
+            _ => PoolError::Etcd { detail },
+        }
+    }
+
+    /// Runs one etcd call (made by `f` on a fresh client handle) under the request deadline,
+    /// classifying failures. An unreachable member or a leader election is retried within the
+    /// deadline (the other members answer: losing one member is invisible); an unavailability
+    /// that outlasts it is recorded (the first one's time is when the outage began).
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, PoolError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let budget = self.cfg.request_timeout + self.cfg.connect_timeout;
+        let deadline = Instant::now() + budget;
+        let mut no_quorum = None;
+        let r = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let e = match tokio::time::timeout(left, f(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => self.classify(&e),
+                Err(_) => PoolError::Unreachable {
+                    endpoints: self.endpoints(),
+                    detail: format!("no answer within {budget:?}"),
+                },
+            };
+            let retry = matches!(e.unavailable(), Some(Cause::Unreachable | Cause::NoQuorum));
+            if !retry || Instant::now() + RETRY_PAUSE >= deadline {
+                // A member that answered "no leader" (while others refused connections) names
+                // the cause better than the refusals.
+                break match (e.unavailable(), no_quorum) {
+                    (Some(Cause::Unreachable), Some(nq)) => nq,
+                    _ => e,
+                };
+            }
+            if e.unavailable() == Some(Cause::NoQuorum) {
+                no_quorum = Some(e);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        };
+        if let (Some(c), Some(detail)) = (r.unavailable(), r.detail()) {
+            let mut st = self.state();
+            match &mut st.unavailable {
+                Some((cause, _, d)) => {
+                    *cause = c;
+                    *d = detail.to_string();
+                }
+                None => st.unavailable = Some((c, Instant::now(), detail.to_string())),
+            }
+        }
+        Err(r)
+    }
+
+    async fn get(&self, key: &str, opts: Option<GetOptions>) -> Result<GetResponse, PoolError> {
+        self.call(|mut c| {
+            let (key, opts) = (key.to_string(), opts.clone());
+            async move { c.get(key, opts).await }
+        })
+        .await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, PoolError> {
+        self.call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    fn check_request(&self, req: &SeatRequest) -> Result<(), PoolError> {
+        if !self.cfg.pools.contains(&req.terms.pool) {
+            return Err(PoolError::NotConfigured {
+                pool: req.terms.pool.clone(),
+            });
+        }
+        crate::check_name("seat key", &req.seat)
+    }
+
+    /// This node's etcd lease for `ttl_secs`, granted when there is none.
+    async fn lease(&self, ttl_secs: i64) -> Result<i64, PoolError> {
+        if let Some(id) = self.state().leases.get(&ttl_secs) {
+            return Ok(*id);
+        }
+        let _g = self.grant.lock().await;
+        if let Some(id) = self.state().leases.get(&ttl_secs) {
+            return Ok(*id);
+        }
+        let r = self
+            .call(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+            .await?;
+        self.state().leases.insert(ttl_secs, r.id());
+        Ok(r.id())
+    }
+
+    /// `IF cmp THEN put(key, seat, lease)`; the revision it wrote, or `None` when the compare
+    /// failed.
+    async fn put_if(
+        &self,
+        cmp: Compare,
+        key: &str,
+        seat: &Seat,
+        lease: i64,
+    ) -> Result<Option<i64>, PoolError> {
+        let value = serde_json::to_vec(seat).map_err(|e| PoolError::Etcd {
+            detail: e.to_string(),
+        })?;
+        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+        let t = self.txn(txn).await?;
+        Ok(t.succeeded()
+            .then(|| t.header().map_or(0, |h| h.revision())))
+    }
+
+    fn seat_of(&self, req: &SeatRequest, source: SeatSource) -> Seat {
+        Seat {
+            pool: req.terms.pool.clone(),
+            seat: req.seat.clone(),
+            node: self.node.clone(),
+            vm: req.vm.clone(),
+            product: req.product.clone(),
+            lease: req.lease.clone(),
+            since: now_unix(),
+            source,
+        }
+    }
+
+    fn hold(&self, req: &SeatRequest, seat: Seat, mod_rev: i64) -> Seat {
+        self.state().held.insert(
+            (seat.pool.clone(), seat.seat.clone()),
+            Held {
+                seat: seat.clone(),
+                terms: req.terms.clone(),
+                ttl_secs: ttl_secs(req.ttl),
+                mod_rev,
+            },
+        );
+        seat
+    }
+
+    fn decode(kv: &etcd_client::KeyValue) -> Result<Seat, PoolError> {
+        serde_json::from_slice(kv.value()).map_err(|e| PoolError::Etcd {
+            detail: format!(
+                "seat key {} holds no hostbind seat ({e}); remove it with etcdctl del",
+                String::from_utf8_lossy(kv.key())
+            ),
+        })
+    }
+
+    /// A key found taken: this node's own (adopted) or another node's.
+    fn taken(&self, req: &SeatRequest, kv: &etcd_client::KeyValue) -> Result<Seat, PoolError> {
+        let s = Self::decode(kv)?;
+        if s.node == self.node {
+            return Ok(self.hold(req, s, kv.mod_revision()));
+        }
+        Err(PoolError::HeldElsewhere {
+            pool: req.terms.pool.clone(),
+            seat: req.seat.clone(),
+            node: s.node,
+        })
+    }
+
+    /// The counted acquire in etcd (see the module doc).
+    async fn acquire_etcd(&self, req: &SeatRequest) -> Result<Seat, PoolError> {
+        let lease = self.lease(ttl_secs(req.ttl)).await?;
+        let prefix = seats_prefix(&req.terms.pool);
+        let key = seat_key(&req.terms.pool, &req.seat);
+        for attempt in 0..MAX_ATTEMPTS {
+            let r = self
+                .get(
+                    &prefix,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await?;
+            let rev = r.header().map_or(0, |h| h.revision());
+            if r.count() >= i64::from(req.terms.seats) {
+                let g = self.get(&key, None).await?;
+                return match g.kvs().first() {
+                    Some(kv) => self.taken(req, kv),
+                    None => Err(PoolError::PoolFull {
+                        pool: req.terms.pool.clone(),
+                        seats: req.terms.seats,
+                    }),
+                };
+            }
+            let seat = self.seat_of(req, SeatSource::Pool);
+            let value = serde_json::to_vec(&seat).map_err(|e| PoolError::Etcd {
+                detail: e.to_string(),
+            })?;
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(prefix.as_str(), CompareOp::Less, rev + 1).with_prefix(),
+                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            let t = self.txn(txn).await?;
+            if t.succeeded() {
+                let rev = t.header().map_or(0, |h| h.revision());
+                return Ok(self.hold(req, seat, rev));
+            }
+            for op in t.op_responses() {
+                if let TxnOpResponse::Get(g) = op {
+                    if let Some(kv) = g.kvs().first() {
+                        return self.taken(req, kv);
+                    }
+                }
+            }
+            // Another node created a seat after our count: count again.
+            let backoff = 2 + u64::from(attempt.min(10)) * 3 + u64::from(jitter() % 5);
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
+        }
+        Err(PoolError::Contended {
+            pool: req.terms.pool.clone(),
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// A seat from the node's fallback share while etcd is unavailable, or the refusal.
+    fn fallback(&self, req: &SeatRequest, e: PoolError) -> Result<Seat, PoolError> {
+        let Some(cause) = e.unavailable() else {
+            return Err(e);
+        };
+        if req.terms.fallback == 0 {
+            return Err(e);
+        }
+        let used = self
+            .state()
+            .held
+            .values()
+            .filter(|h| h.seat.pool == req.terms.pool && h.seat.source == SeatSource::Fallback)
+            .count();
+        if used >= req.terms.fallback as usize {
+            return Err(PoolError::FallbackExhausted {
+                pool: req.terms.pool.clone(),
+                cause,
+                fallback: req.terms.fallback,
+            });
+        }
+        tracing::warn!(
+            pool = %req.terms.pool,
+            seat = %req.seat,
+            "seat granted from the node's fallback share: etcd unavailable ({cause}); counted at reconcile"
+        );
+        let seat = self.seat_of(req, SeatSource::Fallback);
+        Ok(self.hold(req, seat, 0))
+    }
+
+    fn unavailable_now(&self) -> Option<PoolError> {
+        let st = self.state();
+        st.unavailable.as_ref().map(|(cause, _, d)| match cause {
+            Cause::NoQuorum => PoolError::NoQuorum { detail: d.clone() },
+            Cause::Tls => PoolError::Tls { detail: d.clone() },
+            Cause::Unreachable => PoolError::Unreachable {
+                endpoints: self.endpoints(),
+                detail: d.clone(),
+            },
+        })
+    }
+
+    async fn acquire(&self, req: SeatRequest) -> Result<Seat, PoolError> {
+        self.check_request(&req)?;
+        if let Some(h) = self
+            .state()
+            .held
+            .get(&(req.terms.pool.clone(), req.seat.clone()))
+        {
+            return Ok(h.seat.clone());
+        }
+        // Known outage: answer at once from the fallback share (the background task
+        // notices when etcd is back and reconciles).
+        if let Some(e) = self.unavailable_now() {
+            return self.fallback(&req, e);
+        }
+        let _ops = self.ops.read().await;
+        let _one = self.acquiring.lock().await;
+        match self.acquire_etcd(&req).await {
+            Ok(s) => Ok(s),
+            Err(e) => self.fallback(&req, e),
+        }
+    }
+
+    fn keep_alive(&self, pool: &str, seat: &str) -> Result<Seat, PoolError> {
+        let st = self.state();
+        let Some(h) = st.held.get(&(pool.to_string(), seat.to_string())) else {
+            return Err(PoolError::NotHeld {
+                pool: pool.into(),
+                seat: seat.into(),
+            });
+        };
+        if let Some((cause, since, _)) = &st.unavailable {
+            let down = since.elapsed();
+            if down > h.terms.grace {
+                return Err(PoolError::GraceOver {
+                    pool: pool.into(),
+                    seat: seat.into(),
+                    cause: *cause,
+                    for_secs: down.as_secs(),
+                    grace_secs: h.terms.grace.as_secs(),
+                });
+            }
+        }
+        Ok(h.seat.clone())
+    }
+
+    async fn release(&self, pool: &str, seat: &str) -> Result<(), PoolError> {
+        let _ops = self.ops.read().await;
+        let Some(h) = self
+            .state()
+            .held
+            .remove(&(pool.to_string(), seat.to_string()))
+        else {
+            return Err(PoolError::NotHeld {
+                pool: pool.into(),
+                seat: seat.into(),
+            });
+        };
+        if h.mod_rev == 0 {
+            return Ok(());
+        }
+        let key = seat_key(pool, seat);
+        // Only the key as this node wrote it: a seat re-homed to another node stays there.
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                h.mod_rev,
+            )])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        match self.txn(txn).await {
+            Ok(_) => Ok(()),
+            // Deleted at reconcile (this node's keys it no longer holds).
+            Err(e) if e.unavailable().is_some() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn rehome(&self, req: SeatRequest) -> Result<Rehomed, PoolError> {
+        self.check_request(&req)?;
+        if let Some(h) = self
+            .state()
+            .held
+            .get(&(req.terms.pool.clone(), req.seat.clone()))
+        {
+            return Ok(Rehomed::AlreadyHere(h.seat.clone()));
+        }
+        let _ops = self.ops.read().await;
+        let lease = self.lease(ttl_secs(req.ttl)).await?;
+        let key = seat_key(&req.terms.pool, &req.seat);
+        for _ in 0..MAX_ATTEMPTS {
+            let g = self.get(&key, None).await?;
+            let Some(kv) = g.kvs().first() else {
+                drop(_ops);
+                return self.acquire(req).await.map(Rehomed::Acquired);
+            };
+            let old = Self::decode(kv)?;
+            let seat = self.seat_of(&req, SeatSource::Pool);
+            let cmp = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
+            if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
+                let seat = self.hold(&req, seat, rev);
+                return Ok(if old.node == self.node {
+                    Rehomed::AlreadyHere(seat)
+                } else {
+                    Rehomed::Moved {
+                        seat,
+                        from: old.node,
+                    }
+                });
+            }
+        }
+        Err(PoolError::Contended {
+            pool: req.terms.pool.clone(),
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    async fn holders(&self, pool: &str) -> Result<Vec<Seat>, PoolError> {
+        let r = self
+            .get(&seats_prefix(pool), Some(GetOptions::new().with_prefix()))
+            .await?;
+        r.kvs().iter().map(Self::decode).collect()
+    }
+
+    /// A linearizable read: etcd answers with a leader.
+    async fn probe(&self) -> Result<(), PoolError> {
+        self.get(
+            ROOT,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn health(&self) -> PoolHealth {
+        let probe = self.probe().await;
+        let st = self.state();
+        let (unavailable, unavailable_for, detail) = match (&probe, &st.unavailable) {
+            (Err(e), Some((c, since, _))) => (Some(*c), Some(since.elapsed()), Some(e.to_string())),
+            (Err(e), None) => (e.unavailable(), None, Some(e.to_string())),
+            (Ok(()), Some((c, since, d))) => (Some(*c), Some(since.elapsed()), Some(d.clone())),
+            (Ok(()), None) => (None, None, None),
+        };
+        PoolHealth {
+            unavailable,
+            unavailable_for,
+            detail,
+            held: st.held.len(),
+            fallback_held: st
+                .held
+                .values()
+                .filter(|h| h.seat.source == SeatSource::Fallback)
+                .count(),
+        }
+    }
+
+    async fn reconcile(&self) -> Result<ReconcileReport, PoolError> {
+        let _ops = self.ops.write().await;
+        self.probe().await?;
+        // Leases that expired while etcd was away are granted anew.
+        let leases: Vec<(i64, i64)> = self.state().leases.iter().map(|(k, v)| (*k, *v)).collect();
+        for (ttl, id) in leases {
+            let r = self
+                .call(|mut c| async move { c.lease_time_to_live(id, None).await })
+                .await?;
+            if r.ttl() <= 0 {
+                self.state().leases.remove(&ttl);
+            }
+        }
+        let mut report = ReconcileReport::default();
+        let mut pools: Vec<String> = self.cfg.pools.clone();
+        for h in self.state().held.values() {
+            if !pools.contains(&h.seat.pool) {
+                pools.push(h.seat.pool.clone());
+            }
+        }
+        for pool in pools {
+            self.reconcile_pool(&pool, &mut report).await?;
+        }
+        let mut st = self.state();
+        st.unavailable = None;
+        if report != ReconcileReport::default() {
+            tracing::warn!(?report, "seat pool reconciled with etcd");
+            st.reports.merge(report.clone());
+        }
+        Ok(report)
+    }
+
+    async fn reconcile_pool(
+        &self,
+        pool: &str,
+        report: &mut ReconcileReport,
+    ) -> Result<(), PoolError> {
+        let r = self
+            .get(&seats_prefix(pool), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut count = r.kvs().len() as u64;
+        let mut in_etcd: HashMap<String, (Seat, i64, i64)> = HashMap::new();
+        for kv in r.kvs() {
+            let s = Self::decode(kv)?;
+            in_etcd.insert(s.seat.clone(), (s, kv.mod_revision(), kv.lease()));
+        }
+        let held: Vec<Held> = self
+            .state()
+            .held
+            .values()
+            .filter(|h| h.seat.pool == pool)
+            .cloned()
+            .collect();
+        let name = |s: &str| format!("{pool}/{s}");
+        for h in &held {
+            let key = seat_key(pool, &h.seat.seat);
+            let lease = self.lease(h.ttl_secs).await?;
+            let mut seat = h.seat.clone();
+            seat.source = SeatSource::Pool;
+            let cmp = match in_etcd.remove(&h.seat.seat) {
+                Some((s, _, _)) if s.node != self.node => {
+                    // The VM migrated and its new node re-homed the seat.
+                    self.state()
+                        .held
+                        .remove(&(pool.to_string(), h.seat.seat.clone()));
+                    report.lost.push(name(&h.seat.seat));
+                    continue;
+                }
+                Some((_, rev, l)) if l == lease => {
+                    self.mark(pool, &h.seat.seat, rev, seat);
+                    continue;
+                }
+                Some((_, rev, _)) => Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
+                None => {
+                    count += 1;
+                    if count > u64::from(h.terms.seats) {
+                        report.over_granted.push(name(&h.seat.seat));
+                    }
+                    if h.seat.source == SeatSource::Fallback {
+                        report.fallback_registered.push(name(&h.seat.seat));
+                    } else {
+                        report.reregistered.push(name(&h.seat.seat));
+                    }
+                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0)
+                }
+            };
+            if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
+                self.mark(pool, &h.seat.seat, rev, seat);
+            }
+            // A lost race is settled by the next reconcile.
+        }
+        // This node's keys it does not hold: ended while etcd was away, or left by a crash
+        // between the etcd transaction and the node's ledger.
+        for (s, (seat, rev, _)) in in_etcd {
+            if seat.node != self.node {
+                continue;
+            }
+            let key = seat_key(pool, &s);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::delete(key.as_str(), None)]);
+            if self.txn(txn).await?.succeeded() {
+                report.released.push(name(&s));
+            }
+        }
+        Ok(())
+    }
+
+    fn mark(&self, pool: &str, seat: &str, rev: i64, value: Seat) {
+        if let Some(h) = self
+            .state()
+            .held
+            .get_mut(&(pool.to_string(), seat.to_string()))
+        {
+            h.mod_rev = rev;
+            h.seat = value;
+        }
+    }
+
+    /// One round of the background task: keep every etcd lease alive; after an outage (or
+    /// when a lease expired meanwhile) reconcile.
+    async fn tick(&self) {
+        let leases: Vec<(i64, i64)> = self.state().leases.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut need_reconcile = self.state().unavailable.is_some();
+        for (ttl, id) in leases {
+            let r = self
+                .call(|mut c| async move {
+                    let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                })
+                .await;
+            match r {
+                Ok(Some(resp)) if resp.ttl() > 0 => {}
+                Ok(_) => {
+                    // Expired (the node was cut off longer than the TTL): etcd deleted its
+                    // seats; a new lease and a reconcile put them back.
+                    tracing::warn!(lease = id, ttl, "etcd lease of this node expired");
+                    self.state().leases.remove(&ttl);
+                    need_reconcile = true;
+                }
+                Err(_) => return,
+            }
+        }
+        if need_reconcile {
+            if let Err(e) = self.reconcile().await {
+                tracing::debug!("seat pool reconcile: {e}");
+            }
+        }
+    }
+
+    fn tick_interval(&self) -> Duration {
+        let min_ttl = self
+            .state()
+            .leases
+            .keys()
+            .min()
+            .copied()
+            .unwrap_or(i64::MAX);
+        let third = Duration::from_secs(u64::try_from(min_ttl.max(1)).unwrap_or(1)) / 3;
+        self.cfg
+            .check_interval
+            .min(third)
+            .max(Duration::from_millis(100))
+    }
+}
+
+/// etcd lease TTL class of a hostbind lease TTL (whole seconds, at least etcd's minimum).
+fn ttl_secs(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX)
+}
+
+fn jitter() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+impl EtcdPool {
+    /// Connects to etcd as node `host_id` with `cfg` (validated; the CA, certificate and key
+    /// are read), adopts `held` (the seats the node's ledger holds after a restart) and
+    /// reconciles once when etcd answers; etcd being unavailable does not fail the start (the
+    /// node then serves from grace and its fallback share). Starts the background task that
+    /// keeps the node's etcd leases alive and reconciles after an outage.
+    pub async fn start(
+        cfg: PoolConfig,
+        host_id: &[u8],
+        held: Vec<(SeatRequest, Seat)>,
+    ) -> Result<EtcdPool, PoolError> {
+        cfg.validate()?;
+        let tls = cfg.tls().await?;
+        let opts = ConnectOptions::new()
+            .with_tls(tls)
+            .with_timeout(cfg.request_timeout)
+            .with_connect_timeout(cfg.connect_timeout)
+            .with_keep_alive(Duration::from_secs(5), cfg.request_timeout)
+            .with_require_leader(true);
+        let client = Client::connect(&cfg.endpoints, Some(opts))
+            .await
+            .map_err(|e| PoolError::Etcd {
+                detail: format!("connect to {}: {}", cfg.endpoints.join(","), chain(&e)),
+            })?;
+        let inner = Arc::new(Inner {
+            client,
+            node: hex::encode(host_id),
+            cfg,
+            state: Mutex::new(State::default()),
+            ops: RwLock::new(()),
+            grant: tokio::sync::Mutex::new(()),
+            acquiring: tokio::sync::Mutex::new(()),
+            requests: std::sync::atomic::AtomicU64::new(0),
+        });
+        for (req, mut seat) in held {
+            seat.node = inner.node.clone();
+            // mod_rev 0: reconcile finds it in etcd (or registers it).
+            inner.hold(&req, seat, 0);
+        }
+        if let Err(e) = inner.reconcile().await {
+            tracing::warn!("seat pool: etcd unavailable at start: {e}");
+        }
+        let bg = Arc::clone(&inner);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(bg.tick_interval()).await;
+                bg.tick().await;
+            }
+        });
+        Ok(EtcdPool { inner, task })
+    }
+
+    /// This node's host id (hex), as seats name it.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    /// etcd requests this node has made so far (every attempt; a keep-alive round counts one).
+    pub fn etcd_requests(&self) -> u64 {
+        self.inner
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The seats this node holds.
+    pub fn held(&self) -> Vec<Seat> {
+        self.inner
+            .state()
+            .held
+            .values()
+            .map(|h| h.seat.clone())
+            .collect()
+    }
+}
+
+impl SeatPool for EtcdPool {
+    fn acquire(&self, req: SeatRequest) -> PoolFuture<'_, Result<Seat, PoolError>> {
+        Box::pin(self.inner.acquire(req))
+    }
+
+    fn keep_alive<'a>(
+        &'a self,
+        pool: &'a str,
+        seat: &'a str,
+    ) -> PoolFuture<'a, Result<Seat, PoolError>> {
+        Box::pin(async move { self.inner.keep_alive(pool, seat) })
+    }
+
+    fn release<'a>(
+        &'a self,
+        pool: &'a str,
+        seat: &'a str,
+    ) -> PoolFuture<'a, Result<(), PoolError>> {
+        Box::pin(self.inner.release(pool, seat))
+    }
+
+    fn rehome(&self, req: SeatRequest) -> PoolFuture<'_, Result<Rehomed, PoolError>> {
+        Box::pin(self.inner.rehome(req))
+    }
+
+    fn holders<'a>(&'a self, pool: &'a str) -> PoolFuture<'a, Result<Vec<Seat>, PoolError>> {
+        Box::pin(self.inner.holders(pool))
+    }
+
+    fn health(&self) -> PoolFuture<'_, PoolHealth> {
+        Box::pin(self.inner.health())
+    }
+
+    fn reconcile(&self) -> PoolFuture<'_, Result<ReconcileReport, PoolError>> {
+        Box::pin(self.inner.reconcile())
+    }
+
+    fn take_report(&self) -> ReconcileReport {
+        std::mem::take(&mut self.inner.state().reports)
+    }
+}

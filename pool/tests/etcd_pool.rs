@@ -1,0 +1,511 @@
+//! Seat pools against a real three-member etcd cluster (testkit: the packaged etcd binary on
+//! loopback, TLS with client certificates, members killed by PID, a TCP relay to cut a node
+//! off). Several `EtcdPool`s with different host ids are the nodes. Each test is bounded in
+//! time and stops every process it started by PID (drop guards).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use hostbind_pool::{
+    Cause, EtcdPool, PoolConfig, PoolError, PoolTerms, Rehomed, Seat, SeatPool, SeatRequest,
+    SeatSource,
+};
+use hostbind_testkit::etcd::EtcdCluster;
+use hostbind_testkit::relay::{Cut, TcpRelay};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const POOL: &str = "acme-kvm";
+
+fn terms(seats: u32, fallback: u32) -> PoolTerms {
+    PoolTerms {
+        pool: POOL.into(),
+        license: "L-pool".into(),
+        seats,
+        fallback,
+        grace: Duration::from_secs(600),
+    }
+}
+
+fn req(t: &PoolTerms, vm: &str, ttl: Duration) -> SeatRequest {
+    SeatRequest {
+        terms: t.clone(),
+        seat: vm.into(),
+        vm: vm.into(),
+        product: "cad".into(),
+        lease: format!("lease-{vm}"),
+        ttl,
+    }
+}
+
+fn config(c: &EtcdCluster, node: u8, endpoints: Vec<String>, check: Duration) -> PoolConfig {
+    let cert = c.issue_client_cert(&format!("node{node}")).unwrap();
+    let mut cfg = PoolConfig::new(
+        endpoints,
+        c.ca_cert().to_owned(),
+        cert.cert,
+        cert.key,
+        vec![POOL.into()],
+    );
+    cfg.request_timeout = Duration::from_secs(2);
+    cfg.connect_timeout = Duration::from_secs(1);
+    cfg.check_interval = check;
+    cfg
+}
+
+async fn node(c: &EtcdCluster, n: u8, check: Duration) -> EtcdPool {
+    EtcdPool::start(config(c, n, c.endpoints(), check), &[n; 32], vec![])
+        .await
+        .unwrap()
+}
+
+fn host(n: u8) -> String {
+    hex::encode([n; 32])
+}
+
+/// A raw etcd client for the test's own checks (the cluster's client certificate).
+async fn raw(c: &EtcdCluster) -> etcd_client::Client {
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(
+            std::fs::read(c.ca_cert()).unwrap(),
+        ))
+        .identity(etcd_client::Identity::from_pem(
+            std::fs::read(&c.client_cert().cert).unwrap(),
+            std::fs::read(&c.client_cert().key).unwrap(),
+        ));
+    etcd_client::Client::connect(
+        c.endpoints(),
+        Some(etcd_client::ConnectOptions::new().with_tls(tls)),
+    )
+    .await
+    .unwrap()
+}
+
+/// A read of the test's own, retried past a member the test killed.
+async fn get(
+    e: &mut etcd_client::Client,
+    key: String,
+    opts: Option<etcd_client::GetOptions>,
+) -> etcd_client::GetResponse {
+    let mut last = None;
+    for _ in 0..50 {
+        match e.get(key.clone(), opts.clone()).await {
+            Ok(r) => return r,
+            Err(err) => last = Some(err),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("etcd read failed: {last:?}")
+}
+
+async fn revision(e: &mut etcd_client::Client) -> i64 {
+    get(e, "/".into(), None).await.header().unwrap().revision()
+}
+
+/// The number of seats of the pool at every etcd revision in `from..=to`: the history, not
+/// only the final state (any moment two nodes both took the last seat would show). Read by 8
+/// tasks in parallel.
+async fn seat_counts(e: &mut etcd_client::Client, from: i64, to: i64) -> Vec<i64> {
+    let mut tasks = Vec::new();
+    let revs: Vec<i64> = (from..=to).collect();
+    for chunk in revs.chunks(revs.len().div_ceil(8).max(1)) {
+        let (mut e, chunk) = (e.clone(), chunk.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut v = Vec::new();
+            for rev in chunk {
+                let opts = etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only()
+                    .with_revision(rev);
+                let key = format!("/hostbind/pools/{POOL}/seats/");
+                v.push(get(&mut e, key, Some(opts)).await.count());
+            }
+            v
+        }));
+    }
+    let mut v = Vec::new();
+    for t in tasks {
+        v.extend(t.await.unwrap());
+    }
+    v
+}
+
+async fn reconcile_when_back(p: &EtcdPool) {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match p.reconcile().await {
+            Ok(_) => return,
+            Err(e) if Instant::now() < end => {
+                eprintln!("waiting for etcd: {e}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("etcd did not come back: {e}"),
+        }
+    }
+}
+
+fn names(v: &[Seat]) -> Vec<(String, String)> {
+    let mut n: Vec<_> = v.iter().map(|s| (s.seat.clone(), s.node.clone())).collect();
+    n.sort();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_competing_never_exceed_the_pool_even_when_an_etcd_member_is_killed() {
+    let Some(mut c) = EtcdCluster::start_or_skip("pool_competition", 3).unwrap() else {
+        return;
+    };
+    let mut e = raw(&c).await;
+    let start = revision(&mut e).await;
+    const SEATS: u32 = 4;
+    let t = terms(SEATS, 0);
+    // A leader election after the kill, on a loaded 2-core machine, can take seconds: the
+    // request deadline covers it (production default: 2 s + 1 s connect).
+    let mut nodes: Vec<Arc<EtcdPool>> = Vec::new();
+    for n in 1..=3 {
+        let mut cfg = config(&c, n, c.endpoints(), Duration::from_secs(1));
+        cfg.request_timeout = Duration::from_secs(5);
+        nodes.push(Arc::new(
+            EtcdPool::start(cfg, &[n; 32], vec![]).await.unwrap(),
+        ));
+    }
+    let holding = Arc::new(AtomicU32::new(0));
+    let max_holding = Arc::new(AtomicU32::new(0));
+    let (granted, full, failed) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let stop_at = Instant::now() + Duration::from_secs(6);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, p) in nodes.iter().enumerate() {
+        for w in 0..4 {
+            let (p, t) = (Arc::clone(p), t.clone());
+            let (holding, max_holding) = (Arc::clone(&holding), Arc::clone(&max_holding));
+            let (granted, full, failed) =
+                (Arc::clone(&granted), Arc::clone(&full), Arc::clone(&failed));
+            tasks.spawn(async move {
+                let mut i = 0;
+                while Instant::now() < stop_at && i < 400 {
+                    i += 1;
+                    let vm = format!("vm-{n}-{w}-{i}");
+                    match p.acquire(req(&t, &vm, Duration::from_secs(10))).await {
+                        Ok(_) => {
+                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            max_holding.fetch_max(now, Ordering::SeqCst);
+                            granted.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(15)).await;
+                            holding.fetch_sub(1, Ordering::SeqCst);
+                            p.release(POOL, &vm).await.unwrap();
+                        }
+                        Err(PoolError::PoolFull { .. }) => {
+                            full.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(e) => {
+                            if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("node {n}: {e}");
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            });
+        }
+    }
+    // Under load, one member dies (kill -9): nothing changes for the nodes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.kill9(1);
+    while tasks.join_next().await.is_some() {}
+    let end = revision(&mut e).await;
+    let counts = seat_counts(&mut e, start, end).await;
+    let max = counts.iter().copied().max().unwrap_or(0);
+    let (g, f, x) = (
+        granted.load(Ordering::Relaxed),
+        full.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "granted {g}, refused full {f}, failed {x}, max seats in etcd {max} over {} revisions",
+        counts.len()
+    );
+    assert!(max <= i64::from(SEATS), "the pool was exceeded: {max}");
+    assert!(max_holding.load(Ordering::SeqCst) <= SEATS);
+    assert_eq!(x, 0, "the loss of one member was visible to the nodes");
+    assert!(
+        g > 20 && f > 20,
+        "too little contention to test: {g} granted, {f} full"
+    );
+    assert_eq!(max, i64::from(SEATS), "the pool was never full");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_loss_keeps_held_seats_refuses_new_ones_naming_the_cause_and_reconciles() {
+    let Some(mut c) = EtcdCluster::start_or_skip("pool_quorum", 3).unwrap() else {
+        return;
+    };
+    // 2 seats, 1 fallback seat per node; the background checks are slow so the test's own
+    // reconcile calls see what happens.
+    let t = terms(2, 1);
+    let ttl = Duration::from_secs(120);
+    let a = node(&c, 1, Duration::from_secs(60)).await;
+    let b = node(&c, 2, Duration::from_secs(60)).await;
+    let strict = terms(2, 0);
+    a.acquire(req(&t, "vm1", ttl)).await.unwrap();
+
+    let killed = c.stop_quorum();
+    assert_eq!(killed.len(), 2);
+    // Held seats are kept (grace); new ones come from the fallback share, then are refused
+    // with the cause named.
+    a.keep_alive(POOL, "vm1").await.unwrap();
+    let s = a.acquire(req(&t, "vm2", ttl)).await.unwrap();
+    assert_eq!(s.source, SeatSource::Fallback);
+    let e = a.acquire(req(&t, "vm3", ttl)).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PoolError::FallbackExhausted {
+                cause: Cause::NoQuorum,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = b.acquire(req(&strict, "vm4", ttl)).await.unwrap_err();
+    assert_eq!(e.unavailable(), Some(Cause::NoQuorum), "{e}");
+    assert!(e.to_string().contains("no quorum"), "{e}");
+    let s = b.acquire(req(&t, "vm5", ttl)).await.unwrap();
+    assert_eq!(s.source, SeatSource::Fallback);
+    let h = a.health().await;
+    assert_eq!(h.unavailable, Some(Cause::NoQuorum));
+    assert_eq!((h.held, h.fallback_held), (2, 1));
+    a.keep_alive(POOL, "vm1").await.unwrap();
+
+    c.restore().unwrap();
+    reconcile_when_back(&a).await;
+    reconcile_when_back(&b).await;
+    let ra = a.take_report();
+    let rb = b.take_report();
+    assert_eq!(ra.fallback_registered, vec![format!("{POOL}/vm2")]);
+    assert!(ra.over_granted.is_empty(), "{ra:?}");
+    // B's fallback seat is the third of a 2-seat pool: the outage's over-grant, reported.
+    assert_eq!(rb.fallback_registered, vec![format!("{POOL}/vm5")]);
+    assert_eq!(rb.over_granted, vec![format!("{POOL}/vm5")]);
+    assert_eq!(
+        names(&a.holders(POOL).await.unwrap()),
+        vec![
+            ("vm1".into(), host(1)),
+            ("vm2".into(), host(1)),
+            ("vm5".into(), host(2))
+        ]
+    );
+    assert!(a.health().await.unavailable.is_none());
+    // Over the count: no new seat until enough are released.
+    let e = b.acquire(req(&t, "vm6", ttl)).await.unwrap_err();
+    assert!(matches!(e, PoolError::PoolFull { .. }), "{e}");
+    a.release(POOL, "vm1").await.unwrap();
+    a.release(POOL, "vm2").await.unwrap();
+    b.acquire(req(&t, "vm6", ttl)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_by_the_relay_is_told_unreachable_and_reregisters_its_expired_seat() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_cut_off", 3).unwrap() else {
+        return;
+    };
+    let relay = TcpRelay::start((0..3).map(|i| c.member_addr(i)).collect()).unwrap();
+    let t = terms(2, 0);
+    let short = Duration::from_secs(2);
+    let a = node(&c, 1, Duration::from_secs(1)).await;
+    let cut_node = EtcdPool::start(
+        config(&c, 3, vec![relay.https_url()], Duration::from_secs(1)),
+        &[3; 32],
+        vec![],
+    )
+    .await
+    .unwrap();
+    cut_node.acquire(req(&t, "vm1", short)).await.unwrap();
+
+    relay.cut(Cut::Reject);
+    let e = cut_node.acquire(req(&t, "vm2", short)).await.unwrap_err();
+    assert_eq!(e.unavailable(), Some(Cause::Unreachable), "{e}");
+    assert!(e.to_string().contains("unreachable"), "{e}");
+    // The other node goes on; the cut node keeps serving its seat locally.
+    a.acquire(req(&t, "vm3", short)).await.unwrap();
+    cut_node.keep_alive(POOL, "vm1").await.unwrap();
+    // Cut off longer than the seat's TTL: etcd drops the seat and the other node takes it.
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        match a.acquire(req(&t, "vm4", short)).await {
+            Ok(_) => break,
+            Err(PoolError::PoolFull { .. }) if Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("vm1's seat did not expire: {e}"),
+        }
+    }
+    cut_node.keep_alive(POOL, "vm1").await.unwrap();
+
+    relay.restore();
+    reconcile_when_back(&cut_node).await;
+    let r = cut_node.take_report();
+    assert_eq!(r.reregistered, vec![format!("{POOL}/vm1")], "{r:?}");
+    assert_eq!(r.over_granted, vec![format!("{POOL}/vm1")], "{r:?}");
+    let h = names(&a.holders(POOL).await.unwrap());
+    assert_eq!(
+        h,
+        vec![
+            ("vm1".into(), host(3)),
+            ("vm3".into(), host(1)),
+            ("vm4".into(), host(1))
+        ]
+    );
+    let e = cut_node.acquire(req(&t, "vm2", short)).await.unwrap_err();
+    assert!(matches!(e, PoolError::PoolFull { .. }), "{e}");
+    assert!(relay.connections() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_mid_acquire_keeps_its_ledgers_seats_and_leaves_no_orphan() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_restart", 3).unwrap() else {
+        return;
+    };
+    let t = terms(3, 0);
+    let ttl = Duration::from_secs(2);
+    let first = node(&c, 1, Duration::from_secs(1)).await;
+    let kept = first.acquire(req(&t, "vm1", ttl)).await.unwrap();
+    // Taken in etcd, but the node dies before its ledger records it ...
+    first.acquire(req(&t, "vm2", ttl)).await.unwrap();
+    // ... and one acquire is cut short wherever it is.
+    let first = Arc::new(first);
+    let p = Arc::clone(&first);
+    let t2 = t.clone();
+    let mid = tokio::spawn(async move { p.acquire(req(&t2, "vm3", ttl)).await });
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    mid.abort();
+    let _ = mid.await;
+    drop(first); // the crash: no release, the etcd lease is not revoked
+
+    // The restarted node holds what its ledger holds (vm1) and nothing else.
+    let again = EtcdPool::start(
+        config(&c, 1, c.endpoints(), Duration::from_secs(1)),
+        &[1; 32],
+        vec![(req(&t, "vm1", ttl), kept)],
+    )
+    .await
+    .unwrap();
+    let r = again.take_report();
+    assert!(r.released.contains(&format!("{POOL}/vm2")), "{r:?}");
+    assert_eq!(
+        names(&again.holders(POOL).await.unwrap()),
+        vec![("vm1".into(), host(1))]
+    );
+    // vm1 now lives on the new instance's etcd lease: the dead one's expiry does not free it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        names(&again.holders(POOL).await.unwrap()),
+        vec![("vm1".into(), host(1))]
+    );
+    again.keep_alive(POOL, "vm1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_vms_seat_moves_and_is_never_free_for_another_vm_nor_counted_twice() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_rehome", 3).unwrap() else {
+        return;
+    };
+    let mut e = raw(&c).await;
+    let t = terms(1, 0);
+    let ttl = Duration::from_secs(2);
+    let a = node(&c, 1, Duration::from_secs(1)).await;
+    let b = node(&c, 2, Duration::from_secs(1)).await;
+    let other = Arc::new(node(&c, 3, Duration::from_secs(1)).await);
+    a.acquire(req(&t, "vm1", ttl)).await.unwrap();
+    let from = revision(&mut e).await;
+
+    // Another VM on a third node asks for the seat all the time.
+    let stop = Arc::new(AtomicU32::new(0));
+    let (o, s, t3) = (Arc::clone(&other), Arc::clone(&stop), t.clone());
+    let spinner = tokio::spawn(async move {
+        let (mut refused, mut granted) = (0u32, 0u32);
+        while s.load(Ordering::SeqCst) == 0 {
+            match o.acquire(req(&t3, "vm2", ttl)).await {
+                Err(PoolError::PoolFull { .. }) => refused += 1,
+                Ok(_) => {
+                    granted += 1;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            tokio::task::yield_now().await;
+        }
+        (refused, granted)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A node that only acquires sees the seat held elsewhere.
+    let err = b.acquire(req(&t, "vm1", ttl)).await.unwrap_err();
+    assert!(
+        matches!(&err, PoolError::HeldElsewhere { node, .. } if *node == host(1)),
+        "{err}"
+    );
+    let started = Instant::now();
+    match b.rehome(req(&t, "vm1", ttl)).await.unwrap() {
+        Rehomed::Moved { seat, from } => {
+            assert_eq!((seat.node, from), (host(2), host(1)));
+        }
+        r => panic!("{r:?}"),
+    }
+    eprintln!("re-home took {:?}", started.elapsed());
+    // The old node lets go of the VM: its release does not free the moved seat; then it dies
+    // and its etcd lease expires: the seat stays on B's lease.
+    a.release(POOL, "vm1").await.unwrap();
+    drop(a);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(1, Ordering::SeqCst);
+    let (refused, granted) = spinner.await.unwrap();
+    assert_eq!(granted, 0, "another VM got the migrating VM's seat");
+    assert!(refused > 10, "{refused}");
+    assert_eq!(
+        names(&b.holders(POOL).await.unwrap()),
+        vec![("vm1".into(), host(2))]
+    );
+    let to = revision(&mut e).await;
+    let counts = seat_counts(&mut e, from, to).await;
+    assert!(
+        counts.iter().all(|&n| n == 1),
+        "the seat was free or doubled at some revision: {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_certificate_of_another_ca_is_refused_and_told_tls() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_tls", 3).unwrap() else {
+        return;
+    };
+    let t = terms(2, 0);
+    let (foreign_ca, foreign) = c.foreign_client_cert().unwrap();
+    // A client certificate the members do not trust.
+    let mut cfg = config(&c, 1, c.endpoints(), Duration::from_secs(1));
+    cfg.cert = foreign.cert.clone();
+    cfg.key = foreign.key.clone();
+    let p = EtcdPool::start(cfg, &[1; 32], vec![]).await.unwrap();
+    let e = p
+        .acquire(req(&t, "vm1", Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.unavailable(), Some(Cause::Tls), "{e}");
+    assert_eq!(p.health().await.unavailable, Some(Cause::Tls));
+    // A node that does not trust the members' certificate (a man in the middle).
+    let mut cfg = config(&c, 2, c.endpoints(), Duration::from_secs(1));
+    cfg.ca = foreign_ca;
+    let p = EtcdPool::start(cfg, &[2; 32], vec![]).await.unwrap();
+    let e = p
+        .acquire(req(&t, "vm1", Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.unavailable(), Some(Cause::Tls), "{e}");
+    // The right certificate works.
+    let p = node(&c, 3, Duration::from_secs(1)).await;
+    p.acquire(req(&t, "vm1", Duration::from_secs(5)))
+        .await
+        .unwrap();
+}
