@@ -55,7 +55,7 @@ pub(crate) fn issue(json: bool, a: IssueArgs) -> Result<()> {
     };
     lic.check_names().map_err(|e| {
         let flag = match e.what {
-"            "license id" => "--id",
+            "license id" => "--id",
             "pool id" => "--pool",
             "feature" => "--feature",
             "customer" => "--customer",
