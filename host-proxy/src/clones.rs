@@ -28,7 +28,6 @@ use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition, Wr
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
-
 const NODES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chain_nodes");
 const LINEAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("chain_lineages");
 /// Key: parent lineage id (big-endian) ++ fork lineage id (big-endian).

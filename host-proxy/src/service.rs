@@ -1968,6 +1968,11 @@ impl Service {
         lic: &License,
         now: u64,
     ) -> Result<bool, ErrorBody> {
+        // No more leases of the product than seats (expired ones included): within the seats
+        // in either count mode, without a pass over the leases (this runs on every renewal).
+        if self.ledger.lease_counts(None, product).1 <= lic.seats as usize {
+            return Ok(false);
+        }
         let (in_use, _) = self
             .ledger
             .seats_in_use(product, lic.count_mode, now)

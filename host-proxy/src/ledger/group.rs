@@ -486,7 +486,7 @@ fn write_back(
             .map(|r| r.map(|(k, _)| k.value().to_string()))
             .collect::<Result<_, _>>()
             .map_err(storage)?;
-        for k in on_disk.iter().filter(|k| !mem.leases.contains_key(*k)) {
+        for k in on_disk.iter().filter(|k| !mem.leases.contains_key(k)) {
             lt.remove(k.as_str()).map_err(storage)?;
         }
         let mut d = TableDigest::default();

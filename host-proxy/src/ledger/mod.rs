@@ -44,6 +44,7 @@
 mod counts;
 mod group;
 mod init;
+mod leasemap;
 mod record;
 mod retention;
 mod store;
@@ -56,7 +57,7 @@ pub use hostbind_fsutil::unix_now;
 use redb::{ReadableTableMetadata, TableDefinition, WriteTransaction};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -341,7 +342,7 @@ impl Stats {
 
 /// The in-memory mirror.
 struct Mem {
-    leases: HashMap<String, Lease>,
+    leases: leasemap::LeaseMap,
     licenses: BTreeMap<String, LicenseRecord>,
     next_seq: u64,
 }
@@ -693,7 +694,7 @@ impl Ledger {
         let core = Arc::new(Core {
             store: store::Store::new(path, db),
             mem: Mutex::new(Mem {
-                leases: loaded.leases,
+                leases: leasemap::LeaseMap::new(loaded.leases),
                 licenses: loaded.licenses,
                 next_seq: loaded.next_seq,
             }),
@@ -968,6 +969,9 @@ impl Ledger {
         let live = |l: &&Lease| l.product == req.product && l.expires_at > req.now;
         let full = match req.mode {
             CountMode::None => false,
+            // Fewer leases of the product than seats (expired ones included): a seat is free
+            // in either count mode, without a pass over the leases.
+            _ if mem.leases.of_product(req.product) < req.seats as usize => false,
             CountMode::Access => mem.leases.values().filter(live).count() >= req.seats as usize,
             CountMode::Vm => {
                 let mut vms = std::collections::HashSet::new();
@@ -1024,7 +1028,7 @@ impl Ledger {
             vec![Hist::lease(HistoryEvent::LeaseStarted, &lease, detail)],
         )?);
         let p = self.core.submit(&mut mem, ops);
-        mem.leases.insert(lease.id.clone(), lease.clone());
+        mem.leases.insert(lease.clone());
         drop(mem);
         if let Err(e) = self.core.wait(p) {
             // Not durable: the seat is not granted. Take the lease back out of the mirror (its
@@ -1087,7 +1091,7 @@ impl Ledger {
             vec![Hist::lease(HistoryEvent::LeaseRenewed, &l, "")],
         )?);
         let p = self.core.submit(&mut mem, ops);
-        mem.leases.insert(l.id.clone(), l.clone());
+        mem.leases.insert(l.clone());
         drop(mem);
         // No wait for the fsync: the writer thread commits it (queue order keeps it before any
         // later release of this lease). Not durable while degraded: the lease lives on in
@@ -1179,21 +1183,15 @@ impl Ledger {
         Ok((n, holders))
     }
 
-    /// Leases held by `vm_uuid` (by every VM when `None`): (all of them, those for `product`).
-    /// Counts the in-memory mirror without copying it.
+    /// Leases held by `vm_uuid` (by every VM when `None`): (all of them, those for `product`),
+    /// expired ones the sweep has not removed yet included. Kept as the mirror changes, so
+    /// asking costs no pass over the leases.
     pub fn lease_counts(&self, vm_uuid: Option<&str>, product: &str) -> (usize, usize) {
         let mem = self.lock();
-        let mut all = 0;
-        let mut of_product = 0;
-        for l in mem.leases.values() {
-            if vm_uuid.is_none_or(|v| l.vm_uuid == v) {
-                all += 1;
-                if l.product == product {
-                    of_product += 1;
-                }
-            }
+        match vm_uuid {
+            Some(vm) => mem.leases.of_vm(vm, product),
+            None => (mem.leases.len(), mem.leases.of_product(product)),
         }
-        (all, of_product)
     }
 
     /// Appends history entries that concern no lease (`(event, vm uuid, product, detail)`,
