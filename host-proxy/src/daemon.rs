@@ -191,6 +191,14 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
     }
     stop.cancel();
     shut_down(&svc, tasks, stopping, usage, libvirt, &cfg).await;
+    // Queued renewals on disk before the state-dir lock goes (the ledger itself is dropped
+    // later, with the last reference to the service).
+    let s = svc.clone();
+    match tokio::task::spawn_blocking(move || s.ledger().flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("the last renewals could not be written to the ledger: {e}; their leases keep their earlier expiry"),
+        Err(e) => tracing::warn!("writing the last renewals failed: {e}"),
+    }
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }

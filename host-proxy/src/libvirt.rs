@@ -460,11 +460,12 @@ impl LibvirtVms {
     /// the live leases of `product` each of the given VMs holds; it is called only when
     /// reservations are in play. Answers from the cache.
     ///
-    /// No lock is held from here to the ledger's grant: admissions only ever add leases, and
-    /// a lease a reserving domain takes only shrinks its unused reservation, so a limit worked
-    /// out before a concurrent grant is never above the one after it; the ledger checks the
-    /// seat count and takes the seat atomically. Two VMs therefore never both get the last
-    /// seat, reserved or not (a release or expiry racing an admission is no admission).
+    /// No lock is held from here to the ledger's grant: the limit worked out here is only for
+    /// the refusal's explanation. The grant itself gets the reservations
+    /// ([`Admitted::reservations`]) and the ledger takes their unused part off the seats under
+    /// the same lock as its seat count ([`crate::ledger::Ledger::acquire_reserved`]), so a
+    /// reserving domain's release or expiry racing this admission cannot hand its reserved
+    /// seats to another VM, and two VMs never both get the last seat.
     pub fn admit(
         &self,
         vm: &Vm,
@@ -509,6 +510,10 @@ impl LibvirtVms {
             seats: seats.saturating_sub(reserved),
             reserved_for_others: reserved,
             reserved_by: by,
+            reservations: reservations
+                .into_iter()
+                .map(|(uuid, _, r)| (uuid, r))
+                .collect(),
         })
     }
 

@@ -48,6 +48,11 @@ pub struct Admitted {
     pub reserved_for_others: u32,
     /// Who holds those reservations ("name (n)").
     pub reserved_by: Vec<String>,
+    /// Every other VM with a reservation of the product and its size (`(uuid, seats)`): the
+    /// ledger takes their unused part off the license's seats under its lock at the grant
+    /// ([`crate::ledger::Ledger::acquire_reserved`]), so `seats` above is only what the
+    /// admission saw (for the refusal's explanation).
+    pub reservations: Vec<(String, u32)>,
 }
 
 impl Admitted {
@@ -57,6 +62,7 @@ impl Admitted {
             seats,
             reserved_for_others: 0,
             reserved_by: Vec::new(),
+            reservations: Vec::new(),
         }
     }
 

@@ -68,12 +68,17 @@ pub async fn accept_unix(
                 svc.spawn_connection(serve_limited(svc.clone(), stream, vm.clone()));
             }
             Err(e) => {
-                tracing::warn!(vm = %vm.name, "accept failed on {what} socket: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let on = format!("{what} socket of VM '{}'", vm.name);
+                crate::ratelog::accept_failed(&GUEST_ACCEPT_LOG, &on, &e).await;
             }
         }
     }
 }
+
+/// One log line per interval for failed accepts on every guest listener together (out of file
+/// descriptors, every VM's listener fails at once).
+pub(crate) static GUEST_ACCEPT_LOG: crate::ratelog::RateLimit =
+    crate::ratelog::RateLimit::new(crate::ratelog::ACCEPT_LOG_INTERVAL);
 
 /// Serves one accepted connection of `vm` within the connection limits (`[limits]
 /// connections_per_vm`, `connections_total`), or refuses it with `busy`. Every listener

@@ -1280,24 +1280,26 @@ impl Service {
         let admission = self
             .admit(vm, &req.product, lic)
             .map_err(|e| self.refused(e))?;
-        let seats = admission.seats;
         let now = unix_now();
         let lease = self
             .ledger
-            .acquire(&AcquireRequest {
-                vm_uuid: &vm.uuid,
-                vm_name: &vm.name,
-                product: &req.product,
-                license_id: &lic.id,
-                features: &req.features,
-                scope,
-                pid,
-                pid_start: pid.and(req.pid_start),
-                ttl_secs: self.ttl_until(lic, now),
-                now,
-                seats,
-                mode: lic.count_mode,
-            })
+            .acquire_reserved(
+                &AcquireRequest {
+                    vm_uuid: &vm.uuid,
+                    vm_name: &vm.name,
+                    product: &req.product,
+                    license_id: &lic.id,
+                    features: &req.features,
+                    scope,
+                    pid,
+                    pid_start: pid.and(req.pid_start),
+                    ttl_secs: self.ttl_until(lic, now),
+                    now,
+                    seats: lic.seats,
+                    mode: lic.count_mode,
+                },
+                &admission.reservations,
+            )
             .map_err(|e| {
                 let mut b = Self::ledger_err(e);
                 admission.explain(&mut b, lic.seats);
@@ -1495,29 +1497,51 @@ impl Service {
         if let Err(e) = self.limits.charge(&vm.uuid, Charge::Request, 1) {
             return Body::Error(self.refuse_request(vm, product, e));
         }
-        // memory only: answered here
+        // The ledger's mirror lock can be held across a commit (a license change, the healer),
+        // so even memory lookups under it run on a blocking thread, never on a worker.
         if let Body::LeaseQuery(q) = &body {
-            return match self.vm_leases(vm, q.offset) {
-                Ok(l) => Body::LeaseList(l),
-                Err(e) => Body::Error(e),
+            let (svc, vm, offset) = (self.clone(), vm.clone(), q.offset);
+            return match tokio::task::spawn_blocking(move || svc.vm_leases(&vm, offset)).await {
+                Ok(Ok(l)) => Body::LeaseList(l),
+                Ok(Err(e)) => Body::Error(e),
+                Err(e) => Body::Error(err(
+                    ErrorCode::Unavailable,
+                    format!("the lease query failed: {e}; try again"),
+                )),
             };
         }
-        let fresh = match &body {
-            Body::TokenRequest(r) if r.tpm_fresh => Some(r.nonce.as_ref()),
-            Body::Renew(r) if r.tpm_fresh => Some(r.nonce.as_ref()),
+        let nonce = match &body {
+            Body::TokenRequest(r) if r.tpm_fresh => Some(r.nonce.clone()),
+            Body::Renew(r) if r.tpm_fresh => Some(r.nonce.clone()),
             _ => None,
         };
-        let fresh = match fresh {
-            None => None,
+        let (fresh, body) = match nonce {
+            None => (None, body),
             Some(nonce) => {
-                // memory lookups only: no hand-off to a blocking thread
-                if let Err(e) = self.admit_fresh(vm, &body) {
+                // under the ledger's mirror lock: on a blocking thread (see above)
+                let (svc, v) = (self.clone(), vm.clone());
+                let (checked, body) = match tokio::task::spawn_blocking(move || {
+                    let r = svc.admit_fresh(&v, &body);
+                    (r, body)
+                })
+                .await
+                {
+                    Ok(x) => x,
+                    Err(e) => {
+                        return Body::Error(err(
+                            ErrorCode::Unavailable,
+                            format!("the request's checks failed: {e}; try again"),
+                        ))
+                    }
+                };
+                if let Err(e) = checked {
                     return Body::Error(e);
                 }
-                match self.fresh_evidence(nonce, true).await {
+                let f = match self.fresh_evidence(nonce.as_ref(), true).await {
                     Ok(f) => f,
                     Err(e) => return Body::Error(e),
-                }
+                };
+                (f, body)
             }
         };
         let (svc, vm) = (self.clone(), vm.clone());
@@ -1968,9 +1992,12 @@ impl Service {
         lic: &License,
         now: u64,
     ) -> Result<bool, ErrorBody> {
-        // No more leases of the product than seats (expired ones included): within the seats
-        // in either count mode, without a pass over the leases (this runs on every renewal).
-        if self.ledger.lease_counts(None, product).1 <= lic.seats as usize {
+        // Uncounted, or no more leases (access) / holding VMs (vm) of the product than seats,
+        // expired ones included: within the seats, without a pass over the leases (this runs
+        // on every renewal).
+        if lic.count_mode == hostbind_attest::signed::CountMode::None
+            || self.ledger.seats_bound(product, lic.count_mode) <= lic.seats as usize
+        {
             return Ok(false);
         }
         let (in_use, _) = self

@@ -7,7 +7,6 @@ use crate::server::{refuse, serve_limited};
 use crate::service::{Service, Vm};
 use hostbind_attest::wire::{ErrorBody, ErrorCode};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
 
 /// The VM a connection from guest `cid` belongs to, or the refusal to send.
@@ -56,8 +55,12 @@ pub async fn serve(svc: Arc<Service>, port: u32) -> std::io::Result<()> {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("vsock accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                crate::ratelog::accept_failed(
+                    &crate::server::GUEST_ACCEPT_LOG,
+                    "AF_VSOCK listener",
+                    &e,
+                )
+                .await;
                 continue;
             }
         };

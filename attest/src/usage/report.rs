@@ -6,7 +6,7 @@ use super::{
 };
 use crate::signed::fmt_time;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Kinds of anomalies the reader names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -514,6 +514,7 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
     };
     let end_of_log = span.map_or(0, |s| s.1);
     let mut opened = 0usize;
+    let mut ended = BTreeSet::new();
     for p in ordered {
         let Some(body) = &p.body else { continue };
         opened += 1;
@@ -540,16 +541,20 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
                     );
                 }
                 UsageRecord::LeaseRenew { at, lease } => {
-                    // a lease whose start is in a missing block counts from its first renewal
-                    open.entry((host.to_string(), lease.lease_id.clone()))
-                        .or_insert((*at, lease.clone()));
+                    // a lease whose start is in a missing block counts from its first renewal;
+                    // a renewal metered after its lease's end (a renewal and a release of one
+                    // lease answered concurrently) does not open it again
+                    let key = (host.to_string(), lease.lease_id.clone());
+                    if !ended.contains(&key) {
+                        open.entry(key).or_insert((*at, lease.clone()));
+                    }
                 }
                 UsageRecord::LeaseEnd { at, lease, .. } => {
-                    if let Some((from, l)) =
-                        open.remove(&(host.to_string(), lease.lease_id.clone()))
-                    {
+                    let key = (host.to_string(), lease.lease_id.clone());
+                    if let Some((from, l)) = open.remove(&key) {
                         add_seconds(&mut acc, host, &l, from, (*at).max(from));
                     }
+                    ended.insert(key);
                 }
                 UsageRecord::TokenIssued {
                     at, lease, count, ..

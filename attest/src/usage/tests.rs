@@ -185,6 +185,38 @@ fn clean_log_reports_exact_totals() {
 }
 
 #[test]
+fn renewal_recorded_after_its_lease_ended_does_not_reopen_it() {
+    // A renewal and a release of one lease pipelined on one connection: the proxy can meter
+    // the renewal after the end. The lease ended; billing it to the end of the log would
+    // charge the customer for a lease nobody held.
+    let mut w = Writer::new();
+    let x = lease("x", "vm1", "cad");
+    w.seal(
+        T0 + 60,
+        vec![
+            UsageRecord::LeaseStart {
+                at: T0 + 10,
+                lease: x.clone(),
+                scope: "vm".into(),
+            },
+            UsageRecord::LeaseEnd {
+                at: T0 + 30,
+                lease: x.clone(),
+                reason: "released by the guest".into(),
+            },
+            UsageRecord::LeaseRenew {
+                at: T0 + 30,
+                lease: x.clone(),
+            },
+        ],
+    );
+    w.seal(T0 + 1000, vec![]);
+    let r = read_log(&w.bytes(), &secret(), 60);
+    assert_eq!(r.open_leases, 0);
+    assert_eq!(row(&r, "2025-12-31", "vm1").lease_seconds, 20);
+}
+
+#[test]
 fn open_lease_counts_until_end_of_log() {
     let mut w = Writer::new();
     w.seal(

@@ -16,6 +16,8 @@ use std::collections::HashMap;
 pub(super) struct LeaseMap {
     map: HashMap<String, Lease>,
     by_product: HashMap<String, usize>,
+    /// VMs holding at least one lease of a product, per product.
+    vms_of_product: HashMap<String, usize>,
     /// Per VM UUID: (leases of every product, leases per product).
     by_vm: HashMap<String, (usize, HashMap<String, usize>)>,
 }
@@ -37,7 +39,11 @@ impl LeaseMap {
         *self.by_product.entry(l.product.clone()).or_default() += 1;
         let vm = self.by_vm.entry(l.vm_uuid.clone()).or_default();
         vm.0 += 1;
-        *vm.1.entry(l.product.clone()).or_default() += 1;
+        let n = vm.1.entry(l.product.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            *self.vms_of_product.entry(l.product.clone()).or_default() += 1;
+        }
         self.map.insert(l.id.clone(), l);
     }
 
@@ -60,6 +66,12 @@ impl LeaseMap {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     vm.1.remove(&l.product);
+                    if let Some(v) = self.vms_of_product.get_mut(&l.product) {
+                        *v = v.saturating_sub(1);
+                        if *v == 0 {
+                            self.vms_of_product.remove(&l.product);
+                        }
+                    }
                 }
             }
             if vm.0 == 0 {
@@ -83,6 +95,15 @@ impl LeaseMap {
     /// Leases of `product` (expired ones not swept yet included).
     pub(super) fn of_product(&self, product: &str) -> usize {
         self.by_product.get(product).copied().unwrap_or(0)
+    }
+
+    /// Seats `product` could use at most in `mode` (expired leases not swept included): its
+    /// leases, or the VMs holding them. The exact count is at most this.
+    pub(super) fn seats_bound(&self, product: &str, mode: super::CountMode) -> usize {
+        match mode {
+            super::CountMode::Vm => self.vms_of_product.get(product).copied().unwrap_or(0),
+            _ => self.of_product(product),
+        }
     }
 
     /// Leases of `vm_uuid`: (of every product, of `product`), expired ones not swept included.
@@ -140,6 +161,11 @@ mod tests {
                 }
             }
             prop_assert_eq!(m.by_product.values().sum::<usize>(), m.len());
+            for p in 0..3u8 {
+                let p = format!("p{p}");
+                let vms: std::collections::HashSet<&str> = m.values().filter(|l| l.product == p).map(|l| l.vm_uuid.as_str()).collect();
+                prop_assert_eq!(m.seats_bound(&p, super::super::CountMode::Vm), vms.len());
+            }
         }
     }
 }

@@ -958,6 +958,20 @@ impl Ledger {
     /// Takes a seat (or refuses, recording the refusal) and records a new lease. While the
     /// ledger cannot write, no new lease is granted.
     pub fn acquire(&self, req: &AcquireRequest<'_>) -> Result<Lease, LedgerError> {
+        self.acquire_reserved(req, &[])
+    }
+
+    /// [`Ledger::acquire`] with seats reserved for other VMs: `reserved` names each other VM
+    /// with a reservation of `req.product` and its size (`(uuid, seats)`). Their unused part —
+    /// the reservation less the seats the VM holds now — is taken off `req.seats` under the
+    /// same lock as the seat count, so a reserving VM's release racing this grant cannot hand
+    /// its reserved seats to another VM (the admission port only names the reservations; it
+    /// does not compute a limit that could be stale by the time of the grant).
+    pub fn acquire_reserved(
+        &self,
+        req: &AcquireRequest<'_>,
+        reserved: &[(String, u32)],
+    ) -> Result<Lease, LedgerError> {
         let mut mem = self.lock();
         let degraded = group::degraded_error(&self.core.group());
         if let Some(e) = degraded {
@@ -967,12 +981,31 @@ impl Ledger {
         }
         // Hot path: count without allocating; the holders list is built only for a refusal.
         let live = |l: &&Lease| l.product == req.product && l.expires_at > req.now;
+        let seats = if reserved.is_empty() || req.mode == CountMode::None {
+            req.seats
+        } else {
+            let mut held = vec![0u32; reserved.len()];
+            for l in mem.leases.values().filter(live) {
+                if let Some(i) = reserved.iter().position(|(v, _)| *v == l.vm_uuid) {
+                    held[i] = match req.mode {
+                        CountMode::Vm => 1,
+                        _ => held[i].saturating_add(1),
+                    };
+                }
+            }
+            let free: u32 = reserved
+                .iter()
+                .zip(held)
+                .map(|((_, r), h)| r.saturating_sub(h))
+                .fold(0u32, u32::saturating_add);
+            req.seats.saturating_sub(free)
+        };
         let full = match req.mode {
             CountMode::None => false,
-            // Fewer leases of the product than seats (expired ones included): a seat is free
-            // in either count mode, without a pass over the leases.
-            _ if mem.leases.of_product(req.product) < req.seats as usize => false,
-            CountMode::Access => mem.leases.values().filter(live).count() >= req.seats as usize,
+            // Fewer leases (access) or holding VMs (vm) of the product than seats, expired ones
+            // included: a seat is free, without a pass over the leases.
+            _ if mem.leases.seats_bound(req.product, req.mode) < seats as usize => false,
+            CountMode::Access => mem.leases.values().filter(live).count() >= seats as usize,
             CountMode::Vm => {
                 let mut vms = std::collections::HashSet::new();
                 let mut holds = false;
@@ -983,7 +1016,7 @@ impl Ledger {
                     }
                     vms.insert(l.vm_uuid.as_str());
                 }
-                !holds && vms.len() >= req.seats as usize
+                !holds && vms.len() >= seats as usize
             }
         };
         if full {
@@ -991,7 +1024,7 @@ impl Ledger {
                 seat_use(mem.leases.values(), req.product, req.mode, req.now);
             let err = LedgerError::SeatsExhausted {
                 product: req.product.to_string(),
-                seats: req.seats,
+                seats,
                 in_use,
                 holders,
             };
@@ -1181,6 +1214,19 @@ impl Ledger {
         let mem = self.lock();
         let (n, holders, _) = seat_use(mem.leases.values(), product, mode, now);
         Ok((n, holders))
+    }
+
+    /// Commits the writes still queued (renewals, which return before their commit) and waits
+    /// for the fsync. The daemon calls it at shutdown before it gives up the state-dir lock, so
+    /// the next process finds every renewal on disk.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        self.core.write_now(|_| Ok(()))
+    }
+
+    /// At most this many seats of `product` are in use in `mode` (leases, or VMs holding
+    /// them; expired ones the sweep has not removed yet included). Kept as the mirror changes.
+    pub fn seats_bound(&self, product: &str, mode: CountMode) -> usize {
+        self.lock().leases.seats_bound(product, mode)
     }
 
     /// Leases held by `vm_uuid` (by every VM when `None`): (all of them, those for `product`),

@@ -188,3 +188,58 @@ fn clean_shutdown_commits_queued_renewals() {
     let again = Ledger::open(&path).unwrap();
     assert_eq!(again.lease(&lease.id).unwrap().unwrap().expires_at, 1_150);
 }
+
+fn acquire_counted(
+    l: &Ledger,
+    vm: &str,
+    seats: u32,
+    reserved: &[(String, u32)],
+) -> Result<Lease, LedgerError> {
+    l.acquire_reserved(
+        &AcquireRequest {
+            vm_uuid: vm,
+            vm_name: vm,
+            product: "cad",
+            license_id: LIC,
+            features: &[],
+            scope: LeaseScope::Vm,
+            pid: None,
+            pid_start: None,
+            ttl_secs: 100,
+            now: 1_000,
+            seats,
+            mode: CountMode::Access,
+        },
+        reserved,
+    )
+}
+
+/// A reserving VM's release racing other VMs' admissions: the admission port saw the
+/// reservation in use and would have let another VM count against every seat; the ledger
+/// takes the now unused reservation off the seats at the grant itself, so the released
+/// reserved seats stay the reserving VM's.
+#[test]
+fn reserved_seats_released_between_admission_and_grant_stay_reserved() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = Ledger::open(&dir.path().join("ledger.redb")).unwrap();
+    let y: Vec<Lease> = (0..2)
+        .map(|_| acquire_counted(&l, "vm-y", 3, &[]).unwrap())
+        .collect();
+    let reserved = vec![("vm-y".to_string(), 2)];
+    // vm-a's admissions happened while vm-y held both: the limit they saw was 3.
+    acquire_counted(&l, "vm-a", 3, &reserved).unwrap();
+    for lease in &y {
+        l.release(&lease.id, "released by the guest", 1_000)
+            .unwrap();
+    }
+    // vm-a's next grants: vm-y's 2 reserved seats are unused now, 3 - 2 = 1 seat for vm-a,
+    // which it holds already.
+    let e = acquire_counted(&l, "vm-a", 3, &reserved).unwrap_err();
+    assert!(
+        matches!(e, LedgerError::SeatsExhausted { seats: 1, .. }),
+        "{e:?}"
+    );
+    // vm-y gets its seats back.
+    acquire_counted(&l, "vm-y", 3, &[]).unwrap();
+    acquire_counted(&l, "vm-y", 3, &[]).unwrap();
+}
