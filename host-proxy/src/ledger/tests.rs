@@ -8,8 +8,8 @@ use std::sync::mpsc;
 
 const LIC: &str = "L1";
 
-fn acquire(l: &Ledger, vm: &str, now: u64) -> Lease {
-    l.acquire(&AcquireRequest {
+fn request(vm: &str, now: u64, seats: u32, mode: CountMode) -> AcquireRequest<'_> {
+    AcquireRequest {
         vm_uuid: vm,
         vm_name: vm,
         product: "cad",
@@ -20,10 +20,13 @@ fn acquire(l: &Ledger, vm: &str, now: u64) -> Lease {
         pid_start: None,
         ttl_secs: 100,
         now,
-        seats: 0,
-        mode: CountMode::None,
-    })
-    .unwrap()
+        seats,
+        mode,
+    }
+}
+
+fn acquire(l: &Ledger, vm: &str, now: u64) -> Lease {
+    l.acquire(&request(vm, now, 0, CountMode::None)).unwrap()
 }
 
 /// The lease as the file holds it (not the mirror), None when the file has none.
@@ -195,23 +198,7 @@ fn acquire_counted(
     seats: u32,
     reserved: &[(String, u32)],
 ) -> Result<Lease, LedgerError> {
-    l.acquire_reserved(
-        &AcquireRequest {
-            vm_uuid: vm,
-            vm_name: vm,
-            product: "cad",
-            license_id: LIC,
-            features: &[],
-            scope: LeaseScope::Vm,
-            pid: None,
-            pid_start: None,
-            ttl_secs: 100,
-            now: 1_000,
-            seats,
-            mode: CountMode::Access,
-        },
-        reserved,
-    )
+    l.acquire_reserved(&request(vm, 1_000, seats, CountMode::Access), reserved)
 }
 
 /// A reserving VM's release racing other VMs' admissions: the admission port saw the
