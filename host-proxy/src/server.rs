@@ -117,8 +117,8 @@ fn error_frame(id: u64, code: ErrorCode, message: String) -> Message<Body> {
 /// Runs the protocol with one agent: Hello first (within `[limits] handshake_timeout`), then
 /// requests, handled concurrently and answered by id ([`Service::handle`]) up to `[limits]
 /// requests_per_connection` in progress on this connection and `requests_per_vm` over the VM's
-/// connections; at either bound nothing more is read until one is
-/// answered. Pushed events go out through the same writer. A bad frame gets an Error frame and
+/// connections; at either bound the request read waits and nothing more is read from the
+/// connection until one is answered (Hello and Ping take no slot). Pushed events go out through the same writer. A bad frame gets an Error frame and
 /// the connection is closed, as does a connection without a complete message for `[limits]
 /// idle_timeout` (agents ping before). At shutdown the connection stops reading: the requests
 /// in progress are answered, then it closes.
@@ -151,17 +151,6 @@ where
     let shutdown = svc.shutdown_token().clone();
     loop {
         while in_progress.try_join_next().is_some() {}
-        // Backpressure: a slot on this connection and one of the VM's before reading the next
-        // message (a connection at its bound is not read, so nothing piles up unanswered).
-        let slots = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {
-                ended = "the proxy is shutting down".into();
-                break;
-            }
-            s = slots(&conn_requests, &vm_requests) => s,
-        };
-        let Some(slots) = slots else { break };
         // Until Hello, a deadline from the connection's start; then an idle timeout per
         // complete message (a half-sent one does not reset it).
         let wait = match conn_id {
@@ -254,6 +243,27 @@ where
             }),
             Body::Ping(_) => Body::Ack(Default::default()),
             body => {
+                // Backpressure: a slot on this connection and one of the VM's before the
+                // request runs, and nothing more is read from this connection until it has
+                // them (at most this one message waits, nothing piles up unanswered). Slots
+                // are taken after the read, not before it: an idle connection holds none, so
+                // the VM's other connections (and a new one's Hello) are never starved by it.
+                let slots = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        ended = "the proxy is shutting down".into();
+                        let _ = tx
+                            .send(error_frame(
+                                id,
+                                ErrorCode::Unavailable,
+                                "the proxy is shutting down; send the request again after it is back".into(),
+                            ))
+                            .await;
+                        break;
+                    }
+                    s = slots(&conn_requests, &vm_requests) => s,
+                };
+                let Some(slots) = slots else { break };
                 // Answered when done, in any order: the agent matches answers by id.
                 let (svc, vm, tx) = (svc.clone(), vm.clone(), tx.clone());
                 in_progress.spawn(async move {

@@ -403,3 +403,31 @@ async fn connection_at_its_request_bound_is_not_read_until_an_answer() {
     assert_eq!(order, vec![100, 101, 102, 103]);
     h.stop_proxy();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_holds_no_request_slot_of_its_vm() {
+    // One request in progress per VM. An agent's idle connection (waiting for its next
+    // message) must not hold that slot: a second connection of the VM says Hello and gets a
+    // token. (Slots taken before each read starved every other connection of the VM — its
+    // Hello was never read.)
+    let (_v, mut h, _vp) = daemon("[limits]\nrequests_per_vm = 1\n");
+    let idle = tokio::net::UnixStream::connect(&h.vms[0].socket)
+        .await
+        .unwrap();
+    let mut a = WireGuest::new(idle);
+    a.hello().await.unwrap();
+    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
+        .await
+        .unwrap();
+    let mut b = WireGuest::new(s);
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        b.hello().await.unwrap();
+        let Body::TokenResponse(_) = b.call(fresh_req(b"second-connection", false)).await else {
+            panic!("refused")
+        };
+    })
+    .await
+    .expect("the second connection of the VM was served while the first sat idle");
+    drop(a);
+    h.stop_proxy();
+}
