@@ -36,11 +36,12 @@ const VMS: usize = 32;
 const PER_VM_CAP: usize = 64;
 /// The proxy's per-VM flood limits (issue 15) raised out of the way: a load run measures the
 /// request path, not the limits, and puts hundreds of guests' load on each of its 32 VMs. (A
-/// `--proxy-toml` with a `[limits]` table of its own conflicts with this one.)
+/// `--proxy-toml` with a `[limits]` table of its own conflicts with this one.) Requests in
+/// progress per VM as many as its connections: each guest has one in flight, like its own VM.
 const LIMITS_TOML: &str = "[limits]\nconnections_per_vm = 64\nconnections_total = 4096\n\
 hellos_per_minute = 1000000\nhello_burst = 1000000\ntpm_fresh_per_minute = 100000000\n\
 tpm_fresh_burst = 1000000\nrequests_per_minute = 100000000\nrequest_burst = 1000000\n\
-leases_per_vm = 1000000\nleases_per_vm_product = 1000000\n";
+leases_per_vm = 1000000\nleases_per_vm_product = 1000000\nrequests_per_vm = 64\n";
 /// Hard upper bound on any run's duration, whatever the flags say.
 const MAX_DURATION: Duration = Duration::from_secs(600);
 /// Hard upper bound on requests per run.
