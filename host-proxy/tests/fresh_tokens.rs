@@ -166,6 +166,14 @@ fn fresh_req(nonce: &[u8], fresh: bool) -> Body {
 }
 
 /// Starts a host with 4 VMs, a 1000-seat access-counted license, and `extra` config.
+/// A raw wire connection to the VM socket at `socket`, past its Hello.
+async fn guest_after_hello(socket: &std::path::Path) -> WireGuest<tokio::net::UnixStream> {
+    let s = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let mut w = WireGuest::new(s);
+    w.hello().await.unwrap();
+    w
+}
+
 fn daemon(extra: &str) -> (Vendor, TkHost, VendorPublicKey) {
     let v = Vendor::new().unwrap();
     let mut h = TkHost::enrolled(&v, &["vm-a", "vm-b", "vm-c", "vm-d"], extra).unwrap();
@@ -186,9 +194,7 @@ async fn storm(h: &TkHost, vp: &VendorPublicKey, per_vm: usize, rounds: usize) -
             let sock = vm.socket.clone();
             let vp = *vp;
             tasks.push(tokio::spawn(async move {
-                let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
-                let mut w = WireGuest::new(s);
-                w.hello().await.unwrap();
+                let mut w = guest_after_hello(&sock).await;
                 let mut quotes = Vec::new();
                 for r in 0..rounds {
                     let nonce = format!("nonce-{vi}-{g}-{r}").into_bytes();
@@ -218,11 +224,7 @@ async fn proxy_batches_concurrent_fresh_requests_under_few_quotes() {
     // 16 guests per VM plus the lone one: over the default 16 connections per VM.
     let (_v, mut h, vp) = daemon("[limits]\nconnections_per_vm = 32\n");
     // A lone request is served at once with a batch of one.
-    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
-        .await
-        .unwrap();
-    let mut w = WireGuest::new(s);
-    w.hello().await.unwrap();
+    let mut w = guest_after_hello(&h.vms[0].socket).await;
     let Body::TokenResponse(t) = w.call(fresh_req(b"lone-nonce", true)).await else {
         panic!("refused")
     };
@@ -288,11 +290,7 @@ async fn slow_tpm_quote_does_not_stall_renewals_pipelined_behind_it() {
     use futures::{SinkExt, StreamExt};
     use hostbind_attest::wire::{Message, Renew};
     let (_v, mut h, vp) = daemon("");
-    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
-        .await
-        .unwrap();
-    let mut w = WireGuest::new(s);
-    w.hello().await.unwrap();
+    let mut w = guest_after_hello(&h.vms[0].socket).await;
     let Body::TokenResponse(lease) = w.call(fresh_req(b"plain-nonce", false)).await else {
         panic!("refused")
     };
@@ -363,11 +361,7 @@ async fn connection_at_its_request_bound_is_not_read_until_an_answer() {
     use hostbind_attest::wire::{Message, Renew};
     // One request in progress per connection: nothing behind it is read (or buffered).
     let (_v, mut h, _vp) = daemon("[limits]\nrequests_per_connection = 1\n");
-    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
-        .await
-        .unwrap();
-    let mut w = WireGuest::new(s);
-    w.hello().await.unwrap();
+    let mut w = guest_after_hello(&h.vms[0].socket).await;
     let Body::TokenResponse(lease) = w.call(fresh_req(b"plain-nonce", false)).await else {
         panic!("refused")
     };
@@ -411,17 +405,9 @@ async fn idle_connection_holds_no_request_slot_of_its_vm() {
     // token. (Slots taken before each read starved every other connection of the VM — its
     // Hello was never read.)
     let (_v, mut h, _vp) = daemon("[limits]\nrequests_per_vm = 1\n");
-    let idle = tokio::net::UnixStream::connect(&h.vms[0].socket)
-        .await
-        .unwrap();
-    let mut a = WireGuest::new(idle);
-    a.hello().await.unwrap();
-    let s = tokio::net::UnixStream::connect(&h.vms[0].socket)
-        .await
-        .unwrap();
-    let mut b = WireGuest::new(s);
+    let a = guest_after_hello(&h.vms[0].socket).await;
     tokio::time::timeout(std::time::Duration::from_secs(20), async {
-        b.hello().await.unwrap();
+        let mut b = guest_after_hello(&h.vms[0].socket).await;
         let Body::TokenResponse(_) = b.call(fresh_req(b"second-connection", false)).await else {
             panic!("refused")
         };
