@@ -96,7 +96,9 @@ fn enrollment_registry_refuses_a_second_host_id_and_warns_on_a_new_ak() {
     assert!(
         err.contains("EK certificate was enrolled")
             && err.contains(&"ab".repeat(32))
-            && err.contains("--allow-new-host-id"),
+            && err.contains("--allow-new-host-id")
+            // one sentence, not a source line's indentation in the middle of it
+            && err.contains("If this is intended (e.g. host ids changed with a hostbind upgrade), run again with --allow-new-host-id"),
         "{err}"
     );
     assert!(!h.dir().join("h3.cert").exists());

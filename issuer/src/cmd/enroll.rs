@@ -93,7 +93,7 @@ pub(crate) fn finish(json: bool, a: FinishArgs) -> Result<()> {
     for f in reg.check(&entry) {
         match f {
             Finding::OtherHostId { .. } if !allow_new_host_id => bail!(
-                "enrollment refused: {f} (registry {}); one TPM must be one host. If this                          is intended (e.g. host ids changed with a hostbind upgrade), run again                          with --allow-new-host-id",
+                "enrollment refused: {f} (registry {}); one TPM must be one host. If this is intended (e.g. host ids changed with a hostbind upgrade), run again with --allow-new-host-id",
                 registry_path.display()
             ),
             f => warnings.push(f.to_string()),
