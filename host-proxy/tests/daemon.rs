@@ -344,9 +344,11 @@ async fn leases_survive_restart_and_kill9_under_load() {
     assert!(h.proxy_ok(&["leases"]).unwrap().contains(&first.lease_id));
 
     // load from 4 VMs; kill -9 in the middle; every lease the proxy answered must survive
+    let answers = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for vm in &h.vms {
         let sock = vm.socket.clone();
+        let answers = answers.clone();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             let Ok(s) = UnixStream::connect(&sock).await else {
@@ -388,6 +390,7 @@ async fn leases_survive_restart_and_kill9_under_load() {
                             ..
                         })) => {
                             got.push(t.lease_id);
+                            answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             break;
                         }
                         Some(Ok(_)) => continue,
@@ -398,7 +401,14 @@ async fn leases_survive_restart_and_kill9_under_load() {
             got
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The kill comes in the middle of the load: once the proxy has answered a few dozen
+    // requests (however slow a loaded machine makes that), bounded by 30 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while answers.load(std::sync::atomic::Ordering::Relaxed) < 40
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     h.kill_proxy();
     let mut answered = Vec::new();
     for t in tasks {
