@@ -305,6 +305,8 @@ impl Inner {
             lease: req.lease.clone(),
             since: now_unix(),
             source,
+            moved_at: None,
+            moves: 0,
         }
     }
 
@@ -502,7 +504,9 @@ impl Inner {
                 seat: seat.into(),
             });
         };
-        if h.mod_rev == 0 {
+        // A fallback seat (never in etcd), or a known outage: reconcile deletes the key when
+        // etcd is back (this node's keys it no longer holds), no request timeout per release.
+        if h.mod_rev == 0 || self.state().unavailable.is_some() {
             return Ok(());
         }
         let key = seat_key(pool, seat);
@@ -541,7 +545,26 @@ impl Inner {
                 return self.acquire(req).await.map(Rehomed::Acquired);
             };
             let old = Self::decode(kv)?;
-            let seat = self.seat_of(&req, SeatSource::Pool);
+            let now = now_unix();
+            let ttl = ttl_secs(req.ttl).unsigned_abs();
+            if old.node != self.node {
+                if let Some(at) = old.moved_at.filter(|at| now.saturating_sub(*at) < ttl) {
+                    let ago = now.saturating_sub(at);
+                    return Err(PoolError::MovedRecently {
+                        pool: req.terms.pool.clone(),
+                        seat: req.seat.clone(),
+                        node: old.node,
+                        ago_secs: ago,
+                        ttl_secs: ttl,
+                        wait_secs: ttl - ago,
+                    });
+                }
+            }
+            let mut seat = self.seat_of(&req, SeatSource::Pool);
+            if old.node != self.node {
+                seat.moved_at = Some(now);
+                seat.moves = old.moves.saturating_add(1);
+            }
             let cmp = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
             if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
                 let seat = self.hold(&req, seat, rev);
@@ -708,6 +731,66 @@ impl Inner {
         Ok(())
     }
 
+    /// Held seats whose key now names another node (re-homed away: the VM, or a VM with the
+    /// same UUID, runs there now): dropped here and returned with the new node, so the
+    /// caller ends their local leases. Per pool with seats held, one linearizable keys-only
+    /// read of the keys modified after this node's oldest write (cheap however large the
+    /// pool), and a read of each held key that changed since this node wrote it.
+    async fn moved_away(&self) -> Result<Vec<(Seat, String)>, PoolError> {
+        let mut oldest: HashMap<String, i64> = HashMap::new();
+        for h in self.state().held.values().filter(|h| h.mod_rev != 0) {
+            let e = oldest.entry(h.seat.pool.clone()).or_insert(h.mod_rev);
+            *e = (*e).min(h.mod_rev);
+        }
+        let mut lost = Vec::new();
+        for (pool, min_rev) in oldest {
+            let prefix = seats_prefix(&pool);
+            let r = self
+                .get(
+                    &prefix,
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only()
+                            .with_min_mod_revision(min_rev + 1),
+                    ),
+                )
+                .await?;
+            for kv in r.kvs() {
+                let Some(seat) = kv.key().get(prefix.len()..) else {
+                    continue;
+                };
+                let k = (pool.clone(), String::from_utf8_lossy(seat).into_owned());
+                // Only a held key rewritten after this node wrote it.
+                let changed = self
+                    .state()
+                    .held
+                    .get(&k)
+                    .is_some_and(|h| h.mod_rev != 0 && h.mod_rev < kv.mod_revision());
+                if !changed {
+                    continue;
+                }
+                let g = self.get(&seat_key(&pool, &k.1), None).await?;
+                let Some(now) = g.kvs().first() else { continue };
+                let Ok(s) = Self::decode(now) else { continue };
+                if s.node == self.node {
+                    continue;
+                }
+                let mut st = self.state();
+                if st
+                    .held
+                    .get(&k)
+                    .is_some_and(|h| h.mod_rev != 0 && h.mod_rev < now.mod_revision())
+                {
+                    if let Some(h) = st.held.remove(&k) {
+                        lost.push((h.seat, s.node.clone()));
+                    }
+                }
+            }
+        }
+        Ok(lost)
+    }
+
     fn mark(&self, pool: &str, seat: &str, rev: i64, value: Seat) {
         if let Some(h) = self
             .state()
@@ -828,6 +911,13 @@ impl EtcdPool {
             }
         });
         Ok(EtcdPool { inner, task })
+    }
+
+    /// Held seats re-homed to another node since the last check (see `docs/pools.md`): they
+    /// are no longer held here; each with the node holding it now. The proxy calls it every
+    /// `check_interval` and ends the seats' local leases.
+    pub async fn moved_away(&self) -> Result<Vec<(Seat, String)>, PoolError> {
+        self.inner.moved_away().await
     }
 
     /// This node's host id (hex), as seats name it.
