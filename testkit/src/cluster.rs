@@ -1,0 +1,253 @@
+//! A seat pool across several enrolled hosts, all real processes on loopback: a three-member
+//! etcd cluster (TLS with client certificates), and per node its own swtpm, an enrolled
+//! `hostbind-proxy` whose `[pool]` table reaches etcd through the node's own
+//! [`TcpRelay`] (so one node can be cut off while the others keep their path), and one pool
+//! license issued by the real issuer naming every node's host certificate. Dropping it stops
+//! every proxy, swtpm and etcd member by PID.
+
+use crate::etcd::EtcdCluster;
+use crate::host::{run_ok, Host, Vendor};
+use crate::relay::{Cut, TcpRelay};
+use crate::TestkitError;
+use std::path::{Path, PathBuf};
+
+/// What to build: the nodes, their VMs, the pool license's terms and the proxies' timing.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// Number of nodes (hosts with a proxy each).
+    pub nodes: usize,
+    /// VMs per node (plain Unix sockets), named `n<node>-vm<i>`.
+    pub vms_per_node: usize,
+    /// The pool id.
+    pub pool: String,
+    /// The product the license is for.
+    pub product: String,
+    /// Seats of the whole pool.
+    pub seats: u32,
+    /// Seats each node may grant alone while it cannot reach etcd.
+    pub fallback: u32,
+    /// The license's count mode (`vm` or `access`).
+    pub count_mode: String,
+    /// The license's grace (how long held leases keep renewing without etcd), e.g. `"20s"`.
+    pub grace: String,
+    /// TOML appended to each proxy's top level before its `[pool]` table (e.g. `[leases]`).
+    pub proxy_toml: String,
+    /// `[pool] request_timeout`, `connect_timeout`, `check_interval` (humantime strings).
+    pub request_timeout: String,
+    /// See [`PoolSpec::request_timeout`].
+    pub connect_timeout: String,
+    /// See [`PoolSpec::request_timeout`].
+    pub check_interval: String,
+}
+
+impl Default for PoolSpec {
+    fn default() -> PoolSpec {
+        PoolSpec {
+            nodes: 3,
+            vms_per_node: 3,
+            pool: "acme-kvm".into(),
+            product: "cad".into(),
+            seats: 5,
+            fallback: 1,
+            count_mode: "vm".into(),
+            grace: "30s".into(),
+            proxy_toml: "[leases]\nttl = \"3s\"\nsweep_interval = \"200ms\"\n".into(),
+            request_timeout: "2s".into(),
+            connect_timeout: "1s".into(),
+            check_interval: "500ms".into(),
+        }
+    }
+}
+
+/// One node of the pool: its host (swtpm, config, proxy) and its path to etcd.
+#[derive(Debug)]
+pub struct PoolNode {
+    /// The enrolled host; its proxy runs once [`PoolCluster::start_proxies`] ran.
+    pub host: Host,
+    /// The node's own relay in front of the etcd members (cut it to cut the node off).
+    pub relay: TcpRelay,
+}
+
+/// A running pool cluster; see the module doc. Field order is drop order: proxies and swtpms
+/// first, then the relays, then etcd.
+#[derive(Debug)]
+pub struct PoolCluster {
+    /// The nodes.
+    pub nodes: Vec<PoolNode>,
+    /// The vendor that enrolled the hosts and signed the license.
+    pub vendor: Vendor,
+    /// The etcd cluster.
+    pub etcd: EtcdCluster,
+    /// The pool license file (added to every node by [`PoolCluster::start_proxies`]).
+    pub license: PathBuf,
+    spec: PoolSpec,
+}
+
+fn p(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+impl PoolCluster {
+    /// Builds the cluster for `test` (etcd, nodes enrolled, license issued; proxies not yet
+    /// started), or `None` when etcd is not installed and the test may skip (see
+    /// [`EtcdCluster::start_or_skip`]).
+    pub fn start_or_skip(test: &str, spec: PoolSpec) -> Result<Option<PoolCluster>, TestkitError> {
+        let Some(etcd) = EtcdCluster::start_or_skip(test, 3)? else {
+            return Ok(None);
+        };
+        Self::build(etcd, spec).map(Some)
+    }
+
+    fn build(etcd: EtcdCluster, spec: PoolSpec) -> Result<PoolCluster, TestkitError> {
+        let vendor = Vendor::new()?;
+        let members: Vec<_> = (0..etcd.len()).map(|i| etcd.member_addr(i)).collect();
+        let mut nodes = Vec::new();
+        for n in 0..spec.nodes {
+            let relay = TcpRelay::start(members.clone())?;
+            let cert = etcd.issue_client_cert(&format!("node{n}"))?;
+            let pool_toml = format!(
+                "\n[pool]\nendpoints = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+                 pools = [\"{}\"]\nrequest_timeout = \"{}\"\nconnect_timeout = \"{}\"\n\
+                 check_interval = \"{}\"\n",
+                relay.https_url(),
+                p(etcd.ca_cert()),
+                p(&cert.cert),
+                p(&cert.key),
+                spec.pool,
+                spec.request_timeout,
+                spec.connect_timeout,
+                spec.check_interval,
+            );
+            let names: Vec<String> = (0..spec.vms_per_node)
+                .map(|i| format!("n{n}-vm{i}"))
+                .collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let mut host = Host::enrolled(&vendor, &names, &spec.proxy_toml)?;
+            configure(&mut host, n, &pool_toml)?;
+            nodes.push(PoolNode { host, relay });
+        }
+        let license = vendor.dir().join(format!("{}.license", spec.pool));
+        let (seats, fallback, key, out) = (
+            spec.seats.to_string(),
+            spec.fallback.to_string(),
+            p(&vendor.key()),
+            p(&license),
+        );
+        let certs: Vec<String> = nodes
+            .iter()
+            .map(|n| p(&n.host.dir().join("host.cert")))
+            .collect();
+        let mut args = vec![
+            "license",
+            "issue",
+            "--key",
+            &key,
+            "--customer",
+            "ACME",
+            "--product",
+            &spec.product,
+            "--pool",
+            &spec.pool,
+            "--pool-seats",
+            &seats,
+            "--fallback-seats",
+            &fallback,
+            "--count-mode",
+            &spec.count_mode,
+            "--grace",
+            &spec.grace,
+            "--out",
+            &out,
+            "--force",
+        ];
+        for c in &certs {
+            args.extend_from_slice(&["--host", c]);
+        }
+        run_ok("hostbind-issuer", &args)?;
+        Ok(PoolCluster {
+            nodes,
+            vendor,
+            etcd,
+            license,
+            spec,
+        })
+    }
+
+    /// Starts every node's proxy and adds the pool license to it.
+    pub fn start_proxies(&mut self) -> Result<(), TestkitError> {
+        for i in 0..self.nodes.len() {
+            self.start_proxy(i)?;
+            self.nodes[i]
+                .host
+                .proxy_ok(&["license", "add", &p(&self.license)])?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s proxy (again, e.g. after [`Host::kill_proxy`]).
+    pub fn start_proxy(&mut self, i: usize) -> Result<(), TestkitError> {
+        self.nodes[i].host.start_proxy()
+    }
+
+    /// The spec the cluster was built from.
+    pub fn spec(&self) -> &PoolSpec {
+        &self.spec
+    }
+
+    /// The etcd key prefix of the pool's seats.
+    pub fn seat_prefix(&self) -> String {
+        format!("/hostbind/pools/{}/seats/", self.spec.pool)
+    }
+
+    /// The pool's seat keys and values now (a linearizable read through any running member;
+    /// needs a quorum).
+    pub fn seats(&self) -> Result<Vec<(String, String)>, TestkitError> {
+        let out = self
+            .etcd
+            .etcdctl(&["get", "--prefix", &self.seat_prefix()])?;
+        if !out.status.success() {
+            return Err(TestkitError::ToolFailed {
+                tool: "etcdctl get".into(),
+                status: out.status.to_string(),
+                log: PathBuf::new(),
+                tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        Ok(lines
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (c[0].to_string(), c[1].to_string()))
+            .collect())
+    }
+
+    /// Cuts node `i` off from etcd (its relay).
+    pub fn cut(&self, i: usize, how: Cut) {
+        self.nodes[i].relay.cut(how);
+    }
+
+    /// Restores node `i`'s path to etcd.
+    pub fn restore(&self, i: usize) {
+        self.nodes[i].relay.restore();
+    }
+}
+
+/// Appends the `[pool]` table to the host's config (after enrollment, which does not need it),
+/// and gives the node's VMs UUIDs of their own: `Host` numbers them from the same base on every
+/// host, and a pool counts `vm`-mode seats by UUID across hosts.
+fn configure(host: &mut Host, node: usize, pool_toml: &str) -> Result<(), TestkitError> {
+    let cfg = host.config();
+    let io = |what: &str| {
+        let what = format!("{what} {}", cfg.display());
+        move |source| TestkitError::Io { what, source }
+    };
+    let text = std::fs::read_to_string(&cfg).map_err(io("read"))?;
+    let (from, to) = ("-4d4e-9a53-", format!("-4d4e-9b{node:02x}-"));
+    let text = format!("{}{pool_toml}", text.replace(from, &to));
+    std::fs::write(&cfg, text).map_err(io("write"))?;
+    for vm in &mut host.vms {
+        vm.uuid = vm.uuid.replace(from, &to);
+    }
+    Ok(())
+}
