@@ -6,7 +6,7 @@
 //! every proxy, swtpm and etcd member by PID.
 
 use crate::etcd::EtcdCluster;
-use crate::host::{run_ok, Host, Vendor};
+use crate::host::{pool_toml, Host, Vendor};
 use crate::relay::{Cut, TcpRelay};
 use crate::TestkitError;
 use std::path::{Path, PathBuf};
@@ -105,65 +105,37 @@ impl PoolCluster {
         for n in 0..spec.nodes {
             let relay = TcpRelay::start(members.clone())?;
             let cert = etcd.issue_client_cert(&format!("node{n}"))?;
-            let pool_toml = format!(
-                "\n[pool]\nendpoints = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-                 pools = [\"{}\"]\nrequest_timeout = \"{}\"\nconnect_timeout = \"{}\"\n\
-                 check_interval = \"{}\"\n",
-                relay.https_url(),
-                p(etcd.ca_cert()),
-                p(&cert.cert),
-                p(&cert.key),
-                spec.pool,
-                spec.request_timeout,
-                spec.connect_timeout,
-                spec.check_interval,
-            );
             let names: Vec<String> = (0..spec.vms_per_node)
                 .map(|i| format!("n{n}-vm{i}"))
                 .collect();
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let mut host = Host::enrolled(&vendor, &names, &spec.proxy_toml)?;
-            configure(&mut host, n, &pool_toml)?;
+            // VM UUIDs follow the names, so each node's VMs are VMs of their own in the pool.
+            let host = Host::enrolled(&vendor, &names, &spec.proxy_toml)?;
+            // After enrollment (which does not read it): the node reaches etcd by its relay.
+            host.append_config(&pool_toml(
+                &[relay.https_url()],
+                etcd.ca_cert(),
+                &cert,
+                &[&spec.pool],
+                &format!(
+                    "request_timeout = \"{}\"\nconnect_timeout = \"{}\"\ncheck_interval = \"{}\"",
+                    spec.request_timeout, spec.connect_timeout, spec.check_interval
+                ),
+            ))?;
             nodes.push(PoolNode { host, relay });
         }
-        let license = vendor.dir().join(format!("{}.license", spec.pool));
-        let (seats, fallback, key, out) = (
-            spec.seats.to_string(),
-            spec.fallback.to_string(),
-            p(&vendor.key()),
-            p(&license),
-        );
-        let certs: Vec<String> = nodes
-            .iter()
-            .map(|n| p(&n.host.dir().join("host.cert")))
-            .collect();
-        let mut args = vec![
-            "license",
-            "issue",
-            "--key",
-            &key,
-            "--customer",
-            "ACME",
-            "--product",
+        let hosts: Vec<&Host> = nodes.iter().map(|n| &n.host).collect();
+        let grace = ["--grace", spec.grace.as_str()];
+        let license = Host::issue_pool_license(
+            &vendor,
+            &hosts,
             &spec.product,
-            "--pool",
             &spec.pool,
-            "--pool-seats",
-            &seats,
-            "--fallback-seats",
-            &fallback,
-            "--count-mode",
+            spec.seats,
+            spec.fallback,
             &spec.count_mode,
-            "--grace",
-            &spec.grace,
-            "--out",
-            &out,
-            "--force",
-        ];
-        for c in &certs {
-            args.extend_from_slice(&["--host", c]);
-        }
-        run_ok("hostbind-issuer", &args)?;
+            &grace,
+        )?;
         Ok(PoolCluster {
             nodes,
             vendor,
@@ -231,23 +203,4 @@ impl PoolCluster {
     pub fn restore(&self, i: usize) {
         self.nodes[i].relay.restore();
     }
-}
-
-/// Appends the `[pool]` table to the host's config (after enrollment, which does not need it),
-/// and gives the node's VMs UUIDs of their own: `Host` numbers them from the same base on every
-/// host, and a pool counts `vm`-mode seats by UUID across hosts.
-fn configure(host: &mut Host, node: usize, pool_toml: &str) -> Result<(), TestkitError> {
-    let cfg = host.config();
-    let io = |what: &str| {
-        let what = format!("{what} {}", cfg.display());
-        move |source| TestkitError::Io { what, source }
-    };
-    let text = std::fs::read_to_string(&cfg).map_err(io("read"))?;
-    let (from, to) = ("-4d4e-9a53-", format!("-4d4e-9b{node:02x}-"));
-    let text = format!("{}{pool_toml}", text.replace(from, &to));
-    std::fs::write(&cfg, text).map_err(io("write"))?;
-    for vm in &mut host.vms {
-        vm.uuid = vm.uuid.replace(from, &to);
-    }
-    Ok(())
 }
