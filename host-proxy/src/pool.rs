@@ -16,6 +16,7 @@ use crate::ledger::{Lease, Ledger};
 use crate::ports::{is_pool_license, PoolSeat, Pools, Vm};
 use crate::service::Service;
 use hostbind_attest::signed::{open, CountMode, License, ObjectKind};
+use hostbind_attest::usage::UsageRecord;
 use hostbind_attest::wire::{ErrorBody, ErrorCode};
 use hostbind_pool::{
     EtcdPool, PoolConfig, PoolError, PoolTerms, ReconcileReport, Rehomed, Seat, SeatPool,
@@ -146,7 +147,7 @@ impl EtcdSeats {
             counters: PoolCounters::default(),
             last_report: Mutex::new(None),
         });
-        me.note_report();
+        // The start's reconcile report is taken (and put in the usage log) by `run`.
         Ok(me)
     }
 
@@ -238,10 +239,14 @@ impl EtcdSeats {
                 ),
                 Err(e) => tracing::debug!("seat pool check: {e}"),
             }
-            for ps in self.note_report().lost {
+            let report = self.note_report();
+            for ps in &report.lost {
                 if let Some((p, s)) = ps.split_once('/') {
                     gone.push(((p.to_string(), s.to_string()), None));
                 }
+            }
+            for r in reconcile_records(&report, crate::service::unix_now()) {
+                svc.metering().record(r);
             }
             if gone.is_empty() {
                 continue;
@@ -275,6 +280,48 @@ impl EtcdSeats {
             }
         }
     }
+}
+
+/// Most seat keys one reconcile record lists (a record must fit in a usage-log block).
+const KEYS_PER_RECORD: usize = 32;
+
+/// The usage records of a reconcile report: per pool, at most [`KEYS_PER_RECORD`] seat keys
+/// of each kind per record.
+fn reconcile_records(r: &ReconcileReport, at: u64) -> Vec<UsageRecord> {
+    let mut by_pool: std::collections::BTreeMap<&str, [Vec<String>; 5]> = Default::default();
+    let kinds = [
+        &r.fallback_registered,
+        &r.over_granted,
+        &r.reregistered,
+        &r.released,
+        &r.lost,
+    ];
+    for (k, list) in kinds.iter().enumerate() {
+        for ps in list.iter() {
+            if let Some((pool, seat)) = ps.split_once('/') {
+                by_pool.entry(pool).or_default()[k].push(seat.to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (pool, mut lists) in by_pool {
+        while lists.iter().any(|l| !l.is_empty()) {
+            let take = |l: &mut Vec<String>| -> Vec<String> {
+                let n = l.len().min(KEYS_PER_RECORD);
+                l.drain(..n).collect()
+            };
+            out.push(UsageRecord::PoolReconcile {
+                at,
+                pool: pool.to_string(),
+                fallback_registered: take(&mut lists[0]),
+                over_granted: take(&mut lists[1]),
+                reregistered: take(&mut lists[2]),
+                released: take(&mut lists[3]),
+                lost: take(&mut lists[4]),
+            });
+        }
+    }
+    out
 }
 
 /// The seats of the ledger's live leases of pool licenses (for the pool's reconcile at start)

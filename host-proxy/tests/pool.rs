@@ -5,6 +5,8 @@
 //! given the same UUID on two nodes unable to pass one seat back and forth.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod usage_report;
+
 use hostbind_testkit::etcd::EtcdCluster;
 use hostbind_testkit::host::{run, Agent, Host, Vendor};
 use std::time::{Duration, Instant};
@@ -69,11 +71,24 @@ fn two_nodes(
     seats: u32,
     leases: &str,
 ) -> (Host, Host) {
+    two_nodes_with(c, v, (vms_a, vms_b), (seats, 0), leases, POOL_EXTRA)
+}
+
+/// [`two_nodes`] with a fallback share (`seats.1`) and `[pool]` lines `extra`.
+fn two_nodes_with(
+    c: &EtcdCluster,
+    v: &Vendor,
+    (vms_a, vms_b): (&[&str], &[&str]),
+    (seats, fallback): (u32, u32),
+    leases: &str,
+    extra: &str,
+) -> (Host, Host) {
     let mut a = Host::enrolled(v, vms_a, leases).unwrap();
     let mut b = Host::enrolled(v, vms_b, leases).unwrap();
-    a.join_pool(c, &[POOL], POOL_EXTRA).unwrap();
-    b.join_pool(c, &[POOL], POOL_EXTRA).unwrap();
-    let lic = Host::issue_pool_license(v, &[&a, &b], "cad", POOL, seats, 0, "vm", &[]).unwrap();
+    a.join_pool(c, &[POOL], extra).unwrap();
+    b.join_pool(c, &[POOL], extra).unwrap();
+    let lic =
+        Host::issue_pool_license(v, &[&a, &b], "cad", POOL, seats, fallback, "vm", &[]).unwrap();
     for h in [&mut a, &mut b] {
         h.start_proxy().unwrap();
         h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
@@ -225,4 +240,49 @@ fn same_uuid_on_two_nodes_cannot_pass_one_seat_back_and_forth() {
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0]["node"], b.host_id.as_str());
     assert_eq!(held[0]["moves"], 1);
+}
+
+/// Without quorum, node B grants a seat from its fallback share although node A holds the
+/// pool's only seat; when etcd is back B counts it (over the pool: an over-grant), and B's
+/// usage log, read by the vendor, shows the fallback grant, its registration and the
+/// over-grant.
+#[test]
+fn quorum_loss_fallback_grant_is_reconciled_and_shows_in_the_usage_report() {
+    let Some(mut c) = EtcdCluster::start_or_skip("pool_quorum_report", 3).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let extra = "check_interval = \"200ms\"\nrequest_timeout = \"1s\"\nconnect_timeout = \"300ms\"";
+    let (a, mut b) = two_nodes_with(&c, &v, (&["vm-a"], &["vm-b"]), (1, 1), "", extra);
+    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    c.stop_quorum();
+    let ag_b = Agent::start(&b.vm("vm-b").unwrap().socket).unwrap();
+    // The pool is full, but etcd cannot say so: B's fallback share grants the seat.
+    let tb = token_json(&ag_b, "cad").unwrap();
+    assert!(verify_text(&b, &v, &tb).contains(POOL));
+    c.restore().unwrap();
+    wait_for(
+        "B to count its fallback seat in etcd",
+        Duration::from_secs(20),
+        || seats(&c).len() == 2,
+    );
+    // The run loop takes the reconcile report into the usage log within a check interval.
+    std::thread::sleep(Duration::from_millis(1000));
+    b.stop_proxy();
+    let (code, r) = usage_report::report(&v, &usage_report::export(&b, "b.usage"));
+    assert_eq!(code, 3, "the over-grant is an anomaly: {r:#}");
+    let row = &r["pools"][0];
+    assert_eq!(row["pool"], POOL, "{r:#}");
+    assert_eq!(row["fallback_grants"], 1, "{r:#}");
+    assert_eq!(row["fallback_registered"], 1, "{r:#}");
+    assert_eq!(row["over_granted"], 1, "{r:#}");
+    assert!(
+        r["anomalies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "pool_over_grant"),
+        "{r:#}"
+    );
 }
