@@ -42,6 +42,43 @@ fn seats(c: &EtcdCluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `GET /metrics` from the proxy's loopback endpoint (from `status --json`).
+fn scrape(h: &Host) -> String {
+    use std::io::{Read, Write};
+    let st: serde_json::Value =
+        serde_json::from_str(&h.proxy_ok(&["status", "--json"]).unwrap()).unwrap();
+    let addr = st["metrics"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The `hostbind_pool_*` families of docs/admin.md's metric table: name -> type.
+fn documented_pool_families() -> std::collections::BTreeMap<String, String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/admin.md")).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for row in doc.lines().filter(|l| l.starts_with("| `hostbind_pool_")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        for name in cells[1].split(',') {
+            out.insert(
+                name.trim().trim_matches('`').to_string(),
+                cells[2].to_string(),
+            );
+        }
+    }
+    out
+}
+
 /// Everything the host's proxy processes logged.
 fn proxy_log(h: &Host) -> String {
     let mut s = String::new();
@@ -129,7 +166,15 @@ fn pool_seats_are_counted_across_two_proxies_released_and_follow_a_migrated_vm()
     };
     let v = Vendor::new().unwrap();
     // "vm-m" is configured on both nodes: the same VM (same UUID) migrating A -> B.
-    let (a, b) = two_nodes(&c, &v, &["vm-a", "vm-m"], &["vm-b", "vm-c", "vm-m"], 2, "");
+    let metrics = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let (a, b) = two_nodes(
+        &c,
+        &v,
+        &["vm-a", "vm-m"],
+        &["vm-b", "vm-c", "vm-m"],
+        2,
+        metrics,
+    );
     let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
     let ag_b = Agent::start(&b.vm("vm-b").unwrap().socket).unwrap();
     let ag_c = Agent::start(&b.vm("vm-c").unwrap().socket).unwrap();
@@ -182,6 +227,45 @@ fn pool_seats_are_counted_across_two_proxies_released_and_follow_a_migrated_vm()
     assert!(
         log.contains(&format!("seat moved to node {}", b.host_id)),
         "{log}"
+    );
+
+    // The admin's view: `pool status` lists the holders by node and VM, `status` the pool's
+    // health and re-homes, the metrics the same (every family documented in docs/admin.md).
+    let ps = b.proxy_ok(&["pool", "status"]).unwrap();
+    assert!(
+        ps.contains("etcd ok, 1/1 etcd members reachable")
+            && ps.contains(&format!("pool {POOL}: seats 2/2"))
+            && ps.contains("vm 6f1c1c8e")
+            && ps.contains("(this node)")
+            && ps.contains("re-homed 1 time(s)"),
+        "{ps}"
+    );
+    let st = a.proxy_ok(&["status"]).unwrap();
+    assert!(
+        st.contains("pool:           etcd ok") && st.contains("re-homed 0 here, 1 away"),
+        "{st}"
+    );
+    let body = scrape(&b);
+    let documented = documented_pool_families();
+    assert!(documented.len() >= 9, "{documented:?}");
+    let served: std::collections::BTreeMap<String, String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE hostbind_pool_"))
+        .filter_map(|rest| rest.split_once(' '))
+        .map(|(name, kind)| match kind {
+            "counter" => (format!("hostbind_pool_{name}_total"), kind.to_string()),
+            _ => (format!("hostbind_pool_{name}"), kind.to_string()),
+        })
+        .collect();
+    assert_eq!(served, documented, "{body}");
+    assert!(body.contains("hostbind_pool_rehomed_in_total 1"), "{body}");
+    assert!(
+        body.contains("hostbind_pool_seats_held{source=\"pool\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("hostbind_pool_etcd_unavailable{cause=\"no_quorum\"} 0"),
+        "{body}"
     );
 }
 
@@ -261,6 +345,14 @@ fn quorum_loss_fallback_grant_is_reconciled_and_shows_in_the_usage_report() {
     // The pool is full, but etcd cannot say so: B's fallback share grants the seat.
     let tb = token_json(&ag_b, "cad").unwrap();
     assert!(verify_text(&b, &v, &tb).contains(POOL));
+    // `status` names the fault and what the node does about it.
+    let st = b.proxy_ok(&["status"]).unwrap();
+    assert!(
+        st.contains("etcd has NO QUORUM")
+            && st.contains("1/3 etcd members reachable")
+            && st.contains("1 held here (1 from the fallback share"),
+        "{st}"
+    );
     c.restore().unwrap();
     wait_for(
         "B to count its fallback seat in etcd",
@@ -269,6 +361,12 @@ fn quorum_loss_fallback_grant_is_reconciled_and_shows_in_the_usage_report() {
     );
     // The run loop takes the reconcile report into the usage log within a check interval.
     std::thread::sleep(Duration::from_millis(1000));
+    let st = b.proxy_ok(&["status"]).unwrap();
+    assert!(
+        st.contains("pool:           etcd ok, 3/3")
+            && st.contains("1 fallback seats counted (1 over the pool)"),
+        "{st}"
+    );
     b.stop_proxy();
     let (code, r) = usage_report::report(&v, &usage_report::export(&b, "b.usage"));
     assert_eq!(code, 3, "the over-grant is an anomaly: {r:#}");
