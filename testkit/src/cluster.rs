@@ -51,7 +51,9 @@ impl Default for PoolSpec {
             fallback: 1,
             count_mode: "vm".into(),
             grace: "30s".into(),
-            proxy_toml: "[leases]\nttl = \"3s\"\nsweep_interval = \"200ms\"\n".into(),
+            // 6 s, not less: a pool acquire may wait request_timeout + connect_timeout (3 s)
+            // and that wait comes off the lease (docs/reliability.md, seat pools).
+            proxy_toml: "[leases]\nttl = \"6s\"\nsweep_interval = \"200ms\"\n".into(),
             request_timeout: "2s".into(),
             connect_timeout: "1s".into(),
             check_interval: "500ms".into(),
@@ -169,29 +171,6 @@ impl PoolCluster {
     /// The etcd key prefix of the pool's seats.
     pub fn seat_prefix(&self) -> String {
         format!("/hostbind/pools/{}/seats/", self.spec.pool)
-    }
-
-    /// The pool's seat keys and values now (a linearizable read through any running member;
-    /// needs a quorum).
-    pub fn seats(&self) -> Result<Vec<(String, String)>, TestkitError> {
-        let out = self
-            .etcd
-            .etcdctl(&["get", "--prefix", &self.seat_prefix()])?;
-        if !out.status.success() {
-            return Err(TestkitError::ToolFailed {
-                tool: "etcdctl get".into(),
-                status: out.status.to_string(),
-                log: PathBuf::new(),
-                tail: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let lines: Vec<&str> = text.lines().collect();
-        Ok(lines
-            .chunks(2)
-            .filter(|c| c.len() == 2)
-            .map(|c| (c[0].to_string(), c[1].to_string()))
-            .collect())
     }
 
     /// Cuts node `i` off from etcd (its relay).
