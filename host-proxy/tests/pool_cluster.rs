@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use futures::{SinkExt, StreamExt};
-use hostbind_attest::wire::{Body, ErrorCode, Message, Release, Renew, Scope, TokenRequest};
+use hostbind_attest::wire::{Body, ErrorCode, Hello, Message, Release, Renew, Scope, TokenRequest};
 use hostbind_testkit::cluster::{PoolCluster, PoolSpec};
 use hostbind_testkit::relay::Cut;
 use std::path::{Path, PathBuf};
@@ -82,11 +82,22 @@ fn token_request() -> Body {
     })
 }
 
+/// A connected guest that said hello; `None` when the proxy is not there (or goes away
+/// meanwhile: a proxy killed by the test).
 async fn connect(sock: &Path) -> Option<(Guest, u64)> {
     let s = UnixStream::connect(sock).await.ok()?;
     let mut g = WireGuest::new(s);
-    g.hello().await.ok()?;
-    Some((g, 100))
+    let mut id = 0;
+    let hello = Body::Hello(Hello {
+        agent_version: "test".into(),
+        chain: vec![],
+        facts: Default::default(),
+        known_host: None,
+    });
+    match ask(&mut g, &mut id, hello).await? {
+        Body::HelloAck(_) => Some((g, id)),
+        _ => None,
+    }
 }
 
 /// What the load saw, over all guests of all nodes.
