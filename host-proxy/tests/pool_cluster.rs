@@ -606,10 +606,6 @@ async fn quorum_lost_holds_serve_fallback_counted_and_reconcile_on_return() {
     let mut all = k.stop(&c).await;
     let seats = seats_now(&c).await;
     assert_eq!(seats.len(), 6, "{seats:?}");
-    assert!(
-        seats.len() as u32 <= 3 + 3,
-        "over-grant beyond the fallback: {seats:?}"
-    );
     let st_back = status(&c, 1);
     // While over-granted the pool stays full: a freed seat is not given away.
     release(&mut all[3]).await;
