@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod cluster;
 pub mod etcd;
 pub mod host;
 pub mod libvirtd;
