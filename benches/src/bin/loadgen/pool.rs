@@ -75,12 +75,9 @@ fn migrant_uuid(i: usize) -> String {
     format!("6f1c1c8e-0a1d-4d4e-ffff-{i:012x}")
 }
 
-fn toml_str(p: &std::path::Path) -> String {
-    format!("{:?}", p.to_string_lossy())
-}
-
 /// Enrolls node `idx` with its VMs and writes its config: UUIDs as above, log level warn, the
-/// load generator's limits and a `[pool]` table for both pools with its own client certificate.
+/// load generator's limits and a `[pool]` table for both pools with its own client certificate
+/// (testkit's `join_pool`).
 fn enroll_node(vendor: &Vendor, c: &EtcdCluster, idx: usize, migrants: usize) -> Result<Node> {
     let mut names: Vec<String> = (0..LOCAL_VMS).map(local_vm).collect();
     names.extend((0..migrants).map(migrant_vm));
@@ -101,72 +98,25 @@ fn enroll_node(vendor: &Vendor, c: &EtcdCluster, idx: usize, migrants: usize) ->
         cfg = cfg.replacen(&old, &format!("uuid = \"{uuid}\""), 1);
         vm.uuid = uuid;
     }
-    let cert = c
-        .issue_client_cert(&format!("node{idx}"))
-        .context("issue an etcd client certificate")?;
-    let endpoints: Vec<String> = c.endpoints().iter().map(|e| format!("{e:?}")).collect();
     cfg.push('\n');
     cfg.push_str(LIMITS_TOML);
-    cfg.push_str(&format!(
-        "\n[pool]\nendpoints = [{}]\nca = {}\ncert = {}\nkey = {}\npools = [\"{POOL}\", \"{MIGR_POOL}\"]\n\
-         request_timeout = \"10s\"\n",
-        endpoints.join(", "),
-        toml_str(c.ca_cert()),
-        toml_str(&cert.cert),
-        toml_str(&cert.key),
-    ));
     std::fs::write(h.config(), cfg)?;
+    h.join_pool(
+        c,
+        &[POOL, MIGR_POOL],
+        "request_timeout = \"10s\"\ncheck_interval = \"1s\"",
+    )
+    .context("give the node a [pool] table")?;
     Ok(Node { h })
-}
-
-/// Issues a pool license for `product` naming every node, as the vendor would.
-fn issue_pool_license(
-    vendor: &Vendor,
-    nodes: &[Node],
-    product: &str,
-    count_mode: &str,
-    pool: &str,
-    seats: u32,
-) -> Result<PathBuf> {
-    let out = vendor.dir().join(format!("{product}-pool-{pool}.license"));
-    let (key, outs, seats) = (
-        vendor.key().to_string_lossy().into_owned(),
-        out.to_string_lossy().into_owned(),
-        seats.to_string(),
-    );
-    let mut args = vec![
-        "license",
-        "issue",
-        "--key",
-        &key,
-        "--customer",
-        "ACME",
-        "--product",
-        product,
-        "--count-mode",
-        count_mode,
-        "--pool",
-        pool,
-        "--pool-seats",
-        &seats,
-        "--fallback-seats",
-        "0",
-        "--out",
-        &outs,
-        "--force",
-    ];
-    for n in nodes {
-        args.extend(["--host", n.h.host_id.as_str()]);
-    }
-    hostbind_testkit::host::run_ok("hostbind-issuer", &args)
-        .with_context(|| format!("issue the pool license for {product}"))?;
-    Ok(out)
 }
 
 /// Starts every node's proxy and adds the three licenses (the pool licenses name every node).
 fn start_nodes(vendor: &Vendor, nodes: &mut [Node]) -> Result<()> {
-    let cad = issue_pool_license(vendor, nodes, POOLED, "access", POOL, 1_000_000)?;
-    let sim = issue_pool_license(vendor, nodes, MIGRANT, "vm", MIGR_POOL, 100_000)?;
+    let hosts: Vec<&Host> = nodes.iter().map(|n| &n.h).collect();
+    let cad = Host::issue_pool_license(vendor, &hosts, POOLED, POOL, 1_000_000, 0, "access", &[])
+        .context("issue the pool license")?;
+    let sim = Host::issue_pool_license(vendor, &hosts, MIGRANT, MIGR_POOL, 100_000, 0, "vm", &[])
+        .context("issue the vm-mode pool license")?;
     for (i, n) in nodes.iter_mut().enumerate() {
         n.h.start_proxy()
             .with_context(|| format!("start hostbind-proxy on node {i}"))?;
@@ -328,6 +278,11 @@ struct EtcdStats {
     grpc_msgs: f64,
     /// gRPC calls the members completed, all members.
     grpc_handled: f64,
+    /// Txn and Range calls completed, all members (an acquire is a count-only Range and a Txn;
+    /// a Txn whose compare failed is retried: Txn calls beyond one per acquire, release and
+    /// re-home are compare conflicts).
+    txn_calls: f64,
+    range_calls: f64,
     proposals_committed: f64,
     puts: f64,
     deletes: f64,
@@ -342,6 +297,15 @@ fn metric(text: &str, name: &str) -> f64 {
             l.strip_prefix(name)
                 .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
         })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Calls of one KV method the member completed (`grpc_server_handled_total` by method).
+fn method_calls(text: &str, method: &str) -> f64 {
+    let label = format!("grpc_method=\"{method}\"");
+    text.lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total{") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -371,6 +335,8 @@ async fn etcd_stats(c: &EtcdCluster) -> Result<EtcdStats> {
         let t = String::from_utf8_lossy(&out.stdout);
         s.grpc_msgs += metric(&t, "grpc_server_msg_received_total");
         s.grpc_handled += metric(&t, "grpc_server_handled_total");
+        s.txn_calls += method_calls(&t, "Txn");
+        s.range_calls += method_calls(&t, "Range");
         let max = |a: f64, name: &str| a.max(metric(&t, name));
         s.proposals_committed = max(
             s.proposals_committed,
@@ -391,6 +357,8 @@ struct EtcdLoad {
     seconds: f64,
     grpc_msgs_per_s: f64,
     grpc_calls_per_s: f64,
+    txn_calls_per_s: f64,
+    range_calls_per_s: f64,
     proposals_per_s: f64,
     puts_per_s: f64,
     deletes_per_s: f64,
@@ -407,6 +375,8 @@ fn load(a: &EtcdStats, b: &EtcdStats, seconds: f64, pool_seats: i64) -> EtcdLoad
         seconds,
         grpc_msgs_per_s: r(a.grpc_msgs, b.grpc_msgs),
         grpc_calls_per_s: r(a.grpc_handled, b.grpc_handled),
+        txn_calls_per_s: r(a.txn_calls, b.txn_calls),
+        range_calls_per_s: r(a.range_calls, b.range_calls),
         proposals_per_s: r(a.proposals_committed, b.proposals_committed),
         puts_per_s: r(a.puts, b.puts),
         deletes_per_s: r(a.deletes, b.deletes),
@@ -914,10 +884,12 @@ fn print_report(r: &PoolReport) {
         ("churn", &r.churn_etcd),
     ] {
         println!(
-            "etcd {phase} over {:.1} s: {:.1} gRPC msgs/s ({:.1} calls/s), {:.1} proposals/s, {:.1} puts/s, {:.1} deletes/s, {:.1} txns/s; {} keys, {} seat keys, db {} bytes",
+            "etcd {phase} over {:.1} s: {:.1} gRPC msgs/s ({:.1} calls/s: {:.1} Txn, {:.1} Range), {:.1} proposals/s, {:.1} puts/s, {:.1} deletes/s, {:.1} txns/s; {} keys, {} seat keys, db {} bytes",
             l.seconds,
             l.grpc_msgs_per_s,
             l.grpc_calls_per_s,
+            l.txn_calls_per_s,
+            l.range_calls_per_s,
             l.proposals_per_s,
             l.puts_per_s,
             l.deletes_per_s,
@@ -926,6 +898,23 @@ fn print_report(r: &PoolReport) {
             l.pool_seats,
             l.db_bytes
         );
+    }
+    for (phase, m, l) in [
+        ("interleaved", &r.interleaved, &r.interleaved_etcd),
+        ("churn", &r.churn, &r.churn_etcd),
+    ] {
+        let ops: usize = ["cad", "release-cad"]
+            .iter()
+            .filter_map(|k| m.get(*k))
+            .map(|l| l.count)
+            .sum();
+        if ops > 0 {
+            println!(
+                "etcd {phase}: {:.2} Txn calls per pool acquire or release (1.00: no compare conflict), {:.2} Range calls",
+                l.txn_calls_per_s * l.seconds / ops as f64,
+                l.range_calls_per_s * l.seconds / ops as f64
+            );
+        }
     }
     println!(
         "errors: {} (first: {}); seat mismatches: {:?}; proxy ERROR lines: {}",
