@@ -289,6 +289,9 @@ struct EtcdStats {
     txns: f64,
     keys: f64,
     db_bytes: f64,
+    /// WAL fsyncs (count, seconds), all members: what a raft commit waits for.
+    fsyncs: f64,
+    fsync_secs: f64,
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -347,6 +350,8 @@ async fn etcd_stats(c: &EtcdCluster) -> Result<EtcdStats> {
         s.txns = max(s.txns, "etcd_debugging_mvcc_txn_total");
         s.keys = max(s.keys, "etcd_debugging_mvcc_keys_total");
         s.db_bytes = max(s.db_bytes, "etcd_mvcc_db_total_size_in_bytes");
+        s.fsyncs += metric(&t, "etcd_disk_wal_fsync_duration_seconds_count");
+        s.fsync_secs += metric(&t, "etcd_disk_wal_fsync_duration_seconds_sum");
     }
     Ok(s)
 }
@@ -365,6 +370,8 @@ struct EtcdLoad {
     txns_per_s: f64,
     keys: f64,
     db_bytes: f64,
+    /// Mean WAL fsync of the window (ms, all members).
+    wal_fsync_ms: f64,
     /// Seat keys of the `bench` pool at the end of the window.
     pool_seats: i64,
 }
@@ -383,6 +390,7 @@ fn load(a: &EtcdStats, b: &EtcdStats, seconds: f64, pool_seats: i64) -> EtcdLoad
         txns_per_s: r(a.txns, b.txns),
         keys: b.keys,
         db_bytes: b.db_bytes,
+        wal_fsync_ms: 1000.0 * (b.fsync_secs - a.fsync_secs) / (b.fsyncs - a.fsyncs).max(1.0),
         pool_seats,
     }
 }
@@ -884,7 +892,7 @@ fn print_report(r: &PoolReport) {
         ("churn", &r.churn_etcd),
     ] {
         println!(
-            "etcd {phase} over {:.1} s: {:.1} gRPC msgs/s ({:.1} calls/s: {:.1} Txn, {:.1} Range), {:.1} proposals/s, {:.1} puts/s, {:.1} deletes/s, {:.1} txns/s; {} keys, {} seat keys, db {} bytes",
+            "etcd {phase} over {:.1} s: {:.1} gRPC msgs/s ({:.1} calls/s: {:.1} Txn, {:.1} Range), {:.1} proposals/s, {:.1} puts/s, {:.1} deletes/s, {:.1} txns/s, WAL fsync mean {:.1} ms; {} keys, {} seat keys, db {} bytes",
             l.seconds,
             l.grpc_msgs_per_s,
             l.grpc_calls_per_s,
@@ -894,6 +902,7 @@ fn print_report(r: &PoolReport) {
             l.puts_per_s,
             l.deletes_per_s,
             l.txns_per_s,
+            l.wal_fsync_ms,
             l.keys,
             l.pool_seats,
             l.db_bytes
