@@ -289,6 +289,8 @@ struct EtcdStats {
     txns: f64,
     keys: f64,
     db_bytes: f64,
+    /// Bytes the members sent to their clients (gRPC), all members.
+    sent_bytes: f64,
     /// WAL fsyncs (count, seconds), all members: what a raft commit waits for.
     fsyncs: f64,
     fsync_secs: f64,
@@ -350,6 +352,7 @@ async fn etcd_stats(c: &EtcdCluster) -> Result<EtcdStats> {
         s.txns = max(s.txns, "etcd_debugging_mvcc_txn_total");
         s.keys = max(s.keys, "etcd_debugging_mvcc_keys_total");
         s.db_bytes = max(s.db_bytes, "etcd_mvcc_db_total_size_in_bytes");
+        s.sent_bytes += metric(&t, "etcd_network_client_grpc_sent_bytes_total");
         s.fsyncs += metric(&t, "etcd_disk_wal_fsync_duration_seconds_count");
         s.fsync_secs += metric(&t, "etcd_disk_wal_fsync_duration_seconds_sum");
     }
@@ -372,6 +375,8 @@ struct EtcdLoad {
     db_bytes: f64,
     /// Mean WAL fsync of the window (ms, all members).
     wal_fsync_ms: f64,
+    /// Bytes/s the members sent to clients.
+    sent_bytes_per_s: f64,
     /// Seat keys of the `bench` pool at the end of the window.
     pool_seats: i64,
 }
@@ -390,6 +395,7 @@ fn load(a: &EtcdStats, b: &EtcdStats, seconds: f64, pool_seats: i64) -> EtcdLoad
         txns_per_s: r(a.txns, b.txns),
         keys: b.keys,
         db_bytes: b.db_bytes,
+        sent_bytes_per_s: r(a.sent_bytes, b.sent_bytes),
         wal_fsync_ms: 1000.0 * (b.fsync_secs - a.fsync_secs) / (b.fsyncs - a.fsyncs).max(1.0),
         pool_seats,
     }
@@ -892,7 +898,7 @@ fn print_report(r: &PoolReport) {
         ("churn", &r.churn_etcd),
     ] {
         println!(
-            "etcd {phase} over {:.1} s: {:.1} gRPC msgs/s ({:.1} calls/s: {:.1} Txn, {:.1} Range), {:.1} proposals/s, {:.1} puts/s, {:.1} deletes/s, {:.1} txns/s, WAL fsync mean {:.1} ms; {} keys, {} seat keys, db {} bytes",
+            "etcd {phase} over {:.1} s: {:.1} gRPC msgs/s ({:.1} calls/s: {:.1} Txn, {:.1} Range), {:.1} proposals/s, {:.1} puts/s, {:.1} deletes/s, {:.1} txns/s, {:.0} bytes/s to clients, WAL fsync mean {:.1} ms; {} keys, {} seat keys, db {} bytes",
             l.seconds,
             l.grpc_msgs_per_s,
             l.grpc_calls_per_s,
@@ -902,6 +908,7 @@ fn print_report(r: &PoolReport) {
             l.puts_per_s,
             l.deletes_per_s,
             l.txns_per_s,
+            l.sent_bytes_per_s,
             l.wal_fsync_ms,
             l.keys,
             l.pool_seats,
