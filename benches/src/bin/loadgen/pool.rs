@@ -52,11 +52,6 @@ const MAX_WINDOW: Duration = Duration::from_secs(300);
 /// How long the run waits for etcd's seat count to match the guests' leases.
 const SETTLE: Duration = Duration::from_secs(15);
 
-/// A node: an enrolled host with its proxy, the VMs the guests use, the migrating VMs.
-struct Node {
-    h: Host,
-}
-
 fn local_vm(i: usize) -> String {
     format!("vm-{i:02}")
 }
@@ -78,7 +73,7 @@ fn migrant_uuid(i: usize) -> String {
 /// Enrolls node `idx` with its VMs and writes its config: UUIDs as above, log level warn, the
 /// load generator's limits and a `[pool]` table for both pools with its own client certificate
 /// (testkit's `join_pool`).
-fn enroll_node(vendor: &Vendor, c: &EtcdCluster, idx: usize, migrants: usize) -> Result<Node> {
+fn enroll_node(vendor: &Vendor, c: &EtcdCluster, idx: usize, migrants: usize) -> Result<Host> {
     let mut names: Vec<String> = (0..LOCAL_VMS).map(local_vm).collect();
     names.extend((0..migrants).map(migrant_vm));
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -107,24 +102,24 @@ fn enroll_node(vendor: &Vendor, c: &EtcdCluster, idx: usize, migrants: usize) ->
         "request_timeout = \"10s\"\ncheck_interval = \"1s\"",
     )
     .context("give the node a [pool] table")?;
-    Ok(Node { h })
+    Ok(h)
 }
 
 /// Starts every node's proxy and adds the three licenses (the pool licenses name every node).
-fn start_nodes(vendor: &Vendor, nodes: &mut [Node]) -> Result<()> {
-    let hosts: Vec<&Host> = nodes.iter().map(|n| &n.h).collect();
+fn start_nodes(vendor: &Vendor, nodes: &mut [Host]) -> Result<()> {
+    let hosts: Vec<&Host> = nodes.iter().collect();
     let cad = Host::issue_pool_license(vendor, &hosts, POOLED, POOL, 1_000_000, 0, "access", &[])
         .context("issue the pool license")?;
     let sim = Host::issue_pool_license(vendor, &hosts, MIGRANT, MIGR_POOL, 100_000, 0, "vm", &[])
         .context("issue the vm-mode pool license")?;
     for (i, n) in nodes.iter_mut().enumerate() {
-        n.h.start_proxy()
+        n.start_proxy()
             .with_context(|| format!("start hostbind-proxy on node {i}"))?;
-        let cam =
-            n.h.issue_license(vendor, LOCAL, 10_000_000, "access", &[])
-                .context("issue the per-host license")?;
+        let cam = n
+            .issue_license(vendor, LOCAL, 10_000_000, "access", &[])
+            .context("issue the per-host license")?;
         for l in [&cad, &sim, &cam] {
-            n.h.proxy_ok(&["license", "add", &l.to_string_lossy()])
+            n.proxy_ok(&["license", "add", &l.to_string_lossy()])
                 .with_context(|| format!("add {} on node {i}", l.display()))?;
         }
     }
@@ -527,7 +522,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
     let mut guests = Vec::new();
     for g in 0..guests_n {
         let n = &nodes[g % n_nodes];
-        let sock = n.h.vms[(g / n_nodes) % LOCAL_VMS].socket.clone();
+        let sock = n.vms[(g / n_nodes) % LOCAL_VMS].socket.clone();
         guests.push(Guest::connect(&sock, a.answer_timeout).await?);
     }
     let mut total = Tally::default();
@@ -710,7 +705,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
     let mut proxy_log_errors = 0;
     let mut first_log_error = None;
     for n in &nodes {
-        let log = n.h.proxy.as_ref().map(|p| p.log()).unwrap_or_default();
+        let log = n.proxy.as_ref().map(|p| p.log()).unwrap_or_default();
         for l in log.lines().filter(|l| l.contains("ERROR")) {
             proxy_log_errors += 1;
             first_log_error.get_or_insert_with(|| l.to_string());
@@ -737,7 +732,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
     };
     print_report(&report);
     for n in &mut nodes {
-        n.h.stop_proxy();
+        n.stop_proxy();
     }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
@@ -768,7 +763,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
 /// closes its connection (it left), and asks the next node. Returns the times from that request to the token
 /// and to etcd's seat key naming the new node (µs).
 async fn rehome(
-    nodes: &[Node],
+    nodes: &[Host],
     c: &EtcdCluster,
     migrations: usize,
     timeout: u64,
@@ -808,7 +803,7 @@ async fn rehome(
     for m in 0..migrations {
         let (from, to) = (m % n, (m + 1) % n);
         let vm = migrant_vm(m);
-        let (Some(src), Some(dst)) = (nodes[from].h.vm(&vm), nodes[to].h.vm(&vm)) else {
+        let (Some(src), Some(dst)) = (nodes[from].vm(&vm), nodes[to].vm(&vm)) else {
             bail!("migrant VM {vm} is not configured on nodes {from} and {to}");
         };
         let uuid = src.uuid.clone();
@@ -826,7 +821,7 @@ async fn rehome(
             continue;
         }
         tok.push(got.as_micros().min(u128::from(u32::MAX)) as u32);
-        let node = nodes[to].h.host_id.to_lowercase();
+        let node = nodes[to].host_id.to_lowercase();
         let end = Instant::now() + Duration::from_secs(timeout);
         let at = loop {
             while let Ok(ev) = rx.try_recv() {
