@@ -7,7 +7,8 @@
 //! load against a second proxy+swtpm with `[fresh_nonces] batching = false` and prints the
 //! ratio; `--sweep` runs several guest counts and `--plot` draws throughput and p99 per count.
 //! `--targets` runs every performance target of issue 19 side by side, each on its own proxy
-//! (see [`targets`]), and prints target / measured / met.
+//! (see [`targets`]), and prints target / measured / met. `--pool` measures seat pools on a
+//! three-member etcd cluster through several proxies (see [`pool`]).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
