@@ -450,6 +450,24 @@ async fn settle(e: &mut etcd_client::Client, pool: &str, want: i64) -> Result<i6
     }
 }
 
+/// Compares etcd's seat count of the `cad` pool with the pool leases the guests hold after
+/// `phase` (waiting for it to settle), noting a mismatch; returns (held, etcd's count).
+async fn check_seats(
+    e: &mut etcd_client::Client,
+    guests: &[Guest],
+    phase: &str,
+    mismatches: &mut Vec<String>,
+) -> Result<(usize, i64)> {
+    let held: usize = guests.iter().map(|g| g.count(POOLED)).sum();
+    let n = settle(e, POOL, held as i64).await?;
+    if n != held as i64 {
+        mismatches.push(format!(
+            "after {phase}: {n} seat keys in etcd, guests hold {held} pool leases"
+        ));
+    }
+    Ok((held, n))
+}
+
 /// Latency figures of one kind of request.
 #[derive(Debug, Clone, Serialize)]
 struct Lat {
@@ -570,13 +588,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
     .await?;
     let secs1 = start.elapsed().as_secs_f64();
     let s1 = etcd_stats(&c).await?;
-    let held: usize = gs.iter().map(|g| g.count(POOLED)).sum();
-    let n = settle(&mut e, POOL, held as i64).await?;
-    if n != held as i64 {
-        seat_mismatches.push(format!(
-            "after the interleaved run: {n} seat keys in etcd, guests hold {held} pool leases"
-        ));
-    }
+    let (_, n) = check_seats(&mut e, &gs, "the interleaved run", &mut seat_mismatches).await?;
     let interleaved = lats(&mut t1, secs1);
     let interleaved_etcd = load(&s0, &s1, secs1, n);
     total.merge(t1);
@@ -604,13 +616,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
     })
     .await?;
     total.merge(tf);
-    let held: usize = gs.iter().map(|g| g.count(POOLED)).sum();
-    let n = settle(&mut e, POOL, held as i64).await?;
-    if n != held as i64 {
-        seat_mismatches.push(format!(
-            "after filling: {n} seat keys in etcd, guests hold {held} pool leases"
-        ));
-    }
+    let (steady_leases, _) = check_seats(&mut e, &gs, "filling", &mut seat_mismatches).await?;
     let s2 = etcd_stats(&c).await?;
     let start = Instant::now();
     let deadline = start + window;
@@ -653,12 +659,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
     .await?;
     let secs2 = start.elapsed().as_secs_f64();
     let s3 = etcd_stats(&c).await?;
-    let n = seat_count(&mut e, POOL).await?;
-    if n != held as i64 {
-        seat_mismatches.push(format!(
-            "after renewing: {n} seat keys in etcd, guests hold {held} pool leases"
-        ));
-    }
+    let (_, n) = check_seats(&mut e, &gs, "renewing", &mut seat_mismatches).await?;
     let steady = lats(&mut t2, secs2);
     let steady_etcd = load(&s2, &s3, secs2, n);
     total.merge(t2);
@@ -684,13 +685,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
     .await?;
     let secs3 = start.elapsed().as_secs_f64();
     let s4 = etcd_stats(&c).await?;
-    let held: usize = gs.iter().map(|g| g.count(POOLED)).sum();
-    let n = settle(&mut e, POOL, held as i64).await?;
-    if n != held as i64 {
-        seat_mismatches.push(format!(
-            "after churn: {n} seat keys in etcd, guests hold {held} pool leases"
-        ));
-    }
+    let (_, n) = check_seats(&mut e, &gs, "churn", &mut seat_mismatches).await?;
     let churn = lats(&mut t3, secs3);
     let churn_etcd = load(&s3, &s4, secs3, n);
     total.merge(t3);
@@ -717,7 +712,7 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
         interleaved_seconds: secs1,
         interleaved,
         interleaved_etcd,
-        steady_leases: held,
+        steady_leases,
         steady,
         steady_etcd,
         churn,
