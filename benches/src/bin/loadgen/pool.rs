@@ -692,10 +692,13 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
     drop(gs);
 
     // 4. Re-home: migrant VMs move node k -> k+1, one at a time.
+    let start = Instant::now();
     let (mut tok, mut seen, t4) = rehome(&nodes, &c, migrations, a.answer_timeout).await?;
     total.merge(t4);
-    let rehome_token = lat(&mut tok, 1.0);
-    let rehome_etcd = lat(&mut seen, 1.0);
+    // Rates: migrations per second of the phase (one VM at a time).
+    let secs4 = start.elapsed().as_secs_f64();
+    let rehome_token = lat(&mut tok, secs4);
+    let rehome_etcd = lat(&mut seen, secs4);
 
     let mut proxy_log_errors = 0;
     let mut first_log_error = None;
@@ -755,8 +758,8 @@ pub(crate) async fn run_pool(a: &Args, vendor: &Vendor) -> Result<()> {
 }
 
 /// Moves `migrations` VMs, each once: migrant `m` takes a `sim` seat on node `m % nodes`,
-/// closes its connection (it left), and asks the next node. Returns the times from that request to the token
-/// and to etcd's seat key naming the new node (µs).
+/// closes its connection (it left), and asks the next node. Returns the times from that
+/// request to the token and to etcd's seat key naming the new node (µs).
 async fn rehome(
     nodes: &[Host],
     c: &EtcdCluster,
