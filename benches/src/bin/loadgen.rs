@@ -7,7 +7,8 @@
 //! load against a second proxy+swtpm with `[fresh_nonces] batching = false` and prints the
 //! ratio; `--sweep` runs several guest counts and `--plot` draws throughput and p99 per count.
 //! `--targets` runs every performance target of issue 19 side by side, each on its own proxy
-//! (see [`targets`]), and prints target / measured / met.
+//! (see [`targets`]), and prints target / measured / met. `--pool` measures seat pools on a
+//! three-member etcd cluster through several proxies (see [`pool`]).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
@@ -27,6 +28,8 @@ use tokio::net::UnixStream;
 use tokio::sync::Barrier;
 use tokio_util::codec::Framed;
 
+#[path = "loadgen/pool.rs"]
+mod pool;
 #[path = "loadgen/targets.rs"]
 mod targets;
 
@@ -126,6 +129,25 @@ struct Args {
     /// Simulated hardware-TPM quote latency for the --targets relay runs (0: skip them).
     #[arg(long, default_value_t = 30)]
     tpm_quote_latency_ms: u64,
+    /// Seat-pool figures (issue 20): a three-member etcd cluster and --pool-nodes proxies with a
+    /// pool license and a per-host license; new leases of both interleaved (--guests,
+    /// --duration, --requests, --hold), etcd's load with --pool-leases leases renewing and under
+    /// churn, and re-home times of --pool-migrations VMs (see docs/benchmarks.md). The mix
+    /// flags are ignored.
+    #[arg(long)]
+    pool: bool,
+    /// Proxies (nodes) of the --pool run, each with its own swtpm (2 to 5).
+    #[arg(long, default_value_t = 3)]
+    pool_nodes: usize,
+    /// Pool leases held for the --pool steady-state and churn windows.
+    #[arg(long, default_value_t = 1000)]
+    pool_leases: usize,
+    /// Migrated VMs timed by the --pool run (each moves once; at most 200).
+    #[arg(long, default_value_t = 100)]
+    pool_migrations: usize,
+    /// Seconds of each --pool etcd window (steady state, churn).
+    #[arg(long, default_value_t = 10.0)]
+    pool_window: f64,
 }
 
 /// What one run measured.
@@ -783,6 +805,9 @@ async fn main() -> Result<()> {
         );
     }
     let vendor = Vendor::new().context("vendor")?;
+    if a.pool {
+        return pool::run_pool(&a, &vendor).await;
+    }
     if a.targets {
         return targets::run_all(&a, &vendor).await;
     }
