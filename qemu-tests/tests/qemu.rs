@@ -7,6 +7,7 @@
 //! docs/benchmarks.md has the numbers).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use hostbind_client::api::b64url;
@@ -14,7 +15,8 @@ use hostbind_qemu_tests::console::{event_name, msg};
 use hostbind_qemu_tests::image::guest_image;
 use hostbind_qemu_tests::vendor_public_hex;
 use hostbind_qemu_tests::vm::{Qemu, VmOptions};
-use hostbind_testkit::host::{run, Host, Vendor};
+use hostbind_testkit::etcd::EtcdCluster;
+use hostbind_testkit::host::{run, run_ok, Agent, Host, Vendor};
 use serde_json::{json, Value};
 
 /// Short lease TTL so a vanished VM's seat frees quickly.
@@ -279,6 +281,14 @@ fn boot_and_migrate(
     b: &Host,
     vendor_hex: &str,
 ) -> (Qemu, Qemu, Value, Value, Value, SystemTime) {
+    let (mut qa, tok1, alive_a) = boot_with_token(a, vendor_hex);
+    let (qb, timings, t_plug) = migrate(&mut qa, b, vendor_hex);
+    (qa, qb, tok1, alive_a, timings, t_plug)
+}
+
+/// Boots vm-a on host A and waits for its first token (from A) and a heartbeat after it.
+/// Returns (A's QEMU, first token line, the heartbeat).
+fn boot_with_token(a: &Host, vendor_hex: &str) -> (Qemu, Value, Value) {
     let img = guest_image().unwrap();
     let mut qa = Qemu::boot(&img, "vm-a@A", opts(a, "vm-a", 3, vendor_hex)).unwrap();
     let (tok1, _) = qa
@@ -293,6 +303,14 @@ fn boot_and_migrate(
             |l| msg(l) == "alive" && l["tokens"] == 1,
         )
         .unwrap();
+    (qa, tok1, alive_a)
+}
+
+/// Live-migrates the guest of `qa` to host `b`: unplug vsock on A, migrate over a Unix
+/// socket into a QEMU started on B, plug vsock on B. Returns (B's QEMU, timings, when the
+/// device was plugged on B).
+fn migrate(qa: &mut Qemu, b: &Host, vendor_hex: &str) -> (Qemu, Value, SystemTime) {
+    let img = guest_image().unwrap();
     let mut qb = Qemu::incoming(&img, "vm-a@B", opts(b, "vm-a", 3, vendor_hex)).unwrap();
     let unplug = qa.unplug_vsock().unwrap();
     let mig = qa.migrate_to(&qb).unwrap();
@@ -304,7 +322,7 @@ fn boot_and_migrate(
         "migration_total_ms": mig.total_ms,
         "migration_wall_ms": mig.wall.as_millis(),
     });
-    (qa, qb, tok1, alive_a, timings, t_plug)
+    (qb, timings, t_plug)
 }
 
 #[test]
@@ -438,4 +456,240 @@ fn migration_to_a_host_without_license_tells_the_app() {
     assert_eq!(alive_c["run_id"], alive_a["run_id"]);
     assert!(!qc.app_lines().iter().any(|l| msg(l) == "token"));
     qa.quit();
+}
+
+/// The pool of the migration variant and its etcd key prefix (docs/pools.md).
+const POOL: &str = "qemu-mig";
+
+/// The `[pool]` table giving a host a seat in `POOL` on `etcd`, with its own client
+/// certificate (TLS with client certificates both ways).
+fn pool_table(etcd: &EtcdCluster, node: &str) -> String {
+    let c = etcd.issue_client_cert(node).unwrap();
+    let eps: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    format!(
+        "[pool]\nendpoints = [{}]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\npools = [\"{POOL}\"]\n\
+         request_timeout = \"2s\"\ncheck_interval = \"500ms\"\n",
+        eps.join(", "),
+        etcd.ca_cert().display(),
+        c.cert.display(),
+        c.key.display(),
+    )
+}
+
+/// The seats of `POOL` in etcd right now (each key's JSON value: `node`, `vm`, `seat`, ...).
+fn pool_seats(etcd: &EtcdCluster) -> Vec<Value> {
+    let prefix = format!("/hostbind/pools/{POOL}/seats/");
+    let out = etcd
+        .etcdctl(&["get", "--prefix", &prefix, "--print-value-only"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "etcdctl get: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("seat value {l}: {e}")))
+        .collect()
+}
+
+/// One token request of the agent standing for vm-b on host B: `Ok(lease id)` or
+/// `Err(the agent's error text)`.
+fn agent_token(agent: &Agent) -> Result<String, String> {
+    let out = agent.cmd(&["token", "--product", "cad", "--json"]).unwrap();
+    if out.status.success() {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Ok(v["lease_id"].as_str().unwrap_or("?").to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// vm-b on host B is refused because the 1-seat pool is full (vm-a holds the seat).
+fn assert_pool_full(when: &str, r: &Result<String, String>) {
+    match r {
+        Ok(lease) => panic!(
+            "{when}: vm-b on host B got a pool seat (lease {lease}) while vm-a holds the only one"
+        ),
+        Err(e) => assert!(
+            e.contains(&format!("pool '{POOL}' is full")),
+            "{when}: vm-b refused, but not for a full pool: {e}"
+        ),
+    }
+}
+
+/// Issue point 3: a 1-seat pool across hosts A and B, vm-a live-migrated A -> B. A second VM
+/// on B (vm-b: a real agent on B's socket for a VM configured on B, not a second TCG guest,
+/// which would double the boot time on two cores; the proxy sees the same wire protocol) is
+/// refused with the pool-full error before, during (polled while device_del/migrate/device_add
+/// run) and after the move; vm-a gets a token from B whose seat is the re-homed one (the
+/// token names the pool, the seat key in etcd names B); A's lease ends; etcd never shows two
+/// seats, so the seat is at no moment counted twice or free for vm-b.
+#[test]
+fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
+    let t0 = Instant::now();
+    let Some(etcd) = EtcdCluster::start_or_skip("pool migration", 3).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let vendor_hex = vendor_public_hex(&v).unwrap();
+    let cfg = |node| format!("{LEASES}{}", pool_table(&etcd, node));
+    let mut ha = Host::enrolled_vhost(&v, &["vm-a"], &cfg("node-a")).unwrap();
+    let mut hb = Host::enrolled_vhost(&v, &["vm-a", "vm-b"], &cfg("node-b")).unwrap();
+    assert_ne!(
+        ha.vm("vm-a").unwrap().uuid,
+        hb.vm("vm-b").unwrap().uuid,
+        "vm-b is another VM"
+    );
+    assert_eq!(ha.vm("vm-a").unwrap().uuid, hb.vm("vm-a").unwrap().uuid);
+    // One pool license naming both hosts: 1 seat, no fallback share.
+    let lic = v.dir().join("cad-pool.license");
+    let key = v.key();
+    run_ok(
+        "hostbind-issuer",
+        &[
+            "license",
+            "issue",
+            "--key",
+            key.to_str().unwrap(),
+            "--customer",
+            "ACME",
+            "--host",
+            &ha.host_id,
+            "--host",
+            &hb.host_id,
+            "--product",
+            "cad",
+            "--count-mode",
+            "vm",
+            "--pool",
+            POOL,
+            "--pool-seats",
+            "1",
+            "--fallback-seats",
+            "0",
+            "--out",
+            lic.to_str().unwrap(),
+            "--force",
+        ],
+    )
+    .unwrap();
+    ha.start_proxy().unwrap();
+    hb.start_proxy().unwrap();
+    for h in [&ha, &hb] {
+        h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+            .unwrap();
+    }
+
+    let (mut qa, tok1, _alive_a) = boot_with_token(&ha, &vendor_hex);
+    let c1 = check_token_on_host(&tok1, &v, ha.dir());
+    assert_eq!(
+        c1.pool.as_deref(),
+        Some(POOL),
+        "vm-a's token on A names the pool"
+    );
+    let seats = pool_seats(&etcd);
+    assert_eq!(seats.len(), 1, "{seats:?}");
+    assert_eq!(
+        seats[0]["node"],
+        ha.host_id.as_str(),
+        "A holds the seat: {seats:?}"
+    );
+    assert_eq!(
+        seats[0]["vm"],
+        hb.vm("vm-a").unwrap().uuid.as_str(),
+        "{seats:?}"
+    );
+
+    // Before the move.
+    let agent_b = Agent::start(&hb.vm("vm-b").unwrap().socket).unwrap();
+    assert_pool_full("before the move", &agent_token(&agent_b));
+
+    // During the move: vm-b asks and etcd is read, again and again, while vsock is unplugged
+    // on A, the guest migrates and vsock is plugged on B, until vm-a holds a token from B.
+    let stop = AtomicBool::new(false);
+    let (qb, timings, t_plug, during, max_seats) = std::thread::scope(|s| {
+        let poll = s.spawn(|| {
+            let (mut tries, mut max_seats) = (Vec::new(), 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                tries.push(agent_token(&agent_b));
+                let n = pool_seats(&etcd).len();
+                max_seats = max_seats.max(n);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (tries, max_seats)
+        });
+        let (mut qb, timings, t_plug) = migrate(&mut qa, &hb, &vendor_hex);
+        let got = qb.wait_app("a token from host B", Duration::from_secs(60), |l| {
+            msg(l) == "token" && l["host_id"] == hb.host_id.as_str()
+        });
+        stop.store(true, Ordering::Relaxed);
+        let (tries, max_seats) = poll.join().unwrap();
+        got.unwrap();
+        (qb, timings, t_plug, tries, max_seats)
+    });
+    assert!(!during.is_empty());
+    for (i, r) in during.iter().enumerate() {
+        assert_pool_full(&format!("during the move (try {i})"), r);
+    }
+    assert!(
+        max_seats <= 1,
+        "etcd showed {max_seats} seats of a 1-seat pool during the move"
+    );
+
+    // After: vm-a's token from B carries the pool; its seat (same key) is now B's.
+    let tok2 = qb
+        .app_lines()
+        .into_iter()
+        .find(|l| msg(l) == "token" && l["host_id"] == hb.host_id.as_str())
+        .unwrap();
+    let t_token = SystemTime::now();
+    let c2 = check_token_on_host(&tok2, &v, hb.dir());
+    assert_eq!(hex::encode(&c2.host_id), hb.host_id);
+    assert_eq!(
+        c2.pool.as_deref(),
+        Some(POOL),
+        "vm-a's token on B names the pool"
+    );
+    assert!(leases(&hb).contains(&c2.lease_id));
+    let seats = pool_seats(&etcd);
+    assert_eq!(seats.len(), 1, "{seats:?}");
+    assert_eq!(
+        seats[0]["node"],
+        hb.host_id.as_str(),
+        "the seat was re-homed to B: {seats:?}"
+    );
+    assert_eq!(seats[0]["vm"], c2.vm_uuid.as_str(), "{seats:?}");
+    assert_pool_full("after the move", &agent_token(&agent_b));
+
+    // A's lease ends (the source QEMU is stopped after migrating), and that frees nothing:
+    // the seat stays B's and vm-b stays refused.
+    qa.quit();
+    let old = tok1["lease_id"].as_str().unwrap().to_string();
+    let freed = wait_until(
+        "host A ends vm-a's old lease",
+        Duration::from_secs(20),
+        || !leases(&ha).contains(&old),
+    );
+    let seats = pool_seats(&etcd);
+    assert_eq!(seats.len(), 1, "{seats:?}");
+    assert_eq!(seats[0]["node"], hb.host_id.as_str(), "{seats:?}");
+    assert_pool_full("after A's lease ended", &agent_token(&agent_b));
+
+    let mut t = timings;
+    t["device_add_to_token_from_b_ms"] =
+        json!(t_token.duration_since(t_plug).map(|d| d.as_millis()).ok());
+    t["vm_b_refusals_during_move"] = json!(during.len());
+    t["host_a_lease_ended_after_quit_ms"] = json!(freed.as_millis());
+    t["test_wall_ms"] = json!(t0.elapsed().as_millis());
+    bench("pool_live_migration", t);
+    drop(agent_b);
+    drop(qb);
+    hb.stop_proxy();
+    ha.stop_proxy();
 }
