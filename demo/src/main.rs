@@ -12,7 +12,8 @@ use hostbind_testkit::Swtpm;
 /// 2-seat license for product 'cad' and three guest agents standing for three VMs, runs the real
 /// binaries and narrates each step (token requests, offline verification, seats, release).
 /// Everything it starts is stopped when it ends. Needs swtpm and the workspace binaries (run it
-/// through ./demo.sh, which installs and builds them).
+/// through ./demo.sh, which installs and builds them). `hostbind-demo pool` (`./demo.sh pool`) runs
+/// the second demo: a seat pool across three nodes.
 #[derive(Parser)]
 #[command(name = "hostbind-demo", version)]
 struct Cli {
@@ -84,10 +85,12 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
             "iss host id",
             "product:",
             "lease id",
-            "pool",
+            // A pool token's pool (a per-host token shows "pool: -").
+            "pool: ",
         ]
         .iter()
         .any(|k| l.starts_with(k))
+            && *l != "pool: -"
     }) {
         // The product appears twice (token and license): show it once.
         if shown.insert(l.to_string()) {
