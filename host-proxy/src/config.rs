@@ -185,6 +185,10 @@ pub struct Config {
     /// libvirt integration for KVM nodes: VM identity by vsock CID, assignments, lifecycle.
     #[serde(default)]
     pub libvirt: LibvirtConfig,
+    /// Cluster seat pools on etcd (pool licenses, docs/pools.md). Absent: this host takes part
+    /// in no pool, and a pool license's tokens are refused here with the fix named.
+    #[serde(default)]
+    pub pool: Option<hostbind_pool::PoolConfig>,
 }
 
 /// `[history]`: retention of the ledger's history (the usage log is the long-term record).
@@ -334,6 +338,9 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        if let Some(p) = &self.pool {
+            p.validate().map_err(|e| e.to_string())?;
+        }
         self.fresh_nonces.check()?;
         self.limits.check()?;
         self.clones.check()?;
@@ -582,6 +589,22 @@ pub const KEYS: &[KeyDoc] = &[
         "Longest wait for any one libvirt call (connect, list, read a domain, the liveness check) before libvirt counts as hung and the proxy reconnects; 100ms to 5m. Token requests never wait on libvirt."),
     key("shutdown", "drain_timeout", Some("\"10s\""), "\"5s\"",
         "On SIGTERM the proxy stops accepting connections and requests, answers the requests in progress for at most this long, then stops issuing tokens and seals the usage log, so every token a guest received is metered. Keep it below the unit's TimeoutStopSec (20s)."),
+    key("pool", "endpoints", None, "[\"https://10.0.0.11:2379\", \"https://10.0.0.12:2379\", \"https://10.0.0.13:2379\"]",
+        "The etcd members' client URLs (https:// only: pool traffic is TLS with client certificates). Name every member of the cluster: a call a member cannot answer is retried on the others. Setting [pool] at all makes this host take part in seat pools (docs/pools.md); without it, tokens under a pool license are refused on this host with the fix named."),
+    key("pool", "ca", None, "\"/etc/hostbind/etcd-ca.pem\"",
+        "The CA certificate (PEM) the etcd members' server certificates chain to."),
+    key("pool", "cert", None, "\"/etc/hostbind/etcd-node1.pem\"",
+        "This node's client certificate (PEM), signed by a CA the members trust (their --trusted-ca-file); readable by the proxy's user."),
+    key("pool", "key", None, "\"/etc/hostbind/etcd-node1-key.pem\"",
+        "The private key of cert (PEM); readable by the proxy's user only."),
+    key("pool", "pools", None, "[\"acme-kvm\"]",
+        "The pool ids this node takes part in. A pool license for a pool not listed here is refused on this host with the fix named (add its id here)."),
+    key("pool", "request_timeout", Some("\"2s\""), "\"1s\"",
+        "Deadline of one etcd request (retried on the other members within it); past it the pool counts as unavailable and the node serves its held seats for the license's grace and new ones from the license's fallback share. 50ms to 60s."),
+    key("pool", "connect_timeout", Some("\"1s\""), "\"500ms\"",
+        "Deadline of connecting to one etcd member. 50ms to 60s."),
+    key("pool", "check_interval", Some("\"1s\""), "\"2s\"",
+        "How often the node checks etcd: keeps its seats' etcd leases alive, notices seats re-homed to another node (their local leases end: \"seat moved to node ...\"), and reconciles after an outage. 100ms to 60s."),
 ];
 
 /// A full example proxy.toml for the man page.
@@ -624,6 +647,7 @@ pub fn man_page(source: &str) -> String {
         ("fresh_nonces", "[fresh_nonces]: batching of TPM-fresh nonces"),
         ("libvirt", "[libvirt]: KVM nodes managed by libvirt"),
         ("shutdown", "[shutdown]: orderly stop on SIGTERM"),
+        ("pool", "[pool]: cluster seat pools on etcd (pool licenses)"),
     ];
     for (table, title) in tables {
         let entries = KEYS
@@ -786,6 +810,18 @@ vhost_uds = "/tmp/b.vsock"
             }
             ("vm", "cid") => format!("{vm}{} = {value}\n", k.key),
             ("vm", _) => format!("{vm}{} = {value}\n", k.key),
+            ("pool", key) => {
+                // The five settings without a default are needed together.
+                let mut t = String::from("[pool]\n");
+                for k2 in KEYS.iter().filter(|d| d.table == "pool") {
+                    if k2.key == key {
+                        t.push_str(&format!("{key} = {value}\n"));
+                    } else if k2.default.is_none() {
+                        t.push_str(&format!("{} = {}\n", k2.key, k2.example));
+                    }
+                }
+                t
+            }
             ("listen", "af_vsock") if value == "true" => {
                 format!("[listen]\n{} = {value}\n{vm}cid = 3\n", k.key)
             }
@@ -805,14 +841,22 @@ vhost_uds = "/tmp/b.vsock"
     #[test]
     fn every_documented_default_is_the_real_default() {
         let defaults = format!("{:?}", Config::parse("", "p.toml").unwrap());
+        // A [pool] table's defaults: against the table with only its required keys.
+        let pool_table =
+            with_key(&KEYS[KEYS.len() - 1], "\"1s\"").replace("check_interval = \"1s\"\n", "");
+        let pool_defaults = format!("{:?}", Config::parse(&pool_table, "p.toml").unwrap());
         for k in KEYS.iter().filter(|k| k.table != "vm") {
             let Some(d) = k.default else {
                 continue;
             };
             let c = Config::parse(&with_key(k, d), "p.toml").unwrap();
             assert_eq!(
-                format!("{c:?}"),
-                defaults,
+                &format!("{c:?}"),
+                if k.table == "pool" {
+                    &pool_defaults
+                } else {
+                    &defaults
+                },
                 "{}.{}: documented default {d} is not the default",
                 k.table,
                 k.key

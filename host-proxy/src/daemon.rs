@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::ledger::{Ledger, OpenOptions};
-use crate::ports::{Admission, ConfiguredVms, Metering, NoMetering};
+use crate::ports::{Admission, ConfiguredVms, Metering, NoMetering, NoPools, Pools};
 use crate::server::{accept_unix, bind_unix, hybrid_path};
 use crate::service::{Service, ServiceParts, Vm};
 use crate::tpm_service::TpmService;
@@ -88,6 +88,20 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
         Some(u) => u.clone(),
         None => Arc::new(NoMetering),
     };
+    // Seat pools: etcd when [pool] is set (the ledger's live pool seats adopted and
+    // reconciled), else pool licenses are refused here with the fix named.
+    let etcd_seats = match &cfg.pool {
+        Some(p) => Some(
+            crate::pool::EtcdSeats::start(p, &identity, &ledger, cfg.leases.ttl.0)
+                .await
+                .map_err(|e| anyhow::anyhow!("[pool]: {e}"))?,
+        ),
+        None => None,
+    };
+    let pools: Arc<dyn Pools> = match &etcd_seats {
+        Some(p) => p.clone(),
+        None => Arc::new(NoPools),
+    };
     let svc = Service::new(ServiceParts {
         cfg: cfg.clone(),
         identity,
@@ -96,6 +110,7 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
         admission,
         metering,
         clones: Arc::new(crate::clones::ChainGraph::new(cfg.clones.clone())),
+        pools,
     })
     .await?;
     let libvirt = libvirt_vms.map(|v| crate::libvirt::start(&svc, v));
@@ -109,6 +124,9 @@ pub async fn run(cfg: Config, ledger_opts: OpenOptions) -> Result<()> {
         stopping.push(tokio::spawn(
             u.clone().run(cfg.usage.flush_interval.0, stop.clone()),
         ));
+    }
+    if let Some(p) = &etcd_seats {
+        stopping.push(tokio::spawn(p.clone().run(svc.clone(), stop.clone())));
     }
 
     ensure_parent(&cfg.admin_socket, "admin_socket")?;

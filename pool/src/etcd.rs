@@ -305,6 +305,8 @@ impl Inner {
             lease: req.lease.clone(),
             since: now_unix(),
             source,
+            moved_at: None,
+            moves: 0,
         }
     }
 
@@ -502,7 +504,9 @@ impl Inner {
                 seat: seat.into(),
             });
         };
-        if h.mod_rev == 0 {
+        // A fallback seat (never in etcd), or a known outage: reconcile deletes the key when
+        // etcd is back (this node's keys it no longer holds), no request timeout per release.
+        if h.mod_rev == 0 || self.state().unavailable.is_some() {
             return Ok(());
         }
         let key = seat_key(pool, seat);
@@ -541,7 +545,26 @@ impl Inner {
                 return self.acquire(req).await.map(Rehomed::Acquired);
             };
             let old = Self::decode(kv)?;
-            let seat = self.seat_of(&req, SeatSource::Pool);
+            let now = now_unix();
+            let ttl = ttl_secs(req.ttl).unsigned_abs();
+            if old.node != self.node {
+                if let Some(at) = old.moved_at.filter(|at| now.saturating_sub(*at) < ttl) {
+                    let ago = now.saturating_sub(at);
+                    return Err(PoolError::MovedRecently {
+                        pool: req.terms.pool.clone(),
+                        seat: req.seat.clone(),
+                        node: old.node,
+                        ago_secs: ago,
+                        ttl_secs: ttl,
+                        wait_secs: ttl - ago,
+                    });
+                }
+            }
+            let mut seat = self.seat_of(&req, SeatSource::Pool);
+            if old.node != self.node {
+                seat.moved_at = Some(now);
+                seat.moves = old.moves.saturating_add(1);
+            }
             let cmp = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
             if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
                 let seat = self.hold(&req, seat, rev);
@@ -708,6 +731,44 @@ impl Inner {
         Ok(())
     }
 
+    /// Held seats whose key now names another node (re-homed away: the VM, or a VM with the
+    /// same UUID, runs there now): dropped here and returned with the new node, so the
+    /// caller ends their local leases. One linearizable range read per pool with seats held.
+    async fn moved_away(&self) -> Result<Vec<(Seat, String)>, PoolError> {
+        let pools: std::collections::BTreeSet<String> = self
+            .state()
+            .held
+            .values()
+            .filter(|h| h.mod_rev != 0)
+            .map(|h| h.seat.pool.clone())
+            .collect();
+        let mut lost = Vec::new();
+        for pool in pools {
+            let r = self
+                .get(&seats_prefix(&pool), Some(GetOptions::new().with_prefix()))
+                .await?;
+            for kv in r.kvs() {
+                let Ok(s) = Self::decode(kv) else { continue };
+                if s.node == self.node {
+                    continue;
+                }
+                let mut st = self.state();
+                let k = (pool.clone(), s.seat.clone());
+                // Only a seat this node wrote before the other node's re-home.
+                if st
+                    .held
+                    .get(&k)
+                    .is_some_and(|h| h.mod_rev != 0 && h.mod_rev < kv.mod_revision())
+                {
+                    if let Some(h) = st.held.remove(&k) {
+                        lost.push((h.seat, s.node.clone()));
+                    }
+                }
+            }
+        }
+        Ok(lost)
+    }
+
     fn mark(&self, pool: &str, seat: &str, rev: i64, value: Seat) {
         if let Some(h) = self
             .state()
@@ -828,6 +889,13 @@ impl EtcdPool {
             }
         });
         Ok(EtcdPool { inner, task })
+    }
+
+    /// Held seats re-homed to another node since the last check (see `docs/pools.md`): they
+    /// are no longer held here; each with the node holding it now. The proxy calls it every
+    /// `check_interval` and ends the seats' local leases.
+    pub async fn moved_away(&self) -> Result<Vec<(Seat, String)>, PoolError> {
+        self.inner.moved_away().await
     }
 
     /// This node's host id (hex), as seats name it.

@@ -90,6 +90,17 @@ pub enum PoolError {
         seat: String,
         node: String,
     },
+    /// The seat was re-homed to another node less than one seat TTL ago: a seat moves at most
+    /// once per TTL, so VMs given the same UUID on several nodes cannot pass one seat around.
+    #[error("seat '{seat}' of pool '{pool}' moved to node {node} {ago_secs} s ago; a seat moves at most once per lease TTL ({ttl_secs} s): if this VM really migrated here, retry in {wait_secs} s; if another VM with the same UUID runs on node {node}, give each VM its own UUID")]
+    MovedRecently {
+        pool: String,
+        seat: String,
+        node: String,
+        ago_secs: u64,
+        ttl_secs: u64,
+        wait_secs: u64,
+    },
     /// The node holds no such seat.
     #[error("seat '{seat}' of pool '{pool}' is not held by this node")]
     NotHeld { pool: String, seat: String },
@@ -248,6 +259,14 @@ pub struct Seat {
     pub since: u64,
     /// Where it is counted.
     pub source: SeatSource,
+    /// Unix seconds of its last re-home (a VM that migrated, or a VM with the same UUID on
+    /// another node): a seat re-homed less than one seat TTL ago is not re-homed again
+    /// ([`PoolError::MovedRecently`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_at: Option<u64>,
+    /// How often it was re-homed since it was taken.
+    #[serde(default)]
+    pub moves: u32,
 }
 
 /// The outcome of a re-home.

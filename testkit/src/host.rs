@@ -22,6 +22,42 @@ pub struct VmSpec {
     pub vhost_uds: Option<PathBuf>,
 }
 
+/// The UUID testkit gives a VM named `name`: derived from the name (FNV-1a), so "vm1" on
+/// host A and "vm1" on host B are the same VM (a migration between them keeps its UUID) and
+/// VMs with different names are different VMs on every host.
+pub fn vm_uuid(name: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("6f1c1c8e-0a1d-4d4e-9a53-{:012x}", h & 0xffff_ffff_ffff)
+}
+
+/// The `[pool]` table of a proxy config: etcd `endpoints` (https URLs: the members, or
+/// [`crate::relay::TcpRelay::https_url`]s in front of them), the CA the members' certificates
+/// chain to, this node's client certificate, the pool ids, and `extra` lines (e.g.
+/// `check_interval = "200ms"`).
+pub fn pool_toml(
+    endpoints: &[String],
+    ca: &Path,
+    client: &crate::etcd::CertFiles,
+    pools: &[&str],
+    extra: &str,
+) -> String {
+    let list = |v: &mut dyn Iterator<Item = String>| {
+        v.map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        "\n[pool]\nendpoints = [{}]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\npools = [{}]\n{extra}\n",
+        list(&mut endpoints.iter().cloned()),
+        p(ca),
+        p(&client.cert),
+        p(&client.key),
+        list(&mut pools.iter().map(|s| s.to_string())),
+    )
+}
+
 /// The vsock port the proxy listens on by default (suffix of hybrid vsock sockets).
 const VSOCK_PORT: u32 = 9999;
 
@@ -177,15 +213,11 @@ impl Host {
         let (dir, d) = crate::temp_dir("hostbind-host-")?;
         let vms: Vec<VmSpec> = vm_names
             .iter()
-            .enumerate()
-            .map(|(i, n)| {
+            .map(|n| {
                 let uds = d.join(format!("vm-{n}.vsock"));
                 VmSpec {
                     name: n.to_string(),
-                    uuid: format!(
-                        "6f1c1c8e-0a1d-4d4e-9a53-{:012x}",
-                        0x0c5e_1f1d_2a00u64 + i as u64 + 1
-                    ),
+                    uuid: vm_uuid(n),
                     socket: if vhost {
                         PathBuf::from(format!("{}_{VSOCK_PORT}", uds.display()))
                     } else {
@@ -356,6 +388,94 @@ impl Host {
         args.extend_from_slice(extra);
         run_ok("hostbind-issuer", &args)?;
         Ok(out)
+    }
+
+    /// Issues a pool license naming every host of `hosts` with `hostbind-issuer license issue
+    /// --pool POOL --pool-seats SEATS --fallback-seats FALLBACK` and returns its path (add it
+    /// to each host with `license add`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn issue_pool_license(
+        vendor: &Vendor,
+        hosts: &[&Host],
+        product: &str,
+        pool: &str,
+        seats: u32,
+        fallback: u32,
+        count_mode: &str,
+        extra: &[&str],
+    ) -> Result<PathBuf, TestkitError> {
+        let out = vendor.dir().join(format!(
+            "{product}-pool-{pool}-{count_mode}-{seats}.license"
+        ));
+        let (seats, fallback, key, outs) = (
+            seats.to_string(),
+            fallback.to_string(),
+            p(&vendor.key()),
+            p(&out),
+        );
+        let mut args = vec![
+            "license",
+            "issue",
+            "--key",
+            &key,
+            "--customer",
+            "ACME",
+            "--product",
+            product,
+            "--pool",
+            pool,
+            "--pool-seats",
+            &seats,
+            "--fallback-seats",
+            &fallback,
+            "--count-mode",
+            count_mode,
+            "--out",
+            &outs,
+            "--force",
+        ];
+        for h in hosts {
+            args.push("--host");
+            args.push(&h.host_id);
+        }
+        args.extend_from_slice(extra);
+        run_ok("hostbind-issuer", &args)?;
+        Ok(out)
+    }
+
+    /// Appends `toml` to the proxy config (e.g. [`pool_toml`]); takes effect at the next
+    /// proxy start.
+    pub fn append_config(&self, toml: &str) -> Result<(), TestkitError> {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.config())
+            .and_then(|mut f| f.write_all(toml.as_bytes()))
+            .map_err(|source| TestkitError::Io {
+                what: "append to proxy.toml".into(),
+                source,
+            })
+    }
+
+    /// Makes this host a member of `pools` on `cluster`: a client certificate issued by the
+    /// cluster's CA for this node and a `[pool]` table naming every member directly, with
+    /// `extra` lines. Returns the client certificate.
+    pub fn join_pool(
+        &self,
+        cluster: &crate::etcd::EtcdCluster,
+        pools: &[&str],
+        extra: &str,
+    ) -> Result<crate::etcd::CertFiles, TestkitError> {
+        let name = format!("node-{}", &self.host_id[..8.min(self.host_id.len())]);
+        let client = cluster.issue_client_cert(&name)?;
+        self.append_config(&pool_toml(
+            &cluster.endpoints(),
+            cluster.ca_cert(),
+            &client,
+            pools,
+            extra,
+        ))?;
+        Ok(client)
     }
 
     /// Starts `hostbind-proxy run` and waits until it serves its sockets.

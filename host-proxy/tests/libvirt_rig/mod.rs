@@ -110,6 +110,7 @@ pub async fn rig_full(
         admission: vms.clone(),
         metering: Arc::new(NoMetering),
         clones,
+        pools: Arc::new(hostbind_proxy::ports::NoPools),
     })
     .await
     .unwrap();
