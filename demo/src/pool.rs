@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use hostbind_testkit::etcd::EtcdCluster;
-use hostbind_testkit::host::{narrate, run_ok, Agent, Host, Vendor};
+use hostbind_testkit::host::{narrate, Agent, Host, Vendor};
 
 use crate::{indent, step, token, verify};
 
@@ -11,6 +11,9 @@ use crate::{indent, step, token, verify};
 const POOL: &str = "acme-kvm";
 /// Short leases so renewals happen while the demo runs (agents renew at half the TTL).
 const LEASES: &str = "[leases]\nttl = \"8s\"\nsweep_interval = \"500ms\"\n";
+/// Each node's etcd timing (`[pool]`): quick to notice an outage and the return of etcd.
+const POOL_TIMING: &str =
+    "request_timeout = \"1s\"\nconnect_timeout = \"500ms\"\ncheck_interval = \"500ms\"";
 
 /// A node of the cluster: an enrolled host with its agents.
 struct Node {
@@ -29,27 +32,9 @@ impl Node {
     }
 }
 
-/// The `[pool]` table of a node's configuration: the etcd members, the cluster's CA and the
-/// node's own client certificate.
-fn pool_table(etcd: &EtcdCluster, node: &str) -> Result<String> {
-    let c = etcd.issue_client_cert(node)?;
-    let eps: Vec<String> = etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect();
-    Ok(format!(
-        "[pool]\nendpoints = [{}]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\npools = [\"{POOL}\"]\n\
-         request_timeout = \"1s\"\nconnect_timeout = \"500ms\"\ncheck_interval = \"500ms\"\n",
-        eps.join(", "),
-        etcd.ca_cert().display(),
-        c.cert.display(),
-        c.key.display(),
-    ))
-}
-
-/// What etcd holds for the pool: one key per seat, naming the node and the VM.
-fn show_etcd(etcd: &EtcdCluster) -> Result<()> {
+/// What etcd holds for the pool: one key per seat, naming the node and the VM (shown by the
+/// names the nodes give them).
+fn show_etcd(etcd: &EtcdCluster, nodes: &[Node]) -> Result<()> {
     let prefix = format!("/hostbind/pools/{POOL}/seats/");
     println!("    $ etcdctl get --prefix {prefix} --print-value-only");
     let out = etcd.etcdctl(&["get", "--prefix", &prefix, "--print-value-only"])?;
@@ -64,11 +49,18 @@ fn show_etcd(etcd: &EtcdCluster) -> Result<()> {
         .collect::<Result<_, _>>()
         .context("a seat value in etcd")?;
     for s in &seats {
+        let node = nodes
+            .iter()
+            .find(|n| s["node"] == n.host.host_id.as_str())
+            .map_or("another node", |n| n.name);
+        let vm = nodes
+            .iter()
+            .flat_map(|n| &n.host.vms)
+            .find(|v| s["vm"] == v.uuid.as_str())
+            .map_or("?", |v| v.name.as_str());
         println!(
-            "      seat {} held by node {}.. (vm {}, source {})",
+            "      seat {} ({vm}) held by {node}, source {}",
             s["seat"].as_str().unwrap_or("?"),
-            s["node"].as_str().unwrap_or("?").get(..12).unwrap_or("?"),
-            s["vm"].as_str().unwrap_or("?"),
             s["source"].as_str().unwrap_or("?"),
         );
     }
@@ -130,11 +122,8 @@ pub fn run() -> Result<()> {
     ];
     let mut nodes = Vec::new();
     for (name, vms) in plan {
-        let host = Host::enrolled(
-            &vendor,
-            vms,
-            &format!("{LEASES}{}", pool_table(&etcd, name)?),
-        )?;
+        let host = Host::enrolled(&vendor, vms, LEASES)?;
+        host.join_pool(&etcd, &[POOL], POOL_TIMING)?;
         println!(
             "    {name}: host id {} (swtpm pid {})",
             host.host_id,
@@ -148,34 +137,9 @@ pub fn run() -> Result<()> {
     }
 
     step(4, &format!("The vendor issues ONE pool license: 3 seats of 'cad' in pool '{POOL}' for the three nodes; each node may grant 1 seat alone while etcd is unavailable"));
-    let lic = vendor.dir().join("cad-pool.license");
-    let (key, out) = (vendor.key(), lic.to_string_lossy().into_owned());
-    let key = key.to_string_lossy().into_owned();
-    let mut args = vec![
-        "license",
-        "issue",
-        "--key",
-        &key,
-        "--customer",
-        "ACME",
-        "--product",
-        "cad",
-        "--count-mode",
-        "vm",
-        "--pool",
-        POOL,
-        "--pool-seats",
-        "3",
-        "--fallback-seats",
-        "1",
-        "--out",
-        &out,
-        "--force",
-    ];
-    for n in &nodes {
-        args.extend(["--host", n.host.host_id.as_str()]);
-    }
-    run_ok("hostbind-issuer", &args)?;
+    let hosts: Vec<&Host> = nodes.iter().map(|n| &n.host).collect();
+    let lic = Host::issue_pool_license(&vendor, &hosts, "cad", POOL, 3, 1, "vm", &[])?;
+    let lic = lic.to_string_lossy().into_owned();
 
     step(
         5,
@@ -183,7 +147,7 @@ pub fn run() -> Result<()> {
     );
     for n in &mut nodes {
         n.host.start_proxy()?;
-        n.host.proxy_ok(&["license", "add", &out])?;
+        n.host.proxy_ok(&["license", "add", &lic])?;
     }
 
     step(6, "Start guest agents standing for VMs: vm-a, vm-d on node1; vm-b, vm-e on node2; vm-c, vm-f on node3");
@@ -203,7 +167,7 @@ pub fn run() -> Result<()> {
     verify(&nodes[0].host, &vendor, "vm-a", &ta)?;
     let tb = token(nodes[1].agent("vm-b")?, "vm-b")?;
     let tc = token(nodes[2].agent("vm-c")?, "vm-c")?;
-    show_etcd(&etcd)?;
+    show_etcd(&etcd, &nodes)?;
 
     step(
         8,
@@ -214,7 +178,7 @@ pub fn run() -> Result<()> {
     step(9, "vm-b on node2 releases its seat; vm-d on node1 takes it");
     release(&nodes[1], "vm-b", &tb)?;
     let td = token(nodes[0].agent("vm-d")?, "vm-d")?;
-    show_etcd(&etcd)?;
+    show_etcd(&etcd, &nodes)?;
 
     step(10, "The admin's view of the pool (any node)");
     pool_status(&nodes[0])?;
@@ -225,7 +189,7 @@ pub fn run() -> Result<()> {
     release(&nodes[2], "vm-c", &tc)?;
     let _tb = token(nodes[1].agent("vm-b")?, "vm-b")?;
     refused(&nodes[2], "vm-c", "the pool is full again")?;
-    show_etcd(&etcd)?;
+    show_etcd(&etcd, &nodes)?;
 
     step(12, "kill -9 a second member: etcd loses its quorum");
     println!("    $ kill -9 {}   (etcd m2)", etcd.pid(1));
@@ -244,7 +208,7 @@ pub fn run() -> Result<()> {
     step(13, "Restart the two members: quorum is back, the nodes reconcile (the fallback seat is registered and the over-grant reported)");
     etcd.restore()?;
     std::thread::sleep(std::time::Duration::from_secs(3));
-    show_etcd(&etcd)?;
+    show_etcd(&etcd, &nodes)?;
     pool_status(&nodes[2])?;
     let _ = td;
 

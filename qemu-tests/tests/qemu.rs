@@ -13,10 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 use hostbind_client::api::b64url;
 use hostbind_qemu_tests::console::{event_name, msg};
 use hostbind_qemu_tests::image::guest_image;
-use hostbind_qemu_tests::vendor_public_hex;
 use hostbind_qemu_tests::vm::{Qemu, VmOptions};
+use hostbind_qemu_tests::{tail, vendor_public_hex};
 use hostbind_testkit::etcd::EtcdCluster;
-use hostbind_testkit::host::{run, run_ok, Agent, Host, Vendor};
+use hostbind_testkit::host::{run, Agent, Host, Vendor};
 use serde_json::{json, Value};
 
 /// Short lease TTL so a vanished VM's seat frees quickly.
@@ -99,6 +99,17 @@ fn check_token_on_host(
 
 fn leases(h: &Host) -> String {
     h.proxy_ok(&["leases"]).unwrap()
+}
+
+/// Everything the host's proxy processes logged so far.
+fn proxy_log(h: &Host) -> String {
+    let mut s = String::new();
+    for e in std::fs::read_dir(h.dir()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("proxy-") {
+            s.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    s
 }
 
 /// The time of the first proxy log line (JSON) with this message.
@@ -460,25 +471,12 @@ fn migration_to_a_host_without_license_tells_the_app() {
 
 /// The pool of the migration variant and its etcd key prefix (docs/pools.md).
 const POOL: &str = "qemu-mig";
-
-/// The `[pool]` table giving a host a seat in `POOL` on `etcd`, with its own client
-/// certificate (TLS with client certificates both ways).
-fn pool_table(etcd: &EtcdCluster, node: &str) -> String {
-    let c = etcd.issue_client_cert(node).unwrap();
-    let eps: Vec<String> = etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect();
-    format!(
-        "[pool]\nendpoints = [{}]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\npools = [\"{POOL}\"]\n\
-         request_timeout = \"2s\"\ncheck_interval = \"500ms\"\n",
-        eps.join(", "),
-        etcd.ca_cert().display(),
-        c.cert.display(),
-        c.key.display(),
-    )
-}
+/// Leases of the pool variant: longer than the move takes under TCG (unplug, migrate, plug,
+/// reconnect), so vm-a's lease on A is still live when it arrives on B, as with a production
+/// TTL: the seat must then go straight to B, and A's lease must end because the seat moved,
+/// not because it lapsed.
+const LEASES_POOL: &str =
+    "[leases]\nttl = \"30s\"\nkey_epoch = \"10m\"\nsweep_interval = \"200ms\"\n";
 
 /// The seats of `POOL` in etcd right now (each key's JSON value: `node`, `vm`, `seat`, ...).
 fn pool_seats(etcd: &EtcdCluster) -> Vec<Value> {
@@ -528,8 +526,9 @@ fn assert_pool_full(when: &str, r: &Result<String, String>) {
 /// which would double the boot time on two cores; the proxy sees the same wire protocol) is
 /// refused with the pool-full error before, during (polled while device_del/migrate/device_add
 /// run) and after the move; vm-a gets a token from B whose seat is the re-homed one (the
-/// token names the pool, the seat key in etcd names B); A's lease ends; etcd never shows two
-/// seats, so the seat is at no moment counted twice or free for vm-b.
+/// token names the pool, the seat key in etcd names B); A's lease ends because the seat
+/// moved; etcd never shows two seats, so the seat is at no moment counted twice or free for
+/// vm-b.
 #[test]
 fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
     let t0 = Instant::now();
@@ -538,47 +537,22 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
     };
     let v = Vendor::new().unwrap();
     let vendor_hex = vendor_public_hex(&v).unwrap();
-    let cfg = |node| format!("{LEASES}{}", pool_table(&etcd, node));
-    let mut ha = Host::enrolled_vhost(&v, &["vm-a"], &cfg("node-a")).unwrap();
-    let mut hb = Host::enrolled_vhost(&v, &["vm-a", "vm-b"], &cfg("node-b")).unwrap();
-    assert_ne!(
-        ha.vm("vm-a").unwrap().uuid,
-        hb.vm("vm-b").unwrap().uuid,
-        "vm-b is another VM"
+    let mut ha = Host::enrolled_vhost(&v, &["vm-a"], LEASES_POOL).unwrap();
+    let mut hb = Host::enrolled_vhost(&v, &["vm-a", "vm-b"], LEASES_POOL).unwrap();
+    let uuid_a = ha.vm("vm-a").unwrap().uuid.clone();
+    assert_eq!(
+        uuid_a,
+        hb.vm("vm-a").unwrap().uuid,
+        "the same VM on A and B"
     );
-    assert_eq!(ha.vm("vm-a").unwrap().uuid, hb.vm("vm-a").unwrap().uuid);
-    // One pool license naming both hosts: 1 seat, no fallback share.
-    let lic = v.dir().join("cad-pool.license");
-    let key = v.key();
-    run_ok(
-        "hostbind-issuer",
-        &[
-            "license",
-            "issue",
-            "--key",
-            key.to_str().unwrap(),
-            "--customer",
-            "ACME",
-            "--host",
-            &ha.host_id,
-            "--host",
-            &hb.host_id,
-            "--product",
-            "cad",
-            "--count-mode",
-            "vm",
-            "--pool",
-            POOL,
-            "--pool-seats",
-            "1",
-            "--fallback-seats",
-            "0",
-            "--out",
-            lic.to_str().unwrap(),
-            "--force",
-        ],
-    )
-    .unwrap();
+    assert_ne!(uuid_a, hb.vm("vm-b").unwrap().uuid, "vm-b is another VM");
+    // Both hosts in the pool (own client certificates); one pool license naming both hosts:
+    // 1 seat, no fallback share.
+    for h in [&ha, &hb] {
+        h.join_pool(&etcd, &[POOL], "check_interval = \"200ms\"")
+            .unwrap();
+    }
+    let lic = Host::issue_pool_license(&v, &[&ha, &hb], "cad", POOL, 1, 0, "vm", &[]).unwrap();
     ha.start_proxy().unwrap();
     hb.start_proxy().unwrap();
     for h in [&ha, &hb] {
@@ -600,11 +574,7 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
         ha.host_id.as_str(),
         "A holds the seat: {seats:?}"
     );
-    assert_eq!(
-        seats[0]["vm"],
-        hb.vm("vm-a").unwrap().uuid.as_str(),
-        "{seats:?}"
-    );
+    assert_eq!(seats[0]["vm"], uuid_a.as_str(), "{seats:?}");
 
     // Before the move.
     let agent_b = Agent::start(&hb.vm("vm-b").unwrap().socket).unwrap();
@@ -613,13 +583,12 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
     // During the move: vm-b asks and etcd is read, again and again, while vsock is unplugged
     // on A, the guest migrates and vsock is plugged on B, until vm-a holds a token from B.
     let stop = AtomicBool::new(false);
-    let (qb, timings, t_plug, during, max_seats) = std::thread::scope(|s| {
+    let (qb, got, t_token, timings, t_plug, during, max_seats) = std::thread::scope(|s| {
         let poll = s.spawn(|| {
             let (mut tries, mut max_seats) = (Vec::new(), 0usize);
             while !stop.load(Ordering::Relaxed) {
                 tries.push(agent_token(&agent_b));
-                let n = pool_seats(&etcd).len();
-                max_seats = max_seats.max(n);
+                max_seats = max_seats.max(pool_seats(&etcd).len());
                 std::thread::sleep(Duration::from_millis(100));
             }
             (tries, max_seats)
@@ -628,12 +597,17 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
         let got = qb.wait_app("a token from host B", Duration::from_secs(60), |l| {
             msg(l) == "token" && l["host_id"] == hb.host_id.as_str()
         });
+        let t_token = SystemTime::now();
         stop.store(true, Ordering::Relaxed);
         let (tries, max_seats) = poll.join().unwrap();
-        got.unwrap();
-        (qb, timings, t_plug, tries, max_seats)
+        (qb, got, t_token, timings, t_plug, tries, max_seats)
     });
-    assert!(!during.is_empty());
+    // First what vm-b saw (a seat taken by vm-b would explain a refused vm-a).
+    assert!(
+        during.len() >= 2,
+        "vm-b asked only {} times during the move",
+        during.len()
+    );
     for (i, r) in during.iter().enumerate() {
         assert_pool_full(&format!("during the move (try {i})"), r);
     }
@@ -641,14 +615,15 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
         max_seats <= 1,
         "etcd showed {max_seats} seats of a 1-seat pool during the move"
     );
+    let (tok2, _) = got.unwrap_or_else(|e| {
+        panic!(
+            "{e}\nproxy B's log:\n{}\nproxy A's log:\n{}",
+            tail(&proxy_log(&hb), 6000),
+            tail(&proxy_log(&ha), 6000)
+        )
+    });
 
-    // After: vm-a's token from B carries the pool; its seat (same key) is now B's.
-    let tok2 = qb
-        .app_lines()
-        .into_iter()
-        .find(|l| msg(l) == "token" && l["host_id"] == hb.host_id.as_str())
-        .unwrap();
-    let t_token = SystemTime::now();
+    // After: vm-a's token from B carries the pool; its seat (the same key) is now B's.
     let c2 = check_token_on_host(&tok2, &v, hb.dir());
     assert_eq!(hex::encode(&c2.host_id), hb.host_id);
     assert_eq!(
@@ -664,18 +639,24 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
         hb.host_id.as_str(),
         "the seat was re-homed to B: {seats:?}"
     );
-    assert_eq!(seats[0]["vm"], c2.vm_uuid.as_str(), "{seats:?}");
+    assert_eq!(seats[0]["vm"], uuid_a.as_str(), "{seats:?}");
     assert_pool_full("after the move", &agent_token(&agent_b));
 
-    // A's lease ends (the source QEMU is stopped after migrating), and that frees nothing:
-    // the seat stays B's and vm-b stays refused.
-    qa.quit();
+    // A ends vm-a's old lease because its seat moved (long before the 30 s TTL would end it),
+    // and that frees nothing: the seat stays B's and vm-b stays refused.
     let old = tok1["lease_id"].as_str().unwrap().to_string();
-    let freed = wait_until(
+    let ended = wait_until(
         "host A ends vm-a's old lease",
-        Duration::from_secs(20),
+        Duration::from_secs(10),
         || !leases(&ha).contains(&old),
     );
+    let log = proxy_log(&ha);
+    assert!(
+        log.contains(&format!("seat moved to node {}", hb.host_id)),
+        "A's lease ended, but not because its seat moved to B:\n{}",
+        tail(&log, 6000)
+    );
+    qa.quit();
     let seats = pool_seats(&etcd);
     assert_eq!(seats.len(), 1, "{seats:?}");
     assert_eq!(seats[0]["node"], hb.host_id.as_str(), "{seats:?}");
@@ -685,7 +666,7 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
     t["device_add_to_token_from_b_ms"] =
         json!(t_token.duration_since(t_plug).map(|d| d.as_millis()).ok());
     t["vm_b_refusals_during_move"] = json!(during.len());
-    t["host_a_lease_ended_after_quit_ms"] = json!(freed.as_millis());
+    t["host_a_lease_ended_after_token_from_b_ms"] = json!(ended.as_millis());
     t["test_wall_ms"] = json!(t0.elapsed().as_millis());
     bench("pool_live_migration", t);
     drop(agent_b);
