@@ -57,6 +57,8 @@ pub enum AdminRequest {
     Clones,
     /// Take the host clock as right now (after a jump against the TPM clock was reported).
     ClockAccept,
+    /// The seat pools: etcd health, seats held here, every pool's holders from etcd.
+    PoolStatus,
 }
 
 /// Most forks one `clones` answer lists (the newest; keeps the frame below the limit).
@@ -142,6 +144,9 @@ pub struct Status {
     /// The usage log's sealing, while metering runs.
     #[serde(default)]
     pub usage: Option<UsageStatus>,
+    /// Seat pools, when `[pool]` is set: etcd health, seats held, re-homes, reconciles.
+    #[serde(default)]
+    pub pool: Option<crate::pool::PoolStatus>,
 }
 
 /// The TPM's health in [`Status`].
@@ -239,6 +244,8 @@ pub enum AdminResponse {
     },
     /// The clock was accepted; its state now.
     ClockAccepted(crate::clock::ClockStatus),
+    /// The seat pools.
+    PoolStatus(Box<crate::pool::PoolView>),
     /// The request failed.
     Error(String),
 }
@@ -300,6 +307,7 @@ fn status(svc: &Service) -> Result<Status, String> {
         },
         token_key: Some(svc.key_status()),
         clock: Some(svc.clock_status()),
+        pool: crate::pool::of(svc.pools()).map(|p| p.status()),
         usage: crate::usage::of(svc).map(|u| {
             let st = u.seal_stats();
             let log = u.status();
@@ -402,6 +410,19 @@ fn audit(peer: &Peer, action: &str, subject: &str, r: &Result<AdminResponse, Str
 fn handle(svc: &Service, peer: &Peer, req: AdminRequest) -> AdminResponse {
     let r: Result<AdminResponse, String> = match req {
         AdminRequest::Status => status(svc).map(|s| AdminResponse::Status(Box::new(s))),
+        AdminRequest::PoolStatus => match crate::pool::of(svc.pools()) {
+            Some(p) => {
+                let seats = |pool: &str| {
+                    svc.licenses().ok().and_then(|ls| {
+                        ls.into_iter()
+                            .filter_map(|(_, l)| l)
+                            .find_map(|l| l.pool().filter(|p| p.id == pool).map(|p| p.seats))
+                    })
+                };
+                Ok(AdminResponse::PoolStatus(Box::new(p.view(&seats))))
+            }
+            None => Err("this host takes part in no seat pool: its configuration has no [pool] table (admin guide, \"Seat pools\")".into()),
+        },
         AdminRequest::LicenseAdd { bytes } => {
             let r = svc
                 .add_license(&bytes)

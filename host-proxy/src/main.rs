@@ -74,6 +74,9 @@ enum Cmd {
     /// at `[libvirt] uri` directly, the daemon need not run).
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Cluster seat pools on etcd ([pool] in the config).
+    #[command(subcommand)]
+    Pool(PoolCmd),
     /// The usage log (metering) for the vendor.
     #[command(subcommand)]
     Usage(UsageCmd),
@@ -88,6 +91,14 @@ enum ClockCmd {
     /// The host clock is right as it is now: after `status` reported a jump against the TPM
     /// clock, make it the new reference and certify a token key on it again.
     Accept,
+}
+
+/// `pool` commands (cmd/pool.rs).
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// etcd health (each member, the cause of an outage), seats held here, re-homes, the last
+    /// reconcile, and every pool's holders by node and VM (read from etcd).
+    Status,
 }
 
 /// `usage` commands (cmd/usage.rs).
@@ -217,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
         | Cmd::Leases
         | Cmd::Release { .. }
         | Cmd::Clones
+        | Cmd::Pool(_)
         | Cmd::Clock(_)) => cmd::runtime()?.block_on(admin(&cfg, json, c)),
         Cmd::Vm(c) => cmd::vm::run(&cfg, json, c),
         Cmd::Usage(UsageCmd::Export { out, force }) => cmd::usage::export(&cfg, json, &out, force),
@@ -244,6 +256,7 @@ async fn admin(cfg: &Config, json: bool, cmd: Cmd) -> Result<()> {
         Cmd::Leases => cmd::leases::run(&mut c, json, now).await,
         Cmd::Release { lease } => cmd::release::run(&mut c, json, now, lease).await,
         Cmd::Clones => cmd::clones::run(&mut c, json).await,
+        Cmd::Pool(PoolCmd::Status) => cmd::pool::status(&mut c, json).await,
         Cmd::Clock(ClockCmd::Accept) => cmd::clock::accept(&mut c, json).await,
         Cmd::Run { .. } | Cmd::Enroll(_) | Cmd::Vm(_) | Cmd::Usage(_) => Ok(()),
     }

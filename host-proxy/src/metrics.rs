@@ -206,6 +206,11 @@ pub fn render(svc: &Service) -> Result<String, String> {
         lh.recoveries_total,
     );
 
+    // seat pools on etcd (pool.rs)
+    if let Some(p) = crate::pool::of(svc.pools()) {
+        pool_families(&mut out, &p.status());
+    }
+
     // connection health and the age of the domain cache (libvirt.rs)
     if let Some(lv) = crate::libvirt::of(svc) {
         libvirt_families(&mut out, &lv.status());
@@ -246,6 +251,70 @@ pub fn render(svc: &Service) -> Result<String, String> {
     let mut text = String::new();
     encode(&mut text, &out.0).map_err(|e| format!("cannot write the metrics: {e}"))?;
     Ok(text)
+}
+
+/// The seat pools: etcd health by cause, members reachable, seats held, re-homes, fallback
+/// grants, refusals, reconciles.
+fn pool_families(out: &mut Exposition, p: &crate::pool::PoolStatus) {
+    use hostbind_pool::Cause;
+    out.gauges(
+        "hostbind_pool_etcd_unavailable",
+        "1 while the pool's etcd cannot be used for this cause (no_quorum, unreachable, tls), else 0.",
+        [
+            ("no_quorum", Cause::NoQuorum),
+            ("unreachable", Cause::Unreachable),
+            ("tls", Cause::Tls),
+        ]
+        .map(|(label, c)| {
+            (
+                vec![("cause", label.into())],
+                i64::from(p.etcd == c.to_string()),
+            )
+        }),
+    );
+    out.gauge(
+        "hostbind_pool_etcd_members_reachable",
+        "etcd endpoints a TCP connection opens to.",
+        int(p.members.iter().filter(|m| m.reachable).count()),
+    );
+    out.gauge(
+        "hostbind_pool_etcd_members",
+        "etcd endpoints in [pool] endpoints.",
+        int(p.members.len()),
+    );
+    out.gauges(
+        "hostbind_pool_seats_held",
+        "Pool seats this node holds, by source (pool: counted in etcd; fallback: from the fallback share, counted at reconcile).",
+        [
+            (vec![("source", "pool".into())], int(p.held.saturating_sub(p.fallback_held))),
+            (vec![("source", "fallback".into())], int(p.fallback_held)),
+        ],
+    );
+    out.counter(
+        "hostbind_pool_rehomed_in_total",
+        "Pool seats re-homed to this node (a VM migrated here, or a VM with the same UUID ran elsewhere) since start.",
+        p.rehomed_in,
+    );
+    out.counter(
+        "hostbind_pool_rehomed_away_total",
+        "Pool seats re-homed from this node to another since start (their leases ended here).",
+        p.rehomed_away,
+    );
+    out.counter(
+        "hostbind_pool_fallback_grants_total",
+        "Pool seats granted from this node's fallback share while etcd was unavailable, since start.",
+        p.fallback_grants,
+    );
+    out.counter(
+        "hostbind_pool_refusals_total",
+        "Pool seats refused since start (pool full, seat moved recently, etcd unavailable and no fallback seat).",
+        p.refused,
+    );
+    out.counter(
+        "hostbind_pool_reconciles_total",
+        "Reconciles with etcd that changed something (fallback seats counted, over-grants, stale keys), since start.",
+        p.reconciles,
+    );
 }
 
 /// The health of the TPM connection, the token key's renewal, the clock and the usage log.

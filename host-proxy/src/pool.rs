@@ -16,11 +16,13 @@ use crate::ledger::{Lease, Ledger};
 use crate::ports::{is_pool_license, PoolSeat, Pools, Vm};
 use crate::service::Service;
 use hostbind_attest::signed::{open, CountMode, License, ObjectKind};
+use hostbind_attest::usage::UsageRecord;
 use hostbind_attest::wire::{ErrorBody, ErrorCode};
 use hostbind_pool::{
     EtcdPool, PoolConfig, PoolError, PoolTerms, ReconcileReport, Rehomed, Seat, SeatPool,
     SeatRequest, SeatSource,
 };
+use serde::{Deserialize, Serialize};
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,7 +148,7 @@ impl EtcdSeats {
             counters: PoolCounters::default(),
             last_report: Mutex::new(None),
         });
-        me.note_report();
+        // The start's reconcile report is taken (and put in the usage log) by `run`.
         Ok(me)
     }
 
@@ -238,10 +240,14 @@ impl EtcdSeats {
                 ),
                 Err(e) => tracing::debug!("seat pool check: {e}"),
             }
-            for ps in self.note_report().lost {
+            let report = self.note_report();
+            for ps in &report.lost {
                 if let Some((p, s)) = ps.split_once('/') {
                     gone.push(((p.to_string(), s.to_string()), None));
                 }
+            }
+            for r in reconcile_records(&report, crate::service::unix_now()) {
+                svc.metering().record(r);
             }
             if gone.is_empty() {
                 continue;
@@ -275,6 +281,48 @@ impl EtcdSeats {
             }
         }
     }
+}
+
+/// Most seat keys one reconcile record lists (a record must fit in a usage-log block).
+const KEYS_PER_RECORD: usize = 32;
+
+/// The usage records of a reconcile report: per pool, at most [`KEYS_PER_RECORD`] seat keys
+/// of each kind per record.
+fn reconcile_records(r: &ReconcileReport, at: u64) -> Vec<UsageRecord> {
+    let mut by_pool: std::collections::BTreeMap<&str, [Vec<String>; 5]> = Default::default();
+    let kinds = [
+        &r.fallback_registered,
+        &r.over_granted,
+        &r.reregistered,
+        &r.released,
+        &r.lost,
+    ];
+    for (k, list) in kinds.iter().enumerate() {
+        for ps in list.iter() {
+            if let Some((pool, seat)) = ps.split_once('/') {
+                by_pool.entry(pool).or_default()[k].push(seat.to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (pool, mut lists) in by_pool {
+        while lists.iter().any(|l| !l.is_empty()) {
+            let take = |l: &mut Vec<String>| -> Vec<String> {
+                let n = l.len().min(KEYS_PER_RECORD);
+                l.drain(..n).collect()
+            };
+            out.push(UsageRecord::PoolReconcile {
+                at,
+                pool: pool.to_string(),
+                fallback_registered: take(&mut lists[0]),
+                over_granted: take(&mut lists[1]),
+                reregistered: take(&mut lists[2]),
+                released: take(&mut lists[3]),
+                lost: take(&mut lists[4]),
+            });
+        }
+    }
+    out
 }
 
 /// The seats of the ledger's live leases of pool licenses (for the pool's reconcile at start)
@@ -448,5 +496,208 @@ impl Pools for EtcdSeats {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// The pool in `status` (and `pool status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// etcd endpoints.
+    pub endpoints: Vec<String>,
+    /// Pool ids this node takes part in.
+    pub pools: Vec<String>,
+    /// Each endpoint: whether a TCP connection to it opens (a member that is down, or cut
+    /// off from this node, does not; the pool keeps working while a quorum answers).
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+    /// `ok`, or why etcd cannot be used: `no quorum`, `unreachable`, `TLS`.
+    pub etcd: String,
+    /// How long etcd has been unavailable, seconds.
+    pub unavailable_secs: Option<u64>,
+    /// The last error's text, while unavailable.
+    pub detail: Option<String>,
+    /// Seats this node holds (pool and fallback).
+    pub held: usize,
+    /// Of them, fallback seats not yet counted in etcd.
+    pub fallback_held: usize,
+    /// Seats re-homed here since start.
+    pub rehomed_in: u64,
+    /// Seats re-homed away since start (their leases ended here).
+    pub rehomed_away: u64,
+    /// Seats granted from the fallback share since start.
+    pub fallback_grants: u64,
+    /// Seat refusals by the pool since start.
+    pub refused: u64,
+    /// Reconciles that changed something since start.
+    pub reconciles: u64,
+    /// The last of them: when (Unix s) and what it did (counts).
+    pub last_reconcile: Option<LastReconcile>,
+}
+
+/// One etcd endpoint as this node reaches it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// The endpoint URL.
+    pub endpoint: String,
+    /// Whether a TCP connection opened within `connect_timeout`.
+    pub reachable: bool,
+    /// Why not.
+    pub error: Option<String>,
+}
+
+/// Opens (and closes) a TCP connection to each endpoint, all at once.
+async fn probe_members(endpoints: &[String], timeout: Duration) -> Vec<MemberStatus> {
+    let probes = endpoints.iter().map(|e| async move {
+        let addr = e
+            .trim_start_matches("https://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let r = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await;
+        let error = match r {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no connection within {timeout:?}")),
+        };
+        MemberStatus {
+            endpoint: e.clone(),
+            reachable: error.is_none(),
+            error,
+        }
+    });
+    futures::future::join_all(probes).await
+}
+
+/// What the last reconcile that changed something did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LastReconcile {
+    /// Unix seconds.
+    pub at: u64,
+    /// Fallback seats counted in etcd.
+    pub fallback_registered: usize,
+    /// Of the seats registered, those over the pool's size.
+    pub over_granted: usize,
+    /// Held seats written again.
+    pub reregistered: usize,
+    /// This node's stale keys deleted.
+    pub released: usize,
+    /// Held seats another node had taken.
+    pub lost: usize,
+}
+
+/// Most holders one `pool status` answer lists per pool (keeps the admin frame below its
+/// limit; `total` says how many there are).
+pub const HOLDERS_PAGE: usize = 150;
+
+/// The holders of one pool, from etcd.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolHolders {
+    /// Pool id.
+    pub pool: String,
+    /// The pool's seats (from the license in force naming it), when one does.
+    pub seats: Option<u32>,
+    /// The seat keys, by node and VM (at most [`HOLDERS_PAGE`]).
+    pub holders: Vec<Seat>,
+    /// All seat keys of the pool.
+    pub total: usize,
+    /// Why etcd could not be read.
+    pub error: Option<String>,
+}
+
+/// `hostbind-proxy pool status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolView {
+    /// This node's host id (hex), as seats name it.
+    pub node: String,
+    /// This node's view.
+    pub status: PoolStatus,
+    /// The holders of each pool, from etcd.
+    pub holders: Vec<PoolHolders>,
+}
+
+impl EtcdSeats {
+    /// The node's view of its pools (asks etcd for its health, within the request deadline).
+    /// Called on a blocking thread.
+    pub fn status(&self) -> PoolStatus {
+        let wait = self.cfg.request_timeout + self.cfg.connect_timeout + Duration::from_secs(1);
+        let (h, members) = self.rt.block_on(async {
+            tokio::join!(
+                tokio::time::timeout(wait, self.pool.health()),
+                probe_members(&self.cfg.endpoints, self.cfg.connect_timeout)
+            )
+        });
+        let c = &self.counters;
+        let mut s = PoolStatus {
+            endpoints: self.cfg.endpoints.clone(),
+            pools: self.cfg.pools.clone(),
+            members,
+            etcd: "ok".into(),
+            rehomed_in: c.rehomed_in.load(Ordering::Relaxed),
+            rehomed_away: c.rehomed_away.load(Ordering::Relaxed),
+            fallback_grants: c.fallback_grants.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            reconciles: c.reconciles.load(Ordering::Relaxed),
+            last_reconcile: self.last_report().map(|(at, r)| LastReconcile {
+                at,
+                fallback_registered: r.fallback_registered.len(),
+                over_granted: r.over_granted.len(),
+                reregistered: r.reregistered.len(),
+                released: r.released.len(),
+                lost: r.lost.len(),
+            }),
+            ..PoolStatus::default()
+        };
+        match h {
+            Ok(h) => {
+                if let Some(cause) = h.unavailable {
+                    s.etcd = cause.to_string();
+                }
+                s.unavailable_secs = h.unavailable_for.map(|d| d.as_secs());
+                s.detail = h.detail;
+                s.held = h.held;
+                s.fallback_held = h.fallback_held;
+            }
+            Err(_) => {
+                s.etcd = hostbind_pool::Cause::Unreachable.to_string();
+                s.detail = Some(format!("no answer from etcd within {wait:?}"));
+                s.held = self.pool.held().len();
+            }
+        }
+        s
+    }
+
+    /// `pool status`: the node's view and each pool's holders from etcd; `seats` gives a
+    /// pool's size from the licenses in force. Called on a blocking thread.
+    pub fn view(&self, seats: &dyn Fn(&str) -> Option<u32>) -> PoolView {
+        let holders = self
+            .cfg
+            .pools
+            .iter()
+            .map(|p| {
+                let r = self.rt.block_on(self.pool.holders(p));
+                let (mut holders, error) = match r {
+                    Ok(mut h) => {
+                        h.sort_by(|a, b| (&a.node, &a.vm).cmp(&(&b.node, &b.vm)));
+                        (h, None)
+                    }
+                    Err(e) => (Vec::new(), Some(e.to_string())),
+                };
+                let total = holders.len();
+                holders.truncate(HOLDERS_PAGE);
+                PoolHolders {
+                    pool: p.clone(),
+                    seats: seats(p),
+                    holders,
+                    total,
+                    error,
+                }
+            })
+            .collect();
+        PoolView {
+            node: self.pool.node().to_string(),
+            status: self.status(),
+            holders,
+        }
     }
 }

@@ -1357,9 +1357,7 @@ impl Service {
                 }
             },
         };
-        if let Some(p) = &pool {
-            self.meter_pool_seat(vm, &lease, lic, p);
-        }
+        let pool_seat = pool.clone();
         tracing::info!(vm = %vm.name, product = %req.product, lease = %lease.id, "lease granted");
         // Clone-graph eviction keeps the head a live lease was served with.
         self.limits.note_head(&lease.id, req.chain.last());
@@ -1372,6 +1370,11 @@ impl Service {
             fresh,
             pool,
         )
+        .inspect(|_| {
+            if let Some(p) = &pool_seat {
+                self.meter_pool_seat(&lease, lic, p);
+            }
+        })
         .inspect_err(|e| {
             // No token, no seat: the guest never learns this lease.
             let _ = self.ledger.release(
@@ -1824,8 +1827,27 @@ impl Service {
 impl Service {
     /// Records where a new lease's pool seat came from: a re-home from another node (the
     /// vendor sees a seat passed between nodes), or the fallback share.
-    fn meter_pool_seat(&self, vm: &Vm, lease: &Lease, lic: &License, p: &PoolSeat) {
-        let _ = (vm, lease, lic, p);
+    fn meter_pool_seat(&self, l: &Lease, lic: &License, p: &PoolSeat) {
+        if !self.metering.meters(lic) {
+            return;
+        }
+        self.metering
+            .record(hostbind_attest::usage::UsageRecord::PoolSeat {
+                at: unix_now(),
+                lease: hostbind_attest::usage::LeaseRef {
+                    lease_id: l.id.clone(),
+                    product: l.product.clone(),
+                    license_id: l.license_id.clone(),
+                    customer: lic.customer.clone(),
+                    vm: hostbind_attest::usage::VmRef {
+                        uuid: l.vm_uuid.clone(),
+                        name: l.vm_name.clone(),
+                    },
+                },
+                pool: p.pool.clone(),
+                fallback: !p.counted,
+                moved_from: p.moved_from.clone().unwrap_or_default(),
+            });
     }
 
     fn update_metering_key(&self) {

@@ -5,6 +5,8 @@
 //! given the same UUID on two nodes unable to pass one seat back and forth.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod usage_report;
+
 use hostbind_testkit::etcd::EtcdCluster;
 use hostbind_testkit::host::{run, Agent, Host, Vendor};
 use std::time::{Duration, Instant};
@@ -40,6 +42,43 @@ fn seats(c: &EtcdCluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `GET /metrics` from the proxy's loopback endpoint (from `status --json`).
+fn scrape(h: &Host) -> String {
+    use std::io::{Read, Write};
+    let st: serde_json::Value =
+        serde_json::from_str(&h.proxy_ok(&["status", "--json"]).unwrap()).unwrap();
+    let addr = st["metrics"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The `hostbind_pool_*` families of docs/admin.md's metric table: name -> type.
+fn documented_pool_families() -> std::collections::BTreeMap<String, String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/admin.md")).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for row in doc.lines().filter(|l| l.starts_with("| `hostbind_pool_")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        for name in cells[1].split(',') {
+            out.insert(
+                name.trim().trim_matches('`').to_string(),
+                cells[2].to_string(),
+            );
+        }
+    }
+    out
+}
+
 /// Everything the host's proxy processes logged.
 fn proxy_log(h: &Host) -> String {
     let mut s = String::new();
@@ -69,11 +108,24 @@ fn two_nodes(
     seats: u32,
     leases: &str,
 ) -> (Host, Host) {
+    two_nodes_with(c, v, (vms_a, vms_b), (seats, 0), leases, POOL_EXTRA)
+}
+
+/// [`two_nodes`] with a fallback share (`seats.1`) and `[pool]` lines `extra`.
+fn two_nodes_with(
+    c: &EtcdCluster,
+    v: &Vendor,
+    (vms_a, vms_b): (&[&str], &[&str]),
+    (seats, fallback): (u32, u32),
+    leases: &str,
+    extra: &str,
+) -> (Host, Host) {
     let mut a = Host::enrolled(v, vms_a, leases).unwrap();
     let mut b = Host::enrolled(v, vms_b, leases).unwrap();
-    a.join_pool(c, &[POOL], POOL_EXTRA).unwrap();
-    b.join_pool(c, &[POOL], POOL_EXTRA).unwrap();
-    let lic = Host::issue_pool_license(v, &[&a, &b], "cad", POOL, seats, 0, "vm", &[]).unwrap();
+    a.join_pool(c, &[POOL], extra).unwrap();
+    b.join_pool(c, &[POOL], extra).unwrap();
+    let lic =
+        Host::issue_pool_license(v, &[&a, &b], "cad", POOL, seats, fallback, "vm", &[]).unwrap();
     for h in [&mut a, &mut b] {
         h.start_proxy().unwrap();
         h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
@@ -114,7 +166,15 @@ fn pool_seats_are_counted_across_two_proxies_released_and_follow_a_migrated_vm()
     };
     let v = Vendor::new().unwrap();
     // "vm-m" is configured on both nodes: the same VM (same UUID) migrating A -> B.
-    let (a, b) = two_nodes(&c, &v, &["vm-a", "vm-m"], &["vm-b", "vm-c", "vm-m"], 2, "");
+    let metrics = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let (a, b) = two_nodes(
+        &c,
+        &v,
+        &["vm-a", "vm-m"],
+        &["vm-b", "vm-c", "vm-m"],
+        2,
+        metrics,
+    );
     let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
     let ag_b = Agent::start(&b.vm("vm-b").unwrap().socket).unwrap();
     let ag_c = Agent::start(&b.vm("vm-c").unwrap().socket).unwrap();
@@ -167,6 +227,45 @@ fn pool_seats_are_counted_across_two_proxies_released_and_follow_a_migrated_vm()
     assert!(
         log.contains(&format!("seat moved to node {}", b.host_id)),
         "{log}"
+    );
+
+    // The admin's view: `pool status` lists the holders by node and VM, `status` the pool's
+    // health and re-homes, the metrics the same (every family documented in docs/admin.md).
+    let ps = b.proxy_ok(&["pool", "status"]).unwrap();
+    assert!(
+        ps.contains("etcd ok, 1/1 etcd members reachable")
+            && ps.contains(&format!("pool {POOL}: seats 2/2"))
+            && ps.contains("vm 6f1c1c8e")
+            && ps.contains("(this node)")
+            && ps.contains("re-homed 1 time(s)"),
+        "{ps}"
+    );
+    let st = a.proxy_ok(&["status"]).unwrap();
+    assert!(
+        st.contains("pool:           etcd ok") && st.contains("re-homed 0 here, 1 away"),
+        "{st}"
+    );
+    let body = scrape(&b);
+    let documented = documented_pool_families();
+    assert!(documented.len() >= 9, "{documented:?}");
+    let served: std::collections::BTreeMap<String, String> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE hostbind_pool_"))
+        .filter_map(|rest| rest.split_once(' '))
+        .map(|(name, kind)| match kind {
+            "counter" => (format!("hostbind_pool_{name}_total"), kind.to_string()),
+            _ => (format!("hostbind_pool_{name}"), kind.to_string()),
+        })
+        .collect();
+    assert_eq!(served, documented, "{body}");
+    assert!(body.contains("hostbind_pool_rehomed_in_total 1"), "{body}");
+    assert!(
+        body.contains("hostbind_pool_seats_held{source=\"pool\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("hostbind_pool_etcd_unavailable{cause=\"no_quorum\"} 0"),
+        "{body}"
     );
 }
 
@@ -225,4 +324,63 @@ fn same_uuid_on_two_nodes_cannot_pass_one_seat_back_and_forth() {
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0]["node"], b.host_id.as_str());
     assert_eq!(held[0]["moves"], 1);
+}
+
+/// Without quorum, node B grants a seat from its fallback share although node A holds the
+/// pool's only seat; when etcd is back B counts it (over the pool: an over-grant), and B's
+/// usage log, read by the vendor, shows the fallback grant, its registration and the
+/// over-grant.
+#[test]
+fn quorum_loss_fallback_grant_is_reconciled_and_shows_in_the_usage_report() {
+    let Some(mut c) = EtcdCluster::start_or_skip("pool_quorum_report", 3).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let extra = "check_interval = \"200ms\"\nrequest_timeout = \"1s\"\nconnect_timeout = \"300ms\"";
+    let (a, mut b) = two_nodes_with(&c, &v, (&["vm-a"], &["vm-b"]), (1, 1), "", extra);
+    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    c.stop_quorum();
+    let ag_b = Agent::start(&b.vm("vm-b").unwrap().socket).unwrap();
+    // The pool is full, but etcd cannot say so: B's fallback share grants the seat.
+    let tb = token_json(&ag_b, "cad").unwrap();
+    assert!(verify_text(&b, &v, &tb).contains(POOL));
+    // `status` names the fault and what the node does about it.
+    let st = b.proxy_ok(&["status"]).unwrap();
+    assert!(
+        st.contains("etcd has NO QUORUM")
+            && st.contains("1/3 etcd members reachable")
+            && st.contains("1 held here (1 from the fallback share"),
+        "{st}"
+    );
+    c.restore().unwrap();
+    wait_for(
+        "B to count its fallback seat in etcd",
+        Duration::from_secs(20),
+        || seats(&c).len() == 2,
+    );
+    // The run loop takes the reconcile report into the usage log within a check interval.
+    std::thread::sleep(Duration::from_millis(1000));
+    let st = b.proxy_ok(&["status"]).unwrap();
+    assert!(
+        st.contains("pool:           etcd ok, 3/3")
+            && st.contains("1 fallback seats counted (1 over the pool)"),
+        "{st}"
+    );
+    b.stop_proxy();
+    let (code, r) = usage_report::report(&v, &usage_report::export(&b, "b.usage"));
+    assert_eq!(code, 3, "the over-grant is an anomaly: {r:#}");
+    let row = &r["pools"][0];
+    assert_eq!(row["pool"], POOL, "{r:#}");
+    assert_eq!(row["fallback_grants"], 1, "{r:#}");
+    assert_eq!(row["fallback_registered"], 1, "{r:#}");
+    assert_eq!(row["over_granted"], 1, "{r:#}");
+    assert!(
+        r["anomalies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "pool_over_grant"),
+        "{r:#}"
+    );
 }

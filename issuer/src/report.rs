@@ -132,6 +132,30 @@ pub fn render(r: &UsageReport, format: Format) -> Result<String, serde_json::Err
                     r.open_leases
                 );
             }
+            if !r.pools.is_empty() {
+                let _ = writeln!(out);
+            }
+            for p in &r.pools {
+                let host = if p.host.len() > 16 {
+                    &p.host[..16]
+                } else {
+                    &p.host
+                };
+                let _ = write!(
+                    out,
+                    "pool {} on host {host}: {} seats taken in the pool, {} from the fallback share ({} counted when etcd came back, {} over-granted), {} re-homed here",
+                    p.pool,
+                    p.pool_grants,
+                    p.fallback_grants,
+                    p.fallback_registered,
+                    p.over_granted,
+                    p.rehomed_in
+                );
+                if p.lost > 0 {
+                    let _ = write!(out, ", {} lost to other nodes while cut off", p.lost);
+                }
+                let _ = writeln!(out);
+            }
             for n in &r.notes {
                 let _ = writeln!(out, "note: {n}");
             }
@@ -183,6 +207,16 @@ mod tests {
                 refusals: 0,
             }],
             open_leases: 0,
+            pools: vec![hostbind_attest::usage::PoolRow {
+                pool: "acme-kvm".into(),
+                host: "ab".into(),
+                pool_grants: 3,
+                fallback_grants: 2,
+                fallback_registered: 2,
+                over_granted: 1,
+                rehomed_in: 1,
+                lost: 0,
+            }],
             notes: vec![],
             anomalies: vec![Anomaly {
                 kind: AnomalyKind::LogRolledBack,
@@ -206,5 +240,10 @@ mod tests {
             serde_json::from_str(&render(&r, Format::Json).unwrap()).unwrap();
         assert_eq!(j["usage"][0]["lease_seconds"], 60);
         assert_eq!(j["anomalies"][0]["kind"], "log_rolled_back");
+        assert_eq!(j["pools"][0]["over_granted"], 1);
+        assert!(
+            t.contains("pool acme-kvm on host ab: 3 seats taken in the pool, 2 from the fallback share (2 counted when etcd came back, 1 over-granted), 1 re-homed here"),
+            "{t}"
+        );
     }
 }

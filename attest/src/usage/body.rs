@@ -89,6 +89,31 @@ enum WireRecord {
         f: bool,
         d: String,
     },
+    #[serde(rename = "q")]
+    PoolSeat {
+        a: u64,
+        l: u32,
+        o: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        f: bool,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        m: String,
+    },
+    #[serde(rename = "g")]
+    PoolReconcile {
+        a: u64,
+        o: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        f: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        x: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        n: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        r: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        z: Vec<String>,
+    },
     #[serde(rename = "d")]
     RecordsDropped {
         a: u64,
@@ -353,6 +378,36 @@ impl BodyBuilder {
                 f: *refused,
                 d: detail.clone(),
             },
+            UsageRecord::PoolSeat {
+                at,
+                lease,
+                pool,
+                fallback,
+                moved_from,
+            } => WireRecord::PoolSeat {
+                a: *at,
+                l: self.lease(lease),
+                o: pool.clone(),
+                f: *fallback,
+                m: moved_from.clone(),
+            },
+            UsageRecord::PoolReconcile {
+                at,
+                pool,
+                fallback_registered,
+                over_granted,
+                reregistered,
+                released,
+                lost,
+            } => WireRecord::PoolReconcile {
+                a: *at,
+                o: pool.clone(),
+                f: fallback_registered.clone(),
+                x: over_granted.clone(),
+                n: reregistered.clone(),
+                r: released.clone(),
+                z: lost.clone(),
+            },
             UsageRecord::RecordsDropped { at, count, reason } => WireRecord::RecordsDropped {
                 a: *at,
                 c: *count,
@@ -459,6 +514,30 @@ impl TryFrom<WireBody> for BlockBody {
                         detail: d.clone(),
                     }
                 }
+                WireRecord::PoolSeat { a, l, o, f, m } => UsageRecord::PoolSeat {
+                    at: *a,
+                    lease: lease(*l)?,
+                    pool: o.clone(),
+                    fallback: *f,
+                    moved_from: m.clone(),
+                },
+                WireRecord::PoolReconcile {
+                    a,
+                    o,
+                    f,
+                    x,
+                    n,
+                    r,
+                    z,
+                } => UsageRecord::PoolReconcile {
+                    at: *a,
+                    pool: o.clone(),
+                    fallback_registered: f.clone(),
+                    over_granted: x.clone(),
+                    reregistered: n.clone(),
+                    released: r.clone(),
+                    lost: z.clone(),
+                },
                 WireRecord::RecordsDropped { a, c, r } => UsageRecord::RecordsDropped {
                     at: *a,
                     count: *c,
@@ -592,14 +671,18 @@ mod tests {
                 .prop_map(|(at, lease)| UsageRecord::LeaseRenew { at, lease }),
             (any::<u64>(), lease.clone(), s())
                 .prop_map(|(at, lease, reason)| { UsageRecord::LeaseEnd { at, lease, reason } }),
-            (any::<u64>(), lease, 1u64..1_000_000, any::<Option<u64>>()).prop_map(
-                |(at, lease, count, last)| UsageRecord::TokenIssued {
+            (
+                any::<u64>(),
+                lease.clone(),
+                1u64..1_000_000,
+                any::<Option<u64>>()
+            )
+                .prop_map(|(at, lease, count, last)| UsageRecord::TokenIssued {
                     at,
                     lease,
                     count,
                     last
-                }
-            ),
+                }),
             (
                 any::<u64>(),
                 s(),
@@ -653,6 +736,46 @@ mod tests {
                 count: 1,
                 reason
             }),
+            (lease, any::<u64>(), s(), any::<bool>(), s()).prop_map(
+                |(lease, at, pool, fallback, moved_from)| UsageRecord::PoolSeat {
+                    at,
+                    lease,
+                    pool,
+                    fallback,
+                    moved_from,
+                }
+            ),
+            (
+                any::<u64>(),
+                s(),
+                proptest::collection::vec(s(), 0..3),
+                proptest::collection::vec(s(), 0..3),
+                proptest::collection::vec(s(), 0..3),
+                (
+                    proptest::collection::vec(s(), 0..3),
+                    proptest::collection::vec(s(), 0..3)
+                )
+            )
+                .prop_map(
+                    |(
+                        at,
+                        pool,
+                        fallback_registered,
+                        over_granted,
+                        reregistered,
+                        (released, lost),
+                    )| {
+                        UsageRecord::PoolReconcile {
+                            at,
+                            pool,
+                            fallback_registered,
+                            over_granted,
+                            reregistered,
+                            released,
+                            lost,
+                        }
+                    }
+                ),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(at, since, flush_secs)| {
                 UsageRecord::UncleanStop {
                     at,

@@ -58,7 +58,7 @@ pub use block::{block_hash, block_intact, open_block, seal_block, BlockHeader, T
 pub use body::{BlockBody, BodyBuilder};
 pub use key::{MeteringKey, MeteringSecret};
 pub use record::{LeaseRef, UsageRecord, VmRef};
-pub use report::{read_log, Anomaly, AnomalyKind, UsageReport, UsageRow};
+pub use report::{read_log, Anomaly, AnomalyKind, PoolRow, UsageReport, UsageRow};
 
 use serde::Serialize;
 

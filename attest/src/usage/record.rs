@@ -116,6 +116,48 @@ pub enum UsageRecord {
         /// What was seen.
         detail: String,
     },
+    /// A lease of a pool license got its pool seat (issue 20): counted in the pool, from the
+    /// node's fallback share while the pool's etcd was unavailable (counted when etcd is
+    /// back, see [`UsageRecord::PoolReconcile`]), or re-homed from another node (the VM
+    /// migrated here, or a VM with the same UUID ran there: a seat passed back and forth
+    /// shows as a series of these on the nodes' logs).
+    PoolSeat {
+        /// Unix seconds.
+        at: u64,
+        /// The lease.
+        lease: LeaseRef,
+        /// Pool id.
+        pool: String,
+        /// From the node's fallback share (not yet counted in the pool).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fallback: bool,
+        /// Host id (hex) of the node the seat was re-homed from; empty when taken anew.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        moved_from: String,
+    },
+    /// What a reconcile of the node's seats of one pool with etcd did (at start, after an
+    /// outage): seat keys of each kind.
+    PoolReconcile {
+        /// Unix seconds.
+        at: u64,
+        /// Pool id.
+        pool: String,
+        /// Fallback seats now counted in the pool.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        fallback_registered: Vec<String>,
+        /// Seats registered although the pool was full: the outage's over-grant.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        over_granted: Vec<String>,
+        /// Held seats written to etcd again (expired there while the node was cut off).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        reregistered: Vec<String>,
+        /// This node's keys it no longer held, deleted.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        released: Vec<String>,
+        /// Held seats another node had taken over meanwhile (their leases ended here).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lost: Vec<String>,
+    },
     /// The proxy could not keep records (buffer full, TPM unavailable): how many were lost.
     RecordsDropped {
         /// Unix seconds.
@@ -175,6 +217,8 @@ impl UsageRecord {
             | UsageRecord::TokenIssued { at, .. }
             | UsageRecord::Refusal { at, .. }
             | UsageRecord::CloneReport { at, .. }
+            | UsageRecord::PoolSeat { at, .. }
+            | UsageRecord::PoolReconcile { at, .. }
             | UsageRecord::RecordsDropped { at, .. }
             | UsageRecord::UncleanStop { at, .. } => *at,
         }

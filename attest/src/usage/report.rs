@@ -40,6 +40,9 @@ pub enum AnomalyKind {
     UncleanStop,
     /// Clone detection reported a cloned instance.
     Clone,
+    /// A seat pool was over-granted: seats granted from nodes' fallback shares while etcd was
+    /// unavailable did not fit in the pool when it came back.
+    PoolOverGrant,
 }
 
 /// One anomaly with the block it concerns.
@@ -80,6 +83,27 @@ pub struct UsageRow {
     pub refusals: u64,
 }
 
+/// What one host's log says about one seat pool (issue 20).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PoolRow {
+    /// Pool id.
+    pub pool: String,
+    /// Host id (hex).
+    pub host: String,
+    /// Seats taken in the pool (counted in etcd at once).
+    pub pool_grants: u64,
+    /// Seats granted from the host's fallback share while etcd was unavailable.
+    pub fallback_grants: u64,
+    /// Fallback seats counted in the pool when etcd came back.
+    pub fallback_registered: u64,
+    /// Seats that did not fit in the pool when etcd came back (over-granted).
+    pub over_granted: u64,
+    /// Seats re-homed to this host from another node (migrations, or VMs sharing a UUID).
+    pub rehomed_in: u64,
+    /// Seats this host lost to another node while cut off.
+    pub lost: u64,
+}
+
 /// The result of reading a usage log.
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageReport {
@@ -97,6 +121,9 @@ pub struct UsageReport {
     pub usage: Vec<UsageRow>,
     /// Leases still open at the end of the log (counted until the last block's sealing time).
     pub open_leases: usize,
+    /// Seat pools per pool and host: grants by source, re-homes, reconcile findings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolRow>,
     /// Explained events that are not anomalies (TPM resets, i.e. host reboots).
     pub notes: Vec<String>,
     /// Everything wrong, in file order.
@@ -142,6 +169,7 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
         span: totals.span,
         usage: totals.usage,
         open_leases: totals.open_leases,
+        pools: totals.pools,
         notes,
         anomalies,
     }
@@ -449,6 +477,7 @@ struct Totals {
     span: Option<(u64, u64)>,
     usage: Vec<UsageRow>,
     open_leases: usize,
+    pools: Vec<PoolRow>,
 }
 
 /// One usage row while it is summed up.
@@ -484,6 +513,21 @@ fn row<'a>(
     e
 }
 
+/// The pool row of `pool` on `host`, made when new.
+fn pool_row<'a>(
+    pools: &'a mut BTreeMap<(String, String), PoolRow>,
+    pool: &str,
+    host: &str,
+) -> &'a mut PoolRow {
+    pools
+        .entry((pool.to_string(), host.to_string()))
+        .or_insert_with(|| PoolRow {
+            pool: pool.to_string(),
+            host: host.to_string(),
+            ..PoolRow::default()
+        })
+}
+
 /// Adds the seconds `from..to` of lease `l` on `host` to the rows of the days they fall on.
 fn add_seconds(acc: &mut BTreeMap<RowKey, Acc>, host: &str, l: &LeaseRef, from: u64, to: u64) {
     let mut t = from;
@@ -515,6 +559,7 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
     let end_of_log = span.map_or(0, |s| s.1);
     let mut opened = 0usize;
     let mut ended = BTreeSet::new();
+    let mut pools: BTreeMap<(String, String), PoolRow> = BTreeMap::new();
     for p in ordered {
         let Some(body) = &p.body else { continue };
         opened += 1;
@@ -580,6 +625,48 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
                     let r = row(&mut acc, *at, customer, product, host, vm);
                     r.refusals = r.refusals.saturating_add(*count);
                 }
+                UsageRecord::PoolSeat {
+                    pool,
+                    fallback,
+                    moved_from,
+                    ..
+                } => {
+                    let row = pool_row(&mut pools, pool, host);
+                    if *fallback {
+                        row.fallback_grants += 1;
+                    } else {
+                        row.pool_grants += 1;
+                    }
+                    if !moved_from.is_empty() {
+                        row.rehomed_in += 1;
+                    }
+                }
+                UsageRecord::PoolReconcile {
+                    at,
+                    pool,
+                    fallback_registered,
+                    over_granted,
+                    lost,
+                    ..
+                } => {
+                    let row = pool_row(&mut pools, pool, host);
+                    row.fallback_registered += fallback_registered.len() as u64;
+                    row.over_granted += over_granted.len() as u64;
+                    row.lost += lost.len() as u64;
+                    if !over_granted.is_empty() {
+                        anomalies.push(Anomaly {
+                            kind: AnomalyKind::PoolOverGrant,
+                            seq: Some(p.header.seq),
+                            index: Some(p.index),
+                            detail: format!(
+                                "{}: pool '{pool}' was over-granted by {} seat(s) on host {host} when its etcd came back ({}): seats granted from the host's fallback share while etcd was unavailable did not fit in the pool",
+                                fmt_time(*at),
+                                over_granted.len(),
+                                over_granted.join(", ")
+                            ),
+                        });
+                    }
+                }
                 UsageRecord::CloneReport { .. }
                 | UsageRecord::RecordsDropped { .. }
                 | UsageRecord::UncleanStop { .. } => anomalies.extend(record_anomaly(p, host, r)),
@@ -612,6 +699,7 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
         span,
         usage,
         open_leases,
+        pools: pools.into_values().collect(),
     }
 }
 

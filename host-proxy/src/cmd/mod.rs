@@ -1,12 +1,13 @@
 //! The subcommands of hostbind-proxy, one module each (binary side: the library does not know
 //! them), and what they share. Each feature's `status` lines live with its command: libvirt's in
-//! `vm`, the usage log's in `usage`, clone detection's in `clones`, the clock's in `clock`.
+//! `vm`, the usage log's in `usage`, clone detection's in `clones`, the clock's in `clock`, the seat pools' in `pool`.
 
 pub(crate) mod clock;
 pub(crate) mod clones;
 pub(crate) mod enroll;
 pub(crate) mod leases;
 pub(crate) mod license;
+pub(crate) mod pool;
 pub(crate) mod release;
 pub(crate) mod run;
 pub(crate) mod status;

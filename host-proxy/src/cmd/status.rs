@@ -74,6 +74,9 @@ pub(crate) async fn run(c: &mut AdminClient, json: bool, now: u64) -> Result<()>
     if let Some(line) = super::clones::status_line(&s) {
         println!("{line}");
     }
+    for line in super::pool::status_lines(&s) {
+        println!("{line}");
+    }
     if let Some(l) = &s.libvirt {
         for line in super::vm::status_lines(l) {
             println!("libvirt:        {line}");
