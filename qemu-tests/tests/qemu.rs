@@ -101,15 +101,9 @@ fn leases(h: &Host) -> String {
     h.proxy_ok(&["leases"]).unwrap()
 }
 
-/// Everything the host's proxy processes logged so far.
+/// What the host's running proxy logged so far.
 fn proxy_log(h: &Host) -> String {
-    let mut s = String::new();
-    for e in std::fs::read_dir(h.dir()).unwrap().flatten() {
-        if e.file_name().to_string_lossy().starts_with("proxy-") {
-            s.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-        }
-    }
-    s
+    h.proxy.as_ref().map(|p| p.log()).unwrap_or_default()
 }
 
 /// The time of the first proxy log line (JSON) with this message.
@@ -508,6 +502,18 @@ fn agent_token(agent: &Agent) -> Result<String, String> {
     }
 }
 
+/// etcd holds exactly one seat of `POOL`: vm `vm`'s, held by `holder`.
+fn assert_one_seat(etcd: &EtcdCluster, holder: &Host, vm: &str, after: &str) {
+    let seats = pool_seats(etcd);
+    assert_eq!(seats.len(), 1, "after {after}: {seats:?}");
+    assert_eq!(
+        seats[0]["node"],
+        holder.host_id.as_str(),
+        "after {after}: {seats:?}"
+    );
+    assert_eq!(seats[0]["vm"], vm, "after {after}: {seats:?}");
+}
+
 /// vm-b on host B is refused because the 1-seat pool is full (vm-a holds the seat).
 fn assert_pool_full(when: &str, r: &Result<String, String>) {
     match r {
@@ -567,14 +573,7 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
         Some(POOL),
         "vm-a's token on A names the pool"
     );
-    let seats = pool_seats(&etcd);
-    assert_eq!(seats.len(), 1, "{seats:?}");
-    assert_eq!(
-        seats[0]["node"],
-        ha.host_id.as_str(),
-        "A holds the seat: {seats:?}"
-    );
-    assert_eq!(seats[0]["vm"], uuid_a.as_str(), "{seats:?}");
+    assert_one_seat(&etcd, &ha, &uuid_a, "vm-a's token from A");
 
     // Before the move.
     let agent_b = Agent::start(&hb.vm("vm-b").unwrap().socket).unwrap();
@@ -632,14 +631,7 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
         "vm-a's token on B names the pool"
     );
     assert!(leases(&hb).contains(&c2.lease_id));
-    let seats = pool_seats(&etcd);
-    assert_eq!(seats.len(), 1, "{seats:?}");
-    assert_eq!(
-        seats[0]["node"],
-        hb.host_id.as_str(),
-        "the seat was re-homed to B: {seats:?}"
-    );
-    assert_eq!(seats[0]["vm"], uuid_a.as_str(), "{seats:?}");
+    assert_one_seat(&etcd, &hb, &uuid_a, "the move (re-homed to B)");
     assert_pool_full("after the move", &agent_token(&agent_b));
 
     // A ends vm-a's old lease because its seat moved (long before the 30 s TTL would end it),
@@ -657,9 +649,7 @@ fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
         tail(&log, 6000)
     );
     qa.quit();
-    let seats = pool_seats(&etcd);
-    assert_eq!(seats.len(), 1, "{seats:?}");
-    assert_eq!(seats[0]["node"], hb.host_id.as_str(), "{seats:?}");
+    assert_one_seat(&etcd, &hb, &uuid_a, "A's lease ended");
     assert_pool_full("after A's lease ended", &agent_token(&agent_b));
 
     let mut t = timings;
