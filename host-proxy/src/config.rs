@@ -14,6 +14,7 @@ pub mod fresh;
 pub mod libvirt;
 pub mod limits;
 pub mod metrics;
+pub mod pool;
 pub mod usage;
 
 pub use clock::ClockConfig;
@@ -22,6 +23,7 @@ pub use fresh::FreshConfig;
 pub use libvirt::{LibvirtConfig, UnassignedPolicy};
 pub use limits::LimitsConfig;
 pub use metrics::{MetricsConfig, MetricsListen};
+pub use pool::PoolConfig;
 pub use usage::{UsageConfig, DEFAULT_NV_INDEX, LOG_FILE};
 
 /// Default config file location.
@@ -188,7 +190,7 @@ pub struct Config {
     /// Cluster seat pools on etcd (pool licenses, docs/pools.md). Absent: this host takes part
     /// in no pool, and a pool license's tokens are refused here with the fix named.
     #[serde(default)]
-    pub pool: Option<hostbind_pool::PoolConfig>,
+    pub pool: Option<PoolConfig>,
 }
 
 /// `[history]`: retention of the ledger's history (the usage log is the long-term record).

@@ -733,32 +733,54 @@ impl Inner {
 
     /// Held seats whose key now names another node (re-homed away: the VM, or a VM with the
     /// same UUID, runs there now): dropped here and returned with the new node, so the
-    /// caller ends their local leases. One linearizable range read per pool with seats held.
+    /// caller ends their local leases. Per pool with seats held, one linearizable keys-only
+    /// read of the keys modified after this node's oldest write (cheap however large the
+    /// pool), and a read of each held key that changed since this node wrote it.
     async fn moved_away(&self) -> Result<Vec<(Seat, String)>, PoolError> {
-        let pools: std::collections::BTreeSet<String> = self
-            .state()
-            .held
-            .values()
-            .filter(|h| h.mod_rev != 0)
-            .map(|h| h.seat.pool.clone())
-            .collect();
+        let mut oldest: HashMap<String, i64> = HashMap::new();
+        for h in self.state().held.values().filter(|h| h.mod_rev != 0) {
+            let e = oldest.entry(h.seat.pool.clone()).or_insert(h.mod_rev);
+            *e = (*e).min(h.mod_rev);
+        }
         let mut lost = Vec::new();
-        for pool in pools {
+        for (pool, min_rev) in oldest {
+            let prefix = seats_prefix(&pool);
             let r = self
-                .get(&seats_prefix(&pool), Some(GetOptions::new().with_prefix()))
+                .get(
+                    &prefix,
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only()
+                            .with_min_mod_revision(min_rev + 1),
+                    ),
+                )
                 .await?;
             for kv in r.kvs() {
-                let Ok(s) = Self::decode(kv) else { continue };
+                let Some(seat) = kv.key().get(prefix.len()..) else {
+                    continue;
+                };
+                let k = (pool.clone(), String::from_utf8_lossy(seat).into_owned());
+                // Only a held key rewritten after this node wrote it.
+                let changed = self
+                    .state()
+                    .held
+                    .get(&k)
+                    .is_some_and(|h| h.mod_rev != 0 && h.mod_rev < kv.mod_revision());
+                if !changed {
+                    continue;
+                }
+                let g = self.get(&seat_key(&pool, &k.1), None).await?;
+                let Some(now) = g.kvs().first() else { continue };
+                let Ok(s) = Self::decode(now) else { continue };
                 if s.node == self.node {
                     continue;
                 }
                 let mut st = self.state();
-                let k = (pool.clone(), s.seat.clone());
-                // Only a seat this node wrote before the other node's re-home.
                 if st
                     .held
                     .get(&k)
-                    .is_some_and(|h| h.mod_rev != 0 && h.mod_rev < kv.mod_revision())
+                    .is_some_and(|h| h.mod_rev != 0 && h.mod_rev < now.mod_revision())
                 {
                     if let Some(h) = st.held.remove(&k) {
                         lost.push((h.seat, s.node.clone()));
