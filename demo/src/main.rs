@@ -12,10 +12,26 @@ use hostbind_testkit::Swtpm;
 /// 2-seat license for product 'cad' and three guest agents standing for three VMs, runs the real
 /// binaries and narrates each step (token requests, offline verification, seats, release).
 /// Everything it starts is stopped when it ends. Needs swtpm and the workspace binaries (run it
-/// through ./demo.sh, which installs and builds them).
+/// through ./demo.sh, which installs and builds them). `hostbind-demo pool` (`./demo.sh pool`) runs
+/// the second demo: a seat pool across three nodes.
 #[derive(Parser)]
 #[command(name = "hostbind-demo", version)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    demo: Option<Demo>,
+}
+
+#[derive(clap::Subcommand)]
+enum Demo {
+    /// A seat pool across three nodes: three enrolled nodes with their own software TPMs, a
+    /// three-member etcd cluster (TLS), one pool license; seats taken across nodes, refused when
+    /// the pool is full, freed on one node and used on another, `pool status`, an etcd member
+    /// killed, quorum lost (held seats keep working, fallback share, refusal) and back
+    /// (reconcile). Needs etcd (run it through `./demo.sh pool`).
+    Pool,
+}
+
+mod pool;
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
@@ -69,9 +85,12 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
             "iss host id",
             "product:",
             "lease id",
+            // A pool token's pool (a per-host token shows "pool: -").
+            "pool: ",
         ]
         .iter()
         .any(|k| l.starts_with(k))
+            && *l != "pool: -"
     }) {
         // The product appears twice (token and license): show it once.
         if shown.insert(l.to_string()) {
@@ -85,9 +104,21 @@ fn verify(host: &Host, vendor: &Vendor, vm: &str, t: &serde_json::Value) -> Resu
     Ok(())
 }
 
+/// `text` with every line indented for the narration.
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
 fn main() -> Result<()> {
     // --help and --version print and exit; anything else unknown is an error (exit code 2).
-    Cli::parse();
+    match Cli::parse().demo {
+        Some(Demo::Pool) => pool::run(),
+        None => single_host(),
+    }
+}
+
+/// The single-host demo.
+fn single_host() -> Result<()> {
     println!("hostbind demo: licenses bound to the physical host, proven by its TPM\n");
     narrate(true);
     step(1, "Start a software TPM 2.0 (swtpm) standing for this host's TPM, with an EK certificate from its maker's CA");
@@ -152,13 +183,7 @@ fn main() -> Result<()> {
     verify(&host, &vendor, "vm-c", &tc)?;
 
     step(10, "The host admin's view");
-    print!(
-        "{}",
-        host.proxy_ok(&["status"])?
-            .lines()
-            .map(|l| format!("    {l}\n"))
-            .collect::<String>()
-    );
+    print!("{}", indent(&host.proxy_ok(&["status"])?));
 
     narrate(false);
     println!("\nDone: stopping the agents, the proxy and the TPM.");

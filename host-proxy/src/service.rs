@@ -1318,7 +1318,26 @@ impl Service {
                 &admission.reservations,
             )
             .map_err(|e| {
-                let mut b = Self::ledger_err(e);
+                let mut b = match (&e, lic.pool().filter(|_| is_pool_license(lic))) {
+                    // The ledger's bound for a pool license is the whole pool: this host
+                    // holds every seat of it, so the pool is full (say so, as a node holding
+                    // none of them does).
+                    (
+                        LedgerError::SeatsExhausted {
+                            holders, in_use, ..
+                        },
+                        Some(p),
+                    ) if *in_use >= p.seats => err(
+                        ErrorCode::SeatsExhausted,
+                        format!(
+                            "pool '{}' is full: all {} seats are held across the cluster (all on this host, by {}); release a seat on any node or ask the vendor for more",
+                            p.id,
+                            p.seats,
+                            holders.join(", ")
+                        ),
+                    ),
+                    _ => Self::ledger_err(e),
+                };
                 admission.explain(&mut b, lic.seats);
                 self.refused(b)
             })?;

@@ -7,14 +7,16 @@
 //! docs/benchmarks.md has the numbers).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use hostbind_client::api::b64url;
 use hostbind_qemu_tests::console::{event_name, msg};
 use hostbind_qemu_tests::image::guest_image;
-use hostbind_qemu_tests::vendor_public_hex;
 use hostbind_qemu_tests::vm::{Qemu, VmOptions};
-use hostbind_testkit::host::{run, Host, Vendor};
+use hostbind_qemu_tests::{tail, vendor_public_hex};
+use hostbind_testkit::etcd::EtcdCluster;
+use hostbind_testkit::host::{run, Agent, Host, Vendor};
 use serde_json::{json, Value};
 
 /// Short lease TTL so a vanished VM's seat frees quickly.
@@ -97,6 +99,11 @@ fn check_token_on_host(
 
 fn leases(h: &Host) -> String {
     h.proxy_ok(&["leases"]).unwrap()
+}
+
+/// What the host's running proxy logged so far.
+fn proxy_log(h: &Host) -> String {
+    h.proxy.as_ref().map(|p| p.log()).unwrap_or_default()
 }
 
 /// The time of the first proxy log line (JSON) with this message.
@@ -279,6 +286,14 @@ fn boot_and_migrate(
     b: &Host,
     vendor_hex: &str,
 ) -> (Qemu, Qemu, Value, Value, Value, SystemTime) {
+    let (mut qa, tok1, alive_a) = boot_with_token(a, vendor_hex);
+    let (qb, timings, t_plug) = migrate(&mut qa, b, vendor_hex);
+    (qa, qb, tok1, alive_a, timings, t_plug)
+}
+
+/// Boots vm-a on host A and waits for its first token (from A) and a heartbeat after it.
+/// Returns (A's QEMU, first token line, the heartbeat).
+fn boot_with_token(a: &Host, vendor_hex: &str) -> (Qemu, Value, Value) {
     let img = guest_image().unwrap();
     let mut qa = Qemu::boot(&img, "vm-a@A", opts(a, "vm-a", 3, vendor_hex)).unwrap();
     let (tok1, _) = qa
@@ -293,6 +308,14 @@ fn boot_and_migrate(
             |l| msg(l) == "alive" && l["tokens"] == 1,
         )
         .unwrap();
+    (qa, tok1, alive_a)
+}
+
+/// Live-migrates the guest of `qa` to host `b`: unplug vsock on A, migrate over a Unix
+/// socket into a QEMU started on B, plug vsock on B. Returns (B's QEMU, timings, when the
+/// device was plugged on B).
+fn migrate(qa: &mut Qemu, b: &Host, vendor_hex: &str) -> (Qemu, Value, SystemTime) {
+    let img = guest_image().unwrap();
     let mut qb = Qemu::incoming(&img, "vm-a@B", opts(b, "vm-a", 3, vendor_hex)).unwrap();
     let unplug = qa.unplug_vsock().unwrap();
     let mig = qa.migrate_to(&qb).unwrap();
@@ -304,7 +327,7 @@ fn boot_and_migrate(
         "migration_total_ms": mig.total_ms,
         "migration_wall_ms": mig.wall.as_millis(),
     });
-    (qa, qb, tok1, alive_a, timings, t_plug)
+    (qb, timings, t_plug)
 }
 
 #[test]
@@ -438,4 +461,206 @@ fn migration_to_a_host_without_license_tells_the_app() {
     assert_eq!(alive_c["run_id"], alive_a["run_id"]);
     assert!(!qc.app_lines().iter().any(|l| msg(l) == "token"));
     qa.quit();
+}
+
+/// The pool of the migration variant and its etcd key prefix (docs/pools.md).
+const POOL: &str = "qemu-mig";
+/// Leases of the pool variant: longer than the move takes under TCG (unplug, migrate, plug,
+/// reconnect), so vm-a's lease on A is still live when it arrives on B, as with a production
+/// TTL: the seat must then go straight to B, and A's lease must end because the seat moved,
+/// not because it lapsed.
+const LEASES_POOL: &str =
+    "[leases]\nttl = \"30s\"\nkey_epoch = \"10m\"\nsweep_interval = \"200ms\"\n";
+
+/// The seats of `POOL` in etcd right now (each key's JSON value: `node`, `vm`, `seat`, ...).
+fn pool_seats(etcd: &EtcdCluster) -> Vec<Value> {
+    let prefix = format!("/hostbind/pools/{POOL}/seats/");
+    let out = etcd
+        .etcdctl(&["get", "--prefix", &prefix, "--print-value-only"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "etcdctl get: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("seat value {l}: {e}")))
+        .collect()
+}
+
+/// One token request of the agent standing for vm-b on host B: `Ok(lease id)` or
+/// `Err(the agent's error text)`.
+fn agent_token(agent: &Agent) -> Result<String, String> {
+    let out = agent.cmd(&["token", "--product", "cad", "--json"]).unwrap();
+    if out.status.success() {
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Ok(v["lease_id"].as_str().unwrap_or("?").to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// etcd holds exactly one seat of `POOL`: vm `vm`'s, held by `holder`.
+fn assert_one_seat(etcd: &EtcdCluster, holder: &Host, vm: &str, after: &str) {
+    let seats = pool_seats(etcd);
+    assert_eq!(seats.len(), 1, "after {after}: {seats:?}");
+    assert_eq!(
+        seats[0]["node"],
+        holder.host_id.as_str(),
+        "after {after}: {seats:?}"
+    );
+    assert_eq!(seats[0]["vm"], vm, "after {after}: {seats:?}");
+}
+
+/// vm-b on host B is refused because the 1-seat pool is full (vm-a holds the seat).
+fn assert_pool_full(when: &str, r: &Result<String, String>) {
+    match r {
+        Ok(lease) => panic!(
+            "{when}: vm-b on host B got a pool seat (lease {lease}) while vm-a holds the only one"
+        ),
+        Err(e) => assert!(
+            e.contains(&format!("pool '{POOL}' is full")),
+            "{when}: vm-b refused, but not for a full pool: {e}"
+        ),
+    }
+}
+
+/// Issue point 3: a 1-seat pool across hosts A and B, vm-a live-migrated A -> B. A second VM
+/// on B (vm-b: a real agent on B's socket for a VM configured on B, not a second TCG guest,
+/// which would double the boot time on two cores; the proxy sees the same wire protocol) is
+/// refused with the pool-full error before, during (polled while device_del/migrate/device_add
+/// run) and after the move; vm-a gets a token from B whose seat is the re-homed one (the
+/// token names the pool, the seat key in etcd names B); A's lease ends because the seat
+/// moved; etcd never shows two seats, so the seat is at no moment counted twice or free for
+/// vm-b.
+#[test]
+fn pool_seat_moves_with_the_migrating_vm_and_is_never_free_for_another_vm() {
+    let t0 = Instant::now();
+    let Some(etcd) = EtcdCluster::start_or_skip("pool migration", 3).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let vendor_hex = vendor_public_hex(&v).unwrap();
+    let mut ha = Host::enrolled_vhost(&v, &["vm-a"], LEASES_POOL).unwrap();
+    let mut hb = Host::enrolled_vhost(&v, &["vm-a", "vm-b"], LEASES_POOL).unwrap();
+    let uuid_a = ha.vm("vm-a").unwrap().uuid.clone();
+    assert_eq!(
+        uuid_a,
+        hb.vm("vm-a").unwrap().uuid,
+        "the same VM on A and B"
+    );
+    assert_ne!(uuid_a, hb.vm("vm-b").unwrap().uuid, "vm-b is another VM");
+    // Both hosts in the pool (own client certificates); one pool license naming both hosts:
+    // 1 seat, no fallback share.
+    for h in [&ha, &hb] {
+        h.join_pool(&etcd, &[POOL], "check_interval = \"200ms\"")
+            .unwrap();
+    }
+    let lic = Host::issue_pool_license(&v, &[&ha, &hb], "cad", POOL, 1, 0, "vm", &[]).unwrap();
+    ha.start_proxy().unwrap();
+    hb.start_proxy().unwrap();
+    for h in [&ha, &hb] {
+        h.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+            .unwrap();
+    }
+
+    let (mut qa, tok1, _alive_a) = boot_with_token(&ha, &vendor_hex);
+    let c1 = check_token_on_host(&tok1, &v, ha.dir());
+    assert_eq!(
+        c1.pool.as_deref(),
+        Some(POOL),
+        "vm-a's token on A names the pool"
+    );
+    assert_one_seat(&etcd, &ha, &uuid_a, "vm-a's token from A");
+
+    // Before the move.
+    let agent_b = Agent::start(&hb.vm("vm-b").unwrap().socket).unwrap();
+    assert_pool_full("before the move", &agent_token(&agent_b));
+
+    // During the move: vm-b asks and etcd is read, again and again, while vsock is unplugged
+    // on A, the guest migrates and vsock is plugged on B, until vm-a holds a token from B.
+    let stop = AtomicBool::new(false);
+    let (qb, got, t_token, timings, t_plug, during, max_seats) = std::thread::scope(|s| {
+        let poll = s.spawn(|| {
+            let (mut tries, mut max_seats) = (Vec::new(), 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                tries.push(agent_token(&agent_b));
+                max_seats = max_seats.max(pool_seats(&etcd).len());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (tries, max_seats)
+        });
+        let (mut qb, timings, t_plug) = migrate(&mut qa, &hb, &vendor_hex);
+        let got = qb.wait_app("a token from host B", Duration::from_secs(60), |l| {
+            msg(l) == "token" && l["host_id"] == hb.host_id.as_str()
+        });
+        let t_token = SystemTime::now();
+        stop.store(true, Ordering::Relaxed);
+        let (tries, max_seats) = poll.join().unwrap();
+        (qb, got, t_token, timings, t_plug, tries, max_seats)
+    });
+    // First what vm-b saw (a seat taken by vm-b would explain a refused vm-a).
+    assert!(
+        during.len() >= 2,
+        "vm-b asked only {} times during the move",
+        during.len()
+    );
+    for (i, r) in during.iter().enumerate() {
+        assert_pool_full(&format!("during the move (try {i})"), r);
+    }
+    assert!(
+        max_seats <= 1,
+        "etcd showed {max_seats} seats of a 1-seat pool during the move"
+    );
+    let (tok2, _) = got.unwrap_or_else(|e| {
+        panic!(
+            "{e}\nproxy B's log:\n{}\nproxy A's log:\n{}",
+            tail(&proxy_log(&hb), 6000),
+            tail(&proxy_log(&ha), 6000)
+        )
+    });
+
+    // After: vm-a's token from B carries the pool; its seat (the same key) is now B's.
+    let c2 = check_token_on_host(&tok2, &v, hb.dir());
+    assert_eq!(hex::encode(&c2.host_id), hb.host_id);
+    assert_eq!(
+        c2.pool.as_deref(),
+        Some(POOL),
+        "vm-a's token on B names the pool"
+    );
+    assert!(leases(&hb).contains(&c2.lease_id));
+    assert_one_seat(&etcd, &hb, &uuid_a, "the move (re-homed to B)");
+    assert_pool_full("after the move", &agent_token(&agent_b));
+
+    // A ends vm-a's old lease because its seat moved (long before the 30 s TTL would end it),
+    // and that frees nothing: the seat stays B's and vm-b stays refused.
+    let old = tok1["lease_id"].as_str().unwrap().to_string();
+    let ended = wait_until(
+        "host A ends vm-a's old lease",
+        Duration::from_secs(10),
+        || !leases(&ha).contains(&old),
+    );
+    let log = proxy_log(&ha);
+    assert!(
+        log.contains(&format!("seat moved to node {}", hb.host_id)),
+        "A's lease ended, but not because its seat moved to B:\n{}",
+        tail(&log, 6000)
+    );
+    qa.quit();
+    assert_one_seat(&etcd, &hb, &uuid_a, "A's lease ended");
+    assert_pool_full("after A's lease ended", &agent_token(&agent_b));
+
+    let mut t = timings;
+    t["device_add_to_token_from_b_ms"] =
+        json!(t_token.duration_since(t_plug).map(|d| d.as_millis()).ok());
+    t["vm_b_refusals_during_move"] = json!(during.len());
+    t["host_a_lease_ended_after_token_from_b_ms"] = json!(ended.as_millis());
+    t["test_wall_ms"] = json!(t0.elapsed().as_millis());
+    bench("pool_live_migration", t);
+    drop(agent_b);
+    drop(qb);
+    hb.stop_proxy();
+    ha.stop_proxy();
 }
