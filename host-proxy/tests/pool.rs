@@ -384,3 +384,40 @@ fn quorum_loss_fallback_grant_is_reconciled_and_shows_in_the_usage_report() {
         "{r:#}"
     );
 }
+
+/// A pool license's own seats are only the fallback share (0 here): adding the license again
+/// (a renewal) or restarting the proxy with it in licenses_dir must not end the leases that
+/// hold pool seats beyond that share.
+#[test]
+fn license_re_add_and_restart_keep_pool_leases_beyond_the_fallback_share() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_readd", 1).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let mut a = Host::enrolled(&v, &["vm-a", "vm-b"], "").unwrap();
+    a.join_pool(&c, &[POOL], POOL_EXTRA).unwrap();
+    let lic = Host::issue_pool_license(&v, &[&a], "cad", POOL, 2, 0, "vm", &[]).unwrap();
+    a.start_proxy().unwrap();
+    a.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
+    let ag_b = Agent::start(&a.vm("vm-b").unwrap().socket).unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    token_json(&ag_b, "cad").unwrap();
+    assert_eq!(seats(&c).len(), 2);
+    let both = |a: &Host| {
+        let l = a.proxy_ok(&["leases"]).unwrap();
+        assert!(l.contains("vm-a") && l.contains("vm-b"), "{l}");
+    };
+    a.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+    both(&a);
+    a.stop_proxy();
+    a.start_proxy().unwrap();
+    both(&a);
+    // The seats stay held in the pool, and the agents keep renewing.
+    assert_eq!(seats(&c).len(), 2);
+    token_json(&ag_a, "cad").unwrap();
+    token_json(&ag_b, "cad").unwrap();
+    assert_eq!(seats(&c).len(), 2);
+}
