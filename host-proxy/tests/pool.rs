@@ -421,3 +421,35 @@ fn license_re_add_and_restart_keep_pool_leases_beyond_the_fallback_share() {
     token_json(&ag_b, "cad").unwrap();
     assert_eq!(seats(&c).len(), 2);
 }
+
+/// Seats are keyed by pool and VM: a second product's license naming the same pool would let
+/// a VM holding a seat of one product take the other uncounted. Such a license is refused.
+#[test]
+fn second_product_in_the_same_pool_is_refused_so_seats_are_not_shared() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_two_products", 1).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let mut a = Host::enrolled(&v, &["vm-a", "vm-b"], "").unwrap();
+    a.join_pool(&c, &[POOL], POOL_EXTRA).unwrap();
+    let cad = Host::issue_pool_license(&v, &[&a], "cad", POOL, 1, 0, "vm", &[]).unwrap();
+    let cam = Host::issue_pool_license(&v, &[&a], "cam", POOL, 1, 0, "vm", &[]).unwrap();
+    a.start_proxy().unwrap();
+    a.proxy_ok(&["license", "add", cad.to_str().unwrap()])
+        .unwrap();
+    let out = a
+        .proxy_cmd(&["license", "add", cam.to_str().unwrap()])
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&format!("uses pool '{POOL}'")), "{text}");
+    // The VM holding the pool's only seat for 'cad' gets no 'cam' token beside it.
+    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    assert!(token_json(&ag_a, "cam").is_err());
+    assert_eq!(seats(&c).len(), 1);
+}
