@@ -509,3 +509,31 @@ async fn a_node_with_a_certificate_of_another_ca_is_refused_and_told_tls() {
         .await
         .unwrap();
 }
+
+/// A key under the pool's prefix that is no hostbind seat (put there by hand) must not stop
+/// the reconcile for good (the node would stay in outage mode until its grace runs out): it is
+/// skipped, and still counted as taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_key_in_the_pool_does_not_block_reconcile() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_junk_key", 1).unwrap() else {
+        return;
+    };
+    let t = terms(2, 0);
+    let ttl = Duration::from_secs(120);
+    let a = node(&c, 1, Duration::from_secs(60)).await;
+    a.acquire(req(&t, "vm1", ttl)).await.unwrap();
+    let mut e = raw(&c).await;
+    e.put(
+        format!("/hostbind/pools/{POOL}/seats/junk"),
+        "not json",
+        None,
+    )
+    .await
+    .unwrap();
+    a.reconcile().await.unwrap();
+    assert!(a.health().await.unavailable.is_none());
+    a.keep_alive(POOL, "vm1").await.unwrap();
+    // The junk key holds the pool's second seat.
+    let err = a.acquire(req(&t, "vm2", ttl)).await.unwrap_err();
+    assert!(matches!(err, PoolError::PoolFull { .. }), "{err}");
+}
