@@ -463,6 +463,11 @@ impl Inner {
         }
         let _ops = self.ops.read().await;
         let _one = self.acquiring.lock().await;
+        // Queued behind an acquire that just found etcd gone: answer from what it learnt,
+        // not by waiting out the timeouts again, one request after another.
+        if let Some(e) = self.unavailable_now() {
+            return self.fallback(&req, e);
+        }
         match self.acquire_etcd(&req).await {
             Ok(s) => Ok(s),
             Err(e) => self.fallback(&req, e),
