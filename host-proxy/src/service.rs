@@ -1356,6 +1356,15 @@ impl Service {
         let pool = match is_pool_license(lic) {
             false => None,
             true => match self.pools.take(lic, vm, &lease, self.cfg.leases.ttl.0) {
+                // Ended while its seat was taken (libvirt stop, admin release, license
+                // removal): give the seat back, issue no token for a released lease.
+                Ok(_) if !matches!(self.ledger.lease(&lease.id), Ok(Some(_))) => {
+                    self.pools.ended(&lease);
+                    return Err(self.refused(err(
+                        ErrorCode::UnknownLease,
+                        format!("lease {} ended while its pool seat was taken (released by the admin, the VM stopped or the license changed); request a new token", lease.id),
+                    )));
+                }
                 Ok(p) => Some(p),
                 Err(e) => {
                     let _ = self.ledger.release(

@@ -453,3 +453,42 @@ fn second_product_in_the_same_pool_is_refused_so_seats_are_not_shared() {
     assert!(token_json(&ag_a, "cam").is_err());
     assert_eq!(seats(&c).len(), 1);
 }
+
+/// A lease released while its pool seat is being taken (here: the take waits out etcd's lost
+/// quorum, then grants from the fallback share) must not leave the seat held with no lease, nor
+/// get a token.
+#[test]
+fn lease_released_while_its_seat_is_taken_leaks_no_seat() {
+    let Some(mut c) = EtcdCluster::start_or_skip("pool_end_during_take", 3).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let extra = "check_interval = \"60s\"\nrequest_timeout = \"3s\"\nconnect_timeout = \"1s\"";
+    let mut a = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    a.join_pool(&c, &[POOL], extra).unwrap();
+    let lic = Host::issue_pool_license(&v, &[&a], "cad", POOL, 1, 1, "vm", &[]).unwrap();
+    a.start_proxy().unwrap();
+    a.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+    c.stop_quorum();
+    let socket = a.vm("vm-a").unwrap().socket.clone();
+    let asking = std::thread::spawn(move || {
+        let ag = Agent::start(&socket).unwrap();
+        token_json(&ag, "cad")
+    });
+    // The ledger has granted the lease; its seat is still being taken from etcd.
+    let mut id = None;
+    wait_for("the ledger's lease", Duration::from_secs(10), || {
+        let l = a.proxy_ok(&["--json", "leases"]).unwrap_or_default();
+        id = serde_json::from_str::<serde_json::Value>(&l)
+            .ok()
+            .and_then(|v| v.as_array()?.first()?["id"].as_str().map(String::from));
+        id.is_some()
+    });
+    a.proxy_ok(&["release", id.as_deref().unwrap()]).unwrap();
+    let r = asking.join().unwrap();
+    assert!(r.is_err(), "a token for a released lease: {r:?}");
+    let st = a.proxy_ok(&["status"]).unwrap();
+    assert!(!st.contains("1 held here"), "{st}");
+    c.restore().unwrap();
+}
