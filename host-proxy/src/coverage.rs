@@ -87,7 +87,14 @@ pub fn uncovered<'a>(leases: &'a [Lease], lic: &License, now: u64) -> Vec<(&'a L
         .filter(|l| !gone.contains(l.id.as_str()))
         .cloned()
         .collect();
-    let over: HashSet<String> = over_seats(&rest, &lic.product, lic.seats, lic.count_mode, now)
+    // A pool license's own `seats` is the fallback share (what this node may grant alone while
+    // cut off from the pool); the seats its leases hold are counted cluster-wide by the pool, so
+    // no more of them can run here than the whole pool has.
+    let seats = match lic.pool() {
+        Some(p) if crate::ports::is_pool_license(lic) => p.seats,
+        _ => lic.seats,
+    };
+    let over: HashSet<String> = over_seats(&rest, &lic.product, seats, lic.count_mode, now)
         .into_iter()
         .map(|l| l.id.clone())
         .collect();
@@ -98,10 +105,10 @@ pub fn uncovered<'a>(leases: &'a [Lease], lic: &License, now: u64) -> Vec<(&'a L
                 "license {} for '{}' grants {} seat{} ({} count) and older leases hold {}",
                 lic.id,
                 lic.product,
-                lic.seats,
-                if lic.seats == 1 { "" } else { "s" },
+                seats,
+                if seats == 1 { "" } else { "s" },
                 lic.count_mode,
-                if lic.seats == 1 { "it" } else { "them" }
+                if seats == 1 { "it" } else { "them" }
             ),
         ));
     }

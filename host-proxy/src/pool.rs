@@ -208,13 +208,29 @@ impl EtcdSeats {
 
     fn note(&self, lease: &Lease, seat: &Seat) {
         let id = (seat.pool.clone(), seat.seat.clone());
+        lock(&self.map).moved.remove(&id);
+        self.note_id(lease, &id);
+    }
+
+    fn note_id(&self, lease: &Lease, id: &SeatId) {
         let mut m = lock(&self.map);
-        m.moved.remove(&id);
         m.by_seat
             .entry(id.clone())
             .or_default()
             .insert(lease.id.clone());
-        m.by_lease.insert(lease.id.clone(), id);
+        m.by_lease.insert(lease.id.clone(), id.clone());
+    }
+
+    /// Undoes [`Self::note_id`] for a seat that was not taken.
+    fn forget(&self, lease: &Lease, id: &SeatId) {
+        let mut m = lock(&self.map);
+        m.by_lease.remove(&lease.id);
+        if let Some(set) = m.by_seat.get_mut(id) {
+            set.remove(&lease.id);
+            if set.is_empty() {
+                m.by_seat.remove(id);
+            }
+        }
     }
 
     fn seat_of(seat: &Seat, moved_from: Option<String>) -> PoolSeat {
@@ -401,6 +417,10 @@ impl Pools for EtcdSeats {
         let req = self.request(lic, vm, lease, ttl).map_err(|e| refusal(&e))?;
         let id = (req.terms.pool.clone(), req.seat.clone());
         let _one = self.shard(&id);
+        // Recorded before the (slow) acquire: a lease ended meanwhile (libvirt stop, admin
+        // release, license removal) finds its seat here and waits for this shard, then
+        // releases what the acquire took, instead of finding nothing and leaking the seat.
+        self.note_id(lease, &id);
         let r = match self.rt.block_on(self.pool.acquire(req.clone())) {
             Ok(s) => Ok((s, None)),
             // The VM runs here now (its transport says so): the seat follows it.
@@ -428,6 +448,7 @@ impl Pools for EtcdSeats {
                 Ok(Self::seat_of(&s, from))
             }
             Err(e) => {
+                self.forget(lease, &id);
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 Err(refusal(&e))
             }

@@ -847,6 +847,7 @@ impl Service {
     pub fn add_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
         let l = self.check_license(bytes)?;
         self.check_not_early(&l, unix_now())?;
+        self.check_pool_not_shared(&l)?;
         let stored = self.ledger.licenses()?;
         if stored.iter().any(|r| r.id == l.id && r.bytes == bytes) {
             self.activate(l.clone(), bytes.to_vec());
@@ -862,6 +863,34 @@ impl Service {
         self.activate(l.clone(), bytes.to_vec());
         self.apply_license(&l)?;
         Ok(l)
+    }
+
+    /// Refuses a pool license whose pool id another product's installed license already uses:
+    /// the pool's seats are keyed by pool and VM (or lease), so two products in one pool would
+    /// share seats (a VM holding a seat of one would get the other without being counted).
+    fn check_pool_not_shared(&self, l: &License) -> Result<(), ServiceError> {
+        let Some(pool) = l.pool().filter(|_| is_pool_license(l)) else {
+            return Ok(());
+        };
+        let other = self.licenses.read().ok().and_then(|m| {
+            m.values()
+                .map(|a| &a.license)
+                .find(|o| {
+                    o.product != l.product
+                        && is_pool_license(o)
+                        && o.pool().is_some_and(|p| p.id == pool.id)
+                })
+                .map(|o| (o.id.clone(), o.product.clone()))
+        });
+        match other {
+            None => Ok(()),
+            Some((id, product)) => Err(ServiceError::License(format!(
+                "license {} for '{}' uses pool '{}', which the installed license {id} for '{product}' already uses; \
+                 one pool counts the seats of one product: ask the vendor for a license with its own pool id \
+                 (or remove {id} first)",
+                l.id, l.product, pool.id
+            ))),
+        }
     }
 
     /// Refuses a license that is not valid yet while the installed license of its product
@@ -1346,6 +1375,15 @@ impl Service {
         let pool = match is_pool_license(lic) {
             false => None,
             true => match self.pools.take(lic, vm, &lease, self.cfg.leases.ttl.0) {
+                // Ended while its seat was taken (libvirt stop, admin release, license
+                // removal): give the seat back, issue no token for a released lease.
+                Ok(_) if !matches!(self.ledger.lease(&lease.id), Ok(Some(_))) => {
+                    self.pools.ended(&lease);
+                    return Err(self.refused(err(
+                        ErrorCode::UnknownLease,
+                        format!("lease {} ended while its pool seat was taken (released by the admin, the VM stopped or the license changed); request a new token", lease.id),
+                    )));
+                }
                 Ok(p) => Some(p),
                 Err(e) => {
                     let _ = self.ledger.release(

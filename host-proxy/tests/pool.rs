@@ -384,3 +384,111 @@ fn quorum_loss_fallback_grant_is_reconciled_and_shows_in_the_usage_report() {
         "{r:#}"
     );
 }
+
+/// A pool license's own seats are only the fallback share (0 here): adding the license again
+/// (a renewal) or restarting the proxy with it in licenses_dir must not end the leases that
+/// hold pool seats beyond that share.
+#[test]
+fn license_re_add_and_restart_keep_pool_leases_beyond_the_fallback_share() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_readd", 1).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let mut a = Host::enrolled(&v, &["vm-a", "vm-b"], "").unwrap();
+    a.join_pool(&c, &[POOL], POOL_EXTRA).unwrap();
+    let lic = Host::issue_pool_license(&v, &[&a], "cad", POOL, 2, 0, "vm", &[]).unwrap();
+    a.start_proxy().unwrap();
+    a.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
+    let ag_b = Agent::start(&a.vm("vm-b").unwrap().socket).unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    token_json(&ag_b, "cad").unwrap();
+    assert_eq!(seats(&c).len(), 2);
+    let both = |a: &Host| {
+        let l = a.proxy_ok(&["leases"]).unwrap();
+        assert!(l.contains("vm-a") && l.contains("vm-b"), "{l}");
+    };
+    a.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+    both(&a);
+    a.stop_proxy();
+    a.start_proxy().unwrap();
+    both(&a);
+    // The seats stay held in the pool, and the agents keep renewing.
+    assert_eq!(seats(&c).len(), 2);
+    token_json(&ag_a, "cad").unwrap();
+    token_json(&ag_b, "cad").unwrap();
+    assert_eq!(seats(&c).len(), 2);
+}
+
+/// Seats are keyed by pool and VM: a second product's license naming the same pool would let
+/// a VM holding a seat of one product take the other uncounted. Such a license is refused.
+#[test]
+fn second_product_in_the_same_pool_is_refused_so_seats_are_not_shared() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_two_products", 1).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let mut a = Host::enrolled(&v, &["vm-a", "vm-b"], "").unwrap();
+    a.join_pool(&c, &[POOL], POOL_EXTRA).unwrap();
+    let cad = Host::issue_pool_license(&v, &[&a], "cad", POOL, 1, 0, "vm", &[]).unwrap();
+    let cam = Host::issue_pool_license(&v, &[&a], "cam", POOL, 1, 0, "vm", &[]).unwrap();
+    a.start_proxy().unwrap();
+    a.proxy_ok(&["license", "add", cad.to_str().unwrap()])
+        .unwrap();
+    let out = a
+        .proxy_cmd(&["license", "add", cam.to_str().unwrap()])
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&format!("uses pool '{POOL}'")), "{text}");
+    // The VM holding the pool's only seat for 'cad' gets no 'cam' token beside it.
+    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    assert!(token_json(&ag_a, "cam").is_err());
+    assert_eq!(seats(&c).len(), 1);
+}
+
+/// A lease released while its pool seat is being taken (here: the take waits out etcd's lost
+/// quorum, then grants from the fallback share) must not leave the seat held with no lease, nor
+/// get a token.
+#[test]
+fn lease_released_while_its_seat_is_taken_leaks_no_seat() {
+    let Some(mut c) = EtcdCluster::start_or_skip("pool_end_during_take", 3).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let extra = "check_interval = \"60s\"\nrequest_timeout = \"3s\"\nconnect_timeout = \"1s\"";
+    let mut a = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    a.join_pool(&c, &[POOL], extra).unwrap();
+    let lic = Host::issue_pool_license(&v, &[&a], "cad", POOL, 1, 1, "vm", &[]).unwrap();
+    a.start_proxy().unwrap();
+    a.proxy_ok(&["license", "add", lic.to_str().unwrap()])
+        .unwrap();
+    c.stop_quorum();
+    let socket = a.vm("vm-a").unwrap().socket.clone();
+    let asking = std::thread::spawn(move || {
+        let ag = Agent::start(&socket).unwrap();
+        token_json(&ag, "cad")
+    });
+    // The ledger has granted the lease; its seat is still being taken from etcd.
+    let mut id = None;
+    wait_for("the ledger's lease", Duration::from_secs(10), || {
+        let l = a.proxy_ok(&["--json", "leases"]).unwrap_or_default();
+        id = serde_json::from_str::<serde_json::Value>(&l)
+            .ok()
+            .and_then(|v| v.as_array()?.first()?["id"].as_str().map(String::from));
+        id.is_some()
+    });
+    a.proxy_ok(&["release", id.as_deref().unwrap()]).unwrap();
+    let r = asking.join().unwrap();
+    assert!(r.is_err(), "a token for a released lease: {r:?}");
+    let st = a.proxy_ok(&["status"]).unwrap();
+    assert!(!st.contains("1 held here"), "{st}");
+    c.restore().unwrap();
+}

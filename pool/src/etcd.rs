@@ -463,6 +463,11 @@ impl Inner {
         }
         let _ops = self.ops.read().await;
         let _one = self.acquiring.lock().await;
+        // Queued behind an acquire that just found etcd gone: answer from what it learnt,
+        // not by waiting out the timeouts again, one request after another.
+        if let Some(e) = self.unavailable_now() {
+            return self.fallback(&req, e);
+        }
         match self.acquire_etcd(&req).await {
             Ok(s) => Ok(s),
             Err(e) => self.fallback(&req, e),
@@ -666,8 +671,15 @@ impl Inner {
         let mut count = r.kvs().len() as u64;
         let mut in_etcd: HashMap<String, (Seat, i64, i64)> = HashMap::new();
         for kv in r.kvs() {
-            let s = Self::decode(kv)?;
-            in_etcd.insert(s.seat.clone(), (s, kv.mod_revision(), kv.lease()));
+            // A key that is no hostbind seat (written by hand, or by another version) still
+            // counts as taken, but it must not stop the reconcile (and so keep this node in
+            // outage mode for good): skip it, say so.
+            match Self::decode(kv) {
+                Ok(s) => {
+                    in_etcd.insert(s.seat.clone(), (s, kv.mod_revision(), kv.lease()));
+                }
+                Err(e) => tracing::warn!(pool, "reconcile skips a key: {e}"),
+            }
         }
         let held: Vec<Held> = self
             .state()
