@@ -129,6 +129,8 @@ impl EtcdSeats {
         ttl: Duration,
     ) -> Result<Arc<EtcdSeats>, PoolError> {
         let host_id = identity.cert.host_id.to_vec();
+        // At start, before any guest is served (daemon::run runs on the runtime's main
+        // thread, which also reads the identity files synchronously).
         let (held, map) = held_seats(ledger, identity, &host_id, ttl);
         let n = held.len();
         let pool = EtcdPool::start(cfg.clone(), &host_id, held).await?;
