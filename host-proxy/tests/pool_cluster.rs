@@ -699,9 +699,6 @@ async fn node_cut_off_from_etcd_runs_on_grace_and_fallback_others_unaffected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails with the wiring of 7ddb2b5 and 97f034b: after its relay is restored the cut node's pool \
-            task logs nothing more and never puts its seats back in etcd (docs/reliability.md, \
-            pool section); run with --run-ignored all"]
 async fn node_cut_off_from_etcd_puts_its_seats_back_when_restored() {
     cut_off_case("pool_cut_off_restore", true).await;
 }

@@ -836,6 +836,18 @@ impl Inner {
                     self.state().leases.remove(&ttl);
                     need_reconcile = true;
                 }
+                // etcd answered but refused the keep-alive: etcd-client reports an expired
+                // lease so ("lease keep alive error: lease not found"), not as a TTL of 0.
+                // Returning here would skip the reconcile for good (the node's seats never
+                // reach etcd again); the reconcile checks each lease's TTL and grants anew.
+                Err(e) if e.unavailable().is_none() => {
+                    tracing::warn!(
+                        lease = id,
+                        ttl,
+                        "keeping the etcd lease of this node alive failed: {e}; reconciling"
+                    );
+                    need_reconcile = true;
+                }
                 Err(_) => return,
             }
         }
