@@ -193,7 +193,9 @@ async fn three_nodes_competing_never_exceed_the_pool_even_when_an_etcd_member_is
                             let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
                             max_holding.fetch_max(now, Ordering::SeqCst);
                             granted.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(15)).await;
+                            // Held long enough that the twelve acquirers always find the
+                            // four seats taken, however slow etcd answers on a loaded machine.
+                            tokio::time::sleep(Duration::from_millis(150)).await;
                             holding.fetch_sub(1, Ordering::SeqCst);
                             p.release(POOL, &vm).await.unwrap();
                         }

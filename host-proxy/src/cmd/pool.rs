@@ -84,7 +84,16 @@ pub(crate) fn lines(p: &PoolStatus) -> Vec<String> {
             p.pools.join(", ")
         ));
     } else {
-        let what = match p.etcd.as_str() {
+        let reachable = p.members.len() - down.len();
+        // A request that timed out reads as "unreachable"; when the member probes find some
+        // members but fewer than a majority, the cause is the lost quorum.
+        let cause = if p.etcd == "unreachable" && reachable > 0 && reachable * 2 <= p.members.len()
+        {
+            "no quorum"
+        } else {
+            p.etcd.as_str()
+        };
+        let what = match cause {
             "no quorum" => "etcd has NO QUORUM (fewer than a majority of its members run)",
             "TLS" => "TLS to etcd FAILS (check [pool] ca/cert/key against the members' certificates and --trusted-ca-file)",
             _ => "etcd UNREACHABLE (this node is cut off from the members, or they are all down)",
@@ -119,4 +128,39 @@ pub(crate) fn lines(p: &PoolStatus) -> Vec<String> {
 /// `status`'s pool lines, when `[pool]` is set.
 pub(crate) fn status_lines(s: &Status) -> Vec<String> {
     s.pool.as_ref().map(lines).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostbind_proxy::pool::MemberStatus;
+
+    fn with_members(etcd: &str, reachable: &[bool]) -> PoolStatus {
+        PoolStatus {
+            etcd: etcd.into(),
+            members: reachable
+                .iter()
+                .enumerate()
+                .map(|(i, r)| MemberStatus {
+                    endpoint: format!("https://127.0.0.1:{}", 2379 + i),
+                    reachable: *r,
+                    error: None,
+                })
+                .collect(),
+            ..PoolStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_timeout_with_a_minority_of_members_reachable_reads_as_no_quorum() {
+        let l = lines(&with_members("unreachable", &[true, false, false]));
+        assert!(l[0].contains("etcd has NO QUORUM"), "{l:?}");
+        let l = lines(&with_members("unreachable", &[false, false, false]));
+        assert!(l[0].contains("etcd UNREACHABLE"), "{l:?}");
+        // A majority reachable and still a timeout: the path to them, not the quorum.
+        let l = lines(&with_members("unreachable", &[true, true, false]));
+        assert!(l[0].contains("etcd UNREACHABLE"), "{l:?}");
+        let l = lines(&with_members("TLS", &[true, false, false]));
+        assert!(l[0].contains("TLS to etcd FAILS"), "{l:?}");
+    }
 }
