@@ -1133,11 +1133,17 @@ impl Service {
             )));
         }
         if exp < min_end {
-            // the lease was granted so long ago (a slow ledger commit) that it is about to end
+            // the lease was granted so long ago (a slow ledger commit, or a slow pool seat
+            // acquire in etcd) that it is about to end
+            let slow = if pool.is_some() {
+                "its seat ledger or the seat pool's etcd took long to answer"
+            } else {
+                "its seat ledger took long to commit"
+            };
             return Err(self.refused(err(
                 ErrorCode::Busy,
                 format!(
-                    "lease {} ends at {}, too soon for a useful token: the host is overloaded (its seat ledger took long to commit); retry",
+                    "lease {} ends at {}, too soon for a useful token: the host is overloaded ({slow}); retry",
                     lease.id,
                     fmt_time(lease.expires_at)
                 ),
