@@ -449,12 +449,12 @@ impl Inner {
 
     async fn acquire(&self, req: SeatRequest) -> Result<Seat, PoolError> {
         self.check_request(&req)?;
-        if let Some(h) = self
-            .state()
-            .held
-            .get(&(req.terms.pool.clone(), req.seat.clone()))
-        {
-            return Ok(h.seat.clone());
+        // A seat held here already: kept under the same rule as a keep-alive (within the grace
+        // while etcd is unavailable), or a node cut off for good would serve it forever to
+        // new leases while renewals are refused.
+        match self.keep_alive(&req.terms.pool, &req.seat) {
+            Err(PoolError::NotHeld { .. }) => {}
+            held => return held,
         }
         // Known outage: answer at once from the fallback share (the background task
         // notices when etcd is back and reconciles).

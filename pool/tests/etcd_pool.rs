@@ -592,3 +592,35 @@ async fn acquires_queued_at_the_start_of_a_silent_partition_do_not_wait_out_one_
     assert!(took < Duration::from_secs(8), "{took:?}");
     relay.restore();
 }
+
+/// A node cut off from etcd past the license's grace must not go on serving a seat it holds
+/// to new leases (a guest that never renews but asks anew each time): the grace binds the
+/// held-seat path of `acquire` as it binds keep-alives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_seat_is_not_served_to_new_leases_past_the_grace_while_cut_off() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_grace_acquire", 3).unwrap() else {
+        return;
+    };
+    let relay = TcpRelay::start((0..3).map(|i| c.member_addr(i)).collect()).unwrap();
+    let mut t = terms(2, 0);
+    t.grace = Duration::from_secs(2);
+    let ttl = Duration::from_secs(30);
+    let cut_node = EtcdPool::start(
+        config(&c, 3, vec![relay.https_url()], Duration::from_secs(1)),
+        &[3; 32],
+        vec![],
+    )
+    .await
+    .unwrap();
+    cut_node.acquire(req(&t, "vm1", ttl)).await.unwrap();
+    relay.cut(Cut::Reject);
+    let e = cut_node.acquire(req(&t, "vm2", ttl)).await.unwrap_err();
+    assert_eq!(e.unavailable(), Some(Cause::Unreachable), "{e}");
+    // Within the grace the held seat is served (a new lease of the same VM).
+    cut_node.acquire(req(&t, "vm1", ttl)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let e = cut_node.acquire(req(&t, "vm1", ttl)).await.unwrap_err();
+    assert!(matches!(e, PoolError::GraceOver { .. }), "{e}");
+    let e = cut_node.keep_alive(POOL, "vm1").await.unwrap_err();
+    assert!(matches!(e, PoolError::GraceOver { .. }), "{e}");
+}

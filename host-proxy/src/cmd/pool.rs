@@ -34,7 +34,7 @@ pub(crate) async fn status(c: &mut AdminClient, json: bool) -> Result<()> {
             let here = if s.node == v.node { " (this node)" } else { "" };
             println!(
                 "  node {}{here}  vm {}  product {}  since {}{}{}",
-                &s.node[..s.node.len().min(16)],
+                s.node.chars().take(16).collect::<String>(),
                 s.vm,
                 s.product,
                 fmt_time(s.since),
