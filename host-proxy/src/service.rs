@@ -248,6 +248,9 @@ pub struct Service {
     clock: Arc<crate::clock::ClockGuard>,
     rotate_now: tokio::sync::Notify,
     licenses: RwLock<HashMap<String, ActiveLicense>>,
+    /// Held (on a blocking thread) while a license is checked, stored and activated: two
+    /// `license add` at once must not both pass a check the other's license would fail.
+    license_changes: Mutex<()>,
     conns: Mutex<HashMap<u64, Conn>>,
     next_conn: AtomicU64,
     started_at: u64,
@@ -384,6 +387,7 @@ impl Service {
             pools,
             limits,
             issue_gate: IssueGate::default(),
+            license_changes: Mutex::new(()),
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
         });
@@ -391,7 +395,13 @@ impl Service {
         // on a blocking thread, not on an async worker.
         tokio::task::spawn_blocking(move || {
             for rec in svc.ledger.licenses()? {
-                match svc.check_license(&rec.bytes) {
+                // A stored pool license whose pool id another product's license uses (stored
+                // by a version without the check, or by hand) stays inactive: its seats would
+                // be shared uncounted.
+                match svc
+                    .check_license(&rec.bytes)
+                    .and_then(|l| svc.check_pool_not_shared(&l).map(|()| l))
+                {
                     Ok(l) => svc.activate(l, rec.bytes),
                     Err(e) => tracing::warn!(license = %rec.id, "stored license not usable: {e}"),
                 }
@@ -845,6 +855,10 @@ impl Service {
 
     /// Verifies and adds a license (replacing the previous license of its product).
     pub fn add_license(&self, bytes: &[u8]) -> Result<License, ServiceError> {
+        let _one = self
+            .license_changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let l = self.check_license(bytes)?;
         self.check_not_early(&l, unix_now())?;
         self.check_pool_not_shared(&l)?;

@@ -454,6 +454,45 @@ fn second_product_in_the_same_pool_is_refused_so_seats_are_not_shared() {
     assert_eq!(seats(&c).len(), 1);
 }
 
+/// Two `license add` at once, for two products naming one pool: the check that refuses the
+/// second product must not be passed by both (each checked before the other was stored).
+#[test]
+fn two_products_added_at_once_to_one_pool_never_both_install() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_two_products_race", 1).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let mut a = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    a.join_pool(&c, &[POOL], POOL_EXTRA).unwrap();
+    let cad = Host::issue_pool_license(&v, &[&a], "cad", POOL, 1, 0, "vm", &[]).unwrap();
+    let cam = Host::issue_pool_license(&v, &[&a], "cam", POOL, 1, 0, "vm", &[]).unwrap();
+    a.start_proxy().unwrap();
+    let a = std::sync::Arc::new(a);
+    for round in 0..6 {
+        let adds: Vec<_> = [&cad, &cam]
+            .into_iter()
+            .map(|f| {
+                let (a, f) = (std::sync::Arc::clone(&a), f.to_str().unwrap().to_string());
+                std::thread::spawn(move || a.proxy_cmd(&["license", "add", &f]).unwrap())
+            })
+            .collect();
+        let ok = adds
+            .into_iter()
+            .map(|h| h.join().unwrap().status.success())
+            .filter(|ok| *ok)
+            .count();
+        let list = a.proxy_ok(&["license", "list"]).unwrap();
+        let installed: Vec<&str> = list
+            .lines()
+            .filter(|l| l.contains("product="))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(ok, 1, "round {round}: {ok} adds succeeded: {list}");
+        assert_eq!(installed.len(), 1, "round {round}: {list}");
+        a.proxy_ok(&["license", "remove", installed[0]]).unwrap();
+    }
+}
+
 /// A lease released while its pool seat is being taken (here: the take waits out etcd's lost
 /// quorum, then grants from the fallback share) must not leave the seat held with no lease, nor
 /// get a token.
