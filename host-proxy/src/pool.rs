@@ -95,7 +95,8 @@ fn refusal(e: &PoolError) -> ErrorBody {
         | PoolError::Tls { .. }
         | PoolError::FallbackExhausted { .. }
         | PoolError::GraceOver { .. }
-        | PoolError::NotHeld { .. } => ErrorCode::Unavailable,
+        | PoolError::NotHeld { .. }
+        | PoolError::OutOfSpace { .. } => ErrorCode::Unavailable,
         PoolError::Contended { .. } => ErrorCode::Busy,
         PoolError::NotAMember { .. }
         | PoolError::NotAPoolLicense { .. }

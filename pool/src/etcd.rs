@@ -166,6 +166,8 @@ impl Inner {
                 ) || m.contains("transport error")
                 {
                     unreachable()
+                } else if m.contains("database space exceeded") {
+                    PoolError::OutOfSpace { detail }
                 } else {
                     PoolError::Etcd { detail }
                 }

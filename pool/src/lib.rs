@@ -126,6 +126,10 @@ pub enum PoolError {
     /// Reading the configuration's files.
     #[error(transparent)]
     Config(#[from] PoolConfigError),
+    /// etcd raised its NOSPACE alarm: its database reached `--quota-backend-bytes` and it
+    /// refuses writes (held seats live on: lease keep-alives are no writes).
+    #[error("seat pool unavailable: etcd is out of space ({detail}); new pool seats are refused until an operator compacts and defragments etcd and disarms the alarm (`etcdctl compact`, `etcdctl defrag`, `etcdctl alarm disarm`); run etcd with --auto-compaction-retention (admin guide, \"Seat pools\")")]
+    OutOfSpace { detail: String },
     /// Anything else etcd answered (a bug or an unsupported etcd).
     #[error("etcd error: {detail}")]
     Etcd { detail: String },

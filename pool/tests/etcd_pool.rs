@@ -624,3 +624,47 @@ async fn a_held_seat_is_not_served_to_new_leases_past_the_grace_while_cut_off() 
     let e = cut_node.keep_alive(POOL, "vm1").await.unwrap_err();
     assert!(matches!(e, PoolError::GraceOver { .. }), "{e}");
 }
+
+/// etcd out of space (its NOSPACE alarm, e.g. never compacted): a new seat is refused with an
+/// error naming the alarm and the operator's fix, not a bare "etcd error"; a seat held already
+/// is kept (its keep-alive writes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_out_of_space_refuses_new_seats_naming_the_alarm_and_keeps_held_ones() {
+    let quota = 4 * 1024 * 1024;
+    let Some(c) = EtcdCluster::start_or_skip_with(
+        "pool_nospace",
+        1,
+        &[&format!("--quota-backend-bytes={quota}")],
+    )
+    .unwrap() else {
+        return;
+    };
+    let t = terms(4, 0);
+    let ttl = Duration::from_secs(30);
+    let n = node(&c, 1, Duration::from_secs(1)).await;
+    n.acquire(req(&t, "vm1", ttl)).await.unwrap();
+    // Fill etcd past its quota (bounded: at most 2× the quota written).
+    let mut e = raw(&c).await;
+    let junk = vec![b'x'; 256 * 1024];
+    let mut full = false;
+    for i in 0..(2 * quota / junk.len()) {
+        match e.put(format!("/junk/{i}"), junk.clone(), None).await {
+            Ok(_) => {}
+            Err(err) => {
+                assert!(err.to_string().contains("space exceeded"), "{err}");
+                full = true;
+                break;
+            }
+        }
+    }
+    assert!(full, "etcd never raised its NOSPACE alarm");
+    let err = n.acquire(req(&t, "vm2", ttl)).await.unwrap_err();
+    assert!(matches!(err, PoolError::OutOfSpace { .. }), "{err}");
+    assert!(
+        err.to_string().contains("etcdctl alarm disarm")
+            && err.to_string().contains("--auto-compaction-retention"),
+        "{err}"
+    );
+    n.keep_alive(POOL, "vm1").await.unwrap();
+    n.acquire(req(&t, "vm1", ttl)).await.unwrap();
+}

@@ -158,6 +158,8 @@ pub struct EtcdCluster {
     server: CertFiles,
     client: CertFiles,
     root: PathBuf,
+    /// More `etcd` arguments for every member (e.g. a small `--quota-backend-bytes`).
+    extra: Vec<String>,
     // Last: removed after the members are stopped.
     _dir: TempDir,
 }
@@ -166,9 +168,14 @@ impl EtcdCluster {
     /// Starts an `n`-member cluster (3 for quorum tests) and waits until every member answers a
     /// health check over TLS.
     pub fn start(n: usize) -> Result<EtcdCluster, TestkitError> {
+        Self::start_with(n, &[])
+    }
+
+    /// [`EtcdCluster::start`] with more `etcd` arguments for every member.
+    pub fn start_with(n: usize, extra: &[&str]) -> Result<EtcdCluster, TestkitError> {
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(n) {
+            match Self::try_start(n, extra) {
                 Ok(c) => return Ok(c),
                 Err(e) => last = Some(e),
             }
@@ -176,7 +183,7 @@ impl EtcdCluster {
         Err(last.unwrap_or_else(|| err("no start attempt", Path::new(""))))
     }
 
-    fn try_start(n: usize) -> Result<EtcdCluster, TestkitError> {
+    fn try_start(n: usize, extra: &[&str]) -> Result<EtcdCluster, TestkitError> {
         let (dir, root) = crate::temp_dir("hostbind-etcd-")?;
         let ca = TestCa::new(&root, "etcd-test")?;
         let server = ca.issue("server", true)?;
@@ -210,6 +217,7 @@ impl EtcdCluster {
             server,
             client,
             root,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             _dir: dir,
         };
         for i in 0..n {
@@ -244,7 +252,8 @@ impl EtcdCluster {
             .arg(&self.server.key)
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             // Metrics and v2 off: nothing else listens.
-            .args(["--enable-v2=false", "--listen-metrics-urls", ""]);
+            .args(["--enable-v2=false", "--listen-metrics-urls", ""])
+            .args(&self.extra);
         if !crate::on_path("etcd") {
             return Err(TestkitError::ToolMissing {
                 program: "etcd (Debian: apt-get install etcd-server etcd-client)".into(),
@@ -474,6 +483,15 @@ impl EtcdCluster {
     /// installed and `HOSTBIND_REQUIRE_SWTPM` (set by scripts/test and CI) is unset. Fails when
     /// it is required but missing.
     pub fn start_or_skip(test: &str, n: usize) -> Result<Option<EtcdCluster>, TestkitError> {
+        Self::start_or_skip_with(test, n, &[])
+    }
+
+    /// [`EtcdCluster::start_or_skip`] with more `etcd` arguments for every member.
+    pub fn start_or_skip_with(
+        test: &str,
+        n: usize,
+        extra: &[&str],
+    ) -> Result<Option<EtcdCluster>, TestkitError> {
         if !available() {
             if std::env::var_os("HOSTBIND_REQUIRE_SWTPM").is_some() {
                 return Err(TestkitError::ToolMissing {
@@ -485,6 +503,6 @@ impl EtcdCluster {
             eprintln!("{test}: skipped: etcd is not installed (scripts/setup --test installs it)");
             return Ok(None);
         }
-        EtcdCluster::start(n).map(Some)
+        EtcdCluster::start_with(n, extra).map(Some)
     }
 }
