@@ -28,6 +28,11 @@ use tokio::sync::RwLock;
 pub const ROOT: &str = "/hostbind/pools/";
 /// Attempts of one acquire against concurrent acquires of other nodes.
 const MAX_ATTEMPTS: u32 = 64;
+/// The largest etcd read answer taken (gRPC's default is 4 MiB, about 11,000 seat keys: a
+/// bigger pool, or a few big foreign keys under its prefix, would fail every whole-pool read:
+/// reconcile, holders, the moved-away check). 64 MiB is about 170,000 seats; it also bounds
+/// what a hostile etcd can make a node hold in memory per read.
+const MAX_READ_BYTES: usize = 64 * 1024 * 1024;
 /// Pause before retrying a call another member may answer.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -235,9 +240,14 @@ impl Inner {
     }
 
     async fn get(&self, key: &str, opts: Option<GetOptions>) -> Result<GetResponse, PoolError> {
-        self.call(|mut c| {
+        self.call(|c| {
             let (key, opts) = (key.to_string(), opts.clone());
-            async move { c.get(key, opts).await }
+            async move {
+                c.kv_client()
+                    .max_decoding_message_size(MAX_READ_BYTES)
+                    .get(key, opts)
+                    .await
+            }
         })
         .await
     }
@@ -595,7 +605,15 @@ impl Inner {
         let r = self
             .get(&seats_prefix(pool), Some(GetOptions::new().with_prefix()))
             .await?;
-        r.kvs().iter().map(Self::decode).collect()
+        // A key that is no hostbind seat is left out (and logged), as in the reconcile.
+        Ok(r.kvs()
+            .iter()
+            .filter_map(|kv| {
+                Self::decode(kv)
+                    .map_err(|e| tracing::warn!(pool, "the holders' list skips a key: {e}"))
+                    .ok()
+            })
+            .collect())
     }
 
     /// A linearizable read: etcd answers with a leader.

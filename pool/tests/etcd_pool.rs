@@ -668,3 +668,33 @@ async fn etcd_out_of_space_refuses_new_seats_naming_the_alarm_and_keeps_held_one
     n.keep_alive(POOL, "vm1").await.unwrap();
     n.acquire(req(&t, "vm1", ttl)).await.unwrap();
 }
+
+/// A pool whose keys add up to more than gRPC's default 4 MiB answer (a pool of over ~11,000
+/// seats, or big foreign keys under its prefix) must still reconcile and list its holders:
+/// otherwise a node stays in outage mode for good after any outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_bigger_than_one_default_grpc_answer_still_reconciles() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_big_read", 1).unwrap() else {
+        return;
+    };
+    let t = terms(20, 0);
+    let ttl = Duration::from_secs(120);
+    let a = node(&c, 1, Duration::from_secs(60)).await;
+    a.acquire(req(&t, "vm1", ttl)).await.unwrap();
+    let mut e = raw(&c).await;
+    let big = vec![b'x'; 1024 * 1024];
+    for i in 0..5 {
+        e.put(
+            format!("/hostbind/pools/{POOL}/seats/big-{i}"),
+            big.clone(),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    a.reconcile().await.unwrap();
+    assert!(a.health().await.unavailable.is_none());
+    let h = names(&a.holders(POOL).await.unwrap());
+    assert_eq!(h, vec![("vm1".into(), host(1))]);
+    a.acquire(req(&t, "vm2", ttl)).await.unwrap();
+}
