@@ -1905,6 +1905,7 @@ impl Service {
                 pool: p.pool.clone(),
                 fallback: !p.counted,
                 moved_from: p.moved_from.clone().unwrap_or_default(),
+                seats: lic.pool().map_or(0, |p| p.seats),
             });
     }
 

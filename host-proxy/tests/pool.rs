@@ -385,6 +385,45 @@ fn quorum_loss_fallback_grant_is_reconciled_and_shows_in_the_usage_report() {
     );
 }
 
+/// The customer deletes a held seat's key in his etcd, so a second node grants the pool's only
+/// seat again: each node's usage log alone looks right, the vendor's report of both logs read
+/// together names the over-use (two VMs at once in a 1-seat pool).
+#[test]
+fn seat_key_deleted_in_etcd_shows_as_over_use_when_the_vendor_reads_both_logs() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_key_deleted", 1).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let (mut a, mut b) = two_nodes_with(&c, &v, (&["vm-a"], &["vm-b"]), (1, 0), "", POOL_EXTRA);
+    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    let ag_b = Agent::start(&b.vm("vm-b").unwrap().socket).unwrap();
+    assert!(token_json(&ag_b, "cad").is_err(), "the pool is full");
+    let out = c
+        .etcdctl(&["del", "--prefix", &format!("/hostbind/pools/{POOL}/seats/")])
+        .unwrap();
+    assert!(out.status.success());
+    token_json(&ag_b, "cad").unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    a.stop_proxy();
+    b.stop_proxy();
+    let (la, lb) = (
+        usage_report::export(&a, "a.usage"),
+        usage_report::export(&b, "b.usage"),
+    );
+    for l in [&la, &lb] {
+        let (code, r) = usage_report::report(&v, l);
+        assert_eq!(code, 0, "one log alone shows one VM: {r:#}");
+        assert_eq!(r["pool_peaks"][0]["peak_vms"], 1, "{r:#}");
+    }
+    let (code, r) = usage_report::report_all(&v, &[&la, &lb]);
+    assert_eq!(code, 3, "{r:#}");
+    assert_eq!(r["pool_peaks"][0]["peak_vms"], 2, "{r:#}");
+    assert_eq!(r["pool_peaks"][0]["seats"], 1, "{r:#}");
+    assert_eq!(r["anomalies"][0]["kind"], "pool_over_use", "{r:#}");
+    assert_eq!(r["logs"].as_array().unwrap().len(), 2, "{r:#}");
+}
+
 /// A pool license's own seats are only the fallback share (0 here): adding the license again
 /// (a renewal) or restarting the proxy with it in licenses_dir must not end the leases that
 /// hold pool seats beyond that share.

@@ -283,8 +283,10 @@ struct FinishArgs {
 // The arguments of `usage report` (its help text is the doc comment of its variant above).
 #[derive(Args)]
 struct ReportArgs {
-    /// Usage log file from `hostbind-proxy usage export`.
-    file: PathBuf,
+    /// Usage log files from `hostbind-proxy usage export`: one host's, or every host's of a
+    /// seat pool, read together to find the VMs that held the pool's seats at once.
+    #[arg(required = true)]
+    file: Vec<PathBuf>,
     #[command(flatten)]
     key: KeyArg,
     /// Output format.

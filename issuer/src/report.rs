@@ -2,7 +2,7 @@
 //! table, JSON or CSV.
 
 use hostbind_attest::signed::fmt_time;
-use hostbind_attest::usage::{UsageReport, UsageRow};
+use hostbind_attest::usage::{PoolPeak, UsageReport, UsageRow};
 use std::fmt::Write as _;
 
 /// Output formats of `hostbind-issuer usage report`.
@@ -156,6 +156,7 @@ pub fn render(r: &UsageReport, format: Format) -> Result<String, serde_json::Err
                 }
                 let _ = writeln!(out);
             }
+            out.push_str(&peak_lines(&r.pool_peaks));
             for n in &r.notes {
                 let _ = writeln!(out, "note: {n}");
             }
@@ -178,6 +179,33 @@ pub fn render(r: &UsageReport, format: Format) -> Result<String, serde_json::Err
             out
         }
     })
+}
+
+/// The table lines of pool peaks (one log's, or several logs' read together).
+pub fn peak_lines(peaks: &[PoolPeak]) -> String {
+    let mut out = String::new();
+    for p in peaks {
+        let hosts: Vec<String> = p
+            .hosts
+            .iter()
+            .map(|h| h.chars().take(16).collect())
+            .collect();
+        let _ = writeln!(
+            out,
+            "pool {}: at most {} VMs held its seats at once ({} seats{}), first at {} on {}",
+            p.pool,
+            p.peak_vms,
+            p.seats.map_or("?".to_string(), |s| s.to_string()),
+            if p.seats.is_some_and(|s| p.peak_vms > s as usize) {
+                ": OVER"
+            } else {
+                ""
+            },
+            fmt_time(p.at),
+            hosts.join(", ")
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -217,6 +245,14 @@ mod tests {
                 rehomed_in: 1,
                 lost: 0,
             }],
+            pool_peaks: vec![hostbind_attest::usage::PoolPeak {
+                pool: "acme-kvm".into(),
+                seats: Some(2),
+                peak_vms: 3,
+                at: 0,
+                hosts: vec!["ab".into()],
+            }],
+            pool_holds: vec![],
             notes: vec![],
             anomalies: vec![Anomaly {
                 kind: AnomalyKind::LogRolledBack,
@@ -241,6 +277,11 @@ mod tests {
         assert_eq!(j["usage"][0]["lease_seconds"], 60);
         assert_eq!(j["anomalies"][0]["kind"], "log_rolled_back");
         assert_eq!(j["pools"][0]["over_granted"], 1);
+        assert!(
+            t.contains("pool acme-kvm: at most 3 VMs held its seats at once (2 seats: OVER), first at 1970-01-01T00:00:00Z on ab"),
+            "{t}"
+        );
+        assert_eq!(j["pool_peaks"][0]["peak_vms"], 3);
         assert!(
             t.contains("pool acme-kvm on host ab: 3 seats taken in the pool, 2 from the fallback share (2 counted when etcd came back, 1 over-granted), 1 re-homed here"),
             "{t}"

@@ -4,7 +4,7 @@
 //! identity once, not three times. [`BodyBuilder`] fills a body up to a size limit and knows
 //! its exact encoded size without encoding the whole body again for every record.
 
-use super::record::{is_one, one};
+use super::record::{is_one, is_zero, one};
 use super::{to_cbor, LeaseRef, UsageError, UsageRecord, VmRef};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -98,6 +98,8 @@ enum WireRecord {
         f: bool,
         #[serde(default, skip_serializing_if = "String::is_empty")]
         m: String,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        s: u32,
     },
     #[serde(rename = "g")]
     PoolReconcile {
@@ -384,12 +386,14 @@ impl BodyBuilder {
                 pool,
                 fallback,
                 moved_from,
+                seats,
             } => WireRecord::PoolSeat {
                 a: *at,
                 l: self.lease(lease),
                 o: pool.clone(),
                 f: *fallback,
                 m: moved_from.clone(),
+                s: *seats,
             },
             UsageRecord::PoolReconcile {
                 at,
@@ -514,12 +518,13 @@ impl TryFrom<WireBody> for BlockBody {
                         detail: d.clone(),
                     }
                 }
-                WireRecord::PoolSeat { a, l, o, f, m } => UsageRecord::PoolSeat {
+                WireRecord::PoolSeat { a, l, o, f, m, s } => UsageRecord::PoolSeat {
                     at: *a,
                     lease: lease(*l)?,
                     pool: o.clone(),
                     fallback: *f,
                     moved_from: m.clone(),
+                    seats: *s,
                 },
                 WireRecord::PoolReconcile {
                     a,
@@ -736,13 +741,14 @@ mod tests {
                 count: 1,
                 reason
             }),
-            (lease, any::<u64>(), s(), any::<bool>(), s()).prop_map(
-                |(lease, at, pool, fallback, moved_from)| UsageRecord::PoolSeat {
+            (lease, any::<u64>(), s(), any::<bool>(), s(), any::<u32>()).prop_map(
+                |(lease, at, pool, fallback, moved_from, seats)| UsageRecord::PoolSeat {
                     at,
                     lease,
                     pool,
                     fallback,
                     moved_from,
+                    seats,
                 }
             ),
             (

@@ -58,7 +58,9 @@ pub use block::{block_hash, block_intact, open_block, seal_block, BlockHeader, T
 pub use body::{BlockBody, BodyBuilder};
 pub use key::{MeteringKey, MeteringSecret};
 pub use record::{LeaseRef, UsageRecord, VmRef};
-pub use report::{read_log, Anomaly, AnomalyKind, PoolRow, UsageReport, UsageRow};
+pub use report::{
+    pool_peaks, read_log, Anomaly, AnomalyKind, PoolHold, PoolPeak, PoolRow, UsageReport, UsageRow,
+};
 
 use serde::Serialize;
 

@@ -134,6 +134,11 @@ pub enum UsageRecord {
         /// Host id (hex) of the node the seat was re-homed from; empty when taken anew.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         moved_from: String,
+        /// The pool's seats under the license (0: not recorded, logs of an older proxy): the
+        /// report compares the VMs holding the pool's seats at once, across the hosts' logs,
+        /// with it.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        seats: u32,
     },
     /// What a reconcile of the node's seats of one pool with etcd did (at start, after an
     /// outage): seat keys of each kind.
@@ -188,6 +193,10 @@ pub(super) fn one() -> u64 {
 }
 
 /// Whether a count is 1 and so left out of the CBOR.
+pub(super) fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 pub(super) fn is_one(n: &u64) -> bool {
     *n == 1
 }

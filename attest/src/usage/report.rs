@@ -43,6 +43,10 @@ pub enum AnomalyKind {
     /// A seat pool was over-granted: seats granted from nodes' fallback shares while etcd was
     /// unavailable did not fit in the pool when it came back.
     PoolOverGrant,
+    /// More VMs held a pool's seats at the same time, by the hosts' logs read together, than
+    /// the pool has: etcd's count was bypassed (seat keys deleted, a node given an etcd of its
+    /// own) or fallback grants during an outage went beyond it.
+    PoolOverUse,
 }
 
 /// One anomaly with the block it concerns.
@@ -104,6 +108,106 @@ pub struct PoolRow {
     pub lost: u64,
 }
 
+/// A VM's hold of a pool seat on one host: from its lease's `pool_seat` record to the lease's
+/// end (or the end of the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolHold {
+    /// Pool id.
+    pub pool: String,
+    /// The pool's seats by the license (0: not recorded).
+    pub seats: u32,
+    /// Host id (hex).
+    pub host: String,
+    /// VM UUID.
+    pub vm: String,
+    /// Unix seconds.
+    pub from: u64,
+    /// Unix seconds.
+    pub to: u64,
+}
+
+/// The most VMs that held a pool's seats at the same moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolPeak {
+    /// Pool id.
+    pub pool: String,
+    /// The pool's seats by the license (absent: logs of an older proxy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seats: Option<u32>,
+    /// VMs holding a seat at once, at most.
+    pub peak_vms: usize,
+    /// When first (Unix seconds).
+    pub at: u64,
+    /// The hosts they ran on then.
+    pub hosts: Vec<String>,
+}
+
+/// Each pool's peak over the holds of one or more hosts' logs, and a
+/// [`AnomalyKind::PoolOverUse`] for each pool whose peak is above its seats. VMs are counted
+/// once however many leases or hosts they hold a seat on (a migrating VM is briefly on two),
+/// so the peak is a lower bound of the seats in use: never a false alarm in count mode `vm`.
+pub fn pool_peaks(holds: &[&PoolHold]) -> (Vec<PoolPeak>, Vec<Anomaly>) {
+    let mut by_pool: BTreeMap<&str, Vec<&PoolHold>> = BTreeMap::new();
+    for h in holds {
+        by_pool.entry(h.pool.as_str()).or_default().push(h);
+    }
+    let mut peaks = Vec::new();
+    let mut anomalies = Vec::new();
+    for (pool, hs) in by_pool {
+        // (time, 0 = end before 1 = start at the same second, hold)
+        let mut ev: Vec<(u64, u8, &PoolHold)> = Vec::with_capacity(2 * hs.len());
+        for h in &hs {
+            ev.push((h.from, 1, h));
+            ev.push((h.to.max(h.from), 0, h));
+        }
+        ev.sort_by_key(|e| (e.0, e.1));
+        let mut open: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        let mut best = PoolPeak {
+            pool: pool.to_string(),
+            seats: hs.iter().map(|h| h.seats).max().filter(|s| *s > 0),
+            peak_vms: 0,
+            at: 0,
+            hosts: Vec::new(),
+        };
+        for (t, kind, h) in ev {
+            if kind == 1 {
+                open.entry(h.vm.as_str()).or_default().push(h.host.as_str());
+                if open.len() > best.peak_vms {
+                    let mut hosts: Vec<String> =
+                        open.values().flatten().map(|s| s.to_string()).collect();
+                    hosts.sort();
+                    hosts.dedup();
+                    best.peak_vms = open.len();
+                    best.at = t;
+                    best.hosts = hosts;
+                }
+            } else if let Some(v) = open.get_mut(h.vm.as_str()) {
+                if let Some(i) = v.iter().position(|x| *x == h.host) {
+                    v.swap_remove(i);
+                }
+                if v.is_empty() {
+                    open.remove(h.vm.as_str());
+                }
+            }
+        }
+        if let Some(seats) = best.seats.filter(|s| best.peak_vms > *s as usize) {
+            anomalies.push(Anomaly {
+                kind: AnomalyKind::PoolOverUse,
+                seq: None,
+                index: None,
+                detail: format!(
+                    "{}: {} VMs held seats of pool '{pool}' at once (on hosts {}); the pool has {seats}: its count in etcd was bypassed (seat keys deleted, or a node given an etcd of its own), or fallback grants during an etcd outage went beyond it (see pool_over_grant)",
+                    fmt_time(best.at),
+                    best.peak_vms,
+                    best.hosts.join(", ")
+                ),
+            });
+        }
+        peaks.push(best);
+    }
+    (peaks, anomalies)
+}
+
 /// The result of reading a usage log.
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageReport {
@@ -124,6 +228,12 @@ pub struct UsageReport {
     /// Seat pools per pool and host: grants by source, re-homes, reconcile findings.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pools: Vec<PoolRow>,
+    /// Each pool's peak: the most VMs that held its seats at once in this log.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pool_peaks: Vec<PoolPeak>,
+    /// Who held a pool seat when (what [`pool_peaks`] reads across logs).
+    #[serde(skip)]
+    pub pool_holds: Vec<PoolHold>,
     /// Explained events that are not anomalies (TPM resets, i.e. host reboots).
     pub notes: Vec<String>,
     /// Everything wrong, in file order.
@@ -161,6 +271,8 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
         check_clocks(w[0], w[1], tolerance_secs, &mut anomalies, &mut notes);
     }
     let totals = aggregate(&ordered, &mut anomalies);
+    let (pool_peaks, over_use) = pool_peaks(&totals.pool_holds.iter().collect::<Vec<_>>());
+    anomalies.extend(over_use);
     UsageReport {
         blocks: bytes.len() / BLOCK_SIZE,
         blocks_opened: totals.opened,
@@ -170,6 +282,8 @@ pub fn read_log(bytes: &[u8], secret: &MeteringSecret, tolerance_secs: u64) -> U
         usage: totals.usage,
         open_leases: totals.open_leases,
         pools: totals.pools,
+        pool_peaks,
+        pool_holds: totals.pool_holds,
         notes,
         anomalies,
     }
@@ -478,6 +592,7 @@ struct Totals {
     usage: Vec<UsageRow>,
     open_leases: usize,
     pools: Vec<PoolRow>,
+    pool_holds: Vec<PoolHold>,
 }
 
 /// One usage row while it is summed up.
@@ -560,6 +675,9 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
     let mut opened = 0usize;
     let mut ended = BTreeSet::new();
     let mut pools: BTreeMap<(String, String), PoolRow> = BTreeMap::new();
+    // (host, lease id) -> the hold, while its lease is open; then `holds`
+    let mut holding: BTreeMap<(String, String), PoolHold> = BTreeMap::new();
+    let mut holds: Vec<PoolHold> = Vec::new();
     for p in ordered {
         let Some(body) = &p.body else { continue };
         opened += 1;
@@ -599,6 +717,10 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
                     if let Some((from, l)) = open.remove(&key) {
                         add_seconds(&mut acc, host, &l, from, (*at).max(from));
                     }
+                    if let Some(mut h) = holding.remove(&key) {
+                        h.to = *at;
+                        holds.push(h);
+                    }
                     ended.insert(key);
                 }
                 UsageRecord::TokenIssued {
@@ -626,11 +748,24 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
                     r.refusals = r.refusals.saturating_add(*count);
                 }
                 UsageRecord::PoolSeat {
+                    at,
+                    lease,
                     pool,
                     fallback,
                     moved_from,
-                    ..
+                    seats,
                 } => {
+                    let key = (host.to_string(), lease.lease_id.clone());
+                    if !ended.contains(&key) {
+                        holding.entry(key).or_insert_with(|| PoolHold {
+                            pool: pool.clone(),
+                            seats: *seats,
+                            host: host.to_string(),
+                            vm: lease.vm.uuid.clone(),
+                            from: *at,
+                            to: end_of_log,
+                        });
+                    }
                     let row = pool_row(&mut pools, pool, host);
                     if *fallback {
                         row.fallback_grants += 1;
@@ -700,6 +835,7 @@ fn aggregate(ordered: &[&Parsed], anomalies: &mut Vec<Anomaly>) -> Totals {
         usage,
         open_leases,
         pools: pools.into_values().collect(),
+        pool_holds: holds.into_iter().chain(holding.into_values()).collect(),
     }
 }
 

@@ -736,3 +736,54 @@ proptest! {
         prop_assert!(r.anomalies.iter().any(|a| a.kind == want), "{:#?}", r.anomalies);
     }
 }
+
+fn hold(host: &str, vm: &str, from: u64, to: u64) -> PoolHold {
+    PoolHold {
+        pool: "p".into(),
+        seats: 1,
+        host: host.into(),
+        vm: vm.into(),
+        from,
+        to,
+    }
+}
+
+#[test]
+fn pool_peaks_count_vms_at_once_across_hosts_and_flag_only_real_over_use() {
+    // A VM migrating A -> B (both hold its seat for a moment) and a seat handed from one VM to
+    // the next in the same second: one VM at a time, no anomaly.
+    let ok = [
+        hold("A", "vm1", T0, T0 + 60),
+        hold("B", "vm1", T0 + 50, T0 + 100),
+        hold("B", "vm2", T0 + 100, T0 + 200),
+    ];
+    let (peaks, anomalies) = pool_peaks(&ok.iter().collect::<Vec<_>>());
+    assert_eq!(peaks.len(), 1);
+    assert_eq!(peaks[0].peak_vms, 1);
+    assert_eq!(peaks[0].seats, Some(1));
+    assert!(anomalies.is_empty(), "{anomalies:?}");
+    // Two VMs on two hosts at once in a 1-seat pool (each host's log alone shows one).
+    let over = [
+        hold("A", "vm1", T0, T0 + 60),
+        hold("B", "vm2", T0 + 30, T0 + 90),
+    ];
+    let (peaks, anomalies) = pool_peaks(&over.iter().collect::<Vec<_>>());
+    assert_eq!(peaks[0].peak_vms, 2);
+    assert_eq!(peaks[0].at, T0 + 30);
+    assert_eq!(peaks[0].hosts, vec!["A".to_string(), "B".to_string()]);
+    assert_eq!(anomalies.len(), 1);
+    assert_eq!(anomalies[0].kind, AnomalyKind::PoolOverUse);
+    assert!(anomalies[0]
+        .detail
+        .contains("2 VMs held seats of pool 'p' at once"));
+    for one in &over {
+        let (_, a) = pool_peaks(&[one]);
+        assert!(a.is_empty());
+    }
+    // Logs of an older proxy (no pool size): a peak, no verdict.
+    let unknown = [hold("A", "vm1", T0, T0 + 9), hold("B", "vm2", T0, T0 + 9)]
+        .map(|h| PoolHold { seats: 0, ..h });
+    let (peaks, anomalies) = pool_peaks(&unknown.iter().collect::<Vec<_>>());
+    assert_eq!((peaks[0].peak_vms, peaks[0].seats), (2, None));
+    assert!(anomalies.is_empty());
+}

@@ -24,19 +24,16 @@ pub fn export(h: &Host, name: &str) -> PathBuf {
 
 /// Runs `hostbind-issuer usage report` and returns (exit code, parsed JSON).
 pub fn report(v: &Vendor, file: &Path) -> (i32, serde_json::Value) {
-    let out = run(
-        "hostbind-issuer",
-        &[
-            "usage",
-            "report",
-            file.to_str().unwrap(),
-            "--key",
-            v.key().to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-    )
-    .unwrap();
+    report_all(v, &[file])
+}
+
+/// `hostbind-issuer usage report` of several logs read together.
+pub fn report_all(v: &Vendor, files: &[&Path]) -> (i32, serde_json::Value) {
+    let mut args = vec!["usage", "report"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    let key = v.key();
+    args.extend(["--key", key.to_str().unwrap(), "--format", "json"]);
+    let out = run("hostbind-issuer", &args).unwrap();
     let code = out.status.code().unwrap_or(-1);
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
