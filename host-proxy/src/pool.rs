@@ -609,7 +609,8 @@ pub struct PoolStatus {
     pub detail: Option<String>,
     /// Seats this node holds (pool and fallback).
     pub held: usize,
-    /// Of them, fallback seats not yet counted in etcd.
+    /// Of them, seats etcd has not confirmed (fallback grants, and seats adopted at start
+    /// until a reconcile finds them): they use the fallback share.
     pub fallback_held: usize,
     /// Seats re-homed here since start.
     pub rehomed_in: u64,
