@@ -503,7 +503,8 @@ fn unavailable_secs(h: &Host) -> Option<u64> {
 /// The attack (review finding 4): node B, cut off from etcd, grants its fallback share, then
 /// its proxy is killed and started again while still cut off, to get the share a second time
 /// and a fresh grace. The seat B's ledger still holds counts against the share until etcd
-/// confirms it, and the outage (so the grace) counts from its start before the restart.
+/// confirms it, the outage (so the grace) counts from its start before the restart, and the
+/// vendor's usage report shows the fallback grant and its over-grant.
 #[test]
 fn restart_while_cut_off_grants_no_second_fallback_share_and_keeps_the_outage_start() {
     let Some(mut c) = EtcdCluster::start_or_skip("pool_restart_cut_off", 1).unwrap() else {
@@ -511,11 +512,25 @@ fn restart_while_cut_off_grants_no_second_fallback_share_and_keeps_the_outage_st
     };
     let v = Vendor::new().unwrap();
     let extra = "check_interval = \"200ms\"\nrequest_timeout = \"1s\"\nconnect_timeout = \"300ms\"";
-    // 2 seats: a node's ledger admits as many leases of a pool license as the pool has
-    // seats, so B's second VM reaches the pool's fallback share.
-    let (a, mut b) = two_nodes_with(&c, &v, (&["vm-a"], &["vm-b", "vm-c"]), (2, 1), "", extra);
-    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
-    token_json(&ag_a, "cad").unwrap();
+    // 2 seats, both A's: a node's ledger admits as many leases of a pool license as the pool
+    // has seats, so B's second VM reaches the pool's fallback share. Usage records are sealed
+    // within 200 ms, before the kill.
+    let usage = "[usage]\nflush_interval = \"200ms\"\n";
+    let (a, mut b) = two_nodes_with(
+        &c,
+        &v,
+        (&["vm-a", "vm-a2"], &["vm-b", "vm-c"]),
+        (2, 1),
+        usage,
+        extra,
+    );
+    let ag_a: Vec<Agent> = ["vm-a", "vm-a2"]
+        .iter()
+        .map(|vm| Agent::start(&a.vm(vm).unwrap().socket).unwrap())
+        .collect();
+    for ag in &ag_a {
+        token_json(ag, "cad").unwrap();
+    }
     // B is cut off and grants its one fallback seat.
     c.stop_quorum();
     let ag_b = Agent::start(&b.vm("vm-b").unwrap().socket).unwrap();
@@ -546,13 +561,23 @@ fn restart_while_cut_off_grants_no_second_fallback_share_and_keeps_the_outage_st
     wait_for(
         "B to count its fallback seat in etcd",
         Duration::from_secs(20),
-        || seats(&c).len() == 2,
+        || seats(&c).len() == 3,
     );
     wait_for("B to see etcd again", Duration::from_secs(10), || {
         unavailable_secs(&b).is_none()
     });
+    // The run loop takes the reconcile report into the usage log within a check interval,
+    // sealed within a flush interval (a kill before that loses it: an `unclean_stop`).
+    std::thread::sleep(Duration::from_millis(1000));
     // The end of the outage is recorded too: a restart with etcd reachable starts clean.
     b.kill_proxy();
     b.start_proxy().unwrap();
     assert_eq!(unavailable_secs(&b), None);
+    // The vendor sees the fallback grant and the over-grant it became.
+    b.stop_proxy();
+    let (code, r) = usage_report::report(&v, &usage_report::export(&b, "b.usage"));
+    assert_eq!(code, 3, "the over-grant is an anomaly: {r:#}");
+    let row = &r["pools"][0];
+    assert_eq!(row["fallback_grants"], 1, "{r:#}");
+    assert_eq!(row["over_granted"], 1, "{r:#}");
 }
