@@ -9,7 +9,9 @@
 //! - Every `check_interval` the node asks etcd for seats re-homed away from it and ends their
 //!   leases ("seat moved to node X"), so VMs given the same UUID on several nodes cannot
 //!   share one seat; the reconcile reports of the pool go to the same place.
-//! - At start the seats of the ledger's live leases are adopted and reconciled.
+//! - At start the seats of the ledger's live leases are adopted and reconciled; until etcd
+//!   confirms them they use the fallback share, and an etcd outage recorded in the ledger
+//!   before the restart goes on counting (the grace does not begin anew).
 
 use crate::enroll::HostIdentity;
 use crate::ledger::{Lease, Ledger, MetaCell};
