@@ -9,18 +9,20 @@
 //! - Every `check_interval` the node asks etcd for seats re-homed away from it and ends their
 //!   leases ("seat moved to node X"), so VMs given the same UUID on several nodes cannot
 //!   share one seat; the reconcile reports of the pool go to the same place.
-//! - At start the seats of the ledger's live leases are adopted and reconciled.
+//! - At start the seats of the ledger's live leases are adopted and reconciled; until etcd
+//!   confirms them they use the fallback share, and an etcd outage recorded in the ledger
+//!   before the restart goes on counting (the grace does not begin anew).
 
 use crate::enroll::HostIdentity;
-use crate::ledger::{Lease, Ledger};
+use crate::ledger::{Lease, Ledger, MetaCell};
 use crate::ports::{is_pool_license, PoolSeat, Pools, Vm};
 use crate::service::Service;
 use hostbind_attest::signed::{open, CountMode, License, ObjectKind};
 use hostbind_attest::usage::UsageRecord;
 use hostbind_attest::wire::{ErrorBody, ErrorCode};
 use hostbind_pool::{
-    EtcdPool, PoolConfig, PoolError, PoolTerms, ReconcileReport, Rehomed, Seat, SeatPool,
-    SeatRequest, SeatSource,
+    EtcdPool, OutageStore, PoolConfig, PoolError, PoolTerms, ReconcileReport, Rehomed, Seat,
+    SeatPool, SeatRequest, SeatSource,
 };
 use serde::{Deserialize, Serialize};
 use std::any::Any;
@@ -134,7 +136,32 @@ impl EtcdSeats {
         // thread, which also reads the identity files synchronously).
         let (held, map) = held_seats(ledger, identity, &host_id, ttl);
         let n = held.len();
-        let pool = EtcdPool::start(cfg.clone(), &host_id, held).await?;
+        let cell = ledger.meta_cell(OUTAGE_KEY);
+        let oldest = held.iter().map(|(_, s)| s.since).min();
+        let stored = cell.get();
+        let never = matches!(stored, Ok(None));
+        let recorded = outage_start(stored, oldest, crate::service::unix_now());
+        if never && recorded.is_none() {
+            // First start with this ledger: "no outage" is recorded, so a missing key later
+            // means it was removed (an outage then counts from the oldest seat held).
+            let c = cell.clone();
+            let r = tokio::task::spawn_blocking(move || c.set(0))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(e) = r {
+                tracing::warn!("seat pool: recording \"no etcd outage\" in the ledger failed: {e}");
+            }
+        }
+        if let Some(t) = recorded {
+            tracing::warn!(
+                since = t,
+                "seat pool: an etcd outage began before this start; if etcd is still unavailable, the outage (and the license's grace) counts from then"
+            );
+        }
+        let outages: Box<dyn OutageStore> = Box::new(LedgerOutages(cell));
+        let pool =
+            EtcdPool::start_with(cfg.clone(), &host_id, held, Some((outages, recorded))).await?;
         tracing::info!(
             endpoints = %cfg.endpoints.join(","),
             pools = %cfg.pools.join(","),
@@ -344,6 +371,49 @@ fn reconcile_records(r: &ReconcileReport, at: u64) -> Vec<UsageRecord> {
     out
 }
 
+/// The ledger's `meta` key holding the start (Unix s) of an etcd outage not yet over, 0 when
+/// etcd answered last. In the ledger, so removing it is editing the ledger.
+const OUTAGE_KEY: &str = "pool.outage_since";
+
+/// The etcd outage start kept in the ledger file ([`OUTAGE_KEY`]).
+struct LedgerOutages(MetaCell);
+
+impl OutageStore for LedgerOutages {
+    fn save(&self, since: Option<u64>) -> Result<(), String> {
+        self.0.set(since.unwrap_or(0)).map_err(|e| e.to_string())
+    }
+}
+
+/// The outage start a restarted node continues from: the one stored (`Ok(Some(0))`: etcd
+/// answered last, no outage). A missing key (never written, or removed from the ledger), an
+/// unreadable one or a start in the future fails safe: when the node holds pool seats, the
+/// outage counts from the oldest of them (`oldest_held`, its lease's creation), so removing
+/// the key gains no grace for seats held before the outage (see docs/threat-model.md).
+fn outage_start(
+    stored: Result<Option<u64>, crate::ledger::LedgerError>,
+    oldest_held: Option<u64>,
+    now: u64,
+) -> Option<u64> {
+    match stored {
+        Ok(Some(0)) => None,
+        Ok(Some(t)) if t <= now => Some(t),
+        other => {
+            let why = match other {
+                Ok(None) => "not recorded".to_string(),
+                Ok(Some(t)) => format!("{t}, in the future"),
+                Err(e) => e.to_string(),
+            };
+            let start = oldest_held.map(|t| t.min(now));
+            if start.is_some() {
+                tracing::warn!(
+                    "seat pool: the etcd outage state in the ledger is {why}; an outage at start counts from the oldest pool seat held"
+                );
+            }
+            start
+        }
+    }
+}
+
 /// The seats of the ledger's live leases of pool licenses (for the pool's reconcile at start)
 /// and the lease map.
 fn held_seats(
@@ -542,7 +612,8 @@ pub struct PoolStatus {
     pub detail: Option<String>,
     /// Seats this node holds (pool and fallback).
     pub held: usize,
-    /// Of them, fallback seats not yet counted in etcd.
+    /// Of them, seats etcd has not confirmed (fallback grants, and seats adopted at start
+    /// until a reconcile finds them): they use the fallback share.
     pub fallback_held: usize,
     /// Seats re-homed here since start.
     pub rehomed_in: u64,
@@ -723,5 +794,37 @@ impl EtcdSeats {
             status: self.status(),
             holders,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::outage_start;
+    use crate::ledger::LedgerError;
+
+    const NOW: u64 = 1_800_000_000;
+
+    /// Removing (or corrupting) the recorded outage start must not give a restarted node a
+    /// fresh grace for the seats it held: the outage then counts from the oldest seat held.
+    #[test]
+    fn outage_start_removed_from_the_ledger_counts_from_the_oldest_seat_held() {
+        let oldest = Some(NOW - 3600);
+        // Recorded: continue it; 0: etcd answered last.
+        assert_eq!(
+            outage_start(Ok(Some(NOW - 60)), oldest, NOW),
+            Some(NOW - 60)
+        );
+        assert_eq!(outage_start(Ok(Some(0)), oldest, NOW), None);
+        // Removed, in the future, unreadable: from the oldest seat held.
+        assert_eq!(outage_start(Ok(None), oldest, NOW), oldest);
+        assert_eq!(outage_start(Ok(Some(NOW + 999)), oldest, NOW), oldest);
+        let broken = LedgerError::Storage {
+            reason: "io".into(),
+            disk_full: false,
+        };
+        assert_eq!(outage_start(Err(broken), oldest, NOW), oldest);
+        // No seat held: nothing a grace would keep.
+        assert_eq!(outage_start(Ok(None), None, NOW), None);
     }
 }

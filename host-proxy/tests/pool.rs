@@ -570,3 +570,92 @@ fn lease_released_while_its_seat_is_taken_leaks_no_seat() {
     assert!(!st.contains("1 held here"), "{st}");
     c.restore().unwrap();
 }
+
+/// How long `h`'s proxy says etcd has been unavailable (`status --json`), seconds.
+fn unavailable_secs(h: &Host) -> Option<u64> {
+    let st: serde_json::Value =
+        serde_json::from_str(&h.proxy_ok(&["status", "--json"]).unwrap()).unwrap();
+    st["pool"]["unavailable_secs"].as_u64()
+}
+
+/// The attack (review finding 4): node B, cut off from etcd, grants its fallback share, then
+/// its proxy is killed and started again while still cut off, to get the share a second time
+/// and a fresh grace. The seat B's ledger still holds counts against the share until etcd
+/// confirms it, the outage (so the grace) counts from its start before the restart, and the
+/// vendor's usage report shows the fallback grant and its over-grant.
+#[test]
+fn restart_while_cut_off_grants_no_second_fallback_share_and_keeps_the_outage_start() {
+    let Some(mut c) = EtcdCluster::start_or_skip("pool_restart_cut_off", 1).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let extra = "check_interval = \"200ms\"\nrequest_timeout = \"1s\"\nconnect_timeout = \"300ms\"";
+    // 2 seats, both A's: a node's ledger admits as many leases of a pool license as the pool
+    // has seats, so B's second VM reaches the pool's fallback share. Usage records are sealed
+    // within 200 ms, before the kill.
+    let usage = "[usage]\nflush_interval = \"200ms\"\n";
+    let (a, mut b) = two_nodes_with(
+        &c,
+        &v,
+        (&["vm-a", "vm-a2"], &["vm-b", "vm-c"]),
+        (2, 1),
+        usage,
+        extra,
+    );
+    let ag_a: Vec<Agent> = ["vm-a", "vm-a2"]
+        .iter()
+        .map(|vm| Agent::start(&a.vm(vm).unwrap().socket).unwrap())
+        .collect();
+    for ag in &ag_a {
+        token_json(ag, "cad").unwrap();
+    }
+    // B is cut off and grants its one fallback seat.
+    c.stop_quorum();
+    let ag_b = Agent::start(&b.vm("vm-b").unwrap().socket).unwrap();
+    token_json(&ag_b, "cad").unwrap();
+    let st = b.proxy_ok(&["status"]).unwrap();
+    assert!(st.contains("1 from the fallback share"), "{st}");
+    std::thread::sleep(Duration::from_secs(4));
+    let before = unavailable_secs(&b).unwrap();
+    assert!(before >= 4, "{before}");
+    // A crash and a start, still cut off.
+    b.kill_proxy();
+    b.start_proxy().unwrap();
+    let after = unavailable_secs(&b);
+    assert!(
+        after.is_some_and(|s| s >= before),
+        "the outage began anew at the restart: {after:?} s, was {before} s before it"
+    );
+    let ag_c = Agent::start(&b.vm("vm-c").unwrap().socket).unwrap();
+    let err = token_json(&ag_c, "cad").unwrap_err();
+    assert!(
+        err.contains("fallback share of 1 seats is used up"),
+        "a second fallback seat after the restart: {err}"
+    );
+    // The seat granted before the restart is kept (within the grace).
+    token_json(&ag_b, "cad").unwrap();
+    // etcd back: B registers the seat (an over-grant) and the outage is over.
+    c.restore().unwrap();
+    wait_for(
+        "B to count its fallback seat in etcd",
+        Duration::from_secs(20),
+        || seats(&c).len() == 3,
+    );
+    wait_for("B to see etcd again", Duration::from_secs(10), || {
+        unavailable_secs(&b).is_none()
+    });
+    // The run loop takes the reconcile report into the usage log within a check interval,
+    // sealed within a flush interval (a kill before that loses it: an `unclean_stop`).
+    std::thread::sleep(Duration::from_millis(1000));
+    // The end of the outage is recorded too: a restart with etcd reachable starts clean.
+    b.kill_proxy();
+    b.start_proxy().unwrap();
+    assert_eq!(unavailable_secs(&b), None);
+    // The vendor sees the fallback grant and the over-grant it became.
+    b.stop_proxy();
+    let (code, r) = usage_report::report(&v, &usage_report::export(&b, "b.usage"));
+    assert_eq!(code, 3, "the over-grant is an anomaly: {r:#}");
+    let row = &r["pools"][0];
+    assert_eq!(row["fallback_grants"], 1, "{r:#}");
+    assert_eq!(row["over_granted"], 1, "{r:#}");
+}

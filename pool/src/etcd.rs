@@ -66,6 +66,12 @@ struct State {
     leases: HashMap<i64, i64>,
     /// Since when etcd is unavailable, why, and the last error.
     unavailable: Option<(Cause, Instant, String)>,
+    /// Outage time before this process noticed it (an outage that began before a restart):
+    /// added to the `Instant`'s elapsed time, so the grace counts from its real start.
+    down_before: Duration,
+    /// The start (Unix s) of an outage recorded before the restart, until this process sees
+    /// etcd fail (the outage goes on: counted from it) or answer (it ended: cleared).
+    recorded: Option<u64>,
     /// What reconciles did since [`SeatPool::take_report`] was last called.
     reports: ReconcileReport,
 }
@@ -86,6 +92,55 @@ struct Inner {
     acquiring: tokio::sync::Mutex<()>,
     /// etcd requests made (each attempt), for the load figures.
     requests: std::sync::atomic::AtomicU64,
+    /// Where the outage start survives a restart.
+    outages: Option<Arc<OutageLog>>,
+}
+
+/// Keeps the start of an etcd outage across restarts and `kill -9`: a restarted node must not
+/// begin its grace anew (docs/pools.md, "Restarts").
+pub trait OutageStore: Send + Sync + 'static {
+    /// Records `since` (Unix s of the outage's start; `None`: etcd answers) durably. Called on
+    /// a blocking thread, never on a tokio worker.
+    fn save(&self, since: Option<u64>) -> Result<(), String>;
+}
+
+/// The outage start as this node wants it stored, and as last stored.
+struct OutageLog {
+    store: Box<dyn OutageStore>,
+    /// (change number, value) wanted.
+    want: Mutex<(u64, Option<u64>)>,
+    /// Change number last written; held while writing, so writes never overtake each other.
+    written: Mutex<u64>,
+}
+
+impl OutageLog {
+    /// Queues `since` for the store and writes it on a blocking thread. The last change wins:
+    /// each writer writes the newest wanted value, so a late writer never restores an old one.
+    fn put(self: &Arc<Self>, since: Option<u64>) {
+        {
+            let mut w = lock(&self.want);
+            w.0 += 1;
+            w.1 = since;
+        }
+        let me = Arc::clone(self);
+        drop(tokio::task::spawn_blocking(move || {
+            let mut written = lock(&me.written);
+            let (n, v) = *lock(&me.want);
+            if n <= *written {
+                return;
+            }
+            match me.store.save(v) {
+                Ok(()) => *written = n,
+                Err(e) => tracing::error!(
+                    "recording the etcd outage's start failed: {e}; a restart now would begin the license's grace anew"
+                ),
+            }
+        }));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A node's seat pools on etcd; see the module doc. Dropping it stops its background task
@@ -233,7 +288,10 @@ impl Inner {
                     *cause = c;
                     *d = detail.to_string();
                 }
-                None => st.unavailable = Some((c, Instant::now(), detail.to_string())),
+                None => {
+                    st.unavailable = Some((c, Instant::now(), detail.to_string()));
+                    self.outage_began(&mut st);
+                }
             }
         }
         Err(r)
@@ -425,11 +483,14 @@ impl Inner {
         if req.terms.fallback == 0 {
             return Err(e);
         }
+        // Every held seat etcd has not confirmed: fallback grants, and seats adopted at a
+        // restart that no reconcile has found in etcd yet (else a restart while cut off would
+        // hand out the share again).
         let used = self
             .state()
             .held
             .values()
-            .filter(|h| h.seat.pool == req.terms.pool && h.seat.source == SeatSource::Fallback)
+            .filter(|h| h.seat.pool == req.terms.pool && h.mod_rev == 0)
             .count();
         if used >= req.terms.fallback as usize {
             return Err(PoolError::FallbackExhausted {
@@ -495,7 +556,7 @@ impl Inner {
             });
         };
         if let Some((cause, since, _)) = &st.unavailable {
-            let down = since.elapsed();
+            let down = since.elapsed() + st.down_before;
             if down > h.terms.grace {
                 return Err(PoolError::GraceOver {
                     pool: pool.into(),
@@ -630,9 +691,17 @@ impl Inner {
         let probe = self.probe().await;
         let st = self.state();
         let (unavailable, unavailable_for, detail) = match (&probe, &st.unavailable) {
-            (Err(e), Some((c, since, _))) => (Some(*c), Some(since.elapsed()), Some(e.to_string())),
+            (Err(e), Some((c, since, _))) => (
+                Some(*c),
+                Some(since.elapsed() + st.down_before),
+                Some(e.to_string()),
+            ),
             (Err(e), None) => (e.unavailable(), None, Some(e.to_string())),
-            (Ok(()), Some((c, since, d))) => (Some(*c), Some(since.elapsed()), Some(d.clone())),
+            (Ok(()), Some((c, since, d))) => (
+                Some(*c),
+                Some(since.elapsed() + st.down_before),
+                Some(d.clone()),
+            ),
             (Ok(()), None) => (None, None, None),
         };
         PoolHealth {
@@ -640,11 +709,27 @@ impl Inner {
             unavailable_for,
             detail,
             held: st.held.len(),
-            fallback_held: st
-                .held
-                .values()
-                .filter(|h| h.seat.source == SeatSource::Fallback)
-                .count(),
+            fallback_held: st.held.values().filter(|h| h.mod_rev == 0).count(),
+        }
+    }
+
+    /// An outage began (in this process): it counts from the start recorded before a restart,
+    /// if any, and its start is recorded for the next restart.
+    fn outage_began(&self, st: &mut State) {
+        let now = now_unix();
+        let since = st.recorded.take().map_or(now, |t| t.min(now));
+        st.down_before = Duration::from_secs(now - since);
+        if let Some(log) = &self.outages {
+            log.put(Some(since));
+        }
+    }
+
+    /// etcd answered a reconcile: no outage, and none recorded.
+    fn outage_ended(&self, st: &mut State) {
+        let was = st.unavailable.take().is_some() | st.recorded.take().is_some();
+        st.down_before = Duration::ZERO;
+        if let (true, Some(log)) = (was, &self.outages) {
+            log.put(None);
         }
     }
 
@@ -672,7 +757,7 @@ impl Inner {
             self.reconcile_pool(&pool, &mut report).await?;
         }
         let mut st = self.state();
-        st.unavailable = None;
+        self.outage_ended(&mut st);
         if report != ReconcileReport::default() {
             tracing::warn!(?report, "seat pool reconciled with etcd");
             st.reports.merge(report.clone());
@@ -838,7 +923,13 @@ impl Inner {
     /// when a lease expired meanwhile) reconcile.
     async fn tick(&self) {
         let leases: Vec<(i64, i64)> = self.state().leases.iter().map(|(k, v)| (*k, *v)).collect();
-        let mut need_reconcile = self.state().unavailable.is_some();
+        // An outage recorded before a restart that the start's reconcile could not clear
+        // (etcd refused it otherwise) is cleared by the next reconcile, not applied to a later
+        // outage.
+        let mut need_reconcile = {
+            let st = self.state();
+            st.unavailable.is_some() || st.recorded.is_some()
+        };
         for (ttl, id) in leases {
             let r = self
                 .call(|mut c| async move {
@@ -916,6 +1007,19 @@ impl EtcdPool {
         host_id: &[u8],
         held: Vec<(SeatRequest, Seat)>,
     ) -> Result<EtcdPool, PoolError> {
+        Self::start_with(cfg, host_id, held, None).await
+    }
+
+    /// [`EtcdPool::start`] for a node that keeps its outage start across restarts:
+    /// `outages` is the store and the start it held (Unix s; `None`: no outage recorded).
+    /// An outage that goes on after the restart counts from that start (the grace does not
+    /// begin anew); each new outage's start is saved there, and cleared when etcd answers.
+    pub async fn start_with(
+        cfg: PoolConfig,
+        host_id: &[u8],
+        held: Vec<(SeatRequest, Seat)>,
+        outages: Option<(Box<dyn OutageStore>, Option<u64>)>,
+    ) -> Result<EtcdPool, PoolError> {
         cfg.validate()?;
         let tls = cfg.tls().await?;
         let opts = ConnectOptions::new()
@@ -929,15 +1033,30 @@ impl EtcdPool {
             .map_err(|e| PoolError::Etcd {
                 detail: format!("connect to {}: {}", cfg.endpoints.join(","), chain(&e)),
             })?;
+        let (outages, recorded) = match outages {
+            Some((store, recorded)) => (
+                Some(Arc::new(OutageLog {
+                    store,
+                    want: Mutex::new((0, recorded)),
+                    written: Mutex::new(0),
+                })),
+                recorded,
+            ),
+            None => (None, None),
+        };
         let inner = Arc::new(Inner {
             client,
             node: hex::encode(host_id),
             cfg,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                recorded,
+                ..State::default()
+            }),
             ops: RwLock::new(()),
             grant: tokio::sync::Mutex::new(()),
             acquiring: tokio::sync::Mutex::new(()),
             requests: std::sync::atomic::AtomicU64::new(0),
+            outages,
         });
         for (req, mut seat) in held {
             seat.node = inner.node.clone();

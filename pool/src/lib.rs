@@ -14,7 +14,7 @@ mod config;
 mod etcd;
 
 pub use config::{PoolConfig, PoolConfigError};
-pub use etcd::EtcdPool;
+pub use etcd::{EtcdPool, OutageStore};
 
 use hostbind_attest::signed::{check_identifier, CountMode, License};
 use serde::{Deserialize, Serialize};
@@ -323,7 +323,8 @@ pub struct PoolHealth {
     pub detail: Option<String>,
     /// Seats this node holds (pool and fallback).
     pub held: usize,
-    /// Of them, fallback seats not yet counted in etcd.
+    /// Of them, seats etcd has not confirmed (fallback grants, and seats adopted at start
+    /// until a reconcile finds them): they use the fallback share.
     pub fallback_held: usize,
 }
 

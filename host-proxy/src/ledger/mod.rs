@@ -164,6 +164,78 @@ fn storage<E: Into<redb::Error>>(e: E) -> LedgerError {
     }
 }
 
+/// [`Ledger::write_tx`] on the ledger's core.
+fn write_tx<R, E: From<LedgerError>>(
+    core: &Core,
+    durability: redb::Durability,
+    f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+) -> Result<R, E> {
+    let degraded = group::degraded_error(&core.group());
+    if let Some(e) = degraded {
+        return Err(e.into());
+    }
+    let res = core.store.with(|db| {
+        let mut tx = db.begin_write().map_err(storage)?;
+        tx.set_durability(durability);
+        match f(&tx) {
+            Ok(r) => {
+                tx.commit().map_err(storage)?;
+                Ok(Ok(r))
+            }
+            Err(e) => {
+                tx.abort().map_err(storage)?;
+                Ok(Err(e))
+            }
+        }
+    });
+    match res {
+        Ok(r) => r,
+        Err(e) => {
+            let mut g = core.group();
+            core.degrade(&mut g, e.clone());
+            Err(e.into())
+        }
+    }
+}
+
+/// One `meta` value of the ledger file (see [`Ledger::meta_cell`]). Its calls block (a redb
+/// read or a durable commit): call them off the tokio workers.
+#[derive(Clone)]
+pub struct MetaCell {
+    core: Arc<Core>,
+    key: &'static str,
+}
+
+impl MetaCell {
+    /// The stored value; `None` when the key was never written (or was removed).
+    pub fn get(&self) -> Result<Option<u64>, LedgerError> {
+        let r = self.core.store.with(|db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let meta = match tx.open_table(META) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(storage(e)),
+            };
+            Ok(meta.get(self.key).map_err(storage)?.map(|v| v.value()))
+        });
+        self.core.degrade_if_panicked();
+        r
+    }
+
+    /// Stores `value` durably (refused while the ledger is degraded).
+    pub fn set(&self, value: u64) -> Result<(), LedgerError> {
+        write_tx(
+            &self.core,
+            redb::Durability::Immediate,
+            |tx| -> Result<(), LedgerError> {
+                let mut meta = tx.open_table(META).map_err(storage)?;
+                meta.insert(self.key, value).map_err(storage)?;
+                Ok(())
+            },
+        )
+    }
+}
+
 /// Whether a lease belongs to a VM or to one process in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -813,31 +885,16 @@ impl Ledger {
         durability: redb::Durability,
         f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
     ) -> Result<R, E> {
-        let degraded = group::degraded_error(&self.core.group());
-        if let Some(e) = degraded {
-            return Err(e.into());
-        }
-        let res = self.core.store.with(|db| {
-            let mut tx = db.begin_write().map_err(storage)?;
-            tx.set_durability(durability);
-            match f(&tx) {
-                Ok(r) => {
-                    tx.commit().map_err(storage)?;
-                    Ok(Ok(r))
-                }
-                Err(e) => {
-                    tx.abort().map_err(storage)?;
-                    Ok(Err(e))
-                }
-            }
-        });
-        match res {
-            Ok(r) => r,
-            Err(e) => {
-                let mut g = self.core.group();
-                self.core.degrade(&mut g, e.clone());
-                Err(e.into())
-            }
+        write_tx(&self.core, durability, f)
+    }
+
+    /// A handle on the `meta` value `key` of this ledger file that outlives the borrow of the
+    /// ledger (the seat pool records the start of an etcd outage in it, pool.rs). `key` must
+    /// not be one of the ledger's own keys (schema, digests, history).
+    pub fn meta_cell(&self, key: &'static str) -> MetaCell {
+        MetaCell {
+            core: Arc::clone(&self.core),
+            key,
         }
     }
 

@@ -230,3 +230,22 @@ fn reserved_seats_released_between_admission_and_grant_stay_reserved() {
     acquire_counted(&l, "vm-y", 3, &[]).unwrap();
     acquire_counted(&l, "vm-y", 3, &[]).unwrap();
 }
+
+/// A `meta` cell (the seat pool's etcd outage start) is durable across a reopen and outlives
+/// the borrow of the ledger it came from; the ledger's own checks still pass with it there.
+#[test]
+fn meta_cell_value_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.redb");
+    {
+        let l = Ledger::open(&path).unwrap();
+        let cell = l.meta_cell("test.cell");
+        assert_eq!(cell.get().unwrap(), None);
+        cell.set(1_700_000_000).unwrap();
+        acquire(&l, "vm-1", 10);
+        assert_eq!(cell.get().unwrap(), Some(1_700_000_000));
+    }
+    let l = Ledger::open(&path).unwrap();
+    assert_eq!(l.meta_cell("test.cell").get().unwrap(), Some(1_700_000_000));
+    assert_eq!(l.leases().unwrap().len(), 1);
+}
