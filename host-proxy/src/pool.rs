@@ -422,19 +422,21 @@ fn held_seats(
     host_id: &[u8],
     ttl: Duration,
 ) -> (Vec<(SeatRequest, Seat)>, Map) {
+    // The ledger keeps one license per product; a lease keeps the id of the license it was
+    // granted under, so after a renewal (a new license id) it is found by its product.
     let licenses: HashMap<String, License> = ledger
         .licenses()
         .unwrap_or_default()
         .into_iter()
         .filter_map(|r| open(ObjectKind::License, &r.bytes, &identity.vendor).ok())
         .filter(is_pool_license)
-        .map(|l| (l.id.clone(), l))
+        .map(|l| (l.product.clone(), l))
         .collect();
     let now = crate::service::unix_now();
     let mut held: HashMap<SeatId, (SeatRequest, Seat)> = HashMap::new();
     let mut map = Map::default();
     for l in ledger.leases().unwrap_or_default() {
-        let Some(lic) = licenses.get(&l.license_id) else {
+        let Some(lic) = licenses.get(&l.product) else {
             continue;
         };
         if l.expires_at <= now {

@@ -459,6 +459,20 @@ fn license_re_add_and_restart_keep_pool_leases_beyond_the_fallback_share() {
     token_json(&ag_a, "cad").unwrap();
     token_json(&ag_b, "cad").unwrap();
     assert_eq!(seats(&c).len(), 2);
+    // The vendor's renewal (a new license id; the leases keep the old one), then a restart:
+    // the seats are adopted by product, not deleted from etcd as no longer held.
+    let renewal = Host::issue_pool_license(&v, &[&a], "cad", POOL, 2, 0, "vm", &[]).unwrap();
+    a.proxy_ok(&["license", "add", renewal.to_str().unwrap()])
+        .unwrap();
+    a.stop_proxy();
+    a.start_proxy().unwrap();
+    both(&a);
+    assert_eq!(seats(&c).len(), 2);
+    let st = a.proxy_ok(&["status"]).unwrap();
+    assert!(!st.contains("pool reconcile:"), "{st}");
+    token_json(&ag_a, "cad").unwrap();
+    token_json(&ag_b, "cad").unwrap();
+    assert_eq!(seats(&c).len(), 2);
 }
 
 /// Seats are keyed by pool and VM: a second product's license naming the same pool would let
