@@ -28,6 +28,19 @@ use tokio::sync::RwLock;
 pub const ROOT: &str = "/hostbind/pools/";
 /// Attempts of one acquire against concurrent acquires of other nodes.
 const MAX_ATTEMPTS: u32 = 64;
+/// Records `seat` as held here (`mod_rev` 0: not confirmed in etcd).
+fn hold_in(st: &mut State, req: &SeatRequest, seat: &Seat, mod_rev: i64) {
+    st.held.insert(
+        (seat.pool.clone(), seat.seat.clone()),
+        Held {
+            seat: seat.clone(),
+            terms: req.terms.clone(),
+            ttl_secs: ttl_secs(req.ttl),
+            mod_rev,
+        },
+    );
+}
+
 /// The largest etcd read answer taken (gRPC's default is 4 MiB, about 11,000 seat keys: a
 /// bigger pool, or a few big foreign keys under its prefix, would fail every whole-pool read:
 /// reconcile, holders, the moved-away check). 64 MiB is about 170,000 seats; it also bounds
@@ -381,15 +394,7 @@ impl Inner {
     }
 
     fn hold(&self, req: &SeatRequest, seat: Seat, mod_rev: i64) -> Seat {
-        self.state().held.insert(
-            (seat.pool.clone(), seat.seat.clone()),
-            Held {
-                seat: seat.clone(),
-                terms: req.terms.clone(),
-                ttl_secs: ttl_secs(req.ttl),
-                mod_rev,
-            },
-        );
+        hold_in(&mut self.state(), req, &seat, mod_rev);
         seat
     }
 
@@ -486,26 +491,31 @@ impl Inner {
         // Every held seat etcd has not confirmed: fallback grants, and seats adopted at a
         // restart that no reconcile has found in etcd yet (else a restart while cut off would
         // hand out the share again).
-        let used = self
-            .state()
-            .held
-            .values()
-            .filter(|h| h.seat.pool == req.terms.pool && h.mod_rev == 0)
-            .count();
-        if used >= req.terms.fallback as usize {
-            return Err(PoolError::FallbackExhausted {
-                pool: req.terms.pool.clone(),
-                cause,
-                fallback: req.terms.fallback,
-            });
+        // Counted and taken under one lock: concurrent acquires (other seats run in parallel)
+        // must not each find the last fallback seat free.
+        let seat = self.seat_of(req, SeatSource::Fallback);
+        {
+            let mut st = self.state();
+            let used = st
+                .held
+                .values()
+                .filter(|h| h.seat.pool == req.terms.pool && h.mod_rev == 0)
+                .count();
+            if used >= req.terms.fallback as usize {
+                return Err(PoolError::FallbackExhausted {
+                    pool: req.terms.pool.clone(),
+                    cause,
+                    fallback: req.terms.fallback,
+                });
+            }
+            hold_in(&mut st, req, &seat, 0);
         }
         tracing::warn!(
             pool = %req.terms.pool,
             seat = %req.seat,
             "seat granted from the node's fallback share: etcd unavailable ({cause}); counted at reconcile"
         );
-        let seat = self.seat_of(req, SeatSource::Fallback);
-        Ok(self.hold(req, seat, 0))
+        Ok(seat)
     }
 
     fn unavailable_now(&self) -> Option<PoolError> {
