@@ -767,9 +767,31 @@ impl Service {
         pred: impl Fn(&Lease) -> bool,
         reason: &str,
     ) -> Result<Vec<Lease>, ServiceError> {
+        self.revoke(pred, reason, false)
+    }
+
+    /// [`Self::revoke_where`] for leases of a VM that migrated to another node: their pool
+    /// seats are parked for the destination to re-home ([`Pools::migrated`]), not released.
+    pub fn revoke_migrated(
+        &self,
+        pred: impl Fn(&Lease) -> bool,
+        reason: &str,
+    ) -> Result<Vec<Lease>, ServiceError> {
+        self.revoke(pred, reason, true)
+    }
+
+    fn revoke(
+        &self,
+        pred: impl Fn(&Lease) -> bool,
+        reason: &str,
+        migrated: bool,
+    ) -> Result<Vec<Lease>, ServiceError> {
         let released = self.ledger.release_where(pred, reason, unix_now())?;
         for l in &released {
-            self.lease_ended(l, reason, unix_now());
+            match migrated {
+                false => self.lease_ended(l, reason, unix_now()),
+                true => self.lease_ended_as(l, reason, unix_now(), true),
+            }
             self.push(
                 &l.vm_uuid,
                 EventKind::LeaseRevoked,
@@ -1908,10 +1930,19 @@ impl Service {
     /// Every way a lease ends comes here: metered (when its product is), and its pool seat
     /// released once no other lease of this node uses it.
     fn lease_ended(&self, l: &Lease, reason: &str, at: u64) {
+        self.lease_ended_as(l, reason, at, false);
+    }
+
+    /// [`Self::lease_ended`]; `migrated`: the VM runs on another node now (its pool seat is
+    /// parked for it there, [`Pools::migrated`]).
+    fn lease_ended_as(&self, l: &Lease, reason: &str, at: u64, migrated: bool) {
         if let Some(lic) = self.metered_license(&l.product) {
             self.metering.lease_end(l, &lic.customer, reason, at);
         }
-        self.pools.ended(l);
+        match migrated {
+            true => self.pools.migrated(l),
+            false => self.pools.ended(l),
+        }
     }
 
     /// Records a clone report seen on a request of `vm` (for `product`, when it was a token
