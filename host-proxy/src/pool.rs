@@ -52,6 +52,21 @@ struct Map {
     /// Seats whose VM migrated away (libvirt), serving no lease here, still counted in etcd
     /// until the destination re-homes them or the deadline passes (then released).
     parked: HashMap<SeatId, Instant>,
+    /// Each pool's seats as the license in force grants them (noted at every renewal).
+    sizes: HashMap<String, u32>,
+    /// Each pool's count against that size, as the background task last read it from etcd.
+    fit: HashMap<String, Fit>,
+}
+
+/// A pool's seat keys in etcd against its license's seats (a smaller license replaced a wider
+/// one: the oldest seats keep theirs, the rest end at their next renewal).
+enum Fit {
+    /// At most this many seats were held: a license of at least as many needs no read again
+    /// (acquires never exceed the license in force).
+    Within(u32),
+    /// More seats than `seats` were held: the seats that keep theirs (the oldest `seats`, by
+    /// `since`, then key).
+    Over { seats: u32, keep: HashSet<String> },
 }
 
 /// Counts for status and metrics.
@@ -272,6 +287,7 @@ impl EtcdSeats {
                 let me = self.clone();
                 let _ = tokio::task::spawn_blocking(move || me.release_parked()).await;
             }
+            self.check_sizes().await;
             let mut gone: Vec<(SeatId, Option<String>)> = Vec::new();
             match self.pool.moved_away().await {
                 Ok(v) => gone.extend(
@@ -492,6 +508,17 @@ impl Pools for EtcdSeats {
             // no key for it: take its seat now.
             return self.take(lic, vm, lease, ttl);
         };
+        // The license may have been replaced since the seat was taken: the seat must be the
+        // one the license in force counts (its pool, its count mode's key).
+        let req = self.request(lic, vm, lease, ttl).map_err(|e| refusal(&e))?;
+        if req.terms.pool != id.0 || req.seat != id.1 {
+            tracing::info!(lease = %lease.id, from = %id.0, to = %req.terms.pool, "the license in force counts this lease in another pool (or by another key): its seat moves there");
+            self.end(lease, false);
+            return self.take(lic, vm, lease, ttl);
+        }
+        if let Some(e) = self.beyond(&req.terms, &id, lease) {
+            return Err(e);
+        }
         match self.rt.block_on(self.pool.keep_alive(&id.0, &id.1)) {
             Ok(s) => Ok(Self::seat_of(&s, None)),
             Err(PoolError::NotHeld { .. }) => {
@@ -561,6 +588,63 @@ impl EtcdSeats {
             }
         }
         self.release(&id);
+    }
+
+    /// Reads the seat keys of each pool whose license is smaller than its count was last
+    /// seen, so renewals ([`Pools::keep`]) can end the seats beyond it without waiting for
+    /// etcd: the oldest seats of the whole pool keep theirs, as with a smaller per-host license.
+    async fn check_sizes(&self) {
+        let due: Vec<(String, u32)> = {
+            let m = lock(&self.map);
+            m.sizes
+                .iter()
+                .filter(|(p, s)| !matches!(m.fit.get(*p), Some(Fit::Within(w)) if **s >= *w))
+                .map(|(p, s)| (p.clone(), *s))
+                .collect()
+        };
+        for (pool, seats) in due {
+            let mut held = match self.pool.holders(&pool).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(pool = %pool, "cannot read the pool's seats: {e}");
+                    continue;
+                }
+            };
+            let fit = if held.len() <= seats as usize {
+                Fit::Within(seats)
+            } else {
+                held.sort_by(|a, b| (a.since, &a.seat).cmp(&(b.since, &b.seat)));
+                tracing::warn!(pool = %pool, seats, held = held.len(), "the pool holds more seats than its license grants: the newest end at their next renewal");
+                Fit::Over {
+                    seats,
+                    keep: held
+                        .into_iter()
+                        .take(seats as usize)
+                        .map(|s| s.seat)
+                        .collect(),
+                }
+            };
+            lock(&self.map).fit.insert(pool, fit);
+        }
+    }
+
+    /// The refusal of a renewal of `lease`, whose seat `id` is beyond the `terms` in force
+    /// (the background task found the pool over them and the seat not among the oldest).
+    fn beyond(&self, terms: &PoolTerms, id: &SeatId, lease: &Lease) -> Option<ErrorBody> {
+        let mut m = lock(&self.map);
+        m.sizes.insert(terms.pool.clone(), terms.seats);
+        match m.fit.get(&terms.pool) {
+            Some(Fit::Over { seats, keep }) if *seats == terms.seats && !keep.contains(&id.1) => {
+                Some(ErrorBody {
+                    code: ErrorCode::SeatsExhausted,
+                    message: format!(
+                        "lease {} ended: license {} grants pool '{}' {} seats and older seats across the cluster hold them; request a new token when a seat is free",
+                        lease.id, terms.license, terms.pool, terms.seats
+                    ),
+                })
+            }
+            _ => None,
+        }
     }
 
     /// Releases the parked seats nobody re-homed within their deadline (called on a

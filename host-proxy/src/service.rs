@@ -1562,6 +1562,8 @@ impl Service {
                 Ok(p) => Some(p),
                 Err(e) => {
                     let _ = self.ledger.release(&lease.id, &e.message, unix_now());
+                    // Its seat (when this node still holds it) is released with its last lease.
+                    self.pools.ended(&lease);
                     return Err(self.refused(e));
                 }
             },
@@ -2174,7 +2176,9 @@ impl Service {
         // Uncounted, or no more leases (access) / holding VMs (vm) of the product than seats,
         // expired ones included: within the seats, without a pass over the leases (this runs
         // on every renewal).
-        // A pool license's seats are counted by the pool (renewals keep the seat there).
+        // A pool license's seats are counted by the pool: a renewal keeps the seat there, and
+        // a smaller pool is enforced there (`Pools::keep`: the oldest seats of the whole pool
+        // keep theirs).
         if lic.count_mode == hostbind_attest::signed::CountMode::None
             || is_pool_license(lic)
             || self.ledger.seats_bound(product, lic.count_mode) <= lic.seats as usize

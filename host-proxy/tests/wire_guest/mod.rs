@@ -4,8 +4,8 @@
 
 use futures::{SinkExt, StreamExt};
 use hostbind_attest::wire::{
-    Body, EphemeralId, ErrorCode, Event, FrameCodec, Hello, HelloAck, Message, Scope, TokenRequest,
-    TokenResponse,
+    Body, EphemeralId, ErrorCode, Event, FrameCodec, Hello, HelloAck, Message, Renew, Scope,
+    TokenRequest, TokenResponse,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -111,6 +111,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WireGuest<S> {
                 scope,
                 pid,
                 pid_start: None,
+                chain: vec![],
+                tpm_fresh: false,
+            }))
+            .await
+        {
+            Body::TokenResponse(t) => Ok(t),
+            Body::Error(e) => Err((e.code, e.message)),
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    /// Renews lease `lease_id` (no nonce, no chain).
+    pub async fn renew(&mut self, lease_id: &str) -> Result<TokenResponse, Refusal> {
+        match self
+            .call(Body::Renew(Renew {
+                lease_id: lease_id.into(),
+                nonce: None,
                 chain: vec![],
                 tpm_fresh: false,
             }))
