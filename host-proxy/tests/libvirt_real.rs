@@ -651,20 +651,8 @@ async fn live_migration_between_two_daemons_moves_the_lease() {
 
 /// The seat keys of pool `pool` in etcd (value JSON each).
 fn pool_seats(c: &EtcdCluster, pool: &str) -> Vec<serde_json::Value> {
-    let out = c
-        .etcdctl(&[
-            "get",
-            "--prefix",
-            &format!("/hostbind/pools/{pool}/seats/"),
-            "--print-value-only",
-        ])
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let v = c.pool_seats(pool).unwrap();
+    v.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// Asks for a token until one is granted (the proxy's watcher may not have seen the domain

@@ -27,22 +27,10 @@ fn token_json(a: &Agent, product: &str) -> Result<serde_json::Value, String> {
     }
 }
 
-/// The pool's seat keys in etcd: (seat, value JSON).
+/// The pool's seat keys in etcd (value JSON each).
 fn seats(c: &EtcdCluster) -> Vec<serde_json::Value> {
-    let out = c
-        .etcdctl(&[
-            "get",
-            "--prefix",
-            &format!("/hostbind/pools/{POOL}/seats/"),
-            "--print-value-only",
-        ])
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let v = c.pool_seats(POOL).unwrap();
+    v.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// `GET /metrics` from the proxy's loopback endpoint (from `status --json`).
@@ -601,14 +589,6 @@ async fn pool_license_replaced_by_another_pool_moves_the_seat_at_renewal() {
     let text = verify_raw(&a, &v, &t.token);
     assert!(text.contains(NEW), "{text}");
     assert!(seats(&c).is_empty(), "the old pool's seat is freed");
-    let out = c
-        .etcdctl(&[
-            "get",
-            "--prefix",
-            &format!("/hostbind/pools/{NEW}/seats/"),
-            "--keys-only",
-        ])
-        .unwrap();
-    let keys = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 1, "{keys}");
+    let moved = c.pool_seats(NEW).unwrap();
+    assert_eq!(moved.len(), 1, "{moved:?}");
 }
