@@ -52,18 +52,19 @@ struct Map {
     /// Seats whose VM migrated away (libvirt), serving no lease here, still counted in etcd
     /// until the destination re-homes them or the deadline passes (then released).
     parked: HashMap<SeatId, Instant>,
-    /// Each pool's seats as the license in force grants them (noted at every renewal).
+    /// Each pool's seats as the license in force grants them (noted at every take and
+    /// renewal).
     sizes: HashMap<String, u32>,
-    /// Each pool's count against that size, as the background task last read it from etcd.
-    fit: HashMap<String, Fit>,
+    /// The pools whose license shrank while this node ran, until the background task reads
+    /// their keys within the new size.
+    shrunk: HashMap<String, Fit>,
 }
 
-/// A pool's seat keys in etcd against its license's seats (a smaller license replaced a wider
-/// one: the oldest seats keep theirs, the rest end at their next renewal).
+/// A pool whose license shrank, against its seat keys in etcd: the oldest seats keep theirs,
+/// the rest end at their next renewal (as with a smaller per-host license).
 enum Fit {
-    /// At most this many seats were held: a license of at least as many needs no read again
-    /// (acquires never exceed the license in force).
-    Within(u32),
+    /// Not read since it shrank.
+    Unread,
     /// More seats than `seats` were held: the seats that keep theirs (the oldest `seats`, by
     /// `since`, then key).
     Over { seats: u32, keep: HashSet<String> },
@@ -455,6 +456,7 @@ impl Pools for EtcdSeats {
         ttl: Duration,
     ) -> Result<PoolSeat, ErrorBody> {
         let req = self.request(lic, vm, lease, ttl).map_err(|e| refusal(&e))?;
+        self.note_size(&req.terms);
         let id = (req.terms.pool.clone(), req.seat.clone());
         let _one = self.shard(&id);
         // Recorded before the (slow) acquire: a lease ended meanwhile (libvirt stop, admin
@@ -590,16 +592,27 @@ impl EtcdSeats {
         self.release(&id);
     }
 
-    /// Reads the seat keys of each pool whose license is smaller than its count was last
-    /// seen, so renewals ([`Pools::keep`]) can end the seats beyond it without waiting for
-    /// etcd: the oldest seats of the whole pool keep theirs, as with a smaller per-host license.
+    /// Notes the seats `terms` grant its pool; a smaller license than before (it replaced a
+    /// wider one) has the pool's keys read by [`Self::check_sizes`].
+    fn note_size(&self, terms: &PoolTerms) {
+        let mut m = lock(&self.map);
+        let before = m.sizes.insert(terms.pool.clone(), terms.seats);
+        if before.is_some_and(|b| terms.seats < b) {
+            m.shrunk.insert(terms.pool.clone(), Fit::Unread);
+        }
+    }
+
+    /// Reads the seat keys of each pool whose license shrank, so renewals ([`Pools::keep`])
+    /// can end the seats beyond it without waiting for etcd: the oldest seats of the whole
+    /// pool keep theirs, as with a smaller per-host license. Once the pool is within its
+    /// license, nothing is read any more (acquires never exceed the license in force; seats
+    /// a reconcile counted over the pool after an outage are reported, not ended).
     async fn check_sizes(&self) {
         let due: Vec<(String, u32)> = {
             let m = lock(&self.map);
-            m.sizes
-                .iter()
-                .filter(|(p, s)| !matches!(m.fit.get(*p), Some(Fit::Within(w)) if **s >= *w))
-                .map(|(p, s)| (p.clone(), *s))
+            m.shrunk
+                .keys()
+                .filter_map(|p| Some((p.clone(), *m.sizes.get(p)?)))
                 .collect()
         };
         for (pool, seats) in due {
@@ -610,30 +623,26 @@ impl EtcdSeats {
                     continue;
                 }
             };
-            let fit = if held.len() <= seats as usize {
-                Fit::Within(seats)
-            } else {
-                held.sort_by(|a, b| (a.since, &a.seat).cmp(&(b.since, &b.seat)));
-                tracing::warn!(pool = %pool, seats, held = held.len(), "the pool holds more seats than its license grants: the newest end at their next renewal");
-                Fit::Over {
-                    seats,
-                    keep: held
-                        .into_iter()
-                        .take(seats as usize)
-                        .map(|s| s.seat)
-                        .collect(),
-                }
+            if held.len() <= seats as usize {
+                lock(&self.map).shrunk.remove(&pool);
+                continue;
+            }
+            held.sort_by(|a, b| (a.since, &a.seat).cmp(&(b.since, &b.seat)));
+            tracing::warn!(pool = %pool, seats, held = held.len(), "the pool holds more seats than its smaller license grants: the newest end at their next renewal");
+            let keep = held.into_iter().take(seats as usize).map(|s| s.seat);
+            let fit = Fit::Over {
+                seats,
+                keep: keep.collect(),
             };
-            lock(&self.map).fit.insert(pool, fit);
+            lock(&self.map).shrunk.insert(pool, fit);
         }
     }
 
     /// The refusal of a renewal of `lease`, whose seat `id` is beyond the `terms` in force
     /// (the background task found the pool over them and the seat not among the oldest).
     fn beyond(&self, terms: &PoolTerms, id: &SeatId, lease: &Lease) -> Option<ErrorBody> {
-        let mut m = lock(&self.map);
-        m.sizes.insert(terms.pool.clone(), terms.seats);
-        match m.fit.get(&terms.pool) {
+        self.note_size(terms);
+        match lock(&self.map).shrunk.get(&terms.pool) {
             Some(Fit::Over { seats, keep }) if *seats == terms.seats && !keep.contains(&id.1) => {
                 Some(ErrorBody {
                     code: ErrorCode::SeatsExhausted,

@@ -788,10 +788,7 @@ impl Service {
     ) -> Result<Vec<Lease>, ServiceError> {
         let released = self.ledger.release_where(pred, reason, unix_now())?;
         for l in &released {
-            match migrated {
-                false => self.lease_ended(l, reason, unix_now()),
-                true => self.lease_ended_as(l, reason, unix_now(), true),
-            }
+            self.lease_ended_as(l, reason, unix_now(), migrated);
             self.push(
                 &l.vm_uuid,
                 EventKind::LeaseRevoked,
