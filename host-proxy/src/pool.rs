@@ -5,7 +5,9 @@
 //!   count mode `access` is the lease id); a refusal ends the unissued lease. A VM whose seat
 //!   another node holds re-homes it (it migrated here), at most once per lease TTL per seat.
 //! - Renewals keep the seat locally; a lease's end (release, expiry, admin, license removal,
-//!   libvirt) releases the seat once no lease of this node uses it.
+//!   libvirt) releases the seat once no lease of this node uses it, except a live migration's
+//!   (libvirt): the VM's seat is parked, still counted, for its new node to re-home, and
+//!   released if none does within one lease TTL.
 //! - Every `check_interval` the node asks etcd for seats re-homed away from it and ends their
 //!   leases ("seat moved to node X"), so VMs given the same UUID on several nodes cannot
 //!   share one seat; the reconcile reports of the pool go to the same place.
@@ -29,12 +31,17 @@ use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 /// A seat: (pool id, seat key).
 type SeatId = (String, String);
+
+/// Most seats parked at once (their VMs migrated away, awaiting the destination's re-home);
+/// more are released at once. A parked seat is one this node held, so the pool's size bounds
+/// them anyway; this bounds the bookkeeping.
+const MAX_PARKED: usize = 4096;
 
 #[derive(Default)]
 struct Map {
@@ -44,6 +51,25 @@ struct Map {
     by_seat: HashMap<SeatId, HashSet<String>>,
     /// Seats re-homed away, with the node that holds them now (for the renewal's refusal).
     moved: HashMap<SeatId, String>,
+    /// Seats whose VM migrated away (libvirt), serving no lease here, still counted in etcd
+    /// until the destination re-homes them or the deadline passes (then released).
+    parked: HashMap<SeatId, Instant>,
+    /// Each pool's seats as the license in force grants them (noted at every take and
+    /// renewal).
+    sizes: HashMap<String, u32>,
+    /// The pools whose license shrank while this node ran, until the background task reads
+    /// their keys within the new size.
+    shrunk: HashMap<String, Fit>,
+}
+
+/// A pool whose license shrank, against its seat keys in etcd: the oldest seats keep theirs,
+/// the rest end at their next renewal (as with a smaller per-host license).
+enum Fit {
+    /// Not read since it shrank.
+    Unread,
+    /// More seats than `seats` were held: the seats that keep theirs (the oldest `seats`, by
+    /// `since`, then key).
+    Over { seats: u32, keep: HashSet<String> },
 }
 
 /// Counts for status and metrics.
@@ -67,6 +93,8 @@ pub struct EtcdSeats {
     rt: Handle,
     host_id: Vec<u8>,
     cfg: PoolConfig,
+    /// The lease TTL: how long a parked seat waits for its VM's new node.
+    ttl: Duration,
     map: Mutex<Map>,
     /// Serialises take and end of one seat (sharded by seat): a lease's end never releases
     /// a seat a new lease of the same VM is taking.
@@ -173,6 +201,7 @@ impl EtcdSeats {
             rt: Handle::current(),
             host_id,
             cfg: cfg.clone(),
+            ttl,
             map: Mutex::new(map),
             shards: (0..16).map(|_| Mutex::new(())).collect(),
             counters: PoolCounters::default(),
@@ -236,7 +265,12 @@ impl EtcdSeats {
 
     fn note(&self, lease: &Lease, seat: &Seat) {
         let id = (seat.pool.clone(), seat.seat.clone());
-        lock(&self.map).moved.remove(&id);
+        {
+            let mut m = lock(&self.map);
+            m.moved.remove(&id);
+            // Parked here and taken again here (the VM came back): in use, not released.
+            m.parked.remove(&id);
+        }
         self.note_id(lease, &id);
     }
 
@@ -278,6 +312,11 @@ impl EtcdSeats {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(self.cfg.check_interval) => {}
             }
+            if !lock(&self.map).parked.is_empty() {
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.release_parked()).await;
+            }
+            self.check_sizes().await;
             let mut gone: Vec<(SeatId, Option<String>)> = Vec::new();
             match self.pool.moved_away().await {
                 Ok(v) => gone.extend(
@@ -315,6 +354,8 @@ impl EtcdSeats {
                 let mut m = lock(&self.map);
                 m.moved
                     .insert(id.clone(), node.unwrap_or_else(|| "(another node)".into()));
+                // A parked seat re-homed by its VM's new node: nothing left to release.
+                m.parked.remove(&id);
                 m.by_seat.get(&id).cloned().unwrap_or_default()
             };
             self.counters.rehomed_away.fetch_add(1, Ordering::Relaxed);
@@ -488,6 +529,7 @@ impl Pools for EtcdSeats {
         ttl: Duration,
     ) -> Result<PoolSeat, ErrorBody> {
         let req = self.request(lic, vm, lease, ttl).map_err(|e| refusal(&e))?;
+        self.note_size(&req.terms);
         let id = (req.terms.pool.clone(), req.seat.clone());
         let _one = self.shard(&id);
         // Recorded before the (slow) acquire: a lease ended meanwhile (libvirt stop, admin
@@ -541,6 +583,17 @@ impl Pools for EtcdSeats {
             // no key for it: take its seat now.
             return self.take(lic, vm, lease, ttl);
         };
+        // The license may have been replaced since the seat was taken: the seat must be the
+        // one the license in force counts (its pool, its count mode's key).
+        let req = self.request(lic, vm, lease, ttl).map_err(|e| refusal(&e))?;
+        if req.terms.pool != id.0 || req.seat != id.1 {
+            tracing::info!(lease = %lease.id, from = %id.0, to = %req.terms.pool, "the license in force counts this lease in another pool (or by another key): its seat moves there");
+            self.end(lease, false);
+            return self.take(lic, vm, lease, ttl);
+        }
+        if let Some(e) = self.beyond(&req.terms, &id, lease) {
+            return Err(e);
+        }
         match self.rt.block_on(self.pool.keep_alive(&id.0, &id.1)) {
             Ok(s) => Ok(Self::seat_of(&s, None)),
             Err(PoolError::NotHeld { .. }) => {
@@ -564,6 +617,24 @@ impl Pools for EtcdSeats {
     }
 
     fn ended(&self, lease: &Lease) {
+        self.end(lease, false);
+    }
+
+    fn migrated(&self, lease: &Lease) {
+        self.end(lease, true);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl EtcdSeats {
+    /// A lease ended: its seat is released once no lease of this node uses it, or, when the
+    /// VM migrated away (`park`) and the seat follows the VM (count mode `vm`), parked for
+    /// one lease TTL: the key stays in etcd (counted, never free for another VM) for the
+    /// destination to re-home; no lease here uses it, so this node serves nothing on it.
+    fn end(&self, lease: &Lease, park: bool) {
         let Some(id) = lock(&self.map).by_lease.get(&lease.id).cloned() else {
             return;
         };
@@ -582,16 +653,114 @@ impl Pools for EtcdSeats {
         if !last {
             return;
         }
+        // Count mode `access` keys the seat by the lease, which does not migrate: released.
+        if park && id.1 == lease.vm_uuid {
+            let mut m = lock(&self.map);
+            if m.parked.len() < MAX_PARKED {
+                m.parked.insert(id.clone(), Instant::now() + self.ttl);
+                tracing::info!(pool = %id.0, seat = %id.1, ttl = ?self.ttl, "VM migrated away: its seat stays counted (parked) for its new node to re-home; released if none does within the lease TTL");
+                return;
+            }
+        }
+        self.release(&id);
+    }
+
+    /// Notes the seats `terms` grant its pool; a smaller license than before (it replaced a
+    /// wider one) has the pool's keys read by [`Self::check_sizes`].
+    fn note_size(&self, terms: &PoolTerms) {
+        let mut m = lock(&self.map);
+        let before = m.sizes.insert(terms.pool.clone(), terms.seats);
+        if before.is_some_and(|b| terms.seats < b) {
+            m.shrunk.insert(terms.pool.clone(), Fit::Unread);
+        }
+    }
+
+    /// Reads the seat keys of each pool whose license shrank, so renewals ([`Pools::keep`])
+    /// can end the seats beyond it without waiting for etcd: the oldest seats of the whole
+    /// pool keep theirs, as with a smaller per-host license. Once the pool is within its
+    /// license, nothing is read any more (acquires never exceed the license in force; seats
+    /// a reconcile counted over the pool after an outage are reported, not ended).
+    async fn check_sizes(&self) {
+        let due: Vec<(String, u32)> = {
+            let m = lock(&self.map);
+            m.shrunk
+                .keys()
+                .filter_map(|p| Some((p.clone(), *m.sizes.get(p)?)))
+                .collect()
+        };
+        for (pool, seats) in due {
+            let mut held = match self.pool.holders(&pool).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(pool = %pool, "cannot read the pool's seats: {e}");
+                    continue;
+                }
+            };
+            if held.len() <= seats as usize {
+                lock(&self.map).shrunk.remove(&pool);
+                continue;
+            }
+            held.sort_by(|a, b| (a.since, &a.seat).cmp(&(b.since, &b.seat)));
+            tracing::warn!(pool = %pool, seats, held = held.len(), "the pool holds more seats than its smaller license grants: the newest end at their next renewal");
+            let keep = held.into_iter().take(seats as usize).map(|s| s.seat);
+            let fit = Fit::Over {
+                seats,
+                keep: keep.collect(),
+            };
+            lock(&self.map).shrunk.insert(pool, fit);
+        }
+    }
+
+    /// The refusal of a renewal of `lease`, whose seat `id` is beyond the `terms` in force
+    /// (the background task found the pool over them and the seat not among the oldest).
+    fn beyond(&self, terms: &PoolTerms, id: &SeatId, lease: &Lease) -> Option<ErrorBody> {
+        self.note_size(terms);
+        match lock(&self.map).shrunk.get(&terms.pool) {
+            Some(Fit::Over { seats, keep }) if *seats == terms.seats && !keep.contains(&id.1) => {
+                Some(ErrorBody {
+                    code: ErrorCode::SeatsExhausted,
+                    message: format!(
+                        "lease {} ended: license {} grants pool '{}' {} seats and older seats across the cluster hold them; request a new token when a seat is free",
+                        lease.id, terms.license, terms.pool, terms.seats
+                    ),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Releases the parked seats nobody re-homed within their deadline (called on a
+    /// blocking thread by [`Self::run`]).
+    fn release_parked(&self) {
+        let now = Instant::now();
+        let due: Vec<SeatId> = lock(&self.map)
+            .parked
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let _one = self.shard(&id);
+            {
+                let mut m = lock(&self.map);
+                // Re-homed away or taken again here meanwhile: not this task's to release.
+                if m.parked.remove(&id).is_none() || m.by_seat.contains_key(&id) {
+                    continue;
+                }
+            }
+            tracing::info!(pool = %id.0, seat = %id.1, "parked seat released: no node re-homed it within the lease TTL");
+            self.release(&id);
+        }
+    }
+
+    /// Releases seat `id` in etcd (a seat re-homed to another node meanwhile stays there).
+    fn release(&self, id: &SeatId) {
         match self.rt.block_on(self.pool.release(&id.0, &id.1)) {
             Ok(()) | Err(PoolError::NotHeld { .. }) => {}
             Err(e) => {
                 tracing::warn!(pool = %id.0, seat = %id.1, "releasing a pool seat failed: {e}; it expires with this node's etcd lease or at the next reconcile")
             }
         }
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

@@ -300,6 +300,14 @@ pub trait Pools: Send + Sync + 'static {
     /// `lease` ended (any way): its seat is released when no other lease of this node uses it.
     fn ended(&self, lease: &Lease);
 
+    /// `lease` ended because its VM migrated to another node (libvirt's STOPPED_MIGRATED):
+    /// like [`Self::ended`], but a seat that follows the VM (count mode `vm`) is parked, not
+    /// released: still counted, serving no lease here, until the destination re-homes it or
+    /// one lease TTL passes. Without a pool this is [`Self::ended`].
+    fn migrated(&self, lease: &Lease) {
+        self.ended(lease);
+    }
+
     /// The implementation, for status views that know it (e.g. `of` in pool.rs).
     fn as_any(&self) -> &dyn Any;
 }

@@ -777,9 +777,28 @@ impl Service {
         pred: impl Fn(&Lease) -> bool,
         reason: &str,
     ) -> Result<Vec<Lease>, ServiceError> {
+        self.revoke(pred, reason, false)
+    }
+
+    /// [`Self::revoke_where`] for leases of a VM that migrated to another node: their pool
+    /// seats are parked for the destination to re-home ([`Pools::migrated`]), not released.
+    pub fn revoke_migrated(
+        &self,
+        pred: impl Fn(&Lease) -> bool,
+        reason: &str,
+    ) -> Result<Vec<Lease>, ServiceError> {
+        self.revoke(pred, reason, true)
+    }
+
+    fn revoke(
+        &self,
+        pred: impl Fn(&Lease) -> bool,
+        reason: &str,
+        migrated: bool,
+    ) -> Result<Vec<Lease>, ServiceError> {
         let released = self.ledger.release_where(pred, reason, unix_now())?;
         for l in &released {
-            self.lease_ended(l, reason, unix_now());
+            self.lease_ended_as(l, reason, unix_now(), migrated);
             self.push(
                 &l.vm_uuid,
                 EventKind::LeaseRevoked,
@@ -1560,6 +1579,8 @@ impl Service {
                 Ok(p) => Some(p),
                 Err(e) => {
                     let _ = self.ledger.release(&lease.id, &e.message, unix_now());
+                    // Its seat (when this node still holds it) is released with its last lease.
+                    self.pools.ended(&lease);
                     return Err(self.refused(e));
                 }
             },
@@ -1929,10 +1950,19 @@ impl Service {
     /// Every way a lease ends comes here: metered (when its product is), and its pool seat
     /// released once no other lease of this node uses it.
     fn lease_ended(&self, l: &Lease, reason: &str, at: u64) {
+        self.lease_ended_as(l, reason, at, false);
+    }
+
+    /// [`Self::lease_ended`]; `migrated`: the VM runs on another node now (its pool seat is
+    /// parked for it there, [`Pools::migrated`]).
+    fn lease_ended_as(&self, l: &Lease, reason: &str, at: u64, migrated: bool) {
         if let Some(lic) = self.metered_license(&l.product) {
             self.metering.lease_end(l, &lic.customer, reason, at);
         }
-        self.pools.ended(l);
+        match migrated {
+            true => self.pools.migrated(l),
+            false => self.pools.ended(l),
+        }
     }
 
     /// Records a clone report seen on a request of `vm` (for `product`, when it was a token
@@ -2164,7 +2194,9 @@ impl Service {
         // Uncounted, or no more leases (access) / holding VMs (vm) of the product than seats,
         // expired ones included: within the seats, without a pass over the leases (this runs
         // on every renewal).
-        // A pool license's seats are counted by the pool (renewals keep the seat there).
+        // A pool license's seats are counted by the pool: a renewal keeps the seat there, and
+        // a smaller pool is enforced there (`Pools::keep`: the oldest seats of the whole pool
+        // keep theirs).
         if lic.count_mode == hostbind_attest::signed::CountMode::None
             || is_pool_license(lic)
             || self.ledger.seats_bound(product, lic.count_mode) <= lic.seats as usize

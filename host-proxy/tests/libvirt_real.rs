@@ -5,6 +5,9 @@
 //! `[[vm]] unix_socket` entries carrying the domains' UUIDs (vsock needs /dev/vhost-vsock,
 //! which these machines do not offer, so CID lookup stays with the test-driver tests).
 //!
+//! With a real etcd from testkit, a pool seat across a live migration (parked on the source,
+//! re-homed by the destination, never free for another VM in between).
+//!
 //! Each test has its own daemon(s), stopped by PID with their domains destroyed and undefined
 //! on drop, also when the test fails. The tests skip only when libvirtd is not installed and
 //! HOSTBIND_REQUIRE_SWTPM is unset (scripts/test and CI set it: there they always run).
@@ -15,6 +18,7 @@ mod libvirt_rig;
 use hostbind_attest::wire::{ErrorCode, EventKind};
 use hostbind_proxy::ledger::HistoryEvent;
 use hostbind_proxy::libvirt::{self, vmcmd, Access, LibvirtEvents, RunState, ASSIGNMENT_NS};
+use hostbind_testkit::etcd::EtcdCluster;
 use hostbind_testkit::host::{Host, Vendor};
 use hostbind_testkit::libvirtd::{DomainXml, Libvirtd};
 use libvirt_rig::{libvirt_config_with, rig_full, Rig, WireGuest};
@@ -640,6 +644,129 @@ async fn live_migration_between_two_daemons_moves_the_lease() {
         log2.matches("domain migrated in").count(),
         1,
         "logged once per migration:\n{log2}"
+    );
+    h1.stop_proxy();
+    h2.stop_proxy();
+}
+
+/// The seat keys of pool `pool` in etcd (value JSON each).
+fn pool_seats(c: &EtcdCluster, pool: &str) -> Vec<serde_json::Value> {
+    let v = c.pool_seats(pool).unwrap();
+    v.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Asks for a token until one is granted (the proxy's watcher may not have seen the domain
+/// run yet), for up to `secs`.
+async fn token_within(
+    g: &mut WireGuest<tokio::net::UnixStream>,
+    secs: u64,
+    what: &str,
+) -> hostbind_attest::wire::TokenResponse {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match g.token("cad").await {
+            Ok(t) => return t,
+            Err(e) => assert!(Instant::now() < end, "{what}: never granted: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The attack on the gap of a live migration (review finding 5): a 1-seat pool, its seat held
+/// by a VM on node A; `virsh migrate --live` to node B (real session libvirtds, real proxies,
+/// real etcd). A's proxy ends the lease on STOPPED_MIGRATED but parks the seat: another VM on
+/// B is refused in the gap, and the migrated VM re-homes its seat on B. Migrated back to A,
+/// where nobody asks for it, the seat B parked is freed after one lease TTL.
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_seat_of_a_live_migrated_vm_is_not_free_for_another_vm_before_it_re_homes() {
+    let test = "pool_seat_of_a_live_migrated_vm_is_not_free_for_another_vm_before_it_re_homes";
+    let src = daemon_or_skip!(test);
+    let Some(etcd) = EtcdCluster::start_or_skip(test, 1).unwrap() else {
+        return;
+    };
+    let dst = Libvirtd::start().unwrap();
+    const POOL: &str = "acme-kvm";
+    let vendor = Vendor::new().unwrap();
+    let leases = "[leases]\nttl = \"10s\"\n";
+    let mut h1 = Host::enrolled(&vendor, &["app"], leases).unwrap();
+    let mut h2 = Host::enrolled(&vendor, &["app", "other"], leases).unwrap();
+    let uuid = h1.vms[0].uuid.clone();
+    libvirt_config_with(&h1, &src.uri(), "deny", "");
+    libvirt_config_with(&h2, &dst.uri(), "deny", "");
+    for h in [&h1, &h2] {
+        h.join_pool(&etcd, &[POOL], "check_interval = \"200ms\"")
+            .unwrap();
+    }
+    let mut d = DomainXml::new("app", &uuid);
+    d.metadata = assignment(&[("cad", 0)]);
+    src.define(&d.xml()).unwrap();
+    dst.define(&DomainXml::new("app", &uuid).xml()).unwrap();
+    let mut o = DomainXml::new("other", &h2.vms[1].uuid);
+    o.metadata = assignment(&[("cad", 0)]);
+    dst.define(&o.xml()).unwrap();
+    src.virsh(&["start", "app"]).unwrap();
+    dst.virsh(&["start", "other"]).unwrap();
+    let lic = Host::issue_pool_license(&vendor, &[&h1, &h2], "cad", POOL, 1, 0, "vm", &[]).unwrap();
+    for h in [&mut h1, &mut h2] {
+        h.start_proxy().unwrap();
+        h.proxy_ok(&["license", "add", &lic.to_string_lossy()])
+            .unwrap();
+    }
+    let mut g1 = unix_guest(&h1.vms[0].socket).await;
+    token_within(&mut g1, 10, "the VM on node A").await;
+    let mut other = unix_guest(&h2.vms[1].socket).await;
+    let full = |r: Result<_, (ErrorCode, String)>| {
+        let (code, msg) = r.unwrap_err();
+        assert_eq!(code, ErrorCode::SeatsExhausted, "{msg}");
+        assert!(msg.contains(&format!("pool '{POOL}' is full")), "{msg}");
+    };
+    full(other.token("cad").await.map(|_| ()));
+
+    src.migrate("app", &dst).unwrap();
+    let ev = g1.event(Duration::from_secs(10)).await.expect("revocation");
+    assert_eq!(ev.kind, EventKind::LeaseRevoked);
+    assert!(
+        ev.message.contains("migrated away (libvirt)"),
+        "{}",
+        ev.message
+    );
+    // The gap: A serves nothing on the seat any more, yet it stays counted in etcd (A's key),
+    // so the other VM cannot take it.
+    let held = pool_seats(&etcd, POOL);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["node"], h1.host_id.as_str(), "{held:?}");
+    full(other.token("cad").await.map(|_| ()));
+    // The migrated VM asks its new node: the seat is re-homed there, not taken anew.
+    let mut g2 = unix_guest(&h2.vms[0].socket).await;
+    token_within(&mut g2, 10, "the migrated VM on node B").await;
+    let held = pool_seats(&etcd, POOL);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["seat"], uuid.as_str(), "{held:?}");
+    assert_eq!(held[0]["node"], h2.host_id.as_str(), "{held:?}");
+    assert_eq!(held[0]["moves"], 1, "{held:?}");
+    full(other.token("cad").await.map(|_| ()));
+
+    // Back to A, where nobody asks for the seat: B parks it, then frees it after one lease
+    // TTL (10 s), and the other VM gets it.
+    dst.migrate("app", &src).unwrap();
+    let ev = g2.event(Duration::from_secs(10)).await.expect("revocation");
+    assert_eq!(ev.kind, EventKind::LeaseRevoked);
+    full(other.token("cad").await.map(|_| ()));
+    let end = Instant::now() + Duration::from_secs(25);
+    while let Err(e) = other.token("cad").await {
+        assert!(
+            Instant::now() < end,
+            "a parked seat nobody re-homed was never freed: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let held = pool_seats(&etcd, POOL);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["seat"], h2.vms[1].uuid.as_str(), "{held:?}");
+    let log2 = h2.proxy.as_ref().unwrap().log();
+    assert!(
+        log2.contains("parked seat released: no node re-homed it"),
+        "{log2}"
     );
     h1.stop_proxy();
     h2.stop_proxy();

@@ -6,10 +6,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod usage_report;
+mod wire_guest;
 
+use hostbind_attest::wire::ErrorCode;
 use hostbind_testkit::etcd::EtcdCluster;
 use hostbind_testkit::host::{run, Agent, Host, Vendor};
 use std::time::{Duration, Instant};
+use wire_guest::WireGuest;
 
 const POOL: &str = "acme-kvm";
 /// Fast pool checks, so a seat re-homed away ends its lease within a second.
@@ -24,22 +27,10 @@ fn token_json(a: &Agent, product: &str) -> Result<serde_json::Value, String> {
     }
 }
 
-/// The pool's seat keys in etcd: (seat, value JSON).
+/// The pool's seat keys in etcd (value JSON each).
 fn seats(c: &EtcdCluster) -> Vec<serde_json::Value> {
-    let out = c
-        .etcdctl(&[
-            "get",
-            "--prefix",
-            &format!("/hostbind/pools/{POOL}/seats/"),
-            "--print-value-only",
-        ])
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let v = c.pool_seats(POOL).unwrap();
+    v.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// `GET /metrics` from the proxy's loopback endpoint (from `status --json`).
@@ -135,8 +126,13 @@ fn two_nodes_with(
 }
 
 fn verify_text(h: &Host, v: &Vendor, token: &serde_json::Value) -> String {
+    verify_raw(h, v, token["token"].as_str().unwrap().as_bytes())
+}
+
+/// `hostbind-issuer verify` of a token (raw COSE bytes, or hex/base64 text): its JSON.
+fn verify_raw(h: &Host, v: &Vendor, token: &[u8]) -> String {
     let f = h.dir().join("t.token");
-    std::fs::write(&f, token["token"].as_str().unwrap()).unwrap();
+    std::fs::write(&f, token).unwrap();
     let out = run(
         "hostbind-issuer",
         &[
@@ -672,4 +668,108 @@ fn restart_while_cut_off_grants_no_second_fallback_share_and_keeps_the_outage_st
     let row = &r["pools"][0];
     assert_eq!(row["fallback_grants"], 1, "{r:#}");
     assert_eq!(row["over_granted"], 1, "{r:#}");
+}
+
+/// A wire guest of VM `vm` of host `h`, hello said.
+async fn guest(h: &Host, vm: &str) -> WireGuest<tokio::net::UnixStream> {
+    let s = tokio::net::UnixStream::connect(&h.vm(vm).unwrap().socket)
+        .await
+        .unwrap();
+    let mut g = WireGuest::new(s);
+    g.hello().await.unwrap();
+    g
+}
+
+/// The attack of review finding 9: a pool license downsized (3 -> 2 seats) while every seat
+/// is held, each node within the new size on its own (A holds 2, B 1), so no node's ledger
+/// sees too many. The pool's newest seat (B's) must end at a renewal, as a smaller per-host
+/// license ends the newest leases; the two older ones keep renewing.
+#[tokio::test(flavor = "multi_thread")]
+async fn downsized_pool_license_ends_the_newest_seat_across_the_cluster_at_renewal() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_downsize", 1).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let (a, b) = two_nodes(&c, &v, &["vm-a", "vm-b"], &["vm-c"], 3, "");
+    let (mut ga, mut gb, mut gc) = (
+        guest(&a, "vm-a").await,
+        guest(&a, "vm-b").await,
+        guest(&b, "vm-c").await,
+    );
+    let la = ga.token("cad").await.unwrap().lease_id;
+    let lb = gb.token("cad").await.unwrap().lease_id;
+    // Seats are ordered by the second they were taken: vm-c's is the newest.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let lc = gc.token("cad").await.unwrap().lease_id;
+    assert_eq!(seats(&c).len(), 3);
+    let smaller = Host::issue_pool_license(&v, &[&a, &b], "cad", POOL, 2, 0, "vm", &[]).unwrap();
+    for h in [&a, &b] {
+        h.proxy_ok(&["license", "add", smaller.to_str().unwrap()])
+            .unwrap();
+    }
+    // Each node holds no more than 2: the license change itself ends nothing.
+    assert_eq!(seats(&c).len(), 3);
+    let t = Instant::now();
+    let refusal = loop {
+        ga.renew(&la).await.unwrap();
+        gb.renew(&lb).await.unwrap();
+        match gc.renew(&lc).await {
+            Ok(_) => assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "3 seats keep renewing under a 2-seat pool license"
+            ),
+            Err(e) => break e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(refusal.0, ErrorCode::SeatsExhausted, "{refusal:?}");
+    assert!(
+        refusal.1.contains(&format!("grants pool '{POOL}' 2 seats")),
+        "{refusal:?}"
+    );
+    wait_for("the ended seat's release", Duration::from_secs(5), || {
+        seats(&c).len() == 2
+    });
+    let held = seats(&c);
+    assert!(
+        held.iter().all(|s| s["node"] == a.host_id.as_str()),
+        "{held:?}"
+    );
+    ga.renew(&la).await.unwrap();
+    gb.renew(&lb).await.unwrap();
+    let (code, msg) = gc.token("cad").await.unwrap_err();
+    assert_eq!(code, ErrorCode::SeatsExhausted, "{msg}");
+}
+
+/// Review finding 9: the pool license replaced by one naming another pool id. A renewal must
+/// move the lease's seat into the new pool (and free the old one), so the renewed token claims
+/// the pool its license names; before, it kept claiming the old pool and failed to verify
+/// (`PoolMismatch`).
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_license_replaced_by_another_pool_moves_the_seat_at_renewal() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_replaced", 1).unwrap() else {
+        return;
+    };
+    const NEW: &str = "acme-kvm2";
+    let v = Vendor::new().unwrap();
+    let mut a = Host::enrolled(&v, &["vm-a"], "").unwrap();
+    a.join_pool(&c, &[POOL, NEW], POOL_EXTRA).unwrap();
+    let old = Host::issue_pool_license(&v, &[&a], "cad", POOL, 1, 0, "vm", &[]).unwrap();
+    a.start_proxy().unwrap();
+    a.proxy_ok(&["license", "add", old.to_str().unwrap()])
+        .unwrap();
+    let mut g = guest(&a, "vm-a").await;
+    let lease = g.token("cad").await.unwrap().lease_id;
+    assert_eq!(seats(&c).len(), 1);
+    // A later license of the product, in the other pool.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let new = Host::issue_pool_license(&v, &[&a], "cad", NEW, 1, 0, "vm", &[]).unwrap();
+    a.proxy_ok(&["license", "add", new.to_str().unwrap()])
+        .unwrap();
+    let t = g.renew(&lease).await.unwrap();
+    let text = verify_raw(&a, &v, &t.token);
+    assert!(text.contains(NEW), "{text}");
+    assert!(seats(&c).is_empty(), "the old pool's seat is freed");
+    let moved = c.pool_seats(NEW).unwrap();
+    assert_eq!(moved.len(), 1, "{moved:?}");
 }

@@ -333,6 +333,26 @@ impl EtcdCluster {
             })
     }
 
+    /// The values of pool `pool`'s seat keys (`/hostbind/pools/<pool>/seats/`), one JSON text
+    /// each (docs/pools.md, "Keys").
+    pub fn pool_seats(&self, pool: &str) -> Result<Vec<String>, TestkitError> {
+        let prefix = format!("/hostbind/pools/{pool}/seats/");
+        let out = self.etcdctl(&["get", "--prefix", &prefix, "--print-value-only"])?;
+        if !out.status.success() {
+            return Err(TestkitError::ToolFailed {
+                tool: format!("etcdctl get --prefix {prefix}"),
+                status: out.status.to_string(),
+                log: PathBuf::new(),
+                tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Client URLs of every member (`https://127.0.0.1:PORT`).
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len())

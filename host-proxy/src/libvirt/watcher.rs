@@ -347,7 +347,11 @@ impl Watcher {
     }
 
     fn release(&self, pred: impl Fn(&Lease) -> bool, reason: &str) {
-        match self.svc.revoke_where(pred, reason) {
+        Self::released(self.svc.revoke_where(pred, reason), reason);
+    }
+
+    fn released(r: Result<Vec<Lease>, crate::service::ServiceError>, reason: &str) {
+        match r {
             Ok(v) if !v.is_empty() => {
                 tracing::info!(count = v.len(), "released leases: {reason}");
             }
@@ -372,12 +376,16 @@ impl Watcher {
     fn handle(&self, w: &Worker, ev: DomainEvent) -> bool {
         tracing::debug!(domain = %ev.name, uuid = %ev.uuid, kind = ?ev.kind, "libvirt event");
         match &ev.kind {
+            // Migrated away: the VM runs on another node now; its pool seat is parked for
+            // that node to re-home, not freed for any VM in between (docs/pools.md).
+            DomainEventKind::Stopped(StopReason::Migrated) => {
+                let reason = format!("domain {} migrated away (libvirt)", ev.name);
+                let r = self.svc.revoke_migrated(|l| l.vm_uuid == ev.uuid, &reason);
+                Self::released(r, &reason);
+                true
+            }
             DomainEventKind::Stopped(r) => {
-                let what = match r {
-                    StopReason::Migrated => "migrated away".to_string(),
-                    other => format!("stopped: {}", other.describe()),
-                };
-                self.release_domain(&ev, &what);
+                self.release_domain(&ev, &format!("stopped: {}", r.describe()));
                 true
             }
             DomainEventKind::Crashed => {

@@ -4,8 +4,8 @@
 
 use futures::{SinkExt, StreamExt};
 use hostbind_attest::wire::{
-    Body, EphemeralId, ErrorCode, Event, FrameCodec, Hello, HelloAck, Message, Scope, TokenRequest,
-    TokenResponse,
+    Body, EphemeralId, ErrorCode, Event, FrameCodec, Hello, HelloAck, Message, Renew, Scope,
+    TokenRequest, TokenResponse,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -103,7 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WireGuest<S> {
         pid: Option<u32>,
         nonce: Option<&[u8]>,
     ) -> Result<TokenResponse, Refusal> {
-        match self
+        let answer = self
             .call(Body::TokenRequest(TokenRequest {
                 product: product.into(),
                 features: vec![],
@@ -114,12 +114,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WireGuest<S> {
                 chain: vec![],
                 tpm_fresh: false,
             }))
-            .await
-        {
-            Body::TokenResponse(t) => Ok(t),
-            Body::Error(e) => Err((e.code, e.message)),
-            o => panic!("unexpected {o:?}"),
-        }
+            .await;
+        token_answer(answer)
+    }
+
+    /// Renews lease `lease_id` (no nonce, no chain).
+    pub async fn renew(&mut self, lease_id: &str) -> Result<TokenResponse, Refusal> {
+        let answer = self
+            .call(Body::Renew(Renew {
+                lease_id: lease_id.into(),
+                nonce: None,
+                chain: vec![],
+                tpm_fresh: false,
+            }))
+            .await;
+        token_answer(answer)
     }
 
     /// The next pushed event within `within`.
@@ -134,5 +143,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WireGuest<S> {
                 return Some(e);
             }
         }
+    }
+}
+
+/// A token request's (or renewal's) answer: the token or the refusal.
+fn token_answer(answer: Body) -> Result<TokenResponse, Refusal> {
+    match answer {
+        Body::TokenResponse(t) => Ok(t),
+        Body::Error(e) => Err((e.code, e.message)),
+        o => panic!("unexpected {o:?}"),
     }
 }
