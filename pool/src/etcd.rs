@@ -735,7 +735,6 @@ impl Inner {
         let r = self
             .get(&seats_prefix(pool), Some(GetOptions::new().with_prefix()))
             .await?;
-        let mut count = r.kvs().len() as u64;
         let mut in_etcd: HashMap<String, (Seat, i64, i64)> = HashMap::new();
         for kv in r.kvs() {
             // A key that is no hostbind seat (written by hand, or by another version) still
@@ -761,7 +760,7 @@ impl Inner {
             let lease = self.lease(h.ttl_secs).await?;
             let mut seat = h.seat.clone();
             seat.source = SeatSource::Pool;
-            let cmp = match in_etcd.remove(&h.seat.seat) {
+            let (cmp, new) = match in_etcd.remove(&h.seat.seat) {
                 Some((s, _, _)) if s.node != self.node => {
                     // The VM migrated and its new node re-homed the seat.
                     self.state()
@@ -774,22 +773,30 @@ impl Inner {
                     self.mark(pool, &h.seat.seat, rev, seat);
                     continue;
                 }
-                Some((_, rev, _)) => Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
+                Some((_, rev, _)) => (
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
+                    false,
+                ),
                 None => {
-                    count += 1;
-                    if count > u64::from(h.terms.seats) {
-                        report.over_granted.push(name(&h.seat.seat));
-                    }
                     if h.seat.source == SeatSource::Fallback {
                         report.fallback_registered.push(name(&h.seat.seat));
                     } else {
                         report.reregistered.push(name(&h.seat.seat));
                     }
-                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0)
+                    (
+                        Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                        true,
+                    )
                 }
             };
             if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
                 self.mark(pool, &h.seat.seat, rev, seat);
+                // Counted as of this put: another node registering seats at the same time
+                // read the count before this put too, so a count read once before would
+                // let both over-grant unreported.
+                if new && self.count_at(pool, rev).await? > u64::from(h.terms.seats) {
+                    report.over_granted.push(name(&h.seat.seat));
+                }
             }
             // A lost race is settled by the next reconcile.
         }
@@ -808,6 +815,21 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// The number of seat keys of `pool` at etcd revision `rev` (the current number when the
+    /// revision was compacted meanwhile).
+    async fn count_at(&self, pool: &str, rev: i64) -> Result<u64, PoolError> {
+        let opts = GetOptions::new().with_prefix().with_count_only();
+        let r = match self
+            .get(&seats_prefix(pool), Some(opts.clone().with_revision(rev)))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.unavailable().is_some() => return Err(e),
+            Err(_) => self.get(&seats_prefix(pool), Some(opts)).await?,
+        };
+        Ok(r.count().unsigned_abs())
     }
 
     /// Held seats whose key now names another node (re-homed away: the VM, or a VM with the

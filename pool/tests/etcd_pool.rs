@@ -592,3 +592,68 @@ async fn acquires_queued_at_the_start_of_a_silent_partition_do_not_wait_out_one_
     assert!(took < Duration::from_secs(8), "{took:?}");
     relay.restore();
 }
+
+/// Two nodes register the fallback seats they granted while cut off at the same moment,
+/// with one seat of a two-seat pool in etcd: the pool ends with three seats, and the
+/// over-grant is reported (once), not lost because both counted before either registered.
+/// Three rounds, each with two new nodes starting (and reconciling) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reconciles_report_the_over_grant_neither_saw_alone() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_concurrent_reconcile", 1).unwrap() else {
+        return;
+    };
+    let mut e = raw(&c).await;
+    let t = terms(2, 1);
+    let ttl = Duration::from_secs(30);
+    let check = Duration::from_secs(60);
+    let a = node(&c, 1, check).await;
+    a.acquire(req(&t, "vm-a", ttl)).await.unwrap();
+    let fallback = |n: u8, vm: &str| {
+        let r = req(&t, vm, ttl);
+        let s = Seat {
+            pool: POOL.into(),
+            seat: vm.into(),
+            node: host(n),
+            vm: vm.into(),
+            product: "cad".into(),
+            lease: r.lease.clone(),
+            since: 0,
+            source: SeatSource::Fallback,
+            moved_at: None,
+            moves: 0,
+            ttl_secs: Some(ttl.as_secs()),
+            shadow_until: None,
+        };
+        vec![(r, s)]
+    };
+    for round in 0..3u8 {
+        let (nb, nc) = (2 + 2 * round, 3 + 2 * round);
+        let (vb, vc) = (format!("vm-b{round}"), format!("vm-c{round}"));
+        let (ib, ic) = ([nb; 32], [nc; 32]);
+        let (cfg_b, cfg_c) = (
+            config(&c, nb, c.endpoints(), check),
+            config(&c, nc, c.endpoints(), check),
+        );
+        let (b, cc) = tokio::join!(
+            EtcdPool::start(cfg_b, &ib, fallback(nb, &vb)),
+            EtcdPool::start(cfg_c, &ic, fallback(nc, &vc)),
+        );
+        let (b, cc) = (b.unwrap(), cc.unwrap());
+        let (rb, rc) = (b.take_report(), cc.take_report());
+        assert_eq!(b.holders(POOL).await.unwrap().len(), 3);
+        let mut over: Vec<String> = rb.over_granted.into_iter().chain(rc.over_granted).collect();
+        over.sort();
+        assert_eq!(over.len(), 1, "round {round}: one seat over the pool, reported {over:?}");
+        assert!(
+            [format!("{POOL}/{vb}"), format!("{POOL}/{vc}")].contains(&over[0]),
+            "{over:?}"
+        );
+        // Next round: the two seats gone again.
+        drop((b, cc));
+        for vm in [&vb, &vc] {
+            e.delete(format!("/hostbind/pools/{POOL}/seats/{vm}"), None)
+                .await
+                .unwrap();
+        }
+    }
+}
