@@ -14,7 +14,7 @@ mod config;
 mod etcd;
 
 pub use config::{PoolConfig, PoolConfigError};
-pub use etcd::EtcdPool;
+pub use etcd::{EtcdPool, CONFIRM_BOUND};
 
 use hostbind_attest::signed::{check_identifier, CountMode, License};
 use serde::{Deserialize, Serialize};
