@@ -32,11 +32,16 @@ const MAX_ATTEMPTS: u32 = 64;
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// How long a node serves its seats on a watch of the pool keys that confirmed nothing (no
 /// event, no progress answer): then the watch is opened anew (and the keys read again), its
-/// failure is an outage like any other. Fixed, not configurable: a re-home waits this long
-/// on top of the old holder's TTL (docs/threat-model.md, same UUID on several nodes).
+/// failure is an outage like any other. Fixed, not configurable (part of [`NOTICE_BOUND`]).
 pub const CONFIRM_BOUND: Duration = Duration::from_secs(5);
 /// How often the watch asks etcd to confirm it is current (a progress request).
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How long a node that reaches etcd takes at most to notice a seat re-homed away: at once
+/// through its watch, or when the watch went silent: [`CONFIRM_BOUND`], a progress tick, the
+/// pause before reopening it and the reopening read (a node whose reads take longer is cut
+/// off in effect: it serves on grace, docs/threat-model.md). A re-home adds it to the old
+/// holder's TTL before the seat may move again.
+pub const NOTICE_BOUND: Duration = Duration::from_secs(10);
 
 fn seats_prefix(pool: &str) -> String {
     format!("{ROOT}{pool}/seats/")
@@ -631,7 +636,7 @@ impl Inner {
                 seat.moved_at = Some(now);
                 seat.moves = old.moves.saturating_add(1);
                 // Until then the old holder's tokens may be valid: it notices the move within
-                // CONFIRM_BOUND (the watch) and its last token expires one TTL later.
+                // NOTICE_BOUND (the watch) and its last token expires one TTL later.
                 seat.shadow_until = Some(shadow_until(now, old_ttl).max(until.unwrap_or(0)));
             }
             let cmp = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
@@ -1057,10 +1062,10 @@ impl Inner {
 }
 
 /// The last Unix second a token of a node that lost a seat at `moved_at` may be valid, its
-/// lease TTL being `ttl` (whole seconds): it notices within [`CONFIRM_BOUND`], a token it
+/// lease TTL being `ttl` (whole seconds): it notices within [`NOTICE_BOUND`], a token it
 /// issues then expires `ttl` later; one second more for the rounding of Unix seconds.
 fn shadow_until(moved_at: u64, ttl: u64) -> u64 {
-    moved_at + CONFIRM_BOUND.as_secs() + ttl + 1
+    moved_at + NOTICE_BOUND.as_secs() + ttl + 1
 }
 
 /// etcd lease TTL class of a hostbind lease TTL (whole seconds, at least etcd's minimum).

@@ -14,7 +14,7 @@ mod config;
 mod etcd;
 
 pub use config::{PoolConfig, PoolConfigError};
-pub use etcd::{EtcdPool, CONFIRM_BOUND};
+pub use etcd::{EtcdPool, CONFIRM_BOUND, NOTICE_BOUND};
 
 use hostbind_attest::signed::{check_identifier, CountMode, License};
 use serde::{Deserialize, Serialize};
@@ -273,7 +273,7 @@ pub struct Seat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_secs: Option<u64>,
     /// Unix seconds until which the previous holder's tokens may still be valid (set at a
-    /// re-home: its time + the previous holder's TTL + the bound on noticing the move, +1 s):
+    /// re-home: its time + the previous holder's TTL + [`NOTICE_BOUND`], +1 s):
     /// the seat is not re-homed again before ([`PoolError::MovedRecently`]), so at most the
     /// holder and one previous holder have valid tokens of the seat at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
