@@ -330,12 +330,16 @@ fn same_uuid_on_two_nodes_cannot_pass_one_seat_back_and_forth() {
     assert_eq!(held[0]["moves"], 1);
     let until = held[0]["shadow_until"].as_u64().unwrap();
     let exp = ta["expires_at"].as_u64().unwrap();
-    assert!(exp <= until, "A's token valid until {exp}, the seat may move at {until}");
+    assert!(
+        exp <= until,
+        "A's token valid until {exp}, the seat may move at {until}"
+    );
     // Taking it back now is refused, with the reason.
     let err = token_json(&ag_a, "cad").unwrap_err();
     assert!(
-        err.contains("a seat moves again only once the tokens of the node it came from have expired")
-            && err.contains(&b.host_id),
+        err.contains(
+            "a seat moves again only once the tokens of the node it came from have expired"
+        ) && err.contains(&b.host_id),
         "{err}"
     );
 }

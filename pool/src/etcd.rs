@@ -919,15 +919,16 @@ impl Inner {
             if let Err(e) = self.watch_once().await {
                 tracing::debug!("seat pool watch: {e}; opening it anew");
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            // Not a loop of connection attempts while etcd is away.
+            tokio::time::sleep(PROGRESS_EVERY).await;
         }
     }
 
     async fn watch_once(&self) -> Result<(), PoolError> {
         let mut w = self
-            .call(|mut c| async move {
-                c.watch(ROOT, Some(WatchOptions::new().with_prefix())).await
-            })
+            .call(
+                |mut c| async move { c.watch(ROOT, Some(WatchOptions::new().with_prefix())).await },
+            )
             .await?;
         // Moves made before the watch began (etcd answered this read after creating it).
         let lost = self.scan_moved().await?;

@@ -638,7 +638,10 @@ async fn same_uuid_ping_pong_leaves_valid_tokens_on_at_most_two_nodes() {
     eprintln!("node A noticed the move after {:?}", started.elapsed());
     let gone = a.moved_away();
     assert_eq!(gone.len(), 1, "{gone:?}");
-    assert_eq!((gone[0].0.seat.as_str(), gone[0].1.clone()), ("twin", host(2)));
+    assert_eq!(
+        (gone[0].0.seat.as_str(), gone[0].1.clone()),
+        ("twin", host(2))
+    );
     // A new take on node A is no local success: the seat is held elsewhere.
     let err = a.acquire(req(&t, "twin", long)).await.unwrap_err();
     assert!(
@@ -718,7 +721,11 @@ async fn concurrent_reconciles_report_the_over_grant_neither_saw_alone() {
         assert_eq!(b.holders(POOL).await.unwrap().len(), 3);
         let mut over: Vec<String> = rb.over_granted.into_iter().chain(rc.over_granted).collect();
         over.sort();
-        assert_eq!(over.len(), 1, "round {round}: one seat over the pool, reported {over:?}");
+        assert_eq!(
+            over.len(),
+            1,
+            "round {round}: one seat over the pool, reported {over:?}"
+        );
         assert!(
             [format!("{POOL}/{vb}"), format!("{POOL}/{vc}")].contains(&over[0]),
             "{over:?}"
