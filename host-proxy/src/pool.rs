@@ -3,7 +3,8 @@
 //!
 //! - A new lease of a pool license takes its seat here after the ledger grant (the seat key in
 //!   count mode `access` is the lease id); a refusal ends the unissued lease. A VM whose seat
-//!   another node holds re-homes it (it migrated here), again only once the tokens of the node it left have expired (docs/pools.md).
+//!   another node holds re-homes it (it migrated here); a seat moves again only once the
+//!   tokens of the node it left have expired (docs/pools.md).
 //! - Renewals keep the seat locally; a lease's end (release, expiry, admin, license removal,
 //!   libvirt) releases the seat once no lease of this node uses it.
 //! - The pool's watch drops a seat re-homed away from this node at once (renewals refused)
