@@ -606,7 +606,7 @@ pub const KEYS: &[KeyDoc] = &[
     key("pool", "connect_timeout", Some("\"1s\""), "\"500ms\"",
         "Deadline of connecting to one etcd member. 50ms to 60s."),
     key("pool", "check_interval", Some("\"1s\""), "\"2s\"",
-        "How often the node checks etcd: keeps its seats' etcd leases alive, notices seats re-homed to another node (their local leases end: \"seat moved to node ...\"), and reconciles after an outage. 100ms to 60s."),
+        "How often the node checks etcd: keeps its seats' etcd leases alive and reconciles after an outage. Seats re-homed to another node are seen at once by a watch, whatever this value (their local leases end: \"seat moved to node ...\"). 100ms to 60s."),
 ];
 
 /// A full example proxy.toml for the man page.

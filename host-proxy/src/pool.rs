@@ -3,14 +3,16 @@
 //!
 //! - A new lease of a pool license takes its seat here after the ledger grant (the seat key in
 //!   count mode `access` is the lease id); a refusal ends the unissued lease. A VM whose seat
-//!   another node holds re-homes it (it migrated here), at most once per lease TTL per seat.
+//!   another node holds re-homes it (it migrated here); a seat moves again only once the
+//!   tokens of the node it left have expired (docs/pools.md).
 //! - Renewals keep the seat locally; a lease's end (release, expiry, admin, license removal,
 //!   libvirt) releases the seat once no lease of this node uses it, except a live migration's
 //!   (libvirt): the VM's seat is parked, still counted, for its new node to re-home, and
 //!   released if none does within one lease TTL.
-//! - Every `check_interval` the node asks etcd for seats re-homed away from it and ends their
-//!   leases ("seat moved to node X"), so VMs given the same UUID on several nodes cannot
-//!   share one seat; the reconcile reports of the pool go to the same place.
+//! - The pool's watch drops a seat re-homed away from this node at once (renewals refused)
+//!   and wakes the run loop, which ends its leases ("seat moved to node X"), so VMs given the
+//!   same UUID on several nodes cannot share one seat; the reconcile reports of the pool go
+//!   to the same place (every `check_interval`).
 //! - At start the seats of the ledger's live leases are adopted and reconciled; until etcd
 //!   confirms them they use the fallback share, and an etcd outage recorded in the ledger
 //!   before the restart goes on counting (the grace does not begin anew).
@@ -304,12 +306,14 @@ impl EtcdSeats {
         }
     }
 
-    /// Runs every `check_interval` until `stop`: seats re-homed away and seats a reconcile
-    /// found lost end their local leases.
+    /// Runs until `stop`, at once when the pool's watch saw a held seat move away (or a
+    /// reconcile found seats lost), else every `check_interval` (the reconcile reports):
+    /// those seats' local leases end.
     pub async fn run(self: Arc<Self>, svc: Arc<Service>, stop: CancellationToken) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = self.pool.moves() => {}
                 _ = tokio::time::sleep(self.cfg.check_interval) => {}
             }
             if !lock(&self.map).parked.is_empty() {
@@ -317,14 +321,12 @@ impl EtcdSeats {
                 let _ = tokio::task::spawn_blocking(move || me.release_parked()).await;
             }
             self.check_sizes().await;
-            let mut gone: Vec<(SeatId, Option<String>)> = Vec::new();
-            match self.pool.moved_away().await {
-                Ok(v) => gone.extend(
-                    v.into_iter()
-                        .map(|(s, node)| ((s.pool, s.seat), Some(node))),
-                ),
-                Err(e) => tracing::debug!("seat pool check: {e}"),
-            }
+            let mut gone: Vec<(SeatId, Option<String>)> = self
+                .pool
+                .moved_away()
+                .into_iter()
+                .map(|(s, node)| ((s.pool, s.seat), Some(node)))
+                .collect();
             let report = self.note_report();
             for ps in &report.lost {
                 if let Some((p, s)) = ps.split_once('/') {
@@ -513,6 +515,8 @@ fn held_seats(
                 source: SeatSource::Pool,
                 moved_at: None,
                 moves: 0,
+                ttl_secs: Some(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)),
+                shadow_until: None,
             };
             (req, s)
         });

@@ -289,8 +289,10 @@ fn pool_seat_of_an_expired_lease_is_freed_for_another_node() {
 }
 
 /// The attack: the customer gives VMs on two nodes the same UUID so one seat serves both,
-/// re-homed back and forth. The seat moves once (as for a real migration), the node that lost
-/// it ends its lease at once, and moving it back within one lease TTL is refused.
+/// re-homed back and forth. The seat moves once (as for a real migration); the node that lost
+/// it ends its lease at once although it checks the pool only every 60 s (the pool's watch
+/// tells it), so its renewals stop; its tokens already out expire before the seat may move
+/// again (the seat key records until when), and moving it back sooner is refused.
 #[test]
 fn same_uuid_on_two_nodes_cannot_pass_one_seat_back_and_forth() {
     let Some(c) = EtcdCluster::start_or_skip("pool_same_uuid", 1).unwrap() else {
@@ -298,28 +300,44 @@ fn same_uuid_on_two_nodes_cannot_pass_one_seat_back_and_forth() {
     };
     let v = Vendor::new().unwrap();
     let leases = "[leases]\nttl = \"30s\"\n";
-    let (a, b) = two_nodes(&c, &v, &["twin"], &["twin"], 1, leases);
+    let (a, b) = two_nodes_with(
+        &c,
+        &v,
+        (&["twin"], &["twin"]),
+        (1, 0),
+        leases,
+        "check_interval = \"60s\"",
+    );
     let ag_a = Agent::start(&a.vm("twin").unwrap().socket).unwrap();
     let ag_b = Agent::start(&b.vm("twin").unwrap().socket).unwrap();
-    token_json(&ag_a, "cad").unwrap();
+    let ta = token_json(&ag_a, "cad").unwrap();
     // B's twin takes the seat over (indistinguishable from a migration) ...
     token_json(&ag_b, "cad").unwrap();
-    // ... and A's twin loses its lease.
+    // ... and A's twin loses its lease at once, not at A's next check in 60 s.
     wait_for(
         "node A to end the lease of the seat that moved",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         || !a.proxy_ok(&["leases"]).unwrap().contains("twin"),
     );
-    // Taking it back now is refused, with the reason.
-    let err = token_json(&ag_a, "cad").unwrap_err();
-    assert!(
-        err.contains("a seat moves at most once per lease TTL") && err.contains(&b.host_id),
-        "{err}"
-    );
+    // A's last token expires before the seat may move again.
     let held = seats(&c);
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0]["node"], b.host_id.as_str());
     assert_eq!(held[0]["moves"], 1);
+    let until = held[0]["shadow_until"].as_u64().unwrap();
+    let exp = ta["expires_at"].as_u64().unwrap();
+    assert!(
+        exp <= until,
+        "A's token valid until {exp}, the seat may move at {until}"
+    );
+    // Taking it back now is refused, with the reason.
+    let err = token_json(&ag_a, "cad").unwrap_err();
+    assert!(
+        err.contains(
+            "a seat moves again only once the tokens of the node it came from have expired"
+        ) && err.contains(&b.host_id),
+        "{err}"
+    );
 }
 
 /// Without quorum, node B grants a seat from its fallback share although node A holds the

@@ -63,8 +63,9 @@ pub struct PoolConfig {
         serialize_with = "ser_dur"
     )]
     pub connect_timeout: Duration,
-    /// How often the node checks etcd and keeps its etcd leases alive (at most a third of the
-    /// shortest seat TTL is used in any case).
+    /// How often the node keeps its etcd leases alive and reconciles after an outage (at most
+    /// a third of the shortest seat TTL is used in any case). Seats re-homed away are seen by
+    /// a watch at once, not at this interval.
     #[serde(
         default = "PoolConfig::default_check_interval",
         deserialize_with = "de_dur",

@@ -15,8 +15,8 @@ use crate::{
     Seat, SeatPool, SeatRequest, SeatSource,
 };
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, GetResponse, PutOptions, Txn, TxnOp,
-    TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse, PutOptions,
+    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 use std::collections::HashMap;
 use std::future::Future;
@@ -48,6 +48,18 @@ fn hold_in(st: &mut State, req: &SeatRequest, seat: &Seat, mod_rev: i64) {
 const MAX_READ_BYTES: usize = 64 * 1024 * 1024;
 /// Pause before retrying a call another member may answer.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// How long a node serves its seats on a watch of the pool keys that confirmed nothing (no
+/// event, no progress answer): then the watch is opened anew (and the keys read again), its
+/// failure is an outage like any other. Fixed, not configurable (part of [`NOTICE_BOUND`]).
+pub const CONFIRM_BOUND: Duration = Duration::from_secs(5);
+/// How often the watch asks etcd to confirm it is current (a progress request).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How long a node that reaches etcd takes at most to notice a seat re-homed away: at once
+/// through its watch, or when the watch went silent: [`CONFIRM_BOUND`], a progress tick, the
+/// pause before reopening it and the reopening read (a node whose reads take longer is cut
+/// off in effect: it serves on grace, docs/threat-model.md). A re-home adds it to the old
+/// holder's TTL before the seat may move again.
+pub const NOTICE_BOUND: Duration = Duration::from_secs(10);
 
 fn seats_prefix(pool: &str) -> String {
     format!("{ROOT}{pool}/seats/")
@@ -87,6 +99,37 @@ struct State {
     recorded: Option<u64>,
     /// What reconciles did since [`SeatPool::take_report`] was last called.
     reports: ReconcileReport,
+    /// Held seats the watch saw re-homed to another node (seat, node), for
+    /// [`EtcdPool::moved_away`].
+    moved: Vec<(Seat, String)>,
+    /// The last revision and node of every seat key another node wrote, as the watch saw
+    /// them: a seat this node takes (its put answered) after another node re-homed it
+    /// (the watch event came first) is dropped at once.
+    foreign: HashMap<(String, String), (i64, String)>,
+}
+
+impl State {
+    /// Drops held seat `k` if another node wrote its key after this node did.
+    fn check_foreign(&mut self, k: &(String, String)) -> bool {
+        let Some((rev, node)) = self.foreign.get(k) else {
+            return false;
+        };
+        if !self
+            .held
+            .get(k)
+            .is_some_and(|h| h.mod_rev != 0 && h.mod_rev < *rev)
+        {
+            return false;
+        }
+        let node = node.clone();
+        match self.held.remove(k) {
+            Some(h) => {
+                self.moved.push((h.seat, node));
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 struct Inner {
@@ -107,6 +150,8 @@ struct Inner {
     requests: std::sync::atomic::AtomicU64,
     /// Where the outage start survives a restart.
     outages: Option<Arc<OutageLog>>,
+    /// Woken when a held seat moved away (`State::moved`) or a reconcile found seats lost.
+    moves: tokio::sync::Notify,
 }
 
 /// Keeps the start of an etcd outage across restarts and `kill -9`: a restarted node must not
@@ -162,11 +207,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct EtcdPool {
     inner: Arc<Inner>,
     task: tokio::task::JoinHandle<()>,
+    watch: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for EtcdPool {
     fn drop(&mut self) {
         self.task.abort();
+        self.watch.abort();
     }
 }
 
@@ -390,11 +437,18 @@ impl Inner {
             source,
             moved_at: None,
             moves: 0,
+            ttl_secs: Some(req.ttl.as_secs() + u64::from(req.ttl.subsec_nanos() > 0)),
+            shadow_until: None,
         }
     }
 
     fn hold(&self, req: &SeatRequest, seat: Seat, mod_rev: i64) -> Seat {
-        hold_in(&mut self.state(), req, &seat, mod_rev);
+        let k = (seat.pool.clone(), seat.seat.clone());
+        let mut st = self.state();
+        hold_in(&mut st, req, &seat, mod_rev);
+        if st.check_foreign(&k) {
+            self.moves.notify_one();
+        }
         seat
     }
 
@@ -634,24 +688,39 @@ impl Inner {
             };
             let old = Self::decode(kv)?;
             let now = now_unix();
-            let ttl = ttl_secs(req.ttl).unsigned_abs();
-            if old.node != self.node {
-                if let Some(at) = old.moved_at.filter(|at| now.saturating_sub(*at) < ttl) {
-                    let ago = now.saturating_sub(at);
+            // The holder's TTL as its key records it (a key of an older version: this
+            // node's TTL).
+            let old_ttl = old
+                .ttl_secs
+                .unwrap_or_else(|| ttl_secs(req.ttl).unsigned_abs());
+            let mut seat = self.seat_of(&req, SeatSource::Pool);
+            if old.node == self.node {
+                // This node's own key (adopted): its move history stays.
+                seat.moved_at = old.moved_at;
+                seat.moves = old.moves;
+                seat.shadow_until = old.shadow_until;
+            } else {
+                // The node the seat came from at its last move may still have valid tokens
+                // out until `until`: moving it again now would make a third VM valid.
+                let until = old
+                    .shadow_until
+                    .or_else(|| old.moved_at.map(|at| shadow_until(at, old_ttl)));
+                if let Some(until) = until.filter(|u| now <= *u) {
+                    let at = old.moved_at.unwrap_or(now);
                     return Err(PoolError::MovedRecently {
                         pool: req.terms.pool.clone(),
                         seat: req.seat.clone(),
                         node: old.node,
-                        ago_secs: ago,
-                        ttl_secs: ttl,
-                        wait_secs: ttl - ago,
+                        ago_secs: now.saturating_sub(at),
+                        ttl_secs: until.saturating_sub(shadow_until(at, 0)),
+                        wait_secs: until + 1 - now,
                     });
                 }
-            }
-            let mut seat = self.seat_of(&req, SeatSource::Pool);
-            if old.node != self.node {
                 seat.moved_at = Some(now);
                 seat.moves = old.moves.saturating_add(1);
+                // Until then the old holder's tokens may be valid: it notices the move within
+                // NOTICE_BOUND (the watch) and its last token expires one TTL later.
+                seat.shadow_until = Some(shadow_until(now, old_ttl).max(until.unwrap_or(0)));
             }
             let cmp = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
             if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
@@ -768,6 +837,9 @@ impl Inner {
         }
         let mut st = self.state();
         self.outage_ended(&mut st);
+        if !report.lost.is_empty() {
+            self.moves.notify_one();
+        }
         if report != ReconcileReport::default() {
             tracing::warn!(?report, "seat pool reconciled with etcd");
             st.reports.merge(report.clone());
@@ -783,7 +855,6 @@ impl Inner {
         let r = self
             .get(&seats_prefix(pool), Some(GetOptions::new().with_prefix()))
             .await?;
-        let mut count = r.kvs().len() as u64;
         let mut in_etcd: HashMap<String, (Seat, i64, i64)> = HashMap::new();
         for kv in r.kvs() {
             // A key that is no hostbind seat (written by hand, or by another version) still
@@ -809,7 +880,7 @@ impl Inner {
             let lease = self.lease(h.ttl_secs).await?;
             let mut seat = h.seat.clone();
             seat.source = SeatSource::Pool;
-            let cmp = match in_etcd.remove(&h.seat.seat) {
+            let (cmp, new) = match in_etcd.remove(&h.seat.seat) {
                 Some((s, _, _)) if s.node != self.node => {
                     // The VM migrated and its new node re-homed the seat.
                     self.state()
@@ -822,22 +893,30 @@ impl Inner {
                     self.mark(pool, &h.seat.seat, rev, seat);
                     continue;
                 }
-                Some((_, rev, _)) => Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
+                Some((_, rev, _)) => (
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
+                    false,
+                ),
                 None => {
-                    count += 1;
-                    if count > u64::from(h.terms.seats) {
-                        report.over_granted.push(name(&h.seat.seat));
-                    }
                     if h.seat.source == SeatSource::Fallback {
                         report.fallback_registered.push(name(&h.seat.seat));
                     } else {
                         report.reregistered.push(name(&h.seat.seat));
                     }
-                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0)
+                    (
+                        Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                        true,
+                    )
                 }
             };
             if let Some(rev) = self.put_if(cmp, &key, &seat, lease).await? {
                 self.mark(pool, &h.seat.seat, rev, seat);
+                // Counted as of this put: another node registering seats at the same time
+                // read the count before this put too, so a count read once before would
+                // let both over-grant unreported.
+                if new && self.count_at(pool, rev).await? > u64::from(h.terms.seats) {
+                    report.over_granted.push(name(&h.seat.seat));
+                }
             }
             // A lost race is settled by the next reconcile.
         }
@@ -858,12 +937,28 @@ impl Inner {
         Ok(())
     }
 
+    /// The number of seat keys of `pool` at etcd revision `rev` (the current number when the
+    /// revision was compacted meanwhile).
+    async fn count_at(&self, pool: &str, rev: i64) -> Result<u64, PoolError> {
+        let opts = GetOptions::new().with_prefix().with_count_only();
+        let r = match self
+            .get(&seats_prefix(pool), Some(opts.clone().with_revision(rev)))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.unavailable().is_some() => return Err(e),
+            Err(_) => self.get(&seats_prefix(pool), Some(opts)).await?,
+        };
+        Ok(r.count().unsigned_abs())
+    }
+
     /// Held seats whose key now names another node (re-homed away: the VM, or a VM with the
-    /// same UUID, runs there now): dropped here and returned with the new node, so the
-    /// caller ends their local leases. Per pool with seats held, one linearizable keys-only
-    /// read of the keys modified after this node's oldest write (cheap however large the
-    /// pool), and a read of each held key that changed since this node wrote it.
-    async fn moved_away(&self) -> Result<Vec<(Seat, String)>, PoolError> {
+    /// same UUID, runs there now): dropped here and returned with the new node. Read when the
+    /// watch (re)starts, for the moves made while no watch ran. Per pool with seats held, one
+    /// linearizable keys-only read of the keys modified after this node's oldest write
+    /// (cheap however large the pool), and a read of each held key that changed since this
+    /// node wrote it.
+    async fn scan_moved(&self) -> Result<Vec<(Seat, String)>, PoolError> {
         let mut oldest: HashMap<String, i64> = HashMap::new();
         for h in self.state().held.values().filter(|h| h.mod_rev != 0) {
             let e = oldest.entry(h.seat.pool.clone()).or_insert(h.mod_rev);
@@ -919,13 +1014,106 @@ impl Inner {
     }
 
     fn mark(&self, pool: &str, seat: &str, rev: i64, value: Seat) {
-        if let Some(h) = self
-            .state()
-            .held
-            .get_mut(&(pool.to_string(), seat.to_string()))
-        {
+        let k = (pool.to_string(), seat.to_string());
+        let mut st = self.state();
+        if let Some(h) = st.held.get_mut(&k) {
             h.mod_rev = rev;
             h.seat = value;
+        }
+        if st.check_foreign(&k) {
+            self.moves.notify_one();
+        }
+    }
+
+    /// Watches every pool key for good: a held seat another node re-homes is dropped at once
+    /// (renewals refused, a new take of it goes to etcd) and queued for
+    /// [`EtcdPool::moved_away`]. A watch that confirms nothing for [`CONFIRM_BOUND`] is
+    /// opened anew; opening it fails like any call (the node is then in an outage: grace).
+    async fn watch_loop(&self) {
+        loop {
+            if let Err(e) = self.watch_once().await {
+                tracing::debug!("seat pool watch: {e}; opening it anew");
+            }
+            // Not a loop of connection attempts while etcd is away.
+            tokio::time::sleep(PROGRESS_EVERY).await;
+        }
+    }
+
+    async fn watch_once(&self) -> Result<(), PoolError> {
+        let mut w = self
+            .call(
+                |mut c| async move { c.watch(ROOT, Some(WatchOptions::new().with_prefix())).await },
+            )
+            .await?;
+        // Moves made before the watch began (etcd answered this read after creating it).
+        let lost = self.scan_moved().await?;
+        if !lost.is_empty() {
+            self.state().moved.extend(lost);
+            self.moves.notify_one();
+        }
+        let mut confirmed = Instant::now();
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        loop {
+            tokio::select! {
+                m = w.message() => {
+                    let resp = match m {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Ok(()),
+                        Err(e) => return Err(self.classify(&e)),
+                    };
+                    if resp.canceled() {
+                        return Err(PoolError::Etcd {
+                            detail: format!("etcd cancelled the watch: {}", resp.cancel_reason()),
+                        });
+                    }
+                    confirmed = Instant::now();
+                    for ev in resp.events() {
+                        self.watched(ev);
+                    }
+                }
+                _ = progress.tick() => {
+                    if confirmed.elapsed() > CONFIRM_BOUND {
+                        return Err(PoolError::Unreachable {
+                            endpoints: self.endpoints(),
+                            detail: format!(
+                                "the watch of the pool keys confirmed nothing for {CONFIRM_BOUND:?}"
+                            ),
+                        });
+                    }
+                    // A failed send shows as the stream's end or error.
+                    let _ = w.request_progress().await;
+                }
+            }
+        }
+    }
+
+    /// One watch event: a held seat re-homed to another node is dropped and queued; other
+    /// nodes' writes are remembered for [`State::check_foreign`].
+    fn watched(&self, ev: &etcd_client::Event) {
+        let Some(kv) = ev.kv() else { return };
+        let Some(rest) = kv.key().strip_prefix(ROOT.as_bytes()) else {
+            return;
+        };
+        let rest = String::from_utf8_lossy(rest);
+        let Some((pool, seat)) = rest.split_once("/seats/") else {
+            return;
+        };
+        let k = (pool.to_string(), seat.to_string());
+        let mut st = self.state();
+        if ev.event_type() == EventType::Delete {
+            st.foreign.remove(&k);
+            return;
+        }
+        match Self::decode(kv) {
+            Ok(s) if s.node != self.node => {
+                st.foreign.insert(k.clone(), (kv.mod_revision(), s.node));
+                if st.check_foreign(&k) {
+                    self.moves.notify_one();
+                }
+            }
+            _ => {
+                st.foreign.remove(&k);
+            }
         }
     }
 
@@ -993,6 +1181,13 @@ impl Inner {
             .min(third)
             .max(Duration::from_millis(100))
     }
+}
+
+/// The last Unix second a token of a node that lost a seat at `moved_at` may be valid, its
+/// lease TTL being `ttl` (whole seconds): it notices within [`NOTICE_BOUND`], a token it
+/// issues then expires `ttl` later; one second more for the rounding of Unix seconds.
+fn shadow_until(moved_at: u64, ttl: u64) -> u64 {
+    moved_at + NOTICE_BOUND.as_secs() + ttl + 1
 }
 
 /// etcd lease TTL class of a hostbind lease TTL (whole seconds, at least etcd's minimum).
@@ -1067,6 +1262,7 @@ impl EtcdPool {
             acquiring: tokio::sync::Mutex::new(()),
             requests: std::sync::atomic::AtomicU64::new(0),
             outages,
+            moves: tokio::sync::Notify::new(),
         });
         for (req, mut seat) in held {
             seat.node = inner.node.clone();
@@ -1083,14 +1279,23 @@ impl EtcdPool {
                 bg.tick().await;
             }
         });
-        Ok(EtcdPool { inner, task })
+        let bg = Arc::clone(&inner);
+        let watch = tokio::spawn(async move { bg.watch_loop().await });
+        Ok(EtcdPool { inner, task, watch })
     }
 
-    /// Held seats re-homed to another node since the last check (see `docs/pools.md`): they
-    /// are no longer held here; each with the node holding it now. The proxy calls it every
-    /// `check_interval` and ends the seats' local leases.
-    pub async fn moved_away(&self) -> Result<Vec<(Seat, String)>, PoolError> {
-        self.inner.moved_away().await
+    /// Held seats re-homed to another node since the last call (see `docs/pools.md`), seen
+    /// by the node's watch of the pool keys: they are no longer held here (renewals of them
+    /// are refused already); each with the node holding it now. The proxy calls it when
+    /// [`EtcdPool::moves`] wakes it and ends the seats' local leases.
+    pub fn moved_away(&self) -> Vec<(Seat, String)> {
+        std::mem::take(&mut self.inner.state().moved)
+    }
+
+    /// Resolves when a held seat moved away or a reconcile found seats lost since the last
+    /// wake (at once if that happened while nobody waited).
+    pub async fn moves(&self) {
+        self.inner.moves.notified().await;
     }
 
     /// This node's host id (hex), as seats name it.

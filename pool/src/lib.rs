@@ -14,7 +14,7 @@ mod config;
 mod etcd;
 
 pub use config::{PoolConfig, PoolConfigError};
-pub use etcd::{EtcdPool, OutageStore};
+pub use etcd::{EtcdPool, OutageStore, CONFIRM_BOUND, NOTICE_BOUND};
 
 use hostbind_attest::signed::{check_identifier, CountMode, License};
 use serde::{Deserialize, Serialize};
@@ -90,9 +90,10 @@ pub enum PoolError {
         seat: String,
         node: String,
     },
-    /// The seat was re-homed to another node less than one seat TTL ago: a seat moves at most
-    /// once per TTL, so VMs given the same UUID on several nodes cannot pass one seat around.
-    #[error("seat '{seat}' of pool '{pool}' moved to node {node} {ago_secs} s ago; a seat moves at most once per lease TTL ({ttl_secs} s): if this VM really migrated here, retry in {wait_secs} s; if another VM with the same UUID runs on node {node}, give each VM its own UUID")]
+    /// The seat was re-homed to another node while the tokens of the node it came from may
+    /// still be valid (its `shadow_until`): VMs given the same UUID on several nodes cannot
+    /// pass one seat around faster than tokens expire.
+    #[error("seat '{seat}' of pool '{pool}' moved to node {node} {ago_secs} s ago; a seat moves again only once the tokens of the node it came from have expired (that node's lease TTL of {ttl_secs} s after the move, and a few seconds to notice it): if this VM really migrated here, retry in {wait_secs} s; if another VM with the same UUID runs on node {node}, give each VM its own UUID")]
     MovedRecently {
         pool: String,
         seat: String,
@@ -264,13 +265,23 @@ pub struct Seat {
     /// Where it is counted.
     pub source: SeatSource,
     /// Unix seconds of its last re-home (a VM that migrated, or a VM with the same UUID on
-    /// another node): a seat re-homed less than one seat TTL ago is not re-homed again
-    /// ([`PoolError::MovedRecently`]).
+    /// another node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_at: Option<u64>,
     /// How often it was re-homed since it was taken.
     #[serde(default)]
     pub moves: u32,
+    /// The holder's hostbind lease TTL in whole seconds (rounded up): its tokens expire at
+    /// most this long after its last renewal. A re-home reads it to know how long the node
+    /// it takes the seat from may still have valid tokens out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// Unix seconds until which the previous holder's tokens may still be valid (set at a
+    /// re-home: its time + the previous holder's TTL + [`NOTICE_BOUND`], +1 s):
+    /// the seat is not re-homed again before ([`PoolError::MovedRecently`]), so at most the
+    /// holder and one previous holder have valid tokens of the seat at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_until: Option<u64>,
 }
 
 /// The outcome of a re-home.

@@ -468,9 +468,13 @@ async fn a_migrated_vms_seat_moves_and_is_never_free_for_another_vm_nor_counted_
         r => panic!("{r:?}"),
     }
     eprintln!("re-home took {:?}", started.elapsed());
-    // The old node lets go of the VM: its release does not free the moved seat; then it dies
-    // and its etcd lease expires: the seat stays on B's lease.
-    a.release(POOL, "vm1").await.unwrap();
+    // The old node lets go of the VM: its release does not free the moved seat (its watch
+    // may have dropped the seat already: not held); then it dies and its etcd lease expires:
+    // the seat stays on B's lease.
+    match a.release(POOL, "vm1").await {
+        Ok(()) | Err(PoolError::NotHeld { .. }) => {}
+        Err(e) => panic!("{e}"),
+    }
     drop(a);
     tokio::time::sleep(Duration::from_secs(4)).await;
     stop.store(1, Ordering::SeqCst);
@@ -697,4 +701,147 @@ async fn a_pool_bigger_than_one_default_grpc_answer_still_reconciles() {
     let h = names(&a.holders(POOL).await.unwrap());
     assert_eq!(h, vec![("vm1".into(), host(1))]);
     a.acquire(req(&t, "vm2", ttl)).await.unwrap();
+}
+
+/// The attack: the customer gives VMs on three nodes the same UUID and passes one seat
+/// around by re-homing it. The node that lost the seat refuses its renewals (and a new take
+/// of it) as soon as etcd tells it, long before its 60 s `check_interval`, and no node moves
+/// the seat on while the tokens of the node it came from may still be valid, however short
+/// the TTL the asking node sets itself: at most two nodes have valid tokens of it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_uuid_ping_pong_leaves_valid_tokens_on_at_most_two_nodes() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_ping_pong", 1).unwrap() else {
+        return;
+    };
+    let t = terms(1, 0);
+    let (long, short) = (Duration::from_secs(30), Duration::from_secs(2));
+    let check = Duration::from_secs(60);
+    let a = node(&c, 1, check).await;
+    let b = node(&c, 2, check).await;
+    let third = node(&c, 3, check).await;
+    a.acquire(req(&t, "twin", long)).await.unwrap();
+    a.keep_alive(POOL, "twin").await.unwrap();
+    let moved_at = match b.rehome(req(&t, "twin", long)).await.unwrap() {
+        Rehomed::Moved { seat, from } => {
+            assert_eq!(from, host(1));
+            seat.moved_at.unwrap()
+        }
+        r => panic!("{r:?}"),
+    };
+    // Node A stops renewing at once (the watch), not at its next check in 60 s.
+    let started = Instant::now();
+    loop {
+        match a.keep_alive(POOL, "twin").await {
+            Err(PoolError::NotHeld { .. }) => break,
+            Ok(_) => assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "node A still renews the seat node B took"
+            ),
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("node A noticed the move after {:?}", started.elapsed());
+    let gone = a.moved_away();
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    assert_eq!(
+        (gone[0].0.seat.as_str(), gone[0].1.clone()),
+        ("twin", host(2))
+    );
+    // A new take on node A is no local success: the seat is held elsewhere.
+    let err = a.acquire(req(&t, "twin", long)).await.unwrap_err();
+    assert!(
+        matches!(&err, PoolError::HeldElsewhere { node, .. } if *node == host(2)),
+        "{err}"
+    );
+    // The key records until when node A's tokens may be valid: its 30 s TTL, not B's.
+    let held = b.holders(POOL).await.unwrap();
+    let until = held[0].shadow_until.unwrap();
+    assert!(until > moved_at + long.as_secs(), "{held:?}");
+    // A third node with a 2 s TTL of its own, past that TTL: still refused, node A's tokens
+    // (and node B's) would be valid at once with its own.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let err = third.rehome(req(&t, "twin", short)).await.unwrap_err();
+    match &err {
+        PoolError::MovedRecently {
+            node, wait_secs, ..
+        } => {
+            assert_eq!(*node, host(2));
+            assert!(*wait_secs > long.as_secs() - 5, "{err}");
+        }
+        e => panic!("{e}"),
+    }
+    assert_eq!(
+        names(&b.holders(POOL).await.unwrap()),
+        vec![("twin".into(), host(2))]
+    );
+}
+
+/// Two nodes register the fallback seats they granted while cut off at the same moment,
+/// with one seat of a two-seat pool in etcd: the pool ends with three seats, and the
+/// over-grant is reported (once), not lost because both counted before either registered.
+/// Three rounds, each with two new nodes starting (and reconciling) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reconciles_report_the_over_grant_neither_saw_alone() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_concurrent_reconcile", 1).unwrap() else {
+        return;
+    };
+    let mut e = raw(&c).await;
+    let t = terms(2, 1);
+    let ttl = Duration::from_secs(30);
+    let check = Duration::from_secs(60);
+    let a = node(&c, 1, check).await;
+    a.acquire(req(&t, "vm-a", ttl)).await.unwrap();
+    let fallback = |n: u8, vm: &str| {
+        let r = req(&t, vm, ttl);
+        let s = Seat {
+            pool: POOL.into(),
+            seat: vm.into(),
+            node: host(n),
+            vm: vm.into(),
+            product: "cad".into(),
+            lease: r.lease.clone(),
+            since: 0,
+            source: SeatSource::Fallback,
+            moved_at: None,
+            moves: 0,
+            ttl_secs: Some(ttl.as_secs()),
+            shadow_until: None,
+        };
+        vec![(r, s)]
+    };
+    for round in 0..3u8 {
+        let (nb, nc) = (2 + 2 * round, 3 + 2 * round);
+        let (vb, vc) = (format!("vm-b{round}"), format!("vm-c{round}"));
+        let (ib, ic) = ([nb; 32], [nc; 32]);
+        let (cfg_b, cfg_c) = (
+            config(&c, nb, c.endpoints(), check),
+            config(&c, nc, c.endpoints(), check),
+        );
+        let (b, cc) = tokio::join!(
+            EtcdPool::start(cfg_b, &ib, fallback(nb, &vb)),
+            EtcdPool::start(cfg_c, &ic, fallback(nc, &vc)),
+        );
+        let (b, cc) = (b.unwrap(), cc.unwrap());
+        let (rb, rc) = (b.take_report(), cc.take_report());
+        assert_eq!(b.holders(POOL).await.unwrap().len(), 3);
+        let mut over: Vec<String> = rb.over_granted.into_iter().chain(rc.over_granted).collect();
+        over.sort();
+        assert_eq!(
+            over.len(),
+            1,
+            "round {round}: one seat over the pool, reported {over:?}"
+        );
+        assert!(
+            [format!("{POOL}/{vb}"), format!("{POOL}/{vc}")].contains(&over[0]),
+            "{over:?}"
+        );
+        // Next round: the two seats gone again.
+        drop((b, cc));
+        for vm in [&vb, &vc] {
+            e.delete(format!("/hostbind/pools/{POOL}/seats/{vm}"), None)
+                .await
+                .unwrap();
+        }
+    }
 }
