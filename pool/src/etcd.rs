@@ -855,6 +855,12 @@ impl Inner {
         let r = self
             .get(&seats_prefix(pool), Some(GetOptions::new().with_prefix()))
             .await?;
+        // No outage now nor recorded before a restart: a seat adopted from the ledger that
+        // etcd lacks was never counted (a crash mid-acquire), not kept through an outage.
+        let no_outage = {
+            let st = self.state();
+            st.unavailable.is_none() && st.recorded.is_none()
+        };
         let mut in_etcd: HashMap<String, (Seat, i64, i64)> = HashMap::new();
         for kv in r.kvs() {
             // A key that is no hostbind seat (written by hand, or by another version) still
@@ -897,6 +903,37 @@ impl Inner {
                     Compare::mod_revision(key.as_str(), CompareOp::Equal, rev),
                     false,
                 ),
+                None if no_outage && h.seat.source == SeatSource::Pool && h.mod_rev == 0 => {
+                    // Adopted from the ledger at a restart, not in etcd, and no outage: the
+                    // node died between its ledger grant and the etcd transaction (the lease
+                    // never got a token), or its keys expired while it was down. It gets a
+                    // seat only if one is free, like any acquire: never registered over the
+                    // pool. (Seats kept through an outage are registered and any over-grant
+                    // reported, as the fallback share allows.)
+                    let req = SeatRequest {
+                        terms: h.terms.clone(),
+                        seat: h.seat.seat.clone(),
+                        vm: h.seat.vm.clone(),
+                        product: h.seat.product.clone(),
+                        lease: h.seat.lease.clone(),
+                        ttl: Duration::from_secs(h.ttl_secs.unsigned_abs()),
+                    };
+                    match self.acquire_etcd(&req).await {
+                        Ok(_) => report.reregistered.push(name(&h.seat.seat)),
+                        Err(
+                            PoolError::PoolFull { .. }
+                            | PoolError::HeldElsewhere { .. }
+                            | PoolError::MovedRecently { .. },
+                        ) => {
+                            self.state()
+                                .held
+                                .remove(&(pool.to_string(), h.seat.seat.clone()));
+                            report.lost.push(name(&h.seat.seat));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    continue;
+                }
                 None => {
                     if h.seat.source == SeatSource::Fallback {
                         report.fallback_registered.push(name(&h.seat.seat));

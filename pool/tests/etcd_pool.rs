@@ -845,3 +845,46 @@ async fn concurrent_reconciles_report_the_over_grant_neither_saw_alone() {
         }
     }
 }
+
+/// A node that died between its ledger grant and the etcd transaction restarts with a lease
+/// whose seat etcd never counted, while the pool is full: the restart must not register it
+/// over the pool (an over-grant the lease never even needed: it got no token); the seat is
+/// lost, so the proxy ends that lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_register_an_orphaned_ledger_seat_over_a_full_pool() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_restart_orphan", 1).unwrap() else {
+        return;
+    };
+    let t = terms(1, 0);
+    let ttl = Duration::from_secs(30);
+    let first = node(&c, 1, Duration::from_secs(1)).await;
+    let orphan = first.acquire(req(&t, "vm9", ttl)).await.unwrap();
+    // As if the etcd transaction never happened ...
+    let mut e = raw(&c).await;
+    e.delete(format!("/hostbind/pools/{POOL}/seats/vm9"), None)
+        .await
+        .unwrap();
+    drop(first);
+    // ... and another node took the pool's only seat meanwhile.
+    let other = node(&c, 2, Duration::from_secs(1)).await;
+    other.acquire(req(&t, "vm5", ttl)).await.unwrap();
+    let again = EtcdPool::start(
+        config(&c, 1, c.endpoints(), Duration::from_secs(1)),
+        &[1; 32],
+        vec![(req(&t, "vm9", ttl), orphan)],
+    )
+    .await
+    .unwrap();
+    let r = again.take_report();
+    assert_eq!(r.lost, vec![format!("{POOL}/vm9")], "{r:?}");
+    assert!(
+        r.over_granted.is_empty() && r.reregistered.is_empty(),
+        "{r:?}"
+    );
+    assert_eq!(
+        names(&again.holders(POOL).await.unwrap()),
+        vec![("vm5".into(), host(2))]
+    );
+    let err = again.keep_alive(POOL, "vm9").await.unwrap_err();
+    assert!(matches!(err, PoolError::NotHeld { .. }), "{err}");
+}
