@@ -312,7 +312,15 @@ impl EtcdSeats {
     pub async fn run(self: Arc<Self>, svc: Arc<Service>, stop: CancellationToken) {
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    // A reconcile's report not yet taken (an over-grant the vendor must see)
+                    // goes into the usage log before its last seal (the shutdown awaits this).
+                    let report = self.note_report();
+                    for r in reconcile_records(&report, crate::service::unix_now()) {
+                        svc.metering().record(r);
+                    }
+                    return;
+                }
                 _ = self.pool.moves() => {}
                 _ = tokio::time::sleep(self.cfg.check_interval) => {}
             }

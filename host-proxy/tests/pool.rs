@@ -399,6 +399,51 @@ fn quorum_loss_fallback_grant_is_reconciled_and_shows_in_the_usage_report() {
     );
 }
 
+/// The proxy stopped right after the reconcile that counted its fallback seat over the pool,
+/// before its run loop (every `check_interval`) took the report: the over-grant must still
+/// reach the usage log, sealed at the stop.
+#[test]
+fn over_grant_found_just_before_a_stop_still_reaches_the_usage_log() {
+    let Some(mut c) = EtcdCluster::start_or_skip("pool_report_at_stop", 3).unwrap() else {
+        return;
+    };
+    let v = Vendor::new().unwrap();
+    let extra = "check_interval = \"2s\"\nrequest_timeout = \"1s\"\nconnect_timeout = \"300ms\"";
+    // B's run loop takes reconcile reports every `check_interval`; the test stops B as soon
+    // as etcd shows the reconcile, before that loop would take the report.
+    let leases = "[leases]\nttl = \"6s\"\n";
+    let (a, mut b) = two_nodes_with(
+        &c,
+        &v,
+        (&["vm-a"], &["vm-b1", "vm-b2"]),
+        (2, 1),
+        leases,
+        extra,
+    );
+    let ag_a = Agent::start(&a.vm("vm-a").unwrap().socket).unwrap();
+    token_json(&ag_a, "cad").unwrap();
+    let ag_b1 = Agent::start(&b.vm("vm-b1").unwrap().socket).unwrap();
+    token_json(&ag_b1, "cad").unwrap();
+    c.stop_quorum();
+    let ag_b2 = Agent::start(&b.vm("vm-b2").unwrap().socket).unwrap();
+    token_json(&ag_b2, "cad").unwrap();
+    c.restore().unwrap();
+    let t = Instant::now();
+    while seats(&c).len() != 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "B did not count its fallback seat: {:?}\n{}",
+            seats(&c),
+            b.proxy_ok(&["status"]).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.stop_proxy();
+    let (code, r) = usage_report::report(&v, &usage_report::export(&b, "b.usage"));
+    assert_eq!(code, 3, "the over-grant is an anomaly: {r:#}");
+    assert_eq!(r["pools"][0]["over_granted"], 1, "{r:#}");
+}
+
 /// The customer deletes a held seat's key in his etcd, so a second node grants the pool's only
 /// seat again: each node's usage log alone looks right, the vendor's report of both logs read
 /// together names the over-use (two VMs at once in a 1-seat pool).
