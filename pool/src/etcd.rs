@@ -550,6 +550,21 @@ impl Inner {
         let seat = self.seat_of(req, SeatSource::Fallback);
         {
             let mut st = self.state();
+            // Past the license's grace the node grants nothing more alone: else a node cut
+            // off for good would hand its fallback seats out anew each time a lease ended.
+            let down = st
+                .unavailable
+                .as_ref()
+                .map(|(_, since, _)| since.elapsed() + st.down_before);
+            if let Some(down) = down.filter(|d| *d > req.terms.grace) {
+                return Err(PoolError::GraceOver {
+                    pool: req.terms.pool.clone(),
+                    seat: req.seat.clone(),
+                    cause,
+                    for_secs: down.as_secs(),
+                    grace_secs: req.terms.grace.as_secs(),
+                });
+            }
             let used = st
                 .held
                 .values()
@@ -713,7 +728,7 @@ impl Inner {
                         node: old.node,
                         ago_secs: now.saturating_sub(at),
                         ttl_secs: until.saturating_sub(shadow_until(at, 0)),
-                        wait_secs: until + 1 - now,
+                        wait_secs: until.saturating_add(1).saturating_sub(now),
                     });
                 }
                 seat.moved_at = Some(now);
@@ -815,6 +830,17 @@ impl Inner {
     async fn reconcile(&self) -> Result<ReconcileReport, PoolError> {
         let _ops = self.ops.write().await;
         self.probe().await?;
+        {
+            // etcd answers: an outage recorded before a restart is over, even if the rest of
+            // this reconcile fails (else a later blip would count from that old start).
+            let mut st = self.state();
+            if st.unavailable.is_none() && st.recorded.take().is_some() {
+                st.down_before = Duration::ZERO;
+                if let Some(log) = &self.outages {
+                    log.put(None);
+                }
+            }
+        }
         // Leases that expired while etcd was away are granted anew.
         let leases: Vec<(i64, i64)> = self.state().leases.iter().map(|(k, v)| (*k, *v)).collect();
         for (ttl, id) in leases {
@@ -930,7 +956,13 @@ impl Inner {
                                 .remove(&(pool.to_string(), h.seat.seat.clone()));
                             report.lost.push(name(&h.seat.seat));
                         }
-                        Err(e) => return Err(e),
+                        Err(e) if e.unavailable().is_some() => return Err(e),
+                        // Anything else (contention, a foreign key in the way, etcd refusing
+                        // the write): the seat stays unconfirmed, the next tick reconciles
+                        // again; the other seats are reconciled now.
+                        Err(e) => {
+                            tracing::warn!(pool, seat = %h.seat.seat, "registering an adopted seat failed: {e}; retried at the next tick");
+                        }
                     }
                     continue;
                 }
@@ -1163,7 +1195,14 @@ impl Inner {
         // outage.
         let mut need_reconcile = {
             let st = self.state();
-            st.unavailable.is_some() || st.recorded.is_some()
+            // ... and while a seat adopted at start is not confirmed in etcd (its
+            // registration failed for a reason other than an outage): retried each tick.
+            st.unavailable.is_some()
+                || st.recorded.is_some()
+                || st
+                    .held
+                    .values()
+                    .any(|h| h.mod_rev == 0 && h.seat.source == SeatSource::Pool)
         };
         for (ttl, id) in leases {
             let r = self
@@ -1224,7 +1263,11 @@ impl Inner {
 /// lease TTL being `ttl` (whole seconds): it notices within [`NOTICE_BOUND`], a token it
 /// issues then expires `ttl` later; one second more for the rounding of Unix seconds.
 fn shadow_until(moved_at: u64, ttl: u64) -> u64 {
-    moved_at + NOTICE_BOUND.as_secs() + ttl + 1
+    // Saturating: the values come from seat keys a hostile etcd may have written.
+    moved_at
+        .saturating_add(NOTICE_BOUND.as_secs())
+        .saturating_add(ttl)
+        .saturating_add(1)
 }
 
 /// etcd lease TTL class of a hostbind lease TTL (whole seconds, at least etcd's minimum).

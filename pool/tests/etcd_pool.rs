@@ -606,7 +606,7 @@ async fn a_held_seat_is_not_served_to_new_leases_past_the_grace_while_cut_off() 
         return;
     };
     let relay = TcpRelay::start((0..3).map(|i| c.member_addr(i)).collect()).unwrap();
-    let mut t = terms(2, 0);
+    let mut t = terms(2, 2);
     t.grace = Duration::from_secs(2);
     let ttl = Duration::from_secs(30);
     let cut_node = EtcdPool::start(
@@ -618,12 +618,15 @@ async fn a_held_seat_is_not_served_to_new_leases_past_the_grace_while_cut_off() 
     .unwrap();
     cut_node.acquire(req(&t, "vm1", ttl)).await.unwrap();
     relay.cut(Cut::Reject);
-    let e = cut_node.acquire(req(&t, "vm2", ttl)).await.unwrap_err();
-    assert_eq!(e.unavailable(), Some(Cause::Unreachable), "{e}");
-    // Within the grace the held seat is served (a new lease of the same VM).
+    // Within the grace: a fallback seat, and the held seat served (a new lease of its VM).
+    let s = cut_node.acquire(req(&t, "vm2", ttl)).await.unwrap();
+    assert_eq!(s.source, SeatSource::Fallback);
     cut_node.acquire(req(&t, "vm1", ttl)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let e = cut_node.acquire(req(&t, "vm1", ttl)).await.unwrap_err();
+    assert!(matches!(e, PoolError::GraceOver { .. }), "{e}");
+    // Nor a fallback seat past the grace (the share is not used up: 1 of 2).
+    let e = cut_node.acquire(req(&t, "vm3", ttl)).await.unwrap_err();
     assert!(matches!(e, PoolError::GraceOver { .. }), "{e}");
     let e = cut_node.keep_alive(POOL, "vm1").await.unwrap_err();
     assert!(matches!(e, PoolError::GraceOver { .. }), "{e}");
@@ -887,4 +890,48 @@ async fn a_restart_does_not_register_an_orphaned_ledger_seat_over_a_full_pool() 
     );
     let err = again.keep_alive(POOL, "vm9").await.unwrap_err();
     assert!(matches!(err, PoolError::NotHeld { .. }), "{err}");
+}
+
+/// An adopted seat whose registration at start fails for a reason other than an outage (a
+/// foreign key in its place, contention, etcd refusing writes) must not abort the rest of the
+/// start's reconcile: the other seats are registered and the node's stale keys deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_adopted_seat_that_cannot_be_registered_does_not_stop_the_start_reconcile() {
+    let Some(c) = EtcdCluster::start_or_skip("pool_restart_blocked", 1).unwrap() else {
+        return;
+    };
+    let t = terms(5, 0);
+    let ttl = Duration::from_secs(30);
+    let first = node(&c, 1, Duration::from_secs(1)).await;
+    let blocked = first.acquire(req(&t, "vm9", ttl)).await.unwrap();
+    let fine = first.acquire(req(&t, "vm8", ttl)).await.unwrap();
+    first.acquire(req(&t, "vm7", ttl)).await.unwrap();
+    let mut e = raw(&c).await;
+    // vm9 and vm8 never reached etcd; a foreign value sits at vm9's key; vm7 is a stale key
+    // of this node (its lease ended while the node was down).
+    e.delete(format!("/hostbind/pools/{POOL}/seats/vm8"), None)
+        .await
+        .unwrap();
+    e.put(
+        format!("/hostbind/pools/{POOL}/seats/vm9"),
+        "not json",
+        None,
+    )
+    .await
+    .unwrap();
+    drop(first);
+    let again = EtcdPool::start(
+        config(&c, 1, c.endpoints(), Duration::from_secs(1)),
+        &[1; 32],
+        vec![(req(&t, "vm9", ttl), blocked), (req(&t, "vm8", ttl), fine)],
+    )
+    .await
+    .unwrap();
+    let r = again.take_report();
+    assert!(r.released.contains(&format!("{POOL}/vm7")), "{r:?}");
+    assert!(r.reregistered.contains(&format!("{POOL}/vm8")), "{r:?}");
+    assert_eq!(
+        names(&again.holders(POOL).await.unwrap()),
+        vec![("vm8".into(), host(1))]
+    );
 }
