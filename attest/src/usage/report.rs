@@ -142,10 +142,17 @@ pub struct PoolPeak {
     pub hosts: Vec<String>,
 }
 
+/// How far apart two hosts' clocks may be for a seat handed over between them (the end of one
+/// hold and the start of the next, each stamped by its own host) not to count as held twice.
+const HANDOVER_SKEW_SECS: u64 = 2;
+
 /// Each pool's peak over the holds of one or more hosts' logs, and a
-/// [`AnomalyKind::PoolOverUse`] for each pool whose peak is above its seats. VMs are counted
-/// once however many leases or hosts they hold a seat on (a migrating VM is briefly on two),
-/// so the peak is a lower bound of the seats in use: never a false alarm in count mode `vm`.
+/// [`AnomalyKind::PoolOverUse`] for each pool that held more VMs at once than its seats at
+/// that time (the size of the newest `pool_seat` record so far: a pool shrunk by a new
+/// license counts from then). VMs are counted once however many leases or hosts they hold a
+/// seat on (a migrating VM is briefly on two), so the count is a lower bound of the seats in
+/// use: never a false alarm in count mode `vm`; a hold's end counts [`HANDOVER_SKEW_SECS`]
+/// early, so a seat handed between hosts whose clocks differ a little is not held twice.
 pub fn pool_peaks(holds: &[&PoolHold]) -> (Vec<PoolPeak>, Vec<Anomaly>) {
     let mut by_pool: BTreeMap<&str, Vec<&PoolHold>> = BTreeMap::new();
     for h in holds {
@@ -154,56 +161,73 @@ pub fn pool_peaks(holds: &[&PoolHold]) -> (Vec<PoolPeak>, Vec<Anomaly>) {
     let mut peaks = Vec::new();
     let mut anomalies = Vec::new();
     for (pool, hs) in by_pool {
+        let end = |h: &PoolHold| h.to.saturating_sub(HANDOVER_SKEW_SECS).max(h.from);
         // (time, 0 = end before 1 = start at the same second, hold)
         let mut ev: Vec<(u64, u8, &PoolHold)> = Vec::with_capacity(2 * hs.len());
         for h in &hs {
             ev.push((h.from, 1, h));
-            ev.push((h.to.max(h.from), 0, h));
+            ev.push((end(h), 0, h));
         }
         ev.sort_by_key(|e| (e.0, e.1));
-        let mut open: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        let mut best = PoolPeak {
-            pool: pool.to_string(),
-            seats: hs.iter().map(|h| h.seats).max().filter(|s| *s > 0),
-            peak_vms: 0,
-            at: 0,
-            hosts: Vec::new(),
-        };
+        // VM -> holds open
+        let mut open: BTreeMap<&str, usize> = BTreeMap::new();
+        let (mut peak, mut peak_at, mut peak_seats) = (0usize, 0u64, 0u32);
+        let mut seats = 0u32;
+        // (VMs over the seats, when, VMs, seats) at the worst moment
+        let mut worst: Option<(usize, u64, usize, u32)> = None;
         for (t, kind, h) in ev {
             if kind == 1 {
-                open.entry(h.vm.as_str()).or_default().push(h.host.as_str());
-                if open.len() > best.peak_vms {
-                    let mut hosts: Vec<String> =
-                        open.values().flatten().map(|s| s.to_string()).collect();
-                    hosts.sort();
-                    hosts.dedup();
-                    best.peak_vms = open.len();
-                    best.at = t;
-                    best.hosts = hosts;
+                if h.seats > 0 {
+                    seats = h.seats;
                 }
-            } else if let Some(v) = open.get_mut(h.vm.as_str()) {
-                if let Some(i) = v.iter().position(|x| *x == h.host) {
-                    v.swap_remove(i);
+                *open.entry(h.vm.as_str()).or_default() += 1;
+                let n = open.len();
+                if n > peak {
+                    (peak, peak_at, peak_seats) = (n, t, seats);
                 }
-                if v.is_empty() {
+                if seats > 0 && n > seats as usize {
+                    let over = n - seats as usize;
+                    if worst.is_none_or(|w| over > w.0) {
+                        worst = Some((over, t, n, seats));
+                    }
+                }
+            } else if let Some(k) = open.get_mut(h.vm.as_str()) {
+                *k -= 1;
+                if *k == 0 {
                     open.remove(h.vm.as_str());
                 }
             }
         }
-        if let Some(seats) = best.seats.filter(|s| best.peak_vms > *s as usize) {
+        // The hosts at a moment, read once (not at every new peak).
+        let hosts_at = |t: u64| {
+            let mut v: Vec<String> = hs
+                .iter()
+                .filter(|h| h.from <= t && t < end(h).max(h.from + 1))
+                .map(|h| h.host.clone())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        if let Some((_, at, n, seats)) = worst {
             anomalies.push(Anomaly {
                 kind: AnomalyKind::PoolOverUse,
                 seq: None,
                 index: None,
                 detail: format!(
-                    "{}: {} VMs held seats of pool '{pool}' at once (on hosts {}); the pool has {seats}: its count in etcd was bypassed (seat keys deleted, or a node given an etcd of its own), or fallback grants during an etcd outage went beyond it (see pool_over_grant)",
-                    fmt_time(best.at),
-                    best.peak_vms,
-                    best.hosts.join(", ")
+                    "{}: {n} VMs held seats of pool '{pool}' at once (on hosts {}); the pool had {seats}: its count in etcd was bypassed (seat keys deleted, or a node given an etcd of its own), or fallback grants during an etcd outage went beyond it (see pool_over_grant)",
+                    fmt_time(at),
+                    hosts_at(at).join(", ")
                 ),
             });
         }
-        peaks.push(best);
+        peaks.push(PoolPeak {
+            pool: pool.to_string(),
+            seats: Some(peak_seats).filter(|s| *s > 0),
+            peak_vms: peak,
+            at: peak_at,
+            hosts: hosts_at(peak_at),
+        });
     }
     (peaks, anomalies)
 }

@@ -780,6 +780,32 @@ fn pool_peaks_count_vms_at_once_across_hosts_and_flag_only_real_over_use() {
         let (_, a) = pool_peaks(&[one]);
         assert!(a.is_empty());
     }
+    // A seat handed between hosts whose clocks are a second apart: not held twice.
+    let handover = [
+        hold("A", "vm1", T0, T0 + 60),
+        hold("B", "vm2", T0 + 59, T0 + 100),
+    ];
+    let (peaks, anomalies) = pool_peaks(&handover.iter().collect::<Vec<_>>());
+    assert_eq!(peaks[0].peak_vms, 1);
+    assert!(anomalies.is_empty(), "{anomalies:?}");
+    // A pool shrunk by a new license (2 -> 1 seat) counts from then, not by the largest size.
+    let shrunk = [
+        PoolHold {
+            seats: 2,
+            ..hold("A", "vm1", T0, T0 + 100)
+        },
+        PoolHold {
+            seats: 2,
+            ..hold("B", "vm2", T0 + 10, T0 + 40)
+        },
+        hold("B", "vm3", T0 + 50, T0 + 100),
+    ];
+    let (_, anomalies) = pool_peaks(&shrunk.iter().collect::<Vec<_>>());
+    assert_eq!(anomalies.len(), 1, "{anomalies:?}");
+    assert!(
+        anomalies[0].detail.contains("the pool had 1"),
+        "{anomalies:?}"
+    );
     // Logs of an older proxy (no pool size): a peak, no verdict.
     let unknown = [hold("A", "vm1", T0, T0 + 9), hold("B", "vm2", T0, T0 + 9)]
         .map(|h| PoolHold { seats: 0, ..h });
