@@ -601,6 +601,17 @@ impl LibvirtVms {
         s.index();
     }
 
+    /// Marks a cached domain as no longer serving (`state`: shut off or crashed) as its stop
+    /// event arrives, before its leases end: a request between the release and the re-read of
+    /// the domain list is refused, not granted from the stale "running".
+    fn mark_stopped(&self, uuid: &str, state: RunState) {
+        let mut s = self.write();
+        if let Some(d) = s.domains.get_mut(uuid) {
+            d.state = state;
+        }
+        s.index();
+    }
+
     /// Notes that the cache is current now (the connection answered while events flow).
     fn confirm(&self) {
         lock(&self.fresh).confirmed = Some(Instant::now());

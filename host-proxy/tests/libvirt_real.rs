@@ -17,7 +17,10 @@ mod libvirt_rig;
 
 use hostbind_attest::wire::{ErrorCode, EventKind};
 use hostbind_proxy::ledger::HistoryEvent;
-use hostbind_proxy::libvirt::{self, vmcmd, Access, LibvirtEvents, RunState, ASSIGNMENT_NS};
+use hostbind_proxy::libvirt::{
+    self, vmcmd, Access, DomainEvent, DomainEventKind, LibvirtEvents, ManualEvents, RunState,
+    StopReason, WatchEvent, ASSIGNMENT_NS,
+};
 use hostbind_testkit::etcd::EtcdCluster;
 use hostbind_testkit::host::{Host, Vendor};
 use hostbind_testkit::libvirtd::{DomainXml, Libvirtd};
@@ -252,6 +255,52 @@ async fn shut_off_domain_of_a_static_vm_gets_no_lease() {
         .filter(|h| h.event == HistoryEvent::LeaseStarted && h.vm_uuid.as_deref() == Some(&*uuid))
         .count();
     assert_eq!(started, 1, "only the lease while it ran");
+}
+
+/// Defect: a stop event ended the domain's leases before the cache knew the domain stopped,
+/// so a request in between (until the domain list was re-read) was granted a new lease from
+/// the stale "running" (seen as a flaky `shut_off_domain_of_a_static_vm_gets_no_lease`).
+/// The re-read is held off here by freezing libvirtd right after the event: the request
+/// must be refused from the event alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_event_refuses_new_leases_before_the_domain_list_is_re_read() {
+    let lv = daemon_or_skip!("a_stop_event_refuses_new_leases_before_the_domain_list_is_re_read");
+    let events = ManualEvents::new();
+    let r = rig_full(
+        &["app"],
+        &lv.uri(),
+        "allow",
+        "call_timeout = \"1s\"",
+        events.clone(),
+        Access::ReadOnly,
+        true,
+    )
+    .await;
+    r.license("cad", 1, "vm");
+    let uuid = r.vm_uuid("app");
+    lv.define(&DomainXml::new("app", &uuid).xml()).unwrap();
+    lv.virsh(&["start", "app"]).unwrap();
+    let event = |kind| {
+        WatchEvent::Domain(DomainEvent {
+            uuid: uuid.clone(),
+            name: "app".into(),
+            kind,
+        })
+    };
+    assert!(events.send(event(DomainEventKind::Started { migrated: false })));
+    wait_state(&r, &uuid, RunState::Running).await;
+    let mut g = r.static_guest("app").await;
+    g.token("cad").await.unwrap();
+
+    // the stop event arrives; libvirtd then hangs, so the watcher cannot re-read the domains
+    lv.freeze();
+    assert!(events.send(event(DomainEventKind::Stopped(StopReason::Destroyed))));
+    wait_long(10, "released", || r.leases_of(&uuid).is_empty()).await;
+    let (code, msg) = g.token("cad").await.unwrap_err();
+    lv.thaw();
+    assert_eq!(code, ErrorCode::UnknownVm, "{msg}");
+    assert!(msg.contains("shut off"), "{msg}");
+    assert!(r.leases_of(&uuid).is_empty());
 }
 
 /// Defect: with libvirtd hung, a request the cache would refuse re-read the domain from

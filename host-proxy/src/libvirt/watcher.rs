@@ -7,7 +7,7 @@
 //! backoff. Meanwhile the request path answers from the last known domains.
 
 use super::call::Worker;
-use super::domains::{self, DomainEntry};
+use super::domains::{self, DomainEntry, RunState};
 use super::events::{
     self, DomainEvent, DomainEventKind, EventSource, StopReason, Subscription, WatchEvent,
 };
@@ -379,16 +379,19 @@ impl Watcher {
             // Migrated away: the VM runs on another node now; its pool seat is parked for
             // that node to re-home, not freed for any VM in between (docs/pools.md).
             DomainEventKind::Stopped(StopReason::Migrated) => {
+                self.vms.mark_stopped(&ev.uuid, RunState::ShutOff);
                 let reason = format!("domain {} migrated away (libvirt)", ev.name);
                 let r = self.svc.revoke_migrated(|l| l.vm_uuid == ev.uuid, &reason);
                 Self::released(r, &reason);
                 true
             }
             DomainEventKind::Stopped(r) => {
+                self.vms.mark_stopped(&ev.uuid, RunState::ShutOff);
                 self.release_domain(&ev, &format!("stopped: {}", r.describe()));
                 true
             }
             DomainEventKind::Crashed => {
+                self.vms.mark_stopped(&ev.uuid, RunState::Crashed);
                 self.release_domain(&ev, "crashed");
                 true
             }
